@@ -1,0 +1,153 @@
+"""Every number users compare between SAEs, each defined once (formulas also in ``docs/metrics.md``).
+
+Rows of ``x`` are tokens, ``d`` is the activation width, ``N`` the number of tokens in the evaluation set.
+Reconstruction numbers are accumulated by :class:`ReconstructionStats`, whose sufficient statistics are
+merged exactly (float64, Chan's pairwise update for the variance), so ``compute()`` gives the full-set
+number whatever the batching. :func:`batch_metrics` is the same computation on one batch, for training
+logs only: its explained variance uses the variance *within that batch*.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DENSE_THRESHOLD = 0.1
+
+
+class ReconstructionStats:
+    """Streaming reconstruction / sparsity statistics over an evaluation set.
+
+    Formulas (sums run over all ``N`` tokens of the set, ``x̄`` is the set mean):
+
+    - ``mse = sum ||x - x̂||² / (N d)``                         (per element)
+    - ``nmse = sum ||x - x̂||² / sum ||x - x̄||²``
+    - ``explained_variance = 1 - sum ||x - x̂||² / (N (E||x||² - ||E x||²)) = 1 - nmse``
+      (``N (E||x||² - ||E x||²) = sum ||x - x̄||²``: the TOTAL variance of the set, not a per-batch one)
+    - ``cosine_sim = mean_tokens cos(x, x̂)``
+    - ``l0 = mean_tokens #{i: z_i != 0} = sum_i fire_count_i / N``
+    - ``density_i = fire_count_i / N``; ``dead_fraction = #{i: fire_count_i = 0} / d_sae``;
+      ``dense_fraction = #{i: density_i > dense_threshold} / d_sae``
+    """
+
+    def __init__(self, dense_threshold: float = DENSE_THRESHOLD) -> None:
+        self.dense_threshold = dense_threshold
+        self.n_tokens = 0
+        self._sse = 0.0
+        self._cos_sum = 0.0
+        self._mean: Tensor | None = None  # running mean of x [d], float64
+        self._m2 = 0.0  # running sum ||x - mean||², merged with Chan's formula
+        self._d = 0
+        self.fire_counts: Tensor | None = None  # [d_sae] float64
+
+    @torch.no_grad()
+    def update(self, x: Tensor, x_hat: Tensor, latents_or_fire_counts: Tensor | None = None) -> None:
+        """Add a batch. ``latents_or_fire_counts`` is either the latents ``[B, d_sae]`` or, already reduced,
+        the number of rows where each latent fired ``[d_sae]`` (``SAEOutput.fire_counts``); omit it to skip
+        the sparsity numbers."""
+        x, x_hat = _rows(x), _rows(x_hat)
+        n_b = x.shape[0]
+        if n_b == 0:
+            return
+        self._sse += float(((x - x_hat) ** 2).sum())
+        self._cos_sum += float(F.cosine_similarity(x, x_hat, dim=-1).sum())
+        self._merge_moments(x)
+        if latents_or_fire_counts is not None:
+            self._add_fire_counts(_fire_counts(latents_or_fire_counts))
+
+    def _merge_moments(self, x: Tensor) -> None:
+        """Chan et al. pairwise merge of (count, mean, M2): exact for any split of the set."""
+        n_a, n_b = self.n_tokens, x.shape[0]
+        mean_b = x.mean(0)
+        m2_b = float(((x - mean_b) ** 2).sum())
+        if self._mean is None:
+            self._mean, self._m2, self._d = mean_b, m2_b, x.shape[1]
+        else:
+            delta = mean_b - self._mean
+            n = n_a + n_b
+            self._m2 += m2_b + float((delta**2).sum()) * n_a * n_b / n
+            self._mean = self._mean + delta * (n_b / n)
+        self.n_tokens = n_a + n_b
+
+    def _add_fire_counts(self, counts: Tensor) -> None:
+        counts = counts.detach().double()
+        self.fire_counts = counts.clone() if self.fire_counts is None else self.fire_counts + counts
+
+    def feature_density(self) -> Tensor:
+        """Fraction of tokens on which each latent fired, ``[d_sae]`` (for the density histogram)."""
+        if self.fire_counts is None or self.n_tokens == 0:
+            raise ValueError("no latents were given to update(); feature density is undefined")
+        return (self.fire_counts / self.n_tokens).float().cpu()
+
+    def compute(self) -> dict[str, float]:
+        """The metrics.json numbers over everything seen so far."""
+        if self.n_tokens == 0:
+            raise ValueError("ReconstructionStats.compute() called before any update()")
+        nmse = _safe_div(self._sse, self._m2)
+        out = {
+            "mse": self._sse / (self.n_tokens * self._d),
+            "nmse": nmse,
+            "explained_variance": 1.0 - nmse,
+            "cosine_sim": self._cos_sum / self.n_tokens,
+            "n_tokens": float(self.n_tokens),
+        }
+        if self.fire_counts is not None:
+            density = self.fire_counts / self.n_tokens
+            out["l0"] = float(self.fire_counts.sum()) / self.n_tokens
+            out["dead_fraction"] = float((self.fire_counts == 0).double().mean())
+            out["dense_fraction"] = float((density > self.dense_threshold).double().mean())
+        return out
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``[..., d]`` -> ``[n, d]`` float64 (sums of many float32 squares lose digits otherwise)."""
+    return t.detach().reshape(-1, t.shape[-1]).double()
+
+
+def _fire_counts(latents_or_fire_counts: Tensor) -> Tensor:
+    """Per-latent number of rows with a non-zero latent; 1-D input is taken as counts already."""
+    t = latents_or_fire_counts
+    if t.dim() == 1:
+        return t
+    return (t.reshape(-1, t.shape[-1]) != 0).sum(0)
+
+
+def _safe_div(num: float, den: float) -> float:
+    return num / den if den > 0 else math.nan
+
+
+def batch_metrics(x: Tensor, x_hat: Tensor, l0: Tensor | float) -> dict[str, float]:
+    """Cheap numbers for training logs, on ONE batch: same formulas as :class:`ReconstructionStats`,
+    but ``explained_variance``/``nmse`` use the variance within this batch (noisier than, and not equal to,
+    the evaluation-set number). ``l0`` is passed through (``SAEOutput.l0``)."""
+    stats = ReconstructionStats()
+    stats.update(x, x_hat)
+    out = stats.compute()
+    del out["n_tokens"]
+    out["l0"] = float(l0)
+    return out
+
+
+def ce_loss_recovered(l_clean: float, l_sae: float, l_zero: float) -> float:
+    """``(L_zero - L_sae) / (L_zero - L_clean)``: 1 = the SAE splice loses nothing, 0 = as bad as
+    zero-ablating the hooked activation. NaN when zero-ablation does not change the loss (undefined ratio)."""
+    den = l_zero - l_clean
+    return (l_zero - l_sae) / den if den != 0 else math.nan
+
+
+def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Per-position cross-entropy ``-log p(tokens[:, t+1] | tokens[:, :t+1])``, shape ``[B, T-1]``
+    (position ``t`` predicts token ``t+1``)."""
+    logp = logits[:, :-1].float().log_softmax(-1)
+    return -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+
+
+def next_token_kl(clean_logits: Tensor, spliced_logits: Tensor) -> Tensor:
+    """Per-position ``KL(P_clean || P_spliced) = sum_v p_clean(v) (log p_clean(v) - log p_spliced(v))`` over
+    the next-token distributions, shape ``[B, T-1]`` (aligned with :func:`next_token_loss`)."""
+    logp = clean_logits[:, :-1].float().log_softmax(-1)
+    logq = spliced_logits[:, :-1].float().log_softmax(-1)
+    return (logp.exp() * (logp - logq)).sum(-1)

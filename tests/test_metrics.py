@@ -1,0 +1,114 @@
+"""metrics.py against numbers worked out by hand (see the comments for each computation)."""
+
+import math
+
+import pytest
+import torch
+
+from sae_lightning.metrics import (
+    ReconstructionStats,
+    batch_metrics,
+    ce_loss_recovered,
+    next_token_kl,
+    next_token_loss,
+)
+
+# x rows [1,2],[3,4],[5,0]; x_hat rows [1,1],[2,4],[5,2]
+X = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 0.0]])
+X_HAT = torch.tensor([[1.0, 1.0], [2.0, 4.0], [5.0, 2.0]])
+# latents: latent 0 fires on row 1, latent 1 on all rows, latent 2 never, latent 3 on row 2
+Z = torch.tensor([[0.0, 1.0, 0.0, 0.0], [2.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.5]])
+
+
+def _full_stats(**kw: float) -> dict[str, float]:
+    stats = ReconstructionStats(**kw)
+    stats.update(X, X_HAT, Z)
+    return stats.compute()
+
+
+def test_reconstruction_numbers_by_hand() -> None:
+    m = _full_stats()
+    # squared errors per row: 0+1, 1+0, 0+4 -> SSE = 6; mse = 6 / (3 tokens * 2 dims)
+    assert m["mse"] == pytest.approx(1.0)
+    # mean x = [3, 2]; ||x - mean||^2 = 4, 4, 8 -> 16  (== N (E||x||^2 - ||Ex||^2) = 3 (55/3 - 13))
+    assert m["nmse"] == pytest.approx(6 / 16)
+    assert m["explained_variance"] == pytest.approx(1 - 6 / 16)
+    # cos: 3/sqrt(5*2), 22/sqrt(25*20), 25/sqrt(25*29)
+    cos = (3 / math.sqrt(10) + 22 / math.sqrt(500) + 25 / math.sqrt(725)) / 3
+    assert m["cosine_sim"] == pytest.approx(cos)
+    assert m["n_tokens"] == 3
+
+
+def test_sparsity_numbers_by_hand() -> None:
+    m = _full_stats()
+    # non-zeros per row 1, 2, 2 -> l0 = 5/3; fire counts [1, 3, 0, 1]
+    assert m["l0"] == pytest.approx(5 / 3)
+    assert m["dead_fraction"] == pytest.approx(1 / 4)
+    # densities [1/3, 1, 0, 1/3]: three above 0.1, one above 0.5
+    assert m["dense_fraction"] == pytest.approx(3 / 4)
+    assert _full_stats(dense_threshold=0.5)["dense_fraction"] == pytest.approx(1 / 4)
+
+
+def test_feature_density_and_fire_counts_input() -> None:
+    stats = ReconstructionStats()
+    stats.update(X, X_HAT, torch.tensor([1, 3, 0, 1]))  # already reduced fire counts
+    torch.testing.assert_close(stats.feature_density(), torch.tensor([1 / 3, 1.0, 0.0, 1 / 3]))
+    assert stats.compute() == pytest.approx(_full_stats())
+
+
+@pytest.mark.parametrize("split", [[1, 2], [2, 1], [1, 1, 1]])
+def test_batching_does_not_change_the_result(split: list[int]) -> None:
+    stats = ReconstructionStats()
+    for x, x_hat, z in zip(X.split(split), X_HAT.split(split), Z.split(split), strict=True):
+        stats.update(x, x_hat, z)
+    assert stats.compute() == pytest.approx(_full_stats(), rel=1e-12)
+
+
+def test_total_variance_differs_from_per_batch_average() -> None:
+    # batch 1: x = 0, 2 (x_hat 1, 1); batch 2: x = 10, 12 (x_hat 11, 11). Within each batch the
+    # error equals the variance -> per-batch EV 0 and 0. Over the set: mean 6, total 36+16+16+36 = 104,
+    # SSE 4 -> EV = 1 - 4/104.
+    x1, h1 = torch.tensor([[0.0], [2.0]]), torch.tensor([[1.0], [1.0]])
+    x2, h2 = torch.tensor([[10.0], [12.0]]), torch.tensor([[11.0], [11.0]])
+    per_batch = [batch_metrics(x, h, 0)["explained_variance"] for x, h in ((x1, h1), (x2, h2))]
+    naive = sum(per_batch) / 2
+    stats = ReconstructionStats()
+    stats.update(x1, h1)
+    stats.update(x2, h2)
+    assert naive == pytest.approx(0.0)
+    assert stats.compute()["explained_variance"] == pytest.approx(1 - 4 / 104)
+
+
+def test_batch_metrics_passes_l0_and_matches_one_batch_stats() -> None:
+    m = batch_metrics(X, X_HAT, torch.tensor(2.5))
+    assert m["l0"] == 2.5
+    assert m["explained_variance"] == pytest.approx(1 - 6 / 16)
+    assert m["mse"] == pytest.approx(1.0)
+
+
+def test_stable_with_large_offset() -> None:
+    # a 1e4 offset must not change the variance (naive E||x||^2 - ||Ex||^2 in float32 would)
+    stats = ReconstructionStats()
+    for x, x_hat in zip((X + 1e4).split(1), (X_HAT + 1e4).split(1), strict=True):
+        stats.update(x, x_hat)
+    assert stats.compute()["explained_variance"] == pytest.approx(1 - 6 / 16, rel=1e-9)
+
+
+def test_ce_loss_recovered() -> None:
+    assert ce_loss_recovered(2.0, 2.5, 3.0) == pytest.approx(0.5)
+    assert ce_loss_recovered(2.0, 2.0, 3.0) == 1.0
+    assert ce_loss_recovered(2.0, 3.0, 3.0) == 0.0
+    assert math.isnan(ce_loss_recovered(2.0, 2.5, 2.0))
+
+
+def test_next_token_loss_and_kl_by_hand() -> None:
+    tokens = torch.tensor([[0, 0, 1]])
+    uniform = torch.zeros(1, 3, 2)  # p = (1/2, 1/2)
+    skewed = torch.tensor([[[math.log(3), 0.0]]]).expand(1, 3, 2)  # q = (3/4, 1/4)
+    # position 0 predicts token 0, position 1 predicts token 1; the last position predicts nothing
+    torch.testing.assert_close(next_token_loss(uniform, tokens), torch.full((1, 2), math.log(2)))
+    expected = torch.tensor([[-math.log(3 / 4), -math.log(1 / 4)]])
+    torch.testing.assert_close(next_token_loss(skewed, tokens), expected)
+    # KL(p||q) = 1/2 ln((1/2)/(3/4)) + 1/2 ln((1/2)/(1/4)) = 1/2 ln(4/3)
+    torch.testing.assert_close(next_token_kl(uniform, skewed), torch.full((1, 2), 0.5 * math.log(4 / 3)))
+    torch.testing.assert_close(next_token_kl(skewed, skewed), torch.zeros(1, 2))
