@@ -1,0 +1,128 @@
+"""The SAE contract (``SAEOutput``, ``SAE``) and what every architecture shares.
+
+Loss scaling (same as SAELens, so its coefficients transfer): ``mse = ((x_hat - x)**2).sum(-1).mean()``
+(sum over d_in, mean over tokens); every sparsity term is a mean over tokens of a sum over latents,
+multiplied by the ``sparsity_coeff`` the caller passes each step.
+
+Weights use SAELens names and shapes: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``
+(rows are latent directions), ``b_dec [d_in]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sae_lightning.config import SAEConfig
+from sae_lightning.saes.init import decoder_bias_init
+
+
+@dataclass
+class SAEOutput:
+    """What one training forward returns (see docs/design.md, section saes/)."""
+
+    x_hat: Tensor  # [B, d_in]
+    loss: Tensor  # scalar, what the optimizer minimises
+    terms: dict[str, Tensor]  # detached scalars for logging
+    fire_counts: Tensor  # [d_sae] rows of the batch where each latent was non-zero (int64)
+    l0: Tensor  # scalar, mean number of non-zero latents per row
+
+
+class SAE(nn.Module):
+    """Base class: parameters, pre-encoder bias, decoder-norm constraint, ghost grads, output assembly.
+
+    Subclasses implement ``encode`` and ``forward``. With ``unit_norm_decoder`` the decoder rows are kept
+    at unit norm: ``before_optimizer_step`` removes the gradient component parallel to each row and
+    ``after_optimizer_step`` renormalises the rows.
+    """
+
+    def __init__(self, cfg: SAEConfig, d_in: int, *, decoder_init_norm: float = 1.0,
+                 unit_norm_decoder: bool = True) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.d_in = d_in
+        self.d_sae = cfg.resolve_d_sae(d_in)
+        self.unit_norm_decoder = unit_norm_decoder
+        w_dec = torch.randn(self.d_sae, d_in)
+        w_dec *= decoder_init_norm / w_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec)
+        self.W_enc = nn.Parameter(w_dec.t().clone())  # encoder initialised as the decoder's transpose
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    # ----- the contract ---------------------------------------------------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense latents [B, d_sae]."""
+        raise NotImplementedError
+
+    def decode(self, z: Tensor) -> Tensor:
+        """``z @ W_dec + b_dec`` as one fused addmm."""
+        return torch.addmm(self.b_dec, z, self.W_dec)
+
+    def forward(self, x: Tensor, *, sparsity_coeff: float, dead_mask: Tensor | None = None) -> SAEOutput:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Remove from each decoder row's gradient its component along that row (unit-norm decoders only)."""
+        grad = self.W_dec.grad
+        if not self.unit_norm_decoder or grad is None:
+            return
+        w = self.W_dec
+        coef = torch.linalg.vecdot(grad, w) / torch.linalg.vecdot(w, w)
+        grad.addcmul_(coef[:, None], w, value=-1.0)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Renormalise decoder rows to unit norm (unit-norm decoders only)."""
+        if self.unit_norm_decoder:
+            self.W_dec.div_(torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True))
+
+    @torch.no_grad()
+    def init_b_dec(self, sample: Tensor) -> None:
+        """Set ``b_dec`` from an activation sample [n, d_in] using ``cfg.b_dec_init``."""
+        self.b_dec.copy_(decoder_bias_init(sample.to(self.b_dec), self.cfg.b_dec_init))
+
+    # ----- shared pieces --------------------------------------------------------------------------
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """Encoder pre-activations ``(x - b_dec) @ W_enc + b_enc`` [B, d_sae].
+
+        Computed as ``x @ W_enc + (b_enc - b_dec @ W_enc)`` in one addmm: the same function, but the
+        backward needs no [B, d_sae] x [d_sae, d_in] matmul for the gradient of ``x - b_dec`` (a
+        matrix-vector product gives b_dec's share), which saves a sixth of a dense step's FLOPs.
+        """
+        return torch.addmm(self.b_enc - self.b_dec @ self.W_enc, x, self.W_enc)
+
+    def _ghost_loss(self, x: Tensor, x_hat: Tensor, dead_mask: Tensor | None) -> Tensor | None:
+        """Ghost grads (Anthropic, Jan 2024) on the latents in ``dead_mask``; None if off, 0 if none dead.
+
+        exp() of the dead latents' pre-activations, decoded without bias, rescaled (scale detached) to
+        half the residual's norm, MSE against the (detached) residual, rescaled per token to the main
+        MSE's value. Only dead latents' parameters get gradient (b_dec is detached here).
+        """
+        if not self.cfg.ghost_grads:
+            return None
+        if dead_mask is None or not bool(dead_mask.any()):
+            return x.new_zeros(())
+        dead = dead_mask.nonzero().squeeze(1)
+        residual = (x - x_hat).detach()
+        pre = torch.addmm(self.b_enc[dead], x - self.b_dec.detach(), self.W_enc[:, dead])
+        ghost_out = torch.exp(pre) @ self.W_dec[dead]
+        scale = residual.norm(dim=-1, keepdim=True) / (2 * ghost_out.norm(dim=-1, keepdim=True) + 1e-8)
+        ghost_mse = ((ghost_out * scale.detach() - residual) ** 2).sum(-1)
+        main_mse = (residual**2).sum(-1)
+        return (ghost_mse * (main_mse / (ghost_mse.detach() + 1e-8))).mean()
+
+    def _output(self, x: Tensor, x_hat: Tensor, fire_counts: Tensor, terms: dict[str, Tensor | None],
+                dead_mask: Tensor | None) -> SAEOutput:
+        """Sum MSE, the given loss ``terms`` (None = absent) and ghost grads into an ``SAEOutput``."""
+        mse = F.mse_loss(x_hat, x, reduction="sum") / x.shape[0]
+        parts = {"mse": mse, **terms, "ghost": self._ghost_loss(x, x_hat, dead_mask)}
+        parts = {name: t for name, t in parts.items() if t is not None}
+        loss = torch.stack(list(parts.values())).sum()
+        l0 = fire_counts.sum() / x.shape[0]
+        logged = {name: t.detach() for name, t in parts.items()} | {"l0": l0}
+        return SAEOutput(x_hat=x_hat, loss=loss, terms=logged, fire_counts=fire_counts, l0=l0)

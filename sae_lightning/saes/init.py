@@ -1,0 +1,43 @@
+"""Decoder-bias initialisation: the geometric median (Weiszfeld) or the mean of a sample of activations.
+
+The geometric median is the point minimising the sum of Euclidean distances to the sample; unlike the
+mean it is not dragged by a few outlier-norm rows (e.g. BOS-like positions), which is why Towards
+Monosemanticity initialises ``b_dec`` with it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+@torch.no_grad()
+def geometric_median(points: Tensor, max_iter: int = 200, tol: float = 1e-6, eps: float = 1e-8) -> Tensor:
+    """Weiszfeld's iteration on rows of ``points`` [n, d]; stops when a step is below ``tol`` times the
+    median row norm (a scale that outliers do not inflate).
+
+    Each step re-weights the rows by the inverse of their distance to the current estimate; ``eps``
+    keeps the weight finite when the estimate lands on a data point.
+    """
+    pts = points.to(torch.float64)
+    y = pts.mean(0)
+    scale = pts.norm(dim=1).median().clamp(min=eps)
+    for _ in range(max_iter):
+        w = 1.0 / (pts - y).norm(dim=1).clamp(min=eps)
+        y_next = (w[:, None] * pts).sum(0) / w.sum()
+        done = (y_next - y).norm() <= tol * scale
+        y = y_next
+        if done:
+            break
+    return y.to(points.dtype)
+
+
+def decoder_bias_init(sample: Tensor, method: str) -> Tensor:
+    """``b_dec`` initial value from ``sample`` [n, d_in] for ``method`` in geometric_median | mean | zeros."""
+    if method == "geometric_median":
+        return geometric_median(sample)
+    if method == "mean":
+        return sample.mean(0)
+    if method == "zeros":
+        return sample.new_zeros(sample.shape[1])
+    raise ValueError(f"Unknown b_dec_init={method!r}: choose geometric_median, mean or zeros")

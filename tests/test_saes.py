@@ -1,0 +1,148 @@
+"""Registry, shared SAE behaviour, decoder-bias init and the ReLU SAE (plain and decoder_norm L1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_lightning.config import SAEConfig
+from sae_lightning.saes import SAE_REGISTRY, build_sae
+from sae_lightning.saes.init import decoder_bias_init, geometric_median
+
+D_IN, D_SAE, B = 12, 40, 64
+
+
+def make(**kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(**{"d_sae": D_SAE, **kw}), D_IN)
+    with torch.no_grad():  # non-trivial biases so the pre-encoder bias is exercised
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(0, 0.3)
+    return sae
+
+
+def batch(n: int = B) -> torch.Tensor:
+    return torch.randn(n, D_IN, generator=torch.Generator().manual_seed(1)) * 2 + 0.5
+
+
+def grads(sae: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in sae.named_parameters()}
+
+
+def test_registry_and_sizes() -> None:
+    assert "relu" in SAE_REGISTRY
+    assert build_sae(SAEConfig(dict_mult=2.5), 8).d_sae == 20
+    sae = build_sae(SAEConfig(dict_mult=2.5, d_sae=7), 8)
+    assert sae.d_sae == 7
+    shapes = {n: tuple(p.shape) for n, p in sae.named_parameters()}
+    assert shapes == {"W_enc": (8, 7), "b_enc": (7,), "W_dec": (7, 8), "b_dec": (8,)}
+    with pytest.raises(ValueError, match="choose one of"):
+        build_sae(SAEConfig(architecture="nope"), 8)
+
+
+def test_relu_loss_matches_hand_computation() -> None:
+    sae, x = make(), batch()
+    out = sae(x, sparsity_coeff=0.3)
+    z = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    x_hat = z @ sae.W_dec + sae.b_dec
+    mse = ((x_hat - x) ** 2).sum(-1).mean()
+    l1 = z.abs().sum(-1).mean()
+    torch.testing.assert_close(out.x_hat, x_hat)
+    torch.testing.assert_close(out.terms["mse"], mse.detach())
+    torch.testing.assert_close(out.terms["l1"], 0.3 * l1.detach())
+    torch.testing.assert_close(out.loss, mse + 0.3 * l1)
+    torch.testing.assert_close(sae.encode(x), z)
+
+
+def test_fire_counts_and_l0() -> None:
+    sae, x = make(), batch()
+    out = sae(x, sparsity_coeff=0.0)
+    active = sae.encode(x) != 0
+    assert out.fire_counts.dtype == torch.int64
+    assert torch.equal(out.fire_counts, active.sum(0))
+    assert out.l0.item() == pytest.approx(active.sum().item() / B)
+    assert 0 < out.l0.item() < D_SAE  # the check above is not vacuous
+    assert out.terms["l0"] == out.l0
+
+
+def test_decoder_norm_l1_matches_hand_computation_and_is_unconstrained() -> None:
+    sae, x = make(l1_variant="decoder_norm"), batch()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((D_SAE,), 0.1))
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.t())
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.5, 3.0, D_SAE)[:, None])  # rows of different norms
+    out = sae(x, sparsity_coeff=0.7)
+    z = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    hand = sum(z[b, i] * sae.W_dec[i].norm() for b in range(B) for i in range(D_SAE)) / B
+    torch.testing.assert_close(out.terms["l1"], 0.7 * hand.detach())
+    out.loss.backward()
+    before = sae.W_dec.detach().clone()
+    grad = sae.W_dec.grad.clone()
+    sae.before_optimizer_step()
+    sae.after_optimizer_step()
+    assert torch.equal(sae.W_dec.grad, grad) and torch.equal(sae.W_dec, before)
+
+
+def test_unit_norm_decoder_after_step_and_projected_gradient() -> None:
+    sae, x = make(), batch()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
+    opt = torch.optim.Adam(sae.parameters(), lr=0.1)
+    sae(x, sparsity_coeff=0.1).loss.backward()
+    assert sae.W_dec.grad.mul(sae.W_dec).sum(1).abs().max() > 1e-3  # parallel part present before
+    sae.before_optimizer_step()
+    parallel = (sae.W_dec.grad * sae.W_dec).sum(1) / sae.W_dec.grad.norm(dim=1)
+    assert parallel.abs().max() < 1e-5
+    opt.step()
+    assert (sae.W_dec.norm(dim=1) - 1).abs().max() > 1e-3  # the step moved the norms ...
+    sae.after_optimizer_step()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))  # ... and renorm restored them
+
+
+def test_ghost_grads_zero_when_nothing_dead() -> None:
+    sae, x = make(ghost_grads=True), batch()
+    plain = sae(x, sparsity_coeff=0.1)
+    for dead in (None, torch.zeros(D_SAE, dtype=torch.bool)):
+        out = sae(x, sparsity_coeff=0.1, dead_mask=dead)
+        assert out.terms["ghost"] == 0
+        torch.testing.assert_close(out.loss, plain.loss)
+    assert "ghost" not in make()(x, sparsity_coeff=0.1, dead_mask=torch.ones(D_SAE, dtype=torch.bool)).terms
+
+
+def test_ghost_grads_only_reach_dead_latents() -> None:
+    sae, x = make(ghost_grads=True), batch()
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[[3, 17, 30]] = True
+    sae(x, sparsity_coeff=0.1).loss.backward()
+    base = grads(sae)
+    sae.zero_grad()
+    out = sae(x, sparsity_coeff=0.1, dead_mask=dead)
+    out.loss.backward()
+    diff = {n: g - base[n] for n, g in grads(sae).items()}
+    torch.testing.assert_close(out.terms["ghost"], out.terms["mse"])  # rescaled to the main MSE's size
+    assert diff["W_enc"][:, dead].abs().amin(0).gt(0).all() and diff["W_dec"][dead].abs().amax(1).gt(0).all()
+    assert diff["b_enc"][dead].abs().gt(0).all()
+    for name, d in (("W_enc", diff["W_enc"][:, ~dead]), ("W_dec", diff["W_dec"][~dead]),
+                    ("b_enc", diff["b_enc"][~dead]), ("b_dec", diff["b_dec"])):
+        assert d.abs().max() < 1e-6, name
+
+
+def test_geometric_median_is_robust_to_an_outlier() -> None:
+    square = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
+    pts = torch.cat([square, torch.tensor([[1000.0, 0.0]])])
+    med = geometric_median(pts)
+    assert pts.mean(0)[0] > 150  # the mean is dragged far away ...
+    assert med.norm() < 1.0  # ... the median stays inside the square
+    unit = (pts - med) / (pts - med).norm(dim=1, keepdim=True)
+    assert unit.sum(0).norm() < 1e-4  # first-order optimality: unit vectors to the points cancel
+    triangle = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 3.0**0.5]])  # equilateral: centroid
+    torch.testing.assert_close(geometric_median(triangle), triangle.mean(0), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["geometric_median", "mean", "zeros"])
+def test_init_b_dec(method: str) -> None:
+    sample = batch(200)
+    sae = make(b_dec_init=method)
+    sae.init_b_dec(sample)
+    torch.testing.assert_close(sae.b_dec.detach(), decoder_bias_init(sample, method))
+    expected = {"mean": sample.mean(0), "zeros": torch.zeros(D_IN)}.get(method, geometric_median(sample))
+    torch.testing.assert_close(sae.b_dec.detach(), expected)
