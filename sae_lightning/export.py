@@ -1,0 +1,240 @@
+"""SAELens on-disk format (v6) in and out: ``cfg.json`` + ``sae_weights.safetensors`` in one folder.
+
+The format, as read by ``sae_lens.SAE.load_from_disk`` (sae-lens 6.x): ``cfg.json`` holds the inference
+config (``architecture`` in standard | topk | jumprelu, ``d_in``, ``d_sae``, ``dtype``, ``device``,
+``apply_b_dec_to_input``, ``normalize_activations``, ``reshape_activations``, ``k`` for topk, and a free
+``metadata`` dict: ``model_name``, ``hook_name``, ``context_size``, ``prepend_bos``, ``sae_lens_version``...);
+the safetensors file holds ``W_enc [d_in, d_sae]``, ``b_enc``, ``W_dec [d_sae, d_in]``, ``b_dec`` and, for
+jumprelu, ``threshold``. SAELens computes ``z = act((x - b_dec) W_enc + b_enc)``, ``x̂ = z W_dec + b_dec``.
+
+Our SAEs run on normalized activations ``u = x s`` (``s = norm_scale``) and return ``x̂_raw = decode(z) / s``.
+Folding ``s`` into the weights makes the exported SAE work on raw ``x`` with the same latents:
+``(x s - b_dec) W_enc = (x - b_dec/s)(s W_enc)`` and ``(z W_dec + b_dec)/s = z (W_dec/s) + b_dec/s``, so
+``W_enc' = s W_enc``, ``b_dec' = b_dec / s``, ``W_dec' = W_dec / s``; ``b_enc``, the JumpReLU threshold and
+the top-k selection act on unchanged pre-activations and stay as they are. (Decoder rows are then no longer
+unit-norm: they have norm ``1/s``.)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from sae_lightning.config import SAEConfig
+
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+SAELENS_VERSION = "6.0.0"  # the format version we write; SAELens treats < 6.0 as the legacy layout
+# our registry name -> SAELens architecture (inference forms that are exactly the same function)
+TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu"}
+FROM_SAELENS = {v: k for k, v in TO_SAELENS.items()}
+# our hook names -> TransformerLens hook names, which SAELens and Neuronpedia key SAEs by
+TL_HOOK_NAMES = {
+    "mlp_post": "blocks.{layer}.mlp.hook_post",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+}
+
+
+def transformer_lens_hook_name(layer: int, name: str) -> str:
+    """``(6, "mlp_post")`` -> ``"blocks.6.mlp.hook_post"``."""
+    return TL_HOOK_NAMES[name].format(layer=layer)
+
+
+def jumprelu_threshold(sae: nn.Module) -> Tensor | None:
+    """The JumpReLU threshold whether the module stores ``threshold`` or ``log_threshold``; None otherwise."""
+    threshold = getattr(sae, "threshold", None)
+    if isinstance(threshold, Tensor):
+        return threshold
+    log_threshold = getattr(sae, "log_threshold", None)
+    return log_threshold.exp() if isinstance(log_threshold, Tensor) else None
+
+
+@torch.no_grad()
+def folded_weights(sae: nn.Module, norm_scale: float) -> dict[str, Tensor]:
+    """SAELens-named weights of ``sae`` with ``norm_scale`` folded in (see the module docstring)."""
+    s = float(norm_scale)
+    if not (math.isfinite(s) and s > 0):
+        raise ValueError(f"norm_scale must be a positive finite number, got {norm_scale!r}")
+    weights = {
+        "W_enc": sae.W_enc * s,
+        "b_enc": sae.b_enc.clone(),
+        "W_dec": sae.W_dec / s,
+        "b_dec": sae.b_dec / s,
+    }
+    threshold = jumprelu_threshold(sae)
+    if threshold is not None:
+        weights["threshold"] = threshold.clone()
+    return {name: w.detach().float().cpu().contiguous() for name, w in weights.items()}
+
+
+def saelens_config(
+    architecture: str,
+    d_in: int,
+    d_sae: int,
+    *,
+    k: int | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``cfg.json`` dict for one of our architectures (raises for ones SAELens cannot run as-is)."""
+    if architecture not in TO_SAELENS:
+        raise NotImplementedError(
+            f"SAELens export supports sae.architecture in {sorted(TO_SAELENS)}, not {architecture!r}"
+        )
+    cfg: dict[str, Any] = {
+        "architecture": TO_SAELENS[architecture],
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {"sae_lens_version": SAELENS_VERSION, "exported_by": "sae_lightning", **(metadata or {})},
+    }
+    if architecture == "topk":
+        if k is None:
+            raise ValueError("a topk export needs k")
+        cfg.update(k=int(k), rescale_acts_by_decoder_norm=False)
+    return cfg
+
+
+def export_saelens(
+    sae: nn.Module,
+    path: str | Path,
+    *,
+    architecture: str,
+    norm_scale: float,
+    k: int | None = None,
+    metadata: dict[str, Any] | None = None,
+    verify: bool = True,
+) -> Path:
+    """Write ``sae`` (trained on ``x * norm_scale``) as a SAELens folder that runs on raw activations.
+
+    ``architecture`` is our registry name (``SAEConfig.architecture``); ``k`` defaults to ``sae.k``.
+    ``metadata`` goes into ``cfg.json`` (use ``model_name``, ``hook_name`` from
+    :func:`transformer_lens_hook_name`, ``context_size``, ``prepend_bos``, ``dataset_path``).
+    With ``verify`` SAELens's formulas on the exported weights are checked against ``sae`` on a random
+    probe (:func:`check_export`), so a module computing something else fails here, not in a user's
+    notebook. Returns the folder.
+    """
+    weights = folded_weights(sae, norm_scale)
+    d_in, d_sae = weights["W_enc"].shape
+    cfg = saelens_config(architecture, d_in, d_sae, k=k if k is not None else getattr(sae, "k", None),
+                         metadata=metadata)
+    if verify:
+        check_export(sae, cfg, weights, norm_scale)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(weights, out / WEIGHTS_FILENAME)
+    (out / CFG_FILENAME).write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def saelens_encode(cfg: dict[str, Any], weights: dict[str, Tensor], x: Tensor) -> Tensor:
+    """What SAELens computes for the latents of ``x`` (``apply_b_dec_to_input=True``): the reference the
+    export is checked against."""
+    pre = (x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
+    if cfg["architecture"] == "topk":
+        top = pre.topk(cfg["k"], dim=-1)
+        return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    if cfg["architecture"] == "jumprelu":
+        return pre.relu() * (pre > weights["threshold"])
+    return pre.relu()
+
+
+@torch.no_grad()
+def check_export(sae: nn.Module, cfg: dict[str, Any], weights: dict[str, Tensor], norm_scale: float,
+                 n_probe: int = 64) -> None:
+    """Raise unless SAELens's formulas on the exported weights and raw ``x`` give what ``sae`` gives on
+    ``x * norm_scale`` (latents, and reconstructions divided by ``norm_scale``)."""
+    ref = copy.deepcopy(sae).float().cpu()
+    x = torch.randn(n_probe, cfg["d_in"], generator=torch.Generator().manual_seed(0))
+    x = (x + ref.b_dec.detach()) / norm_scale  # around b_dec (a typical activation), so latents fire
+    z_ref = ref.encode(x * norm_scale)
+    z_exp = saelens_encode(cfg, weights, x)
+    x_hat_ref = ref.decode(z_ref) / norm_scale
+    x_hat_exp = z_exp @ weights["W_dec"] + weights["b_dec"]
+    for name, a, b in (("latents", z_ref, z_exp), ("reconstructions", x_hat_ref, x_hat_exp)):
+        if not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max().clamp(min=1))):
+            raise RuntimeError(f"the SAELens export would give other {name} than {type(sae).__name__}: "
+                               "its encode/decode are not act((x - b_dec) W_enc + b_enc), z W_dec + b_dec")
+
+
+@torch.no_grad()
+def assign_weights(sae: nn.Module, weights: dict[str, Tensor]) -> None:
+    """Copy SAELens-named ``weights`` into our module (``threshold`` goes to ``log_threshold`` if it
+    stores that instead)."""
+    params = dict(sae.named_parameters()) | dict(sae.named_buffers())
+    for name, value in weights.items():
+        if name == "threshold" and "threshold" not in params and "log_threshold" in params:
+            name, value = "log_threshold", value.clamp(min=torch.finfo(value.dtype).tiny).log()
+        if name not in params:
+            raise KeyError(f"{type(sae).__name__} has no parameter {name!r} to load")
+        params[name].copy_(value.to(params[name].dtype).reshape(params[name].shape))
+
+
+def read_saelens(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``cfg.json`` and the weights of a SAELens folder, normalized to ``apply_b_dec_to_input=True``.
+
+    A folder written with ``apply_b_dec_to_input=False`` (``z = act(x W_enc + b_enc)``) is rewritten
+    exactly as ``act((x - b_dec) W_enc + (b_enc + b_dec W_enc))``.
+    """
+    folder = Path(path)
+    cfg = json.loads((folder / CFG_FILENAME).read_text())
+    weights = load_file(folder / WEIGHTS_FILENAME)
+    unsupported = {key: cfg.get(key) for key in ("normalize_activations", "reshape_activations")
+                   if cfg.get(key, "none") != "none"}
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        unsupported["rescale_acts_by_decoder_norm"] = True
+    if unsupported:
+        raise NotImplementedError(f"cannot load a SAELens SAE with {unsupported} into sae_lightning")
+    if not cfg.get("apply_b_dec_to_input", True):
+        weights["b_enc"] = weights["b_enc"] + weights["b_dec"] @ weights["W_enc"]
+        cfg["apply_b_dec_to_input"] = True
+    return cfg, weights
+
+
+def load_saelens(path: str | Path) -> nn.Module:
+    """Build one of our SAE modules from a SAELens folder (standard -> relu, topk, jumprelu).
+
+    The result works on raw activations: use it with ``norm_scale = 1.0``.
+    """
+    from sae_lightning.saes.registry import build_sae
+
+    cfg, weights = read_saelens(path)
+    architecture = FROM_SAELENS.get(cfg["architecture"])
+    if architecture is None:
+        raise NotImplementedError(f"SAELens architecture {cfg['architecture']!r} has no sae_lightning "
+                                  f"equivalent; supported: {sorted(FROM_SAELENS)}")
+    sae_cfg = SAEConfig(architecture=architecture, d_sae=int(cfg["d_sae"]), **_k_field(cfg))
+    sae = build_sae(sae_cfg, int(cfg["d_in"]))
+    assign_weights(sae, weights)
+    return sae.eval()
+
+
+def _k_field(cfg: dict[str, Any]) -> dict[str, int]:
+    return {"k": int(cfg["k"])} if "k" in cfg else {}
+
+
+def push_to_hub(path: str | Path, repo_id: str, *, path_in_repo: str | None = None, private: bool = False,
+                token: str | None = None) -> str:
+    """Upload an exported folder to the Hugging Face hub (``SAE.from_pretrained``-style layout: the folder
+    lands under ``path_in_repo``, default its own name). Needs network and a token with write access;
+    returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    folder = Path(path)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder),
+                             path_in_repo=path_in_repo if path_in_repo is not None else folder.name,
+                             commit_message=f"Add SAE {folder.name} (exported by sae_lightning)")
+    return str(info)

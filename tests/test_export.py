@@ -1,0 +1,132 @@
+"""export.py: the norm_scale fold, SAELens itself loading our export, and loading back into our modules."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from sae_lightning.config import SAEConfig
+from sae_lightning.export import (
+    export_saelens,
+    folded_weights,
+    load_saelens,
+    read_saelens,
+    transformer_lens_hook_name,
+)
+from sae_lightning.saes import registry
+
+D_IN, D_SAE, K, SCALE = 6, 16, 3, 2.5
+
+
+class StandInSAE(nn.Module):
+    """The saes/ contract in a few lines: z = act((x - b_dec) W_enc + b_enc), x̂ = z W_dec + b_dec."""
+
+    def __init__(self, cfg: SAEConfig, d_in: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        d_sae = cfg.resolve_d_sae(d_in)
+        self.architecture, self.k = cfg.architecture, cfg.k
+        self.W_enc = nn.Parameter(torch.randn(d_in, d_sae, generator=g))
+        self.b_enc = nn.Parameter(0.3 * torch.randn(d_sae, generator=g))
+        self.W_dec = nn.Parameter(torch.randn(d_sae, d_in, generator=g))
+        self.b_dec = nn.Parameter(torch.randn(d_in, generator=g))
+        if cfg.architecture == "jumprelu":
+            self.log_threshold = nn.Parameter((0.5 * torch.rand(d_sae, generator=g) + 0.1).log())
+
+    def encode(self, x: Tensor) -> Tensor:
+        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
+        if self.architecture == "topk":
+            top = pre.topk(self.k, dim=-1)
+            return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+        if self.architecture == "jumprelu":
+            return pre * (pre > self.log_threshold.exp())
+        return pre.relu()
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z @ self.W_dec + self.b_dec
+
+
+def _sae(architecture: str) -> StandInSAE:
+    return StandInSAE(SAEConfig(architecture=architecture, d_sae=D_SAE, k=K), D_IN)
+
+
+def _raw_inputs(sae: StandInSAE) -> Tensor:
+    """Raw-space activations whose normalized version sits around b_dec, so many latents fire."""
+    return (torch.randn(32, D_IN, generator=torch.Generator().manual_seed(2)) + sae.b_dec.detach()) / SCALE
+
+
+def _export(tmp_path: Path, architecture: str) -> tuple[StandInSAE, Path]:
+    sae = _sae(architecture)
+    meta = {"model_name": "tiny-gpt2", "hook_name": transformer_lens_hook_name(1, "mlp_post")}
+    return sae, export_saelens(sae, tmp_path / architecture, architecture=architecture, norm_scale=SCALE,
+                               metadata=meta)
+
+
+@torch.no_grad()
+def test_fold_matches_the_derivation_by_hand() -> None:
+    sae = _sae("relu")
+    w = folded_weights(sae, SCALE)
+    x = _raw_inputs(sae)
+    torch.testing.assert_close(w["W_enc"], sae.W_enc * SCALE)
+    torch.testing.assert_close(w["b_dec"], sae.b_dec / SCALE)
+    z = ((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]).relu()
+    torch.testing.assert_close(z, sae.encode(x * SCALE))
+    assert (z > 0).any()
+    torch.testing.assert_close(z @ w["W_dec"] + w["b_dec"], sae.decode(z) / SCALE)
+
+
+@pytest.mark.parametrize("architecture", ["relu", "topk", "jumprelu"])
+@torch.no_grad()
+def test_sae_lens_runs_our_export_like_we_do(tmp_path: Path, architecture: str) -> None:
+    sae_lens = pytest.importorskip("sae_lens")
+    sae, folder = _export(tmp_path, architecture)
+    theirs = sae_lens.SAE.load_from_disk(folder)
+    assert theirs.cfg.architecture() == {"relu": "standard"}.get(architecture, architecture)
+    assert theirs.cfg.metadata.hook_name == "blocks.1.mlp.hook_post"
+    x = _raw_inputs(sae)
+    z_ours = sae.encode(x * SCALE)
+    z_theirs = theirs.encode(x)
+    assert (z_ours != 0).any()
+    torch.testing.assert_close(z_theirs, z_ours, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(theirs.decode(z_theirs), sae.decode(z_ours) / SCALE, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["relu", "topk", "jumprelu"])
+@torch.no_grad()
+def test_load_saelens_back_into_our_module(tmp_path: Path, architecture: str,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(registry.SAE_REGISTRY, architecture, StandInSAE)
+    sae, folder = _export(tmp_path, architecture)
+    loaded = load_saelens(folder)
+    x = _raw_inputs(sae)
+    torch.testing.assert_close(loaded.encode(x), sae.encode(x * SCALE), rtol=1e-5, atol=1e-5)
+    if architecture == "topk":
+        assert loaded.k == K
+
+
+def test_read_saelens_rewrites_bias_not_applied_to_input(tmp_path: Path) -> None:
+    _, folder = _export(tmp_path, "relu")
+    cfg, w = read_saelens(folder)
+    cfg["apply_b_dec_to_input"] = False  # same weights, read as z = relu(x W_enc + b_enc)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    _, rewritten = read_saelens(folder)
+    x = torch.randn(5, D_IN)
+    torch.testing.assert_close((x - rewritten["b_dec"]) @ rewritten["W_enc"] + rewritten["b_enc"],
+                               x @ w["W_enc"] + w["b_enc"], rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_a_module_with_another_encode(tmp_path: Path) -> None:
+    class NoBiasSubtraction(StandInSAE):
+        def encode(self, x: Tensor) -> Tensor:
+            return (x @ self.W_enc + self.b_enc).relu()
+
+    with pytest.raises(RuntimeError, match="SAELens export would give other latents"):
+        export_saelens(NoBiasSubtraction(SAEConfig(d_sae=D_SAE), D_IN), tmp_path, architecture="relu",
+                       norm_scale=SCALE)
+
+
+def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
+    with pytest.raises(NotImplementedError, match="gated"):
+        export_saelens(_sae("relu"), tmp_path, architecture="gated", norm_scale=1.0)
