@@ -8,6 +8,7 @@ composition time with a message naming the key. Range checks live in ``__post_in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -102,7 +103,7 @@ class ActivationsConfig:
 
     source: str = "lm"
     path: str | None = None
-    cache_dir: str = "${oc.env:SAE_LIGHTNING_CACHE,${hydra:runtime.cwd}/.cache/activations}"
+    cache_dir: str = ".cache/activations"
     dtype: str = "float32"
     shard_rows: int = 65_536
     val_fraction: float = 0.05
@@ -152,7 +153,7 @@ class SAEConfig:
 
     def resolve_d_sae(self, d_in: int) -> int:
         """``d_sae`` wins over ``dict_mult`` when set."""
-        return self.d_sae if self.d_sae is not None else int(round(self.dict_mult * d_in))
+        return self.d_sae if self.d_sae is not None else round(self.dict_mult * d_in)
 
 
 @dataclass
@@ -287,8 +288,14 @@ class EvalConfig:
         _check(self.max_tokens > 0, "max_tokens", self.max_tokens, "must be > 0")
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
 def register_configs() -> None:
-    """Make the schemas visible to Hydra (each root YAML lists its schema first in ``defaults``)."""
+    """Make the schemas visible to Hydra (each root YAML lists its schema first in ``defaults``) and add the
+    ``${repo_root:}`` resolver, so presets can name files beside the checkout (the ``../shared`` data)."""
+    if not OmegaConf.has_resolver("repo_root"):
+        OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)

@@ -1,0 +1,31 @@
+"""Feature-density monitoring: dead/dense fractions and a density histogram, logged periodically."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+
+class DensityMonitor(L.Callback):
+    """Every ``every_n_steps`` logs the fraction of latents that never fired / fired on more than
+    ``dense_threshold`` of the window's tokens, and a log10-density histogram to W&B when it is used."""
+
+    def __init__(self, every_n_steps: int, dense_threshold: float) -> None:
+        self.every_n_steps = every_n_steps
+        self.dense_threshold = dense_threshold
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        if self.every_n_steps <= 0 or trainer.global_step % self.every_n_steps != 0:
+            return
+        dens = pl_module.densities(reset=True)
+        pl_module.log_dict({
+            "density/never_fired_fraction": (dens == 0).float().mean(),
+            "density/dense_fraction": (dens > self.dense_threshold).float().mean(),
+        })
+        for lg in trainer.loggers:
+            if type(lg).__name__ == "WandbLogger":
+                import wandb
+
+                log10 = torch.log10(dens.clamp(min=1e-10)).cpu().numpy()
+                lg.experiment.log({"density/log10_histogram": wandb.Histogram(log10),
+                                   "trainer/global_step": trainer.global_step})

@@ -1,0 +1,74 @@
+"""Hydra composition: the command-line contract and errors that name the bad key, before any heavy work."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize
+from hydra.errors import ConfigCompositionException
+
+from sae_lightning.config import ConfigError, TrainConfig, register_configs, to_config
+
+register_configs()
+
+
+def _compose(*overrides: str) -> TrainConfig:
+    with initialize(config_path="../conf", version_base="1.3"):
+        return to_config(compose("train", overrides=list(overrides)))
+
+
+def test_reference_default_is_gpt2_layer6_mlp_post_tinystories() -> None:
+    cfg = _compose()
+    assert (cfg.model.name, cfg.layer, cfg.hook.name, cfg.data.name) == ("gpt2", 6, "mlp_post",
+                                                                          "roneneldan/TinyStories")
+
+
+def test_bare_root_keys_and_group_selection() -> None:
+    cfg = _compose("sae.dict_mult=8", "l1=1e-3", "lr=2e-4", "batch_size=1024", "train_tokens=8192", "seed=3",
+                   "layer=2", "hook=resid_post", "sae=topk")
+    assert cfg.sae.dict_mult == 8 and cfg.l1 == 1e-3 and cfg.lr == 2e-4 and cfg.layer == 2
+    assert cfg.max_steps == 8 and cfg.seed == 3
+    assert cfg.hook.name == "resid_post" and cfg.sae.architecture == "topk"
+
+
+def test_d_sae_wins_over_dict_mult() -> None:
+    assert _compose("sae.dict_mult=8", "sae.d_sae=100").sae.resolve_d_sae(64) == 100
+    assert _compose("sae.dict_mult=8").sae.resolve_d_sae(64) == 512
+
+
+def test_quickstart_preset_is_offline() -> None:
+    cfg = _compose("experiment=quickstart")
+    assert cfg.model.source == "pypi_gguf" and cfg.data.source == "files"
+    assert cfg.data.path.endswith("shared/data/tinystories-train-head.txt")
+
+
+def test_activations_file_needs_a_path() -> None:
+    with pytest.raises(Exception, match=r"activations\.path"):
+        _compose("activations=file")
+    assert _compose("activations=file", "activations.path=x.npy").activations.path == "x.npy"
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("sae.dcit_mult=3", "sae.dcit_mult"),
+    ("sae.dict_mult=abc", "sae.dict_mult"),
+    ("l1=minus", "l1"),
+])
+def test_typos_and_types_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose(override)
+    assert message in str(err.value) + str(err.value.__cause__)
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("sae.dict_mult=0", "sae.dict_mult"),
+    ("l1=-0.1", "l1"),
+    ("lr=0", "lr"),
+    ("train_tokens=10", "train_tokens"),
+    ("hook.name=attn_z", "hook.name"),
+    ("sae.architecture=relu", None),
+])
+def test_range_checks_name_the_key(override: str, key: str | None) -> None:
+    if key is None:
+        _compose(override)
+        return
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        _compose(override)

@@ -1,0 +1,155 @@
+"""The LightningModule and training-time callbacks, on small in-memory data."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from sae_lightning.callbacks import resample_dead_latents
+from sae_lightning.config import TrainConfig
+from sae_lightning.module import NonFiniteError, SAEModule, lr_lambda
+from sae_lightning.saes import build_sae
+
+
+class _Rows(IterableDataset):
+    def __init__(self, data: torch.Tensor, batch: int) -> None:
+        self.data, self.batch = data, batch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        while True:
+            yield self.data[torch.randint(len(self.data), (self.batch,), generator=g)]
+
+
+class _DM(L.LightningDataModule):
+    """Minimal stand-in exposing what SAEModule uses of a datamodule: batches and ``sample``."""
+
+    def __init__(self, data: torch.Tensor, batch: int) -> None:
+        super().__init__()
+        self.data, self.batch = data, batch
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Rows(self.data, self.batch), batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(list(self.data[: 4 * self.batch].split(self.batch)), batch_size=None)
+
+    def sample(self, n: int) -> torch.Tensor:
+        return self.data[:n]
+
+
+def _config(**over) -> dict:
+    cfg = TrainConfig(batch_size=64, train_tokens=64 * 60, lr=3e-3, l1=0.5, **over)
+    cfg.sae.dict_mult = 4
+    cfg.callbacks.dead_window_tokens = 64 * 5
+    return asdict(cfg)
+
+
+def _data(n: int = 2048, d: int = 16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    dictionary = torch.randn(48, d, generator=g)
+    codes = torch.rand(n, 48, generator=g) * (torch.rand(n, 48, generator=g) < 0.06)
+    return codes @ dictionary
+
+
+def _fit(module: SAEModule, data: torch.Tensor, steps: int) -> L.Trainer:
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, val_check_interval=steps, check_val_every_n_epoch=None,
+                        limit_val_batches=2, num_sanity_val_steps=0, log_every_n_steps=5)
+    trainer.fit(module, datamodule=_DM(data, 64))
+    return trainer
+
+
+def test_training_reduces_loss_and_keeps_decoder_rows_unit_norm() -> None:
+    data = _data()
+    module = SAEModule(_config(), d_in=16)
+    with torch.no_grad():
+        before = module.sae(data[:256], sparsity_coeff=0.5).loss.item()
+    trainer = _fit(module, data, 60)
+    after = module.sae(data[:256], sparsity_coeff=0.5).loss.item()
+    assert after < 0.5 * before
+    torch.testing.assert_close(module.sae.W_dec.norm(dim=1), torch.ones(module.sae.d_sae))
+    assert 0.0 < trainer.callback_metrics["val/explained_variance"] <= 1.0
+    # b_dec was initialised from the data (not left at zero)
+    assert module.sae.b_dec.abs().sum() > 0
+
+
+def test_dead_tracking_counts_tokens_since_last_fire() -> None:
+    module = SAEModule(_config(), d_in=16)
+
+    class _Trainer:  # the bookkeeping needs only the world size
+        world_size = 1
+
+    module.__dict__["_trainer"] = _Trainer()
+    counts = torch.zeros(module.sae.d_sae)
+    counts[0] = 3
+    for _ in range(5):
+        module._track_firing(counts, 64)
+    dead = module.dead_mask()
+    assert not dead[0] and dead[1:].all()
+    assert module.densities()[0] == pytest.approx(3 / 64)
+
+
+def test_lr_schedule_warmup_and_linear_decay() -> None:
+    cfg = TrainConfig(batch_size=1, train_tokens=100)
+    cfg.optim.lr_warmup_steps, cfg.optim.lr_decay, cfg.optim.lr_decay_start = 10, "linear", 0.8
+    f = lr_lambda(cfg)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(50) == 1.0
+    assert f(90) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
+
+
+def test_l1_warmup_scales_sparsity_coefficient() -> None:
+    module = SAEModule(_config(), d_in=16)
+    module.cfg.optim.l1_warmup_steps = 10
+    assert module.sparsity_coeff() == pytest.approx(0.5 * 0.1)
+
+
+def test_nan_loss_stops_with_step_and_quantity() -> None:
+    data = _data()
+    data[5:] = float("nan")
+    module = SAEModule(_config(), d_in=16)
+    with pytest.raises(NonFiniteError, match=r"step \d+.*non-finite"):
+        _fit(module, data, 20)
+
+
+def test_resampling_follows_towards_monosemanticity() -> None:
+    torch.manual_seed(0)
+    cfg = TrainConfig().sae
+    cfg.dict_mult = 2
+    sae = build_sae(cfg, 8)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    x = torch.randn(256, 8)
+    sae(x, sparsity_coeff=1.0).loss.backward()
+    opt.step()
+    dead = torch.zeros(sae.d_sae, dtype=torch.bool)
+    dead[[1, 4, 7]] = True
+    alive_norm = sae.W_enc.norm(dim=0)[~dead].mean()
+    old_alive_dec = sae.W_dec[~dead].clone()
+    chosen = resample_dead_latents(sae, dead, x, opt, generator=torch.Generator().manual_seed(0))
+    direction = chosen / chosen.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(sae.W_dec[dead], direction)
+    torch.testing.assert_close(sae.W_enc[:, dead].T, direction * 0.2 * alive_norm)
+    assert (sae.b_enc[dead] == 0).all()
+    torch.testing.assert_close(sae.W_dec[~dead], old_alive_dec)
+    assert (opt.state[sae.W_enc]["exp_avg"][:, dead] == 0).all()
+    assert (opt.state[sae.W_dec]["exp_avg_sq"][dead] == 0).all()
+    assert (opt.state[sae.W_dec]["exp_avg_sq"][~dead] != 0).any()
+    # every chosen row is one of the inputs
+    assert all((x == row).all(-1).any() for row in chosen)
+
+
+def test_resampling_prefers_high_loss_inputs() -> None:
+    torch.manual_seed(0)
+    cfg = TrainConfig().sae
+    cfg.dict_mult = 2
+    sae = build_sae(cfg, 8)
+    x = torch.randn(100, 8) * 0.01
+    x[17] = torch.randn(8) * 100  # the only input the SAE reconstructs badly
+    dead = torch.zeros(sae.d_sae, dtype=torch.bool)
+    dead[:4] = True
+    chosen = resample_dead_latents(sae, dead, x, None, generator=torch.Generator().manual_seed(0))
+    assert all((row == x[17]).all() for row in chosen)
