@@ -52,7 +52,7 @@ def _sae(architecture: str) -> StandInSAE:
     return StandInSAE(SAEConfig(architecture=architecture, d_sae=D_SAE, k=K), D_IN)
 
 
-def _raw_inputs(sae: StandInSAE) -> Tensor:
+def _raw_inputs(sae: nn.Module) -> Tensor:
     """Raw-space activations whose normalized version sits around b_dec, so many latents fire."""
     return (torch.randn(32, D_IN, generator=torch.Generator().manual_seed(2)) + sae.b_dec.detach()) / SCALE
 
@@ -130,3 +130,17 @@ def test_export_refuses_a_module_with_another_encode(tmp_path: Path) -> None:
 def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
     with pytest.raises(NotImplementedError, match="gated"):
         export_saelens(_sae("relu"), tmp_path, architecture="gated", norm_scale=1.0)
+
+
+@torch.no_grad()
+def test_real_relu_sae_round_trip(tmp_path: Path) -> None:
+    sae = registry.build_sae(SAEConfig(architecture="relu", d_sae=D_SAE), D_IN)
+    sae.b_dec.normal_()
+    sae.b_enc.normal_(std=0.3)
+    folder = export_saelens(sae, tmp_path, architecture="relu", norm_scale=SCALE)
+    x = _raw_inputs(sae)
+    loaded = load_saelens(folder)
+    assert type(loaded) is type(sae)
+    torch.testing.assert_close(loaded.encode(x), sae.encode(x * SCALE), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loaded.decode(loaded.encode(x)), sae.decode(sae.encode(x * SCALE)) / SCALE,
+                               rtol=1e-5, atol=1e-5)
