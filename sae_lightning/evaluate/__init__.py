@@ -1,0 +1,1 @@
+"""Evaluation of a trained SAE: downstream LM loss, top contexts, monosemanticity, the HTML report."""

@@ -1,0 +1,112 @@
+"""Downstream metrics: the LM's next-token loss when the hooked activation is replaced.
+
+Four forwards per token batch: clean; the activation replaced by the SAE reconstruction
+``decode(encode(x * s)) / s`` (``s = norm_scale``: the SAE works on normalized activations); zero-ablated;
+mean-ablated (the mean activation over the evaluation tokens). Excluded positions (BOS and other special
+tokens, as in the activation cache) are treated the same way everywhere: their activation is never
+replaced, they do not enter the mean, and the loss/KL of the prediction made AT them is not counted.
+Every number is a mean over all counted positions of all batches (not a mean of batch means).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from sae_lightning.metrics import ce_loss_recovered, next_token_kl, next_token_loss
+
+Splice = Callable[[Tensor], Tensor]
+ExcludeMask = Callable[[Tensor], Tensor]
+
+
+class HookedLMLike(Protocol):
+    """The part of ``lm.HookedLM`` used here."""
+
+    def logits(self, tokens: Tensor, replace: dict | None = None) -> Tensor: ...
+
+    def activations(self, tokens: Tensor, hooks: Sequence) -> dict: ...
+
+
+def sae_splice(sae: nn.Module, norm_scale: float) -> Splice:
+    """``x -> decode(encode(x * s)) / s`` on ``[..., d]`` (SAEs take rows ``[B, d]``), computed in the SAE's
+    dtype and returned in ``x``'s."""
+    dtype = next(sae.parameters()).dtype
+
+    def splice(x: Tensor) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1]).to(dtype) * norm_scale
+        return (sae.decode(sae.encode(rows)) / norm_scale).to(x.dtype).reshape(x.shape)
+
+    return splice
+
+
+def _keep_excluded(fn: Splice, excluded: Tensor) -> Splice:
+    """Apply ``fn`` to ``[B, T, d]`` activations everywhere except at ``excluded`` ``[B, T]`` positions."""
+    return lambda x: torch.where(excluded[..., None], x, fn(x))
+
+
+def _exclusions(tokens: Tensor, exclude: ExcludeMask | None) -> Tensor:
+    if exclude is None:
+        return torch.zeros_like(tokens, dtype=torch.bool)
+    return exclude(tokens).to(torch.bool)
+
+
+@torch.inference_mode()
+def mean_activation(lm: HookedLMLike, token_batches: Sequence[Tensor], hook: Hashable,
+                    exclude: ExcludeMask | None = None) -> Tensor:
+    """Mean hooked activation ``[d]`` over the non-excluded positions of ``token_batches`` (float64 sum)."""
+    total, count = None, 0
+    for tokens in token_batches:
+        acts = lm.activations(tokens, [hook])[hook]
+        kept = acts[~_exclusions(tokens, exclude)].double()
+        total = kept.sum(0) if total is None else total + kept.sum(0)
+        count += kept.shape[0]
+    if total is None or count == 0:
+        raise ValueError("no non-excluded tokens to average")
+    return (total / count).float()
+
+
+@torch.inference_mode()
+def downstream_metrics(
+    lm: HookedLMLike,
+    token_batches: Sequence[Tensor],
+    hook: Hashable,
+    sae: nn.Module,
+    norm_scale: float,
+    exclude: ExcludeMask | None = None,
+    mean_act: Tensor | None = None,
+) -> dict[str, float]:
+    """``ce_loss_{clean,sae,zero,mean_ablation}``, ``ce_loss_recovered`` and ``kl_div`` (clean -> SAE splice)
+    over ``token_batches`` (``[B, T]`` each). ``exclude(tokens) -> [B, T]`` bool marks positions to leave
+    alone (``text.special_token_mask``); ``mean_act`` defaults to :func:`mean_activation` over the same
+    batches. ``n_tokens_downstream`` is the number of counted predictions."""
+    if mean_act is None:
+        mean_act = mean_activation(lm, token_batches, hook, exclude)
+    ablations: dict[str, Splice] = {
+        "sae": sae_splice(sae, norm_scale),
+        "zero": torch.zeros_like,
+        "mean_ablation": lambda x: mean_act.to(x).expand_as(x),
+    }
+    sums = dict.fromkeys(["clean", *ablations, "kl"], 0.0)
+    count = 0
+    for tokens in token_batches:
+        excluded = _exclusions(tokens, exclude)
+        counted = ~excluded[:, :-1]  # position t predicts token t+1
+        clean = lm.logits(tokens)
+        sums["clean"] += float(next_token_loss(clean, tokens)[counted].sum())
+        for name, fn in ablations.items():
+            logits = lm.logits(tokens, replace={hook: _keep_excluded(fn, excluded)})
+            sums[name] += float(next_token_loss(logits, tokens)[counted].sum())
+            if name == "sae":
+                sums["kl"] += float(next_token_kl(clean, logits)[counted].sum())
+        count += int(counted.sum())
+    if count == 0:
+        raise ValueError("no counted positions: every position is excluded")
+    out = {f"ce_loss_{name}": sums[name] / count for name in ["clean", *ablations]}
+    out["ce_loss_recovered"] = ce_loss_recovered(out["ce_loss_clean"], out["ce_loss_sae"],
+                                                 out["ce_loss_zero"])
+    out["kl_div"] = sums["kl"] / count
+    out["n_tokens_downstream"] = float(count)
+    return out
