@@ -1,0 +1,75 @@
+"""``ensure_cache(cfg)``: the one call train.py and the CLI make to get the caches a config asks for.
+
+The LM side (``sae_lightning.lm``, ``sae_lightning.text``) is imported lazily and the model is loaded
+only when a cache is actually missing, so reusing a cache costs reading two fingerprints and a JSON file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .build import build_cache
+from .key import CacheKey, hook_id
+from .reader import ActivationCache
+
+log = logging.getLogger(__name__)
+
+
+def hook_points(cfg: Any) -> list[tuple[int, str]]:
+    """(layer, name) of every hook the config asks for: ``hook.name`` then ``hook.extra``, at ``layer``."""
+    return [(cfg.layer, n) for n in dict.fromkeys([cfg.hook.name, *cfg.hook.extra])]
+
+
+def cache_key(cfg: Any, model_fingerprint: str, text_fingerprint: str) -> CacheKey:
+    """The key of the caches ``cfg`` (a TrainConfig) describes."""
+    return CacheKey(model=model_fingerprint, data=text_fingerprint,
+                    hooks=tuple(hook_id(layer, name) for layer, name in hook_points(cfg)),
+                    context_size=cfg.data.context_size, n_tokens=cfg.data.n_tokens,
+                    dtype=cfg.activations.dtype, model_dtype=cfg.model.dtype,
+                    prepend_bos=cfg.data.prepend_bos, exclude_special=cfg.data.exclude_special)
+
+
+def _device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def ensure_cache(cfg: Any) -> list[ActivationCache]:
+    """Open (building first if missing) one cache per hook point of ``cfg``, in ``hook_points`` order.
+
+    Returns ``[]`` for ``activations.source=file``: an imported array needs no cache.
+    """
+    if cfg.activations.source == "file":
+        return []
+    from .. import lm as lm_side
+    from .. import text as text_side
+
+    key = cache_key(cfg, lm_side.model_fingerprint(cfg.model), text_side.text_fingerprint(cfg.data))
+    hooks = [lm_side.HookPoint(layer, name) for layer, name in hook_points(cfg)]
+    device = _device(cfg.model.device)
+
+    @cache
+    def model() -> Any:
+        log.info("loading %s on %s to build activation cache %s", cfg.model.name, device, key.name)
+        return lm_side.load_lm(cfg.model, device=device)
+
+    def token_batches() -> Iterator[torch.Tensor]:
+        yield from text_side.iter_token_batches(cfg.data, model().tokenizer, cfg.data.lm_batch_size)
+
+    def compute(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        acts = model().activations(tokens.to(device), hooks)
+        return {hook_id(h.layer, h.name): a for h, a in acts.items()}
+
+    def exclude(tokens: torch.Tensor) -> torch.Tensor:
+        return text_side.special_token_mask(tokens, model().tokenizer)
+
+    paths = build_cache(key, token_batches(), compute, exclude if cfg.data.exclude_special else None,
+                        Path(cfg.activations.cache_dir), shard_rows=cfg.activations.shard_rows)
+    return [ActivationCache(paths[k.hooks[0]], expected_key=k) for k in key.split()]

@@ -1,0 +1,321 @@
+"""Streaming activations to Lightning: shuffled, sharded across ranks and workers, resumable.
+
+How the stream is laid out (every piece is a pure function of the seed, so nothing is stored):
+
+- *Consumers.* Each (DDP rank, dataloader worker) pair is one consumer, ``c = rank * workers + worker``
+  of ``C = world_size * workers``. Lightning does not shard an ``IterableDataset``, so we do: consumer
+  ``c`` owns rows ``[c*n//C, (c+1)*n//C)`` of every shard (n = the shard's rows). Row sets are disjoint
+  and every consumer reads every shard, so it works for any number of shards.
+- *Epochs.* Epoch ``e`` visits the training shards in a permutation drawn from ``(seed, e)``; a
+  consumer's epoch is the concatenation of its chunks in that order.
+- *Shuffle window.* The epoch is cut into windows of ``shuffle_buffer`` rows and each window is
+  permuted with an RNG seeded by ``(seed, e, c, window)``. Rows thus mix with the ``shuffle_buffer``
+  rows around them, like a shuffle buffer, but the row at any position is computable directly.
+- *Equal batch counts.* Every consumer yields ``min_c floor(rows_c / batch_size)`` batches per epoch
+  (the few rows left over differ between epochs, since the shard order does). Training repeats epochs
+  forever; validation is one fixed, unshuffled epoch of the validation shards.
+- *Resume.* ``state_dict()`` stores the number of training batches this rank has consumed (Lightning's
+  own counter of batches fetched for training, which excludes its one-batch prefetch). A restored
+  stream maps that count to (epoch, batch) for each worker, as the DataLoader hands out batches
+  round-robin, and starts there: no replay, no buffer to save.
+- *Memory.* A consumer maps only the shards of its current window and gathers ``batch_size`` rows at
+  a time, so memory depends on ``shuffle_buffer`` and ``batch_size``, never on the cache size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .cache.reader import ActivationCache, ArraySource, CacheError, RowSource, open_source, sample_rows
+from .config import ActivationsConfig
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything that fixes a stream (picklable, so dataloader workers receive it whole)."""
+
+    shards: tuple[int, ...]
+    shard_sizes: tuple[int, ...]   # rows of each entry of ``shards``
+    batch_size: int
+    seed: int
+    window: int                     # rows permuted together; 0 = no row shuffling
+    shuffle_shards: bool
+    world_size: int = 1
+    rank: int = 0
+
+    def chunks(self, consumer: int, n_consumers: int) -> list[tuple[int, int, int]]:
+        """(shard, start, stop) rows owned by ``consumer`` in each shard, in ``shards`` order."""
+        return [(s, n * consumer // n_consumers, n * (consumer + 1) // n_consumers)
+                for s, n in zip(self.shards, self.shard_sizes, strict=True)]
+
+    def batches_per_epoch(self, workers: int) -> int:
+        """Batches every consumer yields per epoch: set by the consumer with the fewest rows."""
+        n_consumers = self.world_size * workers
+        rows = min(sum(b - a for _, a, b in self.chunks(c, n_consumers)) for c in range(n_consumers))
+        return rows // self.batch_size
+
+
+class _EpochPlan:
+    """One consumer's epoch: its chunks in epoch order, and the row behind any stream position."""
+
+    def __init__(self, spec: StreamSpec, consumer: int, n_consumers: int, epoch: int):
+        chunks = spec.chunks(consumer, n_consumers)
+        if spec.shuffle_shards:
+            order = np.random.default_rng([spec.seed, epoch]).permutation(len(chunks))
+            chunks = [chunks[i] for i in order]
+        self.spec, self.key = spec, (spec.seed, epoch, consumer)
+        self.shard = np.array([s for s, _, _ in chunks], np.int64)
+        self.start = np.array([a for _, a, _ in chunks], np.int64)
+        self.offset = np.cumsum([0] + [b - a for _, a, b in chunks])
+        self.n_rows = int(self.offset[-1])
+        self._window: tuple[int, np.ndarray] | None = None
+
+    def _permuted(self, w: int) -> np.ndarray:
+        """Stream positions of window ``w`` in shuffled order (cached: consecutive batches share it)."""
+        if self._window is None or self._window[0] != w:
+            size = self.spec.window or self.n_rows
+            lo, hi = w * size, min((w + 1) * size, self.n_rows)
+            perm = np.arange(lo, hi)
+            if self.spec.window:
+                perm = lo + np.random.default_rng([*self.key, w]).permutation(hi - lo)
+            self._window = (w, perm)
+        return self._window[1]
+
+    def positions(self, k: int) -> np.ndarray:
+        """Unshuffled stream positions making up batch ``k``."""
+        size = self.spec.window or self.n_rows
+        lo, hi = k * self.spec.batch_size, (k + 1) * self.spec.batch_size
+        parts = [self._permuted(w)[max(lo, w * size) - w * size: hi - w * size]
+                 for w in range(lo // size, (hi - 1) // size + 1)]
+        return np.concatenate(parts)
+
+    def window_shards(self, k: int) -> set[int]:
+        """Shards the window holding batch ``k`` touches (the others can be unmapped)."""
+        size = self.spec.window or self.n_rows
+        w = (k + 1) * self.spec.batch_size // size
+        lo, hi = w * size, min((w + 1) * size, self.n_rows)
+        first, last = np.searchsorted(self.offset, [lo, max(lo, hi - 1)], side="right") - 1
+        return set(self.shard[first:last + 1].tolist())
+
+    def locate(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, row) of stream positions."""
+        j = np.searchsorted(self.offset, pos, side="right") - 1
+        return self.shard[j], self.start[j] + pos - self.offset[j]
+
+
+def gather(source: RowSource, shard: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """Rows (float32, raw) at (shard, row) pairs, read shard by shard in row order for locality."""
+    out = np.empty((len(row), source.d), np.float32)
+    for s in np.unique(shard):
+        sel = np.flatnonzero(shard == s)
+        order = np.argsort(row[sel], kind="stable")
+        out[sel[order]] = source.read_rows(int(s), row[sel][order])
+    return out
+
+
+class ActivationStream(IterableDataset):
+    """Batches ``[batch_size, d]`` float32, normalized, for this rank and dataloader worker.
+
+    ``start_batch`` is how many batches this rank has already consumed (resume). ``epochs=None`` is
+    endless (training); ``epochs=1`` is one finite pass (validation).
+    """
+
+    def __init__(self, source: RowSource, spec: StreamSpec, norm_scale: float, epochs: int | None,
+                 start_batch: int = 0):
+        self.source, self.spec, self.norm_scale = source, spec, norm_scale
+        self.epochs, self.start_batch = epochs, start_batch
+
+    def _consumer(self) -> tuple[int, int, int]:
+        """(consumer index, number of consumers, workers) for the calling process."""
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return self.spec.rank * workers + worker, self.spec.world_size * workers, workers
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        consumer, n_consumers, workers = self._consumer()
+        per_epoch = self.spec.batches_per_epoch(workers)
+        if per_epoch == 0:
+            return
+        worker = consumer - self.spec.rank * workers
+        done = len(range(worker, self.start_batch, workers))   # round-robin: this worker's share
+        epoch, first = divmod(done, per_epoch)
+        while self.epochs is None or epoch < self.epochs:
+            plan = _EpochPlan(self.spec, consumer, n_consumers, epoch)
+            for k in range(first, per_epoch):
+                yield self._batch(plan, k)
+                self._release_outside(plan.window_shards(k))
+            epoch, first = epoch + 1, 0
+        self._release_outside(set())
+
+    def _batch(self, plan: _EpochPlan, k: int) -> torch.Tensor:
+        x = gather(self.source, *plan.locate(plan.positions(k)))
+        if self.norm_scale != 1.0:
+            x *= self.norm_scale
+        return torch.from_numpy(x)
+
+    def _release_outside(self, keep: set[int]) -> None:
+        for s in list(self.source._maps):
+            if s not in keep:
+                self.source.release(s)
+
+
+@dataclass
+class EvalRows:
+    """Held-out rows with where they came from (token id, context row, position); -1 when unknown."""
+
+    acts: torch.Tensor     # [n, d] float32, normalized
+    tokens: torch.Tensor   # [n] int64
+    doc: torch.Tensor      # [n] int64
+    pos: torch.Tensor      # [n] int64
+
+
+class ActivationDataModule(LightningDataModule):
+    """Streams a cache (or an imported [N, d] array) as training and validation batches.
+
+    ``source``: an ``ActivationCache``/``ArraySource``, or a path to a cache directory or an array
+    file. ``d_in`` and ``norm_scale`` are known right after construction (read from metadata), so the
+    SAE can be built before ``fit``. Rank and world size come from ``self.trainer`` in ``setup()``.
+    """
+
+    def __init__(self, source: RowSource | str | Path, cfg: ActivationsConfig, batch_size: int, seed: int):
+        super().__init__()
+        self.source = source if isinstance(source, RowSource) else open_source(
+            source, shard_rows=cfg.shard_rows, normalize=cfg.normalize)
+        self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+        self.d_in = self.source.d
+        self.norm_scale = float(self.source.norm_scale) if cfg.normalize else 1.0
+        self.train_shards, self.val_shards = split_shards(self.source, cfg.val_fraction)
+        self.rank, self.world_size = 0, 1
+        self._resume_batches = 0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ActivationDataModule:
+        """Build from a ``TrainConfig``: the imported array, or the cache (built first when missing)."""
+        acts: ActivationsConfig = cfg.activations
+        if acts.source == "file":
+            source: RowSource = ArraySource(acts.path, shard_rows=acts.shard_rows, normalize=acts.normalize)
+        else:
+            from .cache import ensure_cache
+            source = ensure_cache(cfg)[0]
+        return cls(source, acts, cfg.batch_size, cfg.seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        trainer = self._trainer
+        if trainer is not None:
+            self.rank, self.world_size = trainer.global_rank, trainer.world_size
+
+    def _spec(self, shards: list[int], train: bool) -> StreamSpec:
+        return StreamSpec(shards=tuple(shards), shard_sizes=tuple(self.source.shard_sizes[s] for s in shards),
+                          batch_size=self.batch_size, seed=self.seed,
+                          window=self.cfg.shuffle_buffer if train else 0, shuffle_shards=train,
+                          world_size=self.world_size, rank=self.rank)
+
+    def _loader(self, spec: StreamSpec, epochs: int | None, start: int, what: str) -> DataLoader:
+        workers = max(1, self.cfg.num_workers)
+        if spec.batches_per_epoch(workers) == 0:
+            rows = sum(spec.shard_sizes)
+            raise CacheError(
+                f"{self.source.path}: the {what} split has {rows} rows, fewer than "
+                f"batch_size={self.batch_size} for each of {spec.world_size * workers} process(es)/workers. "
+                "Build more tokens (data.n_tokens), lower batch_size or activations.num_workers"
+                + (", or raise activations.val_fraction" if what == "validation" else ""))
+        stream = ActivationStream(self.source, spec, self.norm_scale, epochs, start)
+        return DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
+                          persistent_workers=self.cfg.num_workers > 0 and epochs is None)
+
+    def train_dataloader(self) -> DataLoader:
+        """Endless stream of ``[batch_size, d_in]`` float32 batches, resumed at the stored position."""
+        return self._loader(self._spec(self.train_shards, True), None, self._resume_batches, "training")
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The same finite, unshuffled pass over the validation shards each time (empty without a split)."""
+        if not self.val_shards:
+            return []
+        return self._loader(self._spec(self.val_shards, False), 1, 0, "validation")
+
+    def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
+        """``n`` normalized training rows drawn uniformly (decoder-bias init, resampling)."""
+        x = sample_rows(self.source, self.train_shards, n, self.seed if seed is None else seed)
+        return torch.from_numpy(x * np.float32(self.norm_scale))
+
+    def eval_rows(self, max_tokens: int, batch_size: int | None = None) -> Iterator[EvalRows]:
+        """Held-out rows in order, with (token, doc, pos), at most ``max_tokens`` of them."""
+        if not self.val_shards:
+            raise CacheError(f"{self.source.path}: no held-out shards (activations.val_fraction=0); "
+                             "set activations.val_fraction > 0 to evaluate on unseen rows")
+        step, left = batch_size or self.batch_size, max_tokens
+        for s in self.val_shards:
+            for lo in range(0, self.source.shard_sizes[s], step):
+                if left <= 0:
+                    return
+                idx = np.arange(lo, min(lo + step, self.source.shard_sizes[s], lo + left))
+                tok, doc, pos = self.source.read_where(s, idx)
+                acts = self.source.read_rows(s, idx) * np.float32(self.norm_scale)
+                yield EvalRows(torch.from_numpy(acts), torch.from_numpy(tok), torch.from_numpy(doc),
+                               torch.from_numpy(pos))
+                left -= len(idx)
+            self.source.release(s)
+
+    def context(self, doc: int) -> np.ndarray:
+        """Token ids of context row ``doc`` (caches only; imported arrays carry no text)."""
+        if not isinstance(self.source, ActivationCache):
+            raise CacheError(f"{self.source.path} is an imported array: it has no token contexts")
+        return self.source.context(doc)
+
+    def _batches_trained(self) -> int:
+        """Training batches this rank has consumed: Lightning's count of batches made ready for training."""
+        trainer = self._trainer
+        if trainer is None:
+            return self._resume_batches
+        return int(trainer.fit_loop.epoch_loop.batch_progress.total.ready)
+
+    @property
+    def _trainer(self) -> Any:
+        return getattr(self, "trainer", None)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream position: batches consumed per rank, plus what must match to reuse it exactly."""
+        return {"version": STATE_VERSION, "batches": self._batches_trained(), "seed": self.seed,
+                "batch_size": self.batch_size, "world_size": self.world_size,
+                "num_workers": self.cfg.num_workers, "shuffle_buffer": self.cfg.shuffle_buffer,
+                "n_rows": self.source.n_rows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the training stream after the stored number of batches."""
+        self._resume_batches = int(state["batches"])
+        mine = self.state_dict()
+        fields = ("seed", "batch_size", "world_size", "num_workers", "shuffle_buffer", "n_rows")
+        changed = {k: (state.get(k), mine[k]) for k in fields if state.get(k) != mine[k]}
+        if changed:
+            log.warning("resuming the activation stream with changed %s (checkpoint, now): batch %d of "
+                        "the new stream is not the exact continuation of the old one",
+                        changed, self._resume_batches)
+
+
+def split_shards(source: RowSource, val_fraction: float) -> tuple[list[int], list[int]]:
+    """(train, val) shard indices: the last ``round(val_fraction * n)`` shards (at least one) are held out.
+
+    The last shards hold the last texts, so no context is split between train and validation except
+    the one straddling the boundary shard.
+    """
+    n = source.n_shards
+    if val_fraction <= 0:
+        return list(range(n)), []
+    n_val = max(1, round(val_fraction * n))
+    if n_val >= n:
+        raise CacheError(f"{source.path} has {n} shard(s): too few to hold out "
+                         f"activations.val_fraction={val_fraction} by shard. Use a smaller "
+                         "activations.shard_rows when building, more tokens, or val_fraction=0")
+    return list(range(n - n_val)), list(range(n - n_val, n))
