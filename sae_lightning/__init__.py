@@ -1,0 +1,1 @@
+"""sae-lightning: train sparse autoencoders on transformer activations (see docs/design.md)."""

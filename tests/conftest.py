@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny random language models saved to disk with a real (tiny) tokenizer.
+
+Session-scoped, built offline in a few seconds, and loaded through the same code as real models
+(``load_lm(ModelConfig(name=<dir>))``), so other stages can test against them:
+
+- ``tiny_tokenizer``: byte-level BPE (vocab ~300) trained on the first stories of the TinyStories sample,
+  a ``PreTrainedTokenizerFast`` with BOS ``<s>``, EOS ``</s>`` and PAD ``<pad>`` (distinct ids).
+- ``tiny_gpt2_dir`` / ``tiny_llama_dir``: directories holding a randomly initialised ``GPT2LMHeadModel``
+  (3 layers, d_model 32, d_mlp 128, 64 positions) or ``LlamaForCausalLM`` (3 layers, d_model 32,
+  d_mlp 96, GQA 4/2 heads, 64 positions) plus the tokenizer, via ``save_pretrained``.
+- ``tiny_gpt2`` / ``tiny_llama``: those directories loaded as ``HookedLM`` on CPU. Treat them as read-only.
+- ``tinystories_path``: the shared TinyStories sample file.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+TINYSTORIES = Path("/work/shared/data/tinystories-train-head.txt")
+SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+
+
+@pytest.fixture(scope="session")
+def tinystories_path() -> Path:
+    return TINYSTORIES
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained on a few hundred lines of TinyStories (no network)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    with TINYSTORIES.open(encoding="utf-8") as f:
+        lines = [line for line in itertools.islice(f, 400) if "<|endoftext|>" not in line]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(SPECIALS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(lines, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=64, **SPECIALS)
+
+
+def _save(model: torch.nn.Module, tokenizer, path: Path) -> Path:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _ids(tokenizer) -> dict[str, int]:
+    return {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=3, n_embd=32, n_head=4, n_positions=64, **_ids(tiny_tokenizer))
+    return _save(GPT2LMHeadModel(config), tiny_tokenizer, tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=3, hidden_size=32, intermediate_size=96, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+                         **_ids(tiny_tokenizer))
+    return _save(LlamaForCausalLM(config), tiny_tokenizer, tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_gpt2_dir):
+    from sae_lightning.config import ModelConfig
+    from sae_lightning.lm import load_lm
+
+    return load_lm(ModelConfig(name=str(tiny_gpt2_dir)), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_dir):
+    from sae_lightning.config import ModelConfig
+    from sae_lightning.lm import load_lm
+
+    return load_lm(ModelConfig(name=str(tiny_llama_dir)), device="cpu")
