@@ -102,6 +102,7 @@ class Context:
     value: float
     doc: int
     pos: int
+    token_id: int
 
     @property
     def text(self) -> str:
@@ -120,7 +121,7 @@ def make_context(row: Sequence[int], pos: int, value: float, doc: int, decode: T
     start = max(0, pos - before)
     window = list(row[start:pos + after + 1])
     return Context(tokens=[decode(t) for t in window], active=pos - start, value=float(value), doc=doc,
-                   pos=pos)
+                   pos=pos, token_id=int(row[pos]))
 
 
 def top_contexts(top: TopActivations, unit: int, context_row: ContextRow, decode: TokenDecoder,
