@@ -1,4 +1,9 @@
-"""Train a sparse autoencoder: `python train.py sae.dict_mult=8 l1=1e-3` (see README and conf/train.yaml)."""
+"""Train a sparse autoencoder: `python train.py sae.dict_mult=8 l1=1e-3` (see README and conf/train.yaml).
+
+Sweeps: `python train.py -m sae.dict_mult=4,8,16 l1=2,5,10` or a preset `python train.py sweep=l1_x_dict`;
+each job of a multirun is run by `sae_lightning.sweep.run_sweep_job` (a failed job is recorded, the sweep
+goes on) and the sweep ends with a comparison page (`sae_lightning.compare`).
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from sae_lightning.config import register_configs, to_config
+from sae_lightning.sweep import is_multirun, register_resolvers, run_sweep_job
 
 log = logging.getLogger("train")
 register_configs()
+register_resolvers()
 
 
-@hydra.main(config_path="conf", config_name="train", version_base="1.3")
-def main(dict_cfg: DictConfig) -> float | None:
+def train(dict_cfg: DictConfig) -> float | None:
+    """Validate, train, log where everything went; returns the final validation NMSE (the sweep objective)."""
     cfg = to_config(dict_cfg)  # every range check runs here, before any heavy import or work
     from sae_lightning.training import run_training
 
@@ -33,6 +40,13 @@ def main(dict_cfg: DictConfig) -> float | None:
              m.get("val/l0", float("nan")))
     log.info("Evaluate with: python evaluate.py ckpt_path=%s", summary["checkpoint"])
     return m.get("val/nmse")
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(dict_cfg: DictConfig) -> float | None:
+    if is_multirun():
+        return run_sweep_job(dict_cfg, train, script=__file__)
+    return train(dict_cfg)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import logging
 import netrc
 import os
 import socket
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -75,12 +76,14 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict)
     return loggers
 
 
-def finish_wandb() -> None:
-    """End the W&B run so the next job of a multirun gets a fresh run id."""
-    import sys
+def finish_wandb(exit_code: int | None = None) -> None:
+    """End the W&B run so the next job of a multirun gets a fresh run id. Called while an exception is
+    propagating (from a ``finally``), the run is marked failed."""
+    if "wandb" not in sys.modules:
+        return
+    import wandb
 
-    if "wandb" in sys.modules:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
+    if wandb.run is not None:
+        if exit_code is None:
+            exit_code = 1 if sys.exc_info()[0] is not None else 0
+        wandb.finish(exit_code=exit_code)

@@ -1,0 +1,240 @@
+"""Hydra multirun support: readable job directories, W&B grouping, failure capture, DDP jobs, sweep summary.
+
+- Job directories are ``<sweep dir>/<job number>_<swept key>=<value>...`` (only the swept keys), through the
+  ``${sweep_subdir:...}`` resolver used by ``hydra.sweep.subdir`` in ``conf/train.yaml``.
+- :class:`SweepCallback` (a Hydra callback) records the swept keys when the sweep starts and writes the
+  comparison (``sae_lightning.compare``) with the list of ok/failed jobs when it ends.
+- :func:`run_sweep_job` runs one job so that a failure is written to the job's ``summary.json`` instead of
+  stopping the sweep, and so that ``strategy=ddp`` (which re-launches ``sys.argv``, i.e. the whole sweep, in
+  each child: see ../shared/docs/field-notes.md) runs as a fresh single-run process per job.
+
+This module imports no torch/Lightning at import time: Hydra instantiates the callback before every run.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+SWEPT_KEYS_ENV = "SAE_LIGHTNING_SWEPT_KEYS"
+"""Comma-separated swept keys, set by :class:`SweepCallback` for the jobs (launcher processes inherit it)."""
+
+FAILED_RETURN = float("nan")
+"""What a failed job returns: a number, so the Optuna sweeper records a failed trial instead of stopping."""
+
+# strategies whose Lightning launcher re-executes sys.argv in child processes
+_SCRIPT_LAUNCHED = re.compile(r"^ddp(?!_spawn|_fork|_notebook)")
+
+
+def swept_keys(overrides: Iterable[str]) -> list[str]:
+    """Keys that take several values (``a=1,2``, ``range()``, ``choice()``, ``interval()``...); a later plain
+    override of the same key fixes it again (preset params come first, the command line after)."""
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    swept: dict[str, bool] = {}
+    for o in parsed:
+        swept[o.get_key_element().lstrip("+~")] = o.is_sweep_override()
+    return [k for k, is_sweep in swept.items() if is_sweep]
+
+
+def sweep_overrides(config: DictConfig) -> list[str]:
+    """The sweep's definition: preset ``hydra.sweeper.params`` (if any) then the command-line overrides."""
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    return [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "-", text).strip("-")
+
+
+def job_values(task_overrides: Iterable[str], keys: Iterable[str]) -> dict[str, str]:
+    """The job's value (as overridden) of each swept key."""
+    wanted = set(keys)
+    values = {}
+    for o in OverridesParser.create().parse_overrides(list(task_overrides)):
+        key = o.get_key_element().lstrip("+~")
+        if key in wanted:
+            values[key] = o.get_value_element_as_str()
+    return values
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """``sae.dict_mult`` -> ``dict_mult``, unless two keys share the last part."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: s if last.count(s) == 1 else k for k, s in zip(keys, last, strict=True)}
+
+
+def sweep_subdir(num: int, task_overrides: Iterable[str]) -> str:
+    """``003_dict_mult=8_l1=3`` for job 3: the job number and only the swept values."""
+    keys = [k for k in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if k]
+    values = job_values(task_overrides, keys)
+    names = short_names(list(values))
+    parts = [f"{int(num):03d}", *(_safe(f"{names[k]}={v}") for k, v in values.items())]
+    return "_".join(parts)
+
+
+def register_resolvers() -> None:
+    """``${sweep_subdir:${hydra.job.num},${hydra.overrides.task}}`` for ``hydra.sweep.subdir``."""
+    if not OmegaConf.has_resolver("sweep_subdir"):
+        OmegaConf.register_new_resolver("sweep_subdir", sweep_subdir)
+
+
+def is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def sweep_group(sweep_dir: str | Path, preset: str | None) -> str:
+    """W&B group of every job of one sweep: the preset name (or ``sweep``) and the sweep directory's stamp."""
+    parts = dict.fromkeys([preset or "sweep", *Path(sweep_dir).parts[-2:]])  # the preset may name the folder
+    return _safe("-".join(parts))
+
+
+def job_context() -> dict[str, Any]:
+    """Where this job sits in its sweep: directory, overrides, swept values, W&B group and tags."""
+    hc = HydraConfig.get()
+    overrides = list(hc.overrides.task)
+    values = job_values(overrides, [k for k in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if k])
+    return {
+        "run_dir": Path(hc.runtime.output_dir),
+        "sweep_dir": Path(hc.sweep.dir),
+        "job_num": hc.job.num,
+        "overrides": overrides,
+        "swept": values,
+        "group": sweep_group(hc.sweep.dir, hc.runtime.choices.get("sweep")),
+        "tags": [f"{k}={v}"[:64] for k, v in values.items()],
+    }
+
+
+def _with_wandb_grouping(cfg: DictConfig, ctx: dict[str, Any]) -> None:
+    """Group the job's W&B run by sweep and tag it with its swept values (unless the user chose a group)."""
+    if cfg.logger.group is None:
+        cfg.logger.group = ctx["group"]
+    cfg.logger.tags = [*cfg.logger.tags, *ctx["tags"]]
+
+
+def write_failure(run_dir: Path, error: str, trace: str, overrides: list[str]) -> None:
+    """The failed job's ``summary.json``: what :mod:`sae_lightning.compare` lists as failed, and why."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"status": "failed", "error": error, "traceback": trace, "run_dir": str(run_dir),
+               "overrides": overrides}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def needs_fresh_process(cfg: DictConfig) -> bool:
+    """True for ``strategy=ddp`` started by us: Lightning would re-launch the whole sweep in each child.
+    Not when SLURM/torchrun already started one process per device (e.g. the submitit launcher)."""
+    if not _SCRIPT_LAUNCHED.match(str(cfg.trainer.strategy)):
+        return False
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    return not (SLURMEnvironment.detect() or TorchElasticEnvironment.detect())
+
+
+def _single_run_command(script: str, ctx: dict[str, Any], cfg: DictConfig) -> list[str]:
+    """``python train.py <this job's overrides> hydra.mode=RUN hydra.run.dir=<job dir>`` + W&B grouping."""
+    mine = {"logger.group", "logger.tags", "hydra.mode", "hydra.run.dir"}
+    keep = [o for o in ctx["overrides"] if o.split("=", 1)[0].lstrip("+~") not in mine]
+    tags = ",".join(json.dumps(t) for t in cfg.logger.tags)
+    extra = ["hydra.mode=RUN", f"hydra.run.dir={ctx['run_dir']}", f"logger.tags=[{tags}]"]
+    if cfg.logger.group is not None:
+        extra.append(f"logger.group={json.dumps(cfg.logger.group)}")
+    return [sys.executable, script, *keep, *extra]
+
+
+def run_in_fresh_process(command: list[str], ctx: dict[str, Any]) -> float:
+    """Run one job as its own process (stdout passed through, stderr echoed and its tail kept for the
+    failure summary); returns the job's ``val/nmse`` from its ``summary.json``."""
+    log.info("Job %s runs in a fresh process (DDP): %s", ctx["job_num"], " ".join(command))
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace") as proc:
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            tail.append(line)
+    if proc.returncode != 0:
+        lines = [line.strip() for line in tail if line.strip()]
+        raise ChildFailed(f"exit code {proc.returncode}: {lines[-1] if lines else 'no error output'}",
+                          "".join(tail))
+    summary = json.loads((ctx["run_dir"] / "summary.json").read_text())
+    return summary["metrics"].get("val/nmse", FAILED_RETURN)
+
+
+class ChildFailed(RuntimeError):
+    """A job's own process failed; ``trace`` holds the end of its error output."""
+
+    def __init__(self, message: str, trace: str) -> None:
+        super().__init__(message)
+        self.trace = trace
+
+
+def run_sweep_job(cfg: DictConfig, train: Callable[[DictConfig], float | None], script: str) -> float:
+    """One job of a multirun: grouped/tagged for W&B, in a fresh process when DDP needs it, and never raising
+    (a failure is logged and written to the job's ``summary.json``, and the sweep goes on)."""
+    ctx = job_context()
+    _with_wandb_grouping(cfg, ctx)
+    try:
+        if needs_fresh_process(cfg):
+            return run_in_fresh_process(_single_run_command(script, ctx, cfg), ctx)
+        result = train(cfg)
+        return FAILED_RETURN if result is None else result
+    except Exception as err:  # the sweep must go on; the error is recorded, not swallowed
+        trace = err.trace if isinstance(err, ChildFailed) else traceback.format_exc()
+        message = f"{type(err).__name__}: {err}"
+        log.error("Job %s (%s) FAILED: %s", ctx["job_num"], " ".join(ctx["overrides"]), message)
+        write_failure(ctx["run_dir"], message, trace, ctx["overrides"])
+        from sae_lightning.loggers import finish_wandb
+
+        finish_wandb(exit_code=1)
+        return FAILED_RETURN
+
+
+class SweepCallback(Callback):
+    """Publishes the swept keys to the jobs at the start; writes the sweep's comparison at the end."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        keys = swept_keys(sweep_overrides(config))
+        os.environ[SWEPT_KEYS_ENV] = ",".join(keys)
+        log.info("Sweep over %s -> %s", ", ".join(keys) or "(nothing)", config.hydra.sweep.dir)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from sae_lightning.compare import compare_sweep
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        group = None
+        if _uses_wandb(config):
+            group = config.logger.group or sweep_group(sweep_dir, _preset(config))
+        try:
+            result = compare_sweep(sweep_dir, wandb_group=group)
+        except Exception:  # a broken comparison must not hide the finished jobs
+            log.exception("Could not write the comparison of %s", sweep_dir)
+            return
+        for line in result.summary_lines():
+            log.info(line)
+
+
+def _preset(config: DictConfig) -> str | None:
+    return OmegaConf.select(config, "hydra.runtime.choices.sweep")
+
+
+def _uses_wandb(config: DictConfig) -> bool:
+    """Whether the sweep's jobs log to W&B (then the comparison goes to W&B too)."""
+    from sae_lightning.config import LoggerConfig
+    from sae_lightning.loggers import resolve_wandb_mode
+
+    settings = OmegaConf.to_container(config.logger, resolve=True)
+    return resolve_wandb_mode(LoggerConfig(**settings)) != "disabled"
