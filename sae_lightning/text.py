@@ -28,7 +28,8 @@ from sae_lightning.config import DataConfig
 
 LOCAL_DATA_PRESET = "data=tinystories_local"
 _READ_CHUNK_BYTES = 1 << 20
-_TOKENIZE_CHARS = 1 << 20  # characters per tokenizer call: large enough to keep all cores busy
+_FIRST_TOKENIZE_CHARS = 1 << 14
+_TOKENIZE_CHARS = 1 << 20
 _HUB_TIMEOUT_S = 3.0
 _TRUE = ("1", "ON", "YES", "TRUE")
 
@@ -245,15 +246,16 @@ def _special_ids(tokenizer: Any, prepend_bos: bool) -> tuple[int | None, int]:
 
 
 def _text_chunks(docs: Iterable[str]) -> Iterator[list[str]]:
-    """Group documents into lists of about ``_TOKENIZE_CHARS`` characters (one tokenizer call each)."""
+    """Group documents for one tokenizer call each: small groups first (the first batch comes quickly),
+    doubling up to ``_TOKENIZE_CHARS`` characters (large calls keep every core busy)."""
     group: list[str] = []
-    size = 0
+    size, target = 0, _FIRST_TOKENIZE_CHARS
     for doc in docs:
         group.append(doc)
         size += len(doc)
-        if size >= _TOKENIZE_CHARS:
+        if size >= target:
             yield group
-            group, size = [], 0
+            group, size, target = [], 0, min(2 * target, _TOKENIZE_CHARS)
     if group:
         yield group
 
