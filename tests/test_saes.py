@@ -30,7 +30,7 @@ def grads(sae: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_registry_and_sizes() -> None:
-    assert "relu" in SAE_REGISTRY
+    assert {"relu", "topk", "jumprelu"} <= set(SAE_REGISTRY)
     assert build_sae(SAEConfig(dict_mult=2.5), 8).d_sae == 20
     sae = build_sae(SAEConfig(dict_mult=2.5, d_sae=7), 8)
     assert sae.d_sae == 7

@@ -1,0 +1,77 @@
+"""TopK SAE (Gao et al., OpenAI 2024): keep the k largest pre-activations, AuxK loss on dead latents.
+
+``z = relu(topk_k((x - b_dec) @ W_enc + b_enc))``, decoder rows at unit norm. The sparsity is fixed
+by k, so ``sparsity_coeff`` is ignored. AuxK: the residual ``e = x - x_hat`` (detached) is
+reconstructed, without bias, from the ``aux_k`` largest pre-activations among dead latents; the term
+is ``aux_coeff * mean_tokens ||e - e_hat||^2`` (sum over d_in, like our MSE), zero when none are dead.
+
+Two implementations of the same function (``SAEConfig.sparse_kernel``): ``dense`` scatters the k
+values into a [B, d_sae] matrix and decodes with a matmul (the reference); ``sparse`` decodes only
+the k active rows and backpropagates only through the k active entries (``sparse_ops``). The encoder
+forward is a dense matmul in both.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sae_lightning.config import SAEConfig
+from sae_lightning.saes.base import SAE, SAEOutput
+from sae_lightning.saes.registry import register
+from sae_lightning.saes.sparse_ops import decode_rows, gather_pre_acts
+
+SPARSE_MAX_DENSITY = 1 / 8  # "auto" uses the sparse kernels when k / d_sae is at most this
+
+
+@register("topk")
+class TopKSAE(SAE):
+    """See module docstring; ``self.sparse`` says which implementation ``forward`` uses."""
+
+    def __init__(self, cfg: SAEConfig, d_in: int) -> None:
+        super().__init__(cfg, d_in)
+        if cfg.k > self.d_sae:
+            raise ValueError(f"sae.k={cfg.k} exceeds the dictionary size d_sae={self.d_sae}")
+        self.k = cfg.k
+        auto = cfg.k <= SPARSE_MAX_DENSITY * self.d_sae
+        self.sparse = cfg.sparse_kernel == "sparse" or (cfg.sparse_kernel == "auto" and auto)
+
+    def encode(self, x: Tensor) -> Tensor:
+        pre = self.pre_acts(x)
+        top, index = pre.topk(self.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(1, index, torch.relu(top))
+
+    def forward(self, x: Tensor, *, sparsity_coeff: float, dead_mask: Tensor | None = None) -> SAEOutput:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.sparse):
+            pre = self.pre_acts(x)  # without grad on the sparse path: its backward is in gather_pre_acts
+        values, index = self._active(x, pre, self.k)
+        x_hat = self._decode_active(values, index) + self.b_dec
+        with torch.no_grad():
+            fire_counts = torch.bincount(index[values > 0], minlength=self.d_sae)
+        return self._output(x, x_hat, fire_counts, {"auxk": self._auxk(x, x_hat, pre, dead_mask)}, dead_mask)
+
+    def _active(self, x: Tensor, pre: Tensor, k: int, among: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """ReLU'd values and indices [B, k] of the k largest pre-activations (among latents ``among``)."""
+        candidates = pre if among is None else pre[:, among]
+        top, index = candidates.topk(k, dim=-1, sorted=False)
+        if among is not None:
+            index = among[index]
+        if self.sparse:
+            top = gather_pre_acts(x, self.W_enc, self.b_enc, self.b_dec, index, top)
+        return torch.relu(top), index
+
+    def _decode_active(self, values: Tensor, index: Tensor) -> Tensor:
+        """``sum_j values[:, j] * W_dec[index[:, j]]`` without bias: row gathers, or the dense reference."""
+        if self.sparse:
+            return decode_rows(values, index, self.W_dec)
+        z = values.new_zeros(values.shape[0], self.d_sae).scatter(1, index, values)
+        return z @ self.W_dec
+
+    def _auxk(self, x: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor | None) -> Tensor:
+        """AuxK term (module docstring); 0 when ``dead_mask`` is None or all False."""
+        if dead_mask is None or not bool(dead_mask.any()):
+            return x.new_zeros(())
+        dead = dead_mask.nonzero().squeeze(1)
+        values, index = self._active(x, pre, min(self.cfg.aux_k, dead.numel()), among=dead)
+        residual = (x - x_hat).detach()
+        return self.cfg.aux_coeff * (self._decode_active(values, index) - residual).pow(2).sum(-1).mean()

@@ -1,0 +1,108 @@
+"""TopK SAE: L0 == k, AuxK, and the sparse kernels against the dense reference (loss and gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_lightning.config import SAEConfig
+from sae_lightning.saes import build_sae
+from sae_lightning.saes.sparse_ops import scatter_rows
+
+D_IN, D_SAE, K, B = 16, 96, 5, 48
+
+
+def make(kernel: str, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(architecture="topk", d_sae=D_SAE, k=K, sparse_kernel=kernel, **kw), D_IN)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(0, 0.1)
+    return sae
+
+
+def batch() -> torch.Tensor:
+    return torch.randn(B, D_IN, generator=torch.Generator().manual_seed(1)) * 2 + 0.5
+
+
+def dead_mask() -> torch.Tensor:
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[::3] = True
+    return dead
+
+
+def test_l0_is_k_and_fire_counts_match_latents() -> None:
+    sae, x = make("sparse"), batch()
+    with torch.no_grad():
+        sae.b_enc.fill_(50.0)  # every top-k pre-activation positive, so exactly k latents fire
+    out = sae(x, sparsity_coeff=0.0)
+    z = sae.encode(x)
+    assert out.l0.item() == K and bool(((z != 0).sum(1) == K).all())
+    assert torch.equal(out.fire_counts, (z != 0).sum(0))
+    torch.testing.assert_close(out.x_hat, sae.decode(z))
+
+
+def test_relu_after_topk_counts_only_positive_latents() -> None:
+    sae, x = make("sparse"), batch()
+    with torch.no_grad():
+        sae.b_enc.fill_(-50.0)  # all pre-activations negative: nothing fires
+    out = sae(x, sparsity_coeff=0.0)
+    assert out.l0.item() == 0 and out.fire_counts.sum() == 0
+
+
+def test_auto_kernel_choice() -> None:
+    assert make("auto").sparse and not make("dense").sparse
+    assert not build_sae(SAEConfig(architecture="topk", d_sae=64, k=32), 8).sparse
+
+
+@pytest.mark.parametrize("kernel", ["dense", "sparse"])
+def test_auxk_zero_when_nothing_dead(kernel: str) -> None:
+    sae, x = make(kernel), batch()
+    ref = sae(x, sparsity_coeff=0.0)
+    out = sae(x, sparsity_coeff=0.0, dead_mask=torch.zeros(D_SAE, dtype=torch.bool))
+    assert ref.terms["auxk"] == 0 and out.terms["auxk"] == 0
+    torch.testing.assert_close(out.loss, ref.terms["mse"])
+
+
+def test_auxk_matches_hand_computation_and_trains_dead_latents_only() -> None:
+    sae, x, dead = make("dense", aux_k=7, aux_coeff=0.5), batch(), dead_mask()
+    out = sae(x, sparsity_coeff=0.0, dead_mask=dead)
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    masked = pre.masked_fill(~dead, float("-inf"))
+    top, idx = masked.topk(7, dim=-1)
+    z_aux = torch.zeros_like(pre).scatter(1, idx, torch.relu(top))
+    residual = (x - out.x_hat).detach()
+    hand = 0.5 * ((z_aux @ sae.W_dec - residual) ** 2).sum(-1).mean()
+    torch.testing.assert_close(out.terms["auxk"], hand.detach())
+    aux_term = out.loss - sae(x, sparsity_coeff=0.0).loss  # same graph minus the MSE: the AuxK term
+    (aux_grad,) = torch.autograd.grad(aux_term, sae.W_dec)
+    assert aux_grad[~dead].abs().max() < 1e-6 and aux_grad[dead].abs().max() > 0
+
+
+@pytest.mark.parametrize("dead", [None, "some"])
+def test_sparse_path_equals_dense_path(dead: str | None) -> None:
+    mask = dead_mask() if dead else None
+    x = batch()
+    results = []
+    for kernel in ("dense", "sparse"):
+        sae = make(kernel, aux_k=6)
+        out = sae(x, sparsity_coeff=0.0, dead_mask=mask)
+        out.loss.backward()
+        results.append((out, {n: p.grad for n, p in sae.named_parameters()}))
+    (dense, g_dense), (sparse, g_sparse) = results
+    torch.testing.assert_close(sparse.loss, dense.loss)
+    torch.testing.assert_close(sparse.x_hat, dense.x_hat)
+    assert torch.equal(sparse.fire_counts, dense.fire_counts)
+    for name, g in g_dense.items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(g_sparse[name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_scatter_rows_against_loop() -> None:
+    g = torch.Generator().manual_seed(0)
+    index, weights, rows = torch.randint(0, 9, (6, 3), generator=g), torch.randn(6, 3), torch.randn(6, 4)
+    expected = torch.zeros(9, 4)
+    for b in range(6):
+        for j in range(3):
+            expected[index[b, j]] += weights[b, j] * rows[b]
+    torch.testing.assert_close(scatter_rows(index, weights, rows, 9), expected)
