@@ -1,0 +1,235 @@
+"""A self-contained HTML report (inline CSS, plots as base64 PNGs: opens offline, one file).
+
+``evaluate.py`` gathers plain data into :class:`ReportData` (unit cards via :func:`unit_cards`) and calls
+:func:`write_report`. Every string from the data (token text, names) is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from sae_lightning.evaluate import plots
+from sae_lightning.evaluate.contexts import (
+    Context,
+    ContextRow,
+    TokenDecoder,
+    UnitSummary,
+    activation_histogram,
+    top_contexts,
+    top_promoted,
+)
+from sae_lightning.evaluate.monosemanticity import MonosemanticityScores
+from sae_lightning.evaluate.monosemanticity import __doc__ as MONOSEMANTICITY_DOC
+
+# headline metrics in display order, with what they mean (keys of metrics.json)
+HEADLINE = {
+    "explained_variance": "1 - SSE / total variance of the eval set",
+    "nmse": "SSE / sum ||x - mean x||²",
+    "mse": "mean squared error per element",
+    "cosine_sim": "mean cos(x, x̂) over tokens",
+    "l0": "mean active latents per token",
+    "dead_fraction": "latents that never fired",
+    "dense_fraction": "latents firing on > 10% of tokens",
+    "ce_loss_recovered": "(L_zero - L_sae) / (L_zero - L_clean)",
+    "kl_div": "KL(clean || SAE-spliced) next-token, nats",
+    "ce_loss_clean": "LM loss, clean",
+    "ce_loss_sae": "LM loss, SAE reconstruction spliced in",
+    "ce_loss_zero": "LM loss, hook zero-ablated",
+    "ce_loss_mean_ablation": "LM loss, hook mean-ablated",
+    "n_tokens": "evaluation tokens",
+}
+
+
+@dataclass
+class UnitCard:
+    """What the report shows for one latent or neuron."""
+
+    kind: str  # "latent" | "neuron"
+    index: int
+    density: float
+    contexts: list[Context]
+    histogram: tuple[np.ndarray, np.ndarray]  # counts, bin edges of its positive activations
+    promoted: list[tuple[str, float]]  # top tokens by direct logit effect
+    coherence: float | None = None
+    entropy: float | None = None
+
+
+@dataclass
+class ReportData:
+    """Everything the report shows; all fields are plain values."""
+
+    title: str
+    metrics: Mapping[str, float]
+    latents: Sequence[UnitCard] = ()
+    neurons: Sequence[UnitCard] = ()
+    scores: Sequence[MonosemanticityScores] = ()  # one per kind of unit
+    feature_density: np.ndarray | None = None  # per latent
+    history: Mapping[str, Sequence[float]] | None = None  # training curve: step, l0, mse
+    details: Mapping[str, Any] = field(default_factory=dict)  # run facts (checkpoint, hook, config...)
+
+
+def unit_cards(kind: str, units: Sequence[int], summary: UnitSummary, context_row: ContextRow,
+               decode: TokenDecoder, logit_effects: Tensor | None = None,
+               scores: MonosemanticityScores | None = None, n_promoted: int = 8, before: int = 12,
+               after: int = 4) -> list[UnitCard]:
+    """Cards for ``units`` from a :class:`UnitSummary`; ``logit_effects [len(units), vocab]`` rows follow
+    ``units``; histograms need the units to have been ``track``-ed by the collector."""
+    density = summary.density()
+    by_unit = _scores_by_unit(scores)
+    cards = []
+    for i, unit in enumerate(units):
+        values = summary.tracked.get(unit, np.zeros(0))
+        coherence, entropy = by_unit.get(unit, (None, None))
+        cards.append(UnitCard(
+            kind=kind, index=unit, density=float(density[unit]),
+            contexts=top_contexts(summary.top, unit, context_row, decode, before, after),
+            histogram=activation_histogram(values),
+            promoted=top_promoted(logit_effects[i], n_promoted, decode) if logit_effects is not None else [],
+            coherence=coherence, entropy=entropy,
+        ))
+    return cards
+
+
+def _scores_by_unit(scores: MonosemanticityScores | None) -> dict[int, tuple[float | None, float | None]]:
+    if scores is None:
+        return {}
+    coherence = scores.coherence if scores.coherence is not None else [None] * len(scores.units)
+    return {u: (c, float(e)) for u, c, e in zip(scores.units, coherence, scores.entropy, strict=True)}
+
+
+def write_report(path: str | Path, data: ReportData) -> Path:
+    """Write the HTML report to ``path`` (parents created) and return it."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(data), encoding="utf-8")
+    return out
+
+
+def render(data: ReportData) -> str:
+    """The report as one HTML string."""
+    sections = [
+        f"<h1>{_e(data.title)}</h1>",
+        _details(data.details),
+        "<h2>Headline metrics</h2>",
+        _metrics_table(data.metrics),
+        _density_and_history(data),
+        _units_section(data),
+        _scores_section(data.scores),
+    ]
+    body = "\n".join(s for s in sections if s)
+    return f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{_e(data.title)}</title>" \
+           f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n"
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value))
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        return f"{value:,.0f}" if value.is_integer() and abs(value) >= 1000 else f"{value:.4g}"
+    return _e(value)
+
+
+def _details(details: Mapping[str, Any]) -> str:
+    if not details:
+        return ""
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in details.items())
+    return f"<table class='details'>{rows}</table>"
+
+
+def _metrics_table(metrics: Mapping[str, float]) -> str:
+    keys = [k for k in HEADLINE if k in metrics] + sorted(k for k in metrics if k not in HEADLINE)
+    rows = "".join(f"<tr><th>{_e(k)}</th><td class='num'>{_fmt(metrics[k])}</td>"
+                   f"<td class='what'>{_e(HEADLINE.get(k, ''))}</td></tr>" for k in keys)
+    return f"<table class='metrics'>{rows}</table>"
+
+
+def _img(uri: str, alt: str) -> str:
+    return f"<img src='{uri}' alt='{_e(alt)}'>"
+
+
+def _density_and_history(data: ReportData) -> str:
+    figs = []
+    if data.feature_density is not None:
+        figs.append(_img(plots.density_histogram(np.asarray(data.feature_density)), "feature density"))
+    if data.history:
+        figs.append(_img(plots.training_curves(data.history), "L0 and MSE during training"))
+    return f"<h2>Sparsity</h2><div class='row'>{''.join(figs)}</div>" if figs else ""
+
+
+def _units_section(data: ReportData) -> str:
+    if not data.latents and not data.neurons:
+        return ""
+    columns = "".join(
+        f"<div class='col'><h3>{_e(title)}</h3>{''.join(_card(c) for c in cards)}</div>"
+        for title, cards in (("SAE latents", data.latents), ("Raw MLP neurons", data.neurons)) if cards)
+    return ("<h2>Units side by side</h2><p class='note'>Top-activating contexts (activating token "
+            "highlighted, activation in brackets), histogram of positive activations, tokens most promoted "
+            f"by the unit's direct logit effect, and density.</p><div class='row'>{columns}</div>")
+
+
+def _card(card: UnitCard) -> str:
+    named = (("coherence", card.coherence), ("token entropy", card.entropy))
+    scores = "".join(f" · {name} {_fmt(v)}" for name, v in named if v is not None)
+    contexts = "".join(_context(c) for c in card.contexts) or "<li class='note'>never fired</li>"
+    promoted = ", ".join(f"<code>{_e(t)}</code> {v:+.2f}" for t, v in card.promoted)
+    counts, edges = card.histogram
+    return (f"<div class='card {card.kind}'><h4>{_e(card.kind)} {card.index}</h4>"
+            f"<p class='note'>density {_fmt(card.density)}{scores}</p><ol class='ctx'>{contexts}</ol>"
+            f"{_img(plots.unit_histogram(counts, edges, card.kind), 'activation histogram')}"
+            f"<p class='promoted'>promotes: {promoted or 'n/a'}</p></div>")
+
+
+def _context(c: Context) -> str:
+    parts = [f"<mark>{_e(t)}</mark>" if i == c.active else _e(t) for i, t in enumerate(c.tokens)]
+    return f"<li><span class='tok'>{''.join(parts)}</span> <span class='val'>[{c.value:.3g}]</span></li>"
+
+
+def _scores_section(scores: Sequence[MonosemanticityScores]) -> str:
+    if not scores:
+        return ""
+    entropy_label = "activating-token entropy (bits, lower = more specific)"
+    figs = [_img(plots.score_distributions({s.kind: s.entropy for s in scores}, entropy_label), "entropy")]
+    with_coherence = [s for s in scores if s.coherence is not None]
+    if with_coherence:
+        figs.insert(0, _img(plots.score_distributions(
+            {s.kind: s.coherence for s in with_coherence},
+            "context coherence above random baseline (higher = more monosemantic)"), "coherence"))
+    medians: dict[str, float] = {}
+    for s in scores:
+        medians |= s.medians()
+        medians[f"{s.kind}s_scored"] = float(len(s.units))
+    baseline = next((s.baseline for s in with_coherence), None)
+    if baseline is not None:
+        medians["random_context_similarity (baseline)"] = baseline
+    explanation = "".join(f"<p>{_e(p)}</p>" for p in MONOSEMANTICITY_DOC.strip().split("\n\n"))
+    return (f"<h2>Monosemanticity: neurons vs latents</h2><div class='row'>{''.join(figs)}</div>"
+            f"{_metrics_table(medians)}<div class='explain'>{explanation}</div>")
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }
+h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; margin-top: 1.6em; } h4 { margin: 0 0 .3em; }
+table { border-collapse: collapse; margin: .5em 0; } th, td { padding: .2em .8em; text-align: left; }
+table.metrics tr:nth-child(odd), table.details tr:nth-child(odd) { background: #f4f6f8; }
+td.num { font-variant-numeric: tabular-nums; text-align: right; } td.what, .note { color: #666; }
+.row { display: flex; flex-wrap: wrap; gap: 1.5em; align-items: flex-start; }
+.col { flex: 1; min-width: 420px; }
+.card { border: 1px solid #ddd; border-radius: 6px; padding: .6em .8em; margin-bottom: 1em; }
+.card.latent { border-left: 4px solid #1f6fb4; } .card.neuron { border-left: 4px solid #d2691e; }
+ol.ctx { padding-left: 1.4em; margin: .3em 0; font-size: .85em; }
+.tok { font-family: ui-monospace, monospace; white-space: pre-wrap; }
+mark { background: #ffd54f; font-weight: bold; } .val { color: #888; } .promoted { font-size: .85em; }
+.explain { max-width: 900px; font-size: .9em; color: #444; }
+"""
