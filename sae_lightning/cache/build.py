@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 Compute = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 ExcludeMask = Callable[[torch.Tensor], torch.Tensor]
+PARTIAL_DIR = ".partial"
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -43,7 +44,7 @@ def cache_path(root: Path, key: CacheKey) -> Path:
 
 
 def partial_path(root: Path, key: CacheKey) -> Path:
-    return Path(root) / ".partial" / key.name
+    return Path(root) / PARTIAL_DIR / key.name
 
 
 def _acquire(locks: list[FileLock], names: list[str]) -> None:
@@ -75,7 +76,7 @@ def build_cache(key: CacheKey, token_batches: Iterable[torch.Tensor], compute: C
         missing = [k for k in keys if not (cache_path(root, k) / META).is_file()]
         for k in keys:
             if k not in missing:
-                log.info("reusing activation cache %s (same key: %s)", cache_path(root, k), k.to_dict())
+                log.info("reusing activation cache %s (same key: %s)", cache_path(root, k), k.identity())
         if missing:
             _build(missing, token_batches, compute, exclude_mask, root, shard_rows)
     finally:
@@ -87,7 +88,7 @@ def build_cache(key: CacheKey, token_batches: Iterable[torch.Tensor], compute: C
 def _build(keys: list[CacheKey], token_batches: Iterable[torch.Tensor], compute: Compute,
            exclude_mask: ExcludeMask | None, root: Path, shard_rows: int) -> None:
     start = time.perf_counter()
-    sets = {k.hooks[0]: ShardSet(partial_path(root, k), k.to_dict(), _np_storage(k.dtype),
+    sets = {k.hooks[0]: ShardSet(partial_path(root, k), k.identity(), _np_storage(k.dtype),
                                  k.dtype == "bfloat16", shard_rows) for k in keys}
     rows_done = _resume_point(sets)
     storage = _TORCH_DTYPES[keys[0].dtype]

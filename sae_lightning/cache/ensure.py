@@ -26,9 +26,19 @@ def hook_points(cfg: Any) -> list[tuple[int, str]]:
     return [(cfg.layer, n) for n in dict.fromkeys([cfg.hook.name, *cfg.hook.extra])]
 
 
+def _labels(cfg: Any) -> tuple[str, str]:
+    """Short readable names of the model and the text for directory names (not part of the identity)."""
+    m, d = cfg.model, cfg.data
+    model = Path(m.name).name if m.source == "hub" else Path(m.path or m.gguf_file or "").stem
+    data = f"{d.name.split('/')[-1]}_{d.split}" if d.source == "hub" else Path(d.path or "").stem
+    return model, data
+
+
 def cache_key(cfg: Any, model_fingerprint: str, text_fingerprint: str) -> CacheKey:
     """The key of the caches ``cfg`` (a TrainConfig) describes."""
-    return CacheKey(model=model_fingerprint, data=text_fingerprint,
+    model_label, data_label = _labels(cfg)
+    return CacheKey(model=model_fingerprint, data=text_fingerprint, model_label=model_label,
+                    data_label=data_label,
                     hooks=tuple(hook_id(layer, name) for layer, name in hook_points(cfg)),
                     context_size=cfg.data.context_size, n_tokens=cfg.data.n_tokens,
                     dtype=cfg.activations.dtype, model_dtype=cfg.model.dtype,

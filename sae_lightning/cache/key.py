@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 FORMAT_VERSION = 1
 
@@ -23,7 +23,6 @@ def hook_id(layer: int, name: str) -> str:
 
 def _slug(text: str, limit: int) -> str:
     """Filesystem-safe short form of ``text`` (the hash, not the slug, makes names unique)."""
-    text = text.split("@")[0].rstrip("/").split("/")[-1] or text
     return re.sub(r"[^A-Za-z0-9_.]+", "_", text).strip("_.")[:limit] or "x"
 
 
@@ -41,8 +40,10 @@ _DTYPE_SHORT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 class CacheKey:
     """Identity of a build. ``hooks`` may list several hook points (one forward pass, one cache each).
 
-    ``model`` and ``data`` are fingerprints (e.g. ``gpt2@main`` or a file hash; the text source with
+    ``model`` and ``data`` are fingerprints (hub id + revision or a file hash; the text source with
     its split and processing) produced by the LM and text sides; the cache only compares them.
+    ``model_label`` / ``data_label`` are short human names for the directory (e.g. ``gpt2``,
+    ``TinyStories_train``): they are not hashed and not compared, since the fingerprints decide identity.
     """
 
     model: str
@@ -55,6 +56,8 @@ class CacheKey:
     prepend_bos: bool = True
     exclude_special: bool = True
     format_version: int = FORMAT_VERSION
+    model_label: str = field(default="", compare=False)
+    data_label: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if not self.hooks:
@@ -74,7 +77,14 @@ class CacheKey:
         return [self.for_hook(h) for h in self.hooks]
 
     def to_dict(self) -> dict:
+        """Every field, labels included (what meta.json stores)."""
         return {**asdict(self), "hooks": list(self.hooks)}
+
+    def identity(self) -> dict:
+        """The fields that decide identity: everything but the labels."""
+        d = self.to_dict()
+        del d["model_label"], d["data_label"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> CacheKey:
@@ -83,18 +93,18 @@ class CacheKey:
     @property
     def hash(self) -> str:
         """12 hex digits of the SHA-256 of the canonical JSON of every field."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @property
     def name(self) -> str:
         """Directory name: ``<model>-<hooks>-<data>-ctx<T>-<tokens>-<dtype>-<hash12>``."""
         hooks = "+".join(self.hooks)
-        parts = [_slug(self.model, 32), hooks, _slug(self.data, 32), f"ctx{self.context_size}",
-                 _human(self.n_tokens), _DTYPE_SHORT[self.dtype]]
+        parts = [_slug(self.model_label or self.model, 32), hooks, _slug(self.data_label or self.data, 32),
+                 f"ctx{self.context_size}", _human(self.n_tokens), _DTYPE_SHORT[self.dtype]]
         return "-".join(parts) + f"-{self.hash}"
 
     def differences(self, other: CacheKey) -> dict[str, tuple]:
         """Fields whose values differ: ``{field: (self_value, other_value)}``."""
-        mine, theirs = self.to_dict(), other.to_dict()
+        mine, theirs = self.identity(), other.identity()
         return {k: (mine[k], theirs.get(k)) for k in mine if mine[k] != theirs.get(k)}
