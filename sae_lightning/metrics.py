@@ -42,6 +42,7 @@ class ReconstructionStats:
         self._m2 = 0.0  # running sum ||x - mean||², merged with Chan's formula
         self._d = 0
         self.fire_counts: Tensor | None = None  # [d_sae] float64
+        self.n_latent_tokens = 0  # rows whose latents were given (the denominator of l0 and density)
 
     @torch.no_grad()
     def update(self, x: Tensor, x_hat: Tensor, latents_or_fire_counts: Tensor | None = None) -> None:
@@ -54,33 +55,43 @@ class ReconstructionStats:
             return
         self._sse += float(((x - x_hat) ** 2).sum())
         self._cos_sum += float(F.cosine_similarity(x, x_hat, dim=-1).sum())
-        self._merge_moments(x)
-        if latents_or_fire_counts is not None:
-            self._add_fire_counts(_fire_counts(latents_or_fire_counts))
-
-    def _merge_moments(self, x: Tensor) -> None:
-        """Chan et al. pairwise merge of (count, mean, M2): exact for any split of the set."""
-        n_a, n_b = self.n_tokens, x.shape[0]
         mean_b = x.mean(0)
-        m2_b = float(((x - mean_b) ** 2).sum())
+        self._merge(n_b, mean_b, float(((x - mean_b) ** 2).sum()))
+        if latents_or_fire_counts is not None:
+            self._add_fire_counts(_fire_counts(latents_or_fire_counts), n_b)
+
+    def _merge(self, n_b: int, mean_b: Tensor, m2_b: float) -> None:
+        """Chan et al. pairwise merge of (count, mean, M2): exact for any split of the set."""
+        n_a = self.n_tokens
         if self._mean is None:
-            self._mean, self._m2, self._d = mean_b, m2_b, x.shape[1]
+            self._mean, self._m2, self._d = mean_b.double(), m2_b, mean_b.shape[0]
         else:
-            delta = mean_b - self._mean
+            delta = mean_b.double().to(self._mean.device) - self._mean
             n = n_a + n_b
             self._m2 += m2_b + float((delta**2).sum()) * n_a * n_b / n
             self._mean = self._mean + delta * (n_b / n)
         self.n_tokens = n_a + n_b
 
-    def _add_fire_counts(self, counts: Tensor) -> None:
+    def merge(self, other: ReconstructionStats) -> None:
+        """Add everything ``other`` saw (e.g. another rank's stats): same result as one stream."""
+        if other.n_tokens == 0:
+            return
+        self._sse += other._sse
+        self._cos_sum += other._cos_sum
+        self._merge(other.n_tokens, other._mean, other._m2)
+        if other.fire_counts is not None:
+            self._add_fire_counts(other.fire_counts.to(self._mean.device), other.n_latent_tokens)
+
+    def _add_fire_counts(self, counts: Tensor, n_rows: int) -> None:
         counts = counts.detach().double()
         self.fire_counts = counts.clone() if self.fire_counts is None else self.fire_counts + counts
+        self.n_latent_tokens += n_rows
 
     def feature_density(self) -> Tensor:
         """Fraction of tokens on which each latent fired, ``[d_sae]`` (for the density histogram)."""
-        if self.fire_counts is None or self.n_tokens == 0:
+        if self.fire_counts is None:
             raise ValueError("no latents were given to update(); feature density is undefined")
-        return (self.fire_counts / self.n_tokens).float().cpu()
+        return (self.fire_counts / self.n_latent_tokens).float().cpu()
 
     def compute(self) -> dict[str, float]:
         """The metrics.json numbers over everything seen so far."""
@@ -95,8 +106,8 @@ class ReconstructionStats:
             "n_tokens": float(self.n_tokens),
         }
         if self.fire_counts is not None:
-            density = self.fire_counts / self.n_tokens
-            out["l0"] = float(self.fire_counts.sum()) / self.n_tokens
+            density = self.fire_counts / self.n_latent_tokens
+            out["l0"] = float(self.fire_counts.sum()) / self.n_latent_tokens
             out["dead_fraction"] = float((self.fire_counts == 0).double().mean())
             out["dense_fraction"] = float((density > self.dense_threshold).double().mean())
         return out

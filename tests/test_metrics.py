@@ -64,6 +64,15 @@ def test_batching_does_not_change_the_result(split: list[int]) -> None:
     assert stats.compute() == pytest.approx(_full_stats(), rel=1e-12)
 
 
+def test_merging_two_streams_equals_one() -> None:
+    first, second = ReconstructionStats(), ReconstructionStats()
+    first.update(X[:1], X_HAT[:1], Z[:1])
+    second.update(X[1:], X_HAT[1:], Z[1:])
+    first.merge(second)
+    first.merge(ReconstructionStats())  # an empty one changes nothing
+    assert first.compute() == pytest.approx(_full_stats(), rel=1e-12)
+
+
 def test_total_variance_differs_from_per_batch_average() -> None:
     # batch 1: x = 0, 2 (x_hat 1, 1); batch 2: x = 10, 12 (x_hat 11, 11). Within each batch the
     # error equals the variance -> per-batch EV 0 and 0. Over the set: mean 6, total 36+16+16+36 = 104,
