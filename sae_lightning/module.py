@@ -90,8 +90,12 @@ class SAEModule(L.LightningModule):
 
     # ----- training -------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        """Initialise the decoder bias from a data sample on a fresh run (identical on every rank)."""
-        if self.global_step > 0:
+        """Initialise the decoder bias from a data sample on a fresh run (identical on every rank).
+
+        On a resume the weights are already restored here but ``global_step`` is not yet (Lightning restores
+        the loops after this hook), so ``trainer.ckpt_path`` is what tells a resume apart.
+        """
+        if self.global_step > 0 or self.trainer.ckpt_path is not None:
             return
         dm = self.trainer.datamodule
         sample = dm.sample(min(32_768, self.cfg.callbacks.resample_sample_rows)).to(self.device)
