@@ -5,8 +5,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import shutil
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -14,11 +18,23 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from sae_lightning.datamodule import ActivationDataModule
+from omegaconf import OmegaConf
+from torch import Tensor
 
-from sae_lightning.callbacks import DensityMonitor, ResampleDeadLatents
+from sae_lightning.callbacks import DensityMonitor, PreemptionCheckpoint, ResampleDeadLatents
+from sae_lightning.checkpoints import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    check_resumable,
+    config_fingerprint,
+    mark_run_dir,
+    resolve_ckpt_path,
+)
 from sae_lightning.config import TrainConfig
+from sae_lightning.datamodule import ActivationDataModule
 from sae_lightning.loggers import build_loggers, finish_wandb
 from sae_lightning.module import SAEModule
 
@@ -70,44 +86,148 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, loggers: list, callbacks: lis
         check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
         gradient_clip_val=cfg.optim.grad_clip or None, default_root_dir=str(run_dir),
         enable_progress_bar=t.progress_bar, num_sanity_val_steps=0, deterministic=False,
+        plugins=[AtomicCheckpointIO()],
     )
 
 
-def run_training(cfg: TrainConfig, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, Any]:
-    """Train one SAE; returns (and writes to ``run_dir/summary.json``) where things went and the metrics."""
-    L.seed_everything(cfg.seed, workers=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dm = ActivationDataModule.from_config(cfg)
-    module = SAEModule(config_dict, d_in=dm.d_in, norm_scale=dm.norm_scale)
-    if cfg.trainer.compile:
-        module.sae.compile()
+def runs_root(run_dir: Path) -> Path:
+    """Where the runs of this experiment live: ``run_dir`` minus its per-invocation tail.
+
+    Under Hydra that tail is the part of ``hydra.run.dir`` (``hydra.sweep.dir``/``subdir`` in a multirun)
+    from the first component holding ``${now:...}`` or ``${hydra.job...}``, so the default
+    ``outputs/train/${now:%Y-%m-%d}/${now:%H-%M-%S}`` gives ``outputs/train``. A fixed ``hydra.run.dir``
+    gives the run dir itself. Outside Hydra it is the parent of ``run_dir``.
+    """
+    if not HydraConfig.initialized():
+        return run_dir.parent
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        sweep = OmegaConf.to_container(hc.sweep, resolve=False)
+        pattern = f"{sweep['dir']}/{sweep['subdir']}"
+    else:
+        pattern = OmegaConf.to_container(hc.run, resolve=False)["dir"]
+    parts = [p for p in str(pattern).split("/") if p]
+    varying = [i for i, p in enumerate(parts) if "${now" in p or "${hydra.job" in p]
+    if not varying:
+        return run_dir
+    return run_dir.parents[len(parts) - varying[0] - 1]
+
+
+def prepare_run_dir(run_dir: Path, fingerprint: str, resume_from: Path | None) -> Path:
+    """Create ``run_dir/checkpoints`` and record the config fingerprint, failing early and clearly when the
+    directory is not writable or already holds another run's checkpoints (which would be overwritten)."""
     ckpt_dir = run_dir / "checkpoints"
-    run_name = cfg.run_name or run_dir.name
-    loggers = build_loggers(cfg.logger, run_dir, run_name, config_dict)
-    trainer = build_trainer(cfg, run_dir, loggers, build_callbacks(cfg, ckpt_dir))
-    start = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
-    finally:
-        finish_wandb()
-    final_ckpt = ckpt_dir / "final.ckpt"
-    trainer.save_checkpoint(final_ckpt)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        mark_run_dir(run_dir, fingerprint)
+    except OSError as err:
+        raise CheckpointError(f"cannot write to the output directory {run_dir} ({err.strerror or err}). "
+                              "Make it writable or choose another with hydra.run.dir=<dir>") from None
+    existing = sorted(p.name for p in ckpt_dir.glob("*.ckpt"))
+    if existing and (resume_from is None or resume_from.parent != ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir} already holds checkpoints of an earlier run "
+                              f"({', '.join(existing)}) that this run would overwrite. Add ckpt_path=last "
+                              "to continue that run, or choose another hydra.run.dir")
+    return ckpt_dir
+
+
+def check_free_space(ckpt_dir: Path, module: SAEModule) -> None:
+    """Refuse to start when the disk cannot hold the checkpoints this run writes (weights + two Adam moments,
+    up to four files at once: step, last, its temporary and final)."""
+    need = 4 * 3 * sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    free = shutil.disk_usage(ckpt_dir).free
+    if free < need:
+        raise CheckpointError(f"{ckpt_dir} has {free / 2**20:.0f} MiB free but this run's checkpoints need "
+                              f"about {need / 2**20:.0f} MiB. Free disk space or choose another output "
+                              "directory with hydra.run.dir=<dir>")
+
+
+class BatchRecord(Callback):
+    """Debug mode (``SAE_LIGHTNING_RECORD_BATCHES=1``): append ``step<TAB>sha256`` of every training batch
+    to ``run_dir/batches.tsv``, one flushed line per step, so a resume can be checked for skipped or
+    repeated data."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Tensor,
+                             batch_idx: int) -> None:
+        digest = hashlib.sha256(batch.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+        with self.path.open("a") as f:
+            f.write(f"{trainer.global_step}\t{digest}\n")
+
+
+class TrainingPreempted(SystemExit):
+    """Training stopped on SIGTERM/SIGUSR1 after saving a checkpoint; exits with status 128 + signal."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        super().__init__(128 + signum)
+        self.step, self.checkpoint = step, checkpoint
+
+
+def _summary(cfg: TrainConfig, trainer: L.Trainer, module: SAEModule, run_dir: Path, checkpoint: Path,
+             seconds: float, **extra: Any) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                if torch.is_tensor(v) and v.numel() == 1}
     summary = {
         "run_dir": str(run_dir),
-        "checkpoint": str(final_ckpt),
+        "checkpoint": str(checkpoint),
         "steps": trainer.global_step,
         "tokens": trainer.global_step * cfg.batch_size * trainer.world_size,
-        "train_seconds": round(time.perf_counter() - start, 1),
-        "d_in": dm.d_in,
+        "train_seconds": round(seconds, 1),
+        "d_in": module.sae.d_in,
         "d_sae": module.sae.d_sae,
         "architecture": cfg.sae.architecture,
         "l1": cfg.l1,
         "metrics": metrics,
         "csv_log": str(run_dir / "csv" / "metrics.csv"),
+        **extra,
         "config": asdict(cfg),
     }
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def run_training(cfg: TrainConfig, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, Any]:
+    """Train one SAE; returns (and writes to ``run_dir/summary.json``) where things went and the metrics.
+
+    ``cfg.ckpt_path`` resumes (see ``sae_lightning.checkpoints``): ``last``, ``auto``, a file or a run dir.
+    Raises ``TrainingPreempted`` after a SIGTERM/SIGUSR1 checkpoint; ``NonFiniteError`` on NaN/Inf, with no
+    checkpoint of the bad weights written.
+    """
+    L.seed_everything(cfg.seed, workers=True)
+    fingerprint = config_fingerprint(config_dict)
+    resume_from = resolve_ckpt_path(cfg.ckpt_path, run_dir, runs_root(run_dir), fingerprint)
+    ckpt_dir = prepare_run_dir(run_dir, fingerprint, resume_from)
+    dm = ActivationDataModule.from_config(cfg)
+    module = SAEModule(config_dict, d_in=dm.d_in, norm_scale=dm.norm_scale)
+    if resume_from is not None:
+        check_resumable(resume_from, module)
+        log.info("Resuming from %s", resume_from)
+    check_free_space(ckpt_dir, module)
+    if cfg.trainer.compile:
+        module.sae.compile()
+    run_name = cfg.run_name or run_dir.name
+    loggers = build_loggers(cfg.logger, run_dir, run_name, config_dict)
+    preemption = PreemptionCheckpoint(ckpt_dir / "last.ckpt")
+    callbacks = [*build_callbacks(cfg, ckpt_dir), preemption]
+    if os.environ.get("SAE_LIGHTNING_RECORD_BATCHES") == "1":
+        callbacks.append(BatchRecord(run_dir / "batches.tsv"))
+    trainer = build_trainer(cfg, run_dir, loggers, callbacks)
+    start = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=resume_from)
+    finally:
+        finish_wandb()
+    seconds = time.perf_counter() - start
+    resumed = {"resumed_from": str(resume_from) if resume_from else None}
+    if preemption.saved_step is not None and trainer.global_step < cfg.max_steps:
+        _summary(cfg, trainer, module, run_dir, preemption.ckpt_path, seconds, status="preempted", **resumed)
+        log.warning("Stopped by %s at step %d/%d; checkpoint %s. Resume with the same command plus "
+                    "ckpt_path=last", signal.Signals(preemption.signum).name, trainer.global_step,
+                    cfg.max_steps, preemption.ckpt_path)
+        raise TrainingPreempted(preemption.signum, trainer.global_step, preemption.ckpt_path)
+    final_ckpt = ckpt_dir / "final.ckpt"
+    trainer.save_checkpoint(final_ckpt)
+    return _summary(cfg, trainer, module, run_dir, final_ckpt, seconds, status="finished", **resumed)
