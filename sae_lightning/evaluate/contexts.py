@@ -143,13 +143,14 @@ def direct_logit_effect(directions: Tensor, W_U: Tensor, W_out: Tensor | None = 
 
     SAE latent i: its decoder row ``W_dec[i] / norm_scale`` (raw activation space). Raw mlp_post neuron i:
     the one-hot ``e_i``, i.e. ``W_out[i] @ W_U``. ``W_out`` is ``HookedLM.output_projection(hook)`` (None
-    for hooks already in the residual stream). The final norm is ignored (see
+    for hooks already in the residual stream). Computed on ``W_U``'s device, returned on the CPU. The
+    final norm is ignored (see
     ``HookedLM.unembed_directions``), so only the ranking and relative sizes are meaningful.
     """
-    d = directions.float()
+    d = directions.to(W_U.device).float()
     if W_out is not None:
         d = d @ W_out.float()
-    return d @ W_U.float()
+    return (d @ W_U.float()).cpu()
 
 
 def top_promoted(effect: Tensor, k: int, decode: TokenDecoder) -> list[tuple[str, float]]:
