@@ -51,7 +51,7 @@ class RunResult:
 
     name: str
     path: Path
-    status: str  # ok | failed | incomplete
+    status: str  # finished (written by training) | failed | preempted | incomplete
     overrides: list[str]
     metrics: dict[str, float] = field(default_factory=dict)
     source: str = ""  # eval | train
@@ -86,12 +86,12 @@ def read_run(run_dir: Path) -> RunResult:
     if summary is None:
         run.error = "no summary.json (still running, or killed)"
         return run
-    run.status = summary.get("status", "ok")
+    run.status = summary.get("status", "finished")
     run.error = summary.get("error", "")
     run.steps, run.seconds = summary.get("steps"), summary.get("train_seconds")
     if evaluation is not None:
         run.metrics, run.source = _finite({k: evaluation.get(k) for k in METRICS}), "eval"
-    elif run.status == "ok":
+    elif run.status == "finished":
         train = summary.get("metrics", {})
         run.metrics, run.source = _finite({k: train.get(v) for k, v in TRAIN_KEYS.items()}), "train"
     return run
@@ -152,13 +152,13 @@ class Comparison:
         return rows
 
     def failed(self) -> list[RunResult]:
-        return [r for r in self.runs if r.status != "ok"]
+        return [r for r in self.runs if r.status != "finished"]
 
     def summary_lines(self) -> list[str]:
-        ok = len(self.runs) - len(self.failed())
-        lines = [f"Sweep {self.sweep_dir}: {ok} ok, {len(self.failed())} failed, comparison in "
-                 f"{self.sweep_dir / 'comparison.html'}"]
-        lines += [f"  FAILED {r.name}: {r.error}" for r in self.failed()]
+        bad = len(self.failed())
+        lines = [f"Sweep {self.sweep_dir}: {len(self.runs) - bad} finished, {bad} failed/unfinished, "
+                 f"comparison in {self.sweep_dir / 'comparison.html'}"]
+        lines += [f"  {r.status.upper()} {r.name}: {r.error}" for r in self.failed()]
         return lines
 
     def markdown(self) -> str:
@@ -209,7 +209,7 @@ def render_html(comparison: Comparison, png: Path) -> str:
     image = base64.b64encode(png.read_bytes()).decode()
     head = "".join(f"<th>{html.escape(c)}</th>" for c in comparison.columns)
     body = "".join("<tr class='{}'>{}</tr>".format(
-        "ok" if r.status == "ok" else "bad", "".join(f"<td>{html.escape(c)}</td>" for c in row))
+        "ok" if r.status == "finished" else "bad", "".join(f"<td>{html.escape(c)}</td>" for c in row))
         for r, row in zip(comparison.runs, comparison.rows(), strict=True))
     failures = "".join(f"<li><b>{html.escape(r.name)}</b>: {html.escape(r.error)}</li>"
                        for r in comparison.failed())
@@ -242,7 +242,7 @@ def write_comparison(comparison: Comparison) -> dict[str, Path]:
     paths["comparison.html"].write_text(render_html(comparison, paths["frontier.png"]))
     summary = {
         "sweep_dir": str(out), "swept": comparison.keys,
-        "ok": [r.name for r in comparison.runs if r.status == "ok"],
+        "ok": [r.name for r in comparison.runs if r.status == "finished"],
         "failed": [{"run": r.name, "status": r.status, "error": r.error} for r in comparison.failed()],
         "runs": [dict(zip(comparison.columns, row, strict=True)) for row in comparison.rows()],
     }

@@ -147,14 +147,27 @@ def needs_fresh_process(cfg: DictConfig) -> bool:
 
 
 def _single_run_command(script: str, ctx: dict[str, Any], cfg: DictConfig) -> list[str]:
-    """``python train.py <this job's overrides> hydra.mode=RUN hydra.run.dir=<job dir>`` + W&B grouping."""
+    """``python train.py <this job's overrides> hydra.mode=RUN hydra.run.dir=<job dir>`` + W&B grouping
+    (the job's ``.hydra/`` written by the sweep is kept: the comparison reads the job's overrides there)."""
     mine = {"logger.group", "logger.tags", "hydra.mode", "hydra.run.dir"}
     keep = [o for o in ctx["overrides"] if o.split("=", 1)[0].lstrip("+~") not in mine]
-    tags = ",".join(json.dumps(t) for t in cfg.logger.tags)
-    extra = ["hydra.mode=RUN", f"hydra.run.dir={ctx['run_dir']}", f"logger.tags=[{tags}]"]
+    tags = ",".join(_quoted(t) for t in cfg.logger.tags)
+    extra = ["hydra.mode=RUN", f"hydra.run.dir={_quoted(str(ctx['run_dir']))}", "hydra.output_subdir=null",
+             f"logger.tags=[{tags}]"]
     if cfg.logger.group is not None:
-        extra.append(f"logger.group={json.dumps(cfg.logger.group)}")
+        extra.append(f"logger.group={_quoted(cfg.logger.group)}")
     return [sys.executable, script, *keep, *extra]
+
+
+def _quoted(value: str) -> str:
+    """A string as a Hydra override value (job folders contain ``=``, which must be quoted)."""
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def _error_line(lines: list[str]) -> str:
+    """The exception line of a traceback (``ValueError: ...``), else the last line."""
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line)]
+    return (errors or lines or ["no error output"])[-1]
 
 
 def run_in_fresh_process(command: list[str], ctx: dict[str, Any]) -> float:
@@ -162,14 +175,14 @@ def run_in_fresh_process(command: list[str], ctx: dict[str, Any]) -> float:
     failure summary); returns the job's ``val/nmse`` from its ``summary.json``."""
     log.info("Job %s runs in a fresh process (DDP): %s", ctx["job_num"], " ".join(command))
     tail: collections.deque[str] = collections.deque(maxlen=60)
-    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace") as proc:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace", env=env) as proc:
         for line in proc.stderr:
             sys.stderr.write(line)
             tail.append(line)
     if proc.returncode != 0:
         lines = [line.strip() for line in tail if line.strip()]
-        raise ChildFailed(f"exit code {proc.returncode}: {lines[-1] if lines else 'no error output'}",
-                          "".join(tail))
+        raise ChildFailed(f"exit code {proc.returncode}: {_error_line(lines)}", "".join(tail))
     summary = json.loads((ctx["run_dir"] / "summary.json").read_text())
     return summary["metrics"].get("val/nmse", FAILED_RETURN)
 
