@@ -8,9 +8,10 @@ How the stream is laid out (every piece is a pure function of the seed, so nothi
   and every consumer reads every shard, so it works for any number of shards.
 - *Epochs.* Epoch ``e`` visits the training shards in a permutation drawn from ``(seed, e)``; a
   consumer's epoch is the concatenation of its chunks in that order.
-- *Shuffle window.* The epoch is cut into windows of ``shuffle_buffer`` rows and each window is
-  permuted with an RNG seeded by ``(seed, e, c, window)``. Rows thus mix with the ``shuffle_buffer``
-  rows around them, like a shuffle buffer, but the row at any position is computable directly.
+- *Shuffle window.* The epoch is cut into windows of ``shuffle_buffer`` rows (rounded down to whole
+  batches) and each window is permuted with an RNG seeded by ``(seed, e, c, window)``. Rows thus mix
+  with the ``shuffle_buffer`` rows around them, like a shuffle buffer, but the row at any position is
+  computable directly.
 - *Equal batch counts.* Every consumer yields ``min_c floor(rows_c / batch_size)`` batches per epoch
   (the few rows left over differ between epochs, since the shard order does). Training repeats epochs
   forever; validation is one fixed, unshuffled epoch of the validation shards.
@@ -137,27 +138,32 @@ class ActivationStream(IterableDataset):
         self.source, self.spec, self.norm_scale = source, spec, norm_scale
         self.epochs, self.start_batch = epochs, start_batch
 
-    def _consumer(self) -> tuple[int, int, int]:
-        """(consumer index, number of consumers, workers) for the calling process."""
+    def _consumer(self) -> tuple[int, int]:
+        """(logical worker, workers) of the calling process.
+
+        The DataLoader takes batch ``j`` from worker ``j % workers``, always starting at worker 0. A
+        resumed stream whose next batch is logical worker ``start_batch % workers``'s therefore rotates
+        the roles, so worker 0 plays that one and the round-robin order is the uninterrupted one.
+        """
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        return self.spec.rank * workers + worker, self.spec.world_size * workers, workers
+        return (worker + self.start_batch) % workers, workers
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        consumer, n_consumers, workers = self._consumer()
+        worker, workers = self._consumer()
+        consumer, n_consumers = self.spec.rank * workers + worker, self.spec.world_size * workers
         per_epoch = self.spec.batches_per_epoch(workers)
         if per_epoch == 0:
             return
-        worker = consumer - self.spec.rank * workers
-        done = len(range(worker, self.start_batch, workers))   # round-robin: this worker's share
+        done = len(range(worker, self.start_batch, workers))   # this worker's share of the batches so far
         epoch, first = divmod(done, per_epoch)
         while self.epochs is None or epoch < self.epochs:
             plan = _EpochPlan(self.spec, consumer, n_consumers, epoch)
             for k in range(first, per_epoch):
                 yield self._batch(plan, k)
                 self._release_outside(plan.window_shards(k))
+            self._release_outside(set())     # the next epoch visits shards in another order
             epoch, first = epoch + 1, 0
-        self._release_outside(set())
 
     def _batch(self, plan: _EpochPlan, k: int) -> torch.Tensor:
         x = gather(self.source, *plan.locate(plan.positions(k)))
@@ -219,7 +225,8 @@ class ActivationDataModule(LightningDataModule):
     def _spec(self, shards: list[int], train: bool) -> StreamSpec:
         return StreamSpec(shards=tuple(shards), shard_sizes=tuple(self.source.shard_sizes[s] for s in shards),
                           batch_size=self.batch_size, seed=self.seed,
-                          window=self.cfg.shuffle_buffer if train else 0, shuffle_shards=train,
+                          window=_window(self.cfg.shuffle_buffer, self.batch_size) if train else 0,
+                          shuffle_shards=train,
                           world_size=self.world_size, rank=self.rank)
 
     def _loader(self, spec: StreamSpec, epochs: int | None, start: int, what: str) -> DataLoader:
@@ -302,6 +309,12 @@ class ActivationDataModule(LightningDataModule):
             log.warning("resuming the activation stream with changed %s (checkpoint, now): batch %d of "
                         "the new stream is not the exact continuation of the old one",
                         changed, self._resume_batches)
+
+
+def _window(shuffle_buffer: int, batch_size: int) -> int:
+    """Shuffle window in rows: ``shuffle_buffer`` rounded down to whole batches (at least one), so no
+    batch straddles two windows and at most one window's shards are mapped at a time."""
+    return max(1, shuffle_buffer // batch_size) * batch_size if shuffle_buffer else 0
 
 
 def split_shards(source: RowSource, val_fraction: float) -> tuple[list[int], list[int]]:

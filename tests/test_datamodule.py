@@ -1,0 +1,185 @@
+"""Streaming DataModule: determinism, rank/worker sharding, equal batch counts, splits, normalization,
+resume."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from sae_lightning.cache import CacheError, CacheKey, build_cache
+from sae_lightning.config import ActivationsConfig
+from sae_lightning.datamodule import ActivationDataModule
+
+N, D, B = 2000, 8, 16
+
+
+@pytest.fixture
+def array_path(tmp_path) -> Path:
+    """Rows whose column 0 is the row index, so every streamed row says which one it is."""
+    x = np.random.default_rng(0).standard_normal((N, D)).astype(np.float32) * 5
+    x[:, 0] = np.arange(N)
+    np.save(tmp_path / "acts.npy", x)
+    return tmp_path / "acts.npy"
+
+
+def make_dm(path, seed: int = 0, rank: int = 0, world: int = 1, batch_size: int = B,
+            **cfg) -> ActivationDataModule:
+    cfg = {"shard_rows": 100, "val_fraction": 0.1, "shuffle_buffer": 300, "normalize": False, **cfg}
+    dm = ActivationDataModule(path, ActivationsConfig(source="file", path=str(path), **cfg), batch_size, seed)
+    dm.trainer = SimpleNamespace(global_rank=rank, world_size=world)   # what Lightning sets before setup()
+    dm.setup("fit")
+    dm.trainer = None
+    return dm
+
+
+def ids(batches) -> np.ndarray:
+    return np.concatenate([b[:, 0].numpy() for b in batches]).astype(np.int64)
+
+
+def take(loader, n: int) -> list[torch.Tensor]:
+    return list(itertools.islice(iter(loader), n))
+
+
+def test_batches_are_float32_and_deterministic_given_seed(array_path):
+    a = take(make_dm(array_path).train_dataloader(), 30)
+    b = take(make_dm(array_path).train_dataloader(), 30)
+    c = take(make_dm(array_path, seed=1).train_dataloader(), 30)
+    assert a[0].shape == (B, D) and a[0].dtype == torch.float32
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert (ids(a) != ids(c)).any()
+
+
+def test_an_epoch_visits_each_training_row_at_most_once_and_reshuffles(array_path):
+    dm = make_dm(array_path)
+    train_rows = sum(dm.source.shard_sizes[s] for s in dm.train_shards)
+    per_epoch = train_rows // B
+    two = ids(take(dm.train_dataloader(), 2 * per_epoch))
+    first, second = two[:per_epoch * B], two[per_epoch * B:]
+    assert len(set(first)) == len(first) >= train_rows - B + 1
+    assert len(set(second)) == len(second)
+    assert not np.array_equal(first, second)
+    assert not np.array_equal(first[:B], np.sort(first[:B]))            # rows are shuffled...
+    window = make_dm(array_path, shuffle_buffer=0)
+    assert np.array_equal(np.diff(ids(take(window.train_dataloader(), 1))), np.ones(B - 1))  # ...unless 0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_and_workers_read_disjoint_rows_with_equal_batch_counts(array_path, workers):
+    dms = [make_dm(array_path, rank=r, world=2, num_workers=workers) for r in range(2)]
+    consumers = 2 * max(1, workers)
+    spec = dms[0]._spec(dms[0].train_shards, True)
+    per_epoch = spec.batches_per_epoch(max(1, workers))     # batches per consumer per epoch
+    epoch = [ids(take(dm.train_dataloader(), per_epoch * max(1, workers))) for dm in dms]
+    seen = np.concatenate(epoch)
+    assert len(set(seen)) == len(seen) == consumers * per_epoch * B    # disjoint across (rank, worker)
+    val = [list(dm.val_dataloader()) for dm in dms]
+    assert len(val[0]) == len(val[1]) > 0                                # equal finite counts per rank
+    val_ids = np.concatenate([ids(v) for v in val])
+    assert len(set(val_ids)) == len(val_ids)
+
+
+def test_validation_split_is_by_shard_and_disjoint_from_training(array_path):
+    dm = make_dm(array_path)
+    assert dm.val_shards == list(range(dm.source.n_shards - len(dm.val_shards), dm.source.n_shards))
+    val = ids(dm.val_dataloader())
+    train = ids(take(dm.train_dataloader(), 300))
+    assert not set(val) & set(train)
+    assert val.min() >= N - sum(dm.source.shard_sizes[s] for s in dm.val_shards)
+    assert np.array_equal(ids(dm.val_dataloader()), val)                # the same set every validation
+
+
+def test_normalization_gives_mean_norm_sqrt_d(tmp_path):
+    x = np.random.default_rng(0).standard_normal((N, D)).astype(np.float32) * 5 + 1
+    np.save(tmp_path / "x.npy", x)
+    dm = make_dm(tmp_path / "x.npy", normalize=True)
+    x = torch.cat(take(dm.train_dataloader(), 100))
+    assert dm.norm_scale != 1.0
+    assert x.norm(dim=1).mean().item() == pytest.approx(np.sqrt(D), rel=0.02)
+    assert dm.sample(500).norm(dim=1).mean().item() == pytest.approx(np.sqrt(D), rel=0.05)
+    assert make_dm(tmp_path / "x.npy", normalize=False).norm_scale == 1.0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_state_dict_resumes_at_the_exact_next_batch(array_path, workers):
+    dm = make_dm(array_path, num_workers=workers, shuffle_buffer=50)
+    per_epoch = dm._spec(dm.train_shards, True).batches_per_epoch(max(1, workers))
+    full = take(dm.train_dataloader(), 2 * per_epoch + 9)      # crosses epoch boundaries of every worker
+    for consumed in (7, 2 * per_epoch + 3):
+        resumed = make_dm(array_path, num_workers=workers, shuffle_buffer=50)
+        resumed.load_state_dict({**dm.state_dict(), "batches": consumed})
+        got = take(resumed.train_dataloader(), 6)
+        assert all(torch.equal(x, y) for x, y in zip(got, full[consumed:consumed + 6], strict=True))
+
+
+def test_resume_through_a_lightning_checkpoint(array_path, tmp_path):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Recorder(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.seen = torch.nn.Linear(D, 1), []
+
+        def training_step(self, batch, _):
+            self.seen.append(batch[:, 0].clone())
+            return self.lin(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-6)
+
+    def fit(steps: int, ckpt: str | None = None) -> list[torch.Tensor]:
+        module = Recorder()
+        trainer = L.Trainer(max_steps=steps, max_epochs=-1, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                            callbacks=[ModelCheckpoint(tmp_path / "ck", every_n_train_steps=4, save_top_k=-1,
+                                                       filename="s{step}", auto_insert_metric_name=False)])
+        trainer.fit(module, datamodule=make_dm(array_path), ckpt_path=ckpt)
+        return module.seen
+
+    straight = fit(10)
+    resumed = fit(10, str(tmp_path / "ck" / "s4.ckpt"))
+    assert len(resumed) == 6
+    assert all(torch.equal(a, b) for a, b in zip(resumed, straight[4:], strict=True))
+
+
+def test_memory_is_bounded_by_the_window_not_the_cache(array_path):
+    dm = make_dm(array_path, shuffle_buffer=250)
+    loader = iter(dm.train_dataloader())
+    mapped = []
+    for _ in range(400):                      # more than three epochs
+        next(loader)
+        mapped.append(len(dm.source._maps))
+    assert max(mapped) <= 240 // 32 + 2      # the shards of one window (250 rounded to batches) of 57
+
+
+def test_too_little_data_is_a_clear_error(array_path, tmp_path):
+    with pytest.raises(CacheError, match=r"training split has .* rows, fewer than batch_size=4096"):
+        make_dm(array_path, batch_size=4096).train_dataloader()
+    key = CacheKey(model="m", data="d", hooks=("L0.x",), context_size=4, n_tokens=8)
+    one_shard = build_cache(key, [torch.ones(2, 4, dtype=torch.long)], lambda t: {"L0.x": t[..., None] * 1.0},
+                            None, tmp_path, shard_rows=100)["L0.x"]
+    with pytest.raises(CacheError, match=r"has 1 shard\(s\): too few to hold out activations.val_fraction"):
+        ActivationDataModule(one_shard, ActivationsConfig(val_fraction=0.05), 2, 0)
+    assert make_dm(array_path, val_fraction=0.0).val_dataloader() == []
+
+
+def test_eval_rows_carry_token_doc_and_pos_from_the_cache(tmp_path):
+    embed = torch.randn(100, D, generator=torch.Generator().manual_seed(0))
+    batches = [torch.randint(1, 100, (4, 8), generator=torch.Generator().manual_seed(i)) for i in range(10)]
+    key = CacheKey(model="m", data="d", hooks=("L0.x",), context_size=8, n_tokens=320)
+    path = build_cache(key, batches, lambda t: {"L0.x": embed[t]}, None, tmp_path, shard_rows=32)["L0.x"]
+    dm = ActivationDataModule(path, ActivationsConfig(shard_rows=32, val_fraction=0.2), 8, 0)
+    assert (dm.d_in, len(dm.val_shards)) == (D, 2)
+    rows = list(dm.eval_rows(max_tokens=50, batch_size=8))
+    assert sum(len(r.tokens) for r in rows) == 50
+    tokens = torch.cat(batches)
+    for r in rows:
+        assert torch.equal(tokens[r.doc, r.pos], r.tokens)
+        torch.testing.assert_close(r.acts, embed[r.tokens] * dm.norm_scale)
+        assert r.doc.min() >= 8 * 4                 # the held-out shards are the last rows
+    assert np.array_equal(dm.context(int(rows[0].doc[0])), tokens[rows[0].doc[0]].numpy())
