@@ -265,12 +265,13 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Root config of ``evaluate.py``."""
+    """Root config of ``evaluate.py``. Without ``activations`` it evaluates on the held-out shards of the
+    training activations; ``activations=file activations.path=Y.npy`` evaluates on every row of Y."""
 
     ckpt_path: str = "???"
-    activations: ActivationsConfig = field(default_factory=ActivationsConfig)
-    data: DataConfig | None = None
-    model: ModelConfig | None = None
+    activations: ActivationsConfig | None = None
+    out_dir: str | None = None
+    device: str = "auto"
     batch_size: int = 4096
     max_tokens: int = 200_000
     downstream: bool = True
@@ -280,12 +281,15 @@ class EvalConfig:
     report_neurons: int = 12
     top_contexts: int = 8
     monosemanticity: bool = True
+    monosemanticity_units: int = 64
     export: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
         _check(self.max_tokens > 0, "max_tokens", self.max_tokens, "must be > 0")
+        _check(self.top_contexts >= 2, "top_contexts", self.top_contexts, "must be >= 2")
+        _check(self.downstream_contexts > 0, "downstream_contexts", self.downstream_contexts, "must be > 0")
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
