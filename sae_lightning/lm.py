@@ -50,12 +50,48 @@ class _Arch:
     mlp: str
     out_proj: str  # attribute of the MLP whose input is mlp_post
     final_norm: str
-    max_positions: str  # config attribute
 
 
-_GPT2 = _Arch("gpt2", "transformer.h", "mlp", "c_proj", "transformer.ln_f", "n_positions")
-_LLAMA = _Arch("llama", "model.layers", "mlp", "down_proj", "model.norm", "max_position_embeddings")
+_GPT2 = _Arch("gpt2", "transformer.h", "mlp", "c_proj", "transformer.ln_f")
+_LLAMA = _Arch("llama", "model.layers", "mlp", "down_proj", "model.norm")
 _ARCHS: dict[str, _Arch] = {"gpt2": _GPT2, **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3"), _LLAMA)}
+
+
+def _arch(model_type: str) -> _Arch:
+    if model_type not in _ARCHS:
+        raise ValueError(f"Unknown architecture family model_type={model_type!r}; supported: "
+                         f"{', '.join(sorted(_ARCHS))} (add its module paths to _ARCHS in lm.py)")
+    return _ARCHS[model_type]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the hook and context checks need, read from a model's config alone (no weights)."""
+
+    family: str
+    n_layers: int
+    context_size: int  # max positions
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelShape:
+        """From a transformers ``PretrainedConfig`` (its attribute map gives every family these names)."""
+        return cls(_arch(config.model_type).family, int(config.num_hidden_layers),
+                   int(config.max_position_embeddings))
+
+    def check_context_size(self, context_size: int) -> None:
+        """ValueError unless the model accepts inputs of ``context_size`` tokens."""
+        if context_size > self.context_size:
+            raise ValueError(f"data.context_size={context_size} exceeds the model's max positions "
+                             f"({self.context_size}); set data.context_size<={self.context_size}")
+
+    def check_hook(self, hook: HookPoint) -> None:
+        """ValueError for a hook name we do not define or a layer outside ``0..n_layers-1``."""
+        if hook.name not in HOOK_NAMES:
+            raise ValueError(f"Hook {hook.name!r} does not exist for family {self.family!r}; "
+                             f"choose one of {', '.join(HOOK_NAMES)}")
+        if not 0 <= hook.layer < self.n_layers:
+            raise ValueError(f"layer={hook.layer} is beyond the model's depth: it has "
+                             f"n_layers={self.n_layers} (valid layers 0..{self.n_layers - 1})")
 
 
 class _StopForward(Exception):
@@ -73,17 +109,14 @@ class HookedLM:
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any) -> None:
-        model_type = model.config.model_type
-        if model_type not in _ARCHS:
-            raise ValueError(f"Unknown architecture family model_type={model_type!r}; supported: "
-                             f"{', '.join(sorted(_ARCHS))} (add its module paths to _ARCHS in lm.py)")
+        self.shape = ModelShape.from_config(model.config)
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self._arch = _ARCHS[model_type]
-        self.family = self._arch.family
+        self._arch = _ARCHS[model.config.model_type]
+        self.family = self.shape.family
+        self.n_layers = self.shape.n_layers
+        self.context_size = self.shape.context_size
         self.blocks: nn.ModuleList = model.get_submodule(self._arch.blocks)
-        self.n_layers = len(self.blocks)
-        self.context_size = int(getattr(model.config, self._arch.max_positions))
         self.d_model = int(model.get_input_embeddings().embedding_dim)
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
 
@@ -95,17 +128,7 @@ class HookedLM:
 
     def check_context_size(self, context_size: int) -> None:
         """ValueError unless the model accepts inputs of ``context_size`` tokens."""
-        if context_size > self.context_size:
-            raise ValueError(f"data.context_size={context_size} exceeds the model's max positions "
-                             f"({self.context_size}); set data.context_size<={self.context_size}")
-
-    def _check_hook(self, hook: HookPoint) -> None:
-        if hook.name not in HOOK_NAMES:
-            raise ValueError(f"Hook {hook.name!r} does not exist for family {self.family!r}; "
-                             f"choose one of {', '.join(HOOK_NAMES)}")
-        if not 0 <= hook.layer < self.n_layers:
-            raise ValueError(f"layer={hook.layer} is beyond the model's depth: it has "
-                             f"n_layers={self.n_layers} (valid layers 0..{self.n_layers - 1})")
+        self.shape.check_context_size(context_size)
 
     def _check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
@@ -121,7 +144,7 @@ class HookedLM:
 
     def _module(self, hook: HookPoint) -> nn.Module:
         """The module whose input (mlp_post) or output (mlp_out, resid_post) is the hooked tensor."""
-        self._check_hook(hook)
+        self.shape.check_hook(hook)
         path = {"mlp_post": f"{self._arch.mlp}.{self._arch.out_proj}", "mlp_out": self._arch.mlp,
                 "resid_post": ""}[hook.name]
         try:
@@ -142,7 +165,7 @@ class HookedLM:
         ``[d_mlp, d_model]``; its bias (GPT-2) is not included. Detached, shares memory with the model.
         """
         if hook.name != "mlp_post":
-            self._check_hook(hook)
+            self.shape.check_hook(hook)
             return None
         proj = self._module(hook)
         weight = proj.weight.detach()

