@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -158,3 +160,32 @@ def test_text_fingerprint(tmp_path: Path, monkeypatch) -> None:
     assert text_fingerprint(_cfg(path)) != first
     hub = DataConfig(source="hub", name="x/y")
     assert text_fingerprint(hub) != text_fingerprint(DataConfig(source="hub", name="x/y", split="validation"))
+
+
+def _hub_dataset_in_cache(cache: Path, repo: str, texts: list[str]) -> None:
+    """A prepared dataset laid out as ``datasets`` caches a hub download: ``owner___name/config/ver/hash``."""
+    import datasets
+
+    src = cache / "src.jsonl"
+    src.write_text("\n".join(json.dumps({"text": t}) for t in texts), encoding="utf-8")
+    datasets.load_dataset("json", data_files=str(src), split="train", cache_dir=str(cache / "build"))
+    built = next(p for p in (cache / "build" / "json").glob("*/*/*") if p.is_dir())
+    owner, name = repo.split("/")
+    target = cache / f"{owner}___{name}" / "default" / "0.0.0" / built.name
+    target.mkdir(parents=True)
+    shutil.copy(built / "json-train.arrow", target / f"{name}-train.arrow")
+    info = json.loads((built / "dataset_info.json").read_text())
+    info.update(config_name="default", dataset_name=name)
+    (target / "dataset_info.json").write_text(json.dumps(info))
+
+
+def test_hub_offline_reads_the_local_datasets_cache(monkeypatch, tmp_path: Path) -> None:
+    import datasets
+
+    _hub_dataset_in_cache(tmp_path, "sae-test/tiny", DOCS)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
+    assert list(iter_documents(DataConfig(source="hub", name="sae-test/tiny"))) == DOCS
+    assert datasets.config.HF_HUB_OFFLINE is False, "offline mode must be switched back"
+    with pytest.raises(ValueError, match=r"no column data\.text_column='story'.*\['text'\]"):
+        next(iter_documents(DataConfig(source="hub", name="sae-test/tiny", text_column="story")))
