@@ -58,9 +58,13 @@ class SentenceEmbedder:
 
     @torch.inference_mode()
     def __call__(self, texts: Sequence[str]) -> Tensor:
-        """Unit-norm embeddings ``[len(texts), 384]``."""
-        out = [self._embed(list(texts[i:i + self.batch_size])) for i in range(0, len(texts), self.batch_size)]
-        return torch.cat(out) if out else torch.zeros(0, self.model.config.hidden_size)
+        """Unit-norm embeddings ``[len(texts), 384]`` (batched by length, so little padding is computed)."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.zeros(len(texts), self.model.config.hidden_size)
+        for lo in range(0, len(order), self.batch_size):
+            idx = order[lo:lo + self.batch_size]
+            out[idx] = self._embed([texts[i] for i in idx])
+        return out
 
     def _embed(self, texts: list[str]) -> Tensor:
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
@@ -143,12 +147,17 @@ class CoherenceScorer:
     def __init__(self, embedder: Embedder, baseline_groups: Sequence[Sequence[str]]) -> None:
         self.embedder = embedder
         self._cache: dict[str, Tensor] = {}
+        self.prefetch([t for group in baseline_groups for t in group])
         self.baseline = float(np.nanmean([self.raw(g) for g in baseline_groups]))
+
+    def prefetch(self, texts: Sequence[str]) -> None:
+        """Embed every text not seen yet, in large batches (much faster than unit by unit)."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        self._cache.update(zip(missing, self.embedder(missing), strict=True))
 
     def raw(self, texts: Sequence[str]) -> float:
         """Mean pairwise cosine of the embeddings of ``texts``."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        self._cache.update(zip(missing, self.embedder(missing), strict=True))
+        self.prefetch(texts)
         return mean_pairwise_cosine(torch.stack([self._cache[t] for t in texts])) if texts else math.nan
 
     def __call__(self, texts: Sequence[str]) -> float:
@@ -159,9 +168,11 @@ def score_units(kind: str, top: TopActivations, units: Sequence[int], context_ro
                 decode: TokenDecoder, scorer: CoherenceScorer | None, before: int = 12,
                 after: int = 4) -> MonosemanticityScores:
     """Both scores for ``units`` from their kept top contexts (see the module docstring)."""
+    by_unit = [top_contexts(top, unit, context_row, decode, before, after) for unit in units]
+    if scorer is not None:
+        scorer.prefetch([c.text for contexts in by_unit for c in contexts])
     entropy, coherence = [], []
-    for unit in units:
-        contexts = top_contexts(top, unit, context_row, decode, before, after)
+    for contexts in by_unit:
         entropy.append(token_entropy([c.token_id for c in contexts]))
         if scorer is not None:
             coherence.append(scorer([c.text for c in contexts]) if len(contexts) >= 2 else math.nan)
