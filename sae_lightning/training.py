@@ -61,10 +61,15 @@ class TokensPerSecond(Callback):
 
 
 def build_callbacks(cfg: TrainConfig, ckpt_dir: Path) -> list[Callback]:
-    """Checkpointing, progress, density monitoring and the optional interventions named in the config."""
+    """Checkpointing, progress, density monitoring and the optional interventions named in the config.
+
+    ``last.ckpt`` is always overwritten in place (no ``last-v1.ckpt``): a pre-emption save or the run
+    resumed in this directory may have written it, and ``ckpt_path=last`` must find the newest state there.
+    """
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
-                        save_last=True, save_top_k=1, filename="step{step}", auto_insert_metric_name=False),
+                        save_last=True, save_top_k=1, filename="step{step}", auto_insert_metric_name=False,
+                        enable_version_counter=False),
         TokensPerSecond(cfg.batch_size),
         DensityMonitor(cfg.callbacks.density_hist_every_n_steps, cfg.callbacks.dense_threshold),
         LearningRateMonitor(logging_interval="step"),

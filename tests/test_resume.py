@@ -1,0 +1,218 @@
+"""Resume after pre-emption: SIGTERM/SIGUSR1 save a checkpoint, SIGKILL loses at most the steps since the
+last one, and ``ckpt_path=last`` continues with the same weights, optimizer, schedules and data stream.
+
+The helpers at the top are shared with test_faults.py and test_bad_input.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from sae_lightning.checkpoints import CheckpointError
+from sae_lightning.config import register_configs, to_config
+from sae_lightning.training import TrainingPreempted, run_training
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "train.py"
+BATCH = 32
+
+
+def write_acts(path: Path, n: int = 2048, d: int = 16, seed: int = 0) -> Path:
+    """Sparse codes over a random dictionary: a small [n, d] float32 array an SAE can learn."""
+    g = np.random.default_rng(seed)
+    codes = g.random((n, 3 * d)) * (g.random((n, 3 * d)) < 0.06)
+    np.save(path, (codes @ g.normal(size=(3 * d, d))).astype(np.float32))
+    return path
+
+
+def overrides(acts: Path, steps: int, **extra: object) -> list[str]:
+    """train.py overrides for a tiny CPU run of ``steps`` steps with a warm-up and a decaying lr, so a resume
+    that got the schedule or the stream wrong would show in the weights."""
+    base: dict[str, object] = {
+        "activations": "file", "activations.path": acts, "activations.shuffle_buffer": 256,
+        "logger": "csv", "trainer": "cpu", "trainer.progress_bar": "false", "batch_size": BATCH,
+        "train_tokens": BATCH * steps, "sae.dict_mult": 2, "optim.lr_warmup_steps": 10,
+        "optim.lr_decay": "linear", "trainer.checkpoint_every_n_steps": 10, "trainer.val_every_n_steps": 25,
+        "trainer.limit_val_batches": 2, "trainer.log_every_n_steps": 5,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def configure(over: list[str]):
+    """(TrainConfig, plain dict) exactly as train.py builds them from these overrides."""
+    register_configs()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        dict_cfg = compose("train", overrides=over)
+    return to_config(dict_cfg), OmegaConf.to_container(dict_cfg, resolve=True)
+
+
+def train_in_process(over: list[str], run_dir: Path) -> dict:
+    cfg, config_dict = configure(over)
+    return run_training(cfg, run_dir, config_dict)
+
+
+def run_train_py(over: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TRAIN), *over], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def record_env() -> dict[str, str]:
+    return dict(os.environ, SAE_LIGHTNING_RECORD_BATCHES="1")
+
+
+def batch_log(run_dir: Path) -> list[str]:
+    path = run_dir / "batches.tsv"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def last_step(lines: list[str]) -> int:
+    return int(lines[-1].split("\t")[0]) if lines else -1
+
+
+def ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _wait_for_step(run_dirs, step: int, proc: subprocess.Popen | None = None, timeout: float = 300) -> Path:
+    """Poll the batch records of the run dirs (a callable giving them) until one reaches ``step``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for d in run_dirs():
+            if last_step(batch_log(d)) >= step:
+                return d
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"run ended (rc={proc.returncode}) before step {step}: "
+                                 f"{proc.stdout.read()[-2000:] if proc.stdout else ''}")
+        time.sleep(0.01)
+    raise AssertionError(f"no run reached step {step} in {timeout} s")
+
+
+# ----- end to end, killed for real ----------------------------------------------------------------------
+@pytest.mark.slow
+def test_sigterm_then_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
+    """The issue's test: a run stopped by SIGTERM, resumed, SIGKILLed mid-run, resumed again with
+    ``ckpt_path=last`` ends with exactly the weights and Adam state of an uninterrupted run with the same
+    seed (tolerance: 0, CPU math is deterministic here), after seeing exactly the same batches in the same
+    order (no row skipped or repeated)."""
+    acts = write_acts(tmp_path / "acts.npy")
+    steps = 120
+    over = overrides(acts, steps)
+    env = record_env()
+    ref = run_train_py([*over, f"hydra.run.dir={tmp_path / 'reference'}"], tmp_path, env)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    # Hydra's default layout (a new timestamped dir per invocation): ckpt_path=last must find the old run.
+    pattern = f"hydra.run.dir={tmp_path}/outputs/train/${{now:%Y-%m-%d}}/${{now:%H-%M-%S-%f}}"
+    root = tmp_path / "outputs" / "train"
+
+    def runs() -> list[Path]:
+        return sorted(p.parent for p in root.glob("*/*/resume_key.json"))
+
+    first = subprocess.Popen([sys.executable, str(TRAIN), *over, pattern], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(runs, 25, first)
+    first.send_signal(signal.SIGTERM)
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "Stopped by SIGTERM" in out and "ckpt_path=last" in out  # the log says how to resume
+    run_a = runs()[0]
+    saved = ckpt(run_a / "checkpoints" / "last.ckpt")["global_step"]
+    assert 25 <= saved < steps and not (run_a / "checkpoints" / "final.ckpt").exists()
+
+    second = subprocess.Popen([sys.executable, str(TRAIN), *over, pattern, "ckpt_path=last"], cwd=tmp_path,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_b = _wait_for_step(lambda: runs()[1:], saved + 25, second)
+    second.kill()
+    second.communicate(timeout=60)
+    assert second.returncode == -signal.SIGKILL
+    assert not (run_b / "checkpoints" / "final.ckpt").exists(), "the kill came after the run had finished"
+
+    third = run_train_py([*over, pattern, "ckpt_path=last"], tmp_path, env)
+    assert third.returncode == 0, third.stderr[-3000:]
+    run_c = runs()[2]
+    resumed_at = int(batch_log(run_c)[0].split("\t")[0])
+    assert saved + 20 <= resumed_at <= last_step(batch_log(run_b))  # B's newest checkpoint, not A's
+
+    # The batches seen, step by step: A up to its checkpoint, B up to its last checkpoint, then C.
+    seen = batch_log(run_a)[:saved] + batch_log(run_b)[: resumed_at - saved] + batch_log(run_c)
+    assert seen == batch_log(tmp_path / "reference")
+    assert len(seen) == steps
+
+    want, got = ckpt(tmp_path / "reference/checkpoints/final.ckpt"), ckpt(run_c / "checkpoints/final.ckpt")
+    assert got["global_step"] == want["global_step"] == steps
+    for name, tensor in want["state_dict"].items():
+        assert torch.equal(got["state_dict"][name], tensor), name
+    adam_want, adam_got = (c["optimizer_states"][0]["state"] for c in (want, got))
+    for a, b in zip(adam_want.values(), adam_got.values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a), "Adam state differs"
+    assert want["lr_schedulers"] == got["lr_schedulers"]
+
+
+# ----- in process ---------------------------------------------------------------------------------------
+def _signal_at_step(run_dir: Path, step: int, signum: int) -> threading.Thread:
+    """Send ``signum`` to this process once the run in ``run_dir`` has reached ``step``."""
+    def send() -> None:
+        _wait_for_step(lambda: [run_dir], step, timeout=300)
+        os.kill(os.getpid(), signum)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_sigusr1_saves_checkpoint_and_auto_resume_finishes(tmp_path: Path, monkeypatch) -> None:
+    """SLURM's time-limit warning (SIGUSR1) writes last.ckpt at a step boundary and exits with 128+10;
+    ``ckpt_path=auto`` then finds it in the previous run dir and trains to the end."""
+    monkeypatch.setenv("SAE_LIGHTNING_RECORD_BATCHES", "1")
+    acts = write_acts(tmp_path / "acts.npy")
+    over = overrides(acts, 120)
+    thread = _signal_at_step(tmp_path / "runs" / "a", 5, signal.SIGUSR1)
+    with pytest.raises(TrainingPreempted) as stopped:
+        train_in_process(over, tmp_path / "runs" / "a")
+    thread.join()
+    assert stopped.value.code == 128 + signal.SIGUSR1
+    last = ckpt(tmp_path / "runs/a/checkpoints/last.ckpt")
+    assert last["global_step"] == stopped.value.step >= 5
+    assert '"status": "preempted"' in (tmp_path / "runs/a/summary.json").read_text()
+
+    summary = train_in_process([*over, "ckpt_path=auto"], tmp_path / "runs" / "b")
+    assert summary["steps"] == 120 and summary["resumed_from"].endswith("runs/a/checkpoints/last.ckpt")
+    assert int(batch_log(tmp_path / "runs/b")[0].split("\t")[0]) == stopped.value.step
+
+
+def test_ckpt_path_last_without_a_previous_run_is_an_error_but_auto_starts_fresh(tmp_path: Path) -> None:
+    acts = write_acts(tmp_path / "acts.npy")
+    with pytest.raises(CheckpointError, match=r"ckpt_path=last: no checkpoint of a run with this config.*"
+                                              r"ckpt_path=auto"):
+        train_in_process([*overrides(acts, 20), "ckpt_path=last"], tmp_path / "runs" / "a")
+    summary = train_in_process([*overrides(acts, 20), "ckpt_path=auto"], tmp_path / "runs" / "b")
+    assert summary["steps"] == 20 and summary["resumed_from"] is None
+
+
+def test_last_ignores_runs_of_another_config_and_skips_a_corrupted_newest_checkpoint(tmp_path: Path) -> None:
+    """A run with another l1 is never resumed; a last.ckpt damaged on disk is skipped for the step
+    checkpoint before it (with a warning), not trusted."""
+    acts = write_acts(tmp_path / "acts.npy")
+    train_in_process(overrides(acts, 20, l1=5.0), tmp_path / "runs" / "a")
+    other = train_in_process(overrides(acts, 20, l1=1.0), tmp_path / "runs" / "other")
+    (tmp_path / "runs/a/checkpoints/final.ckpt").unlink()  # as if killed after its last save
+    last = tmp_path / "runs/a/checkpoints/last.ckpt"
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    last.write_bytes(bytes(data))
+    os.utime(other["checkpoint"])  # the other config's checkpoint is the newest on disk
+    resumed = train_in_process([*overrides(acts, 20, l1=5.0), "ckpt_path=last"], tmp_path / "runs" / "b")
+    assert resumed["resumed_from"] == str(tmp_path / "runs/a/checkpoints/step20.ckpt")
