@@ -175,6 +175,9 @@ def iter_documents(cfg: DataConfig) -> Iterator[str]:
     if cfg.source == "files":
         if not cfg.path:
             raise ValueError("data.source=files needs data.path=<file, directory or glob of .txt files>")
+        if not cfg.separator:
+            raise ValueError("data.separator='' cannot split documents; give the string between them, "
+                             "e.g. data.separator='<|endoftext|>'")
         for f in resolve_text_files(cfg.path):
             yield from read_documents(f, cfg.separator)
     elif cfg.source == "hub":

@@ -126,6 +126,8 @@ def test_file_errors_name_the_file(tmp_path: Path, tiny_tokenizer) -> None:
     (tmp_path / "sub").mkdir()
     with pytest.raises(FileNotFoundError, match=r"without \.txt files"):
         list(iter_documents(_cfg(tmp_path / "sub")))
+    with pytest.raises(ValueError, match=r"data\.separator=''"):
+        list(iter_documents(_cfg(_write(tmp_path / "a.txt", DOCS), separator="")))
 
 
 @pytest.mark.parametrize("chunk", [4, 1 << 20])
