@@ -7,6 +7,7 @@ import torch
 
 from sae_lightning.config import SAEConfig
 from sae_lightning.saes import SAE_REGISTRY, build_sae
+from sae_lightning.saes.base import count_active
 from sae_lightning.saes.init import decoder_bias_init, geometric_median
 
 D_IN, D_SAE, B = 12, 40, 64
@@ -146,3 +147,10 @@ def test_init_b_dec(method: str) -> None:
     torch.testing.assert_close(sae.b_dec.detach(), decoder_bias_init(sample, method))
     expected = {"mean": sample.mean(0), "zeros": torch.zeros(D_IN)}.get(method, geometric_median(sample))
     torch.testing.assert_close(sae.b_dec.detach(), expected)
+
+
+def test_count_active_matches_count_nonzero() -> None:
+    z = torch.relu(torch.randn(1000, 37, generator=torch.Generator().manual_seed(0)))
+    counts = count_active(z, rows=256)  # 1000 rows: the last block is partial
+    assert counts.dtype == torch.int64
+    assert torch.equal(counts, torch.count_nonzero(z, dim=0))

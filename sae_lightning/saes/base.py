@@ -20,6 +20,24 @@ from sae_lightning.config import SAEConfig
 from sae_lightning.saes.init import decoder_bias_init
 
 
+@torch.no_grad()
+def count_active(z: Tensor, rows: int = 256) -> Tensor:
+    """Per-latent number of rows of ``z`` [B, d_sae] with a non-zero value (int64 [d_sae]), for z >= 0.
+
+    Counted by blocks of ``rows`` rows: ``sign`` into one small reused buffer, then a ones-vector
+    matmul accumulates the block. ``count_nonzero`` instead converts the whole [B, d_sae] mask to
+    int64 (8 bytes per entry), several times slower at training batch sizes.
+    """
+    n_rows = min(rows, z.shape[0])
+    buf = z.new_empty(n_rows, z.shape[1])
+    ones = z.new_ones(1, n_rows)
+    counts = z.new_zeros(1, z.shape[1])
+    for block in z.split(n_rows):
+        n = block.shape[0]
+        counts.addmm_(ones[:, :n], torch.sign(block, out=buf[:n]))
+    return counts[0].round().long()
+
+
 @dataclass
 class SAEOutput:
     """What one training forward returns (see docs/design.md, section saes/)."""

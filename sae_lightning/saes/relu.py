@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from sae_lightning.config import SAEConfig
-from sae_lightning.saes.base import SAE, SAEOutput
+from sae_lightning.saes.base import SAE, SAEOutput, count_active
 from sae_lightning.saes.registry import register
 
 DECODER_NORM_INIT = 0.1  # April 2024 update: "random directions with a fixed L2 norm of 0.1"
@@ -44,6 +44,4 @@ class ReLUSAE(SAE):
     def forward(self, x: Tensor, *, sparsity_coeff: float, dead_mask: Tensor | None = None) -> SAEOutput:
         z = self.encode(x)
         x_hat = self.decode(z)
-        with torch.no_grad():
-            fire_counts = torch.count_nonzero(z, dim=0)
-        return self._output(x, x_hat, fire_counts, {"l1": sparsity_coeff * self.l1(z)}, dead_mask)
+        return self._output(x, x_hat, count_active(z), {"l1": sparsity_coeff * self.l1(z)}, dead_mask)

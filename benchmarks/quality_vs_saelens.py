@@ -1,0 +1,170 @@
+"""Quality at equal work: held-out normalized MSE against L0, our SAEs vs SAELens's, same data and steps.
+
+Each SAE is trained by its own library's training step (``train_step.ours_trainer`` /
+``train_step.saelens_trainer``: what ``SAEModule`` and SAELens's ``SAETrainer`` do per step, dead-latent
+tracking included) on the same batches in the same order, with the same Adam learning rate and number
+of steps; each library keeps its own initialisation (ours: ``b_dec`` at the geometric median of a
+sample; SAELens: zeros). Curves: a few L1 coefficients for the L1 SAEs (ours ``relu`` with the plain and
+the decoder-norm L1; SAELens ``standard``, which is the decoder-norm L1), a few k for TopK. Compared on
+held-out rows: ``nmse = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` at matched L0 (SAELens's curve
+interpolated linearly in log L0 at our L0; TopK: same k, so the same L0).
+
+Data: ``--acts file.npy`` ([n, d_in] activations, e.g. SmolLM2 layer-6 mlp_post) or, by default,
+synthetic activations: sparse non-negative combinations of a ground-truth dictionary (Zipf-like firing
+frequencies, exponential magnitudes) plus a constant offset and Gaussian noise. Rows are scaled so that
+``E||x||^2 = d_in`` for both libraries.
+
+Run: ``python benchmarks/quality_vs_saelens.py`` (a few minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_step import ours_trainer, saelens_trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, uninstalled
+from sae_lightning.config import SAEConfig
+
+
+def synthetic(n: int, d_in: int, n_features: int, mean_active: float, seed: int = 0) -> torch.Tensor:
+    """Sparse non-negative codes over a random unit-norm dictionary, plus an offset and noise [n, d_in]."""
+    g = torch.Generator().manual_seed(seed)
+    dictionary = torch.randn(n_features, d_in, generator=g)
+    dictionary /= dictionary.norm(dim=1, keepdim=True)
+    freq = 1.0 / torch.arange(1, n_features + 1).float() ** 0.7  # Zipf-like firing frequencies
+    freq *= mean_active / freq.sum()
+    fires = torch.rand(n, n_features, generator=g) < freq.clamp(max=1.0)
+    scale = 1 + torch.rand(n_features, generator=g)
+    magnitude = torch.empty(n, n_features).exponential_(generator=g) * scale
+    offset = torch.randn(d_in, generator=g) * 0.5
+    return (fires * magnitude) @ dictionary + offset + 0.05 * torch.randn(n, d_in, generator=g)
+
+
+def load(path: str | None, args: argparse.Namespace) -> torch.Tensor:
+    """Activations [n, d_in] scaled to ``E||x||^2 = d_in``, shuffled rows."""
+    if path:
+        rows = np.load(path, mmap_mode="r")[: args.train_rows + args.eval_rows]
+        x = torch.from_numpy(np.asarray(rows, dtype=np.float32))
+    else:
+        x = synthetic(args.train_rows + args.eval_rows, args.d_in, args.features, args.mean_active)
+    x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))]
+    return x * math.sqrt(x.shape[1] / x.pow(2).sum(1).mean())
+
+
+@torch.no_grad()
+def evaluate(encode_decode, x: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
+    """(held-out L0, normalized MSE) of ``encode_decode(x) -> (z, x_hat)`` over ``x`` in chunks."""
+    err, active = 0.0, 0.0
+    for xs in x.split(chunk):
+        z, x_hat = encode_decode(xs)
+        err += (xs - x_hat).pow(2).sum().item()
+        active += (z != 0).sum().item()
+    return active / x.shape[0], err / (x - x.mean(0)).pow(2).sum().item()
+
+
+def train(trainer, train_x: torch.Tensor, args: argparse.Namespace) -> torch.nn.Module:
+    """Run ``args.steps`` steps on consecutive batches (wrapping around), the same for every SAE."""
+    sae, step = trainer
+    sae.train()
+    for i in range(args.steps):
+        start = (i * args.batch) % (train_x.shape[0] - args.batch + 1)
+        step(train_x[start:start + args.batch])
+    return sae
+
+
+def run_ours(cfg: SAEConfig, coeff: float, train_x: torch.Tensor, eval_x: torch.Tensor,
+             args: argparse.Namespace) -> tuple[float, float]:
+    sae, step = ours_trainer(cfg, train_x.shape[1], coeff, lr=args.lr, dead_window_steps=args.dead_window)
+    sae.init_b_dec(train_x[:args.b_dec_sample])
+    train((sae, step), train_x, args)
+    return evaluate(lambda xs: (z := sae.encode(xs), sae.decode(z)), eval_x)
+
+
+def run_saelens(arch: str, coeff: float, train_x: torch.Tensor, eval_x: torch.Tensor,
+                args: argparse.Namespace, **kw: object) -> tuple[float, float]:
+    sae = train(saelens_trainer(arch, train_x.shape[1], args.d_sae, coeff, lr=args.lr,
+                                dead_window_steps=args.dead_window, **kw), train_x, args)
+    return evaluate(lambda xs: (z := sae.encode(xs), sae.decode(z)), eval_x)
+
+
+def interpolate(l0: float, curve: list[tuple[float, float]]) -> float | None:
+    """NMSE of ``curve`` [(L0, nmse)] at ``l0``, linear in log L0; None outside its L0 range."""
+    pts = sorted(p for p in curve if p[0] > 0)
+    for (a0, a1), (b0, b1) in itertools.pairwise(pts):
+        if a0 <= l0 <= b0:
+            t = (math.log(l0) - math.log(a0)) / (math.log(b0) - math.log(a0)) if b0 > a0 else 0.0
+            return a1 + t * (b1 - a1)
+    return None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--acts", help=".npy [n, d_in] of real activations (default: synthetic)")
+    p.add_argument("--d-in", type=int, default=64, help="synthetic data only")
+    p.add_argument("--features", type=int, default=512, help="synthetic ground-truth dictionary size")
+    p.add_argument("--mean-active", type=float, default=8.0, help="synthetic features active per row")
+    p.add_argument("--d-sae", type=int, default=512)
+    p.add_argument("--train-rows", type=int, default=100_000)
+    p.add_argument("--eval-rows", type=int, default=10_000)
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--dead-window", type=int, default=200, help="steps unfired => dead")
+    p.add_argument("--b-dec-sample", type=int, default=8192)
+    p.add_argument("--l1", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
+    p.add_argument("--k", type=int, nargs="+", default=[4, 8, 16])
+    args = p.parse_args()
+    warnings.filterwarnings("ignore", message="Sparse invariant checks")
+    torch.manual_seed(0)
+    x = load(args.acts, args)
+    train_x, eval_x = x[: args.train_rows], x[args.train_rows:]
+    print(f"data: {args.acts or 'synthetic'}, d_in {x.shape[1]}, d_sae {args.d_sae}, {args.steps} steps x "
+          f"{args.batch} rows, lr {args.lr}, eval rows {eval_x.shape[0]}")
+
+    t0 = time.perf_counter()
+    ours = {"ours relu plain": ("relu", "plain"), "ours relu decoder_norm": ("relu", "decoder_norm"),
+            "ours topk": ("topk", "plain")}
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for name, (arch, variant) in ours.items():
+        sweep = args.k if arch == "topk" else args.l1
+        curves[name] = [run_ours(SAEConfig(architecture=arch, l1_variant=variant, d_sae=args.d_sae,
+                                           k=int(v) if arch == "topk" else 32),
+                                 0.0 if arch == "topk" else v, train_x, eval_x, args) for v in sweep]
+    curves["saelens standard"] = [run_saelens("standard", c, train_x, eval_x, args) for c in args.l1]
+    curves["saelens topk"] = [run_saelens("topk", 0.0, train_x, eval_x, args, k=k) for k in args.k]
+    print(f"trained {sum(map(len, curves.values()))} SAEs in {time.perf_counter() - t0:.0f} s\n")
+    report(curves, args)
+
+
+def report(curves: dict[str, list[tuple[float, float]]], args: argparse.Namespace) -> None:
+    """Table of every point with SAELens's NMSE at the same L0, then the worst difference per curve."""
+    print(f"{'sae':24s} {'l1/k':>7s} {'L0':>8s} {'nmse':>8s} {'saelens nmse @ same L0':>24s}")
+    worst: dict[str, float] = {}
+    for name, pts in curves.items():
+        topk = "topk" in name
+        sweep, ref = (args.k, curves["saelens topk"]) if topk else (args.l1, curves["saelens standard"])
+        for i, (coef, (l0, nmse)) in enumerate(zip(sweep, pts, strict=True)):
+            other = None
+            if name.startswith("ours"):
+                other = ref[i][1] if topk else interpolate(l0, ref)
+            shown = f"{other:24.4f}" if other is not None else f"{'-':>24s}"
+            print(f"{name:24s} {coef:7g} {l0:8.2f} {nmse:8.4f} {shown}")
+            if other is not None:
+                worst[name] = max(worst.get(name, -math.inf), nmse - other)
+    print("\n(nmse diff = ours - saelens at matched L0, worst point of each curve; <= 0: no worse; "
+          "points outside SAELens's L0 range are not compared)")
+    print(" ".join(f"{n.replace(' ', '_')}_worst_nmse_diff={v:+.4f}" for n, v in worst.items()))
+
+if __name__ == "__main__":
+    main()

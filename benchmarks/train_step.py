@@ -1,0 +1,192 @@
+"""Training-step throughput of our SAEs against SAELens, same data, same process, interleaved.
+
+A full step is timed for each library as its own trainer runs it:
+- ours (what ``SAEModule`` does): forward with a dead mask, fire tracking, backward,
+  ``before_optimizer_step`` (decoder-gradient projection), Adam, ``after_optimizer_step`` (renorm);
+- SAELens (its ``SAETrainer._train_step``): ``training_forward_pass``, fire tracking, backward,
+  ``clip_grad_norm_(1.0)``, Adam.
+Both use ``torch.optim.Adam`` with defaults. SAELens's TopK is timed with its defaults and with
+``use_sparse_activations=True``; the latter needs ``rescale_acts_by_decoder_norm=False`` (with the
+default ``True`` its backward fails: "Could not run 'aten::view' with arguments from the 'SparseCPU'
+backend", sae-lens 6.54.12, torch 2.13), and the faster of the two is the reference. Contenders are
+timed in turns within each repetition, so other load on the machine hits them alike; the medians over
+repetitions are reported, together with the fp32 matmul rate of the step's own GEMM shapes, measured in
+the same turns.
+
+Data: random activations of SmolLM2 layer-6 MLP post-activation shape (d_in = 1536) with a heavy-tailed
+distribution (Student-t with 3 degrees of freedom, per-dimension log-normal scales), fine for
+throughput, which does not depend on the values (for TopK the chosen indices spread over the latents).
+
+Run: ``python benchmarks/train_step.py`` (a few minutes on 2 cores); ``--help`` for sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, uninstalled
+from sae_lightning.config import SAEConfig
+from sae_lightning.saes import build_sae
+
+Step = Callable[..., None]
+# SAELens's faster TopK mode; its backward needs the decoder-norm rescaling off (module docstring)
+SAELENS_SPARSE = {"use_sparse_activations": True, "rescale_acts_by_decoder_norm": False}
+
+
+def heavy_tailed(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """Student-t(3) entries times per-dimension log-normal scales (a few dimensions dominate the norm)."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.distributions.StudentT(3.0).sample((n, d))
+    scale = torch.exp(torch.randn(d, generator=g))
+    return (t * scale).float()
+
+
+def ours_trainer(cfg: SAEConfig, d_in: int, coeff: float, lr: float = 1e-4,
+                 dead_window_steps: int = 10**9) -> tuple[torch.nn.Module, Step]:
+    """Our SAE and its training step as ``SAEModule`` runs it (no clipping: ``optim.grad_clip`` is 0)."""
+    sae = build_sae(cfg, d_in)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    since_fired = torch.zeros(sae.d_sae, dtype=torch.long)  # in tokens, as SAEModule counts
+
+    def step(x: torch.Tensor) -> None:
+        dead = since_fired >= dead_window_steps * x.shape[0]
+        out = sae(x, sparsity_coeff=coeff, dead_mask=dead)
+        since_fired.add_(x.shape[0]).masked_fill_(out.fire_counts > 0, 0)
+        out.loss.backward()
+        sae.before_optimizer_step()
+        opt.step()
+        sae.after_optimizer_step()
+        opt.zero_grad()
+
+    return sae, step
+
+
+def saelens_trainer(arch: str, d_in: int, d_sae: int, coeff: float, lr: float = 1e-4,
+                    dead_window_steps: int = 10**9, **kw: object) -> tuple[torch.nn.Module, Step]:
+    """SAELens's SAE (``standard`` or ``topk``) and its step as ``SAETrainer._train_step`` runs it."""
+    from sae_lens.saes.sae import TrainStepInput
+    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    common = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu"}
+    if arch == "standard":
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=coeff, **common, **kw))
+        coefficients = {"l1": coeff}
+    else:
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(**common, **kw))
+        coefficients = {}
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    since_fired = torch.zeros(d_sae)  # in steps, as SAETrainer counts
+
+    def step(x: torch.Tensor) -> None:
+        out = sae.training_forward_pass(TrainStepInput(
+            sae_in=x, dead_neuron_mask=since_fired > dead_window_steps, coefficients=coefficients,
+            n_training_steps=0, is_logging_step=False))
+        with torch.no_grad():
+            did_fire = out.feature_acts.bool().float().sum(-2).bool()
+            if did_fire.is_sparse:
+                did_fire = did_fire.to_dense()
+            since_fired.add_(1)
+            since_fired[did_fire] = 0
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+
+    return sae, step
+
+
+def on(x: torch.Tensor, trainer: tuple[torch.nn.Module, Step]) -> Step:
+    """A trainer's step bound to the fixed batch ``x`` (throughput does not depend on the values)."""
+    step = trainer[1]
+    return lambda: step(x)
+
+
+def gemm_steps(batch: int, d_in: int, d_sae: int) -> dict[str, Step]:
+    """The step's three GEMM shapes (forward encoder, decoder, weight gradient) as timed contenders."""
+    a, w = torch.randn(batch, d_in), torch.randn(d_in, d_sae)
+    z, wd = torch.randn(batch, d_sae), torch.randn(d_sae, d_in)
+    return {"gemm [B,d_in]@[d_in,d_sae]": lambda: a @ w, "gemm [B,d_sae]@[d_sae,d_in]": lambda: z @ wd,
+            "gemm [d_in,B]@[B,d_sae]": lambda: a.t() @ z}
+
+
+def time_in_turns(contenders: dict[str, Step], reps: int) -> dict[str, float]:
+    """Median wall time of each contender over ``reps`` turns (after one warm-up call each)."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for fn in contenders.values():
+        fn()
+    for _ in range(reps):
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def report(title: str, secs: dict[str, float], batch: int, flops: dict[str, float]) -> None:
+    print(f"\n{title}")
+    print(f"{'contender':34s} {'s/step':>8s} {'tokens/s':>9s} {'GFLOP/s':>8s}")
+    for name, s in secs.items():
+        gf = f"{flops[name] / s / 1e9:8.1f}" if name in flops else f"{'':8s}"
+        print(f"{name:34s} {s:8.3f} {batch / s:9.0f} {gf}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--d-in", type=int, default=1536)
+    p.add_argument("--relu-d-sae", type=int, default=6144)
+    p.add_argument("--topk-d-sae", type=int, default=12288)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--reps", type=int, default=3)
+    args = p.parse_args()
+    warnings.filterwarnings("ignore", message="Sparse invariant checks")  # SAELens's sparse COO tensors
+    torch.manual_seed(0)
+    b, d = args.batch, args.d_in
+    x = heavy_tailed(b, d)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {b}, d_in {d}, fp32")
+
+    s, coeff = args.relu_d_sae, 5.0
+    relu = {"ours relu (plain L1)": on(x, ours_trainer(SAEConfig(d_sae=s), d, coeff)),
+            "saelens standard": on(x, saelens_trainer("standard", d, s, coeff)), **gemm_steps(b, d, s)}
+    secs = time_in_turns(relu, args.reps)
+    nominal = 12 * b * d * s  # forward 2 GEMMs + backward 4 GEMMs (SAELens computes all four)
+    flops = {n: 2 * b * d * s for n in relu if n.startswith("gemm")}
+    flops |= {"ours relu (plain L1)": nominal, "saelens standard": nominal}
+    report(f"relu, d_sae={s} (GFLOP/s of steps: nominal 12*B*d_in*d_sae per step)", secs, b, flops)
+    peak = max(flops[n] / secs[n] for n in relu if n.startswith("gemm"))
+    relu_ratio = secs["saelens standard"] / secs["ours relu (plain L1)"]
+    relu_frac = nominal / secs["ours relu (plain L1)"] / peak
+    executed_frac = 10 / 12 * relu_frac  # ours skips the input-gradient GEMM: 10*B*d_in*d_sae executed
+    print(f"ours/saelens tokens/s = {relu_ratio:.2f}x; ours nominal FLOP/s = {relu_frac:.2f} of peak "
+          f"{peak / 1e9:.0f} GFLOP/s (executed GEMM FLOP/s = {executed_frac:.2f} of peak)")
+
+    s, k = args.topk_d_sae, args.k
+    topk_cfg = {"architecture": "topk", "d_sae": s, "k": k}
+    topk = {"ours topk sparse": on(x, ours_trainer(SAEConfig(**topk_cfg, sparse_kernel="sparse"), d, 0.0)),
+            "ours topk dense": on(x, ours_trainer(SAEConfig(**topk_cfg, sparse_kernel="dense"), d, 0.0)),
+            "saelens topk": on(x, saelens_trainer("topk", d, s, 0.0, k=k)),
+            "saelens topk sparse_acts": on(x, saelens_trainer("topk", d, s, 0.0, k=k, **SAELENS_SPARSE))}
+    secs_k = time_in_turns(topk, args.reps)
+    report(f"topk, k={k}, d_sae={s}", secs_k, b, {})
+    best_saelens = min(secs_k["saelens topk"], secs_k["saelens topk sparse_acts"])
+    topk_ratio = best_saelens / secs_k["ours topk sparse"]
+    print(f"ours sparse / best saelens tokens/s = {topk_ratio:.2f}x")
+
+    print(f"relu_tok_s={b / secs['ours relu (plain L1)']:.0f} "
+          f"saelens_std_tok_s={b / secs['saelens standard']:.0f} "
+          f"relu_speedup={relu_ratio:.2f} relu_flops_frac={relu_frac:.2f} peak_gflops={peak / 1e9:.0f} "
+          f"topk_tok_s={b / secs_k['ours topk sparse']:.0f} saelens_topk_tok_s={b / best_saelens:.0f} "
+          f"topk_speedup={topk_ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
