@@ -99,7 +99,8 @@ def _build(keys: list[CacheKey], token_batches: Iterable[torch.Tensor], compute:
             keep = _keep_mask(tokens, exclude_mask)
             n_keep = int(keep.sum())
             if rows_seen + n_keep > rows_done:   # not (entirely) stored by an earlier run
-                acts = compute(tokens)
+                with torch.inference_mode():
+                    acts = compute(tokens)
                 _check_outputs(acts, list(sets), tokens)
                 writer = writer or _start_writer(sets, acts)
                 writer.put(_row_batch(tokens, keep, acts, storage, doc, max(0, rows_done - rows_seen)))

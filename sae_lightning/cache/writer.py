@@ -72,11 +72,13 @@ class ShardSet:
 
     def load_progress(self) -> None:
         """Keep the leading shards whose record, size and checksum hold; forget the rest."""
+        for tmp in self.dir.glob("*.tmp"):        # a write cut short by a kill
+            tmp.unlink()
         path = self.dir / PROGRESS
-        if not path.exists():
-            return
-        rec = json.loads(path.read_text())
+        rec = json.loads(path.read_text()) if path.exists() else {}
         if rec.get("key") != self.key or rec.get("shard_rows") != self.shard_rows:
+            for stale in self.dir.glob("shard_*"):  # another layout (or none recorded): start over
+                stale.unlink()
             return
         self.d = rec["d"]
         for entry in rec["shards"]:
