@@ -66,6 +66,7 @@ def test_token_decoder_reassembles_the_text(tiny_tokenizer) -> None:
     ids = tiny_tokenizer.encode("Once upon a time, a little dog")
     decode = token_decoder(tiny_tokenizer)
     assert "".join(decode(i) for i in ids) == tiny_tokenizer.decode(ids)
+    assert decode(tiny_tokenizer.bos_token_id) == ""  # specials stay out of the context text
 
 
 def test_histogram_of_a_unit() -> None:

@@ -68,4 +68,6 @@ def test_report_data_scores_neurons_and_latents_alike(held_out, tiny_gpt2) -> No
     assert len(latent_scores.units) == len(neuron_scores.units) == 10
     assert set(medians) == {"latent_entropy_median", "latent_coherence_median", "neuron_entropy_median",
                             "neuron_coherence_median"}
-    assert "neuron_coherence_median" in data.metrics and "Raw MLP neurons" in render(data)
+    page = render(data)
+    assert "neuron_coherence_median" in data.metrics and "Raw MLP neurons" in page
+    assert "Context coherence (higher = more monosemantic)" in page  # the explanation

