@@ -1,0 +1,118 @@
+"""Data-parallel training on CPU (gloo): disjoint rows per rank, identical weights after resampling, reduced
+dead-latent counts, a 2-process run equal to a 1-process run with the doubled batch, DDP inside a sweep.
+
+In-process runs use ``ddp_spawn`` (``ddp`` re-executes pytest: see ../shared/docs/field-notes.md); the
+``trainer=ddp_sim`` runs are real ``python train.py`` processes, as users run them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from test_sweep import train_py
+
+from sae_lightning.callbacks import ResampleDeadLatents
+from sae_lightning.config import ActivationsConfig, TrainConfig
+from sae_lightning.datamodule import ActivationDataModule
+from sae_lightning.module import SAEModule
+
+N_ROWS, D = 512, 16
+
+
+def _array(path: Path) -> Path:
+    """Rows with their index in column 0 (``1 + i / N``), so a batch tells which rows it holds."""
+    g = np.random.default_rng(0)
+    x = (g.random((N_ROWS, 48)) * (g.random((N_ROWS, 48)) < 0.1)) @ g.normal(size=(48, D))
+    x[:, 0] = 1 + np.arange(N_ROWS) / N_ROWS
+    np.save(path, x.astype(np.float32))
+    return path
+
+
+class _RecordRank(L.Callback):
+    """Kills latents 0..7 at the start (so resampling has work), records the row ids of every batch, and
+    saves what this rank ends with."""
+
+    def __init__(self, out: Path, norm_scale: float) -> None:
+        self.out, self.norm_scale, self.rows = out, norm_scale, []
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
+        with torch.no_grad():
+            pl_module.sae.b_enc[:8] = -1e3
+        self.w_dec0 = pl_module.sae.W_dec.detach().clone()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: SAEModule, batch: torch.Tensor, i: int):
+        ids = torch.round((batch[:, 0] / self.norm_scale - 1) * N_ROWS).long()
+        self.rows.extend(ids.tolist())
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
+        state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        torch.save({"rows": self.rows, "state": state, "w_dec0": self.w_dec0},
+                   self.out / f"rank{trainer.global_rank}.pt")
+
+
+def test_ranks_read_disjoint_rows_and_end_with_identical_weights(tmp_path):
+    path = _array(tmp_path / "x.npy")
+    cfg = TrainConfig(batch_size=32, train_tokens=32 * 8, lr=1e-2, l1=1.0)
+    cfg.sae.dict_mult = 2
+    cfg.callbacks.dead_window_tokens = 64
+    dm = ActivationDataModule(path, ActivationsConfig(source="file", path=str(path), val_fraction=0.5),
+                              batch_size=32, seed=0)
+    module = SAEModule(asdict(cfg), d_in=dm.d_in, norm_scale=dm.norm_scale)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=8, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[ResampleDeadLatents([4], 128, seed=0),
+                                                        _RecordRank(tmp_path, dm.norm_scale)])
+    trainer.fit(module, datamodule=dm)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+
+    train_rows = N_ROWS // 2  # val_fraction=0.5 holds out the last half (by shard)
+    assert len(r0["rows"]) == len(r1["rows"]) == 8 * 32  # 2 epochs of each rank's half
+    assert not set(r0["rows"]) & set(r1["rows"])
+    assert set(r0["rows"]) | set(r1["rows"]) == set(range(train_rows))
+
+    for key, value in r0["state"].items():
+        assert torch.equal(value, r1["state"][key]), key  # weights, dead counters: bit-identical
+    w_dec = r0["state"]["sae.W_dec"]
+    assert not torch.allclose(w_dec[:8], r0["w_dec0"][:8])  # the dead latents were resampled...
+    assert torch.allclose(w_dec[:8].norm(dim=1), torch.ones(8), atol=1e-5)
+    assert int(r0["state"]["window_tokens"]) == 8 * 32 * 2  # ...and firing counted over both ranks
+
+
+COMMON = ["activations=file", "activations.val_fraction=0.5", "activations.shuffle_buffer=0", "logger=csv",
+          "sae.dict_mult=4", "lr=1e-2", "trainer.progress_bar=false", "trainer.val_every_n_steps=5",
+          "trainer.limit_val_batches=1"]
+
+
+@pytest.mark.slow
+def test_ddp_sim_in_a_sweep_matches_one_process_with_the_doubled_batch(tmp_path):
+    """Every step sees the whole training split (256 rows: 1 process x 256, or 2 ranks x 128 disjoint rows),
+    so with gradients averaged over ranks both runs take the same steps. Tolerance: 1e-5 absolute on every
+    weight after 5 Adam steps at lr 1e-2 (float32 summation order; seen here: 1.2e-7)."""
+    x = _array(tmp_path / "x.npy")
+    sweep = tmp_path / "sweep"
+    proc = train_py("-m", *COMMON, f"activations.path={x}", "trainer=ddp_sim", "batch_size=128",
+                    "train_tokens=640", "l1=1,-1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    train_py(*COMMON, f"activations.path={x}", "trainer=cpu", "batch_size=256", "train_tokens=1280", "l1=1",
+             f"hydra.run.dir={tmp_path / 'single'}", cwd=tmp_path)
+
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["single", "sweep"]  # no second sweep
+    assert "runs in a fresh process (DDP)" in proc.stderr + proc.stdout
+    failed = json.loads((sweep / "001_l1=-1" / "summary.json").read_text())
+    assert failed["status"] == "failed" and "ConfigError" in failed["error"]
+    ddp = json.loads((sweep / "000_l1=1" / "summary.json").read_text())
+    one = json.loads((tmp_path / "single" / "summary.json").read_text())
+    assert ddp["status"] == "finished" and ddp["steps"] == one["steps"] == 5
+    assert ddp["tokens"] == one["tokens"] == 1280
+
+    w_ddp = torch.load(sweep / "000_l1=1" / "checkpoints" / "final.ckpt", weights_only=True)["state_dict"]
+    w_one = torch.load(tmp_path / "single" / "checkpoints" / "final.ckpt", weights_only=True)["state_dict"]
+    for key in ("sae.W_enc", "sae.b_enc", "sae.W_dec", "sae.b_dec"):
+        torch.testing.assert_close(w_ddp[key], w_one[key], atol=1e-5, rtol=0)
+    for key in ("val/l0", "val/mse"):  # validation sums over equal halves: equal after the mean over ranks
+        assert ddp["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-5)
