@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from sae_lightning.config import SAEConfig
+from sae_lightning.config import SAEConfig, TrainConfig
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -55,6 +55,26 @@ def jumprelu_threshold(sae: nn.Module) -> Tensor | None:
         return threshold
     log_threshold = getattr(sae, "log_threshold", None)
     return log_threshold.exp() if isinstance(log_threshold, Tensor) else None
+
+
+def saelens_metadata(cfg: TrainConfig) -> dict[str, Any]:
+    """``cfg.json`` metadata from a training config: what SAELens/Neuronpedia use to run the SAE in place."""
+    return {
+        "model_name": cfg.model.name,
+        "hook_name": transformer_lens_hook_name(cfg.layer, cfg.hook.name),
+        "hook_layer": cfg.layer,
+        "context_size": cfg.data.context_size,
+        "prepend_bos": cfg.data.prepend_bos,
+        "exclude_special_tokens": cfg.data.exclude_special,
+        "dataset_path": cfg.data.name if cfg.data.source == "hub" else cfg.data.path,
+        "sae_lightning_architecture": cfg.sae.architecture,
+    }
+
+
+def export_trained(sae: nn.Module, cfg: TrainConfig, norm_scale: float, path: str | Path) -> Path:
+    """:func:`export_saelens` for an SAE trained with ``cfg`` (architecture, k and metadata from it)."""
+    return export_saelens(sae, path, architecture=cfg.sae.architecture, norm_scale=norm_scale, k=cfg.sae.k,
+                          metadata=saelens_metadata(cfg))
 
 
 @torch.no_grad()

@@ -3,15 +3,18 @@
 import json
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 from torch import Tensor, nn
 
-from sae_lightning.config import SAEConfig
+from sae_lightning.config import SAEConfig, TrainConfig
 from sae_lightning.export import (
     export_saelens,
+    export_trained,
     folded_weights,
     load_saelens,
+    push_to_hub,
     read_saelens,
     transformer_lens_hook_name,
 )
@@ -115,3 +118,34 @@ def test_export_refuses_a_module_with_another_encode(tmp_path: Path) -> None:
 def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
     with pytest.raises(NotImplementedError, match="gated"):
         export_saelens(_sae("relu"), tmp_path, architecture="gated", norm_scale=1.0)
+
+
+def test_export_trained_takes_everything_from_the_config(tmp_path: Path) -> None:
+    cfg = TrainConfig(sae=SAEConfig(architecture="topk", d_sae=D_SAE, k=K), layer=2)
+    folder = export_trained(_sae("topk"), cfg, SCALE, tmp_path)
+    written = json.loads((folder / "cfg.json").read_text())
+    assert written["architecture"] == "topk" and written["k"] == K
+    assert written["metadata"]["hook_name"] == "blocks.2.mlp.hook_post"
+    assert written["metadata"]["model_name"] == "gpt2" and written["metadata"]["prepend_bos"] is True
+
+
+def test_push_to_hub_uploads_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {}
+
+    class FakeApi:  # records what would be sent; nothing leaves the machine
+        def __init__(self, token: str | None = None) -> None:
+            calls["token"] = token
+
+        def create_repo(self, repo_id: str, **kw: object) -> None:
+            calls["create"] = (repo_id, kw)
+
+        def upload_folder(self, **kw: object) -> str:
+            calls["upload"] = kw
+            return "https://huggingface.co/me/saes/commit/abc"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    _, folder = _export(tmp_path, "relu")
+    url = push_to_hub(folder, "me/saes", token="t")
+    assert url.endswith("/abc") and calls["token"] == "t"
+    assert calls["create"] == ("me/saes", {"private": False, "exist_ok": True})
+    assert calls["upload"]["folder_path"] == str(folder) and calls["upload"]["path_in_repo"] == "relu"
