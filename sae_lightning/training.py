@@ -136,6 +136,15 @@ def prepare_run_dir(run_dir: Path, fingerprint: str, resume_from: Path | None) -
     return ckpt_dir
 
 
+def keep_previous_csv_log(run_dir: Path) -> None:
+    """A run resumed in its own directory would restart ``csv/metrics.csv`` (Lightning's CSV logger rewrites
+    it): move the earlier log aside to ``metrics-<n>.csv`` so no earlier output is lost."""
+    log_file = run_dir / "csv" / "metrics.csv"
+    if log_file.exists():
+        n = 1 + sum(1 for _ in log_file.parent.glob("metrics-*.csv"))
+        log_file.rename(log_file.with_name(f"metrics-{n}.csv"))
+
+
 def check_free_space(ckpt_dir: Path, module: SAEModule) -> None:
     """Refuse to start when the disk cannot hold the checkpoints this run writes (weights + two Adam moments,
     up to four files at once: step, last, its temporary and final)."""
@@ -214,6 +223,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_dict: dict[str, Any]) -
     if cfg.trainer.compile:
         module.sae.compile()
     run_name = cfg.run_name or run_dir.name
+    keep_previous_csv_log(run_dir)
     loggers = build_loggers(cfg.logger, run_dir, run_name, config_dict)
     preemption = PreemptionCheckpoint(ckpt_dir / "last.ckpt")
     callbacks = [*build_callbacks(cfg, ckpt_dir), preemption]
