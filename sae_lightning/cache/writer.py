@@ -28,14 +28,26 @@ class CacheBuildError(RuntimeError):
     """A build could not finish; the message names the file and what to do."""
 
 
+def _hint(err: OSError) -> str:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return ("the disk is full or over quota: free space or point activations.cache_dir "
+                "(or $SAE_LIGHTNING_CACHE) at a bigger disk")
+    return "check that the cache directory is writable"
+
+
 def atomic_write_json(path: Path, obj: dict) -> None:
     """Write JSON to ``path`` through a temporary file and a rename, so readers see old or new, never half."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CacheBuildError(f"writing {path} failed: {os.strerror(err.errno or 0)}. Fix: {_hint(err)}; "
+                              "the next run resumes from the complete shards") from err
 
 
 @dataclass
@@ -118,13 +130,10 @@ class ShardSet:
             sha = write_shard(tmp, arrays, bf16=frozenset({"acts"}) if self.bf16 else frozenset())
         except OSError as err:
             tmp.unlink(missing_ok=True)
-            hint = ("the disk is full or over quota: free space or point activations.cache_dir "
-                    "(or $SAE_LIGHTNING_CACHE) at a bigger disk"
-                    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "check the directory")
             raise CacheBuildError(
                 f"writing shard {tmp} failed: {os.strerror(err.errno or 0)}. Nothing half-written was kept; "
                 f"the {len(self.shards)} complete shards in {self.dir} are checksummed and the next run "
-                f"resumes from them. Fix: {hint}.") from err
+                f"resumes from them. Fix: {_hint(err)}.") from err
         os.replace(tmp, self.dir / name)
         self.shards.append({"file": name, "rows": n, "bytes": (self.dir / name).stat().st_size, "sha256": sha,
                             "doc_first": doc_first, "doc_last": doc_first + len(contexts) - 1,
