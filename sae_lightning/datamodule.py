@@ -226,8 +226,7 @@ class ActivationDataModule(LightningDataModule):
         return StreamSpec(shards=tuple(shards), shard_sizes=tuple(self.source.shard_sizes[s] for s in shards),
                           batch_size=self.batch_size, seed=self.seed,
                           window=_window(self.cfg.shuffle_buffer, self.batch_size) if train else 0,
-                          shuffle_shards=train,
-                          world_size=self.world_size, rank=self.rank)
+                          shuffle_shards=train, world_size=self.world_size, rank=self.rank)
 
     def _loader(self, spec: StreamSpec, epochs: int | None, start: int, what: str) -> DataLoader:
         workers = max(1, self.cfg.num_workers)
@@ -240,7 +239,8 @@ class ActivationDataModule(LightningDataModule):
                 + (", or raise activations.val_fraction" if what == "validation" else ""))
         stream = ActivationStream(self.source, spec, self.norm_scale, epochs, start)
         return DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
-                          persistent_workers=self.cfg.num_workers > 0 and epochs is None)
+                          persistent_workers=self.cfg.num_workers > 0 and epochs is None,
+                          pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
         """Endless stream of ``[batch_size, d_in]`` float32 batches, resumed at the stored position."""
@@ -318,7 +318,9 @@ def _window(shuffle_buffer: int, batch_size: int) -> int:
 
 
 def split_shards(source: RowSource, val_fraction: float) -> tuple[list[int], list[int]]:
-    """(train, val) shard indices: the last ``round(val_fraction * n)`` shards (at least one) are held out.
+    """(train, val) shard indices: the fewest last shards holding at least ``val_fraction`` of the rows
+    (at least one shard) are held out. Counting rows, not shards, matters because the last shard is
+    usually partial: holding out "one shard in twenty" could leave a handful of rows.
 
     The last shards hold the last texts, so no context is split between train and validation except
     the one straddling the boundary shard.
@@ -326,7 +328,10 @@ def split_shards(source: RowSource, val_fraction: float) -> tuple[list[int], lis
     n = source.n_shards
     if val_fraction <= 0:
         return list(range(n)), []
-    n_val = max(1, round(val_fraction * n))
+    want, held, n_val = val_fraction * sum(source.shard_sizes), 0, 0
+    while n_val < n and (n_val == 0 or held < want):
+        n_val += 1
+        held += source.shard_sizes[n - n_val]
     if n_val >= n:
         raise CacheError(f"{source.path} has {n} shard(s): too few to hold out "
                          f"activations.val_fraction={val_fraction} by shard. Use a smaller "
