@@ -63,15 +63,20 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]+", "-", text).strip("-")
 
 
+def _short_value(value: str) -> str:
+    """Long floats (Optuna's ``0.0022881136684755237``) shortened to 4 significant digits for folder names."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return f"{number:.4g}" if len(value) > 8 and "." in value else value
+
+
 def job_values(task_overrides: Iterable[str], keys: Iterable[str]) -> dict[str, str]:
-    """The job's value (as overridden) of each swept key."""
-    wanted = set(keys)
-    values = {}
-    for o in OverridesParser.create().parse_overrides(list(task_overrides)):
-        key = o.get_key_element().lstrip("+~")
-        if key in wanted:
-            values[key] = o.get_value_element_as_str()
-    return values
+    """The job's value (as overridden) of each swept key, in the order of ``keys``."""
+    given = {o.get_key_element().lstrip("+~"): o.get_value_element_as_str()
+             for o in OverridesParser.create().parse_overrides(list(task_overrides))}
+    return {k: given[k] for k in keys if k in given}
 
 
 def short_names(keys: list[str]) -> dict[str, str]:
@@ -85,7 +90,7 @@ def sweep_subdir(num: int, task_overrides: Iterable[str]) -> str:
     keys = [k for k in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if k]
     values = job_values(task_overrides, keys)
     names = short_names(list(values))
-    parts = [f"{int(num):03d}", *(_safe(f"{names[k]}={v}") for k, v in values.items())]
+    parts = [f"{int(num):03d}", *(_safe(f"{names[k]}={_short_value(v)}") for k, v in values.items())]
     return "_".join(parts)
 
 

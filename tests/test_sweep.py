@@ -30,6 +30,7 @@ def test_job_folder_has_number_and_only_swept_values(monkeypatch):
     monkeypatch.setenv(SWEPT_KEYS_ENV, "sae.dict_mult,l1")
     task = ["activations=file", "activations.path=/data/x.npy", "sae.dict_mult=8", "l1=0.0003", "seed=1"]
     assert sweep_subdir(3, task) == "003_dict_mult=8_l1=0.0003"
+    assert sweep_subdir(4, ["l1=1", "sae.dict_mult=0.0022881136684755237"]) == "004_dict_mult=0.002288_l1=1"
     monkeypatch.setenv(SWEPT_KEYS_ENV, "model.name")
     assert sweep_subdir(12, ["model.name=org/some model"]) == "012_name=org-some-model"
 
