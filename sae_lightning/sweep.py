@@ -111,16 +111,14 @@ def sweep_group(sweep_dir: str | Path, preset: str | None) -> str:
 
 
 def job_context() -> dict[str, Any]:
-    """Where this job sits in its sweep: directory, overrides, swept values, W&B group and tags."""
+    """Where this job sits in its sweep: directory, number, overrides, W&B group and tags (swept values)."""
     hc = HydraConfig.get()
     overrides = list(hc.overrides.task)
     values = job_values(overrides, [k for k in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if k])
     return {
         "run_dir": Path(hc.runtime.output_dir),
-        "sweep_dir": Path(hc.sweep.dir),
         "job_num": hc.job.num,
         "overrides": overrides,
-        "swept": values,
         "group": sweep_group(hc.sweep.dir, hc.runtime.choices.get("sweep")),
         "tags": [f"{k}={v}"[:64] for k, v in values.items()],
     }
@@ -134,11 +132,15 @@ def _with_wandb_grouping(cfg: DictConfig, ctx: dict[str, Any]) -> None:
 
 
 def write_failure(run_dir: Path, error: str, trace: str, overrides: list[str]) -> None:
-    """The failed job's ``summary.json``: what :mod:`sae_lightning.compare` lists as failed, and why."""
+    """The failed job's ``summary.json``: what :mod:`sae_lightning.compare` lists as failed, and why. A
+    summary saying the run was pre-empted (its own process was stopped by a signal) is kept."""
+    path = run_dir / "summary.json"
+    if path.is_file() and json.loads(path.read_text()).get("status") == "preempted":
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = {"status": "failed", "error": error, "traceback": trace, "run_dir": str(run_dir),
                "overrides": overrides}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    path.write_text(json.dumps(summary, indent=2))
 
 
 def needs_fresh_process(cfg: DictConfig) -> bool:
