@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -294,8 +295,25 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
         return _from_hub(AutoTokenizer, cfg.tokenizer, cfg)
     if cfg.source == "hub":
         return _from_hub(AutoTokenizer, cfg.name, cfg)
-    gguf = gguf_path(cfg)
-    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return _gguf_tokenizer(gguf_path(cfg))
+
+
+def _gguf_tokenizer(gguf: Path) -> Any:
+    """The tokenizer inside a GGUF file, converted once and then kept as a tokenizer directory in the models
+    dir (keyed by the file's hash): converting takes ~20 s, reading the saved one under a second."""
+    from transformers import AutoTokenizer
+
+    saved = models_dir() / "tokenizers" / file_sha256(gguf)[:16]
+    if saved.is_dir():
+        return AutoTokenizer.from_pretrained(saved)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tmp = saved.with_name(f"{saved.name}.tmp{os.getpid()}")
+    try:
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, saved)
+    except OSError:  # read-only home, or another process saved it first: both fine
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer
 
 
 def _from_hub(loader: Any, name: str, cfg: ModelConfig, **kwargs: Any) -> Any:
