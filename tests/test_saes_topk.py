@@ -7,7 +7,7 @@ import torch
 
 from sae_lightning.config import SAEConfig
 from sae_lightning.saes import build_sae
-from sae_lightning.saes.sparse_ops import scatter_rows
+from sae_lightning.saes.sparse_ops import LatentMajor, gathered_dots
 
 D_IN, D_SAE, K, B = 16, 96, 5, 48
 
@@ -98,11 +98,14 @@ def test_sparse_path_equals_dense_path(dead: str | None) -> None:
         torch.testing.assert_close(g_sparse[name], g, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_scatter_rows_against_loop() -> None:
+def test_latent_major_scatter_and_gathered_dots_against_loops() -> None:
     g = torch.Generator().manual_seed(0)
-    index, weights, rows = torch.randint(0, 9, (6, 3), generator=g), torch.randn(6, 3), torch.randn(6, 4)
-    expected = torch.zeros(9, 4)
+    index, weights = torch.randint(0, 9, (6, 3), generator=g), torch.randn(6, 3, generator=g)
+    rows, table = torch.randn(6, 4, generator=g), torch.randn(9, 4, generator=g)
+    scattered = torch.zeros(9, 4)
     for b in range(6):
         for j in range(3):
-            expected[index[b, j]] += weights[b, j] * rows[b]
-    torch.testing.assert_close(scatter_rows(index, weights, rows, 9), expected)
+            scattered[index[b, j]] += weights[b, j] * rows[b]
+    dots = torch.stack([torch.stack([rows[b] @ table[index[b, j]] for j in range(3)]) for b in range(6)])
+    torch.testing.assert_close(LatentMajor(index, 9).scatter(weights, rows), scattered)
+    torch.testing.assert_close(gathered_dots(index, rows, table), dots)

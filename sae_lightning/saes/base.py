@@ -67,7 +67,10 @@ class SAE(nn.Module):
         w_dec = torch.randn(self.d_sae, d_in)
         w_dec *= decoder_init_norm / w_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec)
-        self.W_enc = nn.Parameter(w_dec.t().clone())  # encoder initialised as the decoder's transpose
+        # Encoder initialised as the decoder's transpose and stored latent-major (``W_enc.t()`` is
+        # contiguous): each latent's encoder column is contiguous, and sparse kernels that produce the
+        # gradient as [d_sae, d_in] hand it over without a transposing copy.
+        self.W_enc = nn.Parameter(w_dec.clone().t())
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 

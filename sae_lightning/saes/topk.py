@@ -19,7 +19,7 @@ from torch import Tensor
 from sae_lightning.config import SAEConfig
 from sae_lightning.saes.base import SAE, SAEOutput
 from sae_lightning.saes.registry import register
-from sae_lightning.saes.sparse_ops import decode_rows, gather_pre_acts
+from sae_lightning.saes.sparse_ops import sparse_decode
 
 SPARSE_MAX_DENSITY = 1 / 8  # "auto" uses the sparse kernels when k / d_sae is at most this
 
@@ -43,28 +43,19 @@ class TopKSAE(SAE):
 
     def forward(self, x: Tensor, *, sparsity_coeff: float, dead_mask: Tensor | None = None) -> SAEOutput:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.sparse):
-            pre = self.pre_acts(x)  # without grad on the sparse path: its backward is in gather_pre_acts
-        values, index = self._active(x, pre, self.k)
-        x_hat = self._decode_active(values, index) + self.b_dec
-        with torch.no_grad():
-            fire_counts = torch.bincount(index[values > 0], minlength=self.d_sae)
+            pre = self.pre_acts(x)  # without grad on the sparse path: sparse_decode does its backward
+        top, index = pre.topk(self.k, dim=-1, sorted=False)
+        x_hat = self._decode_top(x, top, index) + self.b_dec
+        with torch.no_grad():  # latents with a non-positive top value are zero after the ReLU
+            fired = index.masked_fill(top <= 0, self.d_sae).reshape(-1)
+            fire_counts = torch.bincount(fired, minlength=self.d_sae + 1)[: self.d_sae]
         return self._output(x, x_hat, fire_counts, {"auxk": self._auxk(x, x_hat, pre, dead_mask)}, dead_mask)
 
-    def _active(self, x: Tensor, pre: Tensor, k: int, among: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """ReLU'd values and indices [B, k] of the k largest pre-activations (among latents ``among``)."""
-        candidates = pre if among is None else pre[:, among]
-        top, index = candidates.topk(k, dim=-1, sorted=False)
-        if among is not None:
-            index = among[index]
+    def _decode_top(self, x: Tensor, top: Tensor, index: Tensor) -> Tensor:
+        """``sum_j relu(top[:, j]) * W_dec[index[:, j]]`` (no bias): sparse kernels or the dense reference."""
         if self.sparse:
-            top = gather_pre_acts(x, self.W_enc, self.b_enc, self.b_dec, index, top)
-        return torch.relu(top), index
-
-    def _decode_active(self, values: Tensor, index: Tensor) -> Tensor:
-        """``sum_j values[:, j] * W_dec[index[:, j]]`` without bias: row gathers, or the dense reference."""
-        if self.sparse:
-            return decode_rows(values, index, self.W_dec)
-        z = values.new_zeros(values.shape[0], self.d_sae).scatter(1, index, values)
+            return sparse_decode(x, self.W_enc, self.b_enc, self.b_dec, self.W_dec, index, top)
+        z = top.new_zeros(top.shape[0], self.d_sae).scatter(1, index, torch.relu(top))
         return z @ self.W_dec
 
     def _auxk(self, x: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor | None) -> Tensor:
@@ -72,6 +63,7 @@ class TopKSAE(SAE):
         if dead_mask is None or not bool(dead_mask.any()):
             return x.new_zeros(())
         dead = dead_mask.nonzero().squeeze(1)
-        values, index = self._active(x, pre, min(self.cfg.aux_k, dead.numel()), among=dead)
+        top, pos = pre[:, dead].topk(min(self.cfg.aux_k, dead.numel()), dim=-1, sorted=False)
         residual = (x - x_hat).detach()
-        return self.cfg.aux_coeff * (self._decode_active(values, index) - residual).pow(2).sum(-1).mean()
+        e_hat = self._decode_top(x, top, dead[pos])
+        return self.cfg.aux_coeff * (e_hat - residual).pow(2).sum(-1).mean()
