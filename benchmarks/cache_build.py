@@ -1,6 +1,6 @@
 """Cache build throughput against the bare truncated forward pass of the same model on the same batches.
 
-    python benchmarks/cache_build.py [--batches 8 --batch-size 8 --ctx 128 --dtype float32 --device auto]
+    python benchmarks/cache_build.py [--batches 6 --batch-size 8 --ctx 128 --dtype float32 --device auto]
 
 Model: a random GPT-2 of GPT-2 small's shape cut to 7 layers, hook L6.mlp_post (d=3072), through
 ``sae_lightning.lm.HookedLM`` (the truncated forward the real build uses). Token ids are random (speed
@@ -45,7 +45,7 @@ def bare_pass(lm: HookedLM, batches: list[torch.Tensor]) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--batches", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--ctx", type=int, default=128)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
