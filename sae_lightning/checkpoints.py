@@ -137,7 +137,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} holds Python objects beyond plain tensors and values, so it was not "
                               "written by sae-lightning's train.py and is not loaded (weights_only=True). "
                               "Give a .ckpt written by train.py") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
+    except PermissionError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror}. Make it readable") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({path.stat().st_size} bytes; "
                               f"{first_line}). {what_to_do}") from None

@@ -1,0 +1,227 @@
+"""Bad input, met the way a user meets it: ``python train.py``/``python evaluate.py`` (subprocess) or the same
+entry function train.py calls (``run_training`` on a config composed from the same overrides). Each case
+must fail with a message naming the bad value and what to do, before heavy work where possible, without
+losing or overwriting earlier output."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from test_resume import REPO, TRAIN, overrides, train_in_process, write_acts
+
+from sae_lightning.cache.reader import CacheError
+from sae_lightning.checkpoints import CheckpointError, load_sae_checkpoint
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A finished 10-step run on d_in=16 activations: <root>/acts.npy, <root>/run/checkpoints/*.ckpt."""
+    root = tmp_path_factory.mktemp("trained")
+    train_in_process(overrides(write_acts(root / "acts.npy"), 10), root / "run")
+    return root
+
+
+def _run(script: Path, args: list[str], cwd: Path) -> str:
+    """Run a user command that must fail; returns what it printed."""
+    proc = subprocess.run([sys.executable, str(script), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    return out
+
+
+def _assert_names(out: str, *words: str) -> None:
+    for w in words:
+        assert w in out, f"{w!r} not in:\n{out[-3000:]}"
+
+
+# ----- config: rejected by train.py before anything is loaded or written --------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize(("override", "words"), [
+    ("sae.dcit_mult=3", ["dcit_mult", "SAEConfig"]),
+    ("batch_size=abc", ["'abc' of type 'str' could not be converted to Integer", "batch_size"]),
+    ("sae.dict_mult=0", ["sae.dict_mult=0.0", "must be > 0"]),
+    ("l1=-1", ["l1=-1.0", "must be >= 0"]),
+    ("hook.name=attn_out", ["hook.name='attn_out'", "choose one of mlp_post, mlp_out, resid_post"]),
+])
+def test_config_errors_name_the_key_before_any_work(tmp_path: Path, override: str, words: list[str]) -> None:
+    acts = write_acts(tmp_path / "acts.npy", n=256)
+    out = _run(TRAIN, [*overrides(acts, 4), override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    _assert_names(out, *words)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ----- the LM side, through run_training ----------------------------------------------------------------
+def _lm_overrides(tmp_path: Path, model_dir: Path, text: Path | str, **extra: object) -> list[str]:
+    """A tiny activations=lm run: the tiny GPT-2 (3 layers, 64 positions) on a local text file."""
+    over = {"activations": "lm", "activations.cache_dir": tmp_path / "cache", "activations.shard_rows": 256,
+            "model.name": model_dir, "model.device": "cpu", "data": "tinystories_local", "data.path": text,
+            "data.context_size": 32, "data.n_tokens": 2048, "data.lm_batch_size": 8, "layer": 1,
+            "hook": "mlp_post", "batch_size": 64, "train_tokens": 640, "logger": "csv", "trainer": "cpu",
+            "trainer.progress_bar": "false"}
+    over.update(extra)
+    return [f"{k}={v}" for k, v in over.items()]
+
+
+@pytest.fixture
+def story(tmp_path: Path, tinystories_path: Path) -> Path:
+    path = tmp_path / "story.txt"
+    path.write_text(tinystories_path.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(("extra", "error", "words"), [
+    ({"layer": 7}, ValueError, ["layer=7 is beyond the model's depth", "valid layers 0..2"]),
+    ({"data.context_size": 128}, ValueError, ["data.context_size=128 exceeds the model's max positions"]),
+    ({"batch_size": 4096, "train_tokens": 8192}, CacheError, ["fewer than batch_size=4096", "batch_size"]),
+])
+def test_lm_and_cache_limits(tmp_path: Path, tiny_gpt2_dir: Path, story: Path, extra: dict, error: type,
+                             words: list[str]) -> None:
+    with pytest.raises(error) as err:
+        train_in_process(_lm_overrides(tmp_path, tiny_gpt2_dir, story, **extra), tmp_path / "run")
+    _assert_names(str(err.value), *words)
+
+
+def _text_file(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"{kind}.txt"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "latin1":
+        path.write_bytes("Once upon a time, a caf\u00e9.\n".encode("latin-1"))
+    return path
+
+
+@pytest.mark.parametrize(("kind", "error", "words"), [
+    ("missing", FileNotFoundError, ["missing.txt", "matches no file"]),
+    ("empty", ValueError, ["empty.txt is empty"]),
+    ("latin1", ValueError, ["latin1.txt is not valid UTF-8", "0xe9"]),
+])
+def test_text_file_errors(tmp_path: Path, tiny_gpt2_dir: Path, kind: str, error: type,
+                          words: list[str]) -> None:
+    over = _lm_overrides(tmp_path, tiny_gpt2_dir, _text_file(tmp_path, kind))
+    with pytest.raises(error) as err:
+        train_in_process(over, tmp_path / "run")
+    _assert_names(str(err.value), *words)
+
+
+def test_unknown_dataset_offline(tmp_path: Path, tiny_gpt2_dir: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    over = _lm_overrides(tmp_path, tiny_gpt2_dir, "unused", **{"data": "tinystories",
+                                                               "data.name": "no-such-org/no-such-dataset"})
+    with pytest.raises(ConnectionError) as err:
+        train_in_process([o for o in over if not o.startswith("data.path=")], tmp_path / "run")
+    _assert_names(str(err.value), "'no-such-org/no-such-dataset'", "data.source=files")
+
+
+def test_truncated_and_corrupted_cache_shards(tmp_path: Path, tiny_gpt2_dir: Path, story: Path) -> None:
+    """A cache damaged after it was built is refused (never read), naming the shard and how to rebuild."""
+    over = _lm_overrides(tmp_path, tiny_gpt2_dir, story)
+    train_in_process(over, tmp_path / "ok")
+    shard = sorted((tmp_path / "cache").glob("*/shard_00000.*"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-100])
+    with pytest.raises(CacheError, match=r"shard_00000.* is missing or truncated.*rebuild"):
+        train_in_process(over, tmp_path / "truncated")
+    flipped = bytearray(data)
+    flipped[-50] ^= 0xFF
+    shard.write_bytes(bytes(flipped))
+    with pytest.raises(CacheError, match=r"shard_00000.* fails its SHA-256 checksum.*rebuild"):
+        train_in_process(over, tmp_path / "corrupted")
+
+
+# ----- checkpoints --------------------------------------------------------------------------------------
+def _damaged(trained: Path, tmp_path: Path, how: str) -> Path:
+    data = (trained / "run" / "checkpoints" / "final.ckpt").read_bytes()
+    path = tmp_path / f"{how}.ckpt"
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        flipped = bytearray(data)
+        flipped[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(flipped))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["truncated", "corrupted"])
+def test_damaged_checkpoint_is_refused_before_any_work(trained: Path, tmp_path: Path, how: str) -> None:
+    bad = _damaged(trained, tmp_path, how)
+    out = _run(TRAIN, [*overrides(trained / "acts.npy", 20), f"ckpt_path={bad}",
+                       f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    _assert_names(out, str(bad), how, "resume from an earlier checkpoint")
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any work
+    with pytest.raises(CheckpointError, match=how):  # what evaluate.py loads checkpoints with
+        load_sae_checkpoint(bad)
+
+
+@pytest.mark.slow
+def test_corrupted_checkpoint_given_to_evaluate(trained: Path, tmp_path: Path) -> None:
+    bad = _damaged(trained, tmp_path, "corrupted")
+    out = _run(REPO / "evaluate.py", [f"ckpt_path={bad}", f"out_dir={tmp_path / 'eval'}"], tmp_path)
+    _assert_names(out, str(bad), "corrupted", "fails its SHA-256 digest")
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_shape_given_to_evaluate(trained: Path, tmp_path: Path) -> None:
+    ckpt = trained / "run" / "checkpoints" / "final.ckpt"
+    wide = write_acts(tmp_path / "wide.npy", d=24)
+    out = _run(REPO / "evaluate.py", [f"ckpt_path={ckpt}", "activations=file", f"activations.path={wide}",
+                                      f"out_dir={tmp_path / 'eval'}"], tmp_path)
+    _assert_names(out, "d_in=16", "d=24")
+    with pytest.raises(CheckpointError, match=r"holds an SAE for d_in=16 activations.*have d=24"):
+        load_sae_checkpoint(ckpt, expected_d_in=24)
+
+
+def test_resuming_a_checkpoint_of_another_shape(trained: Path, tmp_path: Path) -> None:
+    ckpt = trained / "run" / "checkpoints" / "final.ckpt"
+    over = [*overrides(trained / "acts.npy", 20, **{"sae.dict_mult": 4}), f"ckpt_path={ckpt}"]
+    with pytest.raises(CheckpointError, match=r"another shape.*sae\.W_enc: \(16, 32\) in the checkpoint, "
+                                              r"\(16, 64\) expected"):
+        train_in_process(over, tmp_path / "run")
+
+
+# ----- the output directory -----------------------------------------------------------------------------
+@contextmanager
+def read_only(path: Path) -> Iterator[Path]:
+    """Make ``path`` read-only for this process: mode 555, plus the immutable flag when running as root
+    (root ignores mode bits). Fails, rather than skips, when the directory stays writable."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o555)
+    as_root = os.geteuid() == 0
+    if as_root:
+        subprocess.run(["chattr", "+i", str(path)], check=True)
+    try:
+        with pytest.raises(OSError):
+            (path / "probe").mkdir()
+        yield path
+    finally:
+        if as_root:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        path.chmod(0o755)
+
+
+def test_read_only_output_directory(trained: Path, tmp_path: Path) -> None:
+    over = overrides(trained / "acts.npy", 10)
+    with read_only(tmp_path / "locked") as locked:
+        with pytest.raises(CheckpointError, match=r"cannot write to the output directory .*locked/run.*"
+                                                  r"hydra\.run\.dir"):
+            train_in_process(over, locked / "run")
+        out = _run(TRAIN, [*over, f"hydra.run.dir={locked / 'run'}"], tmp_path)
+        _assert_names(out, str(locked / "run"))
+
+
+def test_fresh_run_never_overwrites_an_earlier_runs_checkpoints(trained: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    with pytest.raises(CheckpointError, match=r"already holds checkpoints of an earlier run.*ckpt_path=last"):
+        train_in_process(overrides(trained / "acts.npy", 10), run)
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
