@@ -15,6 +15,10 @@ from sae_lightning.evaluate.contexts import (
 )
 
 
+def _str_tokens(ids: list[int]) -> list[str]:
+    return [str(t) for t in ids]
+
+
 def _stream(n_rows: int = 50, n_units: int = 7) -> tuple[torch.Tensor, ...]:
     """Random non-negative activations; rows come from 5 contexts of 10 positions."""
     g = torch.Generator().manual_seed(0)
@@ -48,25 +52,28 @@ def test_density_and_unfilled_slots_by_hand() -> None:
     summary = collector.result()
     torch.testing.assert_close(summary.density(), torch.tensor([0.5, 0.0]))
     row = [5, 6, 7, 8]
-    contexts = top_contexts(summary.top, 0, lambda doc: row, str, before=1, after=0)
+    contexts = top_contexts(summary.top, 0, lambda doc: row, _str_tokens, before=1, after=0)
     assert [(c.value, c.pos, c.tokens, c.active) for c in contexts] == [(3.0, 2, ["6", "7"], 1),
                                                                         (1.0, 0, ["5"], 0)]
-    assert top_contexts(summary.top, 1, lambda doc: row, str) == []
+    assert top_contexts(summary.top, 1, lambda doc: row, _str_tokens) == []
 
 
 def test_context_window_is_clipped_and_marks_the_token() -> None:
     row = list(range(10, 20))
-    c = make_context(row, pos=1, value=2.0, doc=4, decode=lambda t: f"<{t}>", before=3, after=2)
+    c = make_context(row, pos=1, value=2.0, doc=4, decode=lambda ids: [f"<{t}>" for t in ids], before=3,
+                     after=2)
     assert c.tokens == ["<10>", "<11>", "<12>", "<13>"] and c.active == 1 and c.tokens[c.active] == "<11>"
-    end = make_context(row, pos=9, value=1.0, doc=4, decode=str, before=2, after=5)
+    end = make_context(row, pos=9, value=1.0, doc=4, decode=_str_tokens, before=2, after=5)
     assert end.tokens == ["17", "18", "19"] and end.active == 2 and end.text == "171819"
 
 
 def test_token_decoder_reassembles_the_text(tiny_tokenizer) -> None:
-    ids = tiny_tokenizer.encode("Once upon a time, a little dog")
-    decode = token_decoder(tiny_tokenizer)
-    assert "".join(decode(i) for i in ids) == tiny_tokenizer.decode(ids)
-    assert decode(tiny_tokenizer.bos_token_id) == ""  # specials stay out of the context text
+    text = "Once upon a time, a little dog said “wow” 🐶."
+    ids = tiny_tokenizer.encode(text)
+    pieces = token_decoder(tiny_tokenizer)(ids)
+    assert len(pieces) == len(ids) and "".join(pieces) == text  # multi-byte characters shown whole
+    assert "\ufffd" not in "".join(pieces) and "🐶" in pieces
+    assert token_decoder(tiny_tokenizer)([tiny_tokenizer.bos_token_id, ids[0]]) == ["", pieces[0]]  # BOS: ""
 
 
 def test_histogram_of_a_unit() -> None:
@@ -83,4 +90,4 @@ def test_direct_logit_effect_by_hand() -> None:
     torch.testing.assert_close(neurons, torch.tensor([[0.0, 2.0, 2.0], [1.0, 1.0, 0.0]]))
     latent = direct_logit_effect(torch.tensor([[0.5, 0.0, 0.5]]), W_U, W_out)  # = (W_out[0] + W_out[2]) / 2
     torch.testing.assert_close(latent, torch.tensor([[1.0, 0.5, -0.5]]))
-    assert top_promoted(latent[0], 2, lambda i: "abc"[i]) == [("a", 1.0), ("b", 0.5)]
+    assert top_promoted(latent[0], 2, lambda ids: ["abc"[i] for i in ids]) == [("a", 1.0), ("b", 0.5)]

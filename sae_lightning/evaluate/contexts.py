@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-TokenDecoder = Callable[[int], str]
+TokenDecoder = Callable[[Sequence[int]], list[str]]  # token ids -> the text of each, in order
+REPLACEMENT_CHAR = "\ufffd"  # what decoding an incomplete UTF-8 byte sequence yields
 ContextRow = Callable[[int], Sequence[int]]  # doc index -> the token ids of that context row
 
 
@@ -110,10 +112,26 @@ class Context:
         return "".join(self.tokens)
 
 
-def token_decoder(tokenizer: object) -> TokenDecoder:
-    """Token id -> its text as it appears in decoded output (``decode([id])``, not the BPE symbol).
-    Special tokens (BOS/EOS/PAD) decode to "" so they do not enter the embedded context text."""
-    return lambda token_id: tokenizer.decode([int(token_id)], skip_special_tokens=True)
+def token_decoder(tokenizer: Any) -> TokenDecoder:
+    """Token ids -> the text each contributes to the decoded string (not its BPE symbol).
+
+    Decoded by prefixes, so a character split over several byte-level tokens (an emoji, curly quotes)
+    is shown whole, on the first of its tokens, instead of as replacement characters. Special tokens
+    (BOS/EOS/PAD) contribute "" so they do not enter the embedded context text.
+    """
+
+    def decode(ids: Sequence[int]) -> list[str]:
+        ids = [int(i) for i in ids]
+        pieces, done, first = [""] * len(ids), "", 0  # first: the first token not yet given text
+        for i in range(len(ids)):
+            text = tokenizer.decode(ids[:i + 1], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            if text.endswith(REPLACEMENT_CHAR) and i + 1 < len(ids):
+                continue  # an incomplete character: wait for the tokens that complete it
+            pieces[first] = text[len(done):] if text.startswith(done) else text
+            done, first = text, i + 1
+        return pieces
+
+    return decode
 
 
 def make_context(row: Sequence[int], pos: int, value: float, doc: int, decode: TokenDecoder,
@@ -121,7 +139,7 @@ def make_context(row: Sequence[int], pos: int, value: float, doc: int, decode: T
     """The tokens ``row[pos - before : pos + after + 1]`` decoded, with the activating one marked."""
     start = max(0, pos - before)
     window = list(row[start:pos + after + 1])
-    return Context(tokens=[decode(t) for t in window], active=pos - start, value=float(value), doc=doc,
+    return Context(tokens=decode(window), active=pos - start, value=float(value), doc=doc,
                    pos=pos, token_id=int(row[pos]))
 
 
@@ -157,4 +175,4 @@ def direct_logit_effect(directions: Tensor, W_U: Tensor, W_out: Tensor | None = 
 def top_promoted(effect: Tensor, k: int, decode: TokenDecoder) -> list[tuple[str, float]]:
     """The ``k`` tokens with the largest direct logit effect in one unit's ``effect [vocab]``."""
     values, ids = effect.topk(k)
-    return [(decode(int(i)), float(v)) for v, i in zip(values, ids, strict=True)]
+    return [(decode([int(i)])[0], float(v)) for v, i in zip(values, ids, strict=True)]
