@@ -310,3 +310,14 @@ def test_ensure_cache_with_the_tiny_lm(tmp_path, tiny_gpt2_dir, tiny_gpt2, tinys
         again = ensure_cache(cfg)
     assert [c.path for c in again] == [mlp.path, resid.path] and "reusing" in caplog.text
     assert "loading" not in caplog.text      # reuse never loads the model
+
+
+def test_cli_build_composes_the_train_config(tmp_path, tiny_gpt2_dir, capsys):
+    overrides = [f"model.name={tiny_gpt2_dir}", "data=tinystories_local", "data.context_size=16",
+                 "data.n_tokens=512", "data.lm_batch_size=8", "layer=0", "hook=resid_post",
+                 f"activations.cache_dir={tmp_path}", "activations.shard_rows=100"]
+    assert cli(["build", *overrides]) == 0
+    printed = capsys.readouterr().out
+    cache = ActivationCache(printed.split()[0])
+    assert cache.key.hooks == ("L0.resid_post",) and cache.meta["shape"] == [cache.n_rows, 32]
+    assert cli(["build", *overrides]) == 0 and capsys.readouterr().out == printed   # reused

@@ -178,7 +178,7 @@ def _resume_point(sets: dict[str, ShardSet]) -> int:
 def _publish(key: CacheKey, shards: ShardSet, root: Path, tokens_seen: int, seconds: float) -> None:
     """Write meta.json inside the partial directory, then rename it into place (the atomic step)."""
     meta = {"format_version": key.format_version, "name": key.name, "key": key.to_dict(),
-            "hook": key.hooks[0],
+            "hook": key.hooks[0], "shape": [sum(s["rows"] for s in shards.shards), shards.d],
             "d": shards.d, "dtype": key.dtype, "shard_rows": shards.shard_rows,
             "n_rows": sum(s["rows"] for s in shards.shards), "n_docs": shards.shards[-1]["doc_last"] + 1,
             "tokens_seen": tokens_seen, "shards": shards.shards, "build_seconds": round(seconds, 2),
