@@ -93,7 +93,9 @@ class SAE(nn.Module):
         if not self.unit_norm_decoder or grad is None:
             return
         w = self.W_dec
-        coef = torch.linalg.vecdot(grad, w) / torch.linalg.vecdot(w, w)
+        # row-wise dot products as a batched matmul: linalg.vecdot materialises a [d_sae, d_in] product
+        along = torch.bmm(grad.unsqueeze(1), w.unsqueeze(2)).view(-1)
+        coef = along / torch.linalg.vector_norm(w, dim=1).square()
         grad.addcmul_(coef[:, None], w, value=-1.0)
 
     @torch.no_grad()
