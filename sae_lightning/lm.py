@@ -15,6 +15,7 @@ first and the network is tried only when a quick probe says the hub answers.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -266,6 +267,7 @@ def _removing(handles: list[Any]) -> Iterator[None]:
 # ---------------------------------------------------------------- loading
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_KEEP_DEQUANTIZED_MAX_BYTES = 4 << 30  # larger GGUF models are dequantized on every load, not kept
 
 
 def resolve_device(device: str | None, cfg: ModelConfig) -> str:
@@ -282,9 +284,51 @@ def load_lm(cfg: ModelConfig, device: str | None = None) -> HookedLM:
     if cfg.source == "hub":
         model = _from_hub(AutoModelForCausalLM, cfg.name, cfg, dtype=dtype)
     else:
-        gguf = gguf_path(cfg)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+        model = _gguf_model(gguf_path(cfg), dtype)
     return HookedLM(model.to(resolve_device(device, cfg)), load_tokenizer(cfg))
+
+
+def _gguf_model(gguf: Path, dtype: torch.dtype) -> nn.Module:
+    """The model in a GGUF file, dequantized to fp32 once and then kept as safetensors in the models dir
+    (keyed by the file's hash; up to ``_KEEP_DEQUANTIZED_MAX_BYTES``): dequantizing takes ~20 s, reading
+    the kept copy ~1 s."""
+    from transformers import AutoModelForCausalLM
+
+    saved = _converted_dir(gguf, "dequantized")
+    if saved.is_dir():
+        return AutoModelForCausalLM.from_pretrained(saved, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    if 4 * sum(p.numel() for p in model.parameters()) <= _KEEP_DEQUANTIZED_MAX_BYTES:
+        _save_atomically(saved, lambda tmp: _save_dequantized(model, tmp))
+    return model.to(dtype)
+
+
+def _save_dequantized(model: nn.Module, into: Path) -> None:
+    """config.json (without the GGUF quantization entry) + model.safetensors, readable by from_pretrained."""
+    from safetensors.torch import save_model
+
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    config.pop("quantization_config", None)
+    into.mkdir(parents=True)
+    (into / "config.json").write_text(json.dumps(config, indent=2))
+    save_model(model, str(into / "model.safetensors"))  # drops the tied copy of the embedding
+
+
+def _converted_dir(gguf: Path, kind: str) -> Path:
+    return models_dir() / kind / file_sha256(gguf)[:16]
+
+
+def _save_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a directory beside ``target`` then rename it into place, so readers never see half of it.
+
+    Best effort: a read-only or full disk, or another process finishing first, only costs a redo next time.
+    """
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
@@ -303,16 +347,11 @@ def _gguf_tokenizer(gguf: Path) -> Any:
     dir (keyed by the file's hash): converting takes ~20 s, reading the saved one under a second."""
     from transformers import AutoTokenizer
 
-    saved = models_dir() / "tokenizers" / file_sha256(gguf)[:16]
+    saved = _converted_dir(gguf, "tokenizers")
     if saved.is_dir():
         return AutoTokenizer.from_pretrained(saved)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tmp = saved.with_name(f"{saved.name}.tmp{os.getpid()}")
-    try:
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, saved)
-    except OSError:  # read-only home, or another process saved it first: both fine
-        shutil.rmtree(tmp, ignore_errors=True)
+    _save_atomically(saved, tokenizer.save_pretrained)
     return tokenizer
 
 
