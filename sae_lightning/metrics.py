@@ -103,7 +103,7 @@ class ReconstructionStats:
             "nmse": nmse,
             "explained_variance": 1.0 - nmse,
             "cosine_sim": self._cos_sum / self.n_tokens,
-            "n_tokens": float(self.n_tokens),
+            "n_tokens": self.n_tokens,
         }
         if self.fire_counts is not None:
             density = self.fire_counts / self.n_latent_tokens

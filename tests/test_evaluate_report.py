@@ -10,7 +10,7 @@ import pytest
 from sae_lightning.evaluate.contexts import Context
 from sae_lightning.evaluate.report import ReportData, UnitCard, render, write_report
 
-METRICS = {"explained_variance": 0.8125, "l0": 12.5, "ce_loss_recovered": float("nan"), "n_tokens": 20000.0}
+METRICS = {"explained_variance": 0.8125, "l0": 12.5, "ce_loss_recovered": float("nan"), "n_tokens": 20000}
 
 
 def _images(page: str) -> list[bytes]:
@@ -18,7 +18,7 @@ def _images(page: str) -> list[bytes]:
 
 
 def test_report_is_self_contained_and_escaped(tmp_path: Path) -> None:
-    ctx = Context(tokens=["a", " <b>", " c"], active=1, value=2.5, doc=0, pos=1, token_id=7)
+    ctx = Context(tokens=["a\n", " <b>", " c"], active=1, value=2.5, doc=0, pos=1, token_id=7)
     card = UnitCard(kind="latent", index=3, density=0.01, contexts=[ctx],
                     histogram=np.histogram([1.0, 2.0, 2.5], bins=3), promoted=[(" dog", 1.25)])
     data = ReportData(title="SAE <run>", metrics=METRICS, latents=[card], neurons=[],
@@ -28,7 +28,7 @@ def test_report_is_self_contained_and_escaped(tmp_path: Path) -> None:
     assert "http" not in page.replace("http-equiv", "")  # nothing fetched from the network
     images = _images(page)
     assert len(images) == 3 and all(img.startswith(b"\x89PNG") for img in images)
-    assert "<mark> &lt;b&gt;</mark>" in page and "SAE &lt;run&gt;" in page
+    assert "a↵<mark> &lt;b&gt;</mark>" in page and "SAE &lt;run&gt;" in page
     assert "0.8125" in page and "20,000" in page and "n/a" in page  # NaN recovered shown as n/a
 
 

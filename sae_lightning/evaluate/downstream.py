@@ -108,5 +108,5 @@ def downstream_metrics(
     out["ce_loss_recovered"] = ce_loss_recovered(out["ce_loss_clean"], out["ce_loss_sae"],
                                                  out["ce_loss_zero"])
     out["kl_div"] = sums["kl"] / count
-    out["n_tokens_downstream"] = float(count)
+    out["n_tokens_downstream"] = count
     return out

@@ -133,6 +133,8 @@ def _e(value: object) -> str:
 
 
 def _fmt(value: object) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
     if isinstance(value, float):
         if math.isnan(value):
             return "n/a"
@@ -191,7 +193,8 @@ def _card(card: UnitCard) -> str:
 
 
 def _context(c: Context) -> str:
-    parts = [f"<mark>{_e(t)}</mark>" if i == c.active else _e(t) for i, t in enumerate(c.tokens)]
+    shown = [t.replace("\n", "↵") for t in c.tokens]  # keep each context on one line
+    parts = [f"<mark>{_e(t)}</mark>" if i == c.active else _e(t) for i, t in enumerate(shown)]
     return f"<li><span class='tok'>{''.join(parts)}</span> <span class='val'>[{c.value:.3g}]</span></li>"
 
 
