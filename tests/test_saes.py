@@ -7,7 +7,7 @@ import torch
 
 from sae_lightning.config import SAEConfig
 from sae_lightning.saes import SAE_REGISTRY, build_sae
-from sae_lightning.saes.base import count_active
+from sae_lightning.saes.base import column_stats
 from sae_lightning.saes.init import decoder_bias_init, geometric_median
 
 D_IN, D_SAE, B = 12, 40, 64
@@ -149,8 +149,23 @@ def test_init_b_dec(method: str) -> None:
     torch.testing.assert_close(sae.b_dec.detach(), expected)
 
 
-def test_count_active_matches_count_nonzero() -> None:
+def test_column_stats() -> None:
     z = torch.relu(torch.randn(1000, 37, generator=torch.Generator().manual_seed(0)))
-    counts = count_active(z, rows=256)  # 1000 rows: the last block is partial
+    sums, counts = column_stats(z)  # 1000 rows: the last block is partial
     assert counts.dtype == torch.int64
     assert torch.equal(counts, torch.count_nonzero(z, dim=0))
+    torch.testing.assert_close(sums, z.sum(0))
+
+
+@pytest.mark.parametrize("variant", ["plain", "decoder_norm"])
+def test_relu_gradients_match_plain_autograd(variant: str) -> None:
+    sae, x = make(l1_variant=variant), batch()
+    sae(x, sparsity_coeff=0.3).loss.backward()
+    ours = grads(sae)
+    sae.zero_grad()
+    z = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    weights = sae.W_dec.norm(dim=1) if variant == "decoder_norm" else torch.ones(D_SAE)
+    loss = ((z @ sae.W_dec + sae.b_dec - x) ** 2).sum(-1).mean() + 0.3 * (z * weights).sum(-1).mean()
+    loss.backward()
+    for name, g in grads(sae).items():
+        torch.testing.assert_close(ours[name], g, rtol=1e-4, atol=1e-5, msg=name)

@@ -19,23 +19,26 @@ from torch import Tensor, nn
 from sae_lightning.config import SAEConfig
 from sae_lightning.saes.init import decoder_bias_init
 
+BLOCK_ROWS = 256  # row blocks for passes over [B, d_sae] tensors: a reused buffer stays in cache
+
 
 @torch.no_grad()
-def count_active(z: Tensor, rows: int = 256) -> Tensor:
-    """Per-latent number of rows of ``z`` [B, d_sae] with a non-zero value (int64 [d_sae]), for z >= 0.
+def column_stats(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-latent sums (float) and non-zero counts (int64) over the rows of ``z`` [B, d_sae], z >= 0.
 
-    Counted by blocks of ``rows`` rows: ``sign`` into one small reused buffer, then a ones-vector
-    matmul accumulates the block. ``count_nonzero`` instead converts the whole [B, d_sae] mask to
-    int64 (8 bytes per entry), several times slower at training batch sizes.
+    One blockwise pass: ``sign`` of each block into a small reused buffer, and two ones-vector
+    matmuls. ``count_nonzero`` instead converts the whole [B, d_sae] mask to int64 (8 bytes per
+    entry), several times slower at training batch sizes.
     """
-    n_rows = min(rows, z.shape[0])
+    n_rows = min(BLOCK_ROWS, z.shape[0])
     buf = z.new_empty(n_rows, z.shape[1])
     ones = z.new_ones(1, n_rows)
-    counts = z.new_zeros(1, z.shape[1])
+    sums, counts = z.new_zeros(1, z.shape[1]), z.new_zeros(1, z.shape[1])
     for block in z.split(n_rows):
         n = block.shape[0]
+        sums.addmm_(ones[:, :n], block)
         counts.addmm_(ones[:, :n], torch.sign(block, out=buf[:n]))
-    return counts[0].round().long()
+    return sums[0], counts[0].round().long()
 
 
 @dataclass

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from sae_lightning.config import SAEConfig
-from sae_lightning.saes.base import SAE, SAEOutput, count_active
+from sae_lightning.saes.base import SAE, SAEOutput, column_stats
 from sae_lightning.saes.registry import register
 
 
@@ -84,4 +84,5 @@ class JumpReLUSAE(SAE):
         z = _JumpReLU.apply(pre, theta, self.bandwidth)
         x_hat = self.decode(z)
         l0 = _Step.apply(pre, theta, self.bandwidth).sum(-1).mean()
-        return self._output(x, x_hat, count_active(z), {"l0_penalty": sparsity_coeff * l0}, dead_mask)
+        fire_counts = column_stats(z.detach())[1]
+        return self._output(x, x_hat, fire_counts, {"l0_penalty": sparsity_coeff * l0}, dead_mask)
