@@ -3,7 +3,7 @@
 Session-scoped, built offline in a few seconds, and loaded through the same code as real models
 (``load_lm(ModelConfig(name=<dir>))``), so other stages can test against them:
 
-- ``tiny_tokenizer``: byte-level BPE (vocab ~300) trained on the first stories of the TinyStories sample,
+- ``tiny_tokenizer``: byte-level BPE (vocab ~300) trained on the first ~50 stories of the TinyStories sample,
   a ``PreTrainedTokenizerFast`` with BOS ``<s>``, EOS ``</s>`` and PAD ``<pad>`` (distinct ids).
 - ``tiny_gpt2_dir`` / ``tiny_llama_dir``: directories holding a randomly initialised ``GPT2LMHeadModel``
   (3 layers, d_model 32, d_mlp 128, 64 positions) or ``LlamaForCausalLM`` (3 layers, d_model 32,
@@ -31,12 +31,12 @@ def tinystories_path() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    """A byte-level BPE tokenizer trained on a few hundred lines of TinyStories (no network)."""
+    """A byte-level BPE tokenizer trained on 200 lines of TinyStories (no network)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     with TINYSTORIES.open(encoding="utf-8") as f:
-        lines = [line for line in itertools.islice(f, 400) if "<|endoftext|>" not in line]
+        lines = [line for line in itertools.islice(f, 200) if "<|endoftext|>" not in line]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
