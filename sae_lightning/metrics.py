@@ -152,8 +152,9 @@ def ce_loss_recovered(l_clean: float, l_sae: float, l_zero: float) -> float:
 def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
     """Per-position cross-entropy ``-log p(tokens[:, t+1] | tokens[:, :t+1])``, shape ``[B, T-1]``
     (position ``t`` predicts token ``t+1``)."""
-    logp = logits[:, :-1].float().log_softmax(-1)
-    return -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    pred = logits[:, :-1].float()
+    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), tokens[:, 1:].reshape(-1),
+                           reduction="none").view(pred.shape[:2])
 
 
 def next_token_kl(clean_logits: Tensor, spliced_logits: Tensor) -> Tensor:
@@ -161,4 +162,4 @@ def next_token_kl(clean_logits: Tensor, spliced_logits: Tensor) -> Tensor:
     the next-token distributions, shape ``[B, T-1]`` (aligned with :func:`next_token_loss`)."""
     logp = clean_logits[:, :-1].float().log_softmax(-1)
     logq = spliced_logits[:, :-1].float().log_softmax(-1)
-    return (logp.exp() * (logp - logq)).sum(-1)
+    return F.kl_div(logq, logp, reduction="none", log_target=True).sum(-1)
