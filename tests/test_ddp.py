@@ -97,20 +97,20 @@ def test_ddp_sim_in_a_sweep_matches_one_process_with_the_doubled_batch(tmp_path)
     x = _array(tmp_path / "x.npy")
     sweep = tmp_path / "sweep"
     proc = train_py("-m", *COMMON, f"activations.path={x}", "trainer=ddp_sim", "batch_size=128",
-                    "train_tokens=640", "l1=1,-1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+                    "train_tokens=640", "l1=-1,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     train_py(*COMMON, f"activations.path={x}", "trainer=cpu", "batch_size=256", "train_tokens=1280", "l1=1",
              f"hydra.run.dir={tmp_path / 'single'}", cwd=tmp_path)
 
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["single", "sweep"]  # no second sweep
     assert "runs in a fresh process (DDP)" in proc.stderr + proc.stdout
-    failed = json.loads((sweep / "001_l1=-1" / "summary.json").read_text())
+    failed = json.loads((sweep / "000_l1=-1" / "summary.json").read_text())  # and the next job did not hang
     assert failed["status"] == "failed" and "ConfigError" in failed["error"]
-    ddp = json.loads((sweep / "000_l1=1" / "summary.json").read_text())
+    ddp = json.loads((sweep / "001_l1=1" / "summary.json").read_text())
     one = json.loads((tmp_path / "single" / "summary.json").read_text())
     assert ddp["status"] == "finished" and ddp["steps"] == one["steps"] == 5
     assert ddp["tokens"] == one["tokens"] == 1280
 
-    w_ddp = torch.load(sweep / "000_l1=1" / "checkpoints" / "final.ckpt", weights_only=True)["state_dict"]
+    w_ddp = torch.load(sweep / "001_l1=1" / "checkpoints" / "final.ckpt", weights_only=True)["state_dict"]
     w_one = torch.load(tmp_path / "single" / "checkpoints" / "final.ckpt", weights_only=True)["state_dict"]
     for key in ("sae.W_enc", "sae.b_enc", "sae.W_dec", "sae.b_dec"):
         torch.testing.assert_close(w_ddp[key], w_one[key], atol=1e-5, rtol=0)

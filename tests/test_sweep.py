@@ -101,8 +101,8 @@ def test_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path):
 
 @pytest.mark.slow
 def test_one_activation_cache_for_the_whole_sweep(tmp_path, tiny_gpt2_dir, tinystories_path):
-    """Jobs of an LM sweep build the cache once (under its file lock) and the later jobs reuse it; two
-    processes started together (two SLURM jobs of a sweep) build it once too."""
+    """Jobs of an LM sweep build the cache once and the later jobs reuse it; two processes started together
+    (as parallel jobs of a sweep) build it once too: one waits on the other's file lock, then reuses."""
     cache = tmp_path / "cache"
     lm = [f"model.name={tiny_gpt2_dir}", "data=tinystories_local", f"data.path={tinystories_path}",
           "data.context_size=32", "data.n_tokens=4096", "data.lm_batch_size=16", "layer=1",
@@ -112,10 +112,9 @@ def test_one_activation_cache_for_the_whole_sweep(tmp_path, tiny_gpt2_dir, tinys
     assert len(built) == 1, built
     assert (proc.stdout + proc.stderr).count("reusing activation cache") == 1  # job 1 reused job 0's
 
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, str(REPO / "train.py"), *lm, "data.n_tokens=6144", "l1=1"]
-    procs = [subprocess.Popen([*cmd, f"hydra.run.dir={tmp_path / f'run{i}'}"], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    cmd = [sys.executable, "-m", "sae_lightning.cache", "build", *lm, "data.n_tokens=6144"]
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2  # one more key, built once
