@@ -161,8 +161,8 @@ class ActivationStream(IterableDataset):
             plan = _EpochPlan(self.spec, consumer, n_consumers, epoch)
             for k in range(first, per_epoch):
                 yield self._batch(plan, k)
-                self._release_outside(plan.window_shards(k))
-            self._release_outside(set())     # the next epoch visits shards in another order
+                self.source.release_except(plan.window_shards(k))
+            self.source.release_except(set())     # the next epoch visits shards in another order
             epoch, first = epoch + 1, 0
 
     def _batch(self, plan: _EpochPlan, k: int) -> torch.Tensor:
@@ -170,11 +170,6 @@ class ActivationStream(IterableDataset):
         if self.norm_scale != 1.0:
             x *= self.norm_scale
         return torch.from_numpy(x)
-
-    def _release_outside(self, keep: set[int]) -> None:
-        for s in list(self.source._maps):
-            if s not in keep:
-                self.source.release(s)
 
 
 @dataclass
@@ -253,7 +248,8 @@ class ActivationDataModule(LightningDataModule):
         return self._loader(self._spec(self.val_shards, False), 1, 0, "validation")
 
     def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
-        """``n`` normalized training rows drawn uniformly (decoder-bias init, resampling)."""
+        """``min(n, training rows)`` normalized training rows drawn uniformly without replacement
+        (decoder-bias init, resampling)."""
         x = sample_rows(self.source, self.train_shards, n, self.seed if seed is None else seed)
         return torch.from_numpy(x * np.float32(self.norm_scale))
 

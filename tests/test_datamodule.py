@@ -153,7 +153,7 @@ def test_memory_is_bounded_by_the_window_not_the_cache(array_path):
     mapped = []
     for _ in range(400):                      # more than three epochs
         next(loader)
-        mapped.append(len(dm.source._maps))
+        mapped.append(len(dm.source.mapped_shards))
     assert max(mapped) <= 240 // 32 + 2      # the shards of one window (250 rounded to batches) of 57
 
 

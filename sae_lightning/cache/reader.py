@@ -75,7 +75,6 @@ class RowSource:
     dtype: str
     shard_sizes: list[int]
     norm_scale: float
-    has_context = False
 
     def __init__(self) -> None:
         self._maps: dict[int, dict[str, np.ndarray]] = {}
@@ -107,6 +106,16 @@ class RowSource:
         """Unmap shard ``i`` so its pages leave this process's memory."""
         self._maps.pop(i, None)
 
+    def release_except(self, keep: set[int]) -> None:
+        """Unmap every mapped shard not in ``keep``."""
+        for i in [i for i in self._maps if i not in keep]:
+            self.release(i)
+
+    @property
+    def mapped_shards(self) -> set[int]:
+        """Shards currently mapped by this process."""
+        return set(self._maps)
+
     def read_rows(self, i: int, idx: np.ndarray) -> np.ndarray:
         """float32 rows ``idx`` (sorted for locality by the caller) of shard ``i``, raw (not normalized)."""
         return to_float32(self.shard(i)["acts"][idx], self.dtype)
@@ -123,8 +132,6 @@ class RowSource:
 
 class ActivationCache(RowSource):
     """A finished cache directory (``meta.json`` + ``shard_*.safetensors``)."""
-
-    has_context = True
 
     def __init__(self, path: str | Path, expected_key: CacheKey | None = None):
         super().__init__()

@@ -89,11 +89,6 @@ def memmap_shard(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def array_dtypes(path: Path) -> dict[str, str]:
-    """The safetensors dtype tag of every array in the file."""
-    return {k: v["dtype"] for k, v in read_header(path)[0].items()}
-
-
 def file_sha256(path: Path) -> str:
     """SHA-256 of a file read in chunks (plain reads, not mmap, so it leaves no pages in our RSS)."""
     with open(path, "rb") as f:
