@@ -169,3 +169,16 @@ def test_relu_gradients_match_plain_autograd(variant: str) -> None:
     loss.backward()
     for name, g in grads(sae).items():
         torch.testing.assert_close(ours[name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu"])
+def test_bf16_autocast_trains_and_counts_exactly(arch: str) -> None:
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(architecture=arch, d_sae=D_SAE, k=4, jumprelu_init_threshold=0.1), D_IN)
+    x = batch(600)  # > 256 rows: bf16 could not even hold the counts exactly
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sae(x, sparsity_coeff=0.1)
+        z = sae.encode(x)
+    out.loss.backward()
+    assert torch.equal(out.fire_counts, (z != 0).sum(0))
+    assert all(torch.isfinite(p.grad).all() and p.grad.abs().max() > 0 for p in sae.parameters())

@@ -24,20 +24,23 @@ BLOCK_ROWS = 256  # row blocks for passes over [B, d_sae] tensors: a reused buff
 
 @torch.no_grad()
 def column_stats(z: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-latent sums (float) and non-zero counts (int64) over the rows of ``z`` [B, d_sae], z >= 0.
+    """Per-latent sums (float32) and non-zero counts (int64) over the rows of ``z`` [B, d_sae], z >= 0.
 
-    One blockwise pass: ``sign`` of each block into a small reused buffer, and two ones-vector
-    matmuls. ``count_nonzero`` instead converts the whole [B, d_sae] mask to int64 (8 bytes per
+    One blockwise pass in float32 (exact counts also when z is bf16/fp16 under autocast): each block is
+    copied into a small reused buffer, summed with a ones-vector matmul, replaced by its ``sign`` and
+    summed again. ``count_nonzero`` instead converts the whole [B, d_sae] mask to int64 (8 bytes per
     entry), several times slower at training batch sizes.
     """
     n_rows = min(BLOCK_ROWS, z.shape[0])
-    buf = z.new_empty(n_rows, z.shape[1])
-    ones = z.new_ones(1, n_rows)
-    sums, counts = z.new_zeros(1, z.shape[1]), z.new_zeros(1, z.shape[1])
-    for block in z.split(n_rows):
-        n = block.shape[0]
-        sums.addmm_(ones[:, :n], block)
-        counts.addmm_(ones[:, :n], torch.sign(block, out=buf[:n]))
+    buf = z.new_empty(n_rows, z.shape[1], dtype=torch.float32)
+    ones = buf.new_ones(1, n_rows)
+    sums, counts = buf.new_zeros(1, z.shape[1]), buf.new_zeros(1, z.shape[1])
+    with torch.autocast(z.device.type, enabled=False):
+        for block in z.split(n_rows):
+            n = block.shape[0]
+            b = buf[:n].copy_(block)
+            sums.addmm_(ones[:, :n], b)
+            counts.addmm_(ones[:, :n], b.sign_())
     return sums[0], counts[0].round().long()
 
 

@@ -32,7 +32,7 @@ class _ReLUWithStats(torch.autograd.Function):
     def forward(ctx: FunctionCtx, pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         z = pre.relu_()
         ctx.mark_dirty(pre)
-        sums, counts = column_stats(z)
+        sums, counts = column_stats(z)  # float32 even under autocast: the L1 term stays precise
         ctx.mark_non_differentiable(counts)
         ctx.save_for_backward(z)
         return z, sums, counts
@@ -47,7 +47,7 @@ class _ReLUWithStats(torch.autograd.Function):
         buf = z.new_empty(min(BLOCK_ROWS, z.shape[0]), z.shape[1])
         for g, block in zip(grad.split(BLOCK_ROWS), z.split(BLOCK_ROWS), strict=True):
             if grad_sums is not None:
-                g.add_(grad_sums)
+                g.add_(grad_sums.to(g.dtype))
             g.mul_(torch.sign(block, out=buf[: block.shape[0]]))
         return grad
 
