@@ -118,13 +118,15 @@ def main() -> None:
     p.add_argument("--train-rows", type=int, default=100_000)
     p.add_argument("--eval-rows", type=int, default=10_000)
     p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dead-window", type=int, default=200, help="steps unfired => dead")
     p.add_argument("--b-dec-sample", type=int, default=8192)
-    p.add_argument("--l1", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
+    p.add_argument("--l1", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.0, 10.0])
     p.add_argument("--k", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--threads", type=int, default=1, help="small matmuls: one thread wastes least on sync")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
     torch.manual_seed(0)
     x = load(args.acts, args)
@@ -133,16 +135,22 @@ def main() -> None:
           f"{args.batch} rows, lr {args.lr}, eval rows {eval_x.shape[0]}")
 
     t0 = time.perf_counter()
-    ours = {"ours relu plain": ("relu", "plain"), "ours relu decoder_norm": ("relu", "decoder_norm"),
-            "ours topk": ("topk", "plain")}
     curves: dict[str, list[tuple[float, float]]] = {}
-    for name, (arch, variant) in ours.items():
-        sweep = args.k if arch == "topk" else args.l1
-        curves[name] = [run_ours(SAEConfig(architecture=arch, l1_variant=variant, d_sae=args.d_sae,
-                                           k=int(v) if arch == "topk" else 32),
-                                 0.0 if arch == "topk" else v, train_x, eval_x, args) for v in sweep]
-    curves["saelens standard"] = [run_saelens("standard", c, train_x, eval_x, args) for c in args.l1]
-    curves["saelens topk"] = [run_saelens("topk", 0.0, train_x, eval_x, args, k=k) for k in args.k]
+    data = (train_x, eval_x, args)
+    for name, sweep, run in [
+        ("ours relu plain", args.l1, lambda c: run_ours(SAEConfig(d_sae=args.d_sae), c, *data)),
+        ("ours relu decoder_norm", args.l1,
+         lambda c: run_ours(SAEConfig(d_sae=args.d_sae, l1_variant="decoder_norm"), c, *data)),
+        ("saelens standard", args.l1, lambda c: run_saelens("standard", c, *data)),
+        ("ours topk", args.k,
+         lambda k: run_ours(SAEConfig(architecture="topk", d_sae=args.d_sae, k=k), 0.0, *data)),
+        ("saelens topk", args.k, lambda k: run_saelens("topk", 0.0, *data, k=k)),
+    ]:
+        curves[name] = []
+        for v in sweep:
+            curves[name].append(run(v))
+            print(f"  [{time.perf_counter() - t0:5.0f} s] {name} {v:g}: L0 {curves[name][-1][0]:.2f}, "
+                  f"nmse {curves[name][-1][1]:.4f}", flush=True)
     print(f"trained {sum(map(len, curves.values()))} SAEs in {time.perf_counter() - t0:.0f} s\n")
     report(curves, args)
 
