@@ -49,6 +49,10 @@ def test_preset_is_a_multirun_without_dash_m():
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["sweep=l1_x_dict"], return_hydra_config=True)
+        # what a DDP job of that sweep re-runs as its own process: a single run
+        job = compose("train", overrides=["sweep=l1_x_dict", "l1=5", "hydra.mode=RUN"],
+                      return_hydra_config=True)
+    assert str(job.hydra.mode) == "RunMode.RUN" and job.l1 == 5
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert dict(cfg.hydra.sweeper.params) == {"sae.dict_mult": "4,8,16", "l1": "2,5,10"}
     assert cfg.hydra.callbacks.sweep._target_ == "sae_lightning.sweep.SweepCallback"
