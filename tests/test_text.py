@@ -187,6 +187,7 @@ def test_hub_offline_reads_the_local_datasets_cache(monkeypatch, tmp_path: Path)
     _hub_dataset_in_cache(tmp_path, "sae-test/tiny", DOCS)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # as if imported online
     assert list(iter_documents(DataConfig(source="hub", name="sae-test/tiny"))) == DOCS
     assert datasets.config.HF_HUB_OFFLINE is False, "offline mode must be switched back"
     with pytest.raises(ValueError, match=r"no column data\.text_column='story'.*\['text'\]"):
