@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-TINYSTORIES = Path("/work/shared/data/tinystories-train-head.txt")
+# ../shared beside the checkout, as in CI (a fresh clone with shared/ next to it)
+TINYSTORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories-train-head.txt"
 SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
