@@ -7,15 +7,37 @@ import itertools
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sae_lightning.cache import CacheError, CacheKey, build_cache
 from sae_lightning.config import ActivationsConfig
 from sae_lightning.datamodule import ActivationDataModule
 
 N, D, B = 2000, 8, 16
+
+
+class Recorder(L.LightningModule):
+    """Trains a throwaway linear map and keeps the row ids (column 0) of every batch it got; with
+    ``out_dir`` it saves them per rank at the end (module level, so ddp_spawn can pickle it)."""
+
+    def __init__(self, out_dir: Path | None = None):
+        super().__init__()
+        self.lin, self.seen, self.out_dir = torch.nn.Linear(D, 1), [], out_dir
+
+    def training_step(self, batch, _):
+        self.seen.append(batch[:, 0].clone())
+        return self.lin(batch).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-6)
+
+    def on_train_end(self):
+        if self.out_dir is not None:
+            torch.save(torch.cat(self.seen), self.out_dir / f"rank{self.global_rank}.pt")
 
 
 @pytest.fixture
@@ -117,21 +139,6 @@ def test_state_dict_resumes_at_the_exact_next_batch(array_path, workers):
 
 
 def test_resume_through_a_lightning_checkpoint(array_path, tmp_path):
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    class Recorder(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.lin, self.seen = torch.nn.Linear(D, 1), []
-
-        def training_step(self, batch, _):
-            self.seen.append(batch[:, 0].clone())
-            return self.lin(batch).pow(2).mean()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=1e-6)
-
     def fit(steps: int, ckpt: str | None = None) -> list[torch.Tensor]:
         module = Recorder()
         trainer = L.Trainer(max_steps=steps, max_epochs=-1, logger=False, enable_progress_bar=False,
@@ -145,6 +152,19 @@ def test_resume_through_a_lightning_checkpoint(array_path, tmp_path):
     resumed = fit(10, str(tmp_path / "ck" / "s4.ckpt"))
     assert len(resumed) == 6
     assert all(torch.equal(a, b) for a, b in zip(resumed, straight[4:], strict=True))
+
+
+@pytest.mark.timeout(300)
+def test_real_ddp_spawn_ranks_and_workers_read_disjoint_rows(array_path, tmp_path):
+    """Two gloo ranks, each with a dataloader worker (which has no RANK of its own under ddp_spawn)."""
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        limit_val_batches=0)
+    trainer.fit(Recorder(tmp_path), datamodule=make_dm(array_path, num_workers=1))
+    seen = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert len(seen[0]) == len(seen[1]) == 3 * B
+    both = torch.cat(seen)
+    assert len(set(both.tolist())) == len(both)       # no row trained twice across ranks
 
 
 def test_memory_is_bounded_by_the_window_not_the_cache(array_path):
