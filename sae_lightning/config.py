@@ -283,6 +283,7 @@ class EvalConfig:
     monosemanticity: bool = True
     monosemanticity_units: int = 64
     export: bool = False
+    hub_repo_id: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:

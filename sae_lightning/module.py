@@ -109,7 +109,7 @@ class SAEModule(L.LightningModule):
         self._check_finite(out.loss, out.terms)
         self._track_firing(out.fire_counts, batch.shape[0])
         if self.global_step % self.trainer.log_every_n_steps == 0:
-            logs = {f"train/{k}": v for k, v in out.terms.items()}
+            logs = {f"train/loss_{k}": v for k, v in out.terms.items()}
             batch_stats = batch_metrics(batch, out.x_hat.detach(), out.l0)
             logs.update({f"train/{k}": v for k, v in batch_stats.items()})
             logs["train/loss"] = out.loss.detach()

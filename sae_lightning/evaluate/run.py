@@ -122,18 +122,6 @@ def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, module: SAEMo
     return extra
 
 
-def export(module: SAEModule, train_cfg: TrainConfig, path: Path) -> Path:
-    """The SAE in SAELens's format, normalization folded in, with the hook and data it was trained on."""
-    from sae_lightning.export import export_saelens, transformer_lens_hook_name
-
-    meta = {"model_name": train_cfg.model.name,
-            "hook_name": transformer_lens_hook_name(train_cfg.layer, train_cfg.hook.name),
-            "context_size": train_cfg.data.context_size, "prepend_bos": train_cfg.data.prepend_bos,
-            "dataset_path": train_cfg.data.name}
-    return export_saelens(module.sae, path, architecture=train_cfg.sae.architecture,
-                          norm_scale=float(module.hparams.norm_scale), metadata=meta)
-
-
 def run_evaluation(cfg: EvalConfig) -> Path:
     """Evaluate ``cfg.ckpt_path``; returns the path of the ``metrics.json`` it wrote."""
     module = load_sae_checkpoint(cfg.ckpt_path)
@@ -154,8 +142,13 @@ def run_evaluation(cfg: EvalConfig) -> Path:
              time.perf_counter() - t0)
     if has_text and (cfg.downstream or cfg.report):
         metrics |= lm_metrics_and_report(cfg, train_cfg, module, dm, result, metrics, out_dir)
-    if cfg.export:
-        metrics["export_path"] = str(export(module, train_cfg, out_dir / "saelens"))
+    if cfg.export or cfg.hub_repo_id:
+        from sae_lightning.export import export_trained, push_to_hub
+
+        exported = export_trained(module.sae, train_cfg, scale, out_dir / "saelens")
+        metrics["export_path"] = str(exported)
+        if cfg.hub_repo_id:
+            push_to_hub(exported, cfg.hub_repo_id)
     metrics["ckpt_path"] = str(Path(cfg.ckpt_path).resolve())
     path = out_dir / "metrics.json"
     keep_previous(path)

@@ -1,0 +1,54 @@
+"""train.py then evaluate.py as a user runs them (subprocesses), on a tiny random GPT-2 saved locally:
+text -> LM -> cache -> training -> checkpoint -> metrics.json + report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.mark.slow
+def test_train_then_evaluate(tmp_path: Path, tiny_gpt2_dir: Path, tinystories_path: Path) -> None:
+    env = {**os.environ, "SAE_LIGHTNING_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline",
+           "HF_HUB_OFFLINE": "1"}
+    run_dir = tmp_path / "run"
+    _run([str(REPO / "train.py"), f"model.name={tiny_gpt2_dir}", "data=tinystories_local",
+          f"data.path={tinystories_path}", "data.context_size=64", "data.n_tokens=20000",
+          "activations.shard_rows=2048", "layer=1",
+          "sae.dict_mult=4", "l1=1", "lr=3e-3", "batch_size=256", "train_tokens=25600",
+          "trainer=cpu", "trainer.val_every_n_steps=25", "trainer.checkpoint_every_n_steps=50",
+          "trainer.progress_bar=false", f"hydra.run.dir={run_dir}"], tmp_path, env)
+
+    ckpt = run_dir / "checkpoints" / "final.ckpt"
+    assert ckpt.exists()
+    with (run_dir / "csv" / "metrics.csv").open() as f:
+        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len(losses) >= 5 and losses[-1] < 0.7 * losses[0]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 100 and summary["d_in"] == 128
+
+    proc = _run([str(REPO / "evaluate.py"), f"ckpt_path={ckpt}", "monosemanticity=false",
+                 "downstream_contexts=8"], tmp_path, env)
+    metrics_path = Path(proc.stdout.strip().splitlines()[-1])
+    assert metrics_path == run_dir / "eval" / "metrics.json"
+    m = json.loads(metrics_path.read_text())
+    assert 0.3 < m["explained_variance"] <= 1.0 and m["nmse"] == pytest.approx(1 - m["explained_variance"])
+    assert 0 < m["l0"] < 512 and 0.0 <= m["dead_fraction"] < 1.0 and m["n_tokens"] > 0
+    assert m["ce_loss_zero"] != m["ce_loss_clean"] and m["ce_loss_recovered"] > 0
+    report = (run_dir / "eval" / "report.html").read_text()
+    assert "latent" in report and "neuron" in report and "<mark" in report
