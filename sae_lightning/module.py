@@ -155,6 +155,17 @@ class SAEModule(L.LightningModule):
         self._val_stats.update(batch, self.sae.decode(z), z)
 
     def on_validation_epoch_end(self) -> None:
-        stats = self._val_stats.compute()
-        keys = ("mse", "nmse", "explained_variance", "l0", "cosine_sim")
-        self.log_dict({f"val/{k}": float(stats[k]) for k in keys if k in stats}, sync_dist=True)
+        """Log whole-validation-set numbers: under DDP every rank's statistics are gathered and merged
+        exactly (averaging per-rank explained variances would not give the set's)."""
+        stats = self._val_stats
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            gathered: list[ReconstructionStats | None] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, stats)
+            stats = ReconstructionStats(self.cfg.callbacks.dense_threshold)
+            for other in gathered:
+                stats.merge(other)
+        if stats.n_tokens == 0:
+            return
+        values = stats.compute()
+        keys = ("mse", "nmse", "explained_variance", "l0", "cosine_sim", "dead_fraction")
+        self.log_dict({f"val/{k}": float(values[k]) for k in keys if k in values})
