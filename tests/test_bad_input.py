@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from test_resume import REPO, TRAIN, overrides, train_in_process, write_acts
+from test_resume import REPO, TRAIN, lm_overrides, overrides, train_in_process, write_acts
 
 from sae_lightning.cache.reader import CacheError
 from sae_lightning.checkpoints import CheckpointError, load_sae_checkpoint
@@ -59,17 +59,6 @@ def test_config_errors_name_the_key_before_any_work(tmp_path: Path, override: st
 
 
 # ----- the LM side, through run_training ----------------------------------------------------------------
-def _lm_overrides(tmp_path: Path, model_dir: Path, text: Path | str, **extra: object) -> list[str]:
-    """A tiny activations=lm run: the tiny GPT-2 (3 layers, 64 positions) on a local text file."""
-    over = {"activations": "lm", "activations.cache_dir": tmp_path / "cache", "activations.shard_rows": 256,
-            "model.name": model_dir, "model.device": "cpu", "data": "tinystories_local", "data.path": text,
-            "data.context_size": 32, "data.n_tokens": 2048, "data.lm_batch_size": 8, "layer": 1,
-            "hook": "mlp_post", "batch_size": 64, "train_tokens": 640, "logger": "csv", "trainer": "cpu",
-            "trainer.progress_bar": "false"}
-    over.update(extra)
-    return [f"{k}={v}" for k, v in over.items()]
-
-
 @pytest.fixture
 def story(tmp_path: Path, tinystories_path: Path) -> Path:
     path = tmp_path / "story.txt"
@@ -85,7 +74,7 @@ def story(tmp_path: Path, tinystories_path: Path) -> Path:
 def test_lm_and_cache_limits(tmp_path: Path, tiny_gpt2_dir: Path, story: Path, extra: dict, error: type,
                              words: list[str]) -> None:
     with pytest.raises(error) as err:
-        train_in_process(_lm_overrides(tmp_path, tiny_gpt2_dir, story, **extra), tmp_path / "run")
+        train_in_process(lm_overrides(tmp_path, tiny_gpt2_dir, story, **extra), tmp_path / "run")
     _assert_names(str(err.value), *words)
 
 
@@ -105,7 +94,7 @@ def _text_file(tmp_path: Path, kind: str) -> Path:
 ])
 def test_text_file_errors(tmp_path: Path, tiny_gpt2_dir: Path, kind: str, error: type,
                           words: list[str]) -> None:
-    over = _lm_overrides(tmp_path, tiny_gpt2_dir, _text_file(tmp_path, kind))
+    over = lm_overrides(tmp_path, tiny_gpt2_dir, _text_file(tmp_path, kind))
     with pytest.raises(error) as err:
         train_in_process(over, tmp_path / "run")
     _assert_names(str(err.value), *words)
@@ -114,7 +103,7 @@ def test_text_file_errors(tmp_path: Path, tiny_gpt2_dir: Path, kind: str, error:
 def test_unknown_dataset_offline(tmp_path: Path, tiny_gpt2_dir: Path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    over = _lm_overrides(tmp_path, tiny_gpt2_dir, "unused", **{"data": "tinystories",
+    over = lm_overrides(tmp_path, tiny_gpt2_dir, "unused", **{"data": "tinystories",
                                                                "data.name": "no-such-org/no-such-dataset"})
     with pytest.raises(ConnectionError) as err:
         train_in_process([o for o in over if not o.startswith("data.path=")], tmp_path / "run")
@@ -123,7 +112,7 @@ def test_unknown_dataset_offline(tmp_path: Path, tiny_gpt2_dir: Path, monkeypatc
 
 def test_truncated_and_corrupted_cache_shards(tmp_path: Path, tiny_gpt2_dir: Path, story: Path) -> None:
     """A cache damaged after it was built is refused (never read), naming the shard and how to rebuild."""
-    over = _lm_overrides(tmp_path, tiny_gpt2_dir, story)
+    over = lm_overrides(tmp_path, tiny_gpt2_dir, story)
     train_in_process(over, tmp_path / "ok")
     shard = sorted((tmp_path / "cache").glob("*/shard_00000.*"))[0]
     data = shard.read_bytes()
@@ -150,23 +139,28 @@ def _damaged(trained: Path, tmp_path: Path, how: str) -> Path:
     return path
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncated", "corrupted"])
 def test_damaged_checkpoint_is_refused_before_any_work(trained: Path, tmp_path: Path, how: str) -> None:
+    """Given to train.py as ckpt_path: refused, naming the file and the fix, before the run dir is used."""
     bad = _damaged(trained, tmp_path, how)
-    out = _run(TRAIN, [*overrides(trained / "acts.npy", 20), f"ckpt_path={bad}",
-                       f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
-    _assert_names(out, str(bad), how, "resume from an earlier checkpoint")
-    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any work
+    over = [*overrides(trained / "acts.npy", 20), f"ckpt_path={bad}"]
+    with pytest.raises(CheckpointError) as err:
+        train_in_process(over, tmp_path / "run")
+    _assert_names(str(err.value), str(bad), how, "resume from an earlier checkpoint")
+    assert not (tmp_path / "run").exists()
     with pytest.raises(CheckpointError, match=how):  # what evaluate.py loads checkpoints with
         load_sae_checkpoint(bad)
 
 
 @pytest.mark.slow
-def test_corrupted_checkpoint_given_to_evaluate(trained: Path, tmp_path: Path) -> None:
-    bad = _damaged(trained, tmp_path, "corrupted")
-    out = _run(REPO / "evaluate.py", [f"ckpt_path={bad}", f"out_dir={tmp_path / 'eval'}"], tmp_path)
-    _assert_names(out, str(bad), "corrupted", "fails its SHA-256 digest")
+@pytest.mark.parametrize(("script", "how"), [(TRAIN, "truncated"), (REPO / "evaluate.py", "corrupted")])
+def test_damaged_checkpoint_at_the_command_line(trained: Path, tmp_path: Path, script: Path,
+                                                how: str) -> None:
+    bad = _damaged(trained, tmp_path, how)
+    args = ([*overrides(trained / "acts.npy", 20), f"hydra.run.dir={tmp_path / 'run'}"] if script == TRAIN
+            else [f"out_dir={tmp_path / 'eval'}"])
+    out = _run(script, [*args, f"ckpt_path={bad}"], tmp_path)
+    _assert_names(out, f"checkpoint {bad} is {how}", "Delete it")
 
 
 @pytest.mark.slow
