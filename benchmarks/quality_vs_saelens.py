@@ -85,7 +85,8 @@ def train(trainer, train_x: torch.Tensor, args: argparse.Namespace) -> torch.nn.
 
 def run_ours(cfg: SAEConfig, coeff: float, train_x: torch.Tensor, eval_x: torch.Tensor,
              args: argparse.Namespace) -> tuple[float, float]:
-    sae, step = ours_trainer(cfg, train_x.shape[1], coeff, lr=args.lr, dead_window_steps=args.dead_window)
+    sae, step = ours_trainer(cfg, train_x.shape[1], coeff, lr=args.lr, dead_window_steps=args.dead_window,
+                             grad_clip=args.grad_clip)
     sae.init_b_dec(train_x[:args.b_dec_sample])
     train((sae, step), train_x, args)
     return evaluate(lambda xs: (z := sae.encode(xs), sae.decode(z)), eval_x)
@@ -124,6 +125,8 @@ def main() -> None:
     p.add_argument("--b-dec-sample", type=int, default=8192)
     p.add_argument("--l1", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.0, 10.0])
     p.add_argument("--k", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--grad-clip", type=float, default=0.0,
+                   help="ours: optim.grad_clip (SAELens's trainer always clips at 1.0)")
     p.add_argument("--threads", type=int, default=1, help="small matmuls: one thread wastes least on sync")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -132,7 +135,7 @@ def main() -> None:
     x = load(args.acts, args)
     train_x, eval_x = x[: args.train_rows], x[args.train_rows:]
     print(f"data: {args.acts or 'synthetic'}, d_in {x.shape[1]}, d_sae {args.d_sae}, {args.steps} steps x "
-          f"{args.batch} rows, lr {args.lr}, eval rows {eval_x.shape[0]}")
+          f"{args.batch} rows, lr {args.lr}, eval rows {eval_x.shape[0]}, our grad clip {args.grad_clip}")
 
     t0 = time.perf_counter()
     curves: dict[str, list[tuple[float, float]]] = {}

@@ -50,8 +50,9 @@ def heavy_tailed(n: int, d: int, seed: int = 0) -> torch.Tensor:
 
 
 def ours_trainer(cfg: SAEConfig, d_in: int, coeff: float, lr: float = 1e-4, dead_window_steps: int = 10**9,
-                 fused_adam: bool = False) -> tuple[torch.nn.Module, Step]:
-    """Our SAE and its training step as ``SAEModule`` runs it (no clipping: ``optim.grad_clip`` is 0)."""
+                 fused_adam: bool = False, grad_clip: float = 0.0) -> tuple[torch.nn.Module, Step]:
+    """Our SAE and its training step as ``SAEModule`` runs it (``grad_clip`` as ``optim.grad_clip``,
+    default 0: no clipping)."""
     sae = build_sae(cfg, d_in)
     opt = torch.optim.Adam(sae.parameters(), lr=lr, fused=fused_adam or None)
     since_fired = torch.zeros(sae.d_sae, dtype=torch.long)  # in tokens, as SAEModule counts
@@ -62,6 +63,8 @@ def ours_trainer(cfg: SAEConfig, d_in: int, coeff: float, lr: float = 1e-4, dead
         since_fired.add_(x.shape[0]).masked_fill_(out.fire_counts > 0, 0)
         out.loss.backward()
         sae.before_optimizer_step()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
         opt.step()
         sae.after_optimizer_step()
         opt.zero_grad()
