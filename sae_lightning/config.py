@@ -59,14 +59,18 @@ class ModelConfig:
 
 @dataclass
 class HookConfig:
-    """Where activations are read: ``name`` at root key ``layer``. Extra layers go in ``layers``."""
+    """Where activations are read: ``name`` at root key ``layer`` (what is trained). ``extra`` hook names
+    and ``extra_layers`` are cached in the same forward pass, for later runs to reuse."""
 
     name: str = "mlp_post"
     extra: list[str] = field(default_factory=list)
+    extra_layers: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for n in [self.name, *self.extra]:
             _check(n in HOOK_NAMES, "hook.name", n, f"choose one of {', '.join(HOOK_NAMES)}")
+        for layer in self.extra_layers:
+            _check(layer >= 0, "hook.extra_layers", layer, "layers must be >= 0")
 
 
 HOOK_NAMES = ("mlp_post", "mlp_out", "resid_post")

@@ -312,6 +312,26 @@ def test_ensure_cache_with_the_tiny_lm(tmp_path, tiny_gpt2_dir, tiny_gpt2, tinys
     assert "loading" not in caplog.text      # reuse never loads the model
 
 
+def test_extra_layers_are_cached_in_the_same_pass(tmp_path, tiny_gpt2_dir, tiny_gpt2, tinystories_path):
+    from sae_lightning.cache import ensure_cache
+    from sae_lightning.config import ActivationsConfig, DataConfig, HookConfig, ModelConfig, TrainConfig
+    from sae_lightning.lm import HookPoint
+
+    cfg = TrainConfig(model=ModelConfig(name=str(tiny_gpt2_dir)), layer=2,
+                      hook=HookConfig(name="resid_post", extra_layers=[0]),
+                      data=DataConfig(source="files", path=str(tinystories_path), context_size=16,
+                                      n_tokens=512, lm_batch_size=8),
+                      activations=ActivationsConfig(cache_dir=str(tmp_path), shard_rows=500), batch_size=64,
+                      train_tokens=640)
+    trained, extra = ensure_cache(cfg)
+    assert "-L2.resid_post-" in trained.path.name and "-L0.resid_post-" in extra.path.name
+    shard = extra.shard(0)
+    rows = shard["doc"] == 3
+    ctx = torch.from_numpy(extra.context(3).astype(np.int64))[None]
+    want = tiny_gpt2.activations(ctx, [HookPoint(0, "resid_post")])[HookPoint(0, "resid_post")][0]
+    np.testing.assert_allclose(shard["acts"][rows], want[shard["pos"][rows]].numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_cli_build_composes_the_train_config(tmp_path, tiny_gpt2_dir, capsys):
     overrides = [f"model.name={tiny_gpt2_dir}", "data=tinystories_local", "data.context_size=16",
                  "data.n_tokens=512", "data.lm_batch_size=8", "layer=0", "hook=resid_post",

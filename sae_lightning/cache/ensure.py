@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from .build import build_cache
 from .key import CacheKey, hook_id
@@ -22,8 +23,11 @@ log = logging.getLogger(__name__)
 
 
 def hook_points(cfg: Any) -> list[tuple[int, str]]:
-    """(layer, name) of every hook the config asks for: ``hook.name`` then ``hook.extra``, at ``layer``."""
-    return [(cfg.layer, n) for n in dict.fromkeys([cfg.hook.name, *cfg.hook.extra])]
+    """(layer, name) of every hook the config asks for, the trained one first: ``hook.name`` then
+    ``hook.extra`` names, at ``layer`` and then at each of ``hook.extra_layers`` (one forward pass)."""
+    names = list(dict.fromkeys([cfg.hook.name, *cfg.hook.extra]))
+    layers = list(dict.fromkeys([cfg.layer, *cfg.hook.extra_layers]))
+    return [(layer, n) for layer in layers for n in names]
 
 
 def _labels(cfg: Any) -> tuple[str, str]:
@@ -45,12 +49,6 @@ def cache_key(cfg: Any, model_fingerprint: str, text_fingerprint: str) -> CacheK
                     prepend_bos=cfg.data.prepend_bos, exclude_special=cfg.data.exclude_special)
 
 
-def _device(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def ensure_cache(cfg: Any) -> list[ActivationCache]:
     """Open (building first if missing) one cache per hook point of ``cfg``, in ``hook_points`` order.
 
@@ -63,7 +61,7 @@ def ensure_cache(cfg: Any) -> list[ActivationCache]:
 
     key = cache_key(cfg, lm_side.model_fingerprint(cfg.model), text_side.text_fingerprint(cfg.data))
     hooks = [lm_side.HookPoint(layer, name) for layer, name in hook_points(cfg)]
-    device = _device(cfg.model.device)
+    device = lm_side.resolve_device(None, cfg.model)
 
     @cache
     def model() -> Any:
@@ -71,7 +69,12 @@ def ensure_cache(cfg: Any) -> list[ActivationCache]:
         return lm_side.load_lm(cfg.model, device=device)
 
     def token_batches() -> Iterator[torch.Tensor]:
-        yield from text_side.iter_token_batches(cfg.data, model().tokenizer, cfg.data.lm_batch_size)
+        """Token batches, with a progress bar (rate, ETA) in tokens for the LM pass."""
+        with tqdm(total=cfg.data.n_tokens, unit="tok", unit_scale=True, desc=f"LM forward -> {key.name}",
+                  dynamic_ncols=True) as bar:
+            for tokens in text_side.iter_token_batches(cfg.data, model().tokenizer, cfg.data.lm_batch_size):
+                yield tokens
+                bar.update(tokens.numel())
 
     def compute(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         acts = model().activations(tokens.to(device), hooks)
