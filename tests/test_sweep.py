@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -67,12 +68,19 @@ def _array(path: Path, n: int = 2048, d: int = 16) -> Path:
 
 def train_py(*overrides: str, cwd: Path, env: dict | None = None,
              timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python train.py <overrides>`` as a user runs it (DDP and Hydra's multirun need a real process)."""
+    """``python train.py <overrides>`` as a user runs it (DDP and Hydra's multirun need a real process); on a
+    timeout its whole process group goes, DDP children included."""
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+    cmd = [sys.executable, str(REPO / "train.py"), *overrides]
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert proc.returncode == 0, err[-4000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 SMALL = ["logger=csv", "trainer=cpu", "trainer.progress_bar=false", "batch_size=128", "train_tokens=1024",
