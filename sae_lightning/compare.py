@@ -40,9 +40,10 @@ METRICS: dict[str, str] = {
 }
 """Compared numbers (the keys of evaluate.py's ``eval/metrics.json``) and their column titles."""
 
-TRAIN_KEYS = {"l0": "val/l0", "nmse": "val/nmse", "explained_variance": "val/explained_variance",
-              "dead_fraction": "train/dead_fraction"}
-"""Where each number is in a training ``summary.json`` when the run was not evaluated."""
+TRAIN_KEYS = {"l0": ("val/l0",), "nmse": ("val/nmse",), "explained_variance": ("val/explained_variance",),
+              "dead_fraction": ("val/dead_fraction", "train/dead_fraction")}
+"""Where each number is in a training ``summary.json`` when the run was not evaluated (first found wins:
+dead fraction over the validation set, else over the training window)."""
 
 
 @dataclass
@@ -93,7 +94,8 @@ def read_run(run_dir: Path) -> RunResult:
         run.metrics, run.source = _finite({k: evaluation.get(k) for k in METRICS}), "eval"
     elif run.status == "finished":
         train = summary.get("metrics", {})
-        run.metrics, run.source = _finite({k: train.get(v) for k, v in TRAIN_KEYS.items()}), "train"
+        found = {k: next((train[n] for n in names if n in train), None) for k, names in TRAIN_KEYS.items()}
+        run.metrics, run.source = _finite(found), "train"
     return run
 
 

@@ -27,8 +27,8 @@ def _run(sweep: Path, name: str, overrides: list[str], summary: dict | None,
 
 
 def _finished(l0: float, nmse: float) -> dict:
-    metrics = {"val/l0": l0, "val/nmse": nmse, "val/explained_variance": 1 - nmse,
-               "train/dead_fraction": 0.25}
+    metrics = {"val/l0": l0, "val/nmse": nmse, "val/explained_variance": 1 - nmse, "val/dead_fraction": 0.25,
+               "train/dead_fraction": 0.5}
     return {"status": "finished", "steps": 10, "train_seconds": 1.5, "metrics": metrics}
 
 
