@@ -27,7 +27,8 @@ setup-dev: $(VENV)/.installed-dev
 
 quickstart: setup
 	$(PY) train.py experiment=quickstart hydra.run.dir=$(RUN_DIR)
-	$(PY) evaluate.py ckpt_path=$(RUN_DIR)/checkpoints/final.ckpt
+	$(PY) evaluate.py ckpt_path=$(RUN_DIR)/checkpoints/final.ckpt downstream_contexts=32
+	@echo "Report: $(RUN_DIR)/eval/report.html"
 
 test: setup-dev
 	$(PY) -m pytest -q

@@ -93,7 +93,7 @@ def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, module: SAEMo
     extra: dict[str, float] = {}
     if cfg.downstream:
         docs = result.docs[: cfg.downstream_contexts]
-        rows = torch.stack([torch.as_tensor(dm.context(d), dtype=torch.long) for d in docs])
+        rows = torch.stack([torch.tensor(dm.context(d), dtype=torch.long) for d in docs])
         batches = list(rows.split(train_cfg.data.lm_batch_size))
         t0 = time.perf_counter()
         extra |= downstream_metrics(lm, batches, hook, module.sae.to(lm.device), scale,
