@@ -162,7 +162,9 @@ class SAEConfig:
 
 @dataclass
 class OptimConfig:
-    """Optimiser and schedules (the learning rate itself is the root key ``lr``)."""
+    """Optimiser and schedules (the learning rate itself is the root key ``lr``). Gradients are clipped at
+    norm 1.0 by default, as SAELens's trainer does: it is what keeps low-L0 runs stable
+    (benchmarks/quality_vs_saelens.py); ``optim.grad_clip=0`` turns it off."""
 
     beta1: float = 0.9
     beta2: float = 0.999
@@ -170,7 +172,7 @@ class OptimConfig:
     lr_decay: str = "none"
     lr_decay_start: float = 0.8
     l1_warmup_steps: int = 0
-    grad_clip: float = 0.0
+    grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
         _check(self.lr_decay in ("none", "linear", "cosine"), "optim.lr_decay", self.lr_decay,
