@@ -56,6 +56,7 @@ class _RecordRank(L.Callback):
                    self.out / f"rank{trainer.global_rank}.pt")
 
 
+@pytest.mark.slow
 def test_ranks_read_disjoint_rows_and_end_with_identical_weights(tmp_path):
     path = _array(tmp_path / "x.npy")
     cfg = TrainConfig(batch_size=32, train_tokens=32 * 8, lr=1e-2, l1=1.0)
