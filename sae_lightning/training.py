@@ -115,24 +115,24 @@ def runs_root(run_dir: Path) -> Path:
     varying = [i for i, p in enumerate(parts) if "${now" in p or "${hydra.job" in p]
     if not varying:
         return run_dir
-    return run_dir.parents[len(parts) - varying[0] - 1]
+    return run_dir.parents[min(len(parts) - varying[0], len(run_dir.parents)) - 1]
 
 
 def prepare_run_dir(run_dir: Path, fingerprint: str, resume_from: Path | None) -> Path:
     """Create ``run_dir/checkpoints`` and record the config fingerprint, failing early and clearly when the
     directory is not writable or already holds another run's checkpoints (which would be overwritten)."""
     ckpt_dir = run_dir / "checkpoints"
+    existing = sorted(p.name for p in ckpt_dir.glob("*.ckpt"))
+    if existing and (resume_from is None or resume_from.parent != ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir} already holds checkpoints of an earlier run "
+                              f"({', '.join(existing)}) that this run would overwrite. Add ckpt_path=last "
+                              "to continue that run, or choose another hydra.run.dir")
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         mark_run_dir(run_dir, fingerprint)
     except OSError as err:
         raise CheckpointError(f"cannot write to the output directory {run_dir} ({err.strerror or err}). "
                               "Make it writable or choose another with hydra.run.dir=<dir>") from None
-    existing = sorted(p.name for p in ckpt_dir.glob("*.ckpt"))
-    if existing and (resume_from is None or resume_from.parent != ckpt_dir):
-        raise CheckpointError(f"{ckpt_dir} already holds checkpoints of an earlier run "
-                              f"({', '.join(existing)}) that this run would overwrite. Add ckpt_path=last "
-                              "to continue that run, or choose another hydra.run.dir")
     return ckpt_dir
 
 

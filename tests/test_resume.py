@@ -121,7 +121,7 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Pa
     seed (tolerance: 0, CPU math is deterministic here), after seeing exactly the same batches in the same
     order (no row skipped or repeated)."""
     acts = write_acts(tmp_path / "acts.npy")
-    steps = 120
+    steps = 60
     over = overrides(acts, steps)
     env = record_env()
     ref = run_train_py([*over, f"hydra.run.dir={tmp_path / 'reference'}"], tmp_path, env)
@@ -136,18 +136,18 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Pa
 
     first = subprocess.Popen([sys.executable, str(TRAIN), *over, pattern], cwd=tmp_path, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for_step(runs, 25, first)
+    _wait_for_step(runs, 15, first)
     first.send_signal(signal.SIGTERM)
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 128 + signal.SIGTERM, out[-3000:]
     assert "Stopped by SIGTERM" in out and "ckpt_path=last" in out  # the log says how to resume
     run_a = runs()[0]
     saved = ckpt(run_a / "checkpoints" / "last.ckpt")["global_step"]
-    assert 25 <= saved < steps and not (run_a / "checkpoints" / "final.ckpt").exists()
+    assert 15 <= saved < steps and not (run_a / "checkpoints" / "final.ckpt").exists()
 
     second = subprocess.Popen([sys.executable, str(TRAIN), *over, pattern, "ckpt_path=last"], cwd=tmp_path,
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    run_b = _wait_for_step(lambda: runs()[1:], saved + 25, second)
+    run_b = _wait_for_step(lambda: runs()[1:], saved + 15, second)
     second.kill()
     second.communicate(timeout=60)
     assert second.returncode == -signal.SIGKILL
@@ -157,7 +157,7 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Pa
     assert third.returncode == 0, third.stderr[-3000:]
     run_c = runs()[2]
     resumed_at = int(batch_log(run_c)[0].split("\t")[0])
-    assert saved + 20 <= resumed_at <= last_step(batch_log(run_b))  # B's newest checkpoint, not A's
+    assert saved < resumed_at <= last_step(batch_log(run_b))  # B's newest checkpoint, not A's
 
     # The batches seen, step by step: A up to its checkpoint, B up to its last checkpoint, then C.
     seen = batch_log(run_a)[:saved] + batch_log(run_b)[: resumed_at - saved] + batch_log(run_c)
@@ -239,7 +239,7 @@ def test_train_killed_during_the_cache_build_resumes_it(tmp_path: Path, tiny_gpt
     """``python train.py activations=lm`` SIGKILLed while building its activation cache: nothing half-built is
     visible as a cache, and the same command again resumes the build from the stored shards and trains."""
     over = [*lm_overrides(tmp_path, tiny_gpt2_dir, tinystories_path, **{
-        "data.n_tokens": 100_000, "activations.shard_rows": 512, "hook": "resid_post"}),
+        "data.n_tokens": 40_000, "activations.shard_rows": 256, "hook": "resid_post"}),
         f"hydra.run.dir={tmp_path / 'run'}"]
     proc = subprocess.Popen([sys.executable, str(TRAIN), *over], cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
