@@ -179,10 +179,14 @@ class TrainingPreempted(SystemExit):
         self.step, self.checkpoint = step, checkpoint
 
 
+def scalar_metrics(trainer: L.Trainer) -> dict[str, float]:
+    """The trainer's latest logged scalars (``train/*``, ``val/*``, ...) as plain floats."""
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+
+
 def _summary(cfg: TrainConfig, trainer: L.Trainer, module: SAEModule, run_dir: Path, checkpoint: Path,
-             seconds: float, **extra: Any) -> dict[str, Any]:
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
-               if torch.is_tensor(v) and v.numel() == 1}
+             seconds: float, metrics: dict[str, float] | None = None, **extra: Any) -> dict[str, Any]:
+    metrics = {**(metrics or {}), **scalar_metrics(trainer)}
     summary = {
         "run_dir": str(run_dir),
         "checkpoint": str(checkpoint),
@@ -201,6 +205,14 @@ def _summary(cfg: TrainConfig, trainer: L.Trainer, module: SAEModule, run_dir: P
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def needs_final_validation(cfg: TrainConfig, trainer: L.Trainer, dm: ActivationDataModule,
+                           preemption: PreemptionCheckpoint) -> bool:
+    """Whether the finished run's summary would otherwise lack validation numbers for its final weights
+    (Lightning validates every ``val_every_n_steps`` steps only, and not after the last one)."""
+    finished = preemption.saved_step is None or trainer.global_step >= cfg.max_steps
+    return finished and bool(dm.val_shards) and trainer.global_step % cfg.trainer.val_every_n_steps != 0
 
 
 def run_training(cfg: TrainConfig, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, Any]:
@@ -233,16 +245,21 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_dict: dict[str, Any]) -
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=resume_from)
+        seconds = time.perf_counter() - start
+        fit_metrics = scalar_metrics(trainer)  # validate() below starts a fresh set
+        if needs_final_validation(cfg, trainer, dm, preemption):
+            trainer.validate(module, datamodule=dm, verbose=False)
     finally:
         finish_wandb()
-    seconds = time.perf_counter() - start
     resumed = {"resumed_from": str(resume_from) if resume_from else None}
     if preemption.saved_step is not None and trainer.global_step < cfg.max_steps:
-        _summary(cfg, trainer, module, run_dir, preemption.ckpt_path, seconds, status="preempted", **resumed)
+        _summary(cfg, trainer, module, run_dir, preemption.ckpt_path, seconds, fit_metrics,
+                 status="preempted", **resumed)
         log.warning("Stopped by %s at step %d/%d; checkpoint %s. Resume with the same command plus "
                     "ckpt_path=last", signal.Signals(preemption.signum).name, trainer.global_step,
                     cfg.max_steps, preemption.ckpt_path)
         raise TrainingPreempted(preemption.signum, trainer.global_step, preemption.ckpt_path)
     final_ckpt = ckpt_dir / "final.ckpt"
     trainer.save_checkpoint(final_ckpt)
-    return _summary(cfg, trainer, module, run_dir, final_ckpt, seconds, status="finished", **resumed)
+    return _summary(cfg, trainer, module, run_dir, final_ckpt, seconds, fit_metrics, status="finished",
+                    **resumed)
