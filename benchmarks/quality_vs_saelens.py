@@ -51,11 +51,25 @@ def synthetic(n: int, d_in: int, n_features: int, mean_active: float, seed: int 
     return (fires * magnitude) @ dictionary + offset + 0.05 * torch.randn(n, d_in, generator=g)
 
 
+def read_rows(path: str, n: int) -> np.ndarray:
+    """The first ``n`` rows of an ``.npy`` array or of an activation cache directory, as float32."""
+    if not Path(path).is_dir():
+        return np.asarray(np.load(path, mmap_mode="r")[:n], dtype=np.float32)
+    from sae_lightning.cache.reader import open_source
+
+    source, parts, left = open_source(path), [], n
+    for shard, size in enumerate(source.shard_sizes):
+        if left <= 0:
+            break
+        parts.append(source.read_rows(shard, np.arange(min(size, left))))
+        left -= len(parts[-1])
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
 def load(path: str | None, args: argparse.Namespace) -> torch.Tensor:
     """Activations [n, d_in] scaled to ``E||x||^2 = d_in``, shuffled rows."""
     if path:
-        rows = np.load(path, mmap_mode="r")[: args.train_rows + args.eval_rows]
-        x = torch.from_numpy(np.asarray(rows, dtype=np.float32))
+        x = torch.from_numpy(read_rows(path, args.train_rows + args.eval_rows))
     else:
         x = synthetic(args.train_rows + args.eval_rows, args.d_in, args.features, args.mean_active)
     x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))]
@@ -111,7 +125,8 @@ def interpolate(l0: float, curve: list[tuple[float, float]]) -> float | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--acts", help=".npy [n, d_in] of real activations (default: synthetic)")
+    p.add_argument("--acts", help=".npy [n, d_in] of real activations, or an activation cache directory "
+                                  "(default: synthetic)")
     p.add_argument("--d-in", type=int, default=64, help="synthetic data only")
     p.add_argument("--features", type=int, default=512, help="synthetic ground-truth dictionary size")
     p.add_argument("--mean-active", type=float, default=8.0, help="synthetic features active per row")
@@ -125,8 +140,8 @@ def main() -> None:
     p.add_argument("--b-dec-sample", type=int, default=8192)
     p.add_argument("--l1", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.0, 10.0])
     p.add_argument("--k", type=int, nargs="+", default=[4, 8, 16])
-    p.add_argument("--grad-clip", type=float, default=0.0,
-                   help="ours: optim.grad_clip (SAELens's trainer always clips at 1.0)")
+    p.add_argument("--grad-clip", type=float, default=1.0,
+                   help="ours: optim.grad_clip (default 1.0 like our config and SAELens)")
     p.add_argument("--threads", type=int, default=1, help="small matmuls: one thread wastes least on sync")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
