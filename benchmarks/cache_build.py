@@ -45,7 +45,7 @@ def bare_pass(lm: HookedLM, batches: list[torch.Tensor]) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batches", type=int, default=6)
+    p.add_argument("--batches", type=int, default=24, help="more batches, less timing noise")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--ctx", type=int, default=128)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
