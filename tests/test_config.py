@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hydra import compose, initialize
 from hydra.errors import ConfigCompositionException
 
 from sae_lightning.config import ConfigError, TrainConfig, register_configs, to_config
+from sae_lightning.saes import build_sae
 
 register_configs()
 
@@ -39,6 +41,21 @@ def test_quickstart_preset_is_offline() -> None:
     cfg = _compose("experiment=quickstart")
     assert cfg.model.source == "pypi_gguf" and cfg.data.source == "files"
     assert cfg.data.path.endswith("shared/data/tinystories-train-head.txt")
+
+
+def test_relu_dn_preset_builds_the_april_2024_init() -> None:
+    """``sae=relu_dn``: decoder rows at norm 0.1, ``W_enc = W_dec^T`` and both biases at zero, also after
+    the decoder-bias init that training runs on a data sample whose centre is far from zero."""
+    torch.manual_seed(0)
+    sae = build_sae(_compose("sae=relu_dn", "sae.d_sae=32").sae, 16)
+    sae.init_b_dec(torch.randn(256, 16) + 5.0)
+    assert sae.weighted_l1 and not sae.unit_norm_decoder
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((32,), 0.1))
+    assert torch.equal(sae.W_enc, sae.W_dec.t())
+    assert not sae.b_dec.any() and not sae.b_enc.any()
+    plain = build_sae(_compose("sae=relu", "sae.d_sae=32").sae, 16)  # the default keeps a centred b_dec
+    plain.init_b_dec(torch.randn(256, 16) + 5.0)
+    assert plain.b_dec.mean() > 4.0
 
 
 def test_activations_file_needs_a_path() -> None:

@@ -5,7 +5,8 @@
   renormalised every step).
 - ``decoder_norm`` (Anthropic, April 2024 update): L1 of activations weighted by their decoder row
   norms, ``sum_i z_i * ||W_dec[i]||``; the decoder is unconstrained and initialised with random rows
-  of norm 0.1 and ``W_enc = W_dec^T``.
+  of norm 0.1 and ``W_enc = W_dec^T``. The update also starts both biases at zero: ``conf/sae/relu_dn``
+  sets ``b_dec_init: zeros``, since a centred ``b_dec`` trades L0 for MSE worse with this loss.
 Both terms are means over tokens of sums over latents (SAELens scaling).
 """
 
