@@ -3,16 +3,22 @@
 Each SAE is trained by its own library's training step (``train_step.ours_trainer`` /
 ``train_step.saelens_trainer``: what ``SAEModule`` and SAELens's ``SAETrainer`` do per step, dead-latent
 tracking included) on the same batches in the same order, with the same Adam learning rate and number
-of steps; each library keeps its own initialisation (ours: ``b_dec`` at the geometric median of a
-sample; SAELens: zeros). Curves: a few L1 coefficients for the L1 SAEs (ours ``relu`` with the plain and
-the decoder-norm L1; SAELens ``standard``, which is the decoder-norm L1), a few k for TopK. Compared on
+of steps. Our SAEs are built from the presets ``sae=relu``, ``sae=relu_dn``, ``sae=topk``
+(``conf/sae/*.yaml``), so the benchmark measures what those options train, initialisation included
+(``relu``/``topk``: ``b_dec`` at the geometric median of a sample; ``relu_dn``: zero biases as in
+Anthropic's April 2024 update); SAELens keeps its own (zeros). Curves: a few L1 coefficients for the L1
+SAEs (SAELens ``standard`` uses the decoder-norm L1, like ``relu_dn``), a few k for TopK. Compared on
 held-out rows: ``nmse = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` at matched L0 (SAELens's curve
 interpolated linearly in log L0 at our L0; TopK: same k, so the same L0).
 
-Data: ``--acts file.npy`` ([n, d_in] activations, e.g. SmolLM2 layer-6 mlp_post) or, by default,
-synthetic activations: sparse non-negative combinations of a ground-truth dictionary (Zipf-like firing
-frequencies, exponential magnitudes) plus a constant offset and Gaussian noise. Rows are scaled so that
-``E||x||^2 = d_in`` for both libraries.
+``--seeds 0 1 2`` trains every SAE once per initialisation seed (the data order stays the same) and
+compares the curves of the means; the ``spread`` column (max - min nmse over seeds) is the
+seed-to-seed noise a difference should be read against.
+
+Data: ``--acts file.npy`` ([n, d_in] activations, e.g. SmolLM2 layer-6 mlp_post) or an activation cache
+directory or, by default, synthetic activations: sparse non-negative combinations of a ground-truth
+dictionary (Zipf-like firing frequencies, exponential magnitudes) plus a constant offset and Gaussian
+noise. Rows are scaled so that ``E||x||^2 = d_in`` for both libraries.
 
 Run: ``python benchmarks/quality_vs_saelens.py`` (a few minutes on 2 cores).
 """
@@ -34,7 +40,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import ours_trainer, saelens_trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, uninstalled
+from omegaconf import OmegaConf
+
 from sae_lightning.config import SAEConfig
+
+PRESETS = Path(__file__).resolve().parents[1] / "conf" / "sae"
+
+
+def preset(name: str, **overrides: object) -> SAEConfig:
+    """The ``SAEConfig`` that ``sae=<name>`` composes, with ``overrides`` (d_sae, k) on top."""
+    return SAEConfig(**{**OmegaConf.to_container(OmegaConf.load(PRESETS / f"{name}.yaml")), **overrides})
 
 
 def synthetic(n: int, d_in: int, n_features: int, mean_active: float, seed: int = 0) -> torch.Tensor:
@@ -142,55 +157,63 @@ def main() -> None:
     p.add_argument("--k", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--grad-clip", type=float, default=1.0,
                    help="ours: optim.grad_clip (default 1.0 like our config and SAELens)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="initialisation seeds per SAE")
     p.add_argument("--threads", type=int, default=1, help="small matmuls: one thread wastes least on sync")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
-    torch.manual_seed(0)
     x = load(args.acts, args)
     train_x, eval_x = x[: args.train_rows], x[args.train_rows:]
     print(f"data: {args.acts or 'synthetic'}, d_in {x.shape[1]}, d_sae {args.d_sae}, {args.steps} steps x "
           f"{args.batch} rows, lr {args.lr}, eval rows {eval_x.shape[0]}, our grad clip {args.grad_clip}")
 
     t0 = time.perf_counter()
-    curves: dict[str, list[tuple[float, float]]] = {}
+    runs: dict[str, list[list[tuple[float, float]]]] = {}  # name -> per sweep value -> per seed (L0, nmse)
     data = (train_x, eval_x, args)
     for name, sweep, run in [
-        ("ours relu plain", args.l1, lambda c: run_ours(SAEConfig(d_sae=args.d_sae), c, *data)),
-        ("ours relu decoder_norm", args.l1,
-         lambda c: run_ours(SAEConfig(d_sae=args.d_sae, l1_variant="decoder_norm"), c, *data)),
+        ("ours relu", args.l1, lambda c: run_ours(preset("relu", d_sae=args.d_sae), c, *data)),
+        ("ours relu_dn", args.l1, lambda c: run_ours(preset("relu_dn", d_sae=args.d_sae), c, *data)),
         ("saelens standard", args.l1, lambda c: run_saelens("standard", c, *data)),
-        ("ours topk", args.k,
-         lambda k: run_ours(SAEConfig(architecture="topk", d_sae=args.d_sae, k=k), 0.0, *data)),
+        ("ours topk", args.k, lambda k: run_ours(preset("topk", d_sae=args.d_sae, k=k), 0.0, *data)),
         ("saelens topk", args.k, lambda k: run_saelens("topk", 0.0, *data, k=k)),
     ]:
-        curves[name] = []
+        runs[name] = []
         for v in sweep:
-            curves[name].append(run(v))
-            print(f"  [{time.perf_counter() - t0:5.0f} s] {name} {v:g}: L0 {curves[name][-1][0]:.2f}, "
-                  f"nmse {curves[name][-1][1]:.4f}", flush=True)
-    print(f"trained {sum(map(len, curves.values()))} SAEs in {time.perf_counter() - t0:.0f} s\n")
-    report(curves, args)
+            runs[name].append([])
+            for seed in args.seeds:
+                torch.manual_seed(seed)
+                runs[name][-1].append(run(v))
+                l0, nmse = runs[name][-1][-1]
+                print(f"  [{time.perf_counter() - t0:5.0f} s] {name} {v:g} seed {seed}: L0 {l0:.2f}, "
+                      f"nmse {nmse:.4f}", flush=True)
+    n_trained = sum(len(per_seed) for points in runs.values() for per_seed in points)
+    print(f"trained {n_trained} SAEs in {time.perf_counter() - t0:.0f} s\n")
+    report(runs, args)
 
 
-def report(curves: dict[str, list[tuple[float, float]]], args: argparse.Namespace) -> None:
-    """Table of every point with SAELens's NMSE at the same L0, then the worst difference per curve."""
-    print(f"{'sae':24s} {'l1/k':>7s} {'L0':>8s} {'nmse':>8s} {'saelens nmse @ same L0':>24s}")
+def report(runs: dict[str, list[list[tuple[float, float]]]], args: argparse.Namespace) -> None:
+    """Table of every point (means over seeds) with SAELens's NMSE at the same L0, then the worst
+    difference per curve."""
+    curves = {name: [tuple(float(v) for v in torch.tensor(per_seed).mean(0)) for per_seed in points]
+              for name, points in runs.items()}
+    print(f"{'sae':18s} {'l1/k':>6s} {'L0':>8s} {'nmse':>8s} {'spread':>7s} {'saelens nmse @ same L0':>23s}")
     worst: dict[str, float] = {}
     for name, pts in curves.items():
         topk = "topk" in name
         sweep, ref = (args.k, curves["saelens topk"]) if topk else (args.l1, curves["saelens standard"])
         for i, (coef, (l0, nmse)) in enumerate(zip(sweep, pts, strict=True)):
+            spread = max(r[1] for r in runs[name][i]) - min(r[1] for r in runs[name][i])
             other = None
             if name.startswith("ours"):
                 other = ref[i][1] if topk else interpolate(l0, ref)
-            shown = f"{other:24.4f}" if other is not None else f"{'-':>24s}"
-            print(f"{name:24s} {coef:7g} {l0:8.2f} {nmse:8.4f} {shown}")
+            shown = f"{other:23.4f}" if other is not None else f"{'-':>23s}"
+            print(f"{name:18s} {coef:6g} {l0:8.2f} {nmse:8.4f} {spread:7.4f} {shown}")
             if other is not None:
                 worst[name] = max(worst.get(name, -math.inf), nmse - other)
-    print("\n(nmse diff = ours - saelens at matched L0, worst point of each curve; <= 0: no worse; "
-          "points outside SAELens's L0 range are not compared)")
+    print(f"\n(means over seeds {args.seeds}; nmse diff = ours - saelens at matched L0, worst point of each "
+          "curve; <= 0: no worse; points outside SAELens's L0 range are not compared)")
     print(" ".join(f"{n.replace(' ', '_')}_worst_nmse_diff={v:+.4f}" for n, v in worst.items()))
+
 
 if __name__ == "__main__":
     main()
