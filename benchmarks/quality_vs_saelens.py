@@ -198,11 +198,13 @@ def report(runs: dict[str, list[list[tuple[float, float]]]], args: argparse.Name
               for name, points in runs.items()}
     print(f"{'sae':18s} {'l1/k':>6s} {'L0':>8s} {'nmse':>8s} {'spread':>7s} {'saelens nmse @ same L0':>23s}")
     worst: dict[str, float] = {}
+    max_spread = 0.0
     for name, pts in curves.items():
         topk = "topk" in name
         sweep, ref = (args.k, curves["saelens topk"]) if topk else (args.l1, curves["saelens standard"])
         for i, (coef, (l0, nmse)) in enumerate(zip(sweep, pts, strict=True)):
             spread = max(r[1] for r in runs[name][i]) - min(r[1] for r in runs[name][i])
+            max_spread = max(max_spread, spread)
             other = None
             if name.startswith("ours"):
                 other = ref[i][1] if topk else interpolate(l0, ref)
@@ -212,7 +214,8 @@ def report(runs: dict[str, list[list[tuple[float, float]]]], args: argparse.Name
                 worst[name] = max(worst.get(name, -math.inf), nmse - other)
     print(f"\n(means over seeds {args.seeds}; nmse diff = ours - saelens at matched L0, worst point of each "
           "curve; <= 0: no worse; points outside SAELens's L0 range are not compared)")
-    print(" ".join(f"{n.replace(' ', '_')}_worst_nmse_diff={v:+.4f}" for n, v in worst.items()))
+    print(" ".join(f"{n.replace(' ', '_')}_worst_nmse_diff={v:+.4f}" for n, v in worst.items())
+          + f" max_seed_spread={max_spread:.4f}")
 
 
 if __name__ == "__main__":
