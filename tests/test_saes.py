@@ -182,3 +182,20 @@ def test_bf16_autocast_trains_and_counts_exactly(arch: str) -> None:
     out.loss.backward()
     assert torch.equal(out.fire_counts, (z != 0).sum(0))
     assert all(torch.isfinite(p.grad).all() and p.grad.abs().max() > 0 for p in sae.parameters())
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_torch_compile_matches_eager(arch: str) -> None:
+    """``trainer.compile=true`` compiles the SAE (``nn.Module.compile``): its custom autograd functions and
+    in-place ops must trace, and the compiled step must give eager's loss and gradients."""
+    eager = make(architecture=arch, k=4)
+    compiled = make(architecture=arch, k=4)
+    compiled.compile()
+    x = batch(300)
+    outs = [sae(x, sparsity_coeff=0.5) for sae in (eager, compiled)]
+    for out in outs:
+        out.loss.backward()
+    torch.testing.assert_close(outs[1].loss, outs[0].loss)
+    assert torch.equal(outs[1].fire_counts, outs[0].fire_counts)
+    for name, g in grads(eager).items():
+        torch.testing.assert_close(grads(compiled)[name], g, rtol=1e-4, atol=1e-5, msg=name)
