@@ -1,4 +1,4 @@
-# Two commands do all set-up on a fresh machine (Python 3.10+ and pip are all it needs):
+# Two commands do all set-up on a fresh machine (Python 3.11+ and pip are all it needs):
 #   make quickstart   set up .venv/, then cache activations, train and evaluate an SAE on the offline default
 #   make test         set up .venv/ with the dev extra, then run the test suite
 PYTHON ?= python3

@@ -14,7 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from sae_lightning.config import register_configs, to_config
+from sae_lightning.config import check_sparsity_override, register_configs, to_config
 from sae_lightning.sweep import is_multirun, register_resolvers, run_sweep_job
 
 log = logging.getLogger("train")
@@ -25,20 +25,20 @@ register_resolvers()
 def train(dict_cfg: DictConfig) -> float | None:
     """Validate, train, log where everything went; returns the final validation NMSE (the sweep objective)."""
     cfg = to_config(dict_cfg)  # every range check runs here, before any heavy import or work
+    check_sparsity_override(cfg, list(HydraConfig.get().overrides.task))
     from sae_lightning.training import run_training
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     summary = run_training(cfg, run_dir, OmegaConf.to_container(dict_cfg, resolve=True))
-    m = summary["metrics"]
-    log.info("Run finished: %d steps, %d tokens in %.0f s", summary["steps"], summary["tokens"],
-             summary["train_seconds"])
-    log.info("  run dir:    %s", summary["run_dir"])
-    log.info("  checkpoint: %s", summary["checkpoint"])
-    log.info("  metrics:    %s", summary["csv_log"])
+    m = summary.metrics
+    log.info("Run finished: %d steps, %d tokens in %.0f s", summary.steps, summary.tokens,
+             summary.train_seconds)
+    log.info("  run dir:    %s", summary.run_dir)
+    log.info("  SAE:        %s   (SAE.load(path))", summary.sae_dir)
     log.info("  val: explained_variance=%.4f nmse=%.4f l0=%.1f",
              m.get("val/explained_variance", float("nan")), m.get("val/nmse", float("nan")),
              m.get("val/l0", float("nan")))
-    log.info("Evaluate with: python evaluate.py ckpt_path=%s", summary["checkpoint"])
+    log.info("Evaluate with: python evaluate.py ckpt_path=%s", summary.checkpoint)
     return m.get("val/nmse")
 
 

@@ -42,14 +42,18 @@ from train_step import ours_trainer, saelens_trainer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, uninstalled
 from omegaconf import OmegaConf
 
-from sae_lightning.config import SAEConfig
+from sae_lightning.metrics import ReconstructionStats
+from sae_lightning.saes import SAEConfig, config_from_dict
 
 PRESETS = Path(__file__).resolve().parents[1] / "conf" / "sae"
 
 
 def preset(name: str, **overrides: object) -> SAEConfig:
-    """The ``SAEConfig`` that ``sae=<name>`` composes, with ``overrides`` (d_sae, k) on top."""
-    return SAEConfig(**{**OmegaConf.to_container(OmegaConf.load(PRESETS / f"{name}.yaml")), **overrides})
+    """The config that ``sae=<name>`` composes (its schema's defaults, then the preset's values), with
+    ``overrides`` (d_sae, k) on top."""
+    values = OmegaConf.to_container(OmegaConf.load(PRESETS / f"{name}.yaml"))
+    values.pop("defaults", None)
+    return config_from_dict({"architecture": name, **values, **overrides})
 
 
 def synthetic(n: int, d_in: int, n_features: int, mean_active: float, seed: int = 0) -> torch.Tensor:
@@ -93,13 +97,13 @@ def load(path: str | None, args: argparse.Namespace) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(encode_decode, x: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
-    """(held-out L0, normalized MSE) of ``encode_decode(x) -> (z, x_hat)`` over ``x`` in chunks."""
-    err, active = 0.0, 0.0
+    """(held-out L0, normalized MSE) of ``encode_decode(x) -> (z, x_hat)`` over ``x``, by ``metrics.py``."""
+    stats = ReconstructionStats()
     for xs in x.split(chunk):
         z, x_hat = encode_decode(xs)
-        err += (xs - x_hat).pow(2).sum().item()
-        active += (z != 0).sum().item()
-    return active / x.shape[0], err / (x - x.mean(0)).pow(2).sum().item()
+        stats.update(xs, x_hat, z)
+    values = stats.compute()
+    return values["l0"], values["nmse"]
 
 
 def train(trainer, train_x: torch.Tensor, args: argparse.Namespace) -> torch.nn.Module:
@@ -114,8 +118,8 @@ def train(trainer, train_x: torch.Tensor, args: argparse.Namespace) -> torch.nn.
 
 def run_ours(cfg: SAEConfig, coeff: float, train_x: torch.Tensor, eval_x: torch.Tensor,
              args: argparse.Namespace) -> tuple[float, float]:
-    sae, step = ours_trainer(cfg, train_x.shape[1], coeff, lr=args.lr, dead_window_steps=args.dead_window,
-                             grad_clip=args.grad_clip)
+    sae, step = ours_trainer(cfg, train_x.shape[1], coeff, lr=args.lr,
+                             dead_window_tokens=args.dead_window * args.batch)
     sae.init_b_dec(train_x[:args.b_dec_sample])
     train((sae, step), train_x, args)
     return evaluate(lambda xs: (z := sae.encode(xs), sae.decode(z)), eval_x)
@@ -155,8 +159,6 @@ def main() -> None:
     p.add_argument("--b-dec-sample", type=int, default=8192)
     p.add_argument("--l1", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.0, 10.0])
     p.add_argument("--k", type=int, nargs="+", default=[4, 8, 16])
-    p.add_argument("--grad-clip", type=float, default=1.0,
-                   help="ours: optim.grad_clip (default 1.0 like our config and SAELens)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="initialisation seeds per SAE")
     p.add_argument("--threads", type=int, default=1, help="small matmuls: one thread wastes least on sync")
     args = p.parse_args()
@@ -165,7 +167,7 @@ def main() -> None:
     x = load(args.acts, args)
     train_x, eval_x = x[: args.train_rows], x[args.train_rows:]
     print(f"data: {args.acts or 'synthetic'}, d_in {x.shape[1]}, d_sae {args.d_sae}, {args.steps} steps x "
-          f"{args.batch} rows, lr {args.lr}, eval rows {eval_x.shape[0]}, our grad clip {args.grad_clip}")
+          f"{args.batch} rows, lr {args.lr}, eval rows {eval_x.shape[0]}")
 
     t0 = time.perf_counter()
     runs: dict[str, list[list[tuple[float, float]]]] = {}  # name -> per sweep value -> per seed (L0, nmse)

@@ -14,14 +14,12 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from sae_lightning.checks import ConfigError
+from sae_lightning.checks import check as _check
+from sae_lightning.metrics import DENSE_THRESHOLD
+from sae_lightning.saes import SAE_REGISTRY, config_from_dict, sae_class
 
-class ConfigError(ValueError):
-    """A configuration value is out of range; the message names the key and the fix."""
-
-
-def _check(ok: bool, key: str, value: Any, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"Invalid config value {key}={value!r}: {why}")
+__all__ = ["ConfigError"]
 
 
 @dataclass
@@ -128,39 +126,6 @@ class ActivationsConfig:
 
 
 @dataclass
-class SAEConfig:
-    """The SAE architecture (``architecture`` picks a file in ``saes/``) and its own knobs."""
-
-    architecture: str = "relu"
-    dict_mult: float = 8.0
-    d_sae: int | None = None
-    l1_variant: str = "plain"
-    k: int = 32
-    aux_k: int = 512
-    aux_coeff: float = 1.0 / 32
-    ghost_grads: bool = False
-    jumprelu_init_threshold: float = 0.001
-    jumprelu_bandwidth: float = 0.001
-    b_dec_init: str = "geometric_median"
-    sparse_kernel: str = "auto"
-
-    def __post_init__(self) -> None:
-        _check(self.dict_mult > 0, "sae.dict_mult", self.dict_mult, "must be > 0")
-        _check(self.d_sae is None or self.d_sae > 0, "sae.d_sae", self.d_sae, "must be > 0")
-        _check(self.l1_variant in ("plain", "decoder_norm"), "sae.l1_variant", self.l1_variant,
-               "choose plain or decoder_norm")
-        _check(self.k > 0, "sae.k", self.k, "must be > 0")
-        _check(self.b_dec_init in ("geometric_median", "mean", "zeros"), "sae.b_dec_init",
-               self.b_dec_init, "choose geometric_median, mean or zeros")
-        _check(self.sparse_kernel in ("auto", "sparse", "dense"), "sae.sparse_kernel",
-               self.sparse_kernel, "choose auto, sparse or dense")
-
-    def resolve_d_sae(self, d_in: int) -> int:
-        """``d_sae`` wins over ``dict_mult`` when set."""
-        return self.d_sae if self.d_sae is not None else round(self.dict_mult * d_in)
-
-
-@dataclass
 class OptimConfig:
     """Optimiser and schedules (the learning rate itself is the root key ``lr``). Gradients are clipped at
     norm 1.0 by default, as SAELens's trainer does: it is what keeps low-L0 runs stable
@@ -173,6 +138,7 @@ class OptimConfig:
     lr_decay_start: float = 0.8
     l1_warmup_steps: int = 0
     grad_clip: float = 1.0
+    nan_guard: bool = True
 
     def __post_init__(self) -> None:
         _check(self.lr_decay in ("none", "linear", "cosine"), "optim.lr_decay", self.lr_decay,
@@ -202,20 +168,29 @@ class TrainerConfig:
 
 
 @dataclass
+class LatentsConfig:
+    """How latent firing is judged during training: dead = no firing in the last ``dead_window_tokens``
+    training tokens (AuxK, ghost grads, resampling); dense = firing on more than ``dense_threshold`` of
+    the tokens (the density log and every evaluation's ``dense_fraction``)."""
+
+    dead_window_tokens: int = 1_000_000
+    dense_threshold: float = DENSE_THRESHOLD
+
+    def __post_init__(self) -> None:
+        _check(self.dead_window_tokens > 0, "latents.dead_window_tokens", self.dead_window_tokens,
+               "must be > 0")
+        _check(0 < self.dense_threshold <= 1, "latents.dense_threshold", self.dense_threshold,
+               "must be in (0, 1]")
+
+
+@dataclass
 class CallbacksConfig:
     """Training-time interventions, each with its switch."""
 
-    dead_window_tokens: int = 1_000_000
-    dense_threshold: float = 0.1
     resample: bool = False
     resample_steps: list[int] = field(default_factory=lambda: [25_000, 50_000, 75_000, 100_000])
     resample_sample_rows: int = 65_536
     density_hist_every_n_steps: int = 1000
-    nan_guard: bool = True
-
-    def __post_init__(self) -> None:
-        _check(self.dead_window_tokens > 0, "callbacks.dead_window_tokens", self.dead_window_tokens,
-               "must be > 0")
 
 
 @dataclass
@@ -242,9 +217,10 @@ class TrainConfig:
     hook: HookConfig = field(default_factory=HookConfig)
     data: DataConfig = field(default_factory=DataConfig)
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
-    sae: SAEConfig = field(default_factory=SAEConfig)
+    sae: Any = None  # the architecture's own config (saes/<name>.py); None = ``sae=relu``'s defaults
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    latents: LatentsConfig = field(default_factory=LatentsConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     l1: float = 5.0
@@ -257,7 +233,9 @@ class TrainConfig:
     run_name: str | None = None
 
     def __post_init__(self) -> None:
-        _check(self.l1 >= 0, "l1", self.l1, "the sparsity coefficient must be >= 0")
+        if self.sae is None or isinstance(self.sae, dict):
+            self.sae = config_from_dict(self.sae or {"architecture": "relu"})
+        _check(self.l1 >= 0, "l1", self.l1, "the L1 coefficient must be >= 0")
         _check(self.lr > 0, "lr", self.lr, "must be > 0")
         _check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
         _check(self.train_tokens >= self.batch_size, "train_tokens", self.train_tokens,
@@ -303,13 +281,36 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def register_configs() -> None:
-    """Make the schemas visible to Hydra (each root YAML lists its schema first in ``defaults``) and add the
+    """Make the schemas visible to Hydra (each root YAML lists its schema first in ``defaults``; each
+    ``conf/sae/<name>.yaml`` lists ``<name>_schema``, the architecture's config class) and add the
     ``${repo_root:}`` resolver, so presets can name files beside the checkout (the ``../shared`` data)."""
     if not OmegaConf.has_resolver("repo_root"):
         OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)
+    for name, cls in SAE_REGISTRY.items():
+        cs.store(group="sae", name=f"{name}_schema", node=cls.config_class)
+
+
+def check_sparsity_override(cfg: TrainConfig, overrides: list[str]) -> None:
+    """Refuse a typed ``l1=...`` (command line or sweep) for an architecture that has no L1 penalty: it
+    would silently do nothing. Presets may set ``l1`` for the default architecture; only what the user
+    typed is checked."""
+    typed = any(o.split("=", 1)[0].lstrip("+~") == "l1" for o in overrides)
+    cls = sae_class(cfg.sae.architecture)
+    if typed and cls.sparsity_key != "l1":
+        raise ConfigError(f"l1={cfg.l1} has no effect on sae={cfg.sae.architecture}: it has no L1 penalty. "
+                          f"Drop l1 and set {cls.sparsity_key} instead")
+
+
+def train_config_from_dict(config: dict[str, Any]) -> TrainConfig:
+    """Rebuild (and re-validate) a ``TrainConfig`` from the plain dict stored in a checkpoint or cfg.json."""
+    values = dict(config)
+    sae = values.pop("sae", None)
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), values))
+    cfg.sae = config_from_dict(sae) if sae is not None else cfg.sae
+    return cfg
 
 
 def to_config(cfg: DictConfig) -> Any:

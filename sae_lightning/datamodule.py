@@ -127,15 +127,14 @@ def gather(source: RowSource, shard: np.ndarray, row: np.ndarray) -> np.ndarray:
 
 
 class ActivationStream(IterableDataset):
-    """Batches ``[batch_size, d]`` float32, normalized, for this rank and dataloader worker.
+    """Batches ``[batch_size, d]`` float32, raw (the SAE normalizes), for this rank and dataloader worker.
 
     ``start_batch`` is how many batches this rank has already consumed (resume). ``epochs=None`` is
     endless (training); ``epochs=1`` is one finite pass (validation).
     """
 
-    def __init__(self, source: RowSource, spec: StreamSpec, norm_scale: float, epochs: int | None,
-                 start_batch: int = 0):
-        self.source, self.spec, self.norm_scale = source, spec, norm_scale
+    def __init__(self, source: RowSource, spec: StreamSpec, epochs: int | None, start_batch: int = 0):
+        self.source, self.spec = source, spec
         self.epochs, self.start_batch = epochs, start_batch
 
     def _consumer(self) -> tuple[int, int]:
@@ -166,17 +165,14 @@ class ActivationStream(IterableDataset):
             epoch, first = epoch + 1, 0
 
     def _batch(self, plan: _EpochPlan, k: int) -> torch.Tensor:
-        x = gather(self.source, *plan.locate(plan.positions(k)))
-        if self.norm_scale != 1.0:
-            x *= self.norm_scale
-        return torch.from_numpy(x)
+        return torch.from_numpy(gather(self.source, *plan.locate(plan.positions(k))))
 
 
 @dataclass
 class EvalRows:
     """Held-out rows with where they came from (token id, context row, position); -1 when unknown."""
 
-    acts: torch.Tensor     # [n, d] float32, normalized
+    acts: torch.Tensor     # [n, d] float32, raw
     tokens: torch.Tensor   # [n] int64
     doc: torch.Tensor      # [n] int64
     pos: torch.Tensor      # [n] int64
@@ -186,8 +182,9 @@ class ActivationDataModule(LightningDataModule):
     """Streams a cache (or an imported [N, d] array) as training and validation batches.
 
     ``source``: an ``ActivationCache``/``ArraySource``, or a path to a cache directory or an array
-    file. ``d_in`` and ``norm_scale`` are known right after construction (read from metadata), so the
-    SAE can be built before ``fit``. Rank and world size come from ``self.trainer`` in ``setup()``.
+    file. ``d_in`` and ``norm_scale`` (the scale that makes ``E||x|| = sqrt(d)``; the SAE applies it, the
+    stream does not) are known right after construction (read from metadata), so the SAE can be built
+    before ``fit``. Rank and world size come from ``self.trainer`` in ``setup()``.
     """
 
     def __init__(self, source: RowSource | str | Path, cfg: ActivationsConfig, batch_size: int, seed: int):
@@ -232,7 +229,7 @@ class ActivationDataModule(LightningDataModule):
                 f"batch_size={self.batch_size} for each of {spec.world_size * workers} process(es)/workers. "
                 "Build more tokens (data.n_tokens), lower batch_size or activations.num_workers"
                 + (", or raise activations.val_fraction" if what == "validation" else ""))
-        stream = ActivationStream(self.source, spec, self.norm_scale, epochs, start)
+        stream = ActivationStream(self.source, spec, epochs, start)
         return DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
                           persistent_workers=self.cfg.num_workers > 0 and epochs is None,
                           pin_memory=torch.cuda.is_available())
@@ -248,10 +245,10 @@ class ActivationDataModule(LightningDataModule):
         return self._loader(self._spec(self.val_shards, False), 1, 0, "validation")
 
     def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
-        """``min(n, training rows)`` normalized training rows drawn uniformly without replacement
-        (decoder-bias init, resampling)."""
-        x = sample_rows(self.source, self.train_shards, n, self.seed if seed is None else seed)
-        return torch.from_numpy(x * np.float32(self.norm_scale))
+        """``min(n, training rows)`` raw training rows drawn uniformly without replacement (decoder-bias
+        init, resampling)."""
+        seed = self.seed if seed is None else seed
+        return torch.from_numpy(sample_rows(self.source, self.train_shards, n, seed))
 
     def eval_rows(self, max_tokens: int, batch_size: int | None = None) -> Iterator[EvalRows]:
         """Held-out rows in order, with (token, doc, pos), at most ``max_tokens`` of them."""
@@ -265,8 +262,8 @@ class ActivationDataModule(LightningDataModule):
                     return
                 idx = np.arange(lo, min(lo + step, self.source.shard_sizes[s], lo + left))
                 tok, doc, pos = self.source.read_where(s, idx)
-                acts = self.source.read_rows(s, idx) * np.float32(self.norm_scale)
-                yield EvalRows(torch.from_numpy(acts), torch.from_numpy(tok), torch.from_numpy(doc),
+                yield EvalRows(torch.from_numpy(self.source.read_rows(s, idx)), torch.from_numpy(tok),
+                               torch.from_numpy(doc),
                                torch.from_numpy(pos))
                 left -= len(idx)
             self.source.release(s)

@@ -10,6 +10,7 @@ reachability test and the cached file hash.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import glob
 import hashlib
 import json
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from sae_lightning.config import DataConfig
+from sae_lightning.io import atomic_write_json, sha256_file
 
 LOCAL_DATA_PRESET = "data=tinystories_local"
 _READ_CHUNK_BYTES = 1 << 20
@@ -99,23 +101,11 @@ def file_sha256(path: Path) -> str:
             return saved["sha256"]
     except (OSError, ValueError, KeyError):
         pass
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(_READ_CHUNK_BYTES * 8):
-            digest.update(block)
-    _write_json_atomic(sidecar, {**stamp, "sha256": digest.hexdigest()})
-    return digest.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    """Best effort: a read-only home only costs a re-hash next time."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(obj))
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    digest = sha256_file(path)
+    with contextlib.suppress(OSError):  # best effort: a read-only home only costs a re-hash next time
+        sidecar.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(sidecar, {**stamp, "sha256": digest})
+    return digest
 
 
 # ---------------------------------------------------------------- documents

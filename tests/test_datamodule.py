@@ -115,14 +115,16 @@ def test_validation_split_is_by_shard_and_disjoint_from_training(array_path):
     assert np.array_equal(ids(dm.val_dataloader()), val)                # the same set every validation
 
 
-def test_normalization_gives_mean_norm_sqrt_d(tmp_path):
-    x = np.random.default_rng(0).standard_normal((N, D)).astype(np.float32) * 5 + 1
-    np.save(tmp_path / "x.npy", x)
+def test_norm_scale_gives_mean_norm_sqrt_d_and_rows_stay_raw(tmp_path):
+    """``norm_scale`` is for the SAE (its ``input_scale``); the stream itself yields the raw rows."""
+    raw = np.random.default_rng(0).standard_normal((N, D)).astype(np.float32) * 5 + 1
+    np.save(tmp_path / "x.npy", raw)
     dm = make_dm(tmp_path / "x.npy", normalize=True)
     x = torch.cat(take(dm.train_dataloader(), 100))
     assert dm.norm_scale != 1.0
-    assert x.norm(dim=1).mean().item() == pytest.approx(np.sqrt(D), rel=0.02)
-    assert dm.sample(500).norm(dim=1).mean().item() == pytest.approx(np.sqrt(D), rel=0.05)
+    assert (x * dm.norm_scale).norm(dim=1).mean().item() == pytest.approx(np.sqrt(D), rel=0.02)
+    assert all((torch.from_numpy(raw) == row).all(1).any() for row in x[:20])  # rows of the array as they are
+    assert (dm.sample(500) * dm.norm_scale).norm(dim=1).mean().item() == pytest.approx(np.sqrt(D), rel=0.05)
     assert make_dm(tmp_path / "x.npy", normalize=False).norm_scale == 1.0
 
 
@@ -200,6 +202,6 @@ def test_eval_rows_carry_token_doc_and_pos_from_the_cache(tmp_path):
     tokens = torch.cat(batches)
     for r in rows:
         assert torch.equal(tokens[r.doc, r.pos], r.tokens)
-        torch.testing.assert_close(r.acts, embed[r.tokens] * dm.norm_scale)
+        torch.testing.assert_close(r.acts, embed[r.tokens])  # raw activations
         assert r.doc.min() >= 8 * 4                 # the held-out shards are the last rows
     assert np.array_equal(dm.context(int(rows[0].doc[0])), tokens[rows[0].doc[0]].numpy())

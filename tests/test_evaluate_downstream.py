@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from sae_lightning.config import SAEConfig
 from sae_lightning.evaluate.downstream import downstream_metrics, mean_activation
 from sae_lightning.lm import HookPoint
 from sae_lightning.metrics import next_token_loss
 from sae_lightning.saes import build_sae
+from sae_lightning.saes.relu import ReLUConfig
 from sae_lightning.text import special_token_mask
 
 HOOK = HookPoint(0, "mlp_post")
@@ -31,7 +31,7 @@ def _specials(lm) -> Callable[[Tensor], Tensor]:
 def _relu_sae(d: int, identity: bool) -> torch.nn.Module:
     """A real ReLU SAE with 2d latents: W_enc = [I, -I], W_dec = [I; -I] reconstructs exactly
     (relu(u) - relu(-u) = u); with W_dec = 0 it reconstructs zero."""
-    sae = build_sae(SAEConfig(architecture="relu", d_sae=2 * d), d)
+    sae = build_sae(ReLUConfig(d_sae=2 * d), d)
     eye = torch.eye(d)
     with torch.no_grad():
         sae.W_enc.copy_(torch.cat([eye, -eye], 1))
@@ -41,9 +41,10 @@ def _relu_sae(d: int, identity: bool) -> torch.nn.Module:
     return sae
 
 
-def _run(lm, identity: bool, norm_scale: float = 3.0) -> dict[str, float]:
+def _run(lm, identity: bool, input_scale: float = 3.0) -> dict[str, float]:
     sae = _relu_sae(lm.hook_dim(HOOK), identity)
-    return downstream_metrics(lm, _batches(lm), HOOK, sae, norm_scale, exclude=_specials(lm))
+    sae.set_input_scale(input_scale)  # the identity stays an identity on raw activations
+    return downstream_metrics(lm, _batches(lm), HOOK, sae, exclude=_specials(lm))
 
 
 def test_perfect_sae_recovers_everything(tiny_gpt2) -> None:

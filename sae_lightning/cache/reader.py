@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..io import sha256_file
 from .key import FORMAT_VERSION, CacheKey
-from .shardfile import ShardError, file_sha256, memmap_shard, read_header
+from .shardfile import ShardError, memmap_shard, read_header
 
 META = "meta.json"
 NORM_SAMPLE_ROWS = 32_768
@@ -193,7 +194,7 @@ class ActivationCache(RowSource):
             read_header(f)
         except (ShardError, OSError, ValueError) as err:
             raise CacheError(f"{err}. Delete {self.path} and rebuild it") from None
-        if file_sha256(f) != entry["sha256"]:
+        if sha256_file(f) != entry["sha256"]:
             raise CacheError(f"shard {f} fails its SHA-256 checksum (corrupted on disk or edited). "
                              f"Delete {self.path} and rebuild it")
 

@@ -1,8 +1,8 @@
 """Downstream metrics: the LM's next-token loss when the hooked activation is replaced.
 
 Four forwards per token batch: clean; the activation replaced by the SAE reconstruction
-``decode(encode(x * s)) / s`` (``s = norm_scale``: the SAE works on normalized activations); zero-ablated;
-mean-ablated (the mean activation over the evaluation tokens). Excluded positions (BOS and other special
+``decode(encode(x))`` (the SAE takes raw activations); zero-ablated; mean-ablated (the mean activation
+over the evaluation tokens). Excluded positions (BOS and other special
 tokens, as in the activation cache) are treated the same way everywhere: their activation is never
 replaced, they do not enter the mean, and the loss/KL of the prediction made AT them is not counted.
 Every number is a mean over all counted positions of all batches (not a mean of batch means).
@@ -30,14 +30,14 @@ class HookedLMLike(Protocol):
     def activations(self, tokens: Tensor, hooks: Sequence) -> dict: ...
 
 
-def sae_splice(sae: nn.Module, norm_scale: float) -> Splice:
-    """``x -> decode(encode(x * s)) / s`` on ``[..., d]`` (SAEs take rows ``[B, d]``), computed in the SAE's
+def sae_splice(sae: nn.Module) -> Splice:
+    """``x -> decode(encode(x))`` on ``[..., d]`` (SAEs take raw rows ``[B, d]``), computed in the SAE's
     dtype and returned in ``x``'s."""
     dtype = next(sae.parameters()).dtype
 
     def splice(x: Tensor) -> Tensor:
-        rows = x.reshape(-1, x.shape[-1]).to(dtype) * norm_scale
-        return (sae.decode(sae.encode(rows)) / norm_scale).to(x.dtype).reshape(x.shape)
+        rows = x.reshape(-1, x.shape[-1]).to(dtype)
+        return sae.decode(sae.encode(rows)).to(x.dtype).reshape(x.shape)
 
     return splice
 
@@ -74,7 +74,6 @@ def downstream_metrics(
     token_batches: Sequence[Tensor],
     hook: Hashable,
     sae: nn.Module,
-    norm_scale: float,
     exclude: ExcludeMask | None = None,
     mean_act: Tensor | None = None,
 ) -> dict[str, float]:
@@ -85,7 +84,7 @@ def downstream_metrics(
     if mean_act is None:
         mean_act = mean_activation(lm, token_batches, hook, exclude)
     ablations: dict[str, Splice] = {
-        "sae": sae_splice(sae, norm_scale),
+        "sae": sae_splice(sae),
         "zero": torch.zeros_like,
         "mean_ablation": lambda x: mean_act.to(x).expand_as(x),
     }

@@ -1,6 +1,6 @@
 """The evaluation steps glued together, so ``evaluate.py`` only loads things and calls two functions:
 
-1. :func:`evaluate_rows` — ONE streamed pass over the held-out rows (normalized activations with their
+1. :func:`evaluate_rows` — ONE streamed pass over the held-out rows (raw activations with their
    token/doc/pos): reconstruction metrics (:class:`ReconstructionStats`), top contexts, densities and
    tracked-unit histograms for SAE latents and (when the hook is ``mlp_post``) for the raw neurons.
 2. :func:`build_report_data` — picks the units to show, scores monosemanticity for a sample of units of
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 class Rows(Protocol):
     """One batch of held-out rows (``datamodule.EvalRows``)."""
 
-    acts: Tensor  # [n, d] normalized (x * norm_scale)
+    acts: Tensor  # [n, d] raw activations
     tokens: Tensor
     doc: Tensor
     pos: Tensor
@@ -64,11 +64,11 @@ def track_candidates(n_units: int, n: int, seed: int) -> list[int]:
 
 
 @torch.inference_mode()
-def evaluate_rows(rows: Iterable[Rows], sae: nn.Module, norm_scale: float, *, n_top: int = 8,
+def evaluate_rows(rows: Iterable[Rows], sae: nn.Module, *, n_top: int = 8,
                   track_latents: Sequence[int] = (), track_neurons: Sequence[int] = (),
                   neurons: bool = True, dense_threshold: float = DENSE_THRESHOLD) -> RowsResult:
-    """Stream ``rows`` once through ``sae``. Neuron activations are the rows divided by ``norm_scale``
-    (raw units); pass ``neurons=False`` when the hook is not ``mlp_post``."""
+    """Stream ``rows`` once through ``sae`` (which takes raw activations). Neuron activations are the rows
+    themselves; pass ``neurons=False`` when the hook is not ``mlp_post``."""
     stats = ReconstructionStats(dense_threshold)
     latent_collector = neuron_collector = None
     docs: set[int] = set()
@@ -83,7 +83,7 @@ def evaluate_rows(rows: Iterable[Rows], sae: nn.Module, norm_scale: float, *, n_
             neuron_collector = UnitCollector(x.shape[1], n_top, track_neurons) if neurons else None
         latent_collector.update(z, batch.tokens, batch.doc, batch.pos)
         if neuron_collector is not None:
-            neuron_collector.update(batch.acts / norm_scale, batch.tokens, batch.doc, batch.pos)
+            neuron_collector.update(batch.acts, batch.tokens, batch.doc, batch.pos)
         docs.update(batch.doc.unique().tolist())
     if latent_collector is None:
         raise ValueError("evaluate_rows got no rows")
@@ -109,7 +109,7 @@ class LMParts:
 
 
 def build_report_data(title: str, metrics: Mapping[str, float], result: RowsResult, sae: nn.Module,
-                      norm_scale: float, lm: LMParts, context_row: ContextRow, *, n_latents: int = 12,
+                      lm: LMParts, context_row: ContextRow, *, n_latents: int = 12,
                       n_neurons: int = 12, n_scored: int = 200, embedder: Embedder | None = None,
                       seed: int = 0, history: Mapping[str, Sequence[float]] | None = None,
                       details: Mapping[str, Any] | None = None) -> tuple[ReportData, dict[str, float]]:
@@ -125,7 +125,7 @@ def build_report_data(title: str, metrics: Mapping[str, float], result: RowsResu
         scorer = CoherenceScorer(embedder, random_contexts(context_row, result.docs, n_groups=16,
                                                            group_size=result.latents.top.values.shape[1],
                                                            decode=decode, seed=seed))
-    kinds = {"latent": (result.latents, n_latents, _latent_directions(sae, norm_scale))}
+    kinds = {"latent": (result.latents, n_latents, _latent_directions(sae))}
     if result.neurons is not None:
         kinds["neuron"] = (result.neurons, n_neurons, _neuron_directions(result.neurons))
     scorable = {kind: fired(summary, range(summary.fire_counts.shape[0]), 2)
@@ -147,9 +147,10 @@ def build_report_data(title: str, metrics: Mapping[str, float], result: RowsResu
     return data, medians
 
 
-def _latent_directions(sae: nn.Module, norm_scale: float) -> Callable[[list[int]], Tensor]:
-    """Decoder rows in raw activation space (``W_dec / s``: the SAE decodes normalized activations)."""
-    return lambda units: sae.W_dec.detach().float().cpu()[units] / norm_scale
+def _latent_directions(sae: nn.Module) -> Callable[[list[int]], Tensor]:
+    """Decoder rows in raw activation space (``W_dec / input_scale``: the weights act on normalized
+    activations)."""
+    return lambda units: sae.W_dec.detach().float().cpu()[units] / float(sae.input_scale)
 
 
 def _neuron_directions(summary: UnitSummary) -> Callable[[list[int]], Tensor]:
