@@ -1,4 +1,5 @@
-"""What ``evaluate.py`` runs: checkpoint -> held-out activations -> metrics.json, HTML report, export.
+"""What ``evaluate.py`` runs: checkpoint -> held-out activations -> metrics.json (+ SAEBench core JSON),
+HTML report, export.
 
 Cheap checks first (the checkpoint, then the activations it will be applied to), then the one streamed
 pass over held-out rows, then the LM-based numbers (downstream loss, logit effects) and the report.
@@ -123,7 +124,8 @@ def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, module: SAEMo
 
 
 def run_evaluation(cfg: EvalConfig) -> Path:
-    """Evaluate ``cfg.ckpt_path``; returns the path of the ``metrics.json`` it wrote."""
+    """Evaluate ``cfg.ckpt_path``; returns the path of the ``metrics.json`` it wrote (``saebench_core.json``
+    beside it)."""
     module = load_sae_checkpoint(cfg.ckpt_path)
     train_cfg, scale = module.cfg, float(module.hparams.norm_scale)
     dm = open_eval_data(cfg, train_cfg, module)
@@ -153,4 +155,10 @@ def run_evaluation(cfg: EvalConfig) -> Path:
     path = out_dir / "metrics.json"
     keep_previous(path)
     path.write_text(json.dumps(metrics, indent=2))
+    # the same evaluation as SAEBench's core result JSON, beside metrics.json
+    from sae_lightning.evaluate.saebench import write_core_result
+
+    keep_previous(out_dir / "saebench_core.json")
+    write_core_result(out_dir / "saebench_core.json", metrics, result.feature_density, module.sae, scale,
+                      train_cfg, cfg)
     return path
