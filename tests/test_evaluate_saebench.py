@@ -76,7 +76,9 @@ def test_scale_dependent_numbers_are_those_of_the_sae_on_raw_activations(evaluat
     expected = direct.compute()
     result, _ = _result(evaluated, DOWNSTREAM)
     m = result["eval_result_metrics"]
-    assert m["reconstruction_quality"]["mse"] == pytest.approx(expected["mse"], rel=1e-5)
+    # SAELens's mse: ||x - x_hat||² summed over the 8 dimensions, mean over tokens
+    sse_per_token = float(((raw - x_hat) ** 2).sum(-1).mean())
+    assert m["reconstruction_quality"]["mse"] == pytest.approx(sse_per_token, rel=1e-5)
     assert m["reconstruction_quality"]["explained_variance"] == pytest.approx(expected["explained_variance"])
     assert m["shrinkage"]["l2_norm_in"] == pytest.approx(expected["l2_norm_in"], rel=1e-6)
     assert m["shrinkage"]["l2_norm_out"] == pytest.approx(expected["l2_norm_out"], rel=1e-5)

@@ -5,8 +5,9 @@ schema in ``tests/test_evaluate_saebench.py``.
 The numbers are ours (``metrics.py``, ``evaluate/downstream.py``, ``evaluate/weights.py``); where a
 definition differs from SAEBench's, ``docs/metrics.md`` says how. Values that depend on the activation scale
 (``mse``, ``l2_norm_in/out``, ``encoder_norm``) are given for raw activations, as SAEBench runs the SAELens
-export: normalized-space values divided by ``s`` (``s²`` for ``mse``). A number that was not computed, or
-is NaN, is written as -1, SAEBench's own convention.
+export: normalized-space values divided by ``s`` (``s²`` for ``mse``, which is also summed over the ``d``
+dimensions, SAELens's convention). A number that was not computed, or is NaN, is written as -1, SAEBench's
+own convention.
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ def _mean(t: Tensor) -> float:
     return float(t.double().mean())
 
 
-def core_metrics(metrics: Mapping[str, Any], weights: Mapping[str, Tensor],
-                 norm_scale: float) -> dict[str, dict[str, float]]:
-    """SAEBench's ``eval_result_metrics`` from our ``metrics.json`` dict and :func:`latent_weight_stats`."""
+def core_metrics(metrics: Mapping[str, Any], weights: Mapping[str, Tensor], norm_scale: float,
+                 d_in: int) -> dict[str, dict[str, float]]:
+    """SAEBench's ``eval_result_metrics`` from our ``metrics.json`` dict and :func:`latent_weight_stats`
+    (``d_in``: the activation width, to turn our per-element ``mse`` into a per-token one)."""
     s = norm_scale
     return {
         "model_behavior_preservation": {
@@ -64,7 +66,7 @@ def core_metrics(metrics: Mapping[str, Any], weights: Mapping[str, Tensor],
         "reconstruction_quality": {
             "explained_variance": _num(metrics, "explained_variance"),
             "explained_variance_legacy": MISSING,
-            "mse": _num(metrics, "mse", s * s),
+            "mse": _num(metrics, "mse", s * s / d_in),
             "cossim": _num(metrics, "cosine_sim"),
         },
         "shrinkage": {
@@ -146,7 +148,7 @@ def core_result(metrics: Mapping[str, Any], density: Tensor, sae: SAEWeights, no
         "eval_config": core_eval_config(train_cfg, eval_cfg, metrics),
         "eval_id": str(uuid.uuid4()),
         "datetime_epoch_millis": int(time.time() * 1000),
-        "eval_result_metrics": core_metrics(metrics, weights, norm_scale),
+        "eval_result_metrics": core_metrics(metrics, weights, norm_scale, d_in),
         "eval_result_details": feature_details(density, weights),
         "sae_bench_commit_hash": f"not SAEBench: sae-lightning {version('sae-lightning')}",
         "sae_lens_id": None,
