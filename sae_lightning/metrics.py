@@ -166,6 +166,50 @@ def frequency_fractions(density: Tensor, threshold: float) -> dict[str, float]:
             f"normalized_freq_{name}": float(density[over].sum()) / total if total > 0 else 0.0}
 
 
+class PromptFireCounts:
+    """Per latent, the number of prompts (context rows, ``doc``) in which it fired at least once, over rows
+    streamed in prompt order (``doc`` non-decreasing, as ``eval_rows`` yields a cache's held-out rows; a
+    prompt may continue into the next batch). :meth:`consistent_activation` turns it into SAEBench's
+    ``consistent_activation_heuristic``. Rows with unknown prompts (``doc < 0``, imported arrays) or out of
+    order make the count undefined: ``valid`` becomes False."""
+
+    def __init__(self) -> None:
+        self.counts: Tensor | None = None  # [d_sae] float64
+        self.valid = True
+        self._last_doc = -1
+        self._last_fired: Tensor | None = None  # [d_sae] bool: fired so far in prompt _last_doc
+
+    @torch.no_grad()
+    def update(self, latents: Tensor, doc: Tensor) -> None:
+        """Add rows ``latents [n, d_sae]`` of prompts ``doc [n]``."""
+        doc = doc.to(latents.device)
+        if not self.valid or doc.numel() == 0:
+            return
+        if bool((doc < 0).any()) or bool((doc[1:] < doc[:-1]).any()) or int(doc[0]) < self._last_doc:
+            self.valid = False
+            return
+        docs, segment = torch.unique_consecutive(doc, return_inverse=True)
+        fired = torch.zeros(len(docs), latents.shape[1], device=latents.device)
+        fired = fired.index_add_(0, segment, (latents != 0).float()) > 0  # [prompts in batch, d_sae]
+        new = fired.sum(0).double()
+        continues = int(docs[0]) == self._last_doc
+        if continues:  # the last prompt goes on: its latents that already fired are counted already
+            new -= (fired[0] & self._last_fired).double()
+        self.counts = new if self.counts is None else self.counts + new
+        if continues and len(docs) == 1:
+            self._last_fired = self._last_fired | fired[0]
+        else:
+            self._last_fired = fired[-1]
+        self._last_doc = int(docs[-1])
+
+    def consistent_activation(self, fire_counts: Tensor) -> Tensor | None:
+        """``fire_count_i / prompts_i``: tokens a latent fires on per prompt it fires in (NaN if it never
+        fired); None when the prompt counts are undefined."""
+        if not self.valid or self.counts is None:
+            return None
+        return (fire_counts.double().to(self.counts.device) / self.counts).float().cpu()
+
+
 def _rows(t: Tensor) -> Tensor:
     """``[..., d]`` -> ``[n, d]`` float64 (sums of many float32 squares lose digits otherwise)."""
     return t.detach().reshape(-1, t.shape[-1]).double()

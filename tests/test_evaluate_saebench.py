@@ -11,7 +11,7 @@ import torch
 from sae_lightning.config import EvalConfig, SAEConfig, TrainConfig
 from sae_lightning.evaluate.saebench import MISSING, core_result, write_core_result
 from sae_lightning.export import folded_weights
-from sae_lightning.metrics import ReconstructionStats
+from sae_lightning.metrics import PromptFireCounts, ReconstructionStats
 from sae_lightning.saes import build_sae
 
 SCALE = 4.0
@@ -22,24 +22,27 @@ DOWNSTREAM = {"ce_loss_clean": 2.0, "ce_loss_sae": 2.5, "ce_loss_zero": 3.0, "ce
 
 
 @pytest.fixture(scope="module")
-def evaluated() -> tuple[torch.nn.Module, torch.Tensor, ReconstructionStats]:
-    """A random ReLU SAE (d_in 8, d_sae 16) on 64 raw activation rows, evaluated as evaluate.py does:
-    on the normalized rows ``x · s``."""
+def evaluated() -> tuple[torch.nn.Module, torch.Tensor, ReconstructionStats, torch.Tensor]:
+    """A random ReLU SAE (d_in 8, d_sae 16, latent 5 made dead) on 64 raw activation rows of 8 prompts,
+    evaluated as evaluate.py does: on the normalized rows ``x · s``."""
     torch.manual_seed(0)
     sae = build_sae(SAEConfig(architecture="relu", d_sae=16), 8)
+    with torch.no_grad():
+        sae.b_enc[5] = -1e3
     raw = torch.randn(64, 8) + 1.0
-    stats = ReconstructionStats()
+    stats, prompts = ReconstructionStats(), PromptFireCounts()
     with torch.no_grad():
         z = sae.encode(raw * SCALE)
         stats.update(raw * SCALE, sae.decode(z), z)
-    return sae, raw, stats
+        prompts.update(z, torch.arange(64) // 8)
+    return sae, raw, stats, prompts.consistent_activation(stats.fire_counts)
 
 
 def _result(evaluated, extra: dict | None = None) -> tuple[dict, dict]:
-    sae, _, stats = evaluated
+    sae, _, stats, consistent = evaluated
     metrics = {**stats.compute(), **(extra or {})}
     return core_result(metrics, stats.feature_density(), sae, SCALE, TrainConfig(),
-                       EvalConfig(ckpt_path="x")), metrics
+                       EvalConfig(ckpt_path="x"), consistent), metrics
 
 
 def test_matches_the_published_schema(evaluated, check_saebench_core) -> None:
@@ -63,12 +66,16 @@ def test_downstream_and_density_numbers_land_in_their_fields(evaluated) -> None:
                                 "total_tokens_eval_sparsity_variance": 64}
     density = evaluated[2].feature_density()
     assert [d["feature_density"] for d in result["eval_result_details"]] == pytest.approx(density.tolist())
+    consistent = [d["consistent_activation_heuristic"] for d in result["eval_result_details"]]
+    assert consistent[5] == MISSING and density[5] == 0  # dead: 0 tokens / 0 prompts
+    assert consistent[:5] == pytest.approx(evaluated[3][:5].tolist(), rel=1e-5)
+    assert all(1 <= c <= 8 for i, c in enumerate(consistent) if i != 5)  # 1 to 8 rows per prompt
     assert result["eval_config"]["compute_ce_loss"] and result["eval_config"]["compute_kl"]
 
 
 def test_scale_dependent_numbers_are_those_of_the_sae_on_raw_activations(evaluated) -> None:
     # run the SAELens export (norm_scale folded into the weights) on the raw rows and measure directly
-    sae, raw, _ = evaluated
+    sae, raw, _, _ = evaluated
     w = folded_weights(sae, SCALE)
     x_hat = torch.relu((raw - w["b_dec"]) @ w["W_enc"] + w["b_enc"]) @ w["W_dec"] + w["b_dec"]
     direct = ReconstructionStats()
@@ -98,7 +105,7 @@ def test_without_the_lm_the_missing_numbers_are_minus_one(evaluated, check_saebe
 
 
 def test_written_atomically_as_valid_json(evaluated, tmp_path, check_saebench_core) -> None:
-    sae, _, stats = evaluated
+    sae, _, stats, _ = evaluated
     path = write_core_result(tmp_path / "saebench_core.json", {**stats.compute(), **DOWNSTREAM},
                              stats.feature_density(), sae, SCALE, TrainConfig(), EvalConfig(ckpt_path="x"))
     check_saebench_core(json.loads(path.read_text()))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sae_lightning.metrics import (
+    PromptFireCounts,
     ReconstructionStats,
     batch_metrics,
     ce_loss_recovered,
@@ -182,3 +183,29 @@ def test_next_token_loss_and_kl_by_hand() -> None:
     # KL(p||q) = 1/2 ln((1/2)/(3/4)) + 1/2 ln((1/2)/(1/4)) = 1/2 ln(4/3)
     torch.testing.assert_close(next_token_kl(uniform, skewed), torch.full((1, 2), 0.5 * math.log(4 / 3)))
     torch.testing.assert_close(next_token_kl(skewed, skewed), torch.zeros(1, 2))
+
+
+# six rows of prompts 0, 0, 1, 1, 1, 2; latent 0 fires on 4 rows in prompts 0 and 1, latent 1 on 2 rows in
+# prompts 0 and 1, latent 2 never -> tokens per prompt fired in: 4/2, 2/2, undefined
+DOCS = torch.tensor([0, 0, 1, 1, 1, 2])
+Z6 = torch.tensor([[1.0, 0, 0], [2, 3, 0], [0, 1, 0], [1, 0, 0], [1, 0, 0], [0, 0, 0]])
+
+
+@pytest.mark.parametrize("split", [[6], [1, 5], [3, 3], [2, 1, 3], [1] * 6])
+def test_consistent_activation_by_hand_for_any_batching(split: list[int]) -> None:
+    prompts = PromptFireCounts()
+    for z, doc in zip(Z6.split(split), DOCS.split(split), strict=True):
+        prompts.update(z, doc)
+    torch.testing.assert_close(prompts.counts, torch.tensor([2.0, 2.0, 0.0], dtype=torch.float64))
+    heuristic = prompts.consistent_activation(torch.tensor([4.0, 2.0, 0.0]))
+    torch.testing.assert_close(heuristic[:2], torch.tensor([2.0, 1.0]))
+    assert math.isnan(heuristic[2])
+
+
+@pytest.mark.parametrize("docs", [torch.full((6,), -1), torch.tensor([0, 1, 0, 1, 2, 2]),
+                                  torch.tensor([0, 1, 2, 1, 2, 2])])  # unknown; unordered in/across batches
+def test_consistent_activation_undefined_without_ordered_prompts(docs: torch.Tensor) -> None:
+    prompts = PromptFireCounts()
+    for z, doc in zip(Z6.split(3), docs.split(3), strict=True):
+        prompts.update(z, doc)
+    assert not prompts.valid and prompts.consistent_activation(torch.ones(3)) is None

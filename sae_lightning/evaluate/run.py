@@ -160,5 +160,5 @@ def run_evaluation(cfg: EvalConfig) -> Path:
 
     keep_previous(out_dir / "saebench_core.json")
     write_core_result(out_dir / "saebench_core.json", metrics, result.feature_density, module.sae, scale,
-                      train_cfg, cfg)
+                      train_cfg, cfg, result.consistent_activation)
     return path

@@ -20,6 +20,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from sae_lightning.cache.writer import atomic_write_json
@@ -28,7 +29,6 @@ from sae_lightning.evaluate.weights import SAEWeights, latent_weight_stats
 from sae_lightning.export import saelens_config, saelens_metadata
 
 MISSING = -1.0  # SAEBench writes NaN / not computed as -1
-NOT_COMPUTED = ("explained_variance_legacy", "consistent_activation_heuristic")
 
 
 def _num(metrics: Mapping[str, Any], key: str, divide_by: float = 1.0) -> float:
@@ -92,14 +92,21 @@ def core_metrics(metrics: Mapping[str, Any], weights: Mapping[str, Tensor], norm
     }
 
 
-def feature_details(density: Tensor, weights: Mapping[str, Tensor]) -> list[dict[str, float]]:
+def feature_details(density: Tensor, consistent_activation: Tensor | None,
+                    weights: Mapping[str, Tensor]) -> list[dict[str, float]]:
     """SAEBench's ``eval_result_details``: one record per latent (6 significant digits, to keep the file
-    small without rounding rare latents' densities to 0)."""
-    columns = {"feature_density": density, **weights}
+    small without rounding rare latents' densities to 0; NaN, e.g. the heuristic of a dead latent, -1)."""
+    if consistent_activation is None:
+        consistent_activation = torch.full_like(density, math.nan)
+    columns = {"feature_density": density, "consistent_activation_heuristic": consistent_activation,
+               **weights}
     lists = {name: t.tolist() for name, t in columns.items()}
-    return [{"index": i, "consistent_activation_heuristic": MISSING,
-             **{name: float(f"{values[i]:.6g}") for name, values in lists.items()}}
+    return [{"index": i, **{name: _sig6(values[i]) for name, values in lists.items()}}
             for i in range(density.shape[0])]
+
+
+def _sig6(value: float) -> float:
+    return float(f"{value:.6g}") if math.isfinite(value) else MISSING
 
 
 def core_eval_config(train_cfg: TrainConfig, eval_cfg: EvalConfig,
@@ -139,8 +146,10 @@ def sae_cfg_dict(train_cfg: TrainConfig, d_in: int, d_sae: int) -> dict[str, Any
 
 
 def core_result(metrics: Mapping[str, Any], density: Tensor, sae: SAEWeights, norm_scale: float,
-                train_cfg: TrainConfig, eval_cfg: EvalConfig) -> dict[str, Any]:
-    """The whole SAEBench ``core`` result (``CoreEvalOutput`` as JSON) for one evaluated SAE."""
+                train_cfg: TrainConfig, eval_cfg: EvalConfig,
+                consistent_activation: Tensor | None = None) -> dict[str, Any]:
+    """The whole SAEBench ``core`` result (``CoreEvalOutput`` as JSON) for one evaluated SAE: ``metrics`` as
+    in metrics.json, per-latent ``density`` and ``consistent_activation`` from ``evaluate_rows``."""
     weights = latent_weight_stats(sae, norm_scale)
     d_in, d_sae = sae.W_enc.shape
     return {
@@ -149,19 +158,21 @@ def core_result(metrics: Mapping[str, Any], density: Tensor, sae: SAEWeights, no
         "eval_id": str(uuid.uuid4()),
         "datetime_epoch_millis": int(time.time() * 1000),
         "eval_result_metrics": core_metrics(metrics, weights, norm_scale, d_in),
-        "eval_result_details": feature_details(density, weights),
+        "eval_result_details": feature_details(density, consistent_activation, weights),
         "sae_bench_commit_hash": f"not SAEBench: sae-lightning {version('sae-lightning')}",
         "sae_lens_id": None,
         "sae_lens_release_id": None,
         "sae_lens_version": None,
         "sae_cfg_dict": sae_cfg_dict(train_cfg, d_in, d_sae),
         "eval_result_unstructured": {"produced_by": "sae-lightning", "definitions": "docs/metrics.md",
-                                     "norm_scale": norm_scale, "not_computed": list(NOT_COMPUTED)},
+                                     "norm_scale": norm_scale, "not_computed": ["explained_variance_legacy"]},
     }
 
 
 def write_core_result(path: Path, metrics: Mapping[str, Any], density: Tensor, sae: SAEWeights,
-                      norm_scale: float, train_cfg: TrainConfig, eval_cfg: EvalConfig) -> Path:
+                      norm_scale: float, train_cfg: TrainConfig, eval_cfg: EvalConfig,
+                      consistent_activation: Tensor | None = None) -> Path:
     """Write :func:`core_result` to ``path`` atomically; returns ``path``."""
-    atomic_write_json(path, core_result(metrics, density, sae, norm_scale, train_cfg, eval_cfg))
+    atomic_write_json(path, core_result(metrics, density, sae, norm_scale, train_cfg, eval_cfg,
+                                        consistent_activation))
     return path
