@@ -230,11 +230,12 @@ def _safe_div(num: float, den: float) -> float:
 def batch_metrics(x: Tensor, x_hat: Tensor, l0: Tensor | float) -> dict[str, float]:
     """Cheap numbers for training logs, on ONE batch: same formulas as :class:`ReconstructionStats`,
     but ``explained_variance``/``nmse`` use the variance within this batch (noisier than, and not equal to,
-    the evaluation-set number). ``l0`` is passed through (``SAEOutput.l0``)."""
+    the evaluation-set number). ``l0`` is passed through (``SAEOutput.l0``). The shrinkage numbers are left
+    to validation and evaluation."""
     stats = ReconstructionStats()
     stats.update(x, x_hat)
-    out = stats.compute()
-    del out["n_tokens"]
+    full = stats.compute()
+    out = {k: full[k] for k in ("mse", "nmse", "explained_variance", "cosine_sim")}
     out["l0"] = float(l0)
     return out
 
