@@ -58,5 +58,8 @@ def test_train_then_evaluate(tmp_path: Path, tiny_gpt2_dir: Path, tinystories_pa
     assert scores["ce_loss_without_sae"] == m["ce_loss_clean"]
     assert core["eval_result_metrics"]["sparsity"]["l0"] == m["l0"]
     assert len(core["eval_result_details"]) == 512  # d_sae = 4 * 128
+    # the cache's held-out rows come in prompt order: tokens per prompt is >= 1 for every latent that fired
+    consistent = [d["consistent_activation_heuristic"] for d in core["eval_result_details"]]
+    assert all(c >= 1 or c == -1 for c in consistent) and max(consistent) >= 1
     report = (run_dir / "eval" / "report.html").read_text()
     assert "latent" in report and "neuron" in report and "<mark" in report
