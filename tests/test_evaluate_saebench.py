@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 import torch
 
-from sae_lightning.config import EvalConfig, SAEConfig, TrainConfig
+from sae_lightning.config import ActivationsConfig, EvalConfig, SAEConfig, TrainConfig
 from sae_lightning.evaluate.saebench import MISSING, core_result, write_core_result
 from sae_lightning.export import folded_weights
 from sae_lightning.metrics import PromptFireCounts, ReconstructionStats
@@ -102,6 +102,17 @@ def test_without_the_lm_the_missing_numbers_are_minus_one(evaluated, check_saebe
     assert set(m["model_behavior_preservation"].values()) == {MISSING}
     assert m["token_stats"]["total_tokens_eval_reconstruction"] == -1
     assert not result["eval_config"]["compute_ce_loss"]
+
+
+def test_an_imported_array_is_named_as_the_dataset(evaluated, check_saebench_core) -> None:
+    # evaluate.py activations=file: rows without text, so no LM numbers and no prompts
+    sae, _, stats, _ = evaluated
+    eval_cfg = EvalConfig(ckpt_path="x", activations=ActivationsConfig(source="file", path="held_out.npy"))
+    result = core_result(stats.compute(), stats.feature_density(), sae, SCALE, TrainConfig(), eval_cfg)
+    check_saebench_core(result)
+    assert result["eval_config"]["dataset"] == "held_out.npy"
+    assert {d["consistent_activation_heuristic"] for d in result["eval_result_details"]} == {MISSING}
+    assert TrainConfig().data.name == _result(evaluated)[0]["eval_config"]["dataset"]  # else: the LM's text
 
 
 def test_written_atomically_as_valid_json(evaluated, tmp_path, check_saebench_core) -> None:

@@ -122,7 +122,7 @@ def core_eval_config(train_cfg: TrainConfig, eval_cfg: EvalConfig,
         "batch_size_prompts": lm_batch,
         "n_eval_reconstruction_batches": n_lm_batches,
         "n_eval_sparsity_variance_batches": math.ceil(int(metrics["n_tokens"]) / eval_cfg.batch_size),
-        "dataset": saelens_metadata(train_cfg)["dataset_path"],
+        "dataset": _dataset(train_cfg, eval_cfg),
         "context_size": train_cfg.data.context_size,
         "compute_kl": downstream,
         "compute_ce_loss": downstream,
@@ -134,6 +134,12 @@ def core_eval_config(train_cfg: TrainConfig, eval_cfg: EvalConfig,
         "exclude_special_tokens_from_reconstruction": train_cfg.data.exclude_special,
         "verbose": False,
     }
+
+
+def _dataset(train_cfg: TrainConfig, eval_cfg: EvalConfig) -> str:
+    """Where the evaluated rows came from: an imported activation array, or the text the LM was run on."""
+    acts = eval_cfg.activations or train_cfg.activations
+    return acts.path if acts.source == "file" else saelens_metadata(train_cfg)["dataset_path"]
 
 
 def sae_cfg_dict(train_cfg: TrainConfig, d_in: int, d_sae: int) -> dict[str, Any]:
