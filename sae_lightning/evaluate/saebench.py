@@ -43,7 +43,8 @@ def _count(metrics: Mapping[str, Any], key: str) -> int:
 
 
 def _mean(t: Tensor) -> float:
-    return float(t.double().mean())
+    mean = float(t.double().mean())
+    return mean if math.isfinite(mean) else MISSING
 
 
 def core_metrics(metrics: Mapping[str, Any], weights: Mapping[str, Tensor], norm_scale: float,
