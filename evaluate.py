@@ -1,6 +1,7 @@
 """Evaluate a trained SAE: `python evaluate.py ckpt_path=<run>/checkpoints/final.ckpt`.
 
-Writes metrics.json (and report.html) in <run>/eval/ and prints the path of metrics.json as its last line.
+Writes metrics.json, saebench_core.json (SAEBench's core result format) and report.html in <run>/eval/ and
+prints the path of metrics.json as its last line.
 """
 
 from __future__ import annotations

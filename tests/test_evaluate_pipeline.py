@@ -48,6 +48,11 @@ def test_one_pass_gives_metrics_and_both_kinds_of_units(held_out) -> None:
     # neurons are reported in raw units: the top value of neuron 4 is the max of its raw activations
     assert float(result.neurons.top.values[4, 0]) == pytest.approx(float(x[:, 4].max()))
     assert result.docs == list(range(6)) and set(result.latents.tracked) == {0, 1}
+    # rows of 6 prompts in batches of 25 (prompts straddle batches): tokens fired on per prompt fired in
+    fired = sae.encode(x) != 0
+    doc = torch.cat([r.doc for r in rows])
+    prompts = torch.stack([fired[doc == d].any(0) for d in range(6)]).sum(0)
+    torch.testing.assert_close(result.consistent_activation, fired.sum(0) / prompts)
 
 
 def test_report_data_scores_neurons_and_latents_alike(held_out, tiny_gpt2) -> None:

@@ -160,7 +160,7 @@ def activation_histogram(values: np.ndarray, bins: int = 30) -> tuple[np.ndarray
 def direct_logit_effect(directions: Tensor, W_U: Tensor, W_out: Tensor | None = None) -> Tensor:
     """``directions [U, d_hook] (@ W_out [d_hook, d_model]) @ W_U [d_model, vocab]`` -> ``[U, vocab]``.
 
-    SAE latent i: its decoder row ``W_dec[i] / norm_scale`` (raw activation space). Raw mlp_post neuron i:
+    SAE latent i: its decoder row ``W_dec[i] / input_scale`` (raw activation space). Raw mlp_post neuron i:
     the one-hot ``e_i``, i.e. ``W_out[i] @ W_U``. ``W_out`` is ``HookedLM.output_projection(hook)`` (None
     for hooks already in the residual stream). Computed on ``W_U``'s device, returned on the CPU. The
     final norm is ignored (see

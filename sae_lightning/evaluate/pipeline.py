@@ -32,7 +32,7 @@ from sae_lightning.evaluate.monosemanticity import (
     score_units,
 )
 from sae_lightning.evaluate.report import ReportData, unit_cards
-from sae_lightning.metrics import DENSE_THRESHOLD, ReconstructionStats
+from sae_lightning.metrics import DENSE_THRESHOLD, PromptFireCounts, ReconstructionStats
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ class RowsResult:
     latents: UnitSummary
     neurons: UnitSummary | None  # None unless the hooked activations are the MLP neurons
     docs: list[int] = field(default_factory=list)  # context rows seen (for random baseline contexts)
+    # [d_sae] tokens fired on per prompt fired in (SAEBench); None when rows carry no ordered prompts
+    consistent_activation: Tensor | None = None
 
 
 def track_candidates(n_units: int, n: int, seed: int) -> list[int]:
@@ -70,6 +72,7 @@ def evaluate_rows(rows: Iterable[Rows], sae: nn.Module, *, n_top: int = 8,
     """Stream ``rows`` once through ``sae`` (which takes raw activations). Neuron activations are the rows
     themselves; pass ``neurons=False`` when the hook is not ``mlp_post``."""
     stats = ReconstructionStats(dense_threshold)
+    prompts = PromptFireCounts()
     latent_collector = neuron_collector = None
     docs: set[int] = set()
     dtype = next(sae.parameters()).dtype
@@ -78,6 +81,7 @@ def evaluate_rows(rows: Iterable[Rows], sae: nn.Module, *, n_top: int = 8,
         x = batch.acts.to(device=device, dtype=dtype)
         z = sae.encode(x)
         stats.update(x, sae.decode(z), z)
+        prompts.update(z, batch.doc)
         if latent_collector is None:
             latent_collector = UnitCollector(z.shape[1], n_top, track_latents)
             neuron_collector = UnitCollector(x.shape[1], n_top, track_neurons) if neurons else None
@@ -90,7 +94,8 @@ def evaluate_rows(rows: Iterable[Rows], sae: nn.Module, *, n_top: int = 8,
     return RowsResult(metrics=stats.compute(), feature_density=stats.feature_density(),
                       latents=latent_collector.result(),
                       neurons=neuron_collector.result() if neuron_collector is not None else None,
-                      docs=sorted(d for d in docs if d >= 0))
+                      docs=sorted(d for d in docs if d >= 0),
+                      consistent_activation=prompts.consistent_activation(stats.fire_counts))
 
 
 def fired(summary: UnitSummary, units: Iterable[int], min_count: int = 1) -> list[int]:

@@ -1,4 +1,5 @@
-"""What ``evaluate.py`` runs: trained SAE -> held-out activations -> metrics.json, HTML report, export.
+"""What ``evaluate.py`` runs: trained SAE -> held-out activations -> metrics.json (+ SAEBench core JSON),
+HTML report, export.
 
 ``ckpt_path`` may name a run folder, its ``sae/`` folder, or a ``.ckpt`` file; the run's final weights are
 read from ``<run>/sae`` (``SAE.load``), an intermediate checkpoint from the checkpoint itself. Cheap checks
@@ -126,7 +127,8 @@ def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE,
 
 
 def run_evaluation(cfg: EvalConfig) -> Path:
-    """Evaluate ``cfg.ckpt_path``; returns the path of the ``metrics.json`` it wrote."""
+    """Evaluate ``cfg.ckpt_path``; returns the path of the ``metrics.json`` it wrote (``saebench_core.json``
+    beside it)."""
     sae, train_cfg = load_trained(cfg.ckpt_path)
     dm = open_eval_data(cfg, train_cfg, sae)
     out_dir = eval_dir_for(cfg.ckpt_path, cfg.out_dir)
@@ -155,4 +157,10 @@ def run_evaluation(cfg: EvalConfig) -> Path:
     path = out_dir / "metrics.json"
     keep_previous(path)
     atomic_write_json(path, metrics)
+    # the same evaluation as SAEBench's core result JSON, beside metrics.json
+    from sae_lightning.evaluate.saebench import write_core_result
+
+    keep_previous(out_dir / "saebench_core.json")
+    write_core_result(out_dir / "saebench_core.json", metrics, result.feature_density, sae, train_cfg, cfg,
+                      result.consistent_activation)
     return path
