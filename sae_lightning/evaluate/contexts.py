@@ -156,6 +156,7 @@ class Context:
     doc: int
     pos: int
     token_id: int
+    ids: list[int] = field(default_factory=list)  # the window's token ids (``tokens`` decoded from them)
 
     @property
     def text(self) -> str:
@@ -191,7 +192,7 @@ def make_context(row: Sequence[int], pos: int, value: float, doc: int, decode: T
     start = max(0, pos - before)
     window = list(row[start:pos + after + 1])
     return Context(tokens=decode(window), active=pos - start, value=float(value), doc=doc,
-                   pos=pos, token_id=int(row[pos]))
+                   pos=pos, token_id=int(row[pos]), ids=[int(t) for t in window])
 
 
 def top_contexts(top: TopActivations, unit: int, context_row: ContextRow, decode: TokenDecoder,
