@@ -129,11 +129,12 @@ def test_random_contexts_have_the_same_window_and_one_per_row() -> None:
 def test_units_for_the_picture_are_chosen_by_the_score() -> None:
     scores = MonosemanticityScores(kind="latent", units=[4, 5, 6, 7], entropy=np.array([0.0, 1.0, 2.0, 0.5]),
                                    coherence=np.array([0.1, math.nan, 0.4, -0.2]), matched=None,
-                                   baseline=0.2, n_qualified=4)
+                                   baseline=0.2, n_qualified=4, n_contexts=8)
     assert pick_by_score(scores, 2, most_monosemantic=True) == [6, 4]
     assert pick_by_score(scores, 2, most_monosemantic=False) == [7, 4]
     no_coherence = MonosemanticityScores(kind="neuron", units=[4, 5, 6], entropy=np.array([0.0, 3.0, 1.0]),
-                                         coherence=None, matched=None, baseline=None, n_qualified=3)
+                                         coherence=None, matched=None, baseline=None, n_qualified=3,
+                                         n_contexts=8)
     assert pick_by_score(no_coherence, 1, most_monosemantic=False) == [5]
 
 

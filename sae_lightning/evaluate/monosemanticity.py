@@ -155,6 +155,7 @@ class MonosemanticityScores:
     matched: np.ndarray | None  # coherence of the token-matched control above baseline; None without it
     baseline: float | None  # mean pairwise cosine of random contexts
     n_qualified: int  # units of this kind that had n_contexts contexts (``units`` is drawn from them)
+    n_contexts: int  # contexts each unit is scored on
 
     def lift(self) -> np.ndarray | None:
         """Token-matched lift per unit: ``coherence - matched``."""
@@ -223,7 +224,7 @@ def score_units(kind: str, top: TopActivations, units: Sequence[int], context_ro
     n_qualified = len(units) if n_qualified is None else n_qualified
     if scorer is None:
         return MonosemanticityScores(kind=kind, units=list(units), entropy=entropy, coherence=None,
-                                     matched=None, baseline=None, n_qualified=n_qualified)
+                                     matched=None, baseline=None, n_qualified=n_qualified, n_contexts=n)
     texts = [[c.text for c in contexts] for contexts in by_unit]
     matched = None
     if corpus is not None:
@@ -236,7 +237,7 @@ def score_units(kind: str, top: TopActivations, units: Sequence[int], context_ro
 
     return MonosemanticityScores(kind=kind, units=list(units), entropy=entropy, coherence=coherence(texts),
                                  matched=coherence(matched) if matched is not None else None,
-                                 baseline=scorer.baseline, n_qualified=n_qualified)
+                                 baseline=scorer.baseline, n_qualified=n_qualified, n_contexts=n)
 
 
 def _matched_texts(contexts: Sequence[Context], unit: int, corpus: Corpus, decode: TokenDecoder, seed: int,
