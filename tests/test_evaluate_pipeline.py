@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from sae_lightning.datamodule import EvalRows
+from sae_lightning.evaluate.monosemanticity import pick_by_score, qualified
 from sae_lightning.evaluate.pipeline import LMParts, build_report_data, evaluate_rows, track_candidates
 from sae_lightning.evaluate.report import render
 from sae_lightning.lm import HookPoint
@@ -73,8 +74,16 @@ def test_report_data_scores_neurons_and_latents_alike(held_out, tiny_gpt2) -> No
     assert all(card.contexts and len(card.promoted) == 8 for card in [*data.latents, *data.neurons])
     latent_scores, neuron_scores = data.scores
     assert len(latent_scores.units) == len(neuron_scores.units) == 10
-    assert set(medians) == {"latent_entropy_median", "latent_coherence_median", "neuron_entropy_median",
-                            "neuron_coherence_median"}
+    # scored units come from those that fired in 4 context rows; both kinds are counted
+    assert medians["latent_qualified"] == len(qualified(result.latents.top, 4)) >= 10
+    assert medians["neuron_qualified"] == len(qualified(result.neurons.top, 4)) >= 10
+    assert set(latent_scores.units) <= set(qualified(result.latents.top, 4))
+    assert set(medians) == {f"{kind}_{name}" for kind in ("latent", "neuron") for name in (
+        "entropy_median", "coherence_median", "above_random_fraction", "token_matched_lift_median",
+        "qualified", "scored")}
+    assert all(card.label for card in [*data.latents, *data.neurons])
+    assert [c.index for c in data.picture_latents] == pick_by_score(latent_scores, 3, most_monosemantic=True)
+    assert [c.index for c in data.picture_neurons] == pick_by_score(neuron_scores, 3, most_monosemantic=False)
     page = render(data)
     assert "neuron_coherence_median" in data.metrics and "Raw MLP neurons" in page
     assert "Context coherence (higher = more monosemantic)" in page  # the explanation

@@ -4,7 +4,9 @@
    token/doc/pos): reconstruction metrics (:class:`ReconstructionStats`), top contexts, densities and
    tracked-unit histograms for SAE latents and (when the hook is ``mlp_post``) for the raw neurons.
 2. :func:`build_report_data` — picks the units to show, scores monosemanticity for a sample of units of
-   both kinds, computes direct logit effects, and returns the :class:`ReportData` for ``write_report``.
+   both kinds, picks the opening picture by that score, labels the shown units from their contexts
+   against the held-out text (:class:`Corpus`), computes direct logit effects, and returns the
+   :class:`ReportData` for ``write_report``.
 """
 
 from __future__ import annotations
@@ -20,18 +22,23 @@ from torch import Tensor, nn
 
 from sae_lightning.evaluate.contexts import (
     ContextRow,
+    TokenDecoder,
     UnitCollector,
     UnitSummary,
     direct_logit_effect,
     token_decoder,
 )
+from sae_lightning.evaluate.corpus import Corpus
 from sae_lightning.evaluate.monosemanticity import (
     CoherenceScorer,
     Embedder,
+    MonosemanticityScores,
+    pick_by_score,
+    qualified,
     random_contexts,
     score_units,
 )
-from sae_lightning.evaluate.report import ReportData, unit_cards
+from sae_lightning.evaluate.report import ReportData, UnitCard, unit_cards
 from sae_lightning.metrics import DENSE_THRESHOLD, PromptFireCounts, ReconstructionStats
 
 log = logging.getLogger(__name__)
@@ -115,16 +122,20 @@ class LMParts:
 
 def build_report_data(title: str, metrics: Mapping[str, float], result: RowsResult, sae: nn.Module,
                       lm: LMParts, context_row: ContextRow, *, n_latents: int = 12,
-                      n_neurons: int = 12, n_scored: int = 200, embedder: Embedder | None = None,
-                      seed: int = 0, history: Mapping[str, Sequence[float]] | None = None,
+                      n_neurons: int = 12, n_scored: int = 200, n_picture: int = 3,
+                      embedder: Embedder | None = None, seed: int = 0,
+                      history: Mapping[str, Sequence[float]] | None = None,
                       details: Mapping[str, Any] | None = None) -> tuple[ReportData, dict[str, float]]:
-    """The report's data, and the monosemanticity medians (worth adding to metrics.json).
+    """The report's data, and the monosemanticity numbers (worth adding to metrics.json).
 
     Shown units: the first ``n_latents``/``n_neurons`` tracked units that fired. Monosemanticity: up to
-    ``n_scored`` random units of each kind among those that fired at least twice, the same number for
-    both kinds; coherence only with an ``embedder`` (``monosemanticity.load_embedder()``).
+    ``n_scored`` random units of each kind among those that qualified (fired in as many context rows as
+    contexts are kept), the same number for both kinds; coherence and its token-matched control only with
+    an ``embedder`` (``monosemanticity.load_embedder()``). The picture: the ``n_picture`` scored neurons
+    with the lowest score next to the ``n_picture`` scored latents with the highest.
     """
     decode = token_decoder(lm.tokenizer)
+    corpus = Corpus(context_row, result.docs)
     scorer = None
     if embedder is not None:
         scorer = CoherenceScorer(embedder, random_contexts(context_row, result.docs, n_groups=16,
@@ -133,23 +144,35 @@ def build_report_data(title: str, metrics: Mapping[str, float], result: RowsResu
     kinds = {"latent": (result.latents, n_latents, _latent_directions(sae))}
     if result.neurons is not None:
         kinds["neuron"] = (result.neurons, n_neurons, _neuron_directions(result.neurons))
-    scorable = {kind: fired(summary, range(summary.fire_counts.shape[0]), 2)
+    scorable = {kind: qualified(summary.top, summary.top.values.shape[1])
                 for kind, (summary, _, _) in kinds.items()}
     n_common = min(n_scored, *(len(u) for u in scorable.values()))
-    cards, all_scores, medians = {}, [], {}
+    cards, scores, numbers = {}, {}, {}
     for kind, (summary, n_show, directions) in kinds.items():
         sample = sorted(random.Random(seed).sample(scorable[kind], n_common))
-        scores = score_units(kind, summary.top, sample, context_row, decode, scorer)
-        all_scores.append(scores)
-        medians |= scores.medians()
+        scores[kind] = score_units(kind, summary.top, sample, context_row, decode, scorer, corpus,
+                                   n_qualified=len(scorable[kind]), seed=seed)
+        numbers |= scores[kind].metrics()
         shown = fired(summary, sorted(summary.tracked))[:n_show]
         effects = direct_logit_effect(directions(shown), lm.W_U, lm.W_out) if shown else None
-        shown_scores = score_units(kind, summary.top, shown, context_row, decode, scorer)
-        cards[kind] = unit_cards(kind, shown, summary, context_row, decode, effects, shown_scores)
-    data = ReportData(title=title, metrics={**metrics, **medians}, latents=cards["latent"],
-                      neurons=cards.get("neuron", []), scores=all_scores,
-                      feature_density=result.feature_density.numpy(), history=history, details=details or {})
-    return data, medians
+        shown_scores = score_units(kind, summary.top, shown, context_row, decode, scorer, corpus, seed=seed)
+        cards[kind] = unit_cards(kind, shown, summary, context_row, decode, effects, shown_scores, corpus)
+    picture = {kind: _picture_cards(scores[kind], kinds[kind][0], context_row, decode, corpus, n_picture,
+                                    most_monosemantic=kind == "latent") for kind in scores}
+    data = ReportData(title=title, metrics={**metrics, **numbers}, latents=cards["latent"],
+                      neurons=cards.get("neuron", []), scores=list(scores.values()),
+                      feature_density=result.feature_density.numpy(), history=history, details=details or {},
+                      picture_neurons=picture.get("neuron", []), picture_latents=picture["latent"])
+    return data, numbers
+
+
+def _picture_cards(scores: MonosemanticityScores, summary: UnitSummary, context_row: ContextRow,
+                   decode: TokenDecoder, corpus: Corpus, k: int,
+                   most_monosemantic: bool) -> list[UnitCard]:
+    """Cards (no histogram) for the ``k`` scored units of one kind at one end of the score."""
+    units = pick_by_score(scores, k, most_monosemantic)
+    return unit_cards(scores.kind, units, summary, context_row, decode, scores=scores, corpus=corpus,
+                      histograms=False)
 
 
 def _latent_directions(sae: nn.Module) -> Callable[[list[int]], Tensor]:
