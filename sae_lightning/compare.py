@@ -267,17 +267,14 @@ def _logger_settings(runs: list[RunResult]) -> dict[str, Any]:
 def log_to_wandb(comparison: Comparison, paths: dict[str, Path], group: str,
                  settings: dict[str, Any]) -> None:
     """The table, the frontier plot and the page as a W&B run ``<group>-comparison`` in the sweep's group."""
-    import os
-
     import wandb
 
     from sae_lightning.config import LoggerConfig
     from sae_lightning.loggers import resolve_wandb_mode
 
     mode = resolve_wandb_mode(LoggerConfig(wandb=True, mode=settings.get("mode", "auto")))
-    os.environ["WANDB_MODE"] = mode
     run = wandb.init(project=settings.get("project", "sae-lightning"), entity=settings.get("entity"),
-                     group=group, name=f"{group}-comparison", job_type="comparison",
+                     group=group, name=f"{group}-comparison", job_type="comparison", mode=mode,
                      dir=str(comparison.sweep_dir), config={"swept": comparison.keys})
     table = wandb.Table(columns=comparison.columns, data=comparison.rows())
     run.log({"comparison/table": table, "comparison/frontier": wandb.Image(str(paths["frontier.png"])),
