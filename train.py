@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from sae_lightning.config import register_configs, to_config
+from sae_lightning.console import quiet_console
 from sae_lightning.sweep import is_multirun, register_resolvers, run_sweep_job
 
 log = logging.getLogger("train")
@@ -25,6 +26,7 @@ register_resolvers()
 def train(dict_cfg: DictConfig) -> float | None:
     """Validate, train, log where everything went; returns the final validation NMSE (the sweep objective)."""
     cfg = to_config(dict_cfg)  # every range check runs here, before any heavy import or work
+    quiet_console()
     from sae_lightning.training import run_training
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)

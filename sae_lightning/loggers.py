@@ -69,6 +69,9 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict)
         project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags) or None,
         name=run_name, save_dir=str(run_dir), config=config,
     )
+    # Lightning always hands wandb.init an `anonymous` setting (None when unused); recent wandb (0.31 here)
+    # warns on every run that it has no effect. Left out, wandb behaves the same and says nothing.
+    wandb_logger._wandb_init.pop("anonymous", None)
     if mode == "offline":
         log.info("W&B is offline (no credentials or no network): the run is saved under %s/wandb; "
                  "upload it later with `wandb sync %s/wandb/offline-run-*`", run_dir, run_dir)

@@ -260,6 +260,8 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_dict: dict[str, Any]) -
                     cfg.max_steps, preemption.ckpt_path)
         raise TrainingPreempted(preemption.signum, trainer.global_step, preemption.ckpt_path)
     final_ckpt = ckpt_dir / "final.ckpt"
-    trainer.save_checkpoint(final_ckpt)
+    # weights_only=False: the full training state (optimizer, loops), so a run can go on from it; the file
+    # still loads with torch.load(weights_only=True): nothing but tensors and plain values is in it
+    trainer.save_checkpoint(final_ckpt, weights_only=False)
     return _summary(cfg, trainer, module, run_dir, final_ckpt, seconds, fit_metrics, status="finished",
                     **resumed)

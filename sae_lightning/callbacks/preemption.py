@@ -55,7 +55,7 @@ class PreemptionCheckpoint(Callback):
         if not trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False):
             return
         self.signum = self.signum or signal.SIGTERM  # a rank that got no signal itself
-        trainer.save_checkpoint(self.ckpt_path)
+        trainer.save_checkpoint(self.ckpt_path, weights_only=False)  # full state, to resume from
         self.saved_step = trainer.global_step
         trainer.should_stop = True
 
