@@ -27,10 +27,15 @@ def train(dict_cfg: DictConfig) -> float | None:
     """Validate, train, log where everything went; returns the final validation NMSE (the sweep objective)."""
     cfg = to_config(dict_cfg)  # every range check runs here, before any heavy import or work
     quiet_console()
-    from sae_lightning.training import run_training
+    from sae_lightning.callbacks.preemption import pass_on_signal
+    from sae_lightning.training import TrainingPreempted, run_training
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    summary = run_training(cfg, run_dir, OmegaConf.to_container(dict_cfg, resolve=True))
+    try:
+        summary = run_training(cfg, run_dir, OmegaConf.to_container(dict_cfg, resolve=True))
+    except TrainingPreempted as stopped:
+        pass_on_signal(stopped.signum)  # under submitit: requeue this job (it resumes with ckpt_path=auto)
+        raise
     m = summary["metrics"]
     log.info("Run finished: %d steps, %d tokens in %.0f s", summary["steps"], summary["tokens"],
              summary["train_seconds"])

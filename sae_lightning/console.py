@@ -2,8 +2,9 @@
 
 - Lightning's ``import lightning`` gives the ``lightning`` logger a console handler of its own while the
   logger still propagates to the root, where Hydra's handler prints it again (``INFO: ...`` and
-  ``[time][lightning...][INFO] - ...``). Under Hydra (the root logger has handlers) Lightning's own
-  handlers are removed, so its messages go through Hydra's console and ``train.log`` only.
+  ``[time][lightning...][INFO] - ...``); submitit's logger (a job under ``hydra/launcher=slurm``) does the
+  same. Under Hydra (the root logger has handlers) their own handlers are removed, so their messages go
+  through Hydra's console and ``train.log`` only.
 - Lightning's advertising tips (``litlogger``/``litmodels``) are dropped.
 - torch 2.13 deprecates ``isinstance(treespec, LeafSpec)``, which Lightning 2.6's ``_pytree`` still uses:
   that one warning is ignored; it says nothing about this project's code.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import logging
 import warnings
 
-LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
+OWN_HANDLER_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "submitit")
 TIP_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 TIP_PREFIX = "💡 Tip:"
 LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
@@ -40,7 +41,7 @@ def quiet_console() -> None:
 
     if not logging.getLogger().handlers:
         return  # no Hydra (e.g. a library user's script): Lightning's handler is the only one, keep it
-    for name in LIGHTNING_LOGGERS:
+    for name in OWN_HANDLER_LOGGERS:
         logger = logging.getLogger(name)
         for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
             logger.removeHandler(handler)

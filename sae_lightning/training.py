@@ -176,7 +176,7 @@ class TrainingPreempted(SystemExit):
 
     def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
         super().__init__(128 + signum)
-        self.step, self.checkpoint = step, checkpoint
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
 
 def scalar_metrics(trainer: L.Trainer) -> dict[str, float]:
