@@ -25,6 +25,8 @@ import yaml
 from test_resume import _wait_for_step, batch_log
 from test_sweep import REPO, SMALL, _array, train_py
 
+from sae_lightning.callbacks.preemption import pass_on_signal
+
 
 def _summary(job_dir: Path) -> dict:
     return json.loads((job_dir / "summary.json").read_text())
@@ -48,6 +50,20 @@ def test_optuna_sweep_runs_two_trials_and_reports_the_best_lr(tmp_path: Path):
     assert best["best_params"]["lr"] == pytest.approx(lrs[nmse.index(min(nmse))])
     assert "2 finished, 0 failed" in proc.stdout + proc.stderr
     assert json.loads((sweep / "sweep_summary.json").read_text())["swept"] == ["lr"]
+
+
+def test_stop_signal_is_passed_on_to_the_handler_that_was_there_before_training():
+    """After the checkpoint, a launcher's Python handler (submitit's requeues the job) gets the signal; a
+    default disposition is not acted on (the run exits with 128 + signal itself)."""
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(signum))
+    try:
+        pass_on_signal(signal.SIGUSR2)
+        assert seen == [signal.SIGUSR2]
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+        pass_on_signal(signal.SIGUSR2)  # would end this process if it raised the signal
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
 
 
 def _task_pid(controller_pid: int, timeout: float = 60) -> int:
