@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from sae_lightning.config import check_sparsity_override, register_configs, to_config
+from sae_lightning.console import quiet_console
 from sae_lightning.sweep import is_multirun, register_resolvers, run_sweep_job
 
 log = logging.getLogger("train")
@@ -26,10 +27,16 @@ def train(dict_cfg: DictConfig) -> float | None:
     """Validate, train, log where everything went; returns the final validation NMSE (the sweep objective)."""
     cfg = to_config(dict_cfg)  # every range check runs here, before any heavy import or work
     check_sparsity_override(cfg, list(HydraConfig.get().overrides.task))
-    from sae_lightning.training import run_training
+    quiet_console()
+    from sae_lightning.callbacks.preemption import pass_on_signal
+    from sae_lightning.training import TrainingPreempted, run_training
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    summary = run_training(cfg, run_dir, OmegaConf.to_container(dict_cfg, resolve=True))
+    try:
+        summary = run_training(cfg, run_dir, OmegaConf.to_container(dict_cfg, resolve=True))
+    except TrainingPreempted as stopped:
+        pass_on_signal(stopped.signum)  # under submitit: requeue this job (it resumes with ckpt_path=auto)
+        raise
     m = summary.metrics
     log.info("Run finished: %d steps, %d tokens in %.0f s", summary.steps, summary.tokens,
              summary.train_seconds)

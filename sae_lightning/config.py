@@ -83,7 +83,7 @@ class DataConfig:
     split: str = "train"
     text_column: str = "text"
     path: str | None = None
-    separator: str = "<|endoftext|>"
+    separator: str | None = "<|endoftext|>"  # None: each file is one document
     context_size: int = 128
     n_tokens: int = 2_000_000
     prepend_bos: bool = True

@@ -82,6 +82,9 @@ def build_loggers(cfg: LoggerConfig, run: RunDir, run_name: str, config: dict) -
         name=run_name, save_dir=str(run_dir), config=config, mode=mode, id=wandb_run_id(run),
         resume="allow",
     )
+    # Lightning always hands wandb.init an `anonymous` setting (None when unused); recent wandb (0.31 here)
+    # warns on every run that it has no effect. Left out, wandb behaves the same and says nothing.
+    wandb_logger._wandb_init.pop("anonymous", None)
     if mode == "offline":
         log.info("W&B is offline (no credentials or no network): the run is saved under %s/wandb; "
                  "upload it later with `wandb sync %s/wandb/offline-run-*`", run_dir, run_dir)

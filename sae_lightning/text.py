@@ -131,8 +131,9 @@ def resolve_text_files(path: str) -> list[Path]:
     return files
 
 
-def read_documents(path: Path, separator: str) -> Iterator[str]:
-    """Stream the documents of one UTF-8 file, split on ``separator`` and stripped; empty ones skipped."""
+def read_documents(path: Path, separator: str | None) -> Iterator[str]:
+    """Stream the documents of one UTF-8 file, split on ``separator`` and stripped; empty ones skipped.
+    Without a separator the whole file is one document (read into memory: give big corpora a separator)."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset, pending = 0, ""
     with path.open("rb") as f:
@@ -140,7 +141,7 @@ def read_documents(path: Path, separator: str) -> Iterator[str]:
             chunk = f.read(_READ_CHUNK_BYTES)
             text = _decode(decoder, chunk, offset, path, final=not chunk)
             offset += len(chunk)
-            pieces = (pending + text).split(separator)
+            pieces = (pending + text).split(separator) if separator is not None else [pending + text]
             pending = pieces.pop()
             yield from (doc for doc in map(str.strip, pieces) if doc)
             if not chunk:
@@ -165,9 +166,10 @@ def iter_documents(cfg: DataConfig) -> Iterator[str]:
     if cfg.source == "files":
         if not cfg.path:
             raise ValueError("data.source=files needs data.path=<file, directory or glob of .txt files>")
-        if not cfg.separator:
+        if cfg.separator == "":
             raise ValueError("data.separator='' cannot split documents; give the string between them, "
-                             "e.g. data.separator='<|endoftext|>'")
+                             "e.g. data.separator='<|endoftext|>', or data.separator=null for one document "
+                             "per file")
         for f in resolve_text_files(cfg.path):
             yield from read_documents(f, cfg.separator)
     elif cfg.source == "hub":
@@ -197,7 +199,7 @@ def _open_hub_dataset(cfg: DataConfig) -> Iterable[dict[str, Any]]:
     raise ConnectionError(f"Cannot stream dataset {cfg.name!r} (split {cfg.split!r}) from the Hugging Face "
                           f"hub: {reason}, and it is not in the local datasets cache "
                           f"{datasets.config.HF_DATASETS_CACHE}. "
-                          f"Use {LOCAL_DATA_PRESET} (the local TinyStories sample) or data.source=files "
+                          f"Use {LOCAL_DATA_PRESET} (the local TinyStories sample) or data=text "
                           "data.path=<your .txt files>.")
 
 

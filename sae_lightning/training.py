@@ -193,7 +193,7 @@ class TrainingPreempted(SystemExit):
 
     def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
         super().__init__(128 + signum)
-        self.step, self.checkpoint = step, checkpoint
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
 
 def scalar_metrics(trainer: L.Trainer) -> dict[str, float]:
@@ -284,7 +284,9 @@ def fit(cfg: TrainConfig, run: RunDir, config_dict: dict[str, Any], fingerprint:
                     cfg.max_steps, preemption.ckpt_path)
         raise TrainingPreempted(preemption.signum, trainer.global_step, preemption.ckpt_path)
     final_ckpt = ckpt_dir / "final.ckpt"
-    trainer.save_checkpoint(final_ckpt)
+    # weights_only=False: the full training state (optimizer, loops), so a run can go on from it; the file
+    # still loads with torch.load(weights_only=True): nothing but tensors and plain values is in it
+    trainer.save_checkpoint(final_ckpt, weights_only=False)
     sae_dir = save_sae(module, run, config_dict) if trainer.is_global_zero else run.sae
     return write_summary(cfg, trainer, module, run, final_ckpt, seconds, fit_metrics, config_dict,
                          status="finished", sae_dir=str(sae_dir), **resumed)

@@ -95,6 +95,15 @@ def test_activations_file_needs_a_path() -> None:
     assert _compose("activations=file", "activations.path=x.npy").activations.path == "x.npy"
 
 
+def test_local_text_preset_needs_a_path_and_takes_an_optional_separator() -> None:
+    with pytest.raises(Exception, match=r"data\.path"):
+        _compose("data=text")
+    data = _compose("data=text", "data.path=corpus/*.txt").data
+    assert (data.source, data.path, data.separator) == ("files", "corpus/*.txt", None)
+    with_separator = _compose("data=text", "data.path=a.txt", "data.separator='<|endoftext|>'").data
+    assert with_separator.separator == "<|endoftext|>"
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ("sae.dcit_mult=3", "sae.dcit_mult"),
     ("sae.dict_mult=abc", "sae.dict_mult"),
