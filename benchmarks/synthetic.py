@@ -5,7 +5,9 @@ here by themselves), is trained through the public path: ``conf/train.yaml`` com
 ``activations=synthetic sae=<preset>`` and this benchmark's overrides, ``run_training``, then
 ``run_evaluation`` on the held-out synthetic rows. The table shows, per architecture: how well the
 decoder rows match the true dictionary (``recovery_mean_max_cos``, ``frac_features_recovered``,
-``frac_latents_unmatched``: docs/metrics.md), ``l0``, ``nmse`` and the training seconds.
+``frac_latents_unmatched``: docs/metrics.md), ``l0``, ``nmse`` and the training seconds. The default
+``d_sae = 2 n_features`` leaves room for every feature, so about half the latents are unmatched at best
+unless several latents share a feature (``relu_dn``'s near-0 means duplicates).
 
 The settings in ``SPARSITY`` aim every architecture at about the data's true L0 (``--mean-active``):
 picked once by hand on the default data (TopK: ``k = mean_active``). Change the data and they may need

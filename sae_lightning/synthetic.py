@@ -46,8 +46,10 @@ def firing_probabilities(cfg: SyntheticConfig) -> np.ndarray:
     capped = np.zeros(cfg.n_features, dtype=bool)
     while True:  # water-filling: each pass caps at least one more feature, or stops
         free = ~capped
-        p[free] *= (cfg.mean_active - capped.sum()) / p[free].sum()
         p[capped] = 1.0
+        if not free.any():  # mean_active = n_features: every feature always fires
+            return p
+        p[free] *= (cfg.mean_active - capped.sum()) / p[free].sum()
         over = free & (p > 1.0)
         if not over.any():
             return p

@@ -31,6 +31,7 @@ def test_firing_probabilities_follow_the_power_law_and_sum_to_mean_active() -> N
     assert p[0] / p[3] == pytest.approx(4)  # (1/1) / (1/4)
     capped = firing_probabilities(SyntheticConfig(n_features=10, mean_active=4, freq_exponent=3.0))
     assert capped.sum() == pytest.approx(4) and capped.max() == 1.0 and (np.diff(capped) <= 0).all()
+    assert (firing_probabilities(SyntheticConfig(n_features=3, mean_active=3)) == 1.0).all()
 
 
 def test_generated_codes_have_the_configured_statistics() -> None:
