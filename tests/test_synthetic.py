@@ -77,6 +77,17 @@ def test_datamodule_streams_synthetic_rows_normalized_with_a_validation_split() 
     assert batch.norm(dim=1).mean().item() == pytest.approx(math.sqrt(16), rel=0.1)
 
 
+def test_a_dataloader_worker_regenerates_the_same_rows() -> None:
+    """Workers receive the source pickled without its generated rows and must draw identical ones."""
+    batches = []
+    for workers in (0, 1):
+        cfg = _compose("activations.synthetic.n_rows=4096", "activations.synthetic.d=8", "batch_size=128",
+                       f"activations.num_workers={workers}")
+        loader = iter(ActivationDataModule.from_config(cfg).train_dataloader())
+        batches.append(torch.cat([next(loader) for _ in range(3)]))
+    torch.testing.assert_close(batches[0], batches[1], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(("override", "key"), [
     ("activations.synthetic.correlation=1.0", "activations.synthetic.correlation"),
     ("activations.synthetic.mean_active=600", "activations.synthetic.mean_active"),
