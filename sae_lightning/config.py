@@ -100,8 +100,47 @@ class DataConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """Ground-truth activations for ``activations=synthetic`` (``sae_lightning/synthetic.py``): each row is
+    a sparse non-negative combination of ``n_features`` random unit directions in ``d`` dimensions, plus
+    Gaussian noise. Everything is a pure function of these fields (and ``activations.shard_rows``)."""
+
+    n_features: int = 512
+    d: int = 64
+    n_rows: int = 200_000
+    mean_active: float = 8.0           # expected number of firing features per row
+    freq_exponent: float = 0.5         # firing probability of the i-th feature ~ i^-freq_exponent
+    correlation: float = 0.0           # correlation of firing within a group (Gaussian copula)
+    correlation_group: int = 8         # features per correlated group (random groups)
+    hierarchy_parents: int = 0         # the most frequent features that have children
+    hierarchy_children: int = 4        # children per parent; a child fires only when its parent fires
+    magnitude_mean: float = 1.0        # log-normal firing magnitudes with this mean ...
+    magnitude_std: float = 0.5         # ... and standard deviation (0 = constant)
+    noise_std: float = 0.01            # Gaussian noise per dimension
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        key = "activations.synthetic."
+        for name in ("n_features", "d", "n_rows", "correlation_group", "hierarchy_children"):
+            _check(getattr(self, name) > 0, key + name, getattr(self, name), "must be > 0")
+        _check(0 < self.mean_active <= self.n_features, key + "mean_active", self.mean_active,
+               f"must be in (0, n_features={self.n_features}]")
+        _check(self.freq_exponent >= 0, key + "freq_exponent", self.freq_exponent, "must be >= 0")
+        _check(0 <= self.correlation < 1, key + "correlation", self.correlation, "must be in [0, 1)")
+        _check(self.hierarchy_parents >= 0, key + "hierarchy_parents", self.hierarchy_parents, "must be >= 0")
+        _check(self.hierarchy_parents * (1 + self.hierarchy_children) <= self.n_features,
+               key + "hierarchy_parents", self.hierarchy_parents,
+               f"parents x (1 + hierarchy_children={self.hierarchy_children}) must fit in "
+               f"n_features={self.n_features}")
+        _check(self.magnitude_mean > 0, key + "magnitude_mean", self.magnitude_mean, "must be > 0")
+        _check(self.magnitude_std >= 0, key + "magnitude_std", self.magnitude_std, "must be >= 0")
+        _check(self.noise_std >= 0, key + "noise_std", self.noise_std, "must be >= 0")
+
+
+@dataclass
 class ActivationsConfig:
-    """Where training activations come from: the LM through the cache, or a precomputed array."""
+    """Where training activations come from: the LM through the cache, a precomputed array, or synthetic
+    data from a known dictionary (``synthetic``, set by ``activations=synthetic``)."""
 
     source: str = "lm"
     path: str | None = None
@@ -112,9 +151,13 @@ class ActivationsConfig:
     shuffle_buffer: int = 262_144
     normalize: bool = True
     num_workers: int = 0
+    synthetic: SyntheticConfig | None = None
 
     def __post_init__(self) -> None:
-        _check(self.source in ("lm", "file"), "activations.source", self.source, "choose lm or file")
+        _check(self.source in ("lm", "file", "synthetic"), "activations.source", self.source,
+               "choose lm, file or synthetic")
+        _check(self.source != "synthetic" or self.synthetic is not None, "activations.synthetic",
+               self.synthetic, "activations.source=synthetic needs the activations=synthetic preset")
         _check(self.source != "file" or bool(self.path), "activations.path", self.path,
                "activations=file needs activations.path=<array.npy or .safetensors>")
         _check(self.dtype in ("float32", "bfloat16", "float16"), "activations.dtype", self.dtype,

@@ -200,10 +200,14 @@ class ActivationDataModule(LightningDataModule):
 
     @classmethod
     def from_config(cls, cfg: Any) -> ActivationDataModule:
-        """Build from a ``TrainConfig``: the imported array, or the cache (built first when missing)."""
+        """Build from a ``TrainConfig``: the imported array, synthetic rows, or the cache (built first when
+        missing)."""
         acts: ActivationsConfig = cfg.activations
         if acts.source == "file":
             source: RowSource = ArraySource(acts.path, shard_rows=acts.shard_rows, normalize=acts.normalize)
+        elif acts.source == "synthetic":
+            from .synthetic import SyntheticSource
+            source = SyntheticSource(acts.synthetic, shard_rows=acts.shard_rows, normalize=acts.normalize)
         else:
             from .cache import ensure_cache
             source = ensure_cache(cfg)[0]

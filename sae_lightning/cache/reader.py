@@ -68,6 +68,14 @@ def estimate_norm_scale(source: RowSource, n: int = NORM_SAMPLE_ROWS, seed: int 
     return math.sqrt(source.d) / mean, mean
 
 
+def virtual_shards(n: int, shard_rows: int, min_shards: int) -> tuple[list[int], list[int]]:
+    """(first row, rows) of each shard when ``n`` rows are cut into at least ``min_shards`` shards of at
+    most ``shard_rows`` rows, so a validation split by shard stays close to its fraction."""
+    rows = max(1, min(shard_rows, math.ceil(n / min_shards)))
+    starts = list(range(0, n, rows))
+    return starts, [min(rows, n - s) for s in starts]
+
+
 class RowSource:
     """Rows in shards. Subclasses fill ``path``, ``d``, ``dtype``, ``shard_sizes``, ``norm_scale``."""
 
@@ -229,9 +237,7 @@ class ArraySource(RowSource):
         array, self.dtype = self._open(self.path)
         (n, self.d), self._np_dtype, self._offset = array.shape, array.dtype, array.offset
         del array  # each shard maps its own range, so release() really unmaps it
-        rows = max(1, min(shard_rows, math.ceil(n / min_shards)))
-        self.starts = list(range(0, n, rows))
-        self.shard_sizes = [min(rows, n - s) for s in self.starts]
+        self.starts, self.shard_sizes = virtual_shards(n, shard_rows, min_shards)
         self.norm_scale = estimate_norm_scale(self)[0] if normalize else 1.0
 
     @staticmethod

@@ -144,6 +144,9 @@ def run_evaluation(cfg: EvalConfig) -> Path:
     metrics: dict[str, Any] = dict(result.metrics)
     log.info("reconstruction metrics on %d held-out tokens in %.1f s", metrics["n_tokens"],
              time.perf_counter() - t0)
+    if cfg.activations is None and train_cfg.activations.source == "synthetic":
+        from sae_lightning.evaluate.recovery import feature_recovery
+        metrics |= feature_recovery(sae.W_dec, torch.from_numpy(dm.source.dictionary))
     if has_text and (cfg.downstream or cfg.report):
         metrics |= lm_metrics_and_report(cfg, train_cfg, sae, dm, result, metrics, out_dir)
     if cfg.export or cfg.hub_repo_id:
