@@ -23,8 +23,9 @@ register_configs()
 register_resolvers()
 
 
-def train(dict_cfg: DictConfig) -> float | None:
-    """Validate, train, log where everything went; returns the final validation NMSE (the sweep objective)."""
+def train(dict_cfg: DictConfig) -> float:
+    """Validate, train, log where everything went; returns the sweep objective (``objective.*``, by default
+    the final validation NMSE)."""
     cfg = to_config(dict_cfg)  # every range check runs here, before any heavy import or work
     check_sparsity_override(cfg, list(HydraConfig.get().overrides.task))
     quiet_console()
@@ -46,7 +47,7 @@ def train(dict_cfg: DictConfig) -> float | None:
              m.get("val/explained_variance", float("nan")), m.get("val/nmse", float("nan")),
              m.get("val/l0", float("nan")))
     log.info("Evaluate with: python evaluate.py ckpt_path=%s", summary.checkpoint)
-    return m.get("val/nmse")
+    return cfg.objective.value(m)
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")

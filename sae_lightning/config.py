@@ -7,6 +7,7 @@ composition time with a message naming the key. Range checks live in ``__post_in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,7 @@ class ActivationsConfig:
     dtype: str = "float32"
     shard_rows: int = 65_536
     val_fraction: float = 0.05
+    eval_fraction: float = 0.05
     shuffle_buffer: int = 262_144
     normalize: bool = True
     num_workers: int = 0
@@ -163,6 +165,9 @@ class ActivationsConfig:
         _check(self.dtype in ("float32", "bfloat16", "float16"), "activations.dtype", self.dtype,
                "choose float32, bfloat16 or float16")
         _check(self.shard_rows > 0, "activations.shard_rows", self.shard_rows, "must be > 0")
+        _check(0.0 <= self.eval_fraction < 1.0 and self.val_fraction + self.eval_fraction < 1.0,
+               "activations.eval_fraction", self.eval_fraction,
+               "must be in [0, 1) and leave rows to train on with activations.val_fraction")
         _check(0.0 <= self.val_fraction < 1.0, "activations.val_fraction", self.val_fraction,
                "must be in [0, 1)")
         _check(self.shuffle_buffer >= 0, "activations.shuffle_buffer", self.shuffle_buffer, "must be >= 0")
@@ -253,6 +258,27 @@ class LoggerConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What a sweep minimises (train.py's return value, the Optuna objective): ``metric``, a final
+    validation number (``val/nmse`` by default). With ``max_l0`` it is normalized MSE at an L0 budget: a run
+    whose ``val/l0`` exceeds ``max_l0`` gets ``+ (val/l0 / max_l0 - 1)``, a continuous penalty a sampler
+    can learn the boundary from. Validation rows are never the rows evaluate.py reports on."""
+
+    metric: str = "val/nmse"
+    max_l0: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.max_l0 is None or self.max_l0 > 0, "objective.max_l0", self.max_l0, "must be > 0")
+
+    def value(self, metrics: dict[str, float]) -> float:
+        """The objective from a run's final metrics; NaN when the metric is missing (a failed trial)."""
+        value = metrics.get(self.metric, math.nan)
+        if self.max_l0 is not None:
+            value += max(0.0, metrics.get("val/l0", math.nan) / self.max_l0 - 1.0)
+        return value
+
+
+@dataclass
 class TrainConfig:
     """Root config of ``train.py``. Keys a researcher types bare live here."""
 
@@ -265,6 +291,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     latents: LatentsConfig = field(default_factory=LatentsConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     l1: float = 5.0
     lr: float = 4e-4

@@ -194,7 +194,8 @@ class ActivationDataModule(LightningDataModule):
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
         self.d_in = self.source.d
         self.norm_scale = float(self.source.norm_scale) if cfg.normalize else 1.0
-        self.train_shards, self.val_shards = split_shards(self.source, cfg.val_fraction)
+        self.train_shards, self.val_shards, self.eval_shards = split_shards(self.source, cfg.val_fraction,
+                                                                             cfg.eval_fraction)
         self.rank, self.world_size = 0, 1
         self._resume_batches = 0
 
@@ -254,13 +255,20 @@ class ActivationDataModule(LightningDataModule):
         seed = self.seed if seed is None else seed
         return torch.from_numpy(sample_rows(self.source, self.train_shards, n, seed))
 
+    @property
+    def eval_split(self) -> str:
+        """Which rows ``eval_rows`` reads: its own split, else (``eval_fraction=0``) the validation rows."""
+        return "eval" if self.eval_shards else "validation"
+
     def eval_rows(self, max_tokens: int, batch_size: int | None = None) -> Iterator[EvalRows]:
-        """Held-out rows in order, with (token, doc, pos), at most ``max_tokens`` of them."""
-        if not self.val_shards:
-            raise CacheError(f"{self.source.path}: no held-out shards (activations.val_fraction=0); "
-                             "set activations.val_fraction > 0 to evaluate on unseen rows")
+        """Evaluation rows in order, with (token, doc, pos), at most ``max_tokens`` of them: the evaluation
+        split, which neither training nor validation (run selection) has seen."""
+        shards = self.eval_shards or self.val_shards
+        if not shards:
+            raise CacheError(f"{self.source.path}: no held-out shards (activations.eval_fraction=0 and "
+                             "val_fraction=0); set activations.eval_fraction > 0 to evaluate on unseen rows")
         step, left = batch_size or self.batch_size, max_tokens
-        for s in self.val_shards:
+        for s in shards:
             for lo in range(0, self.source.shard_sizes[s], step):
                 if left <= 0:
                     return
@@ -314,23 +322,29 @@ def _window(shuffle_buffer: int, batch_size: int) -> int:
     return max(1, shuffle_buffer // batch_size) * batch_size if shuffle_buffer else 0
 
 
-def split_shards(source: RowSource, val_fraction: float) -> tuple[list[int], list[int]]:
-    """(train, val) shard indices: the fewest last shards holding at least ``val_fraction`` of the rows
-    (at least one shard) are held out. Counting rows, not shards, matters because the last shard is
-    usually partial: holding out "one shard in twenty" could leave a handful of rows.
+def split_shards(source: RowSource, val_fraction: float,
+                 eval_fraction: float = 0.0) -> tuple[list[int], list[int], list[int]]:
+    """(train, val, eval) shard indices. From the end: the fewest last shards holding at least
+    ``eval_fraction`` of the rows are the evaluation split (evaluate.py's), the fewest shards before them
+    holding at least ``val_fraction`` the validation split (training's validation, the sweep objective);
+    each at least one shard when its fraction is > 0. Counting rows, not shards, matters because the last
+    shard is usually partial: holding out "one shard in twenty" could leave a handful of rows.
 
-    The last shards hold the last texts, so no context is split between train and validation except
-    the one straddling the boundary shard.
+    The last shards hold the last texts, so no context is split between splits except the one straddling
+    a boundary shard.
     """
-    n = source.n_shards
-    if val_fraction <= 0:
-        return list(range(n)), []
-    want, held, n_val = val_fraction * sum(source.shard_sizes), 0, 0
-    while n_val < n and (n_val == 0 or held < want):
-        n_val += 1
-        held += source.shard_sizes[n - n_val]
-    if n_val >= n:
-        raise CacheError(f"{source.path} has {n} shard(s): too few to hold out "
-                         f"activations.val_fraction={val_fraction} by shard. Use a smaller "
-                         "activations.shard_rows when building, more tokens, or val_fraction=0")
-    return list(range(n - n_val)), list(range(n - n_val, n))
+    n, total = source.n_shards, sum(source.shard_sizes)
+    end, held_out = n, []
+    for fraction in (eval_fraction, val_fraction):
+        start, held = end, 0
+        while fraction > 0 and start > 0 and (start == end or held < fraction * total):
+            start -= 1
+            held += source.shard_sizes[start]
+        held_out.append(list(range(start, end)))
+        end = start
+    if end == 0:
+        raise CacheError(f"{source.path} has {n} shard(s): too few to hold out activations.val_fraction="
+                         f"{val_fraction} and activations.eval_fraction={eval_fraction} by shard and keep "
+                         "some to train on. Use a smaller activations.shard_rows when building, more tokens, "
+                         "or smaller fractions")
+    return list(range(end)), held_out[1], held_out[0]

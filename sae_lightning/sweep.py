@@ -31,6 +31,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from sae_lightning.config import ObjectiveConfig
 from sae_lightning.io import atomic_write_json
 from sae_lightning.rundir import RunDir, RunSummary
 
@@ -188,9 +189,9 @@ def _error_line(lines: list[str]) -> str:
     return (errors or lines or ["no error output"])[-1]
 
 
-def run_in_fresh_process(command: list[str], ctx: dict[str, Any]) -> float:
+def run_in_fresh_process(command: list[str], ctx: dict[str, Any], objective: ObjectiveConfig) -> float:
     """Run one job as its own process (stdout passed through, stderr echoed and its tail kept for the
-    failure summary); returns the job's ``val/nmse`` from its ``summary.json``."""
+    failure summary); returns the job's objective from its ``summary.json``."""
     log.info("Job %s runs in a fresh process (DDP): %s", ctx["job_num"], " ".join(command))
     tail: collections.deque[str] = collections.deque(maxlen=60)
     env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
@@ -202,7 +203,7 @@ def run_in_fresh_process(command: list[str], ctx: dict[str, Any]) -> float:
         lines = [line.strip() for line in tail if line.strip()]
         raise ChildFailed(f"exit code {proc.returncode}: {_error_line(lines)}", "".join(tail))
     summary = RunDir(ctx["run_dir"]).read_summary()
-    return summary.metrics.get("val/nmse", FAILED_RETURN) if summary else FAILED_RETURN
+    return objective.value(summary.metrics) if summary else FAILED_RETURN
 
 
 class ChildFailed(RuntimeError):
@@ -213,16 +214,16 @@ class ChildFailed(RuntimeError):
         self.trace = trace
 
 
-def run_sweep_job(cfg: DictConfig, train: Callable[[DictConfig], float | None], script: str) -> float:
+def run_sweep_job(cfg: DictConfig, train: Callable[[DictConfig], float], script: str) -> float:
     """One job of a multirun: grouped/tagged for W&B, in a fresh process when DDP needs it, and never raising
     (a failure is logged and written to the job's ``summary.json``, and the sweep goes on)."""
     ctx = job_context()
     _with_wandb_grouping(cfg, ctx)
     try:
         if needs_fresh_process(cfg):
-            return run_in_fresh_process(_single_run_command(script, ctx, cfg), ctx)
-        result = train(cfg)
-        return FAILED_RETURN if result is None else result
+            objective = ObjectiveConfig(**OmegaConf.to_container(cfg.objective, resolve=True))
+            return run_in_fresh_process(_single_run_command(script, ctx, cfg), ctx, objective)
+        return train(cfg)
     except Exception as err:  # the sweep must go on; the error is recorded, not swallowed
         trace = err.trace if isinstance(err, ChildFailed) else traceback.format_exc()
         message = f"{type(err).__name__}: {err}"

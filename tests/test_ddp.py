@@ -62,8 +62,8 @@ def test_ranks_read_disjoint_rows_and_end_with_identical_weights(tmp_path):
     cfg = TrainConfig(batch_size=32, train_tokens=32 * 8, lr=1e-2, l1=1.0)
     cfg.sae.dict_mult = 2
     cfg.latents.dead_window_tokens = 64
-    dm = ActivationDataModule(path, ActivationsConfig(source="file", path=str(path), val_fraction=0.5),
-                              batch_size=32, seed=0)
+    acts_cfg = ActivationsConfig(source="file", path=str(path), val_fraction=0.5, eval_fraction=0.0)
+    dm = ActivationDataModule(path, acts_cfg, batch_size=32, seed=0)
     module = SAEModule(asdict(cfg), d_in=dm.d_in)
     module.sae.set_input_scale(dm.norm_scale)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=8, logger=False,

@@ -56,7 +56,7 @@ def open_eval_data(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE) -> Activat
     """The held-out shards of the training activations, or every row of an explicitly given array."""
     if cfg.activations is not None and cfg.activations.source == "file":
         dm = ActivationDataModule(cfg.activations.path, cfg.activations, cfg.batch_size, cfg.seed)
-        dm.val_shards = dm.train_shards + dm.val_shards  # an explicitly given array is held out in full
+        dm.eval_shards = list(range(dm.source.n_shards))  # an explicitly given array is held out in full
     else:
         dm = ActivationDataModule.from_config(train_cfg)
     if dm.d_in != sae.d_in:
@@ -142,6 +142,7 @@ def run_evaluation(cfg: EvalConfig) -> Path:
                            neurons=has_text and train_cfg.hook.name == "mlp_post",
                            dense_threshold=train_cfg.latents.dense_threshold)
     metrics: dict[str, Any] = dict(result.metrics)
+    metrics["eval_split"] = "file" if cfg.activations is not None else dm.eval_split
     log.info("reconstruction metrics on %d held-out tokens in %.1f s", metrics["n_tokens"],
              time.perf_counter() - t0)
     if cfg.activations is None and train_cfg.activations.source == "synthetic":
