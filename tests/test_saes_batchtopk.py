@@ -4,6 +4,7 @@ prefix losses, the sparse path against the dense one, presets and key checks."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from hydra import compose, initialize
 
 from sae_lightning.checks import ConfigError
 from sae_lightning.config import register_configs, to_config
+from sae_lightning.evaluate.prefixes import has_prefixes, prefix_metrics
 from sae_lightning.saes import SAE, build_sae, config_from_dict
 from sae_lightning.saes.batchtopk import batch_top, padded_rows
 from sae_lightning.saes.matryoshka import default_prefixes
@@ -176,3 +178,19 @@ def test_quickstart_composes_with_the_presets(arch: str) -> None:
     assert cfg.sae.architecture == arch and cfg.sae.k == 32 and cfg.sae.dict_mult == 2
     assert build_sae(cfg.sae, 16).d_sae == 32
     assert own.sae.prefixes == [8, 16, 64] and build_sae(own.sae, 16).prefixes == [8, 16, 64]
+
+
+def test_prefix_metrics_over_batches_match_hand_nmse() -> None:
+    sae, x = make("matryoshka", prefixes=[4, 12, D_SAE]), torch.cat([batch(1), batch(2)])
+    sae(x, sparsity_coeff=0.0)
+    sae.eval()
+    rows = [SimpleNamespace(acts=part) for part in x.split(7)]  # uneven batches
+    got = prefix_metrics(rows, sae)
+    assert set(got) == {f"{name}_p{m}" for name in ("nmse", "explained_variance") for m in (4, 12, D_SAE)}
+    z = sae.encode(x)
+    variance = ((x - x.mean(0)) ** 2).sum()
+    for m in (4, 12, D_SAE):
+        nmse = ((x - (z[:, :m] @ sae.W_dec[:m] + sae.b_dec)) ** 2).sum() / variance
+        assert got[f"nmse_p{m}"] == pytest.approx(nmse.item(), rel=1e-5)
+        assert got[f"explained_variance_p{m}"] == pytest.approx(1 - nmse.item(), rel=1e-5)
+    assert has_prefixes(sae) and not has_prefixes(make())

@@ -20,6 +20,7 @@ from sae_lightning.checkpoints import CheckpointError
 from sae_lightning.config import EvalConfig, TrainConfig, train_config_from_dict
 from sae_lightning.datamodule import ActivationDataModule
 from sae_lightning.evaluate.pipeline import RowsResult, evaluate_rows, track_candidates
+from sae_lightning.evaluate.prefixes import has_prefixes, prefix_metrics
 from sae_lightning.io import atomic_write_json, keep_previous
 from sae_lightning.rundir import RunDir
 from sae_lightning.saes import SAE
@@ -142,6 +143,8 @@ def run_evaluation(cfg: EvalConfig) -> Path:
     metrics: dict[str, Any] = dict(result.metrics)
     log.info("reconstruction metrics on %d held-out tokens in %.1f s", metrics["n_tokens"],
              time.perf_counter() - t0)
+    if has_prefixes(sae):  # nested (Matryoshka) SAEs: each prefix's reconstruction, a second pass
+        metrics |= prefix_metrics(dm.eval_rows(cfg.max_tokens, cfg.batch_size), sae)
     if has_text and (cfg.downstream or cfg.report):
         metrics |= lm_metrics_and_report(cfg, train_cfg, sae, dm, result, metrics, out_dir)
     if cfg.export or cfg.hub_repo_id:
