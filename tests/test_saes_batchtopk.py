@@ -194,3 +194,8 @@ def test_prefix_metrics_over_batches_match_hand_nmse() -> None:
         assert got[f"nmse_p{m}"] == pytest.approx(nmse.item(), rel=1e-5)
         assert got[f"explained_variance_p{m}"] == pytest.approx(1 - nmse.item(), rel=1e-5)
     assert has_prefixes(sae) and not has_prefixes(make())
+
+
+def test_auto_kernel_is_sparse_up_to_a_32nd_of_the_dictionary() -> None:
+    assert not make().sparse and make(sparse_kernel="sparse").sparse  # k / d_sae = 3 / 32
+    assert make(k=1).sparse and not make(k=1, sparse_kernel="dense").sparse

@@ -15,10 +15,11 @@ saved with the weights; before any training ``theta = 0`` and ``encode`` is a pl
 
 Decoding (``sae.sparse_kernel``): ``dense`` scatters the kept values into [B, d_sae] and multiplies by
 ``W_dec``; ``sparse`` pads every row to the largest per-row count (pads are latent 0 with value 0, which
-add nothing and get no gradient) and uses TopK's sparse kernels. ``auto`` follows TopK's rule (sparse
-when ``k <= d_sae / 8``): on CPU the padded sparse step was about 1.5x faster than the dense one at
-k / d_sae = 1/512 .. 1/32 (``benchmarks/batchtopk_kernels.py``), although rows are padded to the busiest
-row's count (1.35x-2.3x k there; a trained SAE's rows spread more).
+add nothing and get no gradient) and uses TopK's sparse kernels. ``auto`` is sparse when
+``k <= d_sae / 32``: on CPU (``benchmarks/batchtopk_kernels.py``, d_in 512, d_sae 8192, batch 1024) the
+padded sparse step was about 1.5x faster than the dense one at k = 16, 64, 256 (rows padded to 36, 94,
+346 latents) but 1.26x slower at k = 1024 (padded to 1237), where TopK's rule (``k <= d_sae / 8``)
+would still pick it. A trained SAE's rows spread more than these random ones, so the padding grows.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from sae_lightning.checks import check
 from sae_lightning.saes.base import SAEOutput
 from sae_lightning.saes.registry import register
 from sae_lightning.saes.topk import TopKConfig, TopKSAE
+
+SPARSE_MAX_DENSITY = 1 / 32  # "auto" uses the sparse kernels when k / d_sae is at most this (measured)
 
 
 @dataclass
@@ -80,6 +83,8 @@ class BatchTopKSAE(TopKSAE):
 
     def __init__(self, cfg: BatchTopKConfig, d_in: int) -> None:
         super().__init__(cfg, d_in)
+        if cfg.sparse_kernel == "auto":
+            self.sparse = cfg.k <= SPARSE_MAX_DENSITY * self.d_sae
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
         self.register_buffer("threshold_batches", torch.zeros((), dtype=torch.long))
 
