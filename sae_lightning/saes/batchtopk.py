@@ -18,8 +18,9 @@ Decoding (``sae.sparse_kernel``): ``dense`` scatters the kept values into [B, d_
 add nothing and get no gradient) and uses TopK's sparse kernels. ``auto`` is sparse when
 ``k <= d_sae / 32``: on CPU (``benchmarks/batchtopk_kernels.py``, d_in 512, d_sae 8192, batch 1024) the
 padded sparse step was about 1.5x faster than the dense one at k = 16, 64, 256 (rows padded to 36, 94,
-346 latents) but 1.26x slower at k = 1024 (padded to 1237), where TopK's rule (``k <= d_sae / 8``)
-would still pick it. A trained SAE's rows spread more than these random ones, so the padding grows.
+346 latents), as fast at k = 512 (655) and 1.26x slower at k = 1024 (1237), where TopK's rule
+(``k <= d_sae / 8``) would still pick it. A trained SAE's rows spread more than these random ones,
+so the padding grows.
 """
 
 from __future__ import annotations
