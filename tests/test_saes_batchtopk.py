@@ -199,3 +199,17 @@ def test_prefix_metrics_over_batches_match_hand_nmse() -> None:
 def test_auto_kernel_is_sparse_up_to_a_32nd_of_the_dictionary() -> None:
     assert not make().sparse and make(sparse_kernel="sparse").sparse  # k / d_sae = 3 / 32
     assert make(k=1).sparse and not make(k=1, sparse_kernel="dense").sparse
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_bf16_autocast_trains_keeps_k_per_token_and_a_float64_threshold(arch: str) -> None:
+    sae = make(arch)
+    with torch.no_grad():
+        sae.b_enc.fill_(20.0)  # every kept activation positive: exactly K * n fire
+    x = torch.randn(600, D_IN, generator=torch.Generator().manual_seed(3))  # > 256: bf16 cannot count it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sae(x, sparsity_coeff=0.0)
+    out.loss.backward()
+    assert int(out.fire_counts.sum()) == K * 600 and out.l0.item() == K
+    assert sae.threshold.dtype == torch.float64 and sae.threshold > 0
+    assert all(torch.isfinite(p.grad).all() and p.grad.abs().max() > 0 for p in sae.parameters())
