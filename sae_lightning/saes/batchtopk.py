@@ -62,17 +62,16 @@ def batch_top(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def padded_rows(flat: Tensor, values: Tensor, n_rows: int, d_sae: int) -> tuple[Tensor, Tensor]:
-    """The row-major entries ``flat`` (indices into a [n_rows, d_sae] matrix) as [n_rows, m] latent
-    indices and values, m the largest count of any row; pads are latent 0 with value 0."""
+    """The row-major entries ``flat`` (indices into a [n_rows, d_sae] matrix) with their ``values`` (no
+    grad) as [n_rows, m] latent indices and values, m the largest count of any row; pads are latent 0
+    with value 0."""
     rows = torch.div(flat, d_sae, rounding_mode="floor")
     counts = torch.bincount(rows, minlength=n_rows)
-    starts = counts.cumsum(0) - counts
-    slot = torch.arange(flat.numel(), device=flat.device) - starts[rows]
-    width = max(int(counts.max()), 1) if flat.numel() else 1
-    index = flat.new_zeros(n_rows, width)
-    padded = values.new_zeros(n_rows, width)
+    slot = torch.arange(flat.numel(), device=flat.device) - (counts.cumsum(0) - counts)[rows]
+    width = max(int(counts.max()), 1)
+    index, padded = flat.new_zeros(n_rows, width), values.new_zeros(n_rows, width)
     index[rows, slot] = flat - rows * d_sae
-    padded = padded.index_put((rows, slot), values)
+    padded[rows, slot] = values
     return index, padded
 
 
