@@ -35,8 +35,10 @@ from sae_lightning.saes import SAE, build_sae, config_from_dict
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 SAELENS_VERSION = "6.0.0"  # the format version we write; SAELens treats < 6.0 as the legacy layout
-# our registry name -> SAELens architecture (inference forms that are exactly the same function)
-TO_SAELENS = {"relu": "standard", "relu_dn": "standard", "topk": "topk", "jumprelu": "jumprelu"}
+# our registry name -> SAELens architecture (inference forms that are exactly the same function); BatchTopK
+# and Matryoshka infer as a JumpReLU with one global threshold, written per latent (as SAELens saves them)
+TO_SAELENS = {"relu": "standard", "relu_dn": "standard", "topk": "topk", "jumprelu": "jumprelu",
+              "batchtopk": "jumprelu", "matryoshka": "jumprelu"}
 FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
 # our hook names -> TransformerLens hook names, which SAELens and Neuronpedia key SAEs by
 TL_HOOK_NAMES = {
@@ -92,8 +94,8 @@ def folded_weights(sae: SAE) -> dict[str, Tensor]:
         "b_dec": sae.b_dec / s,
     }
     threshold = jumprelu_threshold(sae)
-    if threshold is not None:
-        weights["threshold"] = threshold.clone()
+    if threshold is not None:  # per latent; a global (0-d) threshold is repeated for every latent
+        weights["threshold"] = threshold.expand(sae.d_sae).clone()
     return {name: w.detach().float().cpu().contiguous() for name, w in weights.items()}
 
 

@@ -55,7 +55,8 @@ def test_a_key_of_another_architecture_fails_naming_it(arch: str, foreign: str, 
     assert f"Key '{key}' not in '{config_class}'" in str(err.value) + str(err.value.__cause__)
 
 
-@pytest.mark.parametrize(("arch", "hint"), [("topk", "sae.k"), ("jumprelu", "sae.l0_coeff")])
+@pytest.mark.parametrize(("arch", "hint"), [("topk", "sae.k"), ("jumprelu", "sae.l0_coeff"),
+                                            ("batchtopk", "sae.k"), ("matryoshka", "sae.k")])
 def test_typed_l1_for_an_architecture_without_l1_is_an_error(arch: str, hint: str) -> None:
     with pytest.raises(ConfigError, match=rf"l1=5.0 has no effect on sae={arch}.*set {hint} instead"):
         _compose(f"sae={arch}", "l1=5")

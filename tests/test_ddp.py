@@ -21,6 +21,7 @@ from sae_lightning.callbacks import ResampleDeadLatents
 from sae_lightning.config import ActivationsConfig, TrainConfig
 from sae_lightning.datamodule import ActivationDataModule
 from sae_lightning.module import SAEModule
+from sae_lightning.saes.batchtopk import BatchTopKConfig
 
 N_ROWS, D = 512, 16
 
@@ -84,6 +85,28 @@ def test_ranks_read_disjoint_rows_and_end_with_identical_weights(tmp_path):
     assert not torch.allclose(w_dec[:8], r0["w_dec0"][:8])  # the dead latents were resampled...
     assert torch.allclose(w_dec[:8].norm(dim=1), torch.ones(8), atol=1e-5)
     assert int(r0["state"]["latents.window_tokens"]) == 8 * 32 * 2  # ...and firing counted over both ranks
+
+
+@pytest.mark.slow
+def test_batchtopk_ranks_share_one_threshold(tmp_path):
+    """BatchTopK's inference threshold is estimated from the smallest kept activation over EVERY rank's
+    batch (an all-reduce in its forward): the ranks end with identical weights and threshold buffers."""
+    path = _array(tmp_path / "x.npy")
+    cfg = TrainConfig(batch_size=32, train_tokens=32 * 8, lr=1e-2, sae=BatchTopKConfig(dict_mult=2, k=4))
+    cfg.latents.dead_window_tokens = 64  # latents 0..7 are killed: AuxK runs too
+    dm = ActivationDataModule(path, ActivationsConfig(source="file", path=str(path), val_fraction=0.5),
+                              batch_size=32, seed=0)
+    module = SAEModule(asdict(cfg), d_in=dm.d_in)
+    module.sae.set_input_scale(dm.norm_scale)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=8, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[_RecordRank(tmp_path)])
+    trainer.fit(module, datamodule=dm)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert not set(r0["rows"]) & set(r1["rows"])  # the ranks saw different rows ...
+    for key, value in r0["state"].items():
+        assert torch.equal(value, r1["state"][key]), key  # ... and still agree on every weight and buffer
+    assert float(r0["state"]["sae.threshold"]) > 0 and int(r0["state"]["sae.threshold_batches"]) == 8
 
 
 COMMON = ["activations=file", "activations.val_fraction=0.5", "activations.shuffle_buffer=0", "logger=csv",

@@ -21,11 +21,12 @@ from sae_lightning.export import (
 from sae_lightning.saes import build_sae, config_from_dict
 
 D_IN, D_SAE, K, SCALE = 6, 16, 3, 2.5
-ARCHITECTURES = ["relu", "relu_dn", "topk", "jumprelu"]
+ARCHITECTURES = ["relu", "relu_dn", "topk", "jumprelu", "batchtopk", "matryoshka"]
+AS_JUMPRELU = ("batchtopk", "matryoshka")  # exported as JumpReLU with their global threshold
 
 
 def _cfg(architecture: str):
-    own = {"k": K} if architecture == "topk" else {}
+    own = {"k": K} if architecture in ("topk", *AS_JUMPRELU) else {}
     return config_from_dict({"architecture": architecture, "d_sae": D_SAE, **own})
 
 
@@ -39,6 +40,8 @@ def _sae(architecture: str) -> nn.Module:
     sae.b_enc.normal_(std=0.3)
     if architecture == "jumprelu":
         sae.log_threshold.copy_((0.5 * torch.rand(D_SAE) + 0.1).log())
+    if architecture in AS_JUMPRELU:
+        sae.threshold.fill_(0.3)
     return sae
 
 
@@ -73,7 +76,8 @@ def test_sae_lens_runs_our_export_like_we_do(tmp_path: Path, architecture: str) 
     sae_lens = pytest.importorskip("sae_lens")
     sae, folder = _export(tmp_path, architecture)
     theirs = sae_lens.SAE.load_from_disk(folder)
-    expected = {"relu": "standard", "relu_dn": "standard"}.get(architecture, architecture)
+    expected = {"relu": "standard", "relu_dn": "standard", "batchtopk": "jumprelu",
+                "matryoshka": "jumprelu"}.get(architecture, architecture)
     assert theirs.cfg.architecture() == expected
     assert theirs.cfg.metadata.hook_name == "blocks.1.mlp.hook_post"
     x = _raw_inputs(sae)
@@ -82,6 +86,10 @@ def test_sae_lens_runs_our_export_like_we_do(tmp_path: Path, architecture: str) 
     assert (z_ours != 0).any() and (z_ours == 0).any()
     torch.testing.assert_close(z_theirs, z_ours, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(theirs.decode(z_theirs), sae.decode(z_ours), rtol=1e-5, atol=1e-5)
+    if architecture in AS_JUMPRELU:  # the global threshold for every latent, and it cuts some positive ones
+        torch.testing.assert_close(theirs.threshold.detach(), torch.full((D_SAE,), 0.3))
+        pre = sae.pre_acts(sae.normalize(x))
+        assert ((pre > 0) & (z_ours == 0)).any()
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -89,7 +97,8 @@ def test_sae_lens_runs_our_export_like_we_do(tmp_path: Path, architecture: str) 
 def test_load_saelens_back_into_our_module(tmp_path: Path, architecture: str) -> None:
     sae, folder = _export(tmp_path, architecture)
     loaded = load_saelens(folder)
-    assert type(loaded) is type(sae) or (architecture == "relu_dn" and loaded.cfg.architecture == "relu")
+    assert type(loaded) is type(sae) or (architecture == "relu_dn" and loaded.cfg.architecture == "relu") or (
+        architecture in AS_JUMPRELU and loaded.cfg.architecture == "jumprelu")
     x = _raw_inputs(sae)
     torch.testing.assert_close(loaded.encode(x), sae.encode(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loaded.decode(loaded.encode(x)), sae.decode(sae.encode(x)), rtol=1e-5,

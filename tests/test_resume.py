@@ -232,6 +232,31 @@ def test_sigusr1_saves_checkpoint_and_auto_resume_finishes(tmp_path: Path, monke
     assert steps == [*range(stopped.value.step), *range(stopped.value.step, 60)]
 
 
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_sigusr1_resume_is_bit_identical_per_architecture(tmp_path: Path, monkeypatch, arch: str) -> None:
+    """Architectures with training-time state outside the optimizer (BatchTopK's threshold estimate, a
+    buffer): stopped by SIGUSR1 and resumed with ``ckpt_path=auto``, the run ends with exactly the weights,
+    buffers and Adam state of an uninterrupted one."""
+    monkeypatch.setenv("SAE_LIGHTNING_RECORD_BATCHES", "1")
+    acts = write_acts(tmp_path / "acts.npy")
+    over = overrides(acts, 30, sae=arch, **{"sae.k": 4})
+    thread = _signal_at_step(tmp_path / "runs" / "a", 5, signal.SIGUSR1)
+    with pytest.raises(TrainingPreempted):
+        train_in_process(over, tmp_path / "runs" / "a")
+    thread.join()
+    assert train_in_process([*over, "ckpt_path=auto"], tmp_path / "runs" / "b").steps == 30
+    train_in_process(over, tmp_path / "runs" / "reference")  # after: auto must not find a finished twin
+
+    want, got = (ckpt(tmp_path / f"runs/{r}/checkpoints/final.ckpt") for r in ("reference", "a"))
+    state = want["state_dict"]
+    assert float(state["sae.threshold"]) > 0 and int(state["sae.threshold_batches"]) == 30
+    for name, tensor in state.items():
+        assert torch.equal(got["state_dict"][name], tensor), name
+    adam_want, adam_got = (c["optimizer_states"][0]["state"] for c in (want, got))
+    for a, b in zip(adam_want.values(), adam_got.values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a), "Adam state differs"
+
+
 def test_ckpt_path_last_without_a_previous_run_is_an_error_but_auto_starts_fresh(tmp_path: Path) -> None:
     acts = write_acts(tmp_path / "acts.npy")
     with pytest.raises(CheckpointError, match=r"ckpt_path=last: no checkpoint of a run with this config.*"

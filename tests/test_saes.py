@@ -19,7 +19,9 @@ from sae_lightning.saes.init import decoder_bias_init, geometric_median
 D_IN, D_SAE, B = 12, 40, 64
 # each architecture with a few of its own keys set away from their defaults
 ARCH_KEYS = {"relu": {"ghost_grads": True}, "relu_dn": {"ghost_grads": True}, "topk": {"k": 4, "aux_k": 8},
-             "jumprelu": {"init_threshold": 0.1, "bandwidth": 0.01, "l0_coeff": 2.0}}
+             "jumprelu": {"init_threshold": 0.1, "bandwidth": 0.01, "l0_coeff": 2.0},
+             "batchtopk": {"k": 4, "aux_k": 8, "threshold_lr": 0.1},
+             "matryoshka": {"k": 4, "aux_k": 8, "threshold_lr": 0.1, "prefixes": [10, D_SAE]}}
 
 
 def cfg(architecture: str = "relu", **kw):

@@ -21,6 +21,7 @@ from sae_lightning.checkpoints import CheckpointError
 from sae_lightning.config import EvalConfig, TrainConfig, train_config_from_dict
 from sae_lightning.datamodule import ActivationDataModule
 from sae_lightning.evaluate.pipeline import RowsResult, evaluate_rows, track_candidates
+from sae_lightning.evaluate.prefixes import has_prefixes, prefix_metrics
 from sae_lightning.io import atomic_write_json, keep_previous
 from sae_lightning.rundir import RunDir
 from sae_lightning.saes import SAE
@@ -148,6 +149,8 @@ def run_evaluation(cfg: EvalConfig) -> Path:
     if cfg.activations is None and train_cfg.activations.source == "synthetic":
         from sae_lightning.evaluate.recovery import feature_recovery
         metrics |= feature_recovery(sae.W_dec, torch.from_numpy(dm.source.dictionary))
+    if has_prefixes(sae):  # nested (Matryoshka) SAEs: each prefix's reconstruction, a second pass
+        metrics |= prefix_metrics(dm.eval_rows(cfg.max_tokens, cfg.batch_size), sae)
     if has_text and (cfg.downstream or cfg.report):
         metrics |= lm_metrics_and_report(cfg, train_cfg, sae, dm, result, metrics, out_dir)
     if cfg.export or cfg.hub_repo_id:
