@@ -41,6 +41,7 @@ class Rows(Protocol):
     """One batch of held-out rows (``datamodule.EvalRows``)."""
 
     acts: Tensor  # [n, d] raw activations
+    target: Tensor | None  # [n, d_out] a transcoder's raw target rows, None for an SAE
     tokens: Tensor
     doc: Tensor
     pos: Tensor
@@ -67,7 +68,8 @@ def track_candidates(n_units: int, n: int, seed: int) -> list[int]:
 def evaluate_rows(rows: Iterable[Rows], sae: nn.Module, *, n_top: int = 8,
                   track_latents: Sequence[int] = (), track_neurons: Sequence[int] = (),
                   neurons: bool = True, dense_threshold: float = DENSE_THRESHOLD) -> RowsResult:
-    """Stream ``rows`` once through ``sae`` (which takes raw activations). Neuron activations are the rows
+    """Stream ``rows`` once through ``sae`` (which takes raw activations); reconstruction is measured against
+    the rows' ``target`` when they have one (transcoders). Neuron activations are the input rows
     themselves; pass ``neurons=False`` when the hook is not ``mlp_post``."""
     stats = ReconstructionStats(dense_threshold)
     latent_collector = neuron_collector = None
@@ -76,8 +78,9 @@ def evaluate_rows(rows: Iterable[Rows], sae: nn.Module, *, n_top: int = 8,
     device = next(sae.parameters()).device
     for batch in rows:
         x = batch.acts.to(device=device, dtype=dtype)
+        truth = x if batch.target is None else batch.target.to(device=device, dtype=dtype)
         z = sae.encode(x)
-        stats.update(x, sae.decode(z), z)
+        stats.update(truth, sae.decode(z, x), z)
         if latent_collector is None:
             latent_collector = UnitCollector(z.shape[1], n_top, track_latents)
             neuron_collector = UnitCollector(x.shape[1], n_top, track_neurons) if neurons else None
@@ -148,9 +151,9 @@ def build_report_data(title: str, metrics: Mapping[str, float], result: RowsResu
 
 
 def _latent_directions(sae: nn.Module) -> Callable[[list[int]], Tensor]:
-    """Decoder rows in raw activation space (``W_dec / input_scale``: the weights act on normalized
-    activations)."""
-    return lambda units: sae.W_dec.detach().float().cpu()[units] / float(sae.input_scale)
+    """Decoder rows in raw activation space of what the SAE reconstructs (``W_dec / output_scale``: the
+    weights act on normalized activations)."""
+    return lambda units: sae.W_dec.detach().float().cpu()[units] / float(sae.output_scale)
 
 
 def _neuron_directions(summary: UnitSummary) -> Callable[[list[int]], Tensor]:
