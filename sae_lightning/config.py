@@ -346,7 +346,9 @@ def train_config_from_dict(config: dict[str, Any]) -> TrainConfig:
     values = dict(config)
     sae = values.pop("sae", None)
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), values))
-    cfg.sae = config_from_dict(sae) if sae is not None else cfg.sae
+    if sae is not None:
+        cfg.sae = config_from_dict(sae)
+        cfg.__post_init__()  # again: the cross-checks between sae and the rest of the config
     return cfg
 
 
