@@ -104,11 +104,13 @@ def fired(summary: UnitSummary, units: Iterable[int], min_count: int = 1) -> lis
 @dataclass
 class LMParts:
     """What the direct logit effects need from the LM: ``HookedLM.output_projection(hook)`` (None unless
-    the hook is mlp_post), ``HookedLM.unembed_directions()`` and the tokenizer."""
+    the hook is mlp_post) of the hook the latents decode into, ``HookedLM.unembed_directions()`` and the
+    tokenizer. ``neuron_W_out``: a transcoder's input hook's projection (its neurons'), when it differs."""
 
     W_out: Tensor | None
     W_U: Tensor
     tokenizer: Any
+    neuron_W_out: Tensor | None = None
 
 
 def build_report_data(title: str, metrics: Mapping[str, float], result: RowsResult, sae: nn.Module,
@@ -128,20 +130,21 @@ def build_report_data(title: str, metrics: Mapping[str, float], result: RowsResu
         scorer = CoherenceScorer(embedder, random_contexts(context_row, result.docs, n_groups=16,
                                                            group_size=result.latents.top.values.shape[1],
                                                            decode=decode, seed=seed))
-    kinds = {"latent": (result.latents, n_latents, _latent_directions(sae))}
+    kinds = {"latent": (result.latents, n_latents, _latent_directions(sae), lm.W_out)}
     if result.neurons is not None:
-        kinds["neuron"] = (result.neurons, n_neurons, _neuron_directions(result.neurons))
+        neuron_w_out = lm.W_out if lm.neuron_W_out is None else lm.neuron_W_out
+        kinds["neuron"] = (result.neurons, n_neurons, _neuron_directions(result.neurons), neuron_w_out)
     scorable = {kind: fired(summary, range(summary.fire_counts.shape[0]), 2)
-                for kind, (summary, _, _) in kinds.items()}
+                for kind, (summary, *_) in kinds.items()}
     n_common = min(n_scored, *(len(u) for u in scorable.values()))
     cards, all_scores, medians = {}, [], {}
-    for kind, (summary, n_show, directions) in kinds.items():
+    for kind, (summary, n_show, directions, w_out) in kinds.items():
         sample = sorted(random.Random(seed).sample(scorable[kind], n_common))
         scores = score_units(kind, summary.top, sample, context_row, decode, scorer)
         all_scores.append(scores)
         medians |= scores.medians()
         shown = fired(summary, sorted(summary.tracked))[:n_show]
-        effects = direct_logit_effect(directions(shown), lm.W_U, lm.W_out) if shown else None
+        effects = direct_logit_effect(directions(shown), lm.W_U, w_out) if shown else None
         shown_scores = score_units(kind, summary.top, shown, context_row, decode, scorer)
         cards[kind] = unit_cards(kind, shown, summary, context_row, decode, effects, shown_scores)
     data = ReportData(title=title, metrics={**metrics, **medians}, latents=cards["latent"],

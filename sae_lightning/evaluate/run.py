@@ -115,7 +115,7 @@ def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE,
                  time.perf_counter() - t0, extra["ce_loss_recovered"])
     if cfg.report:
         parts = LMParts(W_out=lm.output_projection(target), W_U=lm.unembed_directions(),
-                        tokenizer=lm.tokenizer)
+                        tokenizer=lm.tokenizer, neuron_W_out=lm.output_projection(hook))
         embedder = load_embedder() if cfg.monosemanticity else None
         details = {"checkpoint": str(Path(cfg.ckpt_path).resolve()), "model": train_cfg.model.name,
                    "hook": where,
