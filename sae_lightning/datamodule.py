@@ -272,14 +272,18 @@ class ActivationDataModule(LightningDataModule):
             return []
         return self._loader(self._spec(self.val_shards, False), 1, 0, "validation")
 
-    def sample(self, n: int, seed: int | None = None, target: bool = False) -> torch.Tensor:
+    def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
         """``min(n, training rows)`` raw training rows drawn uniformly without replacement (decoder-bias
-        init, resampling); with ``target`` the transcoder target's rows at those positions."""
+        init, resampling)."""
         seed = self.seed if seed is None else seed
-        if target and self.target is None:
-            raise ValueError("sample(target=True) needs a transcoder target cache")
-        rows = sample_rows(self.target if target else self.source, self.train_shards, n, seed)
-        return torch.from_numpy(rows)
+        return torch.from_numpy(sample_rows(self.source, self.train_shards, n, seed))
+
+    def sample_targets(self, n: int, seed: int | None = None) -> torch.Tensor:
+        """The transcoder target's rows at the positions :meth:`sample` draws (a transcoder's b_dec init)."""
+        if self.target is None:
+            raise ValueError("sample_targets needs a transcoder target cache")
+        seed = self.seed if seed is None else seed
+        return torch.from_numpy(sample_rows(self.target, self.train_shards, n, seed))
 
     def eval_rows(self, max_tokens: int, batch_size: int | None = None) -> Iterator[EvalRows]:
         """Held-out rows in order, with (token, doc, pos), at most ``max_tokens`` of them."""

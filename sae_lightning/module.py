@@ -74,7 +74,8 @@ class SAEModule(L.LightningModule):
         """
         if self.global_step > 0 or self.trainer.ckpt_path is not None:
             return
-        sample = self.trainer.datamodule.sample(B_DEC_INIT_ROWS, target=self.sae.transcoder)
+        dm = self.trainer.datamodule
+        sample = dm.sample_targets(B_DEC_INIT_ROWS) if self.sae.transcoder else dm.sample(B_DEC_INIT_ROWS)
         self.sae.init_b_dec(sample.to(self.device))
         if self.trainer.world_size > 1:
             self.sae.b_dec.data = self.trainer.strategy.broadcast(self.sae.b_dec.data, src=0)

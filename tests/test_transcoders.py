@@ -193,7 +193,7 @@ def test_eval_rows_and_samples_carry_aligned_targets(tmp_path) -> None:
         t = r.tokens.float()
         assert torch.equal(r.acts[:, 0], t) and torch.equal(r.target[:, 0], -t)
         assert torch.equal(r.tokens, r.doc * 8 + r.pos + 1)   # the (doc, pos) the token came from
-    xs, ys = dm.sample(50, seed=3), dm.sample(50, seed=3, target=True)
+    xs, ys = dm.sample(50, seed=3), dm.sample_targets(50, seed=3)
     assert torch.equal(ys[:, 0], -xs[:, 0])
 
 
