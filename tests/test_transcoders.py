@@ -106,6 +106,21 @@ def test_every_architecture_trains_and_round_trips_as_a_transcoder(arch: str, tm
         torch.testing.assert_close(loaded.decode(loaded.encode(x), x), sae.decode(sae.encode(x), x))
 
 
+@pytest.mark.parametrize("values", [{"architecture": "relu", "ghost_grads": True},
+                                    {"architecture": "topk", "k": 2, "aux_k": 4}])
+def test_dead_latent_terms_reconstruct_the_target_residual(values: dict) -> None:
+    """Ghost grads and AuxK fit the residual ``target - x_hat`` (d_out=3 wide; ``u - x_hat`` would not even
+    have that shape): with every latent dead the term is positive and finite, and it backpropagates."""
+    torch.manual_seed(0)
+    sae = build_sae(config_from_dict({**values, "d_sae": 8}), 5, d_out=3)
+    out = sae(torch.randn(16, 5), target=torch.randn(16, 3), sparsity_coeff=0.0,
+              dead_mask=torch.ones(8, dtype=torch.bool))
+    term = out.terms["ghost" if "ghost_grads" in values else "auxk"]
+    assert torch.isfinite(term) and term > 0
+    out.loss.backward()
+    assert sae.W_dec.grad.abs().sum() > 0
+
+
 def test_plain_sae_state_is_unchanged() -> None:
     """No target_scale buffer, no W_skip, b_dec subtracted: an SAE's checkpoints load as before."""
     sae = build_sae(config_from_dict({"architecture": "relu", "d_sae": 8}), 4)
