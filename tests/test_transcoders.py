@@ -270,3 +270,15 @@ def test_ensure_cache_adds_the_target_hook_to_one_build() -> None:
                                   "target": {"name": "mlp_out"}})
     assert hook_points(cfg) == [(1, "mlp_post"), (1, "mlp_out")]
     assert hook_points(train_config_from_dict({"layer": 1})) == [(1, "mlp_post")]
+
+
+def test_export_of_a_transcoder_is_refused_before_any_work(tmp_path) -> None:
+    from sae_lightning.config import EvalConfig, train_config_from_dict
+    from sae_lightning.evaluate.run import run_evaluation
+
+    sae = build_sae(config_from_dict({"architecture": "relu", "d_sae": 4}), 3, d_out=2)
+    sae.metadata = {"train_config": {"target": {"name": "mlp_out"}}}
+    assert train_config_from_dict(sae.metadata["train_config"]).target_hook is not None
+    sae.save(tmp_path / "sae")
+    with pytest.raises(ConfigError, match="export=true"):
+        run_evaluation(EvalConfig(ckpt_path=str(tmp_path / "sae"), export=True))

@@ -138,6 +138,9 @@ def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE,
 def run_evaluation(cfg: EvalConfig) -> Path:
     """Evaluate ``cfg.ckpt_path``; returns the path of the ``metrics.json`` it wrote."""
     sae, train_cfg = load_trained(cfg.ckpt_path)
+    if sae.transcoder and (cfg.export or cfg.hub_repo_id):
+        raise ConfigError(f"export=true: {cfg.ckpt_path} is a transcoder; transcoders are not exported to "
+                          "the SAELens format yet; use the <run>/sae folder (SAE.load)")
     dm = open_eval_data(cfg, train_cfg, sae)
     out_dir = eval_dir_for(cfg.ckpt_path, cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
