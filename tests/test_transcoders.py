@@ -199,6 +199,16 @@ def test_stream_yields_aligned_pairs_in_the_plain_stream_order(tmp_path) -> None
     assert all(torch.equal(a, p[0]) for a, p in zip(first, paired, strict=True))  # same order as an SAE's
 
 
+def test_pair_stream_resumes_at_the_exact_next_pair(tmp_path) -> None:
+    x, y = _pair_caches(tmp_path)
+    full = [b for _, b in zip(range(30), _dm(x, y).train_dataloader(), strict=False)]
+    resumed = _dm(x, y)
+    resumed.load_state_dict({**resumed.state_dict(), "batches": 17})
+    got = [b for _, b in zip(range(5), resumed.train_dataloader(), strict=False)]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+               for a, b in zip(got, full[17:22], strict=True))
+
+
 def test_eval_rows_and_samples_carry_aligned_targets(tmp_path) -> None:
     x, y = _pair_caches(tmp_path)
     dm = _dm(x, y)
