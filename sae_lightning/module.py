@@ -56,6 +56,9 @@ class SAEModule(L.LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.cfg = train_config_from_dict(config)
+        if (self.cfg.target_hook is None) != (d_out is None):
+            raise ValueError(f"d_out={d_out} does not match target.name={self.cfg.target.name}: a transcoder "
+                             "needs the target's width, an SAE none")
         self.sae: SAE = build_sae(self.cfg.sae, d_in, d_out)
         self.latents = LatentStats(self.sae.d_sae, self.cfg.latents.dead_window_tokens)
         self._val_stats: ReconstructionStats | None = None
