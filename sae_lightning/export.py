@@ -77,7 +77,11 @@ def saelens_metadata(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def export_trained(sae: SAE, cfg: TrainConfig, path: str | Path) -> Path:
-    """:func:`export_saelens` for an SAE trained with ``cfg`` (its metadata from it)."""
+    """:func:`export_saelens` for an SAE trained with ``cfg`` (its metadata from it); transcoders are refused
+    (their SAELens format is not written yet)."""
+    if sae.transcoder:
+        raise ValueError("exporting transcoders to the SAELens format is not supported: keep the <run>/sae "
+                         "folder (SAE.load) or evaluate with export=false")
     return export_saelens(sae, path, metadata=saelens_metadata(cfg))
 
 

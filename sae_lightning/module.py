@@ -10,7 +10,7 @@ is a buffer of the SAE, saved with its weights.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -39,15 +39,27 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return fn
 
 
-class SAEModule(L.LightningModule):
-    """Trains ``build_sae(config.sae, d_in)`` on raw activation batches (the SAE normalizes them)."""
+def split_batch(batch: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+    """(x, target) of a batch: a transcoder's stream yields ``(x, y)`` pairs, an SAE's a tensor."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    x, y = batch
+    return x, y
 
-    def __init__(self, config: dict[str, Any], d_in: int) -> None:
+
+class SAEModule(L.LightningModule):
+    """Trains ``build_sae(config.sae, d_in, d_out)`` on raw activation batches (the SAE normalizes them);
+    ``d_out`` given: a transcoder trained on ``(x, y)`` batches."""
+
+    def __init__(self, config: dict[str, Any], d_in: int, d_out: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.cfg = train_config_from_dict(config)
-        self.sae: SAE = build_sae(self.cfg.sae, d_in)
+        if (self.cfg.target_hook is None) != (d_out is None):
+            raise ValueError(f"d_out={d_out} does not match target.name={self.cfg.target.name}: a transcoder "
+                             "needs the target's width, an SAE none")
+        self.sae: SAE = build_sae(self.cfg.sae, d_in, d_out)
         self.latents = LatentStats(self.sae.d_sae, self.cfg.latents.dead_window_tokens)
         self._val_stats: ReconstructionStats | None = None
 
@@ -65,7 +77,9 @@ class SAEModule(L.LightningModule):
         """
         if self.global_step > 0 or self.trainer.ckpt_path is not None:
             return
-        self.sae.init_b_dec(self.trainer.datamodule.sample(B_DEC_INIT_ROWS).to(self.device))
+        dm = self.trainer.datamodule
+        sample = dm.sample_targets(B_DEC_INIT_ROWS) if self.sae.transcoder else dm.sample(B_DEC_INIT_ROWS)
+        self.sae.init_b_dec(sample.to(self.device))
         if self.trainer.world_size > 1:
             self.sae.b_dec.data = self.trainer.strategy.broadcast(self.sae.b_dec.data, src=0)
 
@@ -76,17 +90,19 @@ class SAEModule(L.LightningModule):
             counts = self.trainer.strategy.reduce(counts.to(torch.float64), reduce_op="sum")
         return counts, world
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> Tensor:
         coeff, step = self.sparsity_coeff(), self.global_step
-        out = train_step(self.sae, self.optimizers(), batch, self.latents, coeff=coeff,
+        x, target = split_batch(batch)
+        out = train_step(self.sae, self.optimizers(), x, self.latents, coeff=coeff,
                          grad_clip=self.cfg.optim.grad_clip, step=step, nan_guard=self.cfg.optim.nan_guard,
-                         backward=self.manual_backward, reduce_counts=self._reduce_counts)
+                         backward=self.manual_backward, reduce_counts=self._reduce_counts, target=target)
         self.lr_schedulers().step()
         if step % self.trainer.log_every_n_steps == 0:
             with torch.no_grad():
-                x_hat = out.x_hat.detach() / self.sae.input_scale
+                x_hat = out.x_hat.detach() / self.sae.output_scale
             logs = {f"train/loss_{k}": v for k, v in out.terms.items() if k != "l0"}
-            logs.update({f"train/{k}": v for k, v in batch_metrics(batch, x_hat, out.l0).items()})
+            truth = x if target is None else target
+            logs.update({f"train/{k}": v for k, v in batch_metrics(truth, x_hat, out.l0).items()})
             logs["train/loss"] = out.loss.detach()
             logs["train/dead_fraction_window"] = self.latents.dead_mask().float().mean()
             logs["train/sparsity_coeff"] = torch.tensor(coeff)
@@ -105,9 +121,10 @@ class SAEModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_stats = ReconstructionStats(self.cfg.latents.dense_threshold)
 
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        z = self.sae.encode(batch)
-        self._val_stats.update(batch, self.sae.decode(z), z)
+    def validation_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> None:
+        x, target = split_batch(batch)
+        z = self.sae.encode(x)
+        self._val_stats.update(x if target is None else target, self.sae.decode(z, x), z)
 
     def on_validation_epoch_end(self) -> None:
         """Log whole-validation-set numbers: under DDP every rank's statistics are gathered and merged

@@ -65,7 +65,7 @@ class ReLUSAE(SAE):
     config_class = ReLUConfig
     sparsity_key = "l1"
 
-    def __init__(self, cfg: ReLUConfig, d_in: int, **init: float | bool) -> None:
+    def __init__(self, cfg: ReLUConfig, d_in: int, **init: float | bool | int | None) -> None:
         init.setdefault("encoder_gain", min(1.0, 2 * d_in / cfg.resolve_d_sae(d_in)))
         super().__init__(cfg, d_in, **init)
 
@@ -80,14 +80,17 @@ class ReLUSAE(SAE):
         """Mean over tokens of ``sum_i z_i`` from the per-latent sums of z over the batch (z >= 0)."""
         return latent_sums.sum() / n_rows
 
-    def forward(self, u: Tensor, *, sparsity_coeff: float, dead_mask: Tensor | None = None) -> SAEOutput:
+    def forward(self, u: Tensor, *, target: Tensor | None = None, sparsity_coeff: float,
+                dead_mask: Tensor | None = None) -> SAEOutput:
+        target = u if target is None else target
         z, sums, fire_counts = _ReLUWithStats.apply(self.pre_acts(u))
-        x_hat = self.decode_normalized(z)
+        x_hat = self.with_skip(self.decode_normalized(z), u)
         terms = {"l1": sparsity_coeff * self.l1(sums, u.shape[0]),
-                 "ghost": self._ghost_loss(u, x_hat, dead_mask)}
-        return self._output(u, x_hat, fire_counts, terms)
+                 "ghost": self._ghost_loss(u, target, x_hat, dead_mask)}
+        return self._output(target, x_hat, fire_counts, terms)
 
-    def _ghost_loss(self, u: Tensor, x_hat: Tensor, dead_mask: Tensor | None) -> Tensor | None:
+    def _ghost_loss(self, u: Tensor, target: Tensor, x_hat: Tensor,
+                    dead_mask: Tensor | None) -> Tensor | None:
         """Ghost grads (Anthropic, Jan 2024) on the latents in ``dead_mask``; None if off, 0 if none dead.
 
         exp() of the dead latents' pre-activations, decoded without bias, rescaled (scale detached) to
@@ -99,8 +102,8 @@ class ReLUSAE(SAE):
         if dead_mask is None or not bool(dead_mask.any()):
             return u.new_zeros(())
         dead = dead_mask.nonzero().squeeze(1)
-        residual = (u - x_hat).detach()
-        pre = torch.addmm(self.b_enc[dead], u - self.b_dec.detach(), self.W_enc[:, dead])
+        residual = (target - x_hat).detach()
+        pre = torch.addmm(self.b_enc[dead], u - self.input_center().detach(), self.W_enc[:, dead])
         ghost_out = torch.exp(pre) @ self.W_dec[dead]
         scale = residual.norm(dim=-1, keepdim=True) / (2 * ghost_out.norm(dim=-1, keepdim=True) + 1e-8)
         ghost_mse = ((ghost_out * scale.detach() - residual) ** 2).sum(-1)
