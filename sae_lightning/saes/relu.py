@@ -130,8 +130,10 @@ class ReLUSAE(SAE):
         active = z > 0
         zp = torch.where(active, torch.where(active, z, 1.0).pow(self.p), 0.0)
         s_p = self.l1(zp.sum(0, dtype=torch.float32), n_rows)
-        s_1 = self.l1(z.detach().sum(0, dtype=torch.float32), n_rows)
-        return s_p * (s_1 / s_p.detach().clamp(min=torch.finfo(s_p.dtype).tiny))
+        with torch.no_grad():
+            s_1 = self.l1(z.sum(0, dtype=torch.float32), n_rows)
+            ratio = s_1 / s_p.clamp(min=torch.finfo(s_p.dtype).tiny)
+        return s_p * ratio
 
     def _ghost_loss(self, u: Tensor, x_hat: Tensor, dead_mask: Tensor | None) -> Tensor | None:
         """Ghost grads (Anthropic, Jan 2024) on the latents in ``dead_mask``; None if off, 0 if none dead.
