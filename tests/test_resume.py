@@ -232,6 +232,37 @@ def test_sigusr1_saves_checkpoint_and_auto_resume_finishes(tmp_path: Path, monke
     assert steps == [*range(stopped.value.step), *range(stopped.value.step, 60)]
 
 
+@pytest.mark.parametrize(("extra", "own_state"), [({"sae": "gated", "l1": 2.0}, "sae.r_mag"),
+                                                  ({"sae.target_l0": 6}, "target_l0.log_scale")],
+                         ids=["gated", "target_l0"])
+def test_preempted_and_resumed_run_is_bit_identical(tmp_path: Path, monkeypatch, extra: dict,
+                                                    own_state: str) -> None:
+    """Stopped by SIGUSR1 after step 8 and resumed with ``ckpt_path=auto``, a 20-step run ends with exactly
+    the uninterrupted run's weights, Adam state and training state (gated's extra parameters; the target-L0
+    controller's coefficient and L0 average)."""
+    monkeypatch.setenv("SAE_LIGHTNING_RECORD_BATCHES", "1")
+    acts = write_acts(tmp_path / "acts.npy")
+    over = overrides(acts, 20, **extra)
+    train_in_process(over, tmp_path / "reference")
+    thread = _signal_at_step(tmp_path / "runs" / "a", 8, signal.SIGUSR1)
+    with pytest.raises(TrainingPreempted) as stopped:
+        train_in_process(over, tmp_path / "runs" / "a")
+    thread.join()
+    stopped_at = ckpt(tmp_path / "runs/a/checkpoints/last.ckpt")
+    assert 8 <= stopped.value.step < 20
+    summary = train_in_process([*over, "ckpt_path=auto"], tmp_path / "runs" / "b")
+    assert summary.steps == 20 and summary.resumed_from.endswith("runs/a/checkpoints/last.ckpt")
+
+    want, got = (ckpt(tmp_path / d / "checkpoints" / "final.ckpt") for d in ("reference", "runs/a"))
+    assert want["state_dict"].keys() == got["state_dict"].keys() and own_state in want["state_dict"]
+    assert not torch.equal(want["state_dict"][own_state], stopped_at["state_dict"][own_state])  # it moved
+    for name, tensor in want["state_dict"].items():
+        assert torch.equal(got["state_dict"][name], tensor), name
+    adam_want, adam_got = (c["optimizer_states"][0]["state"] for c in (want, got))
+    for a, b in zip(adam_want.values(), adam_got.values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a), "Adam state differs"
+
+
 def test_ckpt_path_last_without_a_previous_run_is_an_error_but_auto_starts_fresh(tmp_path: Path) -> None:
     acts = write_acts(tmp_path / "acts.npy")
     with pytest.raises(CheckpointError, match=r"ckpt_path=last: no checkpoint of a run with this config.*"
