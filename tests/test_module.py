@@ -135,7 +135,7 @@ def test_l1_warmup_scales_sparsity_coefficient() -> None:
 
 
 @pytest.mark.parametrize(("arch", "expected"), [("relu", 0.5), ("relu_dn", 0.5), ("topk", 0.0),
-                                                ("jumprelu", 2.0)])
+                                                ("jumprelu", 2.0), ("gated", 0.5)])
 def test_each_architecture_takes_its_own_sparsity_coefficient(arch: str, expected: float) -> None:
     """The root ``l1`` is the L1 architectures' coefficient; JumpReLU's is ``sae.l0_coeff``; TopK has none."""
     config = _config()

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_module import _config
+from test_module import _config, _data, _fit
 
 from sae_lightning.checks import ConfigError
 from sae_lightning.module import SAEModule
@@ -64,3 +64,18 @@ def test_target_l0_must_be_below_d_sae() -> None:
     config["sae"]["target_l0"] = 64.0  # d_sae = 4 * 16
     with pytest.raises(ConfigError, match=r"sae\.target_l0=64\.0: must be below d_sae=64"):
         SAEModule(config, d_in=16)
+
+
+def test_short_run_ends_near_the_target_l0() -> None:
+    """End to end on easy data (sparse codes over 48 directions, ~3 active per row): from l1=0.5, whatever
+    L0 that gives, 250 steps end with the SAE's L0 on the data within 10% of the target."""
+    data = _data()
+    config = _config()
+    config["train_tokens"] = 64 * 250
+    config["sae"]["target_l0"] = 6.0
+    module = SAEModule(config, d_in=16)
+    _fit(module, data, 250)
+    with torch.no_grad():
+        l0 = (module.sae.encode(data) > 0).sum(-1).float().mean().item()
+    assert abs(l0 - 6.0) / 6.0 < 0.10, (l0, module.sparsity_coeff())
+    assert module.sparsity_coeff() != pytest.approx(0.5, rel=0.05)  # the controller did the work
