@@ -13,7 +13,9 @@ decoder, so that the gate path, which the Heaviside cuts off from the reconstruc
 while the decoder is trained by the main reconstruction alone. Decoder rows are kept at unit norm, as in the
 paper (and dictionary_learning's ``GatedSAETrainer``): the decoder-norm weights are then 1 and the penalty is
 the paper's plain L1; SAELens's gated trainer instead leaves the decoder free, weights by the norms and does
-not freeze the aux decoder. The root key ``l1`` is the coefficient.
+not freeze the aux decoder. The root key ``l1`` is the coefficient. Init as ``relu``: unit-norm random decoder
+rows, ``W_enc = min(1, 2 d_in / d_sae) W_dec^T``; ``b_gate``, ``r_mag``, ``b_mag`` at zero (so both paths
+start equal, as the paper's ``r_mag = 0``).
 """
 
 from __future__ import annotations
