@@ -8,8 +8,8 @@ reconstruction ``d_sae / (2 d_in)`` times too large; this gain starts it at abou
 ``sae.ghost_grads=true`` adds ghost grads (Anthropic, January 2024) on dead latents.
 
 p-annealing (Karvonen et al. 2024; dictionary_learning's ``PAnnealTrainer``), off by default
-(``p_end == p_start == 1``): the penalty becomes ``S_p = mean_tokens sum_i w_i z_i^p`` (its ``Lp^p`` form;
-``w_i = 1`` here, ``||W_dec[i]||`` in ``relu_dn``, as that trainer with its unit-norm decoder has ``w = 1``)
+(``p_end == p_start == 1``): the penalty becomes ``S_p = mean_tokens sum_i w_i z_i^p`` (that trainer's
+``Lp^p`` option; ``w_i = 1`` for relu, as there, where the decoder is unit-norm; ``||W_dec[i]||`` for relu_dn)
 with p held at ``sae.p_start`` until the fraction ``sae.p_anneal_start`` of training, then linear to
 ``sae.p_end`` at the last step (:func:`p_at`; the reference updates p in a few steps, or every step with
 ``n_sparsity_updates="continuous"``, which we follow). Coefficient rescaling: the reference multiplies the
@@ -17,7 +17,8 @@ coefficient, at each change of p, by ``S_p_old / S_p_new`` measured on recent ba
 does not jump; over many small changes that product telescopes to ``S_1 / S_p``. We use that ratio on the
 current batch, detached: the term is ``coeff * (S_1 / S_p).detach() * S_p``, whose value is ``coeff * S_1``
 (the L1 term's scale at every p) and whose gradient is the Lp^p penalty's. It needs no state to checkpoint
-or to keep equal across DDP ranks; unlike the reference it also follows the latents at a fixed p.
+or to keep equal across DDP ranks; unlike the reference it also follows the latents at a fixed p. The term
+keeps the key ``l1`` (logged ``train/loss_l1``: ``coeff * S_1``).
 """
 
 from __future__ import annotations
