@@ -85,7 +85,8 @@ def test_topk_transcoder_by_hand_and_sparse_equals_dense() -> None:
 def test_every_architecture_trains_and_round_trips_as_a_transcoder(arch: str, tmp_path) -> None:
     torch.manual_seed(0)
     d_in, d_out = 6, 4
-    values = {"architecture": arch, "d_sae": 16, "skip": True} | ({"k": 4} if arch in ("topk", "batchtopk", "matryoshka") else {})
+    own = {"k": 4} if arch in ("topk", "batchtopk", "matryoshka") else {}
+    values = {"architecture": arch, "d_sae": 16, "skip": True} | own
     sae = build_sae(config_from_dict(values), d_in, d_out=d_out)
     assert sae.transcoder and sae.W_dec.shape == (16, d_out) and sae.W_enc.shape == (d_in, 16)
     assert sae.b_dec.shape == (d_out,) and not sae.W_skip.any()  # skip starts at zero

@@ -101,6 +101,22 @@ class SAEConfig:
 
 
 @dataclass
+class PenalisedConfig(SAEConfig):
+    """Base of the configs of architectures with a sparsity coefficient (relu, relu_dn, jumprelu, gated).
+
+    ``target_l0``: when set, the training step steers the coefficient so that the run ends near this L0
+    (``sae_lightning/sparsity.py``); the configured coefficient (``l1`` or the architecture's own key) is
+    then only its start value.
+    """
+
+    target_l0: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.target_l0 is None or self.target_l0 > 0, "sae.target_l0", self.target_l0, "must be > 0")
+
+
+@dataclass
 class SAEOutput:
     """What one training forward returns (normalized space)."""
 
@@ -219,6 +235,10 @@ class SAE(nn.Module):
         architecture's own key otherwise, 0 when sparsity is structural (TopK)."""
         return 0.0
 
+    def set_progress(self, fraction: float) -> None:
+        """Told before each training step how far training is (``step / max_steps`` in [0, 1]), for losses
+        that follow a schedule (p-annealing in ``relu.py``). The default ignores it."""
+
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
         """Remove from each decoder row's gradient its component along that row (unit-norm decoders only)."""
@@ -244,16 +264,19 @@ class SAE(nn.Module):
         self.b_dec.copy_(decoder_bias_init(u, self.cfg.b_dec_init))
 
     # ----- shared pieces --------------------------------------------------------------------------
-    def pre_acts(self, u: Tensor) -> Tensor:
-        """Encoder pre-activations ``(u - b_dec) @ W_enc + b_enc`` [B, d_sae].
+    def pre_acts(self, u: Tensor, bias: Tensor | float | None = None) -> Tensor:
+        """Encoder pre-activations ``(u - b_dec) @ W_enc + b_enc`` [B, d_sae] (``bias`` instead of ``b_enc``
+        when given).
 
         Computed as ``u @ W_enc + (b_enc - b_dec @ W_enc)`` in one addmm: the same function, but the
         backward needs no [B, d_sae] x [d_sae, d_in] matmul for the gradient of ``u - b_dec`` (a
         matrix-vector product gives b_dec's share), which saves a sixth of a dense step's FLOPs.
         A transcoder subtracts nothing: ``u @ W_enc + b_enc``.
         """
-        bias = self.b_enc if self.transcoder else self.b_enc - self.b_dec @ self.W_enc
-        return torch.addmm(bias, u, self.W_enc)
+        bias = self.b_enc if bias is None else bias
+        if self.transcoder:
+            return u @ self.W_enc + bias
+        return torch.addmm(bias - self.b_dec @ self.W_enc, u, self.W_enc)
 
     def _output(self, target: Tensor, x_hat: Tensor, fire_counts: Tensor,
                 terms: dict[str, Tensor | None]) -> SAEOutput:

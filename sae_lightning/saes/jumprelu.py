@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from sae_lightning.checks import check
-from sae_lightning.saes.base import SAE, SAEConfig, SAEOutput, column_stats
+from sae_lightning.saes.base import SAE, PenalisedConfig, SAEOutput, column_stats
 from sae_lightning.saes.registry import register
 
 
@@ -63,7 +63,7 @@ class _Step(torch.autograd.Function):
 
 
 @dataclass
-class JumpReLUConfig(SAEConfig):
+class JumpReLUConfig(PenalisedConfig):
     """``sae=jumprelu``: ``l0_coeff`` weighs the L0 penalty; thresholds start at ``init_threshold``; the
     straight-through kernel has width ``bandwidth``."""
 
