@@ -107,7 +107,7 @@ def test_unknown_dataset_offline(tmp_path: Path, tiny_gpt2_dir: Path, monkeypatc
                                                                "data.name": "no-such-org/no-such-dataset"})
     with pytest.raises(ConnectionError) as err:
         train_in_process([o for o in over if not o.startswith("data.path=")], tmp_path / "run")
-    _assert_names(str(err.value), "'no-such-org/no-such-dataset'", "data.source=files")
+    _assert_names(str(err.value), "'no-such-org/no-such-dataset'", "data=text data.path=")
 
 
 def test_truncated_and_corrupted_cache_shards(tmp_path: Path, tiny_gpt2_dir: Path, story: Path) -> None:
