@@ -111,7 +111,8 @@ def test_batchtopk_ranks_share_one_threshold(tmp_path):
     assert float(r0["state"]["sae.threshold"]) > 0 and int(r0["state"]["sae.threshold_batches"]) == 8
 
 
-COMMON = ["activations=file", "activations.val_fraction=0.5", "activations.shuffle_buffer=0", "logger=csv",
+COMMON = ["activations=file", "activations.val_fraction=0.5", "activations.eval_fraction=0",
+          "activations.shuffle_buffer=0", "logger=csv",
           "sae.dict_mult=4", "lr=1e-2", "trainer.progress_bar=false", "trainer.val_every_n_steps=5",
           "trainer.limit_val_batches=1"]
 

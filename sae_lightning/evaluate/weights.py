@@ -48,14 +48,16 @@ def latent_weight_stats(sae: SAEWeights) -> dict[str, Tensor]:
     """Per-latent ``[d_sae]`` tensors (float32, CPU), with ``e_i = W_enc[:, i]`` and ``d_i = W_dec[i]``:
 
     - ``encoder_norm = s ||e_i||`` (raw-activation units), ``encoder_bias = b_enc[i]``
-    - ``encoder_decoder_cosine_sim = cos(e_i, d_i)``
+    - ``encoder_decoder_cosine_sim = cos(e_i, d_i)`` (NaN for a transcoder: its decoder rows live in another
+      space than its encoder columns)
     - ``max_encoder_cosine_sim = max_{j != i} cos(e_i, e_j)``, ``max_decoder_cosine_sim`` likewise for ``d``
     """
     enc, dec = sae.W_enc.detach().float().T, sae.W_dec.detach().float()  # both [d_sae, d_in]
     stats = {
         "encoder_norm": enc.norm(dim=-1) * float(sae.input_scale),
         "encoder_bias": sae.b_enc.detach().float(),
-        "encoder_decoder_cosine_sim": F.cosine_similarity(enc, dec, dim=-1),
+        "encoder_decoder_cosine_sim": (F.cosine_similarity(enc, dec, dim=-1) if enc.shape == dec.shape
+                                       else enc.new_full((enc.shape[0],), float("nan"))),
         "max_encoder_cosine_sim": max_cosine_similarity(enc),
         "max_decoder_cosine_sim": max_cosine_similarity(dec),
     }
