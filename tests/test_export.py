@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from sae_lightning.config import SAEConfig, TrainConfig
+from sae_lightning.config import DataConfig, SAEConfig, TrainConfig
 from sae_lightning.export import (
     export_saelens,
     export_trained,
@@ -121,7 +121,8 @@ def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
 
 
 def test_export_trained_takes_everything_from_the_config(tmp_path: Path) -> None:
-    cfg = TrainConfig(sae=SAEConfig(architecture="topk", d_sae=D_SAE, k=K), layer=2)
+    cfg = TrainConfig(sae=SAEConfig(architecture="topk", d_sae=D_SAE, k=K), data=DataConfig(prepend_bos=True),
+                      layer=2)
     folder = export_trained(_sae("topk"), cfg, SCALE, tmp_path)
     written = json.loads((folder / "cfg.json").read_text())
     assert written["architecture"] == "topk" and written["k"] == K

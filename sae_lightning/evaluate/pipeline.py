@@ -101,10 +101,11 @@ def fired(summary: UnitSummary, units: Iterable[int], min_count: int = 1) -> lis
 @dataclass
 class LMParts:
     """What the direct logit effects need from the LM: ``HookedLM.output_projection(hook)`` (None unless
-    the hook is mlp_post), ``HookedLM.unembed_directions()`` and the tokenizer."""
+    the hook is mlp_post), ``HookedLM.unembed_directions()`` (None where the hook has no direct logit
+    effect: mlp_in, ``hook=module``) and the tokenizer."""
 
     W_out: Tensor | None
-    W_U: Tensor
+    W_U: Tensor | None
     tokenizer: Any
 
 
@@ -138,7 +139,8 @@ def build_report_data(title: str, metrics: Mapping[str, float], result: RowsResu
         all_scores.append(scores)
         medians |= scores.medians()
         shown = fired(summary, sorted(summary.tracked))[:n_show]
-        effects = direct_logit_effect(directions(shown), lm.W_U, lm.W_out) if shown else None
+        effects = (direct_logit_effect(directions(shown), lm.W_U, lm.W_out)
+                   if shown and lm.W_U is not None else None)
         shown_scores = score_units(kind, summary.top, shown, context_row, decode, scorer)
         cards[kind] = unit_cards(kind, shown, summary, context_row, decode, effects, shown_scores)
     data = ReportData(title=title, metrics={**metrics, **medians}, latents=cards["latent"],

@@ -102,7 +102,9 @@ def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, module: SAEMo
         log.info("downstream LM loss on %d contexts in %.1f s: CE loss recovered %.3f", len(docs),
                  time.perf_counter() - t0, extra["ce_loss_recovered"])
     if cfg.report:
-        parts = LMParts(W_out=lm.output_projection(hook), W_U=lm.unembed_directions(), tokenizer=lm.tokenizer)
+        direct = lm.has_direct_logit_effect(hook)  # not for mlp_in or hook=module: no path to the logits
+        parts = LMParts(W_out=lm.output_projection(hook) if direct else None,
+                        W_U=lm.unembed_directions() if direct else None, tokenizer=lm.tokenizer)
         embedder = load_embedder() if cfg.monosemanticity else None
         details = {"checkpoint": str(Path(cfg.ckpt_path).resolve()), "model": train_cfg.model.name,
                    "hook": f"layer {train_cfg.layer} {train_cfg.hook.name}",
