@@ -272,6 +272,17 @@ def test_prepend_bos_auto_follows_the_tokenizer(lm: HookedLM, family: str) -> No
     assert (rows[:, 0] == lm.tokenizer.bos_token_id).all() == adds
 
 
+@pytest.mark.parametrize("family", ["gpt_neox"], indirect=True)
+def test_cli_shows_where_each_hook_point_is(family_dir: Path, capsys) -> None:
+    from sae_lightning.lm.__main__ import main
+
+    assert main([str(family_dir), "--layer", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks: gpt_neox.layers  layer 1 (parallel attention)" in out
+    assert "mlp_post   d=64     input of gpt_neox.layers.1.mlp.dense_4h_to_h" in out
+    assert "resid_mid  missing: resid_mid does not exist" in out
+
+
 # ---------------------------------------------------------------- hook=module
 
 
@@ -462,8 +473,10 @@ def test_more_families_find_and_check_their_hook_points(config: str) -> None:
     import transformers
 
     extra, expected = MORE[config]
-    args = {**_SMALL, "num_hidden_layers": 2, **extra, "vocab_size": 100, "bos_token_id": 1, "eos_token_id": 2,
-            "pad_token_id": 0}
+    if not hasattr(transformers, config):
+        pytest.skip(f"transformers {transformers.__version__} has no {config}")
+    args = {**_SMALL, "num_hidden_layers": 2, **extra, "vocab_size": 100, "bos_token_id": 1,
+            "eos_token_id": 2, "pad_token_id": 0}
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, config)(**args))
     lm = HookedLM(model, None)
@@ -474,6 +487,7 @@ def test_more_families_find_and_check_their_hook_points(config: str) -> None:
     clean = lm.logits(tokens)
     for name in expected:
         hook = HookPoint(1, name)
-        torch.testing.assert_close(lm.logits(tokens, replace={hook: lambda x: x}), clean, rtol=1e-5, atol=1e-5)
+        spliced = lm.logits(tokens, replace={hook: lambda x: x})
+        torch.testing.assert_close(spliced, clean, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(lm.logits(tokens, replace={hook: torch.zeros_like}), clean), name
     assert lm.activations(tokens, [HookPoint(1, n) for n in expected])

@@ -313,7 +313,7 @@ class HookedLM:
             def fn(tensor: Tensor) -> None:
                 if hook in captured:
                     return
-                if len(captured) + 1 == len(hooks):  # the last one: the forward stops here, nothing can touch it
+                if len(captured) + 1 == len(hooks):  # the last: the forward stops here, nothing can change it
                     captured[hook] = tensor.detach()
                     raise _StopForward
                 captured[hook] = tensor.detach().clone()  # the model may change it in place later (Falcon)
