@@ -11,6 +11,7 @@ against the clean logits, the direct-logit matrices against the norms' gains, an
 from __future__ import annotations
 
 import json
+import logging
 import runpy
 import sys
 from collections.abc import Callable
@@ -399,13 +400,24 @@ REPORT = {"mlp_in", "mlp_out", MODULE}
 
 
 def _script(script: str, args: list[str]) -> None:
-    """``python <script> <args>`` in this process (Hydra and all), saving the interpreter start-up."""
+    """``python <script> <args>`` in this process (Hydra and all), saving the interpreter start-up. Hydra
+    configures logging for its job; that is undone after, so later tests see the logging they expect."""
+    loggers = [logging.getLogger(), *(v for v in logging.root.manager.loggerDict.values()
+                                      if isinstance(v, logging.Logger))]
+    saved = [(lg, lg.level, lg.handlers[:], lg.propagate, lg.disabled) for lg in loggers]
     argv = sys.argv
     sys.argv = [str(REPO / script), *args]
     try:
         runpy.run_path(str(REPO / script), run_name="__main__")
     finally:
         sys.argv = argv
+        for lg, level, handlers, propagate, disabled in saved:
+            for h in lg.handlers:
+                if h not in handlers:
+                    h.close()
+            lg.setLevel(level)
+            lg.handlers[:] = handlers
+            lg.propagate, lg.disabled = propagate, disabled
 
 
 @pytest.mark.slow
