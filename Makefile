@@ -1,4 +1,4 @@
-# Two commands do all set-up on a fresh machine (Python 3.10+ and pip are all it needs):
+# Two commands do all set-up on a fresh machine (Python 3.11+ and pip are all it needs):
 #   make quickstart   set up .venv/, then cache activations, train and evaluate an SAE on the offline default
 #   make test         set up .venv/ with the dev extra, then run the test suite
 PYTHON ?= python3
@@ -8,19 +8,29 @@ RUN_DIR := outputs/quickstart/$(shell date +%Y-%m-%d_%H-%M-%S)
 
 .PHONY: setup setup-dev quickstart test lint bench
 
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+SETUP_LOG := $(VENV)/setup.log
+
+# One set-up step: a line saying what is installed and how long it took. The tools' own output goes to
+# $(SETUP_LOG) and is shown (its end) only when the step fails.
+define step
+	@mkdir -p $(VENV); printf '%-58s' "$(1)"; t0=$$(date +%s); \
+	if { $(2); } >>$(SETUP_LOG) 2>&1; then echo " $$(( $$(date +%s) - t0 )) s"; \
+	else echo " FAILED, end of $(SETUP_LOG):"; tail -n 40 $(SETUP_LOG); exit 1; fi
+endef
+
 $(VENV)/bin/python:
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(call step,Creating $(VENV)/ and upgrading pip,$(PYTHON) -m venv $(VENV) && $(PIP) --upgrade pip)
 
 # torch is installed first, pinned: on a CPU-only machine an unpinned torch would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e .
-	touch $@
+	$(call step,Installing torch 2.13.0,$(PIP) torch==2.13.0)
+	$(call step,Installing sae-lightning and its dependencies,$(PIP) -e .)
+	@touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[dev]'
-	touch $@
+	$(call step,Installing the dev extra (pytest ruff sae-lens sweeps),$(PIP) -e '.[dev]')
+	@touch $@
 
 setup: $(VENV)/.installed
 setup-dev: $(VENV)/.installed-dev

@@ -1,6 +1,7 @@
 """Evaluate a trained SAE: `python evaluate.py ckpt_path=<run>/checkpoints/final.ckpt`.
 
-Writes metrics.json (and report.html) in <run>/eval/ and prints the path of metrics.json as its last line.
+Writes metrics.json, saebench_core.json (SAEBench's core result format) and report.html in <run>/eval/ and
+prints the path of metrics.json as its last line.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from sae_lightning.config import register_configs, to_config
+from sae_lightning.console import quiet_console
 from sae_lightning.evaluate.run import eval_dir_for
 
 register_configs()
@@ -19,6 +21,7 @@ if not OmegaConf.has_resolver("eval_dir"):
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(dict_cfg: DictConfig) -> None:
     cfg = to_config(dict_cfg)
+    quiet_console()
     from sae_lightning.evaluate.run import run_evaluation
 
     print(run_evaluation(cfg), flush=True)

@@ -14,7 +14,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from sae_lightning.config import register_configs, to_config
+from sae_lightning.config import check_sparsity_override, register_configs, to_config
+from sae_lightning.console import quiet_console
 from sae_lightning.sweep import is_multirun, register_resolvers, run_sweep_job
 
 log = logging.getLogger("train")
@@ -22,24 +23,31 @@ register_configs()
 register_resolvers()
 
 
-def train(dict_cfg: DictConfig) -> float | None:
-    """Validate, train, log where everything went; returns the final validation NMSE (the sweep objective)."""
+def train(dict_cfg: DictConfig) -> float:
+    """Validate, train, log where everything went; returns the sweep objective (``objective.*``, by default
+    the final validation NMSE)."""
     cfg = to_config(dict_cfg)  # every range check runs here, before any heavy import or work
-    from sae_lightning.training import run_training
+    check_sparsity_override(cfg, list(HydraConfig.get().overrides.task))
+    quiet_console()
+    from sae_lightning.callbacks.preemption import pass_on_signal
+    from sae_lightning.training import TrainingPreempted, run_training
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    summary = run_training(cfg, run_dir, OmegaConf.to_container(dict_cfg, resolve=True))
-    m = summary["metrics"]
-    log.info("Run finished: %d steps, %d tokens in %.0f s", summary["steps"], summary["tokens"],
-             summary["train_seconds"])
-    log.info("  run dir:    %s", summary["run_dir"])
-    log.info("  checkpoint: %s", summary["checkpoint"])
-    log.info("  metrics:    %s", summary["csv_log"])
+    try:
+        summary = run_training(cfg, run_dir, OmegaConf.to_container(dict_cfg, resolve=True))
+    except TrainingPreempted as stopped:
+        pass_on_signal(stopped.signum)  # under submitit: requeue this job (it resumes with ckpt_path=auto)
+        raise
+    m = summary.metrics
+    log.info("Run finished: %d steps, %d tokens in %.0f s", summary.steps, summary.tokens,
+             summary.train_seconds)
+    log.info("  run dir:    %s", summary.run_dir)
+    log.info("  SAE:        %s   (SAE.load(path))", summary.sae_dir)
     log.info("  val: explained_variance=%.4f nmse=%.4f l0=%.1f",
              m.get("val/explained_variance", float("nan")), m.get("val/nmse", float("nan")),
              m.get("val/l0", float("nan")))
-    log.info("Evaluate with: python evaluate.py ckpt_path=%s", summary["checkpoint"])
-    return m.get("val/nmse")
+    log.info("Evaluate with: python evaluate.py ckpt_path=%s", summary.checkpoint)
+    return cfg.objective.value(m)
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")

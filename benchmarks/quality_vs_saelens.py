@@ -7,9 +7,18 @@ of steps. Our SAEs are built from the presets ``sae=relu``, ``sae=relu_dn``, ``s
 (``conf/sae/*.yaml``), so the benchmark measures what those options train, initialisation included
 (``relu``/``topk``: ``b_dec`` at the geometric median of a sample; ``relu_dn``: zero biases as in
 Anthropic's April 2024 update); SAELens keeps its own (zeros). Curves: a few L1 coefficients for the L1
-SAEs (SAELens ``standard`` uses the decoder-norm L1, like ``relu_dn``), a few k for TopK. Compared on
-held-out rows: ``nmse = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` at matched L0 (SAELens's curve
-interpolated linearly in log L0 at our L0; TopK: same k, so the same L0).
+SAEs (SAELens ``standard`` uses the decoder-norm L1, like ``relu_dn``), a few k for TopK. Scored on
+held-out rows by ``metrics.ReconstructionStats`` (``nmse``, ``l0``).
+
+Frontiers are compared both ways and every point is kept: each of our points against SAELens's curve AND
+each SAELens point against ours (``other nmse @ same L0``: the other curve at that L0, linear in log L0
+between its two neighbours; outside its L0 range: ``-``, not dropped). A chord of a convex frontier lies
+above it, so interpolation flatters the point being compared; doing it both ways shows that bias on
+both sides. The count of points *dominated* by the other curve (a point of the other with no higher L0
+and no higher nmse, one of them strictly lower) needs no interpolation at all.
+
+Held-out rows: from an activation cache, the rows of the last context rows (``doc``), so no context is
+split between training and evaluation; from an ``.npy`` (no context ids), the last rows.
 
 ``--seeds 0 1 2`` trains every SAE once per initialisation seed (the data order stays the same) and
 compares the curves of the means; the ``spread`` column (max - min nmse over seeds) is the
@@ -42,14 +51,18 @@ from train_step import ours_trainer, saelens_trainer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, uninstalled
 from omegaconf import OmegaConf
 
-from sae_lightning.config import SAEConfig
+from sae_lightning.metrics import ReconstructionStats
+from sae_lightning.saes import SAEConfig, config_from_dict
 
 PRESETS = Path(__file__).resolve().parents[1] / "conf" / "sae"
 
 
 def preset(name: str, **overrides: object) -> SAEConfig:
-    """The ``SAEConfig`` that ``sae=<name>`` composes, with ``overrides`` (d_sae, k) on top."""
-    return SAEConfig(**{**OmegaConf.to_container(OmegaConf.load(PRESETS / f"{name}.yaml")), **overrides})
+    """The config that ``sae=<name>`` composes (its schema's defaults, then the preset's values), with
+    ``overrides`` (d_sae, k) on top."""
+    values = OmegaConf.to_container(OmegaConf.load(PRESETS / f"{name}.yaml"))
+    values.pop("defaults", None)
+    return config_from_dict({"architecture": name, **values, **overrides})
 
 
 def synthetic(n: int, d_in: int, n_features: int, mean_active: float, seed: int = 0) -> torch.Tensor:
@@ -67,39 +80,46 @@ def synthetic(n: int, d_in: int, n_features: int, mean_active: float, seed: int 
 
 
 def read_rows(path: str, n: int) -> np.ndarray:
-    """The first ``n`` rows of an ``.npy`` array or of an activation cache directory, as float32."""
+    """The first rows of an ``.npy`` array (``n``) or of an activation cache directory (the whole context
+    rows among its first ``n`` rows, so a split after any of them splits no context), as float32."""
     if not Path(path).is_dir():
         return np.asarray(np.load(path, mmap_mode="r")[:n], dtype=np.float32)
     from sae_lightning.cache.reader import open_source
 
-    source, parts, left = open_source(path), [], n
+    source, parts, docs, left = open_source(path), [], [], n
     for shard, size in enumerate(source.shard_sizes):
         if left <= 0:
             break
-        parts.append(source.read_rows(shard, np.arange(min(size, left))))
-        left -= len(parts[-1])
-    return np.concatenate(parts).astype(np.float32, copy=False)
+        idx = np.arange(min(size, left))
+        parts.append(source.read_rows(shard, idx))
+        docs.append(source.read_where(shard, idx)[1])
+        left -= len(idx)
+    rows, doc = np.concatenate(parts), np.concatenate(docs)
+    whole = doc != doc[-1] if left <= 0 else np.ones(len(doc), bool)  # drop the last, maybe partial, context
+    return rows[whole].astype(np.float32, copy=False)
 
 
-def load(path: str | None, args: argparse.Namespace) -> torch.Tensor:
-    """Activations [n, d_in] scaled to ``E||x||^2 = d_in``, shuffled rows."""
-    if path:
-        x = torch.from_numpy(read_rows(path, args.train_rows + args.eval_rows))
-    else:
-        x = synthetic(args.train_rows + args.eval_rows, args.d_in, args.features, args.mean_active)
-    x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))]
-    return x * math.sqrt(x.shape[1] / x.pow(2).sum(1).mean())
+def load(path: str | None, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, eval) activations scaled to ``E||x||^2 = d_in``: the eval rows come after the train rows in
+    the source (whole context rows for a cache: ``read_rows`` stops at a context boundary), and only the
+    train rows are shuffled."""
+    n = args.train_rows + args.eval_rows
+    x = torch.from_numpy(read_rows(path, n)) if path else synthetic(n, args.d_in, args.features,
+                                                                     args.mean_active)
+    x = x * math.sqrt(x.shape[1] / x.pow(2).sum(1).mean())
+    train, held_out = x[: -args.eval_rows], x[-args.eval_rows:]
+    return train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(1))], held_out
 
 
 @torch.no_grad()
 def evaluate(encode_decode, x: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
-    """(held-out L0, normalized MSE) of ``encode_decode(x) -> (z, x_hat)`` over ``x`` in chunks."""
-    err, active = 0.0, 0.0
+    """(held-out L0, normalized MSE) of ``encode_decode(x) -> (z, x_hat)`` over ``x``, by ``metrics.py``."""
+    stats = ReconstructionStats()
     for xs in x.split(chunk):
         z, x_hat = encode_decode(xs)
-        err += (xs - x_hat).pow(2).sum().item()
-        active += (z != 0).sum().item()
-    return active / x.shape[0], err / (x - x.mean(0)).pow(2).sum().item()
+        stats.update(xs, x_hat, z)
+    values = stats.compute()
+    return values["l0"], values["nmse"]
 
 
 def train(trainer, train_x: torch.Tensor, args: argparse.Namespace) -> torch.nn.Module:
@@ -114,8 +134,8 @@ def train(trainer, train_x: torch.Tensor, args: argparse.Namespace) -> torch.nn.
 
 def run_ours(cfg: SAEConfig, coeff: float, train_x: torch.Tensor, eval_x: torch.Tensor,
              args: argparse.Namespace) -> tuple[float, float]:
-    sae, step = ours_trainer(cfg, train_x.shape[1], coeff, lr=args.lr, dead_window_steps=args.dead_window,
-                             grad_clip=args.grad_clip)
+    sae, step = ours_trainer(cfg, train_x.shape[1], coeff, lr=args.lr,
+                             dead_window_tokens=args.dead_window * args.batch)
     sae.init_b_dec(train_x[:args.b_dec_sample])
     train((sae, step), train_x, args)
     return evaluate(lambda xs: (z := sae.encode(xs), sae.decode(z)), eval_x)
@@ -138,6 +158,11 @@ def interpolate(l0: float, curve: list[tuple[float, float]]) -> float | None:
     return None
 
 
+def dominated(point: tuple[float, float], curve: list[tuple[float, float]]) -> bool:
+    """Whether a point of ``curve`` has no higher L0 and no higher nmse than ``point``, one strictly lower."""
+    return any(o[0] <= point[0] and o[1] <= point[1] and o != point for o in curve)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--acts", help=".npy [n, d_in] of real activations, or an activation cache directory "
@@ -155,17 +180,14 @@ def main() -> None:
     p.add_argument("--b-dec-sample", type=int, default=8192)
     p.add_argument("--l1", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.0, 10.0])
     p.add_argument("--k", type=int, nargs="+", default=[4, 8, 16])
-    p.add_argument("--grad-clip", type=float, default=1.0,
-                   help="ours: optim.grad_clip (default 1.0 like our config and SAELens)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="initialisation seeds per SAE")
     p.add_argument("--threads", type=int, default=1, help="small matmuls: one thread wastes least on sync")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
-    x = load(args.acts, args)
-    train_x, eval_x = x[: args.train_rows], x[args.train_rows:]
-    print(f"data: {args.acts or 'synthetic'}, d_in {x.shape[1]}, d_sae {args.d_sae}, {args.steps} steps x "
-          f"{args.batch} rows, lr {args.lr}, eval rows {eval_x.shape[0]}, our grad clip {args.grad_clip}")
+    train_x, eval_x = load(args.acts, args)
+    print(f"data: {args.acts or 'synthetic'}, d_in {train_x.shape[1]}, d_sae {args.d_sae}, "
+          f"{args.steps} steps x {args.batch} rows, lr {args.lr}, eval rows {eval_x.shape[0]}")
 
     t0 = time.perf_counter()
     runs: dict[str, list[list[tuple[float, float]]]] = {}  # name -> per sweep value -> per seed (L0, nmse)
@@ -191,31 +213,45 @@ def main() -> None:
     report(runs, args)
 
 
+PAIRS = {"ours relu": "saelens standard", "ours relu_dn": "saelens standard", "ours topk": "saelens topk"}
+
+
 def report(runs: dict[str, list[list[tuple[float, float]]]], args: argparse.Namespace) -> None:
-    """Table of every point (means over seeds) with SAELens's NMSE at the same L0, then the worst
-    difference per curve."""
+    """Every point (means over seeds), each compared with the other library's curve, then per pair of
+    curves: points dominated each way and the worst nmse difference each way."""
     curves = {name: [tuple(float(v) for v in torch.tensor(per_seed).mean(0)) for per_seed in points]
               for name, points in runs.items()}
-    print(f"{'sae':18s} {'l1/k':>6s} {'L0':>8s} {'nmse':>8s} {'spread':>7s} {'saelens nmse @ same L0':>23s}")
-    worst: dict[str, float] = {}
+    print(f"{'sae':18s} {'l1/k':>6s} {'L0':>8s} {'nmse':>8s} {'spread':>7s} {'vs':>16s} "
+          f"{'other nmse @ same L0':>21s} {'dominated':>9s}")
     max_spread = 0.0
+    others = {**PAIRS, "saelens standard": "ours relu_dn", "saelens topk": "ours topk"}
     for name, pts in curves.items():
-        topk = "topk" in name
-        sweep, ref = (args.k, curves["saelens topk"]) if topk else (args.l1, curves["saelens standard"])
-        for i, (coef, (l0, nmse)) in enumerate(zip(sweep, pts, strict=True)):
+        sweep = args.k if "topk" in name else args.l1
+        other = curves[others[name]]
+        for i, (coef, point) in enumerate(zip(sweep, pts, strict=True)):
             spread = max(r[1] for r in runs[name][i]) - min(r[1] for r in runs[name][i])
             max_spread = max(max_spread, spread)
-            other = None
-            if name.startswith("ours"):
-                other = ref[i][1] if topk else interpolate(l0, ref)
-            shown = f"{other:23.4f}" if other is not None else f"{'-':>23s}"
-            print(f"{name:18s} {coef:6g} {l0:8.2f} {nmse:8.4f} {spread:7.4f} {shown}")
-            if other is not None:
-                worst[name] = max(worst.get(name, -math.inf), nmse - other)
-    print(f"\n(means over seeds {args.seeds}; nmse diff = ours - saelens at matched L0, worst point of each "
-          "curve; <= 0: no worse; points outside SAELens's L0 range are not compared)")
-    print(" ".join(f"{n.replace(' ', '_')}_worst_nmse_diff={v:+.4f}" for n, v in worst.items())
-          + f" max_seed_spread={max_spread:.4f}")
+            at = interpolate(point[0], other)
+            shown = f"{at:21.4f}" if at is not None else f"{'-':>21s}"
+            print(f"{name:18s} {coef:6g} {point[0]:8.2f} {point[1]:8.4f} {spread:7.4f} {others[name]:>16s} "
+                  f"{shown} {'yes' if dominated(point, other) else 'no':>9s}")
+    print(f"\n(means over seeds {args.seeds}; 'other nmse @ same L0' interpolates the other curve, which "
+          "flatters the compared point on a convex frontier; 'dominated' needs no interpolation)")
+    figures = []
+    for ours, theirs in PAIRS.items():
+        a, b = curves[ours], curves[theirs]
+        ours_dom, theirs_dom = sum(dominated(p, b) for p in a), sum(dominated(p, a) for p in b)
+        diff_ours = [p[1] - at for p in a if (at := interpolate(p[0], b)) is not None]
+        diff_theirs = [p[1] - at for p in b if (at := interpolate(p[0], a)) is not None]
+        worst = max(diff_ours, default=math.nan)
+        best_theirs = min(diff_theirs, default=math.nan)  # their most negative: where they beat us most
+        print(f"{ours} vs {theirs}: ours dominated {ours_dom}/{len(a)}, theirs dominated "
+              f"{theirs_dom}/{len(b)}; worst ours-minus-theirs {worst:+.4f}, "
+              f"best theirs-minus-ours {best_theirs:+.4f}")
+        key = ours.replace("ours ", "")
+        figures += [f"{key}_dominated={ours_dom}/{len(a)}", f"{key}_dominates={theirs_dom}/{len(b)}",
+                    f"{key}_worst_nmse_diff={worst:+.4f}", f"{key}_saelens_best_nmse_diff={best_theirs:+.4f}"]
+    print(" ".join(figures) + f" max_seed_spread={max_spread:.4f}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from sae_lightning.module import NonFiniteError, SAEModule
+from sae_lightning.io import atomic_write, atomic_write_json
+from sae_lightning.module import SAEModule
+from sae_lightning.step import NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -78,27 +80,13 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     On a write error (disk full, quota, permissions) the temporary file is removed and the previous file at
     ``path`` is untouched.
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save(obj, f))
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         kept = f"the previous {path.name} is kept" if path.exists() else "no earlier file was touched"
         raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err} ({kept}). Free disk "
                               "space or make the directory writable, or choose another output directory "
                               "with hydra.run.dir=<dir>") from err
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -198,7 +186,7 @@ def load_sae_checkpoint(path: str | Path, expected_d_in: int | None = None) -> S
             f"{cfg.get('model', {}).get('name')}, hook {cfg.get('hook', {}).get('name')}, layer "
             f"{cfg.get('layer')}), but the activations to evaluate have d={expected_d_in}. Evaluate it on "
             "the activations it was trained on, or give the checkpoint trained for these")
-    module = SAEModule(hp["config"], d_in=d_in, norm_scale=float(hp.get("norm_scale", 1.0)))
+    module = SAEModule(hp["config"], d_in=d_in)
     bad = shape_mismatches(ckpt["state_dict"], module.state_dict())
     if bad:
         raise CheckpointError(f"checkpoint {path} does not match the SAE its own config describes: "
@@ -214,12 +202,9 @@ def config_fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def mark_run_dir(run_dir: Path, fingerprint: str) -> None:
-    """Record the config fingerprint in ``run_dir`` so a later ``ckpt_path=last`` can find this run."""
-    path = run_dir / RESUME_KEY_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"config_fingerprint": fingerprint}))
-    os.replace(tmp, path)
+def mark_run_dir(resume_key: Path, fingerprint: str) -> None:
+    """Record the config fingerprint in the run's ``resume_key.json`` so ``ckpt_path=last`` can find it."""
+    atomic_write_json(resume_key, {"config_fingerprint": fingerprint})
 
 
 def _fingerprint_of(run_dir: Path) -> str | None:

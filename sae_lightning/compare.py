@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from sae_lightning.rundir import RunDir, RunSummary
+
 log = logging.getLogger(__name__)
 
 METRICS: dict[str, str] = {
@@ -40,10 +42,11 @@ METRICS: dict[str, str] = {
 }
 """Compared numbers (the keys of evaluate.py's ``eval/metrics.json``) and their column titles."""
 
-TRAIN_KEYS = {"l0": ("val/l0",), "nmse": ("val/nmse",), "explained_variance": ("val/explained_variance",),
-              "dead_fraction": ("val/dead_fraction", "train/dead_fraction")}
-"""Where each number is in a training ``summary.json`` when the run was not evaluated (first found wins:
-dead fraction over the validation set, else over the training window)."""
+TRAIN_KEYS = {"l0": "val/l0", "nmse": "val/nmse", "explained_variance": "val/explained_variance",
+              "dead_fraction": "val/dead_fraction"}
+"""Where each number is in a training ``summary.json`` when the run was not evaluated: the same
+definitions, over the validation rows (``dead_fraction``: never fired on them, not the training window's
+``train/dead_fraction_window``)."""
 
 
 @dataclass
@@ -68,11 +71,11 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _overrides(run_dir: Path, summary: dict[str, Any] | None) -> list[str]:
+def _overrides(run_dir: Path, summary: RunSummary | None) -> list[str]:
     hydra_overrides = run_dir / ".hydra" / "overrides.yaml"
     if hydra_overrides.is_file():
         return [str(o) for o in yaml.safe_load(hydra_overrides.read_text()) or []]
-    return list((summary or {}).get("overrides", []))
+    return list(summary.overrides) if summary else []
 
 
 def _finite(values: dict[str, Any]) -> dict[str, float]:
@@ -81,21 +84,21 @@ def _finite(values: dict[str, Any]) -> dict[str, float]:
 
 def read_run(run_dir: Path) -> RunResult:
     """A run's status, overrides and final metrics (evaluation first, else training validation)."""
-    summary = _read_json(run_dir / "summary.json")
-    evaluation = _read_json(run_dir / "eval" / "metrics.json")
+    folder = RunDir(run_dir)
+    summary = folder.read_summary()
+    evaluation = _read_json(folder.eval / "metrics.json")
     run = RunResult(run_dir.name, run_dir, "incomplete", _overrides(run_dir, summary))
     if summary is None:
         run.error = "no summary.json (still running, or killed)"
         return run
-    run.status = summary.get("status", "finished")
-    run.error = summary.get("error", "")
-    run.steps, run.seconds = summary.get("steps"), summary.get("train_seconds")
+    run.status = summary.status
+    run.error = summary.error or ""
+    run.steps, run.seconds = summary.steps, summary.train_seconds
     if evaluation is not None:
         run.metrics, run.source = _finite({k: evaluation.get(k) for k in METRICS}), "eval"
     elif run.status == "finished":
-        train = summary.get("metrics", {})
-        found = {k: next((train[n] for n in names if n in train), None) for k, names in TRAIN_KEYS.items()}
-        run.metrics, run.source = _finite(found), "train"
+        run.metrics = _finite({k: summary.metrics.get(name) for k, name in TRAIN_KEYS.items()})
+        run.source = "train"
     return run
 
 
@@ -264,17 +267,14 @@ def _logger_settings(runs: list[RunResult]) -> dict[str, Any]:
 def log_to_wandb(comparison: Comparison, paths: dict[str, Path], group: str,
                  settings: dict[str, Any]) -> None:
     """The table, the frontier plot and the page as a W&B run ``<group>-comparison`` in the sweep's group."""
-    import os
-
     import wandb
 
     from sae_lightning.config import LoggerConfig
     from sae_lightning.loggers import resolve_wandb_mode
 
     mode = resolve_wandb_mode(LoggerConfig(wandb=True, mode=settings.get("mode", "auto")))
-    os.environ["WANDB_MODE"] = mode
     run = wandb.init(project=settings.get("project", "sae-lightning"), entity=settings.get("entity"),
-                     group=group, name=f"{group}-comparison", job_type="comparison",
+                     group=group, name=f"{group}-comparison", job_type="comparison", mode=mode,
                      dir=str(comparison.sweep_dir), config={"swept": comparison.keys})
     table = wandb.Table(columns=comparison.columns, data=comparison.rows())
     run.log({"comparison/table": table, "comparison/frontier": wandb.Image(str(paths["frontier.png"])),

@@ -7,6 +7,7 @@ composition time with a message naming the key. Range checks live in ``__post_in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,14 +15,12 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from sae_lightning.checks import ConfigError
+from sae_lightning.checks import check as _check
+from sae_lightning.metrics import DENSE_THRESHOLD
+from sae_lightning.saes import SAE_REGISTRY, config_from_dict, sae_class
 
-class ConfigError(ValueError):
-    """A configuration value is out of range; the message names the key and the fix."""
-
-
-def _check(ok: bool, key: str, value: Any, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"Invalid config value {key}={value!r}: {why}")
+__all__ = ["ConfigError"]
 
 
 @dataclass
@@ -125,7 +124,7 @@ class DataConfig:
     split: str = "train"
     text_column: str = "text"
     path: str | None = None
-    separator: str = "<|endoftext|>"
+    separator: str | None = "<|endoftext|>"  # None: each file is one document
     context_size: int = 128
     n_tokens: int = 2_000_000
     prepend_bos: Any = "auto"  # true, false, or auto: as the tokenizer does (text.resolve_prepend_bos)
@@ -144,8 +143,47 @@ class DataConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """Ground-truth activations for ``activations=synthetic`` (``sae_lightning/synthetic.py``): each row is
+    a sparse non-negative combination of ``n_features`` random unit directions in ``d`` dimensions, plus
+    Gaussian noise. Everything is a pure function of these fields (and ``activations.shard_rows``)."""
+
+    n_features: int = 512
+    d: int = 64
+    n_rows: int = 200_000
+    mean_active: float = 8.0           # expected number of firing features per row
+    freq_exponent: float = 0.5         # firing probability of the i-th feature ~ i^-freq_exponent
+    correlation: float = 0.0           # correlation of firing within a group (Gaussian copula)
+    correlation_group: int = 8         # features per correlated group (random groups)
+    hierarchy_parents: int = 0         # the most frequent features that have children
+    hierarchy_children: int = 4        # children per parent; a child fires only when its parent fires
+    magnitude_mean: float = 1.0        # log-normal firing magnitudes with this mean ...
+    magnitude_std: float = 0.5         # ... and standard deviation (0 = constant)
+    noise_std: float = 0.01            # Gaussian noise per dimension
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        key = "activations.synthetic."
+        for name in ("n_features", "d", "n_rows", "correlation_group", "hierarchy_children"):
+            _check(getattr(self, name) > 0, key + name, getattr(self, name), "must be > 0")
+        _check(0 < self.mean_active <= self.n_features, key + "mean_active", self.mean_active,
+               f"must be in (0, n_features={self.n_features}]")
+        _check(self.freq_exponent >= 0, key + "freq_exponent", self.freq_exponent, "must be >= 0")
+        _check(0 <= self.correlation < 1, key + "correlation", self.correlation, "must be in [0, 1)")
+        _check(self.hierarchy_parents >= 0, key + "hierarchy_parents", self.hierarchy_parents, "must be >= 0")
+        _check(self.hierarchy_parents * (1 + self.hierarchy_children) <= self.n_features,
+               key + "hierarchy_parents", self.hierarchy_parents,
+               f"parents x (1 + hierarchy_children={self.hierarchy_children}) must fit in "
+               f"n_features={self.n_features}")
+        _check(self.magnitude_mean > 0, key + "magnitude_mean", self.magnitude_mean, "must be > 0")
+        _check(self.magnitude_std >= 0, key + "magnitude_std", self.magnitude_std, "must be >= 0")
+        _check(self.noise_std >= 0, key + "noise_std", self.noise_std, "must be >= 0")
+
+
+@dataclass
 class ActivationsConfig:
-    """Where training activations come from: the LM through the cache, or a precomputed array."""
+    """Where training activations come from: the LM through the cache, a precomputed array, or synthetic
+    data from a known dictionary (``synthetic``, set by ``activations=synthetic``)."""
 
     source: str = "lm"
     path: str | None = None
@@ -153,53 +191,28 @@ class ActivationsConfig:
     dtype: str = "float32"
     shard_rows: int = 65_536
     val_fraction: float = 0.05
+    eval_fraction: float = 0.05
     shuffle_buffer: int = 262_144
     normalize: bool = True
     num_workers: int = 0
+    synthetic: SyntheticConfig | None = None
 
     def __post_init__(self) -> None:
-        _check(self.source in ("lm", "file"), "activations.source", self.source, "choose lm or file")
+        _check(self.source in ("lm", "file", "synthetic"), "activations.source", self.source,
+               "choose lm, file or synthetic")
+        _check(self.source != "synthetic" or self.synthetic is not None, "activations.synthetic",
+               self.synthetic, "activations.source=synthetic needs the activations=synthetic preset")
         _check(self.source != "file" or bool(self.path), "activations.path", self.path,
                "activations=file needs activations.path=<array.npy or .safetensors>")
         _check(self.dtype in ("float32", "bfloat16", "float16"), "activations.dtype", self.dtype,
                "choose float32, bfloat16 or float16")
         _check(self.shard_rows > 0, "activations.shard_rows", self.shard_rows, "must be > 0")
+        _check(0.0 <= self.eval_fraction < 1.0 and self.val_fraction + self.eval_fraction < 1.0,
+               "activations.eval_fraction", self.eval_fraction,
+               "must be in [0, 1) and leave rows to train on with activations.val_fraction")
         _check(0.0 <= self.val_fraction < 1.0, "activations.val_fraction", self.val_fraction,
                "must be in [0, 1)")
         _check(self.shuffle_buffer >= 0, "activations.shuffle_buffer", self.shuffle_buffer, "must be >= 0")
-
-
-@dataclass
-class SAEConfig:
-    """The SAE architecture (``architecture`` picks a file in ``saes/``) and its own knobs."""
-
-    architecture: str = "relu"
-    dict_mult: float = 8.0
-    d_sae: int | None = None
-    l1_variant: str = "plain"
-    k: int = 32
-    aux_k: int = 512
-    aux_coeff: float = 1.0 / 32
-    ghost_grads: bool = False
-    jumprelu_init_threshold: float = 0.001
-    jumprelu_bandwidth: float = 0.001
-    b_dec_init: str = "geometric_median"
-    sparse_kernel: str = "auto"
-
-    def __post_init__(self) -> None:
-        _check(self.dict_mult > 0, "sae.dict_mult", self.dict_mult, "must be > 0")
-        _check(self.d_sae is None or self.d_sae > 0, "sae.d_sae", self.d_sae, "must be > 0")
-        _check(self.l1_variant in ("plain", "decoder_norm"), "sae.l1_variant", self.l1_variant,
-               "choose plain or decoder_norm")
-        _check(self.k > 0, "sae.k", self.k, "must be > 0")
-        _check(self.b_dec_init in ("geometric_median", "mean", "zeros"), "sae.b_dec_init",
-               self.b_dec_init, "choose geometric_median, mean or zeros")
-        _check(self.sparse_kernel in ("auto", "sparse", "dense"), "sae.sparse_kernel",
-               self.sparse_kernel, "choose auto, sparse or dense")
-
-    def resolve_d_sae(self, d_in: int) -> int:
-        """``d_sae`` wins over ``dict_mult`` when set."""
-        return self.d_sae if self.d_sae is not None else round(self.dict_mult * d_in)
 
 
 @dataclass
@@ -215,6 +228,7 @@ class OptimConfig:
     lr_decay_start: float = 0.8
     l1_warmup_steps: int = 0
     grad_clip: float = 1.0
+    nan_guard: bool = True
 
     def __post_init__(self) -> None:
         _check(self.lr_decay in ("none", "linear", "cosine"), "optim.lr_decay", self.lr_decay,
@@ -244,20 +258,29 @@ class TrainerConfig:
 
 
 @dataclass
+class LatentsConfig:
+    """How latent firing is judged during training: dead = no firing in the last ``dead_window_tokens``
+    training tokens (AuxK, ghost grads, resampling); dense = firing on more than ``dense_threshold`` of
+    the tokens (the density log and every evaluation's ``dense_fraction``)."""
+
+    dead_window_tokens: int = 1_000_000
+    dense_threshold: float = DENSE_THRESHOLD
+
+    def __post_init__(self) -> None:
+        _check(self.dead_window_tokens > 0, "latents.dead_window_tokens", self.dead_window_tokens,
+               "must be > 0")
+        _check(0 < self.dense_threshold <= 1, "latents.dense_threshold", self.dense_threshold,
+               "must be in (0, 1]")
+
+
+@dataclass
 class CallbacksConfig:
     """Training-time interventions, each with its switch."""
 
-    dead_window_tokens: int = 1_000_000
-    dense_threshold: float = 0.1
     resample: bool = False
     resample_steps: list[int] = field(default_factory=lambda: [25_000, 50_000, 75_000, 100_000])
     resample_sample_rows: int = 65_536
     density_hist_every_n_steps: int = 1000
-    nan_guard: bool = True
-
-    def __post_init__(self) -> None:
-        _check(self.dead_window_tokens > 0, "callbacks.dead_window_tokens", self.dead_window_tokens,
-               "must be > 0")
 
 
 @dataclass
@@ -277,6 +300,27 @@ class LoggerConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What a sweep minimises (train.py's return value, the Optuna objective): ``metric``, a final
+    validation number (``val/nmse`` by default). With ``max_l0`` it is normalized MSE at an L0 budget: a run
+    whose ``val/l0`` exceeds ``max_l0`` gets ``+ (val/l0 / max_l0 - 1)``, a continuous penalty a sampler
+    can learn the boundary from. Validation rows are never the rows evaluate.py reports on."""
+
+    metric: str = "val/nmse"
+    max_l0: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.max_l0 is None or self.max_l0 > 0, "objective.max_l0", self.max_l0, "must be > 0")
+
+    def value(self, metrics: dict[str, float]) -> float:
+        """The objective from a run's final metrics; NaN when the metric is missing (a failed trial)."""
+        value = metrics.get(self.metric, math.nan)
+        if self.max_l0 is not None:
+            value += max(0.0, metrics.get("val/l0", math.nan) / self.max_l0 - 1.0)
+        return value
+
+
+@dataclass
 class TrainConfig:
     """Root config of ``train.py``. Keys a researcher types bare live here."""
 
@@ -284,10 +328,12 @@ class TrainConfig:
     hook: HookConfig = field(default_factory=HookConfig)
     data: DataConfig = field(default_factory=DataConfig)
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
-    sae: SAEConfig = field(default_factory=SAEConfig)
+    sae: Any = None  # the architecture's own config (saes/<name>.py); None = ``sae=relu``'s defaults
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    latents: LatentsConfig = field(default_factory=LatentsConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     l1: float = 5.0
     lr: float = 4e-4
@@ -299,7 +345,9 @@ class TrainConfig:
     run_name: str | None = None
 
     def __post_init__(self) -> None:
-        _check(self.l1 >= 0, "l1", self.l1, "the sparsity coefficient must be >= 0")
+        if self.sae is None or isinstance(self.sae, dict):
+            self.sae = config_from_dict(self.sae or {"architecture": "relu"})
+        _check(self.l1 >= 0, "l1", self.l1, "the L1 coefficient must be >= 0")
         _check(self.lr > 0, "lr", self.lr, "must be > 0")
         _check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
         _check(self.train_tokens >= self.batch_size, "train_tokens", self.train_tokens,
@@ -345,13 +393,36 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def register_configs() -> None:
-    """Make the schemas visible to Hydra (each root YAML lists its schema first in ``defaults``) and add the
+    """Make the schemas visible to Hydra (each root YAML lists its schema first in ``defaults``; each
+    ``conf/sae/<name>.yaml`` lists ``<name>_schema``, the architecture's config class) and add the
     ``${repo_root:}`` resolver, so presets can name files beside the checkout (the ``../shared`` data)."""
     if not OmegaConf.has_resolver("repo_root"):
         OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)
+    for name, cls in SAE_REGISTRY.items():
+        cs.store(group="sae", name=f"{name}_schema", node=cls.config_class)
+
+
+def check_sparsity_override(cfg: TrainConfig, overrides: list[str]) -> None:
+    """Refuse a typed ``l1=...`` (command line or sweep) for an architecture that has no L1 penalty: it
+    would silently do nothing. Presets may set ``l1`` for the default architecture; only what the user
+    typed is checked."""
+    typed = any(o.split("=", 1)[0].lstrip("+~") == "l1" for o in overrides)
+    cls = sae_class(cfg.sae.architecture)
+    if typed and cls.sparsity_key != "l1":
+        raise ConfigError(f"l1={cfg.l1} has no effect on sae={cfg.sae.architecture}: it has no L1 penalty. "
+                          f"Drop l1 and set {cls.sparsity_key} instead")
+
+
+def train_config_from_dict(config: dict[str, Any]) -> TrainConfig:
+    """Rebuild (and re-validate) a ``TrainConfig`` from the plain dict stored in a checkpoint or cfg.json."""
+    values = dict(config)
+    sae = values.pop("sae", None)
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), values))
+    cfg.sae = config_from_dict(sae) if sae is not None else cfg.sae
+    return cfg
 
 
 def to_config(cfg: DictConfig) -> Any:

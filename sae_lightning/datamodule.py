@@ -127,15 +127,14 @@ def gather(source: RowSource, shard: np.ndarray, row: np.ndarray) -> np.ndarray:
 
 
 class ActivationStream(IterableDataset):
-    """Batches ``[batch_size, d]`` float32, normalized, for this rank and dataloader worker.
+    """Batches ``[batch_size, d]`` float32, raw (the SAE normalizes), for this rank and dataloader worker.
 
     ``start_batch`` is how many batches this rank has already consumed (resume). ``epochs=None`` is
     endless (training); ``epochs=1`` is one finite pass (validation).
     """
 
-    def __init__(self, source: RowSource, spec: StreamSpec, norm_scale: float, epochs: int | None,
-                 start_batch: int = 0):
-        self.source, self.spec, self.norm_scale = source, spec, norm_scale
+    def __init__(self, source: RowSource, spec: StreamSpec, epochs: int | None, start_batch: int = 0):
+        self.source, self.spec = source, spec
         self.epochs, self.start_batch = epochs, start_batch
 
     def _consumer(self) -> tuple[int, int]:
@@ -166,17 +165,14 @@ class ActivationStream(IterableDataset):
             epoch, first = epoch + 1, 0
 
     def _batch(self, plan: _EpochPlan, k: int) -> torch.Tensor:
-        x = gather(self.source, *plan.locate(plan.positions(k)))
-        if self.norm_scale != 1.0:
-            x *= self.norm_scale
-        return torch.from_numpy(x)
+        return torch.from_numpy(gather(self.source, *plan.locate(plan.positions(k))))
 
 
 @dataclass
 class EvalRows:
     """Held-out rows with where they came from (token id, context row, position); -1 when unknown."""
 
-    acts: torch.Tensor     # [n, d] float32, normalized
+    acts: torch.Tensor     # [n, d] float32, raw
     tokens: torch.Tensor   # [n] int64
     doc: torch.Tensor      # [n] int64
     pos: torch.Tensor      # [n] int64
@@ -186,8 +182,9 @@ class ActivationDataModule(LightningDataModule):
     """Streams a cache (or an imported [N, d] array) as training and validation batches.
 
     ``source``: an ``ActivationCache``/``ArraySource``, or a path to a cache directory or an array
-    file. ``d_in`` and ``norm_scale`` are known right after construction (read from metadata), so the
-    SAE can be built before ``fit``. Rank and world size come from ``self.trainer`` in ``setup()``.
+    file. ``d_in`` and ``norm_scale`` (the scale that makes ``E||x|| = sqrt(d)``; the SAE applies it, the
+    stream does not) are known right after construction (read from metadata), so the SAE can be built
+    before ``fit``. Rank and world size come from ``self.trainer`` in ``setup()``.
     """
 
     def __init__(self, source: RowSource | str | Path, cfg: ActivationsConfig, batch_size: int, seed: int):
@@ -197,16 +194,21 @@ class ActivationDataModule(LightningDataModule):
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
         self.d_in = self.source.d
         self.norm_scale = float(self.source.norm_scale) if cfg.normalize else 1.0
-        self.train_shards, self.val_shards = split_shards(self.source, cfg.val_fraction)
+        self.train_shards, self.val_shards, self.eval_shards = split_shards(self.source, cfg.val_fraction,
+                                                                             cfg.eval_fraction)
         self.rank, self.world_size = 0, 1
         self._resume_batches = 0
 
     @classmethod
     def from_config(cls, cfg: Any) -> ActivationDataModule:
-        """Build from a ``TrainConfig``: the imported array, or the cache (built first when missing)."""
+        """Build from a ``TrainConfig``: the imported array, synthetic rows, or the cache (built first when
+        missing)."""
         acts: ActivationsConfig = cfg.activations
         if acts.source == "file":
             source: RowSource = ArraySource(acts.path, shard_rows=acts.shard_rows, normalize=acts.normalize)
+        elif acts.source == "synthetic":
+            from .synthetic import SyntheticSource
+            source = SyntheticSource(acts.synthetic, shard_rows=acts.shard_rows, normalize=acts.normalize)
         else:
             from .cache import ensure_cache
             source = ensure_cache(cfg)[0]
@@ -232,7 +234,7 @@ class ActivationDataModule(LightningDataModule):
                 f"batch_size={self.batch_size} for each of {spec.world_size * workers} process(es)/workers. "
                 "Build more tokens (data.n_tokens), lower batch_size or activations.num_workers"
                 + (", or raise activations.val_fraction" if what == "validation" else ""))
-        stream = ActivationStream(self.source, spec, self.norm_scale, epochs, start)
+        stream = ActivationStream(self.source, spec, epochs, start)
         return DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
                           persistent_workers=self.cfg.num_workers > 0 and epochs is None,
                           pin_memory=torch.cuda.is_available())
@@ -248,25 +250,32 @@ class ActivationDataModule(LightningDataModule):
         return self._loader(self._spec(self.val_shards, False), 1, 0, "validation")
 
     def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
-        """``min(n, training rows)`` normalized training rows drawn uniformly without replacement
-        (decoder-bias init, resampling)."""
-        x = sample_rows(self.source, self.train_shards, n, self.seed if seed is None else seed)
-        return torch.from_numpy(x * np.float32(self.norm_scale))
+        """``min(n, training rows)`` raw training rows drawn uniformly without replacement (decoder-bias
+        init, resampling)."""
+        seed = self.seed if seed is None else seed
+        return torch.from_numpy(sample_rows(self.source, self.train_shards, n, seed))
+
+    @property
+    def eval_split(self) -> str:
+        """Which rows ``eval_rows`` reads: its own split, else (``eval_fraction=0``) the validation rows."""
+        return "eval" if self.eval_shards else "validation"
 
     def eval_rows(self, max_tokens: int, batch_size: int | None = None) -> Iterator[EvalRows]:
-        """Held-out rows in order, with (token, doc, pos), at most ``max_tokens`` of them."""
-        if not self.val_shards:
-            raise CacheError(f"{self.source.path}: no held-out shards (activations.val_fraction=0); "
-                             "set activations.val_fraction > 0 to evaluate on unseen rows")
+        """Evaluation rows in order, with (token, doc, pos), at most ``max_tokens`` of them: the evaluation
+        split, which neither training nor validation (run selection) has seen."""
+        shards = self.eval_shards or self.val_shards
+        if not shards:
+            raise CacheError(f"{self.source.path}: no held-out shards (activations.eval_fraction=0 and "
+                             "val_fraction=0); set activations.eval_fraction > 0 to evaluate on unseen rows")
         step, left = batch_size or self.batch_size, max_tokens
-        for s in self.val_shards:
+        for s in shards:
             for lo in range(0, self.source.shard_sizes[s], step):
                 if left <= 0:
                     return
                 idx = np.arange(lo, min(lo + step, self.source.shard_sizes[s], lo + left))
                 tok, doc, pos = self.source.read_where(s, idx)
-                acts = self.source.read_rows(s, idx) * np.float32(self.norm_scale)
-                yield EvalRows(torch.from_numpy(acts), torch.from_numpy(tok), torch.from_numpy(doc),
+                yield EvalRows(torch.from_numpy(self.source.read_rows(s, idx)), torch.from_numpy(tok),
+                               torch.from_numpy(doc),
                                torch.from_numpy(pos))
                 left -= len(idx)
             self.source.release(s)
@@ -313,23 +322,29 @@ def _window(shuffle_buffer: int, batch_size: int) -> int:
     return max(1, shuffle_buffer // batch_size) * batch_size if shuffle_buffer else 0
 
 
-def split_shards(source: RowSource, val_fraction: float) -> tuple[list[int], list[int]]:
-    """(train, val) shard indices: the fewest last shards holding at least ``val_fraction`` of the rows
-    (at least one shard) are held out. Counting rows, not shards, matters because the last shard is
-    usually partial: holding out "one shard in twenty" could leave a handful of rows.
+def split_shards(source: RowSource, val_fraction: float,
+                 eval_fraction: float = 0.0) -> tuple[list[int], list[int], list[int]]:
+    """(train, val, eval) shard indices. From the end: the fewest last shards holding at least
+    ``eval_fraction`` of the rows are the evaluation split (evaluate.py's), the fewest shards before them
+    holding at least ``val_fraction`` the validation split (training's validation, the sweep objective);
+    each at least one shard when its fraction is > 0. Counting rows, not shards, matters because the last
+    shard is usually partial: holding out "one shard in twenty" could leave a handful of rows.
 
-    The last shards hold the last texts, so no context is split between train and validation except
-    the one straddling the boundary shard.
+    The last shards hold the last texts, so no context is split between splits except the one straddling
+    a boundary shard.
     """
-    n = source.n_shards
-    if val_fraction <= 0:
-        return list(range(n)), []
-    want, held, n_val = val_fraction * sum(source.shard_sizes), 0, 0
-    while n_val < n and (n_val == 0 or held < want):
-        n_val += 1
-        held += source.shard_sizes[n - n_val]
-    if n_val >= n:
-        raise CacheError(f"{source.path} has {n} shard(s): too few to hold out "
-                         f"activations.val_fraction={val_fraction} by shard. Use a smaller "
-                         "activations.shard_rows when building, more tokens, or val_fraction=0")
-    return list(range(n - n_val)), list(range(n - n_val, n))
+    n, total = source.n_shards, sum(source.shard_sizes)
+    end, held_out = n, []
+    for fraction in (eval_fraction, val_fraction):
+        start, held = end, 0
+        while fraction > 0 and start > 0 and (start == end or held < fraction * total):
+            start -= 1
+            held += source.shard_sizes[start]
+        held_out.append(list(range(start, end)))
+        end = start
+    if end == 0:
+        raise CacheError(f"{source.path} has {n} shard(s): too few to hold out activations.val_fraction="
+                         f"{val_fraction} and activations.eval_fraction={eval_fraction} by shard and keep "
+                         "some to train on. Use a smaller activations.shard_rows when building, more tokens, "
+                         "or smaller fractions")
+    return list(range(end)), held_out[1], held_out[0]

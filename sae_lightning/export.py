@@ -7,8 +7,9 @@ config (``architecture`` in standard | topk | jumprelu, ``d_in``, ``d_sae``, ``d
 the safetensors file holds ``W_enc [d_in, d_sae]``, ``b_enc``, ``W_dec [d_sae, d_in]``, ``b_dec`` and, for
 jumprelu, ``threshold``. SAELens computes ``z = act((x - b_dec) W_enc + b_enc)``, ``x̂ = z W_dec + b_dec``.
 
-Our SAEs run on normalized activations ``u = x s`` (``s = norm_scale``) and return ``x̂_raw = decode(z) / s``.
-Folding ``s`` into the weights makes the exported SAE work on raw ``x`` with the same latents:
+Our SAEs' weights act on normalized activations ``u = x s`` (``s = sae.input_scale``); ``encode``/``decode``
+apply ``s`` around them. Folding ``s`` into the weights makes the exported SAE work on raw ``x`` with the
+same latents:
 ``(x s - b_dec) W_enc = (x - b_dec/s)(s W_enc)`` and ``(z W_dec + b_dec)/s = z (W_dec/s) + b_dec/s``, so
 ``W_enc' = s W_enc``, ``b_dec' = b_dec / s``, ``W_dec' = W_dec / s``; ``b_enc``, the JumpReLU threshold and
 the top-k selection act on unchanged pre-activations and stay as they are. (Decoder rows are then no longer
@@ -24,17 +25,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from sae_lightning.config import SAEConfig, TrainConfig, parse_module_hook
+from sae_lightning.config import TrainConfig, parse_module_hook
+from sae_lightning.io import atomic_write, atomic_write_json
+from sae_lightning.saes import SAE, build_sae, config_from_dict
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 SAELENS_VERSION = "6.0.0"  # the format version we write; SAELens treats < 6.0 as the legacy layout
-# our registry name -> SAELens architecture (inference forms that are exactly the same function)
-TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu"}
-FROM_SAELENS = {v: k for k, v in TO_SAELENS.items()}
+# our registry name -> SAELens architecture (inference forms that are exactly the same function); BatchTopK
+# and Matryoshka infer as a JumpReLU with one global threshold, written per latent (as SAELens saves them)
+TO_SAELENS = {"relu": "standard", "relu_dn": "standard", "topk": "topk", "jumprelu": "jumprelu",
+              "batchtopk": "jumprelu", "matryoshka": "jumprelu"}
+FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
 # our hook names -> TransformerLens hook names, which SAELens and Neuronpedia key SAEs by
 TL_HOOK_NAMES = {
     "resid_pre": "blocks.{layer}.hook_resid_pre",
@@ -91,18 +96,17 @@ def _prepend_bos(cfg: TrainConfig) -> bool:
     return resolve_prepend_bos(cfg.data.prepend_bos, load_tokenizer(cfg.model))
 
 
-def export_trained(sae: nn.Module, cfg: TrainConfig, norm_scale: float, path: str | Path) -> Path:
-    """:func:`export_saelens` for an SAE trained with ``cfg`` (architecture, k and metadata from it)."""
-    return export_saelens(sae, path, architecture=cfg.sae.architecture, norm_scale=norm_scale, k=cfg.sae.k,
-                          metadata=saelens_metadata(cfg))
+def export_trained(sae: SAE, cfg: TrainConfig, path: str | Path) -> Path:
+    """:func:`export_saelens` for an SAE trained with ``cfg`` (its metadata from it)."""
+    return export_saelens(sae, path, metadata=saelens_metadata(cfg))
 
 
 @torch.no_grad()
-def folded_weights(sae: nn.Module, norm_scale: float) -> dict[str, Tensor]:
-    """SAELens-named weights of ``sae`` with ``norm_scale`` folded in (see the module docstring)."""
-    s = float(norm_scale)
+def folded_weights(sae: SAE) -> dict[str, Tensor]:
+    """SAELens-named weights of ``sae`` with its ``input_scale`` folded in (see the module docstring)."""
+    s = float(sae.input_scale)
     if not (math.isfinite(s) and s > 0):
-        raise ValueError(f"norm_scale must be a positive finite number, got {norm_scale!r}")
+        raise ValueError(f"input_scale must be a positive finite number, got {s!r}")
     weights = {
         "W_enc": sae.W_enc * s,
         "b_enc": sae.b_enc.clone(),
@@ -110,8 +114,8 @@ def folded_weights(sae: nn.Module, norm_scale: float) -> dict[str, Tensor]:
         "b_dec": sae.b_dec / s,
     }
     threshold = jumprelu_threshold(sae)
-    if threshold is not None:
-        weights["threshold"] = threshold.clone()
+    if threshold is not None:  # per latent; a global (0-d) threshold is repeated for every latent
+        weights["threshold"] = threshold.expand(sae.d_sae).clone()
     return {name: w.detach().float().cpu().contiguous() for name, w in weights.items()}
 
 
@@ -146,35 +150,25 @@ def saelens_config(
     return cfg
 
 
-def export_saelens(
-    sae: nn.Module,
-    path: str | Path,
-    *,
-    architecture: str,
-    norm_scale: float,
-    k: int | None = None,
-    metadata: dict[str, Any] | None = None,
-    verify: bool = True,
-) -> Path:
-    """Write ``sae`` (trained on ``x * norm_scale``) as a SAELens folder that runs on raw activations.
+def export_saelens(sae: SAE, path: str | Path, *, metadata: dict[str, Any] | None = None,
+                   verify: bool = True) -> Path:
+    """Write ``sae`` as a SAELens folder that runs on raw activations.
 
-    ``architecture`` is our registry name (``SAEConfig.architecture``); ``k`` defaults to ``sae.k``.
     ``metadata`` goes into ``cfg.json`` (use ``model_name``, ``hook_name`` from
     :func:`transformer_lens_hook_name`, ``context_size``, ``prepend_bos``, ``dataset_path``).
     With ``verify`` SAELens's formulas on the exported weights are checked against ``sae`` on a random
     probe (:func:`check_export`), so a module computing something else fails here, not in a user's
     notebook. Returns the folder.
     """
-    weights = folded_weights(sae, norm_scale)
+    weights = folded_weights(sae)
     d_in, d_sae = weights["W_enc"].shape
-    cfg = saelens_config(architecture, d_in, d_sae, k=k if k is not None else getattr(sae, "k", None),
-                         metadata=metadata)
+    cfg = saelens_config(sae.cfg.architecture, d_in, d_sae, k=getattr(sae, "k", None), metadata=metadata)
     if verify:
-        check_export(sae, cfg, weights, norm_scale)
+        check_export(sae, cfg, weights)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(weights, out / WEIGHTS_FILENAME)
-    (out / CFG_FILENAME).write_text(json.dumps(cfg, indent=2))
+    atomic_write(out / WEIGHTS_FILENAME, lambda f: f.write(save(weights)))
+    atomic_write_json(out / CFG_FILENAME, cfg)
     return out
 
 
@@ -191,16 +185,15 @@ def saelens_encode(cfg: dict[str, Any], weights: dict[str, Tensor], x: Tensor) -
 
 
 @torch.no_grad()
-def check_export(sae: nn.Module, cfg: dict[str, Any], weights: dict[str, Tensor], norm_scale: float,
-                 n_probe: int = 64) -> None:
-    """Raise unless SAELens's formulas on the exported weights and raw ``x`` give what ``sae`` gives on
-    ``x * norm_scale`` (latents, and reconstructions divided by ``norm_scale``)."""
+def check_export(sae: SAE, cfg: dict[str, Any], weights: dict[str, Tensor], n_probe: int = 64) -> None:
+    """Raise unless SAELens's formulas on the exported weights give what ``sae`` gives on raw ``x``
+    (latents and reconstructions)."""
     ref = copy.deepcopy(sae).float().cpu()
     x = torch.randn(n_probe, cfg["d_in"], generator=torch.Generator().manual_seed(0))
-    x = (x + ref.b_dec.detach()) / norm_scale  # around b_dec (a typical activation), so latents fire
-    z_ref = ref.encode(x * norm_scale)
+    x = (x + ref.b_dec.detach()) / float(ref.input_scale)  # around b_dec (a typical activation): latents fire
+    z_ref = ref.encode(x)
     z_exp = saelens_encode(cfg, weights, x)
-    x_hat_ref = ref.decode(z_ref) / norm_scale
+    x_hat_ref = ref.decode(z_ref)
     x_hat_exp = z_exp @ weights["W_dec"] + weights["b_dec"]
     for name, a, b in (("latents", z_ref, z_exp), ("reconstructions", x_hat_ref, x_hat_exp)):
         if not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max().clamp(min=1))):
@@ -242,19 +235,14 @@ def read_saelens(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     return cfg, weights
 
 
-def load_saelens(path: str | Path) -> nn.Module:
-    """Build one of our SAE modules from a SAELens folder (standard -> relu, topk, jumprelu).
-
-    The result works on raw activations: use it with ``norm_scale = 1.0``.
-    """
-    from sae_lightning.saes.registry import build_sae
-
+def load_saelens(path: str | Path) -> SAE:
+    """Build one of our SAEs from a SAELens folder (standard -> relu, topk, jumprelu); ``input_scale`` 1."""
     cfg, weights = read_saelens(path)
     architecture = FROM_SAELENS.get(cfg["architecture"])
     if architecture is None:
         raise NotImplementedError(f"SAELens architecture {cfg['architecture']!r} has no sae_lightning "
                                   f"equivalent; supported: {sorted(FROM_SAELENS)}")
-    sae_cfg = SAEConfig(architecture=architecture, d_sae=int(cfg["d_sae"]), **_k_field(cfg))
+    sae_cfg = config_from_dict({"architecture": architecture, "d_sae": int(cfg["d_sae"]), **_k_field(cfg)})
     sae = build_sae(sae_cfg, int(cfg["d_in"]))
     assign_weights(sae, weights)
     return sae.eval()

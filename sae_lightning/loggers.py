@@ -1,9 +1,10 @@
 """Experiment loggers: a local CSV log for every run, plus Weights & Biases when enabled.
 
 W&B mode ``auto`` means online when the user has credentials and the W&B server answers, offline otherwise
-(the run is written under the run directory and ``wandb sync`` uploads it later). The mode is decided once,
-at start-up, through the ``WANDB_MODE`` environment variable (see ../shared/docs/field-notes.md: the
-logger's own ``offline=True`` flag leaks into later runs of the same process).
+(the run is written under the run directory and ``wandb sync`` uploads it later). The mode is passed to
+``wandb.init`` for this run alone; the environment is not changed (../shared/docs/field-notes.md: the
+logger's own ``offline=True`` flag leaks into later runs of the same process). A run keeps one W&B id
+(``<run>/wandb_run_id``), so a resumed run continues its W&B run.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import netrc
 import os
 import socket
 import sys
-from pathlib import Path
+import uuid
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 from sae_lightning.config import LoggerConfig
+from sae_lightning.io import atomic_write_text
+from sae_lightning.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +59,32 @@ def resolve_wandb_mode(cfg: LoggerConfig) -> str:
     return "offline"
 
 
-def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict) -> list[Logger]:
+def wandb_run_id(run: RunDir) -> str:
+    """This run folder's W&B id, created on its first use (a resume continues the same W&B run)."""
+    if run.wandb_run_id.is_file():
+        return run.wandb_run_id.read_text().strip()
+    run_id = uuid.uuid4().hex[:8]  # W&B's own ids are 8 lowercase alphanumerics too
+    atomic_write_text(run.wandb_run_id, run_id)
+    return run_id
+
+
+def build_loggers(cfg: LoggerConfig, run: RunDir, run_name: str, config: dict) -> list[Logger]:
     """CSV always; W&B unless disabled. ``config`` (plain values) becomes the W&B run config."""
+    run_dir = run.path
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
     mode = resolve_wandb_mode(cfg)
     if mode == "disabled":
         return loggers
-    os.environ["WANDB_MODE"] = mode
     from lightning.pytorch.loggers import WandbLogger
 
     wandb_logger = WandbLogger(
         project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags) or None,
-        name=run_name, save_dir=str(run_dir), config=config,
+        name=run_name, save_dir=str(run_dir), config=config, mode=mode, id=wandb_run_id(run),
+        resume="allow",
     )
+    # Lightning always hands wandb.init an `anonymous` setting (None when unused); recent wandb (0.31 here)
+    # warns on every run that it has no effect. Left out, wandb behaves the same and says nothing.
+    wandb_logger._wandb_init.pop("anonymous", None)
     if mode == "offline":
         log.info("W&B is offline (no credentials or no network): the run is saved under %s/wandb; "
                  "upload it later with `wandb sync %s/wandb/offline-run-*`", run_dir, run_dir)

@@ -1,35 +1,29 @@
-"""The LightningModule: one SAE, its optimiser and schedules, dead-latent tracking and metric logging.
+"""The LightningModule: one SAE, its optimiser and schedules, and metric logging around ``step.train_step``.
 
-The SAE itself (``saes/``) is a plain ``nn.Module``; this class adds what training needs around it.
-Hyperparameters hold only plain JSON values (the resolved config as a dict, ``d_in``, ``norm_scale``) so
-checkpoints load under ``torch.load(weights_only=True)``.
+Training uses Lightning's manual optimisation so that the step itself (``sae_lightning.step``) is the
+same code the benchmarks time; Lightning supplies the loop, DDP (``manual_backward`` averages gradients),
+precision, checkpointing and logging. Hyperparameters hold only plain JSON values (the resolved config
+as a dict and ``d_in``) so checkpoints load under ``torch.load(weights_only=True)``; the activation scale
+is a buffer of the SAE, saved with its weights.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor
 
-from sae_lightning.config import TrainConfig
+from sae_lightning.config import TrainConfig, train_config_from_dict
 from sae_lightning.metrics import ReconstructionStats, batch_metrics
 from sae_lightning.saes import SAE, build_sae
+from sae_lightning.step import B_DEC_INIT_ROWS, LatentStats, train_step, warmup_scale
 
 
-class NonFiniteError(FloatingPointError):
-    """The loss or a weight became NaN/Inf; the message names the step and the quantity."""
-
-
-def train_config_from_dict(config: dict[str, Any]) -> TrainConfig:
-    """Rebuild (and re-validate) a ``TrainConfig`` from the plain dict stored in a checkpoint."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), config))
-
-
-def lr_lambda(cfg: TrainConfig):
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     """Learning-rate multiplier per step: linear warm-up, constant, then optional linear/cosine decay to 0."""
     warm, total, opt = cfg.optim.lr_warmup_steps, cfg.max_steps, cfg.optim
     decay_start = int(opt.lr_decay_start * total)
@@ -46,47 +40,21 @@ def lr_lambda(cfg: TrainConfig):
 
 
 class SAEModule(L.LightningModule):
-    """Trains ``build_sae(config.sae, d_in)`` on normalised activations (raw * ``norm_scale``)."""
+    """Trains ``build_sae(config.sae, d_in)`` on raw activation batches (the SAE normalizes them)."""
 
-    def __init__(self, config: dict[str, Any], d_in: int, norm_scale: float = 1.0) -> None:
+    def __init__(self, config: dict[str, Any], d_in: int) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.automatic_optimization = False
         self.cfg = train_config_from_dict(config)
         self.sae: SAE = build_sae(self.cfg.sae, d_in)
-        self.register_buffer("tokens_since_fired", torch.zeros(self.sae.d_sae, dtype=torch.long))
-        self.register_buffer("window_fire_counts", torch.zeros(self.sae.d_sae, dtype=torch.float64))
-        self.register_buffer("window_tokens", torch.zeros((), dtype=torch.long))
+        self.latents = LatentStats(self.sae.d_sae, self.cfg.latents.dead_window_tokens)
         self._val_stats: ReconstructionStats | None = None
 
-    # ----- latent bookkeeping ---------------------------------------------------------------------
-    def dead_mask(self) -> Tensor:
-        """Latents that have not fired on any of the last ``callbacks.dead_window_tokens`` tokens."""
-        return self.tokens_since_fired >= self.cfg.callbacks.dead_window_tokens
-
-    def _track_firing(self, fire_counts: Tensor, n_rows: int) -> None:
-        """Update dead/density statistics with this step's counts, summed over every DDP rank."""
-        counts = fire_counts.detach().to(self.window_fire_counts.dtype)
-        if self.trainer.world_size > 1:
-            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-            n_rows *= self.trainer.world_size
-        fired = counts > 0
-        self.tokens_since_fired.add_(n_rows).masked_fill_(fired, 0)
-        self.window_fire_counts.add_(counts)
-        self.window_tokens.add_(n_rows)
-
-    def densities(self, reset: bool = False) -> Tensor:
-        """Per-latent firing frequency over the current density window (optionally starting a new window)."""
-        dens = self.window_fire_counts / self.window_tokens.clamp(min=1)
-        if reset:
-            self.window_fire_counts.zero_()
-            self.window_tokens.zero_()
-        return dens.float()
-
     def sparsity_coeff(self) -> float:
-        """``l1`` with the optional linear warm-up over ``optim.l1_warmup_steps``."""
-        warm = self.cfg.optim.l1_warmup_steps
-        scale = min(1.0, (self.global_step + 1) / warm) if warm else 1.0
-        return self.cfg.l1 * scale
+        """The architecture's coefficient times the warm-up factor (``optim.l1_warmup_steps``)."""
+        warm = warmup_scale(self.global_step, self.cfg.optim.l1_warmup_steps)
+        return self.sae.base_coeff(self.cfg.l1) * warm
 
     # ----- training -------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -97,48 +65,35 @@ class SAEModule(L.LightningModule):
         """
         if self.global_step > 0 or self.trainer.ckpt_path is not None:
             return
-        dm = self.trainer.datamodule
-        sample = dm.sample(min(32_768, self.cfg.callbacks.resample_sample_rows)).to(self.device)
-        self.sae.init_b_dec(sample)
+        self.sae.init_b_dec(self.trainer.datamodule.sample(B_DEC_INIT_ROWS).to(self.device))
         if self.trainer.world_size > 1:
             self.sae.b_dec.data = self.trainer.strategy.broadcast(self.sae.b_dec.data, src=0)
 
+    def _reduce_counts(self, counts: Tensor) -> tuple[Tensor, int]:
+        """Fire counts summed over every DDP rank, and the world size."""
+        world = self.trainer.world_size
+        if world > 1:
+            counts = self.trainer.strategy.reduce(counts.to(torch.float64), reduce_op="sum")
+        return counts, world
+
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        coeff = self.sparsity_coeff()
-        out = self.sae(batch, sparsity_coeff=coeff, dead_mask=self.dead_mask())
-        self._check_finite(out.loss, out.terms)
-        self._track_firing(out.fire_counts, batch.shape[0])
-        if self.global_step % self.trainer.log_every_n_steps == 0:
-            logs = {f"train/loss_{k}": v for k, v in out.terms.items()}
-            batch_stats = batch_metrics(batch, out.x_hat.detach(), out.l0)
-            logs.update({f"train/{k}": v for k, v in batch_stats.items()})
+        coeff, step = self.sparsity_coeff(), self.global_step
+        out = train_step(self.sae, self.optimizers(), batch, self.latents, coeff=coeff,
+                         grad_clip=self.cfg.optim.grad_clip, step=step, nan_guard=self.cfg.optim.nan_guard,
+                         backward=self.manual_backward, reduce_counts=self._reduce_counts)
+        self.lr_schedulers().step()
+        if step % self.trainer.log_every_n_steps == 0:
+            with torch.no_grad():
+                x_hat = out.x_hat.detach() / self.sae.input_scale
+            logs = {f"train/loss_{k}": v for k, v in out.terms.items() if k != "l0"}
+            logs.update({f"train/{k}": v for k, v in batch_metrics(batch, x_hat, out.l0).items()})
             logs["train/loss"] = out.loss.detach()
-            logs["train/dead_fraction"] = self.dead_mask().float().mean()
+            logs["train/dead_fraction_window"] = self.latents.dead_mask().float().mean()
             logs["train/sparsity_coeff"] = torch.tensor(coeff)
             self.log_dict(logs, prog_bar=False)
             self.log("l0", out.l0.detach(), prog_bar=True, logger=False)
         self.log("loss", out.loss.detach(), prog_bar=True, logger=False)
-        return out.loss
-
-    def _check_finite(self, loss: Tensor, terms: dict[str, Tensor]) -> None:
-        """Stop with an error naming the step and every non-finite quantity (the NaN guard)."""
-        if not self.cfg.callbacks.nan_guard or torch.isfinite(loss):
-            return
-        bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
-        bad += [n for n, p in self.sae.named_parameters() if not torch.isfinite(p).all()]
-        raise NonFiniteError(
-            f"Non-finite loss at step {self.global_step}: loss={loss.item()}; non-finite: "
-            f"{', '.join(bad) or 'loss only'}. Training stopped; the last good checkpoint is kept. "
-            f"Lower lr (now {self.cfg.lr}) or enable optim.grad_clip."
-        )
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Runs after AMP unscaling, before clipping: the SAE's gradient projection goes here."""
-        self.sae.before_optimizer_step()
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        self.sae.after_optimizer_step()
+        return out.loss.detach()
 
     def configure_optimizers(self) -> dict[str, Any]:
         opt = torch.optim.Adam(self.sae.parameters(), lr=self.cfg.lr,
@@ -148,7 +103,7 @@ class SAEModule(L.LightningModule):
 
     # ----- validation -----------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        self._val_stats = ReconstructionStats(self.cfg.callbacks.dense_threshold)
+        self._val_stats = ReconstructionStats(self.cfg.latents.dense_threshold)
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         z = self.sae.encode(batch)
@@ -161,7 +116,7 @@ class SAEModule(L.LightningModule):
         if self.trainer.world_size > 1 and torch.distributed.is_initialized():
             gathered: list[ReconstructionStats | None] = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(gathered, stats)
-            stats = ReconstructionStats(self.cfg.callbacks.dense_threshold)
+            stats = ReconstructionStats(self.cfg.latents.dense_threshold)
             for other in gathered:
                 stats.merge(other)
         if stats.n_tokens == 0:

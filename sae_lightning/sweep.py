@@ -31,10 +31,15 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from sae_lightning.config import ObjectiveConfig
+from sae_lightning.io import atomic_write_json
+from sae_lightning.rundir import RunDir, RunSummary
+
 log = logging.getLogger(__name__)
 
-SWEPT_KEYS_ENV = "SAE_LIGHTNING_SWEPT_KEYS"
-"""Comma-separated swept keys, set by :class:`SweepCallback` for the jobs (launcher processes inherit it)."""
+SWEPT_KEYS_FILE = "swept_keys.json"
+"""The sweep's swept keys, written into the sweep folder by :class:`SweepCallback` before any job starts;
+every job (local, parallel or on SLURM) reads them from there for its folder name and W&B tags."""
 
 FAILED_RETURN = float("nan")
 """What a failed job returns: a number, so the Optuna sweeper records a failed trial instead of stopping."""
@@ -85,17 +90,25 @@ def short_names(keys: list[str]) -> dict[str, str]:
     return {k: s if last.count(s) == 1 else k for k, s in zip(keys, last, strict=True)}
 
 
-def sweep_subdir(num: int, task_overrides: Iterable[str]) -> str:
+def read_swept_keys(sweep_dir: str | Path) -> list[str]:
+    """The keys :class:`SweepCallback` recorded for the sweep in ``sweep_dir`` (none outside a sweep)."""
+    try:
+        return list(json.loads((Path(sweep_dir) / SWEPT_KEYS_FILE).read_text()))
+    except (OSError, ValueError):
+        return []
+
+
+def sweep_subdir(num: int, task_overrides: Iterable[str], sweep_dir: str) -> str:
     """``003_dict_mult=8_l1=3`` for job 3: the job number and only the swept values."""
-    keys = [k for k in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if k]
-    values = job_values(task_overrides, keys)
+    values = job_values(task_overrides, read_swept_keys(sweep_dir))
     names = short_names(list(values))
     parts = [f"{int(num):03d}", *(_safe(f"{names[k]}={_short_value(v)}") for k, v in values.items())]
     return "_".join(parts)
 
 
 def register_resolvers() -> None:
-    """``${sweep_subdir:${hydra.job.num},${hydra.overrides.task}}`` for ``hydra.sweep.subdir``."""
+    """``${sweep_subdir:${hydra.job.num},${hydra.overrides.task},${hydra.sweep.dir}}`` for
+    ``hydra.sweep.subdir``."""
     if not OmegaConf.has_resolver("sweep_subdir"):
         OmegaConf.register_new_resolver("sweep_subdir", sweep_subdir)
 
@@ -114,7 +127,7 @@ def job_context() -> dict[str, Any]:
     """Where this job sits in its sweep: directory, number, overrides, W&B group and tags (swept values)."""
     hc = HydraConfig.get()
     overrides = list(hc.overrides.task)
-    values = job_values(overrides, [k for k in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if k])
+    values = job_values(overrides, read_swept_keys(hc.sweep.dir))
     return {
         "run_dir": Path(hc.runtime.output_dir),
         "job_num": hc.job.num,
@@ -134,13 +147,12 @@ def _with_wandb_grouping(cfg: DictConfig, ctx: dict[str, Any]) -> None:
 def write_failure(run_dir: Path, error: str, trace: str, overrides: list[str]) -> None:
     """The failed job's ``summary.json``: what :mod:`sae_lightning.compare` lists as failed, and why. A
     summary saying the run was pre-empted (its own process was stopped by a signal) is kept."""
-    path = run_dir / "summary.json"
-    if path.is_file() and json.loads(path.read_text()).get("status") == "preempted":
+    run = RunDir(run_dir)
+    previous = run.read_summary()
+    if previous is not None and previous.status == "preempted":
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    summary = {"status": "failed", "error": error, "traceback": trace, "run_dir": str(run_dir),
-               "overrides": overrides}
-    path.write_text(json.dumps(summary, indent=2))
+    run.write_summary(RunSummary(status="failed", run_dir=str(run_dir), error=error, traceback=trace,
+                                 overrides=overrides))
 
 
 def needs_fresh_process(cfg: DictConfig) -> bool:
@@ -177,9 +189,9 @@ def _error_line(lines: list[str]) -> str:
     return (errors or lines or ["no error output"])[-1]
 
 
-def run_in_fresh_process(command: list[str], ctx: dict[str, Any]) -> float:
+def run_in_fresh_process(command: list[str], ctx: dict[str, Any], objective: ObjectiveConfig) -> float:
     """Run one job as its own process (stdout passed through, stderr echoed and its tail kept for the
-    failure summary); returns the job's ``val/nmse`` from its ``summary.json``."""
+    failure summary); returns the job's objective from its ``summary.json``."""
     log.info("Job %s runs in a fresh process (DDP): %s", ctx["job_num"], " ".join(command))
     tail: collections.deque[str] = collections.deque(maxlen=60)
     env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
@@ -190,8 +202,8 @@ def run_in_fresh_process(command: list[str], ctx: dict[str, Any]) -> float:
     if proc.returncode != 0:
         lines = [line.strip() for line in tail if line.strip()]
         raise ChildFailed(f"exit code {proc.returncode}: {_error_line(lines)}", "".join(tail))
-    summary = json.loads((ctx["run_dir"] / "summary.json").read_text())
-    return summary["metrics"].get("val/nmse", FAILED_RETURN)
+    summary = RunDir(ctx["run_dir"]).read_summary()
+    return objective.value(summary.metrics) if summary else FAILED_RETURN
 
 
 class ChildFailed(RuntimeError):
@@ -202,16 +214,16 @@ class ChildFailed(RuntimeError):
         self.trace = trace
 
 
-def run_sweep_job(cfg: DictConfig, train: Callable[[DictConfig], float | None], script: str) -> float:
+def run_sweep_job(cfg: DictConfig, train: Callable[[DictConfig], float], script: str) -> float:
     """One job of a multirun: grouped/tagged for W&B, in a fresh process when DDP needs it, and never raising
     (a failure is logged and written to the job's ``summary.json``, and the sweep goes on)."""
     ctx = job_context()
     _with_wandb_grouping(cfg, ctx)
     try:
         if needs_fresh_process(cfg):
-            return run_in_fresh_process(_single_run_command(script, ctx, cfg), ctx)
-        result = train(cfg)
-        return FAILED_RETURN if result is None else result
+            objective = ObjectiveConfig(**OmegaConf.to_container(cfg.objective, resolve=True))
+            return run_in_fresh_process(_single_run_command(script, ctx, cfg), ctx, objective)
+        return train(cfg)
     except Exception as err:  # the sweep must go on; the error is recorded, not swallowed
         trace = err.trace if isinstance(err, ChildFailed) else traceback.format_exc()
         message = f"{type(err).__name__}: {err}"
@@ -228,7 +240,9 @@ class SweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         keys = swept_keys(sweep_overrides(config))
-        os.environ[SWEPT_KEYS_ENV] = ",".join(keys)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(sweep_dir / SWEPT_KEYS_FILE, keys)
         log.info("Sweep over %s -> %s", ", ".join(keys) or "(nothing)", config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

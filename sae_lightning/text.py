@@ -11,6 +11,7 @@ is random, so the same config always gives the same rows. Also home to the small
 from __future__ import annotations
 
 import codecs
+import contextlib
 import glob
 import hashlib
 import json
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from sae_lightning.config import DataConfig
+from sae_lightning.io import atomic_write_json, sha256_file
 
 LOCAL_DATA_PRESET = "data=tinystories_local"
 _READ_CHUNK_BYTES = 1 << 20
@@ -100,23 +102,11 @@ def file_sha256(path: Path) -> str:
             return saved["sha256"]
     except (OSError, ValueError, KeyError):
         pass
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(_READ_CHUNK_BYTES * 8):
-            digest.update(block)
-    _write_json_atomic(sidecar, {**stamp, "sha256": digest.hexdigest()})
-    return digest.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    """Best effort: a read-only home only costs a re-hash next time."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(obj))
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    digest = sha256_file(path)
+    with contextlib.suppress(OSError):  # best effort: a read-only home only costs a re-hash next time
+        sidecar.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(sidecar, {**stamp, "sha256": digest})
+    return digest
 
 
 # ---------------------------------------------------------------- documents
@@ -142,8 +132,9 @@ def resolve_text_files(path: str) -> list[Path]:
     return files
 
 
-def read_documents(path: Path, separator: str) -> Iterator[str]:
-    """Stream the documents of one UTF-8 file, split on ``separator`` and stripped; empty ones skipped."""
+def read_documents(path: Path, separator: str | None) -> Iterator[str]:
+    """Stream the documents of one UTF-8 file, split on ``separator`` and stripped; empty ones skipped.
+    Without a separator the whole file is one document (read into memory: give big corpora a separator)."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset, pending = 0, ""
     with path.open("rb") as f:
@@ -151,7 +142,7 @@ def read_documents(path: Path, separator: str) -> Iterator[str]:
             chunk = f.read(_READ_CHUNK_BYTES)
             text = _decode(decoder, chunk, offset, path, final=not chunk)
             offset += len(chunk)
-            pieces = (pending + text).split(separator)
+            pieces = (pending + text).split(separator) if separator is not None else [pending + text]
             pending = pieces.pop()
             yield from (doc for doc in map(str.strip, pieces) if doc)
             if not chunk:
@@ -176,9 +167,10 @@ def iter_documents(cfg: DataConfig) -> Iterator[str]:
     if cfg.source == "files":
         if not cfg.path:
             raise ValueError("data.source=files needs data.path=<file, directory or glob of .txt files>")
-        if not cfg.separator:
+        if cfg.separator == "":
             raise ValueError("data.separator='' cannot split documents; give the string between them, "
-                             "e.g. data.separator='<|endoftext|>'")
+                             "e.g. data.separator='<|endoftext|>', or data.separator=null for one document "
+                             "per file")
         for f in resolve_text_files(cfg.path):
             yield from read_documents(f, cfg.separator)
     elif cfg.source == "hub":
@@ -208,7 +200,7 @@ def _open_hub_dataset(cfg: DataConfig) -> Iterable[dict[str, Any]]:
     raise ConnectionError(f"Cannot stream dataset {cfg.name!r} (split {cfg.split!r}) from the Hugging Face "
                           f"hub: {reason}, and it is not in the local datasets cache "
                           f"{datasets.config.HF_DATASETS_CACHE}. "
-                          f"Use {LOCAL_DATA_PRESET} (the local TinyStories sample) or data.source=files "
+                          f"Use {LOCAL_DATA_PRESET} (the local TinyStories sample) or data=text "
                           "data.path=<your .txt files>.")
 
 

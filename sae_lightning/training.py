@@ -1,18 +1,19 @@
-"""One training run, from a validated config to a final checkpoint and a ``summary.json``.
+"""One training run, from a validated config to the trained SAE folder, a final checkpoint and a summary.
 
-``train.py`` is the thin Hydra entry point around :func:`run_training`.
+``train.py`` is the thin Hydra entry point around :func:`run_training`; where each output goes is
+``rundir.RunDir``'s business. A resumed run continues in the folder of the run it resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import logging
 import os
 import shutil
 import signal
 import time
-from dataclasses import asdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from sae_lightning.config import TrainConfig
 from sae_lightning.datamodule import ActivationDataModule
 from sae_lightning.loggers import build_loggers, finish_wandb
 from sae_lightning.module import SAEModule
+from sae_lightning.rundir import RunDir, RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ def build_callbacks(cfg: TrainConfig, ckpt_dir: Path) -> list[Callback]:
                         save_last=True, save_top_k=1, filename="step{step}", auto_insert_metric_name=False,
                         enable_version_counter=False),
         TokensPerSecond(cfg.batch_size),
-        DensityMonitor(cfg.callbacks.density_hist_every_n_steps, cfg.callbacks.dense_threshold),
+        DensityMonitor(cfg.callbacks.density_hist_every_n_steps, cfg.latents.dense_threshold),
         LearningRateMonitor(logging_interval="step"),
     ]
     if cfg.trainer.progress_bar:
@@ -89,7 +91,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, loggers: list, callbacks: lis
         precision=t.precision, max_steps=cfg.max_steps, max_epochs=-1, logger=loggers, callbacks=callbacks,
         log_every_n_steps=t.log_every_n_steps, val_check_interval=t.val_every_n_steps,
         check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
-        gradient_clip_val=cfg.optim.grad_clip or None, default_root_dir=str(run_dir),
+        default_root_dir=str(run_dir),
         enable_progress_bar=t.progress_bar, num_sanity_val_steps=0, deterministic=False,
         plugins=[AtomicCheckpointIO()],
     )
@@ -118,31 +120,46 @@ def runs_root(run_dir: Path) -> Path:
     return run_dir.parents[min(len(parts) - varying[0], len(run_dir.parents)) - 1]
 
 
-def prepare_run_dir(run_dir: Path, fingerprint: str, resume_from: Path | None) -> Path:
-    """Create ``run_dir/checkpoints`` and record the config fingerprint, failing early and clearly when the
+def prepare_run_dir(run: RunDir, fingerprint: str, resume_from: Path | None) -> Path:
+    """Create ``run/checkpoints`` and record the config fingerprint, failing early and clearly when the
     directory is not writable or already holds another run's checkpoints (which would be overwritten)."""
-    ckpt_dir = run_dir / "checkpoints"
-    existing = sorted(p.name for p in ckpt_dir.glob("*.ckpt"))
-    if existing and (resume_from is None or resume_from.parent != ckpt_dir):
-        raise CheckpointError(f"{ckpt_dir} already holds checkpoints of an earlier run "
+    existing = sorted(p.name for p in run.checkpoints.glob("*.ckpt"))
+    if existing and (resume_from is None or resume_from.parent != run.checkpoints):
+        raise CheckpointError(f"{run.checkpoints} already holds checkpoints of an earlier run "
                               f"({', '.join(existing)}) that this run would overwrite. Add ckpt_path=last "
                               "to continue that run, or choose another hydra.run.dir")
     try:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        mark_run_dir(run_dir, fingerprint)
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        mark_run_dir(run.resume_key, fingerprint)
     except OSError as err:
-        raise CheckpointError(f"cannot write to the output directory {run_dir} ({err.strerror or err}). "
+        raise CheckpointError(f"cannot write to the output directory {run.path} ({err.strerror or err}). "
                               "Make it writable or choose another with hydra.run.dir=<dir>") from None
-    return ckpt_dir
+    return run.checkpoints
 
 
-def keep_previous_csv_log(run_dir: Path) -> None:
-    """A run resumed in its own directory would restart ``csv/metrics.csv`` (Lightning's CSV logger rewrites
-    it): move the earlier log aside to ``metrics-<n>.csv`` so no earlier output is lost."""
-    log_file = run_dir / "csv" / "metrics.csv"
-    if log_file.exists():
-        n = 1 + sum(1 for _ in log_file.parent.glob("metrics-*.csv"))
-        log_file.rename(log_file.with_name(f"metrics-{n}.csv"))
+def resumed_run(invocation_dir: Path, resume_from: Path | None) -> RunDir:
+    """The folder this run writes into: the resumed run's own folder when it continues one (so a run
+    killed twice keeps its history in one place), else this invocation's."""
+    if resume_from is not None and resume_from.parent.name == "checkpoints":
+        original = resume_from.parent.parent.resolve()
+        if original != invocation_dir.resolve():
+            log.info("Resuming run %s in its own folder (this invocation's Hydra files: %s)", original,
+                     invocation_dir)
+            return RunDir(original)
+    return RunDir(invocation_dir)
+
+
+@contextlib.contextmanager
+def log_also_to(path: Path) -> Iterator[None]:
+    """Append this process's log records to ``path`` too (a resumed run's own ``train.log``)."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
 
 def check_free_space(ckpt_dir: Path, module: SAEModule) -> None:
@@ -176,7 +193,7 @@ class TrainingPreempted(SystemExit):
 
     def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
         super().__init__(128 + signum)
-        self.step, self.checkpoint = step, checkpoint
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
 
 def scalar_metrics(trainer: L.Trainer) -> dict[str, float]:
@@ -184,27 +201,24 @@ def scalar_metrics(trainer: L.Trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
 
 
-def _summary(cfg: TrainConfig, trainer: L.Trainer, module: SAEModule, run_dir: Path, checkpoint: Path,
-             seconds: float, metrics: dict[str, float] | None = None, **extra: Any) -> dict[str, Any]:
-    metrics = {**(metrics or {}), **scalar_metrics(trainer)}
-    summary = {
-        "run_dir": str(run_dir),
-        "checkpoint": str(checkpoint),
-        "steps": trainer.global_step,
-        "tokens": trainer.global_step * cfg.batch_size * trainer.world_size,
-        "train_seconds": round(seconds, 1),
-        "d_in": module.sae.d_in,
-        "d_sae": module.sae.d_sae,
-        "architecture": cfg.sae.architecture,
-        "l1": cfg.l1,
-        "metrics": metrics,
-        "csv_log": str(run_dir / "csv" / "metrics.csv"),
-        **extra,
-        "config": asdict(cfg),
-    }
+def write_summary(cfg: TrainConfig, trainer: L.Trainer, module: SAEModule, run: RunDir, checkpoint: Path,
+                  seconds: float, metrics: dict[str, float], config: dict[str, Any],
+                  **extra: Any) -> RunSummary:
+    """The run's ``summary.json`` (rank 0 writes it)."""
+    summary = RunSummary(
+        run_dir=str(run.path), checkpoint=str(checkpoint), steps=trainer.global_step,
+        tokens=trainer.global_step * cfg.batch_size * trainer.world_size, train_seconds=round(seconds, 1),
+        architecture=cfg.sae.architecture, d_in=module.sae.d_in, d_sae=module.sae.d_sae,
+        metrics={**metrics, **scalar_metrics(trainer)}, config=config, **extra)
     if trainer.is_global_zero:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        run.write_summary(summary)
     return summary
+
+
+def save_sae(module: SAEModule, run: RunDir, config: dict[str, Any]) -> Path:
+    """Write the trained SAE folder (``SAE.save``) with the training config as its provenance."""
+    module.sae.metadata = {"train_config": config}
+    return module.sae.save(run.sae)
 
 
 def needs_final_validation(cfg: TrainConfig, trainer: L.Trainer, dm: ActivationDataModule,
@@ -215,8 +229,8 @@ def needs_final_validation(cfg: TrainConfig, trainer: L.Trainer, dm: ActivationD
     return finished and bool(dm.val_shards) and trainer.global_step % cfg.trainer.val_every_n_steps != 0
 
 
-def run_training(cfg: TrainConfig, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, Any]:
-    """Train one SAE; returns (and writes to ``run_dir/summary.json``) where things went and the metrics.
+def run_training(cfg: TrainConfig, run_dir: Path, config_dict: dict[str, Any]) -> RunSummary:
+    """Train one SAE; returns (and writes to ``summary.json``) where things went and the metrics.
 
     ``cfg.ckpt_path`` resumes (see ``sae_lightning.checkpoints``): ``last``, ``auto``, a file or a run dir.
     Raises ``TrainingPreempted`` after a SIGTERM/SIGUSR1 checkpoint; ``NonFiniteError`` on NaN/Inf, with no
@@ -225,23 +239,33 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_dict: dict[str, Any]) -
     L.seed_everything(cfg.seed, workers=True)
     fingerprint = config_fingerprint(config_dict)
     resume_from = resolve_ckpt_path(cfg.ckpt_path, run_dir, runs_root(run_dir), fingerprint)
-    ckpt_dir = prepare_run_dir(run_dir, fingerprint, resume_from)
+    run = resumed_run(run_dir, resume_from)
+    if run.path == run_dir.resolve() or run.path == run_dir:
+        return fit(cfg, run, config_dict, fingerprint, resume_from)
+    with log_also_to(run.path / "train.log"):
+        return fit(cfg, run, config_dict, fingerprint, resume_from)
+
+
+def fit(cfg: TrainConfig, run: RunDir, config_dict: dict[str, Any], fingerprint: str,
+        resume_from: Path | None) -> RunSummary:
+    """Build, fit and save in ``run`` (see :func:`run_training`)."""
+    ckpt_dir = prepare_run_dir(run, fingerprint, resume_from)
     dm = ActivationDataModule.from_config(cfg)
-    module = SAEModule(config_dict, d_in=dm.d_in, norm_scale=dm.norm_scale)
+    module = SAEModule(config_dict, d_in=dm.d_in)
+    module.sae.set_input_scale(dm.norm_scale)
     if resume_from is not None:
         check_resumable(resume_from, module)
         log.info("Resuming from %s", resume_from)
     check_free_space(ckpt_dir, module)
     if cfg.trainer.compile:
         module.sae.compile()
-    run_name = cfg.run_name or run_dir.name
-    keep_previous_csv_log(run_dir)
-    loggers = build_loggers(cfg.logger, run_dir, run_name, config_dict)
+    run.keep_previous_csv_log()
+    loggers = build_loggers(cfg.logger, run, cfg.run_name or run.path.name, config_dict)
     preemption = PreemptionCheckpoint(ckpt_dir / "last.ckpt")
     callbacks = [*build_callbacks(cfg, ckpt_dir), preemption]
     if os.environ.get("SAE_LIGHTNING_RECORD_BATCHES") == "1":
-        callbacks.append(BatchRecord(run_dir / "batches.tsv"))
-    trainer = build_trainer(cfg, run_dir, loggers, callbacks)
+        callbacks.append(BatchRecord(run.path / "batches.tsv"))
+    trainer = build_trainer(cfg, run.path, loggers, callbacks)
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=resume_from)
@@ -253,13 +277,16 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_dict: dict[str, Any]) -
         finish_wandb()
     resumed = {"resumed_from": str(resume_from) if resume_from else None}
     if preemption.saved_step is not None and trainer.global_step < cfg.max_steps:
-        _summary(cfg, trainer, module, run_dir, preemption.ckpt_path, seconds, fit_metrics,
-                 status="preempted", **resumed)
+        write_summary(cfg, trainer, module, run, preemption.ckpt_path, seconds, fit_metrics, config_dict,
+                      status="preempted", **resumed)
         log.warning("Stopped by %s at step %d/%d; checkpoint %s. Resume with the same command plus "
                     "ckpt_path=last", signal.Signals(preemption.signum).name, trainer.global_step,
                     cfg.max_steps, preemption.ckpt_path)
         raise TrainingPreempted(preemption.signum, trainer.global_step, preemption.ckpt_path)
     final_ckpt = ckpt_dir / "final.ckpt"
-    trainer.save_checkpoint(final_ckpt)
-    return _summary(cfg, trainer, module, run_dir, final_ckpt, seconds, fit_metrics, status="finished",
-                    **resumed)
+    # weights_only=False: the full training state (optimizer, loops), so a run can go on from it; the file
+    # still loads with torch.load(weights_only=True): nothing but tensors and plain values is in it
+    trainer.save_checkpoint(final_ckpt, weights_only=False)
+    sae_dir = save_sae(module, run, config_dict) if trainer.is_global_zero else run.sae
+    return write_summary(cfg, trainer, module, run, final_ckpt, seconds, fit_metrics, config_dict,
+                         status="finished", sae_dir=str(sae_dir), **resumed)

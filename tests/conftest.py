@@ -96,3 +96,19 @@ def tiny_llama(tiny_llama_dir):
     from sae_lightning.lm import load_lm
 
     return load_lm(ModelConfig(name=str(tiny_llama_dir)), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def check_saebench_core():
+    """Validates a dict against SAEBench's published core-output schema (tests/data/README.md), with
+    fields the schema does not declare forbidden, so names and nesting must match exactly."""
+    import json
+
+    import jsonschema
+
+    schema = json.loads((Path(__file__).parent / "data" / "saebench_core_schema.json").read_text())
+    for obj in [schema, *schema["$defs"].values()]:
+        if "properties" in obj:
+            obj["additionalProperties"] = False
+    validator = jsonschema.Draft202012Validator(schema)
+    return validator.validate

@@ -45,7 +45,7 @@ def _assert_names(out: str, *words: str) -> None:
 # ----- config: rejected by train.py before anything is loaded or written --------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize(("override", "words"), [
-    ("sae.dcit_mult=3", ["dcit_mult", "SAEConfig"]),
+    ("sae.dcit_mult=3", ["dcit_mult", "ReLUConfig"]),
     ("batch_size=abc", ["'abc' of type 'str' could not be converted to Integer", "batch_size"]),
     ("sae.dict_mult=0", ["sae.dict_mult=0.0", "must be > 0"]),
     ("l1=-1", ["l1=-1.0", "must be >= 0"]),

@@ -28,7 +28,7 @@ def _run(sweep: Path, name: str, overrides: list[str], summary: dict | None,
 
 def _finished(l0: float, nmse: float) -> dict:
     metrics = {"val/l0": l0, "val/nmse": nmse, "val/explained_variance": 1 - nmse, "val/dead_fraction": 0.25,
-               "train/dead_fraction": 0.5}
+               "train/dead_fraction_window": 0.5}
     return {"status": "finished", "steps": 10, "train_seconds": 1.5, "metrics": metrics}
 
 

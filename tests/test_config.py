@@ -7,15 +7,25 @@ import torch
 from hydra import compose, initialize
 from hydra.errors import ConfigCompositionException
 
-from sae_lightning.config import ConfigError, TrainConfig, register_configs, to_config
+from sae_lightning.config import (
+    ConfigError,
+    TrainConfig,
+    check_sparsity_override,
+    register_configs,
+    to_config,
+)
 from sae_lightning.saes import build_sae
+from sae_lightning.saes.relu_dn import ReLUDecoderNormSAE
 
 register_configs()
 
 
 def _compose(*overrides: str) -> TrainConfig:
+    """The config train.py runs for these command-line overrides (with its typed-``l1`` check)."""
     with initialize(config_path="../conf", version_base="1.3"):
-        return to_config(compose("train", overrides=list(overrides)))
+        cfg = to_config(compose("train", overrides=list(overrides)))
+    check_sparsity_override(cfg, list(overrides))
+    return cfg
 
 
 def test_reference_default_is_gpt2_layer6_mlp_post_tinystories() -> None:
@@ -26,10 +36,32 @@ def test_reference_default_is_gpt2_layer6_mlp_post_tinystories() -> None:
 
 def test_bare_root_keys_and_group_selection() -> None:
     cfg = _compose("sae.dict_mult=8", "l1=1e-3", "lr=2e-4", "batch_size=1024", "train_tokens=8192", "seed=3",
-                   "layer=2", "hook=resid_post", "sae=topk")
+                   "layer=2", "hook=resid_post")
     assert cfg.sae.dict_mult == 8 and cfg.l1 == 1e-3 and cfg.lr == 2e-4 and cfg.layer == 2
     assert cfg.max_steps == 8 and cfg.seed == 3
-    assert cfg.hook.name == "resid_post" and cfg.sae.architecture == "topk"
+    assert cfg.hook.name == "resid_post" and cfg.sae.architecture == "relu"
+    topk = _compose("experiment=quickstart", "sae=topk", "sae.k=64")  # the README's command
+    assert type(topk.sae).__name__ == "TopKConfig" and topk.sae.k == 64 and topk.sae.dict_mult == 2
+
+
+@pytest.mark.parametrize(("arch", "foreign", "config_class"), [
+    ("relu", "sae.k=3", "ReLUConfig"), ("relu_dn", "sae.bandwidth=0.1", "ReLUDecoderNormConfig"),
+    ("topk", "sae.bandwidth=0.1", "TopKConfig"), ("topk", "sae.ghost_grads=true", "TopKConfig"),
+    ("jumprelu", "sae.k=3", "JumpReLUConfig"), ("jumprelu", "sae.aux_coeff=0.1", "JumpReLUConfig")])
+def test_a_key_of_another_architecture_fails_naming_it(arch: str, foreign: str, config_class: str) -> None:
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose(f"sae={arch}", foreign)
+    key = foreign.split("=")[0].split(".")[1]
+    assert f"Key '{key}' not in '{config_class}'" in str(err.value) + str(err.value.__cause__)
+
+
+@pytest.mark.parametrize(("arch", "hint"), [("topk", "sae.k"), ("jumprelu", "sae.l0_coeff"),
+                                            ("batchtopk", "sae.k"), ("matryoshka", "sae.k")])
+def test_typed_l1_for_an_architecture_without_l1_is_an_error(arch: str, hint: str) -> None:
+    with pytest.raises(ConfigError, match=rf"l1=5.0 has no effect on sae={arch}.*set {hint} instead"):
+        _compose(f"sae={arch}", "l1=5")
+    assert _compose(f"sae={arch}").sae.architecture == arch  # the root default alone is no error
+    assert _compose("sae=relu_dn", "l1=5").l1 == 5
 
 
 def test_d_sae_wins_over_dict_mult() -> None:
@@ -49,7 +81,7 @@ def test_relu_dn_preset_builds_the_april_2024_init() -> None:
     torch.manual_seed(0)
     sae = build_sae(_compose("sae=relu_dn", "sae.d_sae=32").sae, 16)
     sae.init_b_dec(torch.randn(256, 16) + 5.0)
-    assert sae.weighted_l1 and not sae.unit_norm_decoder
+    assert isinstance(sae, ReLUDecoderNormSAE) and not sae.unit_norm_decoder
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((32,), 0.1))
     assert torch.equal(sae.W_enc, sae.W_dec.t())
     assert not sae.b_dec.any() and not sae.b_enc.any()
@@ -62,6 +94,15 @@ def test_activations_file_needs_a_path() -> None:
     with pytest.raises(Exception, match=r"activations\.path"):
         _compose("activations=file")
     assert _compose("activations=file", "activations.path=x.npy").activations.path == "x.npy"
+
+
+def test_local_text_preset_needs_a_path_and_takes_an_optional_separator() -> None:
+    with pytest.raises(Exception, match=r"data\.path"):
+        _compose("data=text")
+    data = _compose("data=text", "data.path=corpus/*.txt").data
+    assert (data.source, data.path, data.separator) == ("files", "corpus/*.txt", None)
+    with_separator = _compose("data=text", "data.path=a.txt", "data.separator='<|endoftext|>'").data
+    assert with_separator.separator == "<|endoftext|>"
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -82,6 +123,9 @@ def test_typos_and_types_name_the_key(override: str, message: str) -> None:
     ("train_tokens=10", "train_tokens"),
     ("hook.name=attn_z", "hook.name"),
     ("sae.architecture=relu", None),
+    ("sae.architecture=topk", "sae.architecture"),
+    ("sae.b_dec_init=median", "sae.b_dec_init"),
+    ("latents.dead_window_tokens=0", "latents.dead_window_tokens"),
 ])
 def test_range_checks_name_the_key(override: str, key: str | None) -> None:
     if key is None:

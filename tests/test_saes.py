@@ -1,21 +1,36 @@
-"""Registry, shared SAE behaviour, decoder-bias init and the ReLU SAE (plain and decoder_norm L1)."""
+"""Registry, per-architecture configs, shared SAE behaviour, the SAE folder format, decoder-bias init and the
+ReLU SAEs (relu: plain L1, relu_dn: decoder-norm-weighted L1)."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from sae_lightning.config import SAEConfig
-from sae_lightning.saes import SAE_REGISTRY, build_sae
+from sae_lightning.checks import ConfigError
+from sae_lightning.saes import SAE, SAE_REGISTRY, build_sae, config_from_dict
 from sae_lightning.saes.base import column_stats
 from sae_lightning.saes.init import decoder_bias_init, geometric_median
 
 D_IN, D_SAE, B = 12, 40, 64
+# each architecture with a few of its own keys set away from their defaults
+ARCH_KEYS = {"relu": {"ghost_grads": True}, "relu_dn": {"ghost_grads": True}, "topk": {"k": 4, "aux_k": 8},
+             "jumprelu": {"init_threshold": 0.1, "bandwidth": 0.01, "l0_coeff": 2.0},
+             "batchtopk": {"k": 4, "aux_k": 8, "threshold_lr": 0.1},
+             "matryoshka": {"k": 4, "aux_k": 8, "threshold_lr": 0.1, "prefixes": [10, D_SAE]}}
 
 
-def make(**kw) -> torch.nn.Module:
+def cfg(architecture: str = "relu", **kw):
+    return config_from_dict({"architecture": architecture, **kw})
+
+
+def make(architecture: str = "relu", **kw) -> SAE:
     torch.manual_seed(0)
-    sae = build_sae(SAEConfig(**{"d_sae": D_SAE, **kw}), D_IN)
+    sae = build_sae(cfg(architecture, **{"d_sae": D_SAE, **kw}), D_IN)
     with torch.no_grad():  # non-trivial biases so the pre-encoder bias is exercised
         sae.b_dec.normal_()
         sae.b_enc.normal_(0, 0.3)
@@ -31,14 +46,78 @@ def grads(sae: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_registry_and_sizes() -> None:
-    assert {"relu", "topk", "jumprelu"} <= set(SAE_REGISTRY)
-    assert build_sae(SAEConfig(dict_mult=2.5), 8).d_sae == 20
-    sae = build_sae(SAEConfig(dict_mult=2.5, d_sae=7), 8)
+    assert set(ARCH_KEYS) <= set(SAE_REGISTRY)
+    assert build_sae(cfg(dict_mult=2.5), 8).d_sae == 20
+    sae = build_sae(cfg(dict_mult=2.5, d_sae=7), 8)
     assert sae.d_sae == 7
     shapes = {n: tuple(p.shape) for n, p in sae.named_parameters()}
     assert shapes == {"W_enc": (8, 7), "b_enc": (7,), "W_dec": (7, 8), "b_dec": (8,)}
-    with pytest.raises(ValueError, match="choose one of"):
-        build_sae(SAEConfig(architecture="nope"), 8)
+    with pytest.raises(ConfigError, match="Unknown SAE architecture 'nope': choose one of"):
+        cfg("nope")
+
+
+@pytest.mark.parametrize("arch", sorted(ARCH_KEYS))
+def test_each_architecture_refuses_the_keys_of_the_others(arch: str) -> None:
+    """One config class per architecture: another architecture's key fails naming it (no silent no-op)."""
+    assert type(cfg(arch, **ARCH_KEYS[arch])).__name__ == SAE_REGISTRY[arch].config_class.__name__
+    foreign = {k: v for other, keys in ARCH_KEYS.items() for k, v in keys.items() if k not in ARCH_KEYS[arch]
+               and other != arch}
+    assert foreign
+    for key, value in foreign.items():
+        with pytest.raises(ConfigError, match=rf"sae\.{key} is not a key of \w+Config \(sae={arch}\)"):
+            cfg(arch, **{key: value})
+
+
+@pytest.mark.parametrize("arch", sorted(ARCH_KEYS))
+def test_save_load_round_trip_takes_raw_activations(arch: str, tmp_path: Path) -> None:
+    """SAE.save/SAE.load: same latents and reconstructions on raw activations, the scale stored with them."""
+    sae = make(arch, **ARCH_KEYS[arch])
+    sae.set_input_scale(0.25)
+    x = batch() * 4
+    folder = sae.save(tmp_path / "sae")
+    meta = json.loads((folder / "cfg.json").read_text())
+    assert meta["architecture"] == arch and meta["input_scale"] == 0.25 and meta["d_in"] == D_IN
+    loaded = SAE.load(folder)
+    assert type(loaded) is type(sae) and loaded.cfg == sae.cfg
+    torch.testing.assert_close(loaded.encode(x), sae.encode(x))
+    torch.testing.assert_close(loaded.decode(loaded.encode(x)), sae.decode(sae.encode(x)))
+    u = x * 0.25  # encode(x) is the weights' function of the normalized input
+    torch.testing.assert_close(sae.encode(x), sae.encode_normalized(u))
+    torch.testing.assert_close(sae.decode(sae.encode(x)), sae.decode_normalized(sae.encode(x)) / 0.25)
+
+
+def test_sae_folder_loads_with_torch_and_safetensors_alone(tmp_path: Path) -> None:
+    """``SAE.load`` in a fresh interpreter imports neither Lightning, Hydra nor OmegaConf."""
+    sae = make("topk", k=4)
+    sae.set_input_scale(2.0)
+    x = batch()
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(sae.encode(x).detach(), tmp_path / "z.pt")
+    sae.save(tmp_path / "sae")
+    code = f"""
+import sys, torch
+from sae_lightning.saes import SAE
+sae = SAE.load({str(tmp_path / "sae")!r})
+z = sae.encode(torch.load({str(tmp_path / "x.pt")!r}))
+assert torch.allclose(z, torch.load({str(tmp_path / "z.pt")!r}), atol=1e-6), "other latents"
+frameworks = ("lightning", "pytorch_lightning", "hydra", "omegaconf")
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in frameworks)
+assert not heavy, heavy
+print("ok", tuple(z.shape))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"ok ({B}, {D_SAE})"
+
+
+def test_load_names_what_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"is not an SAE folder: it has no cfg\.json"):
+        SAE.load(tmp_path)
+    folder = make().save(tmp_path / "sae")
+    meta = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**meta, "config": {**meta["config"], "k": 3}}))
+    with pytest.raises(ConfigError, match=r"sae\.k is not a key of ReLUConfig"):
+        SAE.load(folder)
 
 
 def test_relu_loss_matches_hand_computation() -> None:
@@ -49,16 +128,16 @@ def test_relu_loss_matches_hand_computation() -> None:
     mse = ((x_hat - x) ** 2).sum(-1).mean()
     l1 = z.abs().sum(-1).mean()
     torch.testing.assert_close(out.x_hat, x_hat)
-    torch.testing.assert_close(out.terms["mse"], mse.detach())
+    torch.testing.assert_close(out.terms["reconstruction"], mse.detach())
     torch.testing.assert_close(out.terms["l1"], 0.3 * l1.detach())
     torch.testing.assert_close(out.loss, mse + 0.3 * l1)
-    torch.testing.assert_close(sae.encode(x), z)
+    torch.testing.assert_close(sae.encode_normalized(x), z)
 
 
 def test_fire_counts_and_l0() -> None:
     sae, x = make(), batch()
     out = sae(x, sparsity_coeff=0.0)
-    active = sae.encode(x) != 0
+    active = sae.encode_normalized(x) != 0
     assert out.fire_counts.dtype == torch.int64
     assert torch.equal(out.fire_counts, active.sum(0))
     assert out.l0.item() == pytest.approx(active.sum().item() / B)
@@ -67,7 +146,7 @@ def test_fire_counts_and_l0() -> None:
 
 
 def test_decoder_norm_l1_matches_hand_computation_and_is_unconstrained() -> None:
-    sae, x = make(l1_variant="decoder_norm"), batch()
+    sae, x = make("relu_dn"), batch()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((D_SAE,), 0.1))
     torch.testing.assert_close(sae.W_enc, sae.W_dec.t())
     with torch.no_grad():
@@ -119,7 +198,7 @@ def test_ghost_grads_only_reach_dead_latents() -> None:
     out = sae(x, sparsity_coeff=0.1, dead_mask=dead)
     out.loss.backward()
     diff = {n: g - base[n] for n, g in grads(sae).items()}
-    torch.testing.assert_close(out.terms["ghost"], out.terms["mse"])  # rescaled to the main MSE's size
+    torch.testing.assert_close(out.terms["ghost"], out.terms["reconstruction"])  # rescaled to the main loss
     assert diff["W_enc"][:, dead].abs().amin(0).gt(0).all() and diff["W_dec"][dead].abs().amax(1).gt(0).all()
     assert diff["b_enc"][dead].abs().gt(0).all()
     for name, d in (("W_enc", diff["W_enc"][:, ~dead]), ("W_dec", diff["W_dec"][~dead]),
@@ -143,7 +222,9 @@ def test_geometric_median_is_robust_to_an_outlier() -> None:
 def test_init_b_dec(method: str) -> None:
     sample = batch(200)
     sae = make(b_dec_init=method)
-    sae.init_b_dec(sample)
+    sae.set_input_scale(0.5)
+    sae.init_b_dec(sample)  # raw rows; b_dec lives where the weights act, on the normalized rows
+    sample = sample * 0.5
     torch.testing.assert_close(sae.b_dec.detach(), decoder_bias_init(sample, method))
     expected = {"mean": sample.mean(0), "zeros": torch.zeros(D_IN)}.get(method, geometric_median(sample))
     torch.testing.assert_close(sae.b_dec.detach(), expected)
@@ -157,14 +238,14 @@ def test_column_stats() -> None:
     torch.testing.assert_close(sums, z.sum(0))
 
 
-@pytest.mark.parametrize("variant", ["plain", "decoder_norm"])
-def test_relu_gradients_match_plain_autograd(variant: str) -> None:
-    sae, x = make(l1_variant=variant), batch()
+@pytest.mark.parametrize("arch", ["relu", "relu_dn"])
+def test_relu_gradients_match_plain_autograd(arch: str) -> None:
+    sae, x = make(arch), batch()
     sae(x, sparsity_coeff=0.3).loss.backward()
     ours = grads(sae)
     sae.zero_grad()
     z = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
-    weights = sae.W_dec.norm(dim=1) if variant == "decoder_norm" else torch.ones(D_SAE)
+    weights = sae.W_dec.norm(dim=1) if arch == "relu_dn" else torch.ones(D_SAE)
     loss = ((z @ sae.W_dec + sae.b_dec - x) ** 2).sum(-1).mean() + 0.3 * (z * weights).sum(-1).mean()
     loss.backward()
     for name, g in grads(sae).items():
@@ -174,11 +255,12 @@ def test_relu_gradients_match_plain_autograd(variant: str) -> None:
 @pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu"])
 def test_bf16_autocast_trains_and_counts_exactly(arch: str) -> None:
     torch.manual_seed(0)
-    sae = build_sae(SAEConfig(architecture=arch, d_sae=D_SAE, k=4, jumprelu_init_threshold=0.1), D_IN)
+    own = {"topk": {"k": 4}, "jumprelu": {"init_threshold": 0.1}}.get(arch, {})
+    sae = build_sae(cfg(arch, d_sae=D_SAE, **own), D_IN)
     x = batch(600)  # > 256 rows: bf16 could not even hold the counts exactly
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = sae(x, sparsity_coeff=0.1)
-        z = sae.encode(x)
+        z = sae.encode_normalized(x)
     out.loss.backward()
     assert torch.equal(out.fire_counts, (z != 0).sum(0))
     assert all(torch.isfinite(p.grad).all() and p.grad.abs().max() > 0 for p in sae.parameters())
@@ -188,8 +270,8 @@ def test_bf16_autocast_trains_and_counts_exactly(arch: str) -> None:
 def test_torch_compile_matches_eager(arch: str) -> None:
     """``trainer.compile=true`` compiles the SAE (``nn.Module.compile``): its custom autograd functions and
     in-place ops must trace, and the compiled step must give eager's loss and gradients."""
-    eager = make(architecture=arch, k=4)
-    compiled = make(architecture=arch, k=4)
+    eager = make(arch, **ARCH_KEYS[arch])
+    compiled = make(arch, **ARCH_KEYS[arch])
     compiled.compile()
     x = batch(300)
     outs = [sae(x, sparsity_coeff=0.5) for sae in (eager, compiled)]

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from sae_lightning.config import SAEConfig
 from sae_lightning.saes import build_sae
+from sae_lightning.saes.jumprelu import JumpReLUConfig
 
 D_IN, D_SAE, B, EPS = 12, 40, 64, 0.05
 
 
 def make() -> torch.nn.Module:
     torch.manual_seed(0)
-    sae = build_sae(SAEConfig(architecture="jumprelu", d_sae=D_SAE, jumprelu_init_threshold=0.3,
-                              jumprelu_bandwidth=EPS), D_IN)
+    sae = build_sae(JumpReLUConfig(d_sae=D_SAE, init_threshold=0.3,
+                              bandwidth=EPS), D_IN)
     with torch.no_grad():
         sae.b_dec.normal_()
     return sae

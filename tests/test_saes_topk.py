@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_lightning.config import SAEConfig
 from sae_lightning.saes import build_sae
 from sae_lightning.saes.sparse_ops import LatentMajor, gathered_dots
+from sae_lightning.saes.topk import TopKConfig
 
 D_IN, D_SAE, K, B = 16, 96, 5, 48
 
 
 def make(kernel: str, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
-    sae = build_sae(SAEConfig(architecture="topk", d_sae=D_SAE, k=K, sparse_kernel=kernel, **kw), D_IN)
+    sae = build_sae(TopKConfig(d_sae=D_SAE, k=K, sparse_kernel=kernel, **kw), D_IN)
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_enc.normal_(0, 0.1)
@@ -52,7 +52,7 @@ def test_relu_after_topk_counts_only_positive_latents() -> None:
 
 def test_auto_kernel_choice() -> None:
     assert make("auto").sparse and not make("dense").sparse
-    assert not build_sae(SAEConfig(architecture="topk", d_sae=64, k=32), 8).sparse
+    assert not build_sae(TopKConfig(d_sae=64, k=32), 8).sparse
 
 
 @pytest.mark.parametrize("kernel", ["dense", "sparse"])
@@ -61,7 +61,7 @@ def test_auxk_zero_when_nothing_dead(kernel: str) -> None:
     ref = sae(x, sparsity_coeff=0.0)
     out = sae(x, sparsity_coeff=0.0, dead_mask=torch.zeros(D_SAE, dtype=torch.bool))
     assert ref.terms["auxk"] == 0 and out.terms["auxk"] == 0
-    torch.testing.assert_close(out.loss, ref.terms["mse"])
+    torch.testing.assert_close(out.loss, ref.terms["reconstruction"])
 
 
 def test_auxk_matches_hand_computation_and_trains_dead_latents_only() -> None:

@@ -15,7 +15,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sae_lightning.config import register_configs
-from sae_lightning.sweep import SWEPT_KEYS_ENV, short_names, sweep_group, sweep_subdir, swept_keys
+from sae_lightning.sweep import SWEPT_KEYS_FILE, short_names, sweep_group, sweep_subdir, swept_keys
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,13 +27,16 @@ def test_swept_keys_are_those_with_several_values():
     assert swept_keys(["l1=1,2,5", "sae.dict_mult=4,8", "l1=3"]) == ["sae.dict_mult"]
 
 
-def test_job_folder_has_number_and_only_swept_values(monkeypatch):
-    monkeypatch.setenv(SWEPT_KEYS_ENV, "sae.dict_mult,l1")
+def test_job_folder_has_number_and_only_swept_values(tmp_path):
+    """The swept keys come from the sweep folder (written before any job starts), not the environment."""
+    (tmp_path / SWEPT_KEYS_FILE).write_text(json.dumps(["sae.dict_mult", "l1"]))
     task = ["activations=file", "activations.path=/data/x.npy", "sae.dict_mult=8", "l1=0.0003", "seed=1"]
-    assert sweep_subdir(3, task) == "003_dict_mult=8_l1=0.0003"
-    assert sweep_subdir(4, ["l1=1", "sae.dict_mult=0.0022881136684755237"]) == "004_dict_mult=0.002288_l1=1"
-    monkeypatch.setenv(SWEPT_KEYS_ENV, "model.name")
-    assert sweep_subdir(12, ["model.name=org/some model"]) == "012_name=org-some-model"
+    assert sweep_subdir(3, task, str(tmp_path)) == "003_dict_mult=8_l1=0.0003"
+    assert sweep_subdir(4, ["l1=1", "sae.dict_mult=0.0022881136684755237"], str(tmp_path)) == \
+        "004_dict_mult=0.002288_l1=1"
+    (tmp_path / SWEPT_KEYS_FILE).write_text(json.dumps(["model.name"]))
+    assert sweep_subdir(12, ["model.name=org/some model"], str(tmp_path)) == "012_name=org-some-model"
+    assert sweep_subdir(5, task, str(tmp_path / "elsewhere")) == "005"
 
 
 def test_short_names_keep_full_keys_when_ambiguous():

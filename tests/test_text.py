@@ -57,6 +57,14 @@ def test_documents_split_across_read_chunks(tmp_path: Path, monkeypatch, chunk: 
     assert list(read_documents(_write(tmp_path / "a.txt", docs), "<|endoftext|>")) == docs
 
 
+def test_without_a_separator_each_file_is_one_document(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(text, "_READ_CHUNK_BYTES", 5)  # the document spans many read chunks
+    (tmp_path / "a.txt").write_text("First paragraph.\n\nSecond <|endoftext|> paragraph.\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("  Another file.  ", encoding="utf-8")
+    docs = list(iter_documents(_cfg(tmp_path, separator=None)))
+    assert docs == ["First paragraph.\n\nSecond <|endoftext|> paragraph.", "Another file."]
+
+
 def test_packing_with_bos(tiny_tokenizer) -> None:
     rows = torch.from_numpy(np.concatenate(list(pack_rows(DOCS, tiny_tokenizer, 8, prepend_bos=True))))
     assert rows.shape[1] == 8

@@ -29,7 +29,7 @@ from filelock import FileLock, Timeout
 
 from .key import CacheKey
 from .reader import META
-from .writer import CacheBuildError, RowBatch, ShardAssembler, ShardSet, WriterThread, atomic_write_json
+from .writer import CacheBuildError, RowBatch, ShardAssembler, ShardSet, WriterThread, write_json
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def _publish(key: CacheKey, shards: ShardSet, root: Path, tokens_seen: int, seco
         raise CacheBuildError(f"{shards.dir}: activations have mean norm {mean} (NaN/inf from the model?); "
                               "check model.dtype (float16 overflows) and rebuild")
     meta.update(norm_scale=math.sqrt(shards.d) / mean, mean_norm=mean)
-    atomic_write_json(shards.dir / META, meta)
+    write_json(shards.dir / META, meta)
     final = cache_path(root, key)
     if final.exists():   # a stale directory without meta.json (we hold the lock, so nobody is using it)
         shutil.rmtree(final)

@@ -52,9 +52,9 @@ def cache_key(cfg: Any, model_fingerprint: str, text_fingerprint: str) -> CacheK
 def ensure_cache(cfg: Any) -> list[ActivationCache]:
     """Open (building first if missing) one cache per hook point of ``cfg``, in ``hook_points`` order.
 
-    Returns ``[]`` for ``activations.source=file``: an imported array needs no cache.
+    Returns ``[]`` unless ``activations.source=lm``: an imported array or synthetic rows need no cache.
     """
-    if cfg.activations.source == "file":
+    if cfg.activations.source != "lm":
         return []
     from .. import lm as lm_side
     from .. import text as text_side

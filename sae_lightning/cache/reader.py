@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..io import sha256_file
 from .key import FORMAT_VERSION, CacheKey
-from .shardfile import ShardError, file_sha256, memmap_shard, read_header
+from .shardfile import ShardError, memmap_shard, read_header
 
 META = "meta.json"
 NORM_SAMPLE_ROWS = 32_768
@@ -65,6 +66,14 @@ def estimate_norm_scale(source: RowSource, n: int = NORM_SAMPLE_ROWS, seed: int 
         raise CacheError(f"{source.path}: activations have mean norm {mean}; cannot normalize. "
                          "Inspect the data or set activations.normalize=false")
     return math.sqrt(source.d) / mean, mean
+
+
+def virtual_shards(n: int, shard_rows: int, min_shards: int) -> tuple[list[int], list[int]]:
+    """(first row, rows) of each shard when ``n`` rows are cut into at least ``min_shards`` shards of at
+    most ``shard_rows`` rows, so a validation split by shard stays close to its fraction."""
+    rows = max(1, min(shard_rows, math.ceil(n / min_shards)))
+    starts = list(range(0, n, rows))
+    return starts, [min(rows, n - s) for s in starts]
 
 
 class RowSource:
@@ -193,7 +202,7 @@ class ActivationCache(RowSource):
             read_header(f)
         except (ShardError, OSError, ValueError) as err:
             raise CacheError(f"{err}. Delete {self.path} and rebuild it") from None
-        if file_sha256(f) != entry["sha256"]:
+        if sha256_file(f) != entry["sha256"]:
             raise CacheError(f"shard {f} fails its SHA-256 checksum (corrupted on disk or edited). "
                              f"Delete {self.path} and rebuild it")
 
@@ -228,9 +237,7 @@ class ArraySource(RowSource):
         array, self.dtype = self._open(self.path)
         (n, self.d), self._np_dtype, self._offset = array.shape, array.dtype, array.offset
         del array  # each shard maps its own range, so release() really unmaps it
-        rows = max(1, min(shard_rows, math.ceil(n / min_shards)))
-        self.starts = list(range(0, n, rows))
-        self.shard_sizes = [min(rows, n - s) for s in self.starts]
+        self.starts, self.shard_sizes = virtual_shards(n, shard_rows, min_shards)
         self.norm_scale = estimate_norm_scale(self)[0] if normalize else 1.0
 
     @staticmethod

@@ -88,8 +88,3 @@ def memmap_shard(path: Path) -> dict[str, np.ndarray]:
         out[name] = np.memmap(path, dtype=dtype, mode="r", offset=start + v["data_offsets"][0], shape=shape)
     return out
 
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file read in chunks (plain reads, not mmap, so it leaves no pages in our RSS)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()

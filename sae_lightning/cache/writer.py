@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .shardfile import file_sha256, read_header, write_shard
+from ..io import atomic_write_json, sha256_file
+from .shardfile import read_header, write_shard
 
 PROGRESS = "progress.json"
 NORM_STRIDE = 8
@@ -35,17 +36,11 @@ def _hint(err: OSError) -> str:
     return "check that the cache directory is writable"
 
 
-def atomic_write_json(path: Path, obj: dict) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename, so readers see old or new, never half."""
-    tmp = path.with_name(path.name + ".tmp")
+def write_json(path: Path, obj: dict) -> None:
+    """``io.atomic_write_json``, with a write error turned into a ``CacheBuildError`` that says what to do."""
     try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_json(path, obj)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise CacheBuildError(f"writing {path} failed: {os.strerror(err.errno or 0)}. Fix: {_hint(err)}; "
                               "the next run resumes from the complete shards") from err
 
@@ -97,7 +92,7 @@ class ShardSet:
             f = self.dir / entry["file"]
             try:
                 read_header(f)
-                if file_sha256(f) != entry["sha256"]:
+                if sha256_file(f) != entry["sha256"]:
                     break
             except (OSError, RuntimeError, ValueError):
                 break
@@ -111,7 +106,7 @@ class ShardSet:
         self._save_progress()
 
     def _save_progress(self) -> None:
-        atomic_write_json(self.dir / PROGRESS, {"key": self.key, "shard_rows": self.shard_rows, "d": self.d,
+        write_json(self.dir / PROGRESS, {"key": self.key, "shard_rows": self.shard_rows, "d": self.d,
                                                "shards": self.shards})
 
     def _norm_sample(self, n: int) -> dict[str, float]:

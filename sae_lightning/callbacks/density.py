@@ -7,8 +7,9 @@ import torch
 
 
 class DensityMonitor(L.Callback):
-    """Every ``every_n_steps`` logs the fraction of latents that never fired / fired on more than
-    ``dense_threshold`` of the window's tokens, and a log10-density histogram to W&B when it is used."""
+    """Every ``every_n_steps`` logs the fraction of latents that fired on more than ``dense_threshold`` of
+    the window's tokens, and a log10-density histogram to W&B when it is used (dead latents are
+    ``train/dead_fraction_window``, logged by the module)."""
 
     def __init__(self, every_n_steps: int, dense_threshold: float) -> None:
         self.every_n_steps = every_n_steps
@@ -17,11 +18,8 @@ class DensityMonitor(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         if self.every_n_steps <= 0 or trainer.global_step % self.every_n_steps != 0:
             return
-        dens = pl_module.densities(reset=True)
-        pl_module.log_dict({
-            "density/never_fired_fraction": (dens == 0).float().mean(),
-            "density/dense_fraction": (dens > self.dense_threshold).float().mean(),
-        })
+        dens = pl_module.latents.densities(reset=True)
+        pl_module.log("density/dense_fraction", (dens > self.dense_threshold).float().mean())
         for lg in trainer.loggers:
             if type(lg).__name__ == "WandbLogger":
                 import wandb

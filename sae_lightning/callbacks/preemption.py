@@ -1,11 +1,14 @@
-"""Save a checkpoint and stop cleanly when the job is asked to stop: SIGTERM (pre-emption, ``scancel``) or
-SIGUSR1 (SLURM's ``--signal=USR1@<seconds>`` warning before the time limit).
+"""Save a checkpoint and stop cleanly when the job is asked to stop: SIGTERM (pre-emption, ``scancel``),
+SIGUSR1 (SLURM's ``--signal=USR1@<seconds>`` warning before the time limit) or SIGUSR2 (the same warning as
+submitit, i.e. ``hydra/launcher=slurm``, asks SLURM for it).
 
 Lightning's own SIGTERM handling raises out of the loop without saving, and without SLURM's auto-requeue
-it leaves SIGUSR1 at its default action, which kills the process. This callback takes both signals over
+it leaves SIGUSR1 at its default action, which kills the process. This callback takes these signals over
 once training starts. The handler only records the signal; the checkpoint is written at the next step
 boundary, where the weights, optimizer, schedules and the data stream position agree with each other.
 Under DDP the decision is shared, so every rank stops at the same step even if only one got the signal.
+Once the checkpoint is written, :func:`pass_on_signal` hands the signal to the handler that was there
+before training (submitit's requeues the job, which then resumes with ``ckpt_path=auto``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from lightning.pytorch.callbacks import Callback
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class PreemptionCheckpoint(Callback):
@@ -55,7 +58,7 @@ class PreemptionCheckpoint(Callback):
         if not trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False):
             return
         self.signum = self.signum or signal.SIGTERM  # a rank that got no signal itself
-        trainer.save_checkpoint(self.ckpt_path)
+        trainer.save_checkpoint(self.ckpt_path, weights_only=False)  # full state, to resume from
         self.saved_step = trainer.global_step
         trainer.should_stop = True
 
@@ -69,3 +72,13 @@ class PreemptionCheckpoint(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, err: BaseException) -> None:
         self._restore_handlers()
+
+
+def pass_on_signal(signum: int) -> None:
+    """Run the Python handler that ``signum`` had before training (e.g. submitit's, which requeues the job
+    and exits), now that the checkpoint is saved. Default and ignored dispositions are left alone: the run
+    then exits with 128 + signal itself."""
+    handler = signal.getsignal(signum)
+    if callable(handler):
+        log.info("Passing %s on to the job launcher's handler", signal.Signals(signum).name)
+        handler(signum, None)

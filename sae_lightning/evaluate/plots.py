@@ -61,7 +61,10 @@ def score_distributions(scores: Mapping[str, np.ndarray], xlabel: str) -> str:
         ax.axvline(float(np.median(finite)), color=color, linestyle="--")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("units")
-    ax.legend(fontsize=8)
+    if ax.patches:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no unit could be scored", ha="center", va="center", transform=ax.transAxes)
     return to_data_uri(fig)
 
 

@@ -1,7 +1,9 @@
 """A self-contained HTML report (inline CSS, plots as base64 PNGs: opens offline, one file).
 
 ``evaluate.py`` gathers plain data into :class:`ReportData` (unit cards via :func:`unit_cards`) and calls
-:func:`write_report`. Every string from the data (token text, names) is HTML-escaped.
+:func:`write_report`. Every string from the data (token text, names) is HTML-escaped. The page opens with
+the picture: a few raw neurons next to a few SAE latents, picked by the monosemanticity score
+(:func:`monosemanticity.pick_by_score`), each with its automatic label and top contexts.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from sae_lightning.evaluate.contexts import (
     top_contexts,
     top_promoted,
 )
+from sae_lightning.evaluate.corpus import Corpus
+from sae_lightning.evaluate.labels import label_unit
 from sae_lightning.evaluate.monosemanticity import EXPLANATION, MonosemanticityScores
 
 # headline metrics in display order, with what they mean (keys of metrics.json)
@@ -49,16 +53,18 @@ HEADLINE = {
 
 @dataclass
 class UnitCard:
-    """What the report shows for one latent or neuron."""
+    """What the report shows for one latent or neuron (the picture's cards have no histogram)."""
 
     kind: str  # "latent" | "neuron"
     index: int
     density: float
     contexts: list[Context]
-    histogram: tuple[np.ndarray, np.ndarray]  # counts, bin edges of its positive activations
+    histogram: tuple[np.ndarray, np.ndarray] | None  # counts, bin edges of its positive activations
     promoted: list[tuple[str, float]]  # top tokens by direct logit effect
     coherence: float | None = None
     entropy: float | None = None
+    lift: float | None = None  # token-matched lift
+    label: str = ""  # automatic description (labels.label_unit)
 
 
 @dataclass
@@ -73,35 +79,43 @@ class ReportData:
     feature_density: np.ndarray | None = None  # per latent
     history: Mapping[str, Sequence[float]] | None = None  # training curve: step, l0, mse
     details: Mapping[str, Any] = field(default_factory=dict)  # run facts (checkpoint, hook, config...)
+    picture_neurons: Sequence[UnitCard] = ()  # the opening picture: least monosemantic scored neurons
+    picture_latents: Sequence[UnitCard] = ()  # ... next to the most monosemantic scored latents
 
 
 def unit_cards(kind: str, units: Sequence[int], summary: UnitSummary, context_row: ContextRow,
                decode: TokenDecoder, logit_effects: Tensor | None = None,
-               scores: MonosemanticityScores | None = None, n_promoted: int = 8, before: int = 12,
+               scores: MonosemanticityScores | None = None, corpus: Corpus | None = None, *,
+               histograms: bool = True, n_promoted: int = 8, before: int = 12,
                after: int = 4) -> list[UnitCard]:
     """Cards for ``units`` from a :class:`UnitSummary`; ``logit_effects [len(units), vocab]`` rows follow
-    ``units``; histograms need the units to have been ``track``-ed by the collector."""
+    ``units``; histograms need the units to have been ``track``-ed by the collector; labels need the
+    ``corpus``."""
     density = summary.density()
     by_unit = _scores_by_unit(scores)
     cards = []
     for i, unit in enumerate(units):
-        values = summary.tracked.get(unit, np.zeros(0))
-        coherence, entropy = by_unit.get(unit, (None, None))
+        contexts = top_contexts(summary.top, unit, context_row, decode, before, after)
+        coherence, entropy, lift = by_unit.get(unit, (None, None, None))
         cards.append(UnitCard(
-            kind=kind, index=unit, density=float(density[unit]),
-            contexts=top_contexts(summary.top, unit, context_row, decode, before, after),
-            histogram=activation_histogram(values),
+            kind=kind, index=unit, density=float(density[unit]), contexts=contexts,
+            histogram=activation_histogram(summary.tracked.get(unit, np.zeros(0))) if histograms else None,
             promoted=top_promoted(logit_effects[i], n_promoted, decode) if logit_effects is not None else [],
-            coherence=coherence, entropy=entropy,
+            coherence=coherence, entropy=entropy, lift=lift,
+            label=str(label_unit(contexts, corpus)) if corpus is not None and contexts else "",
         ))
     return cards
 
 
-def _scores_by_unit(scores: MonosemanticityScores | None) -> dict[int, tuple[float | None, float | None]]:
+def _scores_by_unit(scores: MonosemanticityScores | None) -> dict[int, tuple[float | None, ...]]:
+    """unit -> (coherence, entropy, token-matched lift), None for what was not computed."""
     if scores is None:
         return {}
-    coherence = scores.coherence if scores.coherence is not None else [None] * len(scores.units)
-    return {u: (c, float(e)) for u, c, e in zip(scores.units, coherence, scores.entropy, strict=True)}
+    absent = [None] * len(scores.units)
+    coherence = absent if scores.coherence is None else scores.coherence.tolist()
+    lift = scores.lift()
+    return {u: (c, float(e), m) for u, c, e, m in zip(scores.units, coherence, scores.entropy,
+                                                      absent if lift is None else lift.tolist(), strict=True)}
 
 
 def write_report(path: str | Path, data: ReportData) -> Path:
@@ -116,6 +130,7 @@ def render(data: ReportData) -> str:
     """The report as one HTML string."""
     sections = [
         f"<h1>{_e(data.title)}</h1>",
+        _picture_section(data),
         _details(data.details),
         "<h2>Headline metrics</h2>",
         _metrics_table(data.metrics),
@@ -181,15 +196,36 @@ def _units_section(data: ReportData) -> str:
 
 
 def _card(card: UnitCard) -> str:
-    named = (("coherence", card.coherence), ("token entropy", card.entropy))
+    named = (("coherence", card.coherence), ("token-matched lift", card.lift),
+             ("token entropy", card.entropy))
     scores = "".join(f" · {name} {_fmt(v)}" for name, v in named if v is not None)
+    label = f"<p class='label'>{_e(card.label)}</p>" if card.label else ""
     contexts = "".join(_context(c) for c in card.contexts) or "<li class='note'>never fired</li>"
-    promoted = ", ".join(f"<code>{_e(t)}</code> {v:+.3g}" for t, v in card.promoted)
+    head = (f"<div class='card {card.kind}'><h4>{_e(card.kind)} {card.index}</h4>{label}"
+            f"<p class='note'>density {_fmt(card.density)}{scores}</p><ol class='ctx'>{contexts}</ol>")
+    if card.histogram is None:
+        return head + "</div>"
     counts, edges = card.histogram
-    return (f"<div class='card {card.kind}'><h4>{_e(card.kind)} {card.index}</h4>"
-            f"<p class='note'>density {_fmt(card.density)}{scores}</p><ol class='ctx'>{contexts}</ol>"
-            f"{_img(plots.unit_histogram(counts, edges, card.kind), 'activation histogram')}"
+    promoted = ", ".join(f"<code>{_e(t)}</code> {v:+.3g}" for t, v in card.promoted)
+    return (f"{head}{_img(plots.unit_histogram(counts, edges, card.kind), 'activation histogram')}"
             f"<p class='promoted'>promotes: {promoted or 'n/a'}</p></div>")
+
+
+def _picture_section(data: ReportData) -> str:
+    if not data.picture_neurons or not data.picture_latents:
+        return ""
+    by = ("context coherence" if data.picture_latents[0].coherence is not None
+          else "activating-token entropy (context coherence was not computed)")
+    columns = "".join(f"<div class='col'><h3>{title}</h3>{''.join(_card(c) for c in cards)}</div>"
+                      for title, cards in (("Raw MLP neurons: lowest score", data.picture_neurons),
+                                           ("SAE latents: highest score", data.picture_latents)))
+    return ("<h2>Neurons and latents at a glance</h2>"
+            f"<p class='note'>Picked automatically by {by}, among the units scored below: the scored neurons "
+            "that score lowest (top contexts mixing unrelated themes) and the scored latents that score "
+            "highest (keeping to one). The medians in the monosemanticity section say how typical they are. "
+            "Each card's first line is its automatic label: the tokens it fires on and the words around "
+            "them that are far more common in its contexts than in the text.</p>"
+            f"<div class='row'>{columns}</div>")
 
 
 def _context(c: Context) -> str:
@@ -198,26 +234,50 @@ def _context(c: Context) -> str:
     return f"<li><span class='tok'>{''.join(parts)}</span> <span class='val'>[{c.value:.3g}]</span></li>"
 
 
+SCORE_ROWS = {  # metrics.json suffix -> what the row says (keys: <kind>_<suffix>; docs/metrics.md)
+    "qualified": "units with the full number of contexts (the scored ones are drawn from them)",
+    "scored": "units scored (equal-size random samples)",
+    "coherence_median": "median context coherence above the random baseline",
+    "above_random_fraction": "share of scored units with coherence > 0",
+    "token_matched_lift_median": "median coherence above the token-matched control",
+    "entropy_median": "median activating-token entropy (bits)",
+}
+
+
 def _scores_section(scores: Sequence[MonosemanticityScores]) -> str:
     if not scores:
         return ""
-    entropy_label = "activating-token entropy (bits, lower = more specific)"
-    figs = [_img(plots.score_distributions({s.kind: s.entropy for s in scores}, entropy_label), "entropy")]
-    with_coherence = [s for s in scores if s.coherence is not None]
-    if with_coherence:
-        figs.insert(0, _img(plots.score_distributions(
-            {s.kind: s.coherence for s in with_coherence},
-            "context coherence above random baseline (higher = more monosemantic)"), "coherence"))
-    medians: dict[str, float] = {}
-    for s in scores:
-        medians |= s.medians()
-        medians[f"{s.kind}s_scored"] = float(len(s.units))
-    baseline = next((s.baseline for s in with_coherence), None)
-    if baseline is not None:
-        medians["random_context_similarity (baseline)"] = baseline
+    distributions = {
+        "context coherence above random baseline (higher = more monosemantic)":
+            {s.kind: s.coherence for s in scores if s.coherence is not None},
+        "token-matched lift (> 0: a topic beyond the token)": {s.kind: s.lift() for s in scores},
+        "activating-token entropy (bits, lower = more specific)": {s.kind: s.entropy for s in scores},
+    }
+    figs = []
+    for label, by_kind in distributions.items():
+        computed = {kind: values for kind, values in by_kind.items() if values is not None}
+        if computed:
+            figs.append(_img(plots.score_distributions(computed, label), label))
+    baseline = next((s.baseline for s in scores if s.baseline is not None), None)
+    note = (f"<p class='note'>{scores[0].n_contexts} contexts per unit"
+            + (f"; random-context similarity (the baseline) {_fmt(baseline)}" if baseline is not None else "")
+            + ".</p>")
     explanation = "".join(f"<p>{_e(p)}</p>" for p in EXPLANATION)
     return (f"<h2>Monosemanticity: neurons vs latents</h2><div class='row'>{''.join(figs)}</div>"
-            f"{_metrics_table(medians)}<div class='explain'>{explanation}</div>")
+            f"{_scores_table({s.kind: s.metrics() for s in scores})}{note}"
+            f"<div class='explain'>{explanation}</div>")
+
+
+def _scores_table(by_kind: Mapping[str, Mapping[str, float]]) -> str:
+    """One row per score (:data:`SCORE_ROWS`), one column per kind of unit."""
+    head = "".join(f"<th>{_e(kind)}s</th>" for kind in by_kind)
+    rows = []
+    for suffix, what in SCORE_ROWS.items():
+        values = [m.get(f"{kind}_{suffix}") for kind, m in by_kind.items()]
+        if any(v is not None for v in values):
+            cells = "".join(f"<td class='num'>{_fmt(math.nan if v is None else v)}</td>" for v in values)
+            rows.append(f"<tr><th>{_e(suffix)}</th>{cells}<td class='what'>{_e(what)}</td></tr>")
+    return f"<table class='metrics'><tr><th></th>{head}<th></th></tr>{''.join(rows)}</table>"
 
 
 CSS = """
@@ -233,5 +293,5 @@ td.num { font-variant-numeric: tabular-nums; text-align: right; } td.what, .note
 ol.ctx { padding-left: 1.4em; margin: .3em 0; font-size: .85em; }
 .tok { font-family: ui-monospace, monospace; white-space: pre-wrap; }
 mark { background: #ffd54f; font-weight: bold; } .val { color: #888; } .promoted { font-size: .85em; }
-.explain { max-width: 900px; font-size: .9em; color: #444; }
+.explain { max-width: 900px; font-size: .9em; color: #444; } .label { margin: 0 0 .2em; font-style: italic; }
 """

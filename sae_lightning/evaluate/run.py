@@ -1,13 +1,15 @@
-"""What ``evaluate.py`` runs: checkpoint -> held-out activations -> metrics.json, HTML report, export.
+"""What ``evaluate.py`` runs: trained SAE -> held-out activations -> metrics.json (+ SAEBench core JSON),
+HTML report, export.
 
-Cheap checks first (the checkpoint, then the activations it will be applied to), then the one streamed
-pass over held-out rows, then the LM-based numbers (downstream loss, logit effects) and the report.
+``ckpt_path`` may name a run folder, its ``sae/`` folder, or a ``.ckpt`` file; the run's final weights are
+read from ``<run>/sae`` (``SAE.load``), an intermediate checkpoint from the checkpoint itself. Cheap checks
+first (the SAE, then the activations it will be applied to), then the one streamed pass over held-out
+rows, then the LM-based numbers (downstream loss, logit effects) and the report.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import time
 from pathlib import Path
@@ -15,55 +17,59 @@ from typing import Any
 
 import torch
 
-from sae_lightning.checkpoints import CheckpointError, load_sae_checkpoint
-from sae_lightning.config import EvalConfig, TrainConfig
-from sae_lightning.datamodule import ActivationDataModule, EvalRows
+from sae_lightning.checkpoints import CheckpointError
+from sae_lightning.config import EvalConfig, TrainConfig, train_config_from_dict
+from sae_lightning.datamodule import ActivationDataModule
 from sae_lightning.evaluate.pipeline import RowsResult, evaluate_rows, track_candidates
-from sae_lightning.module import SAEModule
+from sae_lightning.evaluate.prefixes import has_prefixes, prefix_metrics
+from sae_lightning.io import atomic_write_json, keep_previous
+from sae_lightning.rundir import RunDir
+from sae_lightning.saes import SAE
 
 log = logging.getLogger(__name__)
 
 
 def eval_dir_for(ckpt_path: str, out_dir: str | None = None) -> Path:
-    """``<run>/eval`` for a checkpoint in ``<run>/checkpoints/``, else ``<checkpoint's folder>/eval``."""
-    if out_dir:
-        return Path(out_dir)
-    ckpt = Path(ckpt_path).resolve()
-    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    return run / "eval"
+    """``<run>/eval`` for a run folder, its ``sae/`` folder or a checkpoint in its ``checkpoints/``."""
+    return Path(out_dir) if out_dir else RunDir.of(ckpt_path).eval
 
 
-def keep_previous(path: Path) -> None:
-    """Rename an earlier output to ``<stem>.<its mtime><suffix>``: a new evaluation never destroys one."""
-    if path.exists():
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
-        path.rename(path.with_name(f"{path.stem}.{stamp}{path.suffix}"))
+def load_trained(path: str | Path) -> tuple[SAE, TrainConfig]:
+    """The SAE to evaluate and the config it was trained with, from a run folder, its ``sae/`` folder, or a
+    checkpoint (``final.ckpt`` is read from the run's ``sae/`` folder when there is one)."""
+    p = Path(path)
+    run = RunDir.of(p)
+    if p.suffix == ".ckpt" and not (p.name == "final.ckpt" and run.sae.is_dir()):
+        from sae_lightning.checkpoints import load_sae_checkpoint
+
+        module = load_sae_checkpoint(p)
+        return module.sae, module.cfg
+    folder = p if (p / "cfg.json").is_file() else run.sae
+    if not (folder / "cfg.json").is_file():
+        raise CheckpointError(f"{path} is neither an SAE folder (cfg.json + sae.safetensors), a run folder "
+                              "holding one in sae/, nor a .ckpt file. Give <run dir>, <run>/sae or "
+                              "<run>/checkpoints/<file>.ckpt")
+    sae = SAE.load(folder)
+    return sae, train_config_from_dict(sae.metadata["train_config"])
 
 
-def open_eval_data(cfg: EvalConfig, train_cfg: TrainConfig, module: SAEModule) -> ActivationDataModule:
+def open_eval_data(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE) -> ActivationDataModule:
     """The held-out shards of the training activations, or every row of an explicitly given array."""
     if cfg.activations is not None and cfg.activations.source == "file":
         dm = ActivationDataModule(cfg.activations.path, cfg.activations, cfg.batch_size, cfg.seed)
-        dm.val_shards = dm.train_shards + dm.val_shards  # an explicitly given array is held out in full
+        dm.eval_shards = list(range(dm.source.n_shards))  # an explicitly given array is held out in full
     else:
         dm = ActivationDataModule.from_config(train_cfg)
-    if dm.d_in != module.sae.d_in:
+    if dm.d_in != sae.d_in:
         raise CheckpointError(
-            f"checkpoint {cfg.ckpt_path} holds an SAE for d_in={module.sae.d_in} activations, but "
+            f"checkpoint {cfg.ckpt_path} holds an SAE for d_in={sae.d_in} activations, but "
             f"{dm.source.path} has d={dm.d_in}: evaluate it on the activations it was trained on")
     return dm
 
 
-def held_out_rows(dm: ActivationDataModule, cfg: EvalConfig, norm_scale: float):
-    """Held-out rows normalized with the CHECKPOINT's scale (an explicitly given array has its own)."""
-    rescale = norm_scale / dm.norm_scale if dm.norm_scale else norm_scale
-    for rows in dm.eval_rows(cfg.max_tokens, cfg.batch_size):
-        yield EvalRows(rows.acts * rescale, rows.tokens, rows.doc, rows.pos)
-
-
-def training_history(run_dir: Path) -> dict[str, list[float]] | None:
+def training_history(run: RunDir) -> dict[str, list[float]] | None:
     """Step, L0 and MSE from the run's CSV log (the report's training curve), if there is one."""
-    path = run_dir / "csv" / "metrics.csv"
+    path = run.csv_log
     if not path.exists():
         return None
     hist: dict[str, list[float]] = {"step": [], "l0": [], "mse": []}
@@ -76,7 +82,7 @@ def training_history(run_dir: Path) -> dict[str, list[float]] | None:
     return hist if hist["step"] else None
 
 
-def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, module: SAEModule,
+def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE,
                           dm: ActivationDataModule, result: RowsResult, metrics: dict[str, float],
                           out_dir: Path) -> dict[str, float]:
     """Downstream LM loss with the SAE spliced in, then the report (contexts, logit effects, scores)."""
@@ -87,7 +93,6 @@ def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, module: SAEMo
     from sae_lightning.lm import HookPoint, load_lm
     from sae_lightning.text import special_token_mask
 
-    scale = float(module.hparams.norm_scale)
     lm = load_lm(train_cfg.model, None if cfg.device == "auto" else cfg.device)
     hook = HookPoint(train_cfg.layer, train_cfg.hook.name)
     extra: dict[str, float] = {}
@@ -96,9 +101,9 @@ def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, module: SAEMo
         rows = torch.stack([torch.tensor(dm.context(d), dtype=torch.long) for d in docs])
         batches = list(rows.split(train_cfg.data.lm_batch_size))
         t0 = time.perf_counter()
-        extra |= downstream_metrics(lm, batches, hook, module.sae.to(lm.device), scale,
+        extra |= downstream_metrics(lm, batches, hook, sae.to(lm.device),
                                     exclude=lambda t: special_token_mask(t, lm.tokenizer))
-        module.sae.cpu()
+        sae.cpu()
         log.info("downstream LM loss on %d contexts in %.1f s: CE loss recovered %.3f", len(docs),
                  time.perf_counter() - t0, extra["ce_loss_recovered"])
     if cfg.report:
@@ -108,14 +113,14 @@ def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, module: SAEMo
         embedder = load_embedder() if cfg.monosemanticity else None
         details = {"checkpoint": str(Path(cfg.ckpt_path).resolve()), "model": train_cfg.model.name,
                    "hook": f"layer {train_cfg.layer} {train_cfg.hook.name}",
-                   "architecture": train_cfg.sae.architecture, "d_sae": module.sae.d_sae,
+                   "architecture": train_cfg.sae.architecture, "d_sae": sae.d_sae,
                    "l1": train_cfg.l1}
         data, medians = build_report_data(
             f"SAE report: {train_cfg.model.name} layer {train_cfg.layer} {train_cfg.hook.name}",
-            {**metrics, **extra}, result, module.sae, scale, parts, dm.context,
+            {**metrics, **extra}, result, sae, parts, dm.context,
             n_latents=cfg.report_latents, n_neurons=cfg.report_neurons, n_scored=cfg.monosemanticity_units,
             embedder=embedder, seed=cfg.seed,
-            history=training_history(eval_dir_for(cfg.ckpt_path).parent), details=details)
+            history=training_history(RunDir.of(cfg.ckpt_path)), details=details)
         extra |= medians
         report = out_dir / "report.html"
         keep_previous(report)
@@ -125,34 +130,46 @@ def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, module: SAEMo
 
 
 def run_evaluation(cfg: EvalConfig) -> Path:
-    """Evaluate ``cfg.ckpt_path``; returns the path of the ``metrics.json`` it wrote."""
-    module = load_sae_checkpoint(cfg.ckpt_path)
-    train_cfg, scale = module.cfg, float(module.hparams.norm_scale)
-    dm = open_eval_data(cfg, train_cfg, module)
+    """Evaluate ``cfg.ckpt_path``; returns the path of the ``metrics.json`` it wrote (``saebench_core.json``
+    beside it)."""
+    sae, train_cfg = load_trained(cfg.ckpt_path)
+    dm = open_eval_data(cfg, train_cfg, sae)
     out_dir = eval_dir_for(cfg.ckpt_path, cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     has_text = cfg.activations is None and train_cfg.activations.source == "lm"
     n_track = 4 * max(cfg.report_latents, cfg.report_neurons)
     t0 = time.perf_counter()
-    result = evaluate_rows(held_out_rows(dm, cfg, scale), module.sae, scale, n_top=cfg.top_contexts,
-                           track_latents=track_candidates(module.sae.d_sae, n_track, cfg.seed),
-                           track_neurons=track_candidates(module.sae.d_in, n_track, cfg.seed),
+    result = evaluate_rows(dm.eval_rows(cfg.max_tokens, cfg.batch_size), sae, n_top=cfg.top_contexts,
+                           track_latents=track_candidates(sae.d_sae, n_track, cfg.seed),
+                           track_neurons=track_candidates(sae.d_in, n_track, cfg.seed),
                            neurons=has_text and train_cfg.hook.name == "mlp_post",
-                           dense_threshold=train_cfg.callbacks.dense_threshold)
+                           dense_threshold=train_cfg.latents.dense_threshold)
     metrics: dict[str, Any] = dict(result.metrics)
+    metrics["eval_split"] = "file" if cfg.activations is not None else dm.eval_split
     log.info("reconstruction metrics on %d held-out tokens in %.1f s", metrics["n_tokens"],
              time.perf_counter() - t0)
+    if cfg.activations is None and train_cfg.activations.source == "synthetic":
+        from sae_lightning.evaluate.recovery import feature_recovery
+        metrics |= feature_recovery(sae.W_dec, torch.from_numpy(dm.source.dictionary))
+    if has_prefixes(sae):  # nested (Matryoshka) SAEs: each prefix's reconstruction, a second pass
+        metrics |= prefix_metrics(dm.eval_rows(cfg.max_tokens, cfg.batch_size), sae)
     if has_text and (cfg.downstream or cfg.report):
-        metrics |= lm_metrics_and_report(cfg, train_cfg, module, dm, result, metrics, out_dir)
+        metrics |= lm_metrics_and_report(cfg, train_cfg, sae, dm, result, metrics, out_dir)
     if cfg.export or cfg.hub_repo_id:
         from sae_lightning.export import export_trained, push_to_hub
 
-        exported = export_trained(module.sae, train_cfg, scale, out_dir / "saelens")
+        exported = export_trained(sae, train_cfg, out_dir / "saelens")
         metrics["export_path"] = str(exported)
         if cfg.hub_repo_id:
             push_to_hub(exported, cfg.hub_repo_id)
     metrics["ckpt_path"] = str(Path(cfg.ckpt_path).resolve())
     path = out_dir / "metrics.json"
     keep_previous(path)
-    path.write_text(json.dumps(metrics, indent=2))
+    atomic_write_json(path, metrics)
+    # the same evaluation as SAEBench's core result JSON, beside metrics.json
+    from sae_lightning.evaluate.saebench import write_core_result
+
+    keep_previous(out_dir / "saebench_core.json")
+    write_core_result(out_dir / "saebench_core.json", metrics, result.feature_density, sae, train_cfg, cfg,
+                      result.consistent_activation)
     return path

@@ -1,7 +1,16 @@
-"""SAE architectures as plain ``nn.Module``s behind a registry (``sae.architecture=<name>``)."""
+"""SAE architectures as plain ``nn.Module``s, one file each, behind a registry (``sae=<name>``).
 
-from sae_lightning.saes import jumprelu, relu, topk  # noqa: F401  (importing registers them)
-from sae_lightning.saes.base import SAE, SAEOutput
-from sae_lightning.saes.registry import SAE_REGISTRY, build_sae
+Every module of this package is imported here so that its ``@register`` runs: a new architecture file
+needs no edit anywhere else in Python.
+"""
 
-__all__ = ["SAE", "SAE_REGISTRY", "SAEOutput", "build_sae"]
+import importlib
+import pkgutil
+
+from sae_lightning.saes.base import SAE, SAEConfig, SAEOutput
+from sae_lightning.saes.registry import SAE_REGISTRY, build_sae, config_from_dict, sae_class
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["SAE", "SAE_REGISTRY", "SAEConfig", "SAEOutput", "build_sae", "config_from_dict", "sae_class"]

@@ -1,25 +1,38 @@
-"""The SAE contract (``SAEOutput``, ``SAE``) and what every architecture shares.
-
-Loss scaling (same as SAELens, so its coefficients transfer): ``mse = ((x_hat - x)**2).sum(-1).mean()``
-(sum over d_in, mean over tokens); every sparsity term is a mean over tokens of a sum over latents,
-multiplied by the ``sparsity_coeff`` the caller passes each step.
+"""What every SAE architecture shares: its config base, the training output, the ``SAE`` base class, and
+the on-disk format (``save``/``load``).
 
 Weights use SAELens names and shapes: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``
-(rows are latent directions), ``b_dec [d_in]``.
+(rows are latent directions), ``b_dec [d_in]``. They act on *normalized* activations ``u = x * input_scale``
+(``input_scale`` makes ``E||u|| = sqrt(d_in)``, see the README); the SAE is the one owner of that scale:
+``encode(x)`` and ``decode(z)`` take and give raw activations, and ``forward(u, ...)`` (training) takes
+normalized ones so that loss coefficients mean the same on every model.
+
+Loss scaling (as SAELens, so its coefficients transfer): the reconstruction loss is
+``mean_tokens sum_d (û - u)^2`` and every sparsity term a mean over tokens of a sum over latents,
+multiplied by the coefficient the training step passes (see :meth:`SAE.base_coeff`).
+
+This package imports only ``torch``, ``safetensors`` and the standard library (no Lightning, no Hydra).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from sae_lightning.config import SAEConfig
+from sae_lightning.checks import check
+from sae_lightning.io import atomic_write, atomic_write_json
 from sae_lightning.saes.init import decoder_bias_init
 
 BLOCK_ROWS = 256  # row blocks for passes over [B, d_sae] tensors: a reused buffer stays in cache
+FORMAT_VERSION = 1
+CONFIG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae.safetensors"
 
 
 @torch.no_grad()
@@ -45,52 +58,111 @@ def column_stats(z: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @dataclass
-class SAEOutput:
-    """What one training forward returns (see docs/design.md, section saes/)."""
+class SAEConfig:
+    """Knobs every architecture has; each architecture file subclasses it with its own (an unknown key,
+    e.g. ``sae.k`` on ``sae=relu``, then fails naming the key and the architecture's config class).
 
-    x_hat: Tensor  # [B, d_in]
+    ``architecture`` is the registry name, fixed by each subclass. ``d_sae`` wins over ``dict_mult``.
+    ``b_dec_init``: ``geometric_median`` | ``mean`` | ``zeros`` of a training sample (fresh runs only).
+    """
+
+    architecture: str = ""
+    dict_mult: float = 8.0
+    d_sae: int | None = None
+    b_dec_init: str = "geometric_median"
+
+    def __post_init__(self) -> None:
+        own = next(f.default for f in fields(self) if f.name == "architecture")
+        check(self.architecture == own, "sae.architecture", self.architecture,
+              f"{type(self).__name__} is sae={own}; choose the architecture with sae=<name>")
+        check(self.dict_mult > 0, "sae.dict_mult", self.dict_mult, "must be > 0")
+        check(self.d_sae is None or self.d_sae > 0, "sae.d_sae", self.d_sae, "must be > 0")
+        check(self.b_dec_init in ("geometric_median", "mean", "zeros"), "sae.b_dec_init", self.b_dec_init,
+              "choose geometric_median, mean or zeros")
+
+    def resolve_d_sae(self, d_in: int) -> int:
+        """``d_sae`` when set, else ``round(dict_mult * d_in)``."""
+        return self.d_sae if self.d_sae is not None else round(self.dict_mult * d_in)
+
+
+@dataclass
+class SAEOutput:
+    """What one training forward returns (normalized space)."""
+
+    x_hat: Tensor  # [B, d_in] reconstruction of the normalized input
     loss: Tensor  # scalar, what the optimizer minimises
-    terms: dict[str, Tensor]  # detached scalars for logging
+    terms: dict[str, Tensor]  # detached scalars for logging: the loss terms (after coefficients) and "l0"
     fire_counts: Tensor  # [d_sae] rows of the batch where each latent was non-zero (int64)
     l0: Tensor  # scalar, mean number of non-zero latents per row
 
 
 class SAE(nn.Module):
-    """Base class: parameters, pre-encoder bias, decoder-norm constraint, ghost grads, output assembly.
+    """Base class: parameters, the input scale, the pre-encoder bias, the decoder-norm constraint, output
+    assembly and the on-disk format.
 
-    Subclasses implement ``encode`` and ``forward``. With ``unit_norm_decoder`` the decoder rows are kept
-    at unit norm: ``before_optimizer_step`` removes the gradient component parallel to each row and
-    ``after_optimizer_step`` renormalises the rows.
+    Subclasses set ``config_class``, implement ``encode_normalized``, ``forward`` and, when they have a
+    sparsity penalty, ``base_coeff``. With ``unit_norm_decoder`` the decoder rows stay at unit norm:
+    ``before_optimizer_step`` removes the gradient component along each row, ``after_optimizer_step``
+    renormalises them. ``encoder_gain`` scales the initial ``W_enc = W_dec^T``.
     """
 
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
+    sparsity_key: ClassVar[str] = ""  # the key that sets its sparsity: "l1" (the root key) or "sae.<key>"
+
     def __init__(self, cfg: SAEConfig, d_in: int, *, decoder_init_norm: float = 1.0,
-                 unit_norm_decoder: bool = True) -> None:
+                 unit_norm_decoder: bool = True, encoder_gain: float = 1.0) -> None:
         super().__init__()
         self.cfg = cfg
         self.d_in = d_in
         self.d_sae = cfg.resolve_d_sae(d_in)
         self.unit_norm_decoder = unit_norm_decoder
+        self.metadata: dict[str, Any] = {}  # provenance saved in cfg.json (model, hook, training config)
         w_dec = torch.randn(self.d_sae, d_in)
         w_dec *= decoder_init_norm / w_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec)
         # Encoder initialised as the decoder's transpose and stored latent-major (``W_enc.t()`` is
         # contiguous): each latent's encoder column is contiguous, and sparse kernels that produce the
         # gradient as [d_sae, d_in] hand it over without a transposing copy.
-        self.W_enc = nn.Parameter(w_dec.clone().t())
+        self.W_enc = nn.Parameter(w_dec.clone().t() * encoder_gain)
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("input_scale", torch.ones(()))
 
-    # ----- the contract ---------------------------------------------------------------------------
+    # ----- raw activations in and out ---------------------------------------------------------------
+    def normalize(self, x: Tensor) -> Tensor:
+        """Raw activations -> what the weights act on (``x * input_scale``)."""
+        return x * self.input_scale.to(x.dtype)
+
     def encode(self, x: Tensor) -> Tensor:
-        """Dense latents [B, d_sae]."""
-        raise NotImplementedError
+        """Dense latents [B, d_sae] of raw activations ``x`` [B, d_in]."""
+        return self.encode_normalized(self.normalize(x))
 
     def decode(self, z: Tensor) -> Tensor:
+        """Raw-scale reconstruction [B, d_in] from latents ``z``."""
+        return self.decode_normalized(z) / self.input_scale.to(z.dtype)
+
+    @torch.no_grad()
+    def set_input_scale(self, scale: float) -> None:
+        """Set the normalization constant (from the activation statistics, before training)."""
+        self.input_scale.fill_(float(scale))
+
+    # ----- the architecture's contract --------------------------------------------------------------
+    def encode_normalized(self, u: Tensor) -> Tensor:
+        """Dense latents [B, d_sae] of normalized activations."""
+        raise NotImplementedError
+
+    def decode_normalized(self, z: Tensor) -> Tensor:
         """``z @ W_dec + b_dec`` as one fused addmm."""
         return torch.addmm(self.b_dec, z, self.W_dec)
 
-    def forward(self, x: Tensor, *, sparsity_coeff: float, dead_mask: Tensor | None = None) -> SAEOutput:
+    def forward(self, u: Tensor, *, sparsity_coeff: float, dead_mask: Tensor | None = None) -> SAEOutput:
+        """Training forward on normalized activations ``u``."""
         raise NotImplementedError
+
+    def base_coeff(self, l1: float) -> float:
+        """The sparsity coefficient before schedules: the root key ``l1`` for L1 architectures, the
+        architecture's own key otherwise, 0 when sparsity is structural (TopK)."""
+        return 0.0
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
@@ -112,46 +184,68 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def init_b_dec(self, sample: Tensor) -> None:
-        """Set ``b_dec`` from an activation sample [n, d_in] using ``cfg.b_dec_init``."""
-        self.b_dec.copy_(decoder_bias_init(sample.to(self.b_dec), self.cfg.b_dec_init))
+        """Set ``b_dec`` from a raw activation sample [n, d_in] using ``cfg.b_dec_init``."""
+        u = self.normalize(sample.to(self.b_dec))
+        self.b_dec.copy_(decoder_bias_init(u, self.cfg.b_dec_init))
 
     # ----- shared pieces --------------------------------------------------------------------------
-    def pre_acts(self, x: Tensor) -> Tensor:
-        """Encoder pre-activations ``(x - b_dec) @ W_enc + b_enc`` [B, d_sae].
+    def pre_acts(self, u: Tensor) -> Tensor:
+        """Encoder pre-activations ``(u - b_dec) @ W_enc + b_enc`` [B, d_sae].
 
-        Computed as ``x @ W_enc + (b_enc - b_dec @ W_enc)`` in one addmm: the same function, but the
-        backward needs no [B, d_sae] x [d_sae, d_in] matmul for the gradient of ``x - b_dec`` (a
+        Computed as ``u @ W_enc + (b_enc - b_dec @ W_enc)`` in one addmm: the same function, but the
+        backward needs no [B, d_sae] x [d_sae, d_in] matmul for the gradient of ``u - b_dec`` (a
         matrix-vector product gives b_dec's share), which saves a sixth of a dense step's FLOPs.
         """
-        return torch.addmm(self.b_enc - self.b_dec @ self.W_enc, x, self.W_enc)
+        return torch.addmm(self.b_enc - self.b_dec @ self.W_enc, u, self.W_enc)
 
-    def _ghost_loss(self, x: Tensor, x_hat: Tensor, dead_mask: Tensor | None) -> Tensor | None:
-        """Ghost grads (Anthropic, Jan 2024) on the latents in ``dead_mask``; None if off, 0 if none dead.
-
-        exp() of the dead latents' pre-activations, decoded without bias, rescaled (scale detached) to
-        half the residual's norm, MSE against the (detached) residual, rescaled per token to the main
-        MSE's value. Only dead latents' parameters get gradient (b_dec is detached here).
-        """
-        if not self.cfg.ghost_grads:
-            return None
-        if dead_mask is None or not bool(dead_mask.any()):
-            return x.new_zeros(())
-        dead = dead_mask.nonzero().squeeze(1)
-        residual = (x - x_hat).detach()
-        pre = torch.addmm(self.b_enc[dead], x - self.b_dec.detach(), self.W_enc[:, dead])
-        ghost_out = torch.exp(pre) @ self.W_dec[dead]
-        scale = residual.norm(dim=-1, keepdim=True) / (2 * ghost_out.norm(dim=-1, keepdim=True) + 1e-8)
-        ghost_mse = ((ghost_out * scale.detach() - residual) ** 2).sum(-1)
-        main_mse = (residual**2).sum(-1)
-        return (ghost_mse * (main_mse / (ghost_mse.detach() + 1e-8))).mean()
-
-    def _output(self, x: Tensor, x_hat: Tensor, fire_counts: Tensor, terms: dict[str, Tensor | None],
-                dead_mask: Tensor | None) -> SAEOutput:
-        """Sum MSE, the given loss ``terms`` (None = absent) and ghost grads into an ``SAEOutput``."""
-        mse = F.mse_loss(x_hat, x, reduction="sum") / x.shape[0]
-        parts = {"mse": mse, **terms, "ghost": self._ghost_loss(x, x_hat, dead_mask)}
-        parts = {name: t for name, t in parts.items() if t is not None}
+    def _output(self, u: Tensor, x_hat: Tensor, fire_counts: Tensor,
+                terms: dict[str, Tensor | None]) -> SAEOutput:
+        """Sum the reconstruction loss and the given loss ``terms`` (None = absent) into an ``SAEOutput``."""
+        recon = torch.nn.functional.mse_loss(x_hat, u, reduction="sum") / u.shape[0]
+        parts = {"reconstruction": recon, **{k: t for k, t in terms.items() if t is not None}}
         loss = torch.stack(list(parts.values())).sum()
-        l0 = fire_counts.sum() / x.shape[0]
+        l0 = fire_counts.sum() / u.shape[0]
         logged = {name: t.detach() for name, t in parts.items()} | {"l0": l0}
         return SAEOutput(x_hat=x_hat, loss=loss, terms=logged, fire_counts=fire_counts, l0=l0)
+
+    # ----- on-disk format ---------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write ``cfg.json`` + ``sae.safetensors`` into folder ``path`` (docs/design.md, "SAE folder").
+
+        The weights file is written first and ``cfg.json`` last, each atomically: a folder with a
+        ``cfg.json`` is complete.
+        """
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()
+                   if k != "input_scale"}
+        atomic_write(out / WEIGHTS_FILE, lambda f: f.write(save(tensors)))
+        atomic_write_json(out / CONFIG_FILE, {
+            "format": "sae_lightning", "format_version": FORMAT_VERSION,
+            "architecture": self.cfg.architecture, "d_in": self.d_in, "d_sae": self.d_sae,
+            "input_scale": float(self.input_scale), "config": asdict(self.cfg), "metadata": self.metadata,
+        })
+        return out
+
+    @staticmethod
+    def load(path: str | Path, device: str | torch.device = "cpu") -> SAE:
+        """The SAE saved in folder ``path`` by :meth:`save`, in eval mode, taking raw activations."""
+        folder = Path(path)
+        cfg_file = folder / CONFIG_FILE
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{folder} is not an SAE folder: it has no {CONFIG_FILE}. Give the "
+                                    "<run>/sae folder a training run writes")
+        meta = json.loads(cfg_file.read_text())
+        if meta.get("format") != "sae_lightning" or meta.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{cfg_file} is not an sae_lightning SAE of format version <= {FORMAT_VERSION} "
+                             f"(format={meta.get('format')!r}, version={meta.get('format_version')!r})")
+        from sae_lightning.saes.registry import build_sae, config_from_dict
+
+        sae = build_sae(config_from_dict(meta["config"]), int(meta["d_in"]))
+        weights = load_file(folder / WEIGHTS_FILE)
+        missing = sorted(set(sae.state_dict()) - {"input_scale"} - set(weights))
+        if missing:
+            raise ValueError(f"{folder / WEIGHTS_FILE} lacks {missing} for a {meta['architecture']} SAE")
+        sae.load_state_dict({**weights, "input_scale": torch.tensor(float(meta["input_scale"]))})
+        sae.metadata = meta.get("metadata", {})
+        return sae.to(device).eval()

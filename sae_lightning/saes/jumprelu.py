@@ -1,25 +1,27 @@
 """JumpReLU SAE (Rajamanoharan et al. 2024) trained with straight-through estimators (STEs).
 
 ``z = pre * H(pre - theta)`` with ``pre = (x - b_dec) @ W_enc + b_enc``, a learned per-latent threshold
-``theta = exp(log_threshold)`` and Heaviside ``H``. The loss is ``mse + sparsity_coeff * L0`` with
+``theta = exp(log_threshold)`` and Heaviside ``H``. The loss is ``reconstruction + l0_coeff * L0`` with
 ``L0 = mean_tokens sum_i H(pre_i - theta_i)``, exactly the L0 the SAE reports. ``H`` has zero
 derivative almost everywhere, so theta gets its gradient from the paper's pseudo-derivatives with a
-rectangle kernel of width ``eps = cfg.jumprelu_bandwidth``:
+rectangle kernel of width ``eps = sae.bandwidth``:
 ``d z / d theta = -(theta / eps) * K((pre - theta) / eps)``, ``d H / d theta = -(1 / eps) * K(...)``,
 ``K(u) = 1[|u| < 1/2]``; ``d z / d pre = H(pre - theta)`` and H passes no gradient to ``pre``.
-Decoder rows are kept at unit norm, as in the paper.
+Decoder rows are kept at unit norm, as in the paper; the coefficient is ``sae.l0_coeff`` (the root key
+``l1`` is refused: it is not an L1 penalty).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-from sae_lightning.config import SAEConfig
-from sae_lightning.saes.base import SAE, SAEOutput, column_stats
+from sae_lightning.checks import check
+from sae_lightning.saes.base import SAE, SAEConfig, SAEOutput, column_stats
 from sae_lightning.saes.registry import register
 
 
@@ -60,29 +62,51 @@ class _Step(torch.autograd.Function):
         return None, -(_kernel(pre, threshold, ctx.bandwidth) * grad).sum(0), None
 
 
+@dataclass
+class JumpReLUConfig(SAEConfig):
+    """``sae=jumprelu``: ``l0_coeff`` weighs the L0 penalty; thresholds start at ``init_threshold``; the
+    straight-through kernel has width ``bandwidth``."""
+
+    architecture: str = "jumprelu"
+    l0_coeff: float = 5.0
+    init_threshold: float = 0.001
+    bandwidth: float = 0.001
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.l0_coeff >= 0, "sae.l0_coeff", self.l0_coeff, "must be >= 0")
+        check(self.init_threshold > 0, "sae.init_threshold", self.init_threshold, "must be > 0")
+        check(self.bandwidth > 0, "sae.bandwidth", self.bandwidth, "must be > 0")
+
+
 @register("jumprelu")
 class JumpReLUSAE(SAE):
     """See module docstring. ``threshold`` is a property over the trained ``log_threshold``."""
 
-    def __init__(self, cfg: SAEConfig, d_in: int) -> None:
-        super().__init__(cfg, d_in)
-        self.bandwidth = cfg.jumprelu_bandwidth
-        init = torch.full((self.d_sae,), math.log(cfg.jumprelu_init_threshold))
-        self.log_threshold = nn.Parameter(init)
+    config_class = JumpReLUConfig
+    sparsity_key = "sae.l0_coeff"
+
+    def __init__(self, cfg: JumpReLUConfig, d_in: int) -> None:
+        super().__init__(cfg, d_in, encoder_gain=min(1.0, 2 * d_in / cfg.resolve_d_sae(d_in)))
+        self.bandwidth = cfg.bandwidth
+        self.log_threshold = nn.Parameter(torch.full((self.d_sae,), math.log(cfg.init_threshold)))
+
+    def base_coeff(self, l1: float) -> float:
+        return self.cfg.l0_coeff
 
     @property
     def threshold(self) -> Tensor:
         return self.log_threshold.exp()
 
-    def encode(self, x: Tensor) -> Tensor:
-        pre = self.pre_acts(x)
+    def encode_normalized(self, u: Tensor) -> Tensor:
+        pre = self.pre_acts(u)
         return pre * (pre > self.threshold)
 
-    def forward(self, x: Tensor, *, sparsity_coeff: float, dead_mask: Tensor | None = None) -> SAEOutput:
-        pre = self.pre_acts(x)
+    def forward(self, u: Tensor, *, sparsity_coeff: float, dead_mask: Tensor | None = None) -> SAEOutput:
+        pre = self.pre_acts(u)
         theta = self.threshold
         z = _JumpReLU.apply(pre, theta, self.bandwidth)
-        x_hat = self.decode(z)
+        x_hat = self.decode_normalized(z)
         l0 = _Step.apply(pre, theta, self.bandwidth).sum(-1).mean()
         fire_counts = column_stats(z.detach())[1]
-        return self._output(x, x_hat, fire_counts, {"l0_penalty": sparsity_coeff * l0}, dead_mask)
+        return self._output(u, x_hat, fire_counts, {"l0_penalty": sparsity_coeff * l0})

@@ -1,11 +1,12 @@
 """TopK SAE (Gao et al., OpenAI 2024): keep the k largest pre-activations, AuxK loss on dead latents.
 
 ``z = relu(topk_k((x - b_dec) @ W_enc + b_enc))``, decoder rows at unit norm. The sparsity is fixed
-by k, so ``sparsity_coeff`` is ignored. AuxK: the residual ``e = x - x_hat`` (detached) is
+by k (``sae.k``): TopK has no sparsity coefficient, and the root key ``l1`` is refused. AuxK: the
+residual ``e = x - x_hat`` (detached) is
 reconstructed, without bias, from the ``aux_k`` largest pre-activations among dead latents; the term
 is ``aux_coeff * mean_tokens ||e - e_hat||^2`` (sum over d_in, like our MSE), zero when none are dead.
 
-Two implementations of the same function (``SAEConfig.sparse_kernel``): ``dense`` scatters the k
+Two implementations of the same function (``sae.sparse_kernel``): ``dense`` scatters the k
 values into a [B, d_sae] matrix and decodes with a matmul (the reference); ``sparse`` decodes only
 the k active rows and backpropagates only through the k active entries (``sparse_ops``). The encoder
 forward is a dense matmul in both.
@@ -13,43 +14,67 @@ forward is a dense matmul in both.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from sae_lightning.config import SAEConfig
-from sae_lightning.saes.base import SAE, SAEOutput
+from sae_lightning.checks import check
+from sae_lightning.saes.base import SAE, SAEConfig, SAEOutput
 from sae_lightning.saes.registry import register
 from sae_lightning.saes.sparse_ops import sparse_decode
 
 SPARSE_MAX_DENSITY = 1 / 8  # "auto" uses the sparse kernels when k / d_sae is at most this
 
 
+@dataclass
+class TopKConfig(SAEConfig):
+    """``sae=topk``: ``k`` active latents per token; AuxK with ``aux_k`` dead latents, weight ``aux_coeff``;
+    ``sparse_kernel``: auto | sparse | dense."""
+
+    architecture: str = "topk"
+    k: int = 32
+    aux_k: int = 512
+    aux_coeff: float = 1.0 / 32
+    sparse_kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.k > 0, "sae.k", self.k, "must be > 0")
+        check(self.aux_k > 0, "sae.aux_k", self.aux_k, "must be > 0")
+        check(self.aux_coeff >= 0, "sae.aux_coeff", self.aux_coeff, "must be >= 0")
+        check(self.sparse_kernel in ("auto", "sparse", "dense"), "sae.sparse_kernel", self.sparse_kernel,
+              "choose auto, sparse or dense")
+
+
 @register("topk")
 class TopKSAE(SAE):
     """See module docstring; ``self.sparse`` says which implementation ``forward`` uses."""
 
-    def __init__(self, cfg: SAEConfig, d_in: int) -> None:
+    config_class = TopKConfig
+    sparsity_key = "sae.k"
+
+    def __init__(self, cfg: TopKConfig, d_in: int) -> None:
         super().__init__(cfg, d_in)
-        if cfg.k > self.d_sae:
-            raise ValueError(f"sae.k={cfg.k} exceeds the dictionary size d_sae={self.d_sae}")
+        check(cfg.k <= self.d_sae, "sae.k", cfg.k, f"exceeds the dictionary size d_sae={self.d_sae}")
         self.k = cfg.k
         auto = cfg.k <= SPARSE_MAX_DENSITY * self.d_sae
         self.sparse = cfg.sparse_kernel == "sparse" or (cfg.sparse_kernel == "auto" and auto)
 
-    def encode(self, x: Tensor) -> Tensor:
-        pre = self.pre_acts(x)
+    def encode_normalized(self, u: Tensor) -> Tensor:
+        pre = self.pre_acts(u)
         top, index = pre.topk(self.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(1, index, torch.relu(top))
 
-    def forward(self, x: Tensor, *, sparsity_coeff: float, dead_mask: Tensor | None = None) -> SAEOutput:
+    def forward(self, u: Tensor, *, sparsity_coeff: float, dead_mask: Tensor | None = None) -> SAEOutput:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.sparse):
-            pre = self.pre_acts(x)  # without grad on the sparse path: sparse_decode does its backward
+            pre = self.pre_acts(u)  # without grad on the sparse path: sparse_decode does its backward
         top, index = pre.topk(self.k, dim=-1, sorted=False)
-        x_hat = self._decode_top(x, top, index) + self.b_dec
+        x_hat = self._decode_top(u, top, index) + self.b_dec
         with torch.no_grad():  # latents with a non-positive top value are zero after the ReLU
             fired = index.masked_fill(top <= 0, self.d_sae).reshape(-1)
             fire_counts = torch.bincount(fired, minlength=self.d_sae + 1)[: self.d_sae]
-        return self._output(x, x_hat, fire_counts, {"auxk": self._auxk(x, x_hat, pre, dead_mask)}, dead_mask)
+        return self._output(u, x_hat, fire_counts, {"auxk": self._auxk(u, x_hat, pre, dead_mask)})
 
     def _decode_top(self, x: Tensor, top: Tensor, index: Tensor) -> Tensor:
         """``sum_j relu(top[:, j]) * W_dec[index[:, j]]`` (no bias): sparse kernels or the dense reference."""

@@ -1,0 +1,42 @@
+"""Anthropic's April 2024 update of the standard SAE: L1 weighted by decoder row norms.
+
+``L1 = mean_tokens sum_i z_i ||W_dec[i]||``; the decoder is unconstrained. The update's init: random
+decoder rows of norm 0.1, ``W_enc = W_dec^T``, both biases at zero (``b_dec_init`` defaults to
+``zeros``: a centred ``b_dec`` trades L0 for MSE worse with this loss at equal work,
+benchmarks/quality_vs_saelens.py). SAELens's ``standard`` SAE trains the same loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sae_lightning.saes.registry import register
+from sae_lightning.saes.relu import ReLUConfig, ReLUSAE
+
+DECODER_NORM_INIT = 0.1  # April 2024 update: "random directions with a fixed L2 norm of 0.1"
+
+
+@dataclass
+class ReLUDecoderNormConfig(ReLUConfig):
+    """``sae=relu_dn``: the L1 coefficient is the root key ``l1``."""
+
+    architecture: str = "relu_dn"
+    b_dec_init: str = "zeros"
+
+
+@register("relu_dn")
+class ReLUDecoderNormSAE(ReLUSAE):
+    """:class:`ReLUSAE` with the decoder-norm-weighted L1 and an unconstrained decoder."""
+
+    config_class = ReLUDecoderNormConfig
+
+    def __init__(self, cfg: ReLUDecoderNormConfig, d_in: int) -> None:
+        super().__init__(cfg, d_in, decoder_init_norm=DECODER_NORM_INIT, unit_norm_decoder=False,
+                         encoder_gain=1.0)
+
+    def l1(self, latent_sums: Tensor, n_rows: int) -> Tensor:
+        """Mean over tokens of ``sum_i z_i ||W_dec[i]||``."""
+        return latent_sums @ torch.linalg.vector_norm(self.W_dec, dim=1) / n_rows

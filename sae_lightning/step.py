@@ -1,0 +1,98 @@
+"""One SAE training step, without Lightning: what ``SAEModule`` runs each step and what the benchmarks time.
+
+``train_step`` = normalize the raw batch -> forward (loss terms) -> NaN guard -> backward -> the SAE's
+gradient projection -> gradient-norm clipping -> optimizer step -> the SAE's renormalisation -> firing
+statistics. ``LatentStats`` tracks which latents are dead (for AuxK, ghost grads and resampling) and the
+firing densities; its buffers are saved in checkpoints with the weights.
+
+Two "dead" numbers exist and are named apart: ``dead_fraction_window`` (here: no firing in the last
+``dead_window_tokens`` training tokens) and ``dead_fraction`` (metrics.py: no firing on a whole
+evaluation set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from sae_lightning.saes import SAE, SAEOutput
+
+B_DEC_INIT_ROWS = 32_768  # training rows sampled for the data-dependent b_dec init
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or a weight became NaN/Inf; the message names the step and the quantity."""
+
+
+class LatentStats(nn.Module):
+    """Per-latent firing bookkeeping over training: tokens since each latent last fired, and fire counts
+    over the current density window. Counts passed to :meth:`update` must already be summed over ranks."""
+
+    def __init__(self, d_sae: int, dead_window_tokens: int) -> None:
+        super().__init__()
+        self.dead_window_tokens = dead_window_tokens
+        self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
+        self.register_buffer("window_fire_counts", torch.zeros(d_sae, dtype=torch.float64))
+        self.register_buffer("window_tokens", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, fire_counts: Tensor, n_rows: int) -> None:
+        counts = fire_counts.detach().to(self.window_fire_counts.dtype)
+        self.tokens_since_fired.add_(n_rows).masked_fill_(counts > 0, 0)
+        self.window_fire_counts.add_(counts)
+        self.window_tokens.add_(n_rows)
+
+    def dead_mask(self) -> Tensor:
+        """Latents that fired on none of the last ``dead_window_tokens`` training tokens."""
+        return self.tokens_since_fired >= self.dead_window_tokens
+
+    def densities(self, reset: bool = False) -> Tensor:
+        """Per-latent firing frequency over the density window (optionally starting a new window)."""
+        dens = self.window_fire_counts / self.window_tokens.clamp(min=1)
+        if reset:
+            self.window_fire_counts.zero_()
+            self.window_tokens.zero_()
+        return dens.float()
+
+
+def warmup_scale(step: int, warmup_steps: int) -> float:
+    """Linear warm-up factor of the sparsity coefficient: ``(step + 1) / warmup_steps``, capped at 1."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+def check_finite(out: SAEOutput, sae: SAE, step: int) -> None:
+    """The NaN guard: raise naming the step and every non-finite quantity, before any weight changes."""
+    if torch.isfinite(out.loss):
+        return
+    bad = [k for k, v in out.terms.items() if not torch.isfinite(v).all()]
+    bad += [n for n, p in sae.named_parameters() if not torch.isfinite(p).all()]
+    raise NonFiniteError(f"Non-finite loss at step {step}: loss={out.loss.item()}; non-finite: "
+                         f"{', '.join(bad) or 'loss only'}. Training stopped; the last good checkpoint is "
+                         "kept. Lower lr or enable optim.grad_clip.")
+
+
+def train_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor, stats: LatentStats, *,
+               coeff: float, grad_clip: float, step: int, nan_guard: bool = True,
+               backward: Callable[[Tensor], None] = Tensor.backward,
+               reduce_counts: Callable[[Tensor], tuple[Tensor, int]] | None = None) -> SAEOutput:
+    """One optimisation step on the raw batch ``x`` [B, d_in]; returns the forward's ``SAEOutput``.
+
+    ``backward`` and ``optimizer`` may be Lightning's (``manual_backward``, a ``LightningOptimizer``) so
+    that DDP gradient averaging and precision plugins apply. ``reduce_counts(fire_counts)`` returns the
+    counts summed over ranks and the multiplier of the row count (the world size).
+    """
+    out = sae(sae.normalize(x), sparsity_coeff=coeff, dead_mask=stats.dead_mask())
+    if nan_guard:
+        check_finite(out, sae, step)
+    optimizer.zero_grad(set_to_none=True)
+    backward(out.loss)
+    sae.before_optimizer_step()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
+    optimizer.step()
+    sae.after_optimizer_step()
+    counts, world = reduce_counts(out.fire_counts) if reduce_counts else (out.fire_counts, 1)
+    stats.update(counts, x.shape[0] * world)
+    return out
