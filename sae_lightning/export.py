@@ -86,14 +86,16 @@ def saelens_metadata(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
-def _prepend_bos(cfg: TrainConfig) -> bool:
-    """``data.prepend_bos`` as the bool SAELens runs the model with (``auto`` asks the model's tokenizer)."""
+def _prepend_bos(cfg: TrainConfig) -> bool | None:
+    """``data.prepend_bos`` as the bool SAELens runs the model with: ``auto`` asks the model's tokenizer if
+    this machine has it (it does after training or evaluating on it), else ``None`` (unknown)."""
     if isinstance(cfg.data.prepend_bos, bool):
         return cfg.data.prepend_bos
-    from sae_lightning.lm import load_tokenizer
+    from sae_lightning.lm import local_tokenizer
     from sae_lightning.text import resolve_prepend_bos
 
-    return resolve_prepend_bos(cfg.data.prepend_bos, load_tokenizer(cfg.model))
+    tokenizer = local_tokenizer(cfg.model)
+    return None if tokenizer is None else resolve_prepend_bos(cfg.data.prepend_bos, tokenizer)
 
 
 def export_trained(sae: SAE, cfg: TrainConfig, path: str | Path) -> Path:

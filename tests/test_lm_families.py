@@ -14,6 +14,7 @@ import json
 import logging
 import runpy
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -374,6 +375,20 @@ def test_a_preset_offline_stops_with_the_offline_message(monkeypatch, tmp_path: 
     match = r"'EleutherAI/pythia-70m'.*cannot be reached.*experiment=quickstart"
     with pytest.raises(ModelUnavailableError, match=match):
         load_lm(_compose("model=pythia-70m").model)
+
+
+@pytest.mark.parametrize("family", ["gemma", "gpt_neox"], indirect=True)
+def test_export_metadata_resolves_prepend_bos_without_downloading(family: str, family_dir: Path) -> None:
+    """``auto`` is resolved from a tokenizer this machine has; for one it has not, it is left unknown (None)
+    at once, with no download: SAEBench's result and the SAELens export write it without the model."""
+    from sae_lightning.config import TrainConfig
+    from sae_lightning.export import saelens_metadata
+
+    local = saelens_metadata(TrainConfig(model=ModelConfig(name=str(family_dir))))
+    assert local["prepend_bos"] is (REF[family].bos == "adds")
+    start = time.monotonic()
+    assert saelens_metadata(TrainConfig(model=ModelConfig(name="sae-test/not-cached")))["prepend_bos"] is None
+    assert time.monotonic() - start < 5
 
 
 def test_hook_module_config() -> None:

