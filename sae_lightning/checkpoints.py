@@ -186,7 +186,7 @@ def load_sae_checkpoint(path: str | Path, expected_d_in: int | None = None) -> S
             f"{cfg.get('model', {}).get('name')}, hook {cfg.get('hook', {}).get('name')}, layer "
             f"{cfg.get('layer')}), but the activations to evaluate have d={expected_d_in}. Evaluate it on "
             "the activations it was trained on, or give the checkpoint trained for these")
-    module = SAEModule(hp["config"], d_in=d_in)
+    module = SAEModule(hp["config"], d_in=d_in, d_out=hp.get("d_out"))
     bad = shape_mismatches(ckpt["state_dict"], module.state_dict())
     if bad:
         raise CheckpointError(f"checkpoint {path} does not match the SAE its own config describes: "

@@ -116,6 +116,21 @@ class HookConfig:
 
 
 @dataclass
+class TargetConfig:
+    """A transcoder's target: with ``name`` set the run trains a transcoder that reads the hook of
+    ``hook.name``/``layer`` and reconstructs ``name`` at ``layer`` (default: the root ``layer``), both
+    cached from the same forward pass. ``name=null`` (default) trains an ordinary SAE."""
+
+    name: str | None = None
+    layer: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.name is None or self.name in HOOK_NAMES, "target.name", self.name,
+               f"choose one of {', '.join(HOOK_NAMES)} (or null for an SAE)")
+        _check(self.layer is None or self.layer >= 0, "target.layer", self.layer, "must be >= 0")
+
+
+@dataclass
 class DataConfig:
     """Text to run through the LM: a hub dataset (streamed) or local text files."""
 
@@ -326,6 +341,7 @@ class TrainConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     hook: HookConfig = field(default_factory=HookConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
     data: DataConfig = field(default_factory=DataConfig)
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
     sae: Any = None  # the architecture's own config (saes/<name>.py); None = ``sae=relu``'s defaults
@@ -353,6 +369,27 @@ class TrainConfig:
         _check(self.train_tokens >= self.batch_size, "train_tokens", self.train_tokens,
                f"must be at least one batch (batch_size={self.batch_size})")
         _check(self.layer >= 0, "layer", self.layer, "must be >= 0")
+        self._check_transcoder()
+
+    def _check_transcoder(self) -> None:
+        """What a transcoder needs (``target.name``) and what it does not support yet."""
+        target = self.target_hook
+        _check(target != (self.layer, self.hook.name), "target.name", self.target.name,
+               "is the input hook itself: drop target.name to train an SAE")
+        _check(not self.sae.skip or target is not None, "sae.skip", self.sae.skip,
+               "a skip connection needs a transcoder target (target.name=<hook>)")
+        if target is not None:
+            _check(self.activations.source == "lm", "target.name", self.target.name,
+                   "transcoders read both hooks from the LM's activation cache (activations.source=lm)")
+            _check(not self.callbacks.resample, "callbacks.resample", True,
+                   "resampling is not implemented for transcoders")
+
+    @property
+    def target_hook(self) -> tuple[int, str] | None:
+        """(layer, name) of the transcoder target, None for an SAE."""
+        if self.target.name is None:
+            return None
+        return (self.layer if self.target.layer is None else self.target.layer, self.target.name)
 
     @property
     def max_steps(self) -> int:
@@ -421,7 +458,9 @@ def train_config_from_dict(config: dict[str, Any]) -> TrainConfig:
     values = dict(config)
     sae = values.pop("sae", None)
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), values))
-    cfg.sae = config_from_dict(sae) if sae is not None else cfg.sae
+    if sae is not None:
+        cfg.sae = config_from_dict(sae)
+        cfg.__post_init__()  # again: the cross-checks between sae and the rest of the config
     return cfg
 
 

@@ -21,6 +21,9 @@ How the stream is laid out (every piece is a pure function of the seed, so nothi
   round-robin, and starts there: no replay, no buffer to save.
 - *Memory.* A consumer maps only the shards of its current window and gathers ``batch_size`` rows at
   a time, so memory depends on ``shuffle_buffer`` and ``batch_size``, never on the cache size.
+- *Transcoder pairs.* With a ``target`` source (another hook's cache from the same LM pass: same shards,
+  same rows in the same order) every batch is the pair ``(x, y)`` read at the same (shard, row)
+  positions; the positions, and so the order, resume state and sharding, are those of ``x`` alone.
 """
 
 from __future__ import annotations
@@ -127,14 +130,16 @@ def gather(source: RowSource, shard: np.ndarray, row: np.ndarray) -> np.ndarray:
 
 
 class ActivationStream(IterableDataset):
-    """Batches ``[batch_size, d]`` float32, raw (the SAE normalizes), for this rank and dataloader worker.
+    """Batches ``[batch_size, d]`` float32, raw (the SAE normalizes), for this rank and dataloader worker;
+    pairs ``(x [batch_size, d], y [batch_size, d_out])`` of aligned rows when a ``target`` source is given.
 
     ``start_batch`` is how many batches this rank has already consumed (resume). ``epochs=None`` is
     endless (training); ``epochs=1`` is one finite pass (validation).
     """
 
-    def __init__(self, source: RowSource, spec: StreamSpec, epochs: int | None, start_batch: int = 0):
-        self.source, self.spec = source, spec
+    def __init__(self, source: RowSource, spec: StreamSpec, epochs: int | None, start_batch: int = 0,
+                 target: RowSource | None = None):
+        self.source, self.spec, self.target = source, spec, target
         self.epochs, self.start_batch = epochs, start_batch
 
     def _consumer(self) -> tuple[int, int]:
@@ -160,12 +165,21 @@ class ActivationStream(IterableDataset):
             plan = _EpochPlan(self.spec, consumer, n_consumers, epoch)
             for k in range(first, per_epoch):
                 yield self._batch(plan, k)
-                self.source.release_except(plan.window_shards(k))
-            self.source.release_except(set())     # the next epoch visits shards in another order
+                self._release_except(plan.window_shards(k))
+            self._release_except(set())     # the next epoch visits shards in another order
             epoch, first = epoch + 1, 0
 
-    def _batch(self, plan: _EpochPlan, k: int) -> torch.Tensor:
-        return torch.from_numpy(gather(self.source, *plan.locate(plan.positions(k))))
+    def _sources(self) -> list[RowSource]:
+        return [self.source] if self.target is None else [self.source, self.target]
+
+    def _release_except(self, keep: set[int]) -> None:
+        for source in self._sources():
+            source.release_except(keep)
+
+    def _batch(self, plan: _EpochPlan, k: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        where = plan.locate(plan.positions(k))
+        rows = [torch.from_numpy(gather(source, *where)) for source in self._sources()]
+        return rows[0] if self.target is None else (rows[0], rows[1])
 
 
 @dataclass
@@ -176,6 +190,7 @@ class EvalRows:
     tokens: torch.Tensor   # [n] int64
     doc: torch.Tensor      # [n] int64
     pos: torch.Tensor      # [n] int64
+    target: torch.Tensor | None = None   # [n, d_out] a transcoder's target rows (same positions)
 
 
 class ActivationDataModule(LightningDataModule):
@@ -185,15 +200,25 @@ class ActivationDataModule(LightningDataModule):
     file. ``d_in`` and ``norm_scale`` (the scale that makes ``E||x|| = sqrt(d)``; the SAE applies it, the
     stream does not) are known right after construction (read from metadata), so the SAE can be built
     before ``fit``. Rank and world size come from ``self.trainer`` in ``setup()``.
+
+    ``target``: a transcoder's target cache, aligned row for row with ``source`` (module docstring);
+    batches are then ``(x, y)`` pairs, ``d_out``/``target_norm_scale`` describe ``y`` (else None).
     """
 
-    def __init__(self, source: RowSource | str | Path, cfg: ActivationsConfig, batch_size: int, seed: int):
+    def __init__(self, source: RowSource | str | Path, cfg: ActivationsConfig, batch_size: int, seed: int,
+                 target: ActivationCache | None = None):
         super().__init__()
         self.source = source if isinstance(source, RowSource) else open_source(
             source, shard_rows=cfg.shard_rows, normalize=cfg.normalize)
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
         self.d_in = self.source.d
         self.norm_scale = float(self.source.norm_scale) if cfg.normalize else 1.0
+        self.target = target
+        if target is not None:
+            check_aligned(self.source, target)
+        self.d_out = None if target is None else target.d
+        self.target_norm_scale = None if target is None else (
+            float(target.norm_scale) if cfg.normalize else 1.0)
         self.train_shards, self.val_shards, self.eval_shards = split_shards(self.source, cfg.val_fraction,
                                                                              cfg.eval_fraction)
         self.rank, self.world_size = 0, 1
@@ -209,10 +234,13 @@ class ActivationDataModule(LightningDataModule):
         elif acts.source == "synthetic":
             from .synthetic import SyntheticSource
             source = SyntheticSource(acts.synthetic, shard_rows=acts.shard_rows, normalize=acts.normalize)
-        else:
-            from .cache import ensure_cache
-            source = ensure_cache(cfg)[0]
-        return cls(source, acts, cfg.batch_size, cfg.seed)
+        if acts.source != "lm":
+            return cls(source, acts, cfg.batch_size, cfg.seed)
+        from .cache import ensure_cache
+        from .cache.ensure import hook_points
+        caches = ensure_cache(cfg)
+        target = None if cfg.target_hook is None else caches[hook_points(cfg).index(cfg.target_hook)]
+        return cls(caches[0], acts, cfg.batch_size, cfg.seed, target=target)
 
     def setup(self, stage: str | None = None) -> None:
         trainer = self._trainer
@@ -234,13 +262,14 @@ class ActivationDataModule(LightningDataModule):
                 f"batch_size={self.batch_size} for each of {spec.world_size * workers} process(es)/workers. "
                 "Build more tokens (data.n_tokens), lower batch_size or activations.num_workers"
                 + (", or raise activations.val_fraction" if what == "validation" else ""))
-        stream = ActivationStream(self.source, spec, epochs, start)
+        stream = ActivationStream(self.source, spec, epochs, start, target=self.target)
         return DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
                           persistent_workers=self.cfg.num_workers > 0 and epochs is None,
                           pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
-        """Endless stream of ``[batch_size, d_in]`` float32 batches, resumed at the stored position."""
+        """Endless stream of ``[batch_size, d_in]`` float32 batches (``(x, y)`` pairs for a transcoder),
+        resumed at the stored position."""
         return self._loader(self._spec(self.train_shards, True), None, self._resume_batches, "training")
 
     def val_dataloader(self) -> DataLoader | list:
@@ -260,6 +289,13 @@ class ActivationDataModule(LightningDataModule):
         """Which rows ``eval_rows`` reads: its own split, else (``eval_fraction=0``) the validation rows."""
         return "eval" if self.eval_shards else "validation"
 
+    def sample_targets(self, n: int, seed: int | None = None) -> torch.Tensor:
+        """The transcoder target's rows at the positions :meth:`sample` draws (a transcoder's b_dec init)."""
+        if self.target is None:
+            raise ValueError("sample_targets needs a transcoder target cache")
+        seed = self.seed if seed is None else seed
+        return torch.from_numpy(sample_rows(self.target, self.train_shards, n, seed))
+
     def eval_rows(self, max_tokens: int, batch_size: int | None = None) -> Iterator[EvalRows]:
         """Evaluation rows in order, with (token, doc, pos), at most ``max_tokens`` of them: the evaluation
         split, which neither training nor validation (run selection) has seen."""
@@ -274,11 +310,13 @@ class ActivationDataModule(LightningDataModule):
                     return
                 idx = np.arange(lo, min(lo + step, self.source.shard_sizes[s], lo + left))
                 tok, doc, pos = self.source.read_where(s, idx)
+                target = None if self.target is None else torch.from_numpy(self.target.read_rows(s, idx))
                 yield EvalRows(torch.from_numpy(self.source.read_rows(s, idx)), torch.from_numpy(tok),
-                               torch.from_numpy(doc),
-                               torch.from_numpy(pos))
+                               torch.from_numpy(doc), torch.from_numpy(pos), target)
                 left -= len(idx)
             self.source.release(s)
+            if self.target is not None:
+                self.target.release(s)
 
     def context(self, doc: int) -> np.ndarray:
         """Token ids of context row ``doc`` (caches only; imported arrays carry no text)."""
@@ -320,6 +358,17 @@ def _window(shuffle_buffer: int, batch_size: int) -> int:
     """Shuffle window in rows: ``shuffle_buffer`` rounded down to whole batches (at least one), so no
     batch straddles two windows and at most one window's shards are mapped at a time."""
     return max(1, shuffle_buffer // batch_size) * batch_size if shuffle_buffer else 0
+
+
+def check_aligned(source: RowSource, target: RowSource) -> None:
+    """Refuse a target that is not the same rows as ``source``: both must be caches of one build (same
+    model, text and processing, only the hook differs) with the same shard sizes."""
+    same_key = (isinstance(source, ActivationCache) and isinstance(target, ActivationCache)
+                and {**source.key.to_dict(), "hooks": None} == {**target.key.to_dict(), "hooks": None})
+    if not same_key or source.shard_sizes != target.shard_sizes:
+        raise CacheError(f"transcoder target {target.path} is not row-aligned with the input cache "
+                         f"{source.path} (both must come from one LM pass over the same text, with the same "
+                         "activations.shard_rows): delete the target cache and rebuild it")
 
 
 def split_shards(source: RowSource, val_fraction: float,

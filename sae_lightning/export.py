@@ -1,18 +1,21 @@
 """SAELens on-disk format (v6) in and out: ``cfg.json`` + ``sae_weights.safetensors`` in one folder.
 
 The format, as read by ``sae_lens.SAE.load_from_disk`` (sae-lens 6.x): ``cfg.json`` holds the inference
-config (``architecture`` in standard | topk | jumprelu, ``d_in``, ``d_sae``, ``dtype``, ``device``,
+config (``architecture`` in standard | topk | jumprelu | gated, ``d_in``, ``d_sae``, ``dtype``, ``device``,
 ``apply_b_dec_to_input``, ``normalize_activations``, ``reshape_activations``, ``k`` for topk, and a free
 ``metadata`` dict: ``model_name``, ``hook_name``, ``context_size``, ``prepend_bos``, ``sae_lens_version``...);
 the safetensors file holds ``W_enc [d_in, d_sae]``, ``b_enc``, ``W_dec [d_sae, d_in]``, ``b_dec`` and, for
 jumprelu, ``threshold``. SAELens computes ``z = act((x - b_dec) W_enc + b_enc)``, ``x̂ = z W_dec + b_dec``.
+Gated: no ``b_enc`` but ``b_gate``, ``r_mag``, ``b_mag``, and ``z = 1[(x - b_dec) W_enc + b_gate > 0] *
+relu((x - b_dec) (W_enc exp(r_mag)) + b_mag)``; our gated SAE stores ``b_gate`` as ``b_enc``.
 
 Our SAEs' weights act on normalized activations ``u = x s`` (``s = sae.input_scale``); ``encode``/``decode``
 apply ``s`` around them. Folding ``s`` into the weights makes the exported SAE work on raw ``x`` with the
 same latents:
 ``(x s - b_dec) W_enc = (x - b_dec/s)(s W_enc)`` and ``(z W_dec + b_dec)/s = z (W_dec/s) + b_dec/s``, so
 ``W_enc' = s W_enc``, ``b_dec' = b_dec / s``, ``W_dec' = W_dec / s``; ``b_enc``, the JumpReLU threshold and
-the top-k selection act on unchanged pre-activations and stay as they are. (Decoder rows are then no longer
+the top-k selection act on unchanged pre-activations and stay as they are (so do gated's ``r_mag`` and
+``b_mag``: its magnitude path is ``exp(r_mag)`` times the same projection). (Decoder rows are then no longer
 unit-norm: they have norm ``1/s``.)
 """
 
@@ -38,8 +41,10 @@ SAELENS_VERSION = "6.0.0"  # the format version we write; SAELens treats < 6.0 a
 # our registry name -> SAELens architecture (inference forms that are exactly the same function); BatchTopK
 # and Matryoshka infer as a JumpReLU with one global threshold, written per latent (as SAELens saves them)
 TO_SAELENS = {"relu": "standard", "relu_dn": "standard", "topk": "topk", "jumprelu": "jumprelu",
-              "batchtopk": "jumprelu", "matryoshka": "jumprelu"}
-FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+              "batchtopk": "jumprelu", "matryoshka": "jumprelu", "gated": "gated"}
+FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+# our parameter names -> SAELens's, where they differ, per SAELens architecture
+RENAMED = {"gated": {"b_enc": "b_gate"}}
 # our hook names -> TransformerLens hook names, which SAELens and Neuronpedia key SAEs by
 TL_HOOK_NAMES = {
     "resid_pre": "blocks.{layer}.hook_resid_pre",
@@ -99,7 +104,11 @@ def _prepend_bos(cfg: TrainConfig) -> bool | None:
 
 
 def export_trained(sae: SAE, cfg: TrainConfig, path: str | Path) -> Path:
-    """:func:`export_saelens` for an SAE trained with ``cfg`` (its metadata from it)."""
+    """:func:`export_saelens` for an SAE trained with ``cfg`` (its metadata from it); transcoders are refused
+    (their SAELens format is not written yet)."""
+    if sae.transcoder:
+        raise ValueError("exporting transcoders to the SAELens format is not supported: keep the <run>/sae "
+                         "folder (SAE.load) or evaluate with export=false")
     return export_saelens(sae, path, metadata=saelens_metadata(cfg))
 
 
@@ -118,7 +127,11 @@ def folded_weights(sae: SAE) -> dict[str, Tensor]:
     threshold = jumprelu_threshold(sae)
     if threshold is not None:  # per latent; a global (0-d) threshold is repeated for every latent
         weights["threshold"] = threshold.expand(sae.d_sae).clone()
-    return {name: w.detach().float().cpu().contiguous() for name, w in weights.items()}
+    for name in ("r_mag", "b_mag"):  # gated's magnitude path
+        if hasattr(sae, name):
+            weights[name] = getattr(sae, name).clone()
+    renamed = RENAMED.get(TO_SAELENS.get(sae.cfg.architecture, ""), {})
+    return {renamed.get(name, name): w.detach().float().cpu().contiguous() for name, w in weights.items()}
 
 
 def saelens_config(
@@ -177,6 +190,10 @@ def export_saelens(sae: SAE, path: str | Path, *, metadata: dict[str, Any] | Non
 def saelens_encode(cfg: dict[str, Any], weights: dict[str, Tensor], x: Tensor) -> Tensor:
     """What SAELens computes for the latents of ``x`` (``apply_b_dec_to_input=True``): the reference the
     export is checked against."""
+    if cfg["architecture"] == "gated":
+        centred = x - weights["b_dec"]
+        gate = centred @ weights["W_enc"] + weights["b_gate"] > 0
+        return gate * (centred @ (weights["W_enc"] * weights["r_mag"].exp()) + weights["b_mag"]).relu()
     pre = (x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
     if cfg["architecture"] == "topk":
         top = pre.topk(cfg["k"], dim=-1)
@@ -204,11 +221,13 @@ def check_export(sae: SAE, cfg: dict[str, Any], weights: dict[str, Tensor], n_pr
 
 
 @torch.no_grad()
-def assign_weights(sae: nn.Module, weights: dict[str, Tensor]) -> None:
-    """Copy SAELens-named ``weights`` into our module (``threshold`` goes to ``log_threshold`` if it
-    stores that instead)."""
+def assign_weights(sae: nn.Module, weights: dict[str, Tensor], architecture: str = "") -> None:
+    """Copy SAELens-named ``weights`` of a SAELens ``architecture`` into our module (``threshold`` goes to
+    ``log_threshold`` if it stores that instead; names in ``RENAMED`` go back to ours)."""
     params = dict(sae.named_parameters()) | dict(sae.named_buffers())
+    ours = {theirs: our for our, theirs in RENAMED.get(architecture, {}).items()}
     for name, value in weights.items():
+        name = ours.get(name, name)
         if name == "threshold" and "threshold" not in params and "log_threshold" in params:
             name, value = "log_threshold", value.clamp(min=torch.finfo(value.dtype).tiny).log()
         if name not in params:
@@ -220,7 +239,8 @@ def read_saelens(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """``cfg.json`` and the weights of a SAELens folder, normalized to ``apply_b_dec_to_input=True``.
 
     A folder written with ``apply_b_dec_to_input=False`` (``z = act(x W_enc + b_enc)``) is rewritten
-    exactly as ``act((x - b_dec) W_enc + (b_enc + b_dec W_enc))``.
+    exactly as ``act((x - b_dec) W_enc + (b_enc + b_dec W_enc))`` (gated: ``b_gate`` likewise and ``b_mag`` by
+    ``exp(r_mag) * b_dec W_enc``).
     """
     folder = Path(path)
     cfg = json.loads((folder / CFG_FILENAME).read_text())
@@ -232,13 +252,19 @@ def read_saelens(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     if unsupported:
         raise NotImplementedError(f"cannot load a SAELens SAE with {unsupported} into sae_lightning")
     if not cfg.get("apply_b_dec_to_input", True):
-        weights["b_enc"] = weights["b_enc"] + weights["b_dec"] @ weights["W_enc"]
+        shift = weights["b_dec"] @ weights["W_enc"]
+        if cfg["architecture"] == "gated":  # both paths: the magnitude path's shift is exp(r_mag) times
+            weights["b_gate"] = weights["b_gate"] + shift
+            weights["b_mag"] = weights["b_mag"] + shift * weights["r_mag"].exp()
+        else:
+            weights["b_enc"] = weights["b_enc"] + shift
         cfg["apply_b_dec_to_input"] = True
     return cfg, weights
 
 
 def load_saelens(path: str | Path) -> SAE:
-    """Build one of our SAEs from a SAELens folder (standard -> relu, topk, jumprelu); ``input_scale`` 1."""
+    """Build one of our SAEs from a SAELens folder (standard -> relu, topk, jumprelu, gated);
+    ``input_scale`` 1."""
     cfg, weights = read_saelens(path)
     architecture = FROM_SAELENS.get(cfg["architecture"])
     if architecture is None:
@@ -246,7 +272,7 @@ def load_saelens(path: str | Path) -> SAE:
                                   f"equivalent; supported: {sorted(FROM_SAELENS)}")
     sae_cfg = config_from_dict({"architecture": architecture, "d_sae": int(cfg["d_sae"]), **_k_field(cfg)})
     sae = build_sae(sae_cfg, int(cfg["d_in"]))
-    assign_weights(sae, weights)
+    assign_weights(sae, weights, cfg["architecture"])
     return sae.eval()
 
 

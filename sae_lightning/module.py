@@ -10,16 +10,19 @@ is a buffer of the SAE, saved with its weights.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
 
+from sae_lightning.checks import check
 from sae_lightning.config import TrainConfig, train_config_from_dict
 from sae_lightning.metrics import ReconstructionStats, batch_metrics
 from sae_lightning.saes import SAE, build_sae
+from sae_lightning.saes.base import PenalisedConfig
+from sae_lightning.sparsity import TargetL0
 from sae_lightning.step import B_DEC_INIT_ROWS, LatentStats, train_step, warmup_scale
 
 
@@ -39,22 +42,45 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return fn
 
 
-class SAEModule(L.LightningModule):
-    """Trains ``build_sae(config.sae, d_in)`` on raw activation batches (the SAE normalizes them)."""
+def split_batch(batch: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+    """(x, target) of a batch: a transcoder's stream yields ``(x, y)`` pairs, an SAE's a tensor."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    x, y = batch
+    return x, y
 
-    def __init__(self, config: dict[str, Any], d_in: int) -> None:
+
+class SAEModule(L.LightningModule):
+    """Trains ``build_sae(config.sae, d_in, d_out)`` on raw activation batches (the SAE normalizes them);
+    ``d_out`` given: a transcoder trained on ``(x, y)`` batches."""
+
+    def __init__(self, config: dict[str, Any], d_in: int, d_out: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.cfg = train_config_from_dict(config)
-        self.sae: SAE = build_sae(self.cfg.sae, d_in)
+        if (self.cfg.target_hook is None) != (d_out is None):
+            raise ValueError(f"d_out={d_out} does not match target.name={self.cfg.target.name}: a transcoder "
+                             "needs the target's width, an SAE none")
+        self.sae: SAE = build_sae(self.cfg.sae, d_in, d_out)
         self.latents = LatentStats(self.sae.d_sae, self.cfg.latents.dead_window_tokens)
+        self.target_l0 = self._target_l0_controller()
         self._val_stats: ReconstructionStats | None = None
 
+    def _target_l0_controller(self) -> TargetL0 | None:
+        """The ``sae.target_l0`` controller (a submodule, so checkpoints hold its state), or None."""
+        target = self.cfg.sae.target_l0 if isinstance(self.cfg.sae, PenalisedConfig) else None
+        if target is None:
+            return None
+        check(target < self.sae.d_sae, "sae.target_l0", target, f"must be below d_sae={self.sae.d_sae}")
+        return TargetL0(target)
+
     def sparsity_coeff(self) -> float:
-        """The architecture's coefficient times the warm-up factor (``optim.l1_warmup_steps``)."""
+        """The architecture's coefficient times the warm-up factor (``optim.l1_warmup_steps``) and, with
+        ``sae.target_l0``, the controller's factor."""
         warm = warmup_scale(self.global_step, self.cfg.optim.l1_warmup_steps)
-        return self.sae.base_coeff(self.cfg.l1) * warm
+        steer = self.target_l0.scale() if self.target_l0 is not None else 1.0
+        return self.sae.base_coeff(self.cfg.l1) * warm * steer
 
     # ----- training -------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -65,7 +91,9 @@ class SAEModule(L.LightningModule):
         """
         if self.global_step > 0 or self.trainer.ckpt_path is not None:
             return
-        self.sae.init_b_dec(self.trainer.datamodule.sample(B_DEC_INIT_ROWS).to(self.device))
+        dm = self.trainer.datamodule
+        sample = dm.sample_targets(B_DEC_INIT_ROWS) if self.sae.transcoder else dm.sample(B_DEC_INIT_ROWS)
+        self.sae.init_b_dec(sample.to(self.device))
         if self.trainer.world_size > 1:
             self.sae.b_dec.data = self.trainer.strategy.broadcast(self.sae.b_dec.data, src=0)
 
@@ -76,20 +104,36 @@ class SAEModule(L.LightningModule):
             counts = self.trainer.strategy.reduce(counts.to(torch.float64), reduce_op="sum")
         return counts, world
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        coeff, step = self.sparsity_coeff(), self.global_step
-        out = train_step(self.sae, self.optimizers(), batch, self.latents, coeff=coeff,
+    def _mean_over_ranks(self, value: Tensor) -> Tensor:
+        """``value`` averaged over every DDP rank (equal batches per rank: the whole batch's mean)."""
+        if self.trainer.world_size > 1:
+            return self.trainer.strategy.reduce(value.to(torch.float64), reduce_op="mean")
+        return value
+
+    def training_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> Tensor:
+        """``sae.set_progress(step / max_steps)``, the step, then the target-L0 controller's update (once the
+        coefficient's warm-up is over: during it the coefficient is low on purpose)."""
+        step = self.global_step
+        self.sae.set_progress(step / self.cfg.max_steps)
+        coeff = self.sparsity_coeff()
+        x, target = split_batch(batch)
+        out = train_step(self.sae, self.optimizers(), x, self.latents, coeff=coeff,
                          grad_clip=self.cfg.optim.grad_clip, step=step, nan_guard=self.cfg.optim.nan_guard,
-                         backward=self.manual_backward, reduce_counts=self._reduce_counts)
+                         backward=self.manual_backward, reduce_counts=self._reduce_counts, target=target)
         self.lr_schedulers().step()
+        if self.target_l0 is not None and warmup_scale(step, self.cfg.optim.l1_warmup_steps) == 1:
+            self.target_l0.update(self._mean_over_ranks(out.l0.detach()))
         if step % self.trainer.log_every_n_steps == 0:
             with torch.no_grad():
-                x_hat = out.x_hat.detach() / self.sae.input_scale
+                x_hat = out.x_hat.detach() / self.sae.output_scale
             logs = {f"train/loss_{k}": v for k, v in out.terms.items() if k != "l0"}
-            logs.update({f"train/{k}": v for k, v in batch_metrics(batch, x_hat, out.l0).items()})
+            truth = x if target is None else target
+            logs.update({f"train/{k}": v for k, v in batch_metrics(truth, x_hat, out.l0).items()})
             logs["train/loss"] = out.loss.detach()
             logs["train/dead_fraction_window"] = self.latents.dead_mask().float().mean()
             logs["train/sparsity_coeff"] = torch.tensor(coeff)
+            if self.target_l0 is not None:
+                logs["train/l0_target"] = torch.tensor(self.target_l0.target)
             self.log_dict(logs, prog_bar=False)
             self.log("l0", out.l0.detach(), prog_bar=True, logger=False)
         self.log("loss", out.loss.detach(), prog_bar=True, logger=False)
@@ -105,9 +149,10 @@ class SAEModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_stats = ReconstructionStats(self.cfg.latents.dense_threshold)
 
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        z = self.sae.encode(batch)
-        self._val_stats.update(batch, self.sae.decode(z), z)
+    def validation_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> None:
+        x, target = split_batch(batch)
+        z = self.sae.encode(x)
+        self._val_stats.update(x if target is None else target, self.sae.decode(z, x), z)
 
     def on_validation_epoch_end(self) -> None:
         """Log whole-validation-set numbers: under DDP every rank's statistics are gathered and merged

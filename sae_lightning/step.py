@@ -76,14 +76,17 @@ def check_finite(out: SAEOutput, sae: SAE, step: int) -> None:
 def train_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor, stats: LatentStats, *,
                coeff: float, grad_clip: float, step: int, nan_guard: bool = True,
                backward: Callable[[Tensor], None] = Tensor.backward,
-               reduce_counts: Callable[[Tensor], tuple[Tensor, int]] | None = None) -> SAEOutput:
-    """One optimisation step on the raw batch ``x`` [B, d_in]; returns the forward's ``SAEOutput``.
+               reduce_counts: Callable[[Tensor], tuple[Tensor, int]] | None = None,
+               target: Tensor | None = None) -> SAEOutput:
+    """One optimisation step on the raw batch ``x`` [B, d_in] (a transcoder's raw ``target`` [B, d_out]
+    too); returns the forward's ``SAEOutput``.
 
     ``backward`` and ``optimizer`` may be Lightning's (``manual_backward``, a ``LightningOptimizer``) so
     that DDP gradient averaging and precision plugins apply. ``reduce_counts(fire_counts)`` returns the
     counts summed over ranks and the multiplier of the row count (the world size).
     """
-    out = sae(sae.normalize(x), sparsity_coeff=coeff, dead_mask=stats.dead_mask())
+    y = None if target is None else sae.normalize_target(target)
+    out = sae(sae.normalize(x), target=y, sparsity_coeff=coeff, dead_mask=stats.dead_mask())
     if nan_guard:
         check_finite(out, sae, step)
     optimizer.zero_grad(set_to_none=True)

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,9 @@ def build_callbacks(cfg: TrainConfig, ckpt_dir: Path) -> list[Callback]:
     ``last.ckpt`` is always overwritten in place (no ``last-v1.ckpt``): a pre-emption save or the run
     resumed in this directory may have written it, and ``ckpt_path=last`` must find the newest state there.
     """
+    # With manual optimisation (module.py) Lightning warns that a step checkpoint holds the state AFTER the
+    # optimizer step: that is what a resume needs (the step count, weights and Adam state agree).
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
                         save_last=True, save_top_k=1, filename="step{step}", auto_insert_metric_name=False,
@@ -183,9 +187,11 @@ class BatchRecord(Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Tensor,
                              batch_idx: int) -> None:
-        digest = hashlib.sha256(batch.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+        digest = hashlib.sha256()
+        for rows in [batch] if isinstance(batch, Tensor) else batch:
+            digest.update(rows.detach().cpu().contiguous().numpy().tobytes())
         with self.path.open("a") as f:
-            f.write(f"{trainer.global_step}\t{digest}\n")
+            f.write(f"{trainer.global_step}\t{digest.hexdigest()[:16]}\n")
 
 
 class TrainingPreempted(SystemExit):
@@ -251,8 +257,10 @@ def fit(cfg: TrainConfig, run: RunDir, config_dict: dict[str, Any], fingerprint:
     """Build, fit and save in ``run`` (see :func:`run_training`)."""
     ckpt_dir = prepare_run_dir(run, fingerprint, resume_from)
     dm = ActivationDataModule.from_config(cfg)
-    module = SAEModule(config_dict, d_in=dm.d_in)
+    module = SAEModule(config_dict, d_in=dm.d_in, d_out=dm.d_out)
     module.sae.set_input_scale(dm.norm_scale)
+    if dm.target_norm_scale is not None:
+        module.sae.set_target_scale(dm.target_norm_scale)
     if resume_from is not None:
         check_resumable(resume_from, module)
         log.info("Resuming from %s", resume_from)

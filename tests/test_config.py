@@ -47,7 +47,9 @@ def test_bare_root_keys_and_group_selection() -> None:
 @pytest.mark.parametrize(("arch", "foreign", "config_class"), [
     ("relu", "sae.k=3", "ReLUConfig"), ("relu_dn", "sae.bandwidth=0.1", "ReLUDecoderNormConfig"),
     ("topk", "sae.bandwidth=0.1", "TopKConfig"), ("topk", "sae.ghost_grads=true", "TopKConfig"),
-    ("jumprelu", "sae.k=3", "JumpReLUConfig"), ("jumprelu", "sae.aux_coeff=0.1", "JumpReLUConfig")])
+    ("jumprelu", "sae.k=3", "JumpReLUConfig"), ("jumprelu", "sae.aux_coeff=0.1", "JumpReLUConfig"),
+    ("topk", "sae.target_l0=10", "TopKConfig"), ("gated", "sae.ghost_grads=true", "GatedConfig"),
+    ("jumprelu", "sae.p_end=0.5", "JumpReLUConfig")])
 def test_a_key_of_another_architecture_fails_naming_it(arch: str, foreign: str, config_class: str) -> None:
     with pytest.raises(ConfigCompositionException) as err:
         _compose(f"sae={arch}", foreign)
@@ -62,6 +64,17 @@ def test_typed_l1_for_an_architecture_without_l1_is_an_error(arch: str, hint: st
         _compose(f"sae={arch}", "l1=5")
     assert _compose(f"sae={arch}").sae.architecture == arch  # the root default alone is no error
     assert _compose("sae=relu_dn", "l1=5").l1 == 5
+
+
+def test_gated_p_annealing_and_target_l0_from_the_command_line() -> None:
+    """``l1`` typed with ``sae.target_l0`` is the start value (no error); p-annealing keys are relu's."""
+    gated = _compose("sae=gated", "l1=2", "sae.target_l0=40")
+    assert type(gated.sae).__name__ == "GatedConfig" and gated.l1 == 2 and gated.sae.target_l0 == 40
+    relu = _compose("sae.p_end=0.2", "sae.p_anneal_start=0.3", "sae.target_l0=20")
+    assert (relu.sae.p_start, relu.sae.p_end, relu.sae.p_anneal_start) == (1.0, 0.2, 0.3)
+    assert _compose("sae=jumprelu", "sae.target_l0=20").sae.target_l0 == 20
+    with pytest.raises(ConfigError, match=r"sae\.p_end=0\.0"):
+        _compose("sae.p_end=0")
 
 
 def test_d_sae_wins_over_dict_mult() -> None:

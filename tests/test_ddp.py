@@ -62,6 +62,7 @@ def test_ranks_read_disjoint_rows_and_end_with_identical_weights(tmp_path):
     path = _array(tmp_path / "x.npy")
     cfg = TrainConfig(batch_size=32, train_tokens=32 * 8, lr=1e-2, l1=1.0)
     cfg.sae.dict_mult = 2
+    cfg.sae.target_l0 = 4.0  # its controller reads the L0 averaged over ranks: same state on every rank
     cfg.latents.dead_window_tokens = 64
     acts_cfg = ActivationsConfig(source="file", path=str(path), val_fraction=0.5, eval_fraction=0.0)
     dm = ActivationDataModule(path, acts_cfg, batch_size=32, seed=0)
@@ -80,7 +81,8 @@ def test_ranks_read_disjoint_rows_and_end_with_identical_weights(tmp_path):
     assert set(r0["rows"]) | set(r1["rows"]) == set(range(train_rows))
 
     for key, value in r0["state"].items():
-        assert torch.equal(value, r1["state"][key]), key  # weights, dead counters: bit-identical
+        assert torch.equal(value, r1["state"][key]), key  # weights, dead counters, controller: bit-identical
+    assert int(r0["state"]["target_l0.updates"]) == 8
     w_dec = r0["state"]["sae.W_dec"]
     assert not torch.allclose(w_dec[:8], r0["w_dec0"][:8])  # the dead latents were resampled...
     assert torch.allclose(w_dec[:8].norm(dim=1), torch.ones(8), atol=1e-5)

@@ -63,3 +63,32 @@ def test_train_then_evaluate(tmp_path: Path, tiny_gpt2_dir: Path, tinystories_pa
     assert all(c >= 1 or c == -1 for c in consistent) and max(consistent) >= 1
     report = (run_dir / "eval" / "report.html").read_text()
     assert "latent" in report and "neuron" in report and "<mark" in report
+
+
+@pytest.mark.slow
+def test_train_then_evaluate_a_skip_transcoder(tmp_path: Path, tiny_gpt2_dir: Path,
+                                               tinystories_path: Path) -> None:
+    """mlp_post -> mlp_out of layer 1 with a skip connection: both hooks cached in one LM pass, trained on
+    aligned pairs, evaluated against the target with the transcoder spliced in for the MLP's output."""
+    env = {**os.environ, "SAE_LIGHTNING_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline",
+           "HF_HUB_OFFLINE": "1"}
+    run_dir = tmp_path / "run"
+    _run([str(REPO / "train.py"), f"model.name={tiny_gpt2_dir}", "data=tinystories_local",
+          f"data.path={tinystories_path}", "data.context_size=64", "data.n_tokens=20000",
+          "activations.shard_rows=2048", "layer=1", "hook=mlp_post", "target.name=mlp_out", "sae.skip=true",
+          "sae.dict_mult=1", "l1=1", "lr=3e-3", "batch_size=256", "train_tokens=25600",
+          "trainer=cpu", "trainer.val_every_n_steps=50", "trainer.checkpoint_every_n_steps=100",
+          "trainer.progress_bar=false", f"hydra.run.dir={run_dir}"], tmp_path, env)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 100 and summary["d_in"] == 128
+    meta = json.loads((run_dir / "sae" / "cfg.json").read_text())
+    assert (meta["d_in"], meta["d_out"], meta["config"]["skip"]) == (128, 32, True)
+    caches = sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
+    assert len(caches) == 2 and any("L1.mlp_out" in c for c in caches)
+
+    proc = _run([str(REPO / "evaluate.py"), f"ckpt_path={run_dir}", "monosemanticity=false",
+                 "downstream_contexts=8"], tmp_path, env)
+    m = json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
+    assert 0.3 < m["explained_variance"] <= 1.0 and m["n_tokens"] > 0
+    assert m["ce_loss_zero"] != m["ce_loss_clean"] and 0 < m["ce_loss_recovered"] <= 1.05
+    assert "Transcoder report" in (run_dir / "eval" / "report.html").read_text()

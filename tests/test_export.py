@@ -16,12 +16,13 @@ from sae_lightning.export import (
     load_saelens,
     push_to_hub,
     read_saelens,
+    saelens_encode,
     transformer_lens_hook_name,
 )
 from sae_lightning.saes import build_sae, config_from_dict
 
 D_IN, D_SAE, K, SCALE = 6, 16, 3, 2.5
-ARCHITECTURES = ["relu", "relu_dn", "topk", "jumprelu", "batchtopk", "matryoshka"]
+ARCHITECTURES = ["relu", "relu_dn", "topk", "jumprelu", "gated", "batchtopk", "matryoshka"]
 AS_JUMPRELU = ("batchtopk", "matryoshka")  # exported as JumpReLU with their global threshold
 
 
@@ -42,6 +43,9 @@ def _sae(architecture: str) -> nn.Module:
         sae.log_threshold.copy_((0.5 * torch.rand(D_SAE) + 0.1).log())
     if architecture in AS_JUMPRELU:
         sae.threshold.fill_(0.3)
+    if architecture == "gated":
+        sae.r_mag.normal_(std=0.5)
+        sae.b_mag.normal_(std=0.3)
     return sae
 
 
@@ -118,6 +122,21 @@ def test_read_saelens_rewrites_bias_not_applied_to_input(tmp_path: Path) -> None
                                x @ w["W_enc"] + w["b_enc"], rtol=1e-5, atol=1e-5)
 
 
+def test_read_saelens_rewrites_both_gated_paths_for_bias_not_applied_to_input(tmp_path: Path) -> None:
+    """Gated without the pre-encoder bias: ``1[x W_enc + b_gate > 0] relu(x W_enc e^r_mag + b_mag)``."""
+    _, folder = _export(tmp_path, "gated")
+    cfg, w = read_saelens(folder)
+    cfg["apply_b_dec_to_input"] = False
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    cfg, rewritten = read_saelens(folder)
+    x = torch.randn(64, D_IN)
+    gate = x @ w["W_enc"] + w["b_gate"]
+    mag = x @ (w["W_enc"] * w["r_mag"].exp()) + w["b_mag"]
+    expected = (gate > 0) * mag.relu()
+    assert (expected > 0).any() and (expected == 0).any()
+    torch.testing.assert_close(saelens_encode(cfg, rewritten, x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_export_refuses_a_module_with_another_encode(tmp_path: Path) -> None:
     class NoBiasSubtraction(type(_sae("relu"))):
         def encode_normalized(self, x: Tensor) -> Tensor:
@@ -132,8 +151,8 @@ def test_export_refuses_a_module_with_another_encode(tmp_path: Path) -> None:
 
 def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
     sae = _sae("relu")
-    sae.cfg.architecture = "gated"
-    with pytest.raises(NotImplementedError, match="gated"):
+    sae.cfg.architecture = "matching_pursuit"
+    with pytest.raises(NotImplementedError, match="matching_pursuit"):
         export_saelens(sae, tmp_path)
 
 

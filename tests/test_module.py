@@ -135,13 +135,27 @@ def test_l1_warmup_scales_sparsity_coefficient() -> None:
 
 
 @pytest.mark.parametrize(("arch", "expected"), [("relu", 0.5), ("relu_dn", 0.5), ("topk", 0.0),
-                                                ("jumprelu", 2.0)])
+                                                ("jumprelu", 2.0), ("gated", 0.5)])
 def test_each_architecture_takes_its_own_sparsity_coefficient(arch: str, expected: float) -> None:
     """The root ``l1`` is the L1 architectures' coefficient; JumpReLU's is ``sae.l0_coeff``; TopK has none."""
     config = _config()
     own = {"l0_coeff": 2.0} if arch == "jumprelu" else {}
     config["sae"] = {"architecture": arch, "dict_mult": 4, **own}
     assert SAEModule(config, d_in=16).sparsity_coeff() == pytest.approx(expected)
+
+
+def test_module_tells_the_sae_its_progress_and_p_annealing_trains() -> None:
+    """``set_progress(step / max_steps)`` before each step: at the last of 60 steps p-annealing (from 0 to
+    the end, 1 -> 0.2) has p = 1 - 0.8 * 59/60; the run stays finite and ends sparser than it started."""
+    config = _config()
+    config["sae"].update(p_end=0.2, p_anneal_start=0.0)
+    module = SAEModule(config, d_in=16)
+    data = _data()
+    l0_start = (module.sae.encode(data) > 0).float().sum(-1).mean()
+    _fit(module, data, 60)
+    assert module.sae.p == pytest.approx(1 - 0.8 * 59 / 60)
+    assert all(torch.isfinite(p).all() for p in module.sae.parameters())
+    assert (module.sae.encode(data) > 0).float().sum(-1).mean() < l0_start
 
 
 def test_nan_loss_stops_with_step_and_quantity() -> None:

@@ -234,25 +234,32 @@ def test_sigusr1_saves_checkpoint_and_auto_resume_finishes(tmp_path: Path, monke
     assert steps == [*range(stopped.value.step), *range(stopped.value.step, 60)]
 
 
-@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
-def test_sigusr1_resume_is_bit_identical_per_architecture(tmp_path: Path, monkeypatch, arch: str) -> None:
-    """Architectures with training-time state outside the optimizer (BatchTopK's threshold estimate, a
-    buffer): stopped by SIGUSR1 and resumed with ``ckpt_path=auto``, the run ends with exactly the weights,
-    buffers and Adam state of an uninterrupted one."""
+@pytest.mark.parametrize(("extra", "own_state"), [
+    ({"sae": "batchtopk", "sae.k": 4}, "sae.threshold"), ({"sae": "matryoshka", "sae.k": 4}, "sae.threshold"),
+    ({"sae": "gated", "l1": 2.0}, "sae.r_mag"), ({"sae.target_l0": 6}, "target_l0.log_scale")],
+    ids=["batchtopk", "matryoshka", "gated", "target_l0"])
+def test_preempted_and_resumed_run_is_bit_identical(tmp_path: Path, monkeypatch, extra: dict,
+                                                    own_state: str) -> None:
+    """Stopped by SIGUSR1 after step 8 and resumed with ``ckpt_path=auto``, a 20-step run ends with exactly
+    the uninterrupted run's weights, Adam state and training state (BatchTopK's threshold estimate, gated's
+    extra parameters, the target-L0 controller's coefficient and L0 average)."""
     monkeypatch.setenv("SAE_LIGHTNING_RECORD_BATCHES", "1")
     acts = write_acts(tmp_path / "acts.npy")
-    over = overrides(acts, 30, sae=arch, **{"sae.k": 4})
-    thread = _signal_at_step(tmp_path / "runs" / "a", 5, signal.SIGUSR1)
-    with pytest.raises(TrainingPreempted):
+    over = overrides(acts, 20, **extra)
+    train_in_process(over, tmp_path / "reference")
+    thread = _signal_at_step(tmp_path / "runs" / "a", 8, signal.SIGUSR1)
+    with pytest.raises(TrainingPreempted) as stopped:
         train_in_process(over, tmp_path / "runs" / "a")
     thread.join()
-    assert train_in_process([*over, "ckpt_path=auto"], tmp_path / "runs" / "b").steps == 30
-    train_in_process(over, tmp_path / "runs" / "reference")  # after: auto must not find a finished twin
+    stopped_at = ckpt(tmp_path / "runs/a/checkpoints/last.ckpt")
+    assert 8 <= stopped.value.step < 20
+    summary = train_in_process([*over, "ckpt_path=auto"], tmp_path / "runs" / "b")
+    assert summary.steps == 20 and summary.resumed_from.endswith("runs/a/checkpoints/last.ckpt")
 
-    want, got = (ckpt(tmp_path / f"runs/{r}/checkpoints/final.ckpt") for r in ("reference", "a"))
-    state = want["state_dict"]
-    assert float(state["sae.threshold"]) > 0 and int(state["sae.threshold_batches"]) == 30
-    for name, tensor in state.items():
+    want, got = (ckpt(tmp_path / d / "checkpoints" / "final.ckpt") for d in ("reference", "runs/a"))
+    assert want["state_dict"].keys() == got["state_dict"].keys() and own_state in want["state_dict"]
+    assert not torch.equal(want["state_dict"][own_state], stopped_at["state_dict"][own_state])  # it moved
+    for name, tensor in want["state_dict"].items():
         assert torch.equal(got["state_dict"][name], tensor), name
     adam_want, adam_got = (c["optimizer_states"][0]["state"] for c in (want, got))
     for a, b in zip(adam_want.values(), adam_got.values(), strict=True):

@@ -15,11 +15,14 @@ from sae_lightning.checks import ConfigError
 from sae_lightning.saes import SAE, SAE_REGISTRY, build_sae, config_from_dict
 from sae_lightning.saes.base import column_stats
 from sae_lightning.saes.init import decoder_bias_init, geometric_median
+from sae_lightning.saes.relu import p_at
 
 D_IN, D_SAE, B = 12, 40, 64
 # each architecture with a few of its own keys set away from their defaults
-ARCH_KEYS = {"relu": {"ghost_grads": True}, "relu_dn": {"ghost_grads": True}, "topk": {"k": 4, "aux_k": 8},
-             "jumprelu": {"init_threshold": 0.1, "bandwidth": 0.01, "l0_coeff": 2.0},
+ARCH_KEYS = {"relu": {"ghost_grads": True, "p_end": 0.5, "target_l0": 5.0},
+             "relu_dn": {"ghost_grads": True, "p_end": 0.5, "target_l0": 5.0}, "topk": {"k": 4, "aux_k": 8},
+             "jumprelu": {"init_threshold": 0.1, "bandwidth": 0.01, "l0_coeff": 2.0, "target_l0": 5.0},
+             "gated": {"target_l0": 5.0},
              "batchtopk": {"k": 4, "aux_k": 8, "threshold_lr": 0.1},
              "matryoshka": {"k": 4, "aux_k": 8, "threshold_lr": 0.1, "prefixes": [10, D_SAE]}}
 
@@ -281,3 +284,49 @@ def test_torch_compile_matches_eager(arch: str) -> None:
     assert torch.equal(outs[1].fire_counts, outs[0].fire_counts)
     for name, g in grads(eager).items():
         torch.testing.assert_close(grads(compiled)[name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ----- p-annealing (relu, relu_dn) ------------------------------------------------------------------
+def test_p_schedule_holds_then_falls_linearly() -> None:
+    c = cfg(p_start=0.9, p_end=0.2, p_anneal_start=0.5)
+    assert [p_at(c, f) for f in (0.0, 0.25, 0.5)] == [0.9, 0.9, 0.9]
+    assert p_at(c, 0.75) == pytest.approx(0.55) and p_at(c, 1.0) == pytest.approx(0.2)
+    sae = make(p_start=0.9, p_end=0.2, p_anneal_start=0.5)
+    assert sae.p == 0.9
+    sae.set_progress(0.75)
+    assert sae.p == pytest.approx(0.55)
+    plain = make()
+    plain.set_progress(0.9)
+    assert plain.p == 1.0  # off by default
+
+
+@pytest.mark.parametrize("arch", ["relu", "relu_dn"])
+def test_lp_penalty_and_its_rescaling_match_hand_computation(arch: str) -> None:
+    """At p = 0.5 the term's value is coeff * S_1 (the L1 term's) and its gradient coeff * (S_1 / S_p) * dS_p,
+    with ``S_p = mean_tokens sum_i w_i z_i^p`` (w = 1, or the decoder row norms for relu_dn)."""
+    sae, x = make(arch, p_end=0.5, p_anneal_start=0.0), batch()
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.5, 2.0, D_SAE)[:, None])
+    sae.set_progress(1.0)
+    out = sae(x, sparsity_coeff=0.3)
+    out.loss.backward()
+
+    z = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    w = sae.W_dec.norm(dim=1) if arch == "relu_dn" else torch.ones(D_SAE)
+    assert 0 < (z > 0).float().mean() < 1
+    s_p = sum(w[i] * z[b, i] ** 0.5 for b in range(B) for i in range(D_SAE) if z[b, i] > 0) / B
+    s_1 = (z * w).sum() / B
+    mse = ((z @ sae.W_dec + sae.b_dec - x) ** 2).sum(-1).mean()
+    torch.testing.assert_close(out.terms["l1"], 0.3 * s_1.detach())
+    hand = mse + 0.3 * (s_1 / s_p).detach() * s_p
+    names = ("W_enc", "b_enc", "W_dec", "b_dec")
+    for name, g in zip(names, torch.autograd.grad(hand, [getattr(sae, n) for n in names]), strict=True):
+        assert torch.isfinite(g).all()  # z^p's infinite slope at 0 stays out
+        torch.testing.assert_close(getattr(sae, name).grad, g, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize(("key", "value"), [("p_end", 0.0), ("p_start", 1.5), ("p_anneal_start", 1.0),
+                                            ("target_l0", 0.0)])
+def test_p_anneal_and_target_l0_keys_are_checked(key: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=rf"sae\.{key}={value}"):
+        cfg(**{key: value})

@@ -24,10 +24,13 @@ log = logging.getLogger(__name__)
 
 def hook_points(cfg: Any) -> list[tuple[int, str]]:
     """(layer, name) of every hook the config asks for, the trained one first: ``hook.name`` then
-    ``hook.extra`` names, at ``layer`` and then at each of ``hook.extra_layers`` (one forward pass)."""
+    ``hook.extra`` names, at ``layer`` and then at each of ``hook.extra_layers``, then a transcoder's
+    target (``cfg.target_hook``) when it is not among them (one forward pass)."""
     names = list(dict.fromkeys([cfg.hook.name, *cfg.hook.extra]))
     layers = list(dict.fromkeys([cfg.layer, *cfg.hook.extra_layers]))
-    return [(layer, n) for layer in layers for n in names]
+    points = [(layer, n) for layer in layers for n in names]
+    target = cfg.target_hook
+    return points if target is None or target in points else [*points, target]
 
 
 def _labels(cfg: Any) -> tuple[str, str]:

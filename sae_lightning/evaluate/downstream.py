@@ -6,6 +6,10 @@ over the evaluation tokens). Excluded positions (BOS and other special
 tokens, as in the activation cache) are treated the same way everywhere: their activation is never
 replaced, they do not enter the mean, and the loss/KL of the prediction made AT them is not counted.
 Every number is a mean over all counted positions of all batches (not a mean of batch means).
+
+Transcoders (``input_hook`` given): ``hook`` is the target; in the SAE forward the input hook's clean
+value is recorded as the forward passes it (left unchanged) and the target is replaced by the
+transcoder's output computed from it. Zero and mean ablation act on the target hook.
 """
 
 from __future__ import annotations
@@ -31,15 +35,38 @@ class HookedLMLike(Protocol):
 
 
 def sae_splice(sae: nn.Module) -> Splice:
-    """``x -> decode(encode(x))`` on ``[..., d]`` (SAEs take raw rows ``[B, d]``), computed in the SAE's
-    dtype and returned in ``x``'s."""
+    """``x -> decode(encode(x), x)`` on ``[..., d]`` (SAEs take raw rows ``[B, d]``), computed in the SAE's
+    dtype and returned in ``x``'s (a transcoder's output is ``[..., d_out]``)."""
     dtype = next(sae.parameters()).dtype
 
     def splice(x: Tensor) -> Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(dtype)
-        return sae.decode(sae.encode(rows)).to(x.dtype).reshape(x.shape)
+        return sae.decode(sae.encode(rows), rows).to(x.dtype).reshape(*x.shape[:-1], -1)
 
     return splice
+
+
+class InputRecorder:
+    """Feeds a transcoder in one forward: :meth:`record` (at the input hook) keeps the value it is given and
+    returns it unchanged; the splice from :meth:`feeding` (at the target hook) ignores the target's value
+    and applies ``fn`` to the recorded input. The input hook must run before the target hook."""
+
+    def __init__(self, input_hook: Hashable, target_hook: Hashable) -> None:
+        self.hooks = (input_hook, target_hook)
+        self._value: Tensor | None = None
+
+    def record(self, x: Tensor) -> Tensor:
+        self._value = x
+        return x
+
+    def feeding(self, fn: Splice) -> Splice:
+        def splice(_: Tensor) -> Tensor:
+            if self._value is None:
+                raise ValueError(f"target hook {self.hooks[1]} ran before input hook {self.hooks[0]}: a "
+                                 "transcoder's input must come earlier in the forward than its target")
+            x, self._value = self._value, None
+            return fn(x)
+        return splice
 
 
 def _keep_excluded(fn: Splice, excluded: Tensor) -> Splice:
@@ -76,16 +103,19 @@ def downstream_metrics(
     sae: nn.Module,
     exclude: ExcludeMask | None = None,
     mean_act: Tensor | None = None,
+    input_hook: Hashable | None = None,
 ) -> dict[str, float]:
     """``ce_loss_{clean,sae,zero,mean_ablation}``, ``ce_loss_recovered``, ``kl_div`` (clean -> SAE splice),
     ``kl_div_zero`` (clean -> zero-ablated) and ``kl_div_score`` over ``token_batches`` (``[B, T]`` each).
     ``exclude(tokens) -> [B, T]`` bool marks positions to leave alone (``text.special_token_mask``);
     ``mean_act`` defaults to :func:`mean_activation` over the same batches. ``n_tokens_downstream`` is the
-    number of counted predictions."""
+    number of counted predictions. With ``input_hook`` ``sae`` is a transcoder from ``input_hook`` to
+    ``hook`` (module docstring)."""
     if mean_act is None:
         mean_act = mean_activation(lm, token_batches, hook, exclude)
+    recorder = None if input_hook is None else InputRecorder(input_hook, hook)
     ablations: dict[str, Splice] = {
-        "sae": sae_splice(sae),
+        "sae": sae_splice(sae) if recorder is None else recorder.feeding(sae_splice(sae)),
         "zero": torch.zeros_like,
         "mean_ablation": lambda x: mean_act.to(x).expand_as(x),
     }
@@ -98,7 +128,10 @@ def downstream_metrics(
         clean = lm.logits(tokens)
         sums["clean"] += float(next_token_loss(clean, tokens)[counted].sum())
         for name, fn in ablations.items():
-            logits = lm.logits(tokens, replace={hook: _keep_excluded(fn, excluded)})
+            replace = {hook: _keep_excluded(fn, excluded)}
+            if name == "sae" and recorder is not None:
+                replace[input_hook] = recorder.record
+            logits = lm.logits(tokens, replace=replace)
             sums[name] += float(next_token_loss(logits, tokens)[counted].sum())
             if name in kl_of:
                 sums[kl_of[name]] += float(next_token_kl(clean, logits)[counted].sum())

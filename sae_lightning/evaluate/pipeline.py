@@ -48,6 +48,7 @@ class Rows(Protocol):
     """One batch of held-out rows (``datamodule.EvalRows``)."""
 
     acts: Tensor  # [n, d] raw activations
+    target: Tensor | None  # [n, d_out] a transcoder's raw target rows, None for an SAE
     tokens: Tensor
     doc: Tensor
     pos: Tensor
@@ -76,7 +77,8 @@ def track_candidates(n_units: int, n: int, seed: int) -> list[int]:
 def evaluate_rows(rows: Iterable[Rows], sae: nn.Module, *, n_top: int = 8,
                   track_latents: Sequence[int] = (), track_neurons: Sequence[int] = (),
                   neurons: bool = True, dense_threshold: float = DENSE_THRESHOLD) -> RowsResult:
-    """Stream ``rows`` once through ``sae`` (which takes raw activations). Neuron activations are the rows
+    """Stream ``rows`` once through ``sae`` (which takes raw activations); reconstruction is measured against
+    the rows' ``target`` when they have one (transcoders). Neuron activations are the input rows
     themselves; pass ``neurons=False`` when the hook is not ``mlp_post``."""
     stats = ReconstructionStats(dense_threshold)
     prompts = PromptFireCounts()
@@ -86,8 +88,9 @@ def evaluate_rows(rows: Iterable[Rows], sae: nn.Module, *, n_top: int = 8,
     device = next(sae.parameters()).device
     for batch in rows:
         x = batch.acts.to(device=device, dtype=dtype)
+        truth = x if batch.target is None else batch.target.to(device=device, dtype=dtype)
         z = sae.encode(x)
-        stats.update(x, sae.decode(z), z)
+        stats.update(truth, sae.decode(z, x), z)
         prompts.update(z, batch.doc)
         if latent_collector is None:
             latent_collector = UnitCollector(z.shape[1], n_top, track_latents)
@@ -113,12 +116,14 @@ def fired(summary: UnitSummary, units: Iterable[int], min_count: int = 1) -> lis
 @dataclass
 class LMParts:
     """What the direct logit effects need from the LM: ``HookedLM.output_projection(hook)`` (None unless
-    the hook is mlp_post), ``HookedLM.unembed_directions()`` (None where the hook has no direct logit
-    effect: mlp_in, ``hook=module``) and the tokenizer."""
+    the hook is mlp_post) of the hook the latents decode into, ``HookedLM.unembed_directions()`` (None
+    where that hook has no direct logit effect: mlp_in, ``hook=module``) and the tokenizer.
+    ``neuron_W_out``: a transcoder's input hook's projection (its neurons'), when it differs."""
 
     W_out: Tensor | None
     W_U: Tensor | None
     tokenizer: Any
+    neuron_W_out: Tensor | None = None
 
 
 def build_report_data(title: str, metrics: Mapping[str, float], result: RowsResult, sae: nn.Module,
@@ -142,20 +147,21 @@ def build_report_data(title: str, metrics: Mapping[str, float], result: RowsResu
         scorer = CoherenceScorer(embedder, random_contexts(context_row, result.docs, n_groups=16,
                                                            group_size=result.latents.top.values.shape[1],
                                                            decode=decode, seed=seed))
-    kinds = {"latent": (result.latents, n_latents, _latent_directions(sae))}
+    kinds = {"latent": (result.latents, n_latents, _latent_directions(sae), lm.W_out)}
     if result.neurons is not None:
-        kinds["neuron"] = (result.neurons, n_neurons, _neuron_directions(result.neurons))
+        neuron_w_out = lm.W_out if lm.neuron_W_out is None else lm.neuron_W_out
+        kinds["neuron"] = (result.neurons, n_neurons, _neuron_directions(result.neurons), neuron_w_out)
     scorable = {kind: qualified(summary.top, summary.top.values.shape[1])
-                for kind, (summary, _, _) in kinds.items()}
+                for kind, (summary, *_) in kinds.items()}
     n_common = min(n_scored, *(len(u) for u in scorable.values()))
     cards, scores, numbers = {}, {}, {}
-    for kind, (summary, n_show, directions) in kinds.items():
+    for kind, (summary, n_show, directions, w_out) in kinds.items():
         sample = sorted(random.Random(seed).sample(scorable[kind], n_common))
         scores[kind] = score_units(kind, summary.top, sample, context_row, decode, scorer, corpus,
                                    n_qualified=len(scorable[kind]), seed=seed)
         numbers |= scores[kind].metrics()
         shown = fired(summary, sorted(summary.tracked))[:n_show]
-        effects = (direct_logit_effect(directions(shown), lm.W_U, lm.W_out)
+        effects = (direct_logit_effect(directions(shown), lm.W_U, w_out)
                    if shown and lm.W_U is not None else None)
         shown_scores = score_units(kind, summary.top, shown, context_row, decode, scorer, corpus, seed=seed)
         cards[kind] = unit_cards(kind, shown, summary, context_row, decode, effects, shown_scores, corpus)
@@ -178,9 +184,9 @@ def _picture_cards(scores: MonosemanticityScores, summary: UnitSummary, context_
 
 
 def _latent_directions(sae: nn.Module) -> Callable[[list[int]], Tensor]:
-    """Decoder rows in raw activation space (``W_dec / input_scale``: the weights act on normalized
-    activations)."""
-    return lambda units: sae.W_dec.detach().float().cpu()[units] / float(sae.input_scale)
+    """Decoder rows in raw activation space of what the SAE reconstructs (``W_dec / output_scale``: the
+    weights act on normalized activations)."""
+    return lambda units: sae.W_dec.detach().float().cpu()[units] / float(sae.output_scale)
 
 
 def _neuron_directions(summary: UnitSummary) -> Callable[[list[int]], Tensor]:

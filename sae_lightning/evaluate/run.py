@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from sae_lightning.checkpoints import CheckpointError
-from sae_lightning.config import EvalConfig, TrainConfig, train_config_from_dict
+from sae_lightning.config import ConfigError, EvalConfig, TrainConfig, train_config_from_dict
 from sae_lightning.datamodule import ActivationDataModule
 from sae_lightning.evaluate.pipeline import RowsResult, evaluate_rows, track_candidates
 from sae_lightning.evaluate.prefixes import has_prefixes, prefix_metrics
@@ -54,8 +54,12 @@ def load_trained(path: str | Path) -> tuple[SAE, TrainConfig]:
 
 
 def open_eval_data(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE) -> ActivationDataModule:
-    """The held-out shards of the training activations, or every row of an explicitly given array."""
+    """The held-out shards of the training activations (with a transcoder's target rows), or every row of
+    an explicitly given array (SAEs only: an array has no target rows)."""
     if cfg.activations is not None and cfg.activations.source == "file":
+        if sae.transcoder:
+            raise ConfigError(f"activations.source=file: {cfg.ckpt_path} is a transcoder, which is evaluated "
+                              "on its training caches (input and target hooks); drop activations=file")
         dm = ActivationDataModule(cfg.activations.path, cfg.activations, cfg.batch_size, cfg.seed)
         dm.eval_shards = list(range(dm.source.n_shards))  # an explicitly given array is held out in full
     else:
@@ -95,28 +99,34 @@ def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE,
 
     lm = load_lm(train_cfg.model, None if cfg.device == "auto" else cfg.device)
     hook = HookPoint(train_cfg.layer, train_cfg.hook.name)
+    target = hook if train_cfg.target_hook is None else HookPoint(*train_cfg.target_hook)
+    input_hook = None if target == hook else hook
+    where = f"layer {hook.layer} {hook.name}"
+    if input_hook is not None:
+        where += f" -> layer {target.layer} {target.name}"
     extra: dict[str, float] = {}
     if cfg.downstream:
         docs = result.docs[: cfg.downstream_contexts]
         rows = torch.stack([torch.tensor(dm.context(d), dtype=torch.long) for d in docs])
         batches = list(rows.split(train_cfg.data.lm_batch_size))
         t0 = time.perf_counter()
-        extra |= downstream_metrics(lm, batches, hook, sae.to(lm.device),
+        extra |= downstream_metrics(lm, batches, target, sae.to(lm.device), input_hook=input_hook,
                                     exclude=lambda t: special_token_mask(t, lm.tokenizer))
         sae.cpu()
         log.info("downstream LM loss on %d contexts in %.1f s: CE loss recovered %.3f", len(docs),
                  time.perf_counter() - t0, extra["ce_loss_recovered"])
     if cfg.report:
-        direct = lm.has_direct_logit_effect(hook)  # not for mlp_in or hook=module: no path to the logits
-        parts = LMParts(W_out=lm.output_projection(hook) if direct else None,
-                        W_U=lm.unembed_directions() if direct else None, tokenizer=lm.tokenizer)
+        direct = lm.has_direct_logit_effect(target)  # not for mlp_in or hook=module: no path to the logits
+        parts = LMParts(W_out=lm.output_projection(target) if direct else None,
+                        W_U=lm.unembed_directions() if direct else None, tokenizer=lm.tokenizer,
+                        neuron_W_out=lm.output_projection(hook) if lm.has_direct_logit_effect(hook) else None)
         embedder = load_embedder() if cfg.monosemanticity else None
         details = {"checkpoint": str(Path(cfg.ckpt_path).resolve()), "model": train_cfg.model.name,
-                   "hook": f"layer {train_cfg.layer} {train_cfg.hook.name}",
+                   "hook": where,
                    "architecture": train_cfg.sae.architecture, "d_sae": sae.d_sae,
                    "l1": train_cfg.l1}
         data, medians = build_report_data(
-            f"SAE report: {train_cfg.model.name} layer {train_cfg.layer} {train_cfg.hook.name}",
+            f"{'Transcoder' if input_hook else 'SAE'} report: {train_cfg.model.name} {where}",
             {**metrics, **extra}, result, sae, parts, dm.context,
             n_latents=cfg.report_latents, n_neurons=cfg.report_neurons, n_scored=cfg.monosemanticity_units,
             embedder=embedder, seed=cfg.seed,
@@ -133,6 +143,9 @@ def run_evaluation(cfg: EvalConfig) -> Path:
     """Evaluate ``cfg.ckpt_path``; returns the path of the ``metrics.json`` it wrote (``saebench_core.json``
     beside it)."""
     sae, train_cfg = load_trained(cfg.ckpt_path)
+    if sae.transcoder and (cfg.export or cfg.hub_repo_id):
+        raise ConfigError(f"export=true: {cfg.ckpt_path} is a transcoder; transcoders are not exported to "
+                          "the SAELens format yet; use the <run>/sae folder (SAE.load)")
     dm = open_eval_data(cfg, train_cfg, sae)
     out_dir = eval_dir_for(cfg.ckpt_path, cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

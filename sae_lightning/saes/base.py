@@ -11,6 +11,12 @@ Loss scaling (as SAELens, so its coefficients transfer): the reconstruction loss
 ``mean_tokens sum_d (û - u)^2`` and every sparsity term a mean over tokens of a sum over latents,
 multiplied by the coefficient the training step passes (see :meth:`SAE.base_coeff`).
 
+Transcoders (``d_out`` given): the same weights read one hook and reconstruct another, so ``W_dec`` is
+``[d_sae, d_out]``, ``b_dec [d_out]``, the encoder subtracts nothing (``b_dec`` lives in the target space)
+and the target has its own normalization ``target_scale``: ``decode`` gives raw target activations and
+``forward(u, target=t)`` measures the reconstruction against the normalized target ``t``. With
+``sae.skip`` a linear skip ``W_skip [d_in, d_out]`` (zero at init) is added: ``û = decoded + u @ W_skip``.
+
 This package imports only ``torch``, ``safetensors`` and the standard library (no Lightning, no Hydra).
 """
 
@@ -33,6 +39,13 @@ BLOCK_ROWS = 256  # row blocks for passes over [B, d_sae] tensors: a reused buff
 FORMAT_VERSION = 1
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
+SCALES = ("input_scale", "target_scale")  # buffers saved in cfg.json, not in the weights file
+
+
+def _random_rows(n: int, d: int, norm: float) -> Tensor:
+    """``n`` random directions [n, d] of L2 norm ``norm``."""
+    w = torch.randn(n, d)
+    return w * (norm / w.norm(dim=1, keepdim=True))
 
 
 @torch.no_grad()
@@ -64,12 +77,14 @@ class SAEConfig:
 
     ``architecture`` is the registry name, fixed by each subclass. ``d_sae`` wins over ``dict_mult``.
     ``b_dec_init``: ``geometric_median`` | ``mean`` | ``zeros`` of a training sample (fresh runs only).
+    ``skip``: a linear skip connection ``W_skip`` from input to output (transcoders only).
     """
 
     architecture: str = ""
     dict_mult: float = 8.0
     d_sae: int | None = None
     b_dec_init: str = "geometric_median"
+    skip: bool = False
 
     def __post_init__(self) -> None:
         own = next(f.default for f in fields(self) if f.name == "architecture")
@@ -86,10 +101,26 @@ class SAEConfig:
 
 
 @dataclass
+class PenalisedConfig(SAEConfig):
+    """Base of the configs of architectures with a sparsity coefficient (relu, relu_dn, jumprelu, gated).
+
+    ``target_l0``: when set, the training step steers the coefficient so that the run ends near this L0
+    (``sae_lightning/sparsity.py``); the configured coefficient (``l1`` or the architecture's own key) is
+    then only its start value.
+    """
+
+    target_l0: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.target_l0 is None or self.target_l0 > 0, "sae.target_l0", self.target_l0, "must be > 0")
+
+
+@dataclass
 class SAEOutput:
     """What one training forward returns (normalized space)."""
 
-    x_hat: Tensor  # [B, d_in] reconstruction of the normalized input
+    x_hat: Tensor  # [B, d_out] reconstruction of the normalized target (the input for an SAE)
     loss: Tensor  # scalar, what the optimizer minimises
     terms: dict[str, Tensor]  # detached scalars for logging: the loss terms (after coefficients) and "l0"
     fire_counts: Tensor  # [d_sae] rows of the batch where each latent was non-zero (int64)
@@ -103,30 +134,38 @@ class SAE(nn.Module):
     Subclasses set ``config_class``, implement ``encode_normalized``, ``forward`` and, when they have a
     sparsity penalty, ``base_coeff``. With ``unit_norm_decoder`` the decoder rows stay at unit norm:
     ``before_optimizer_step`` removes the gradient component along each row, ``after_optimizer_step``
-    renormalises them. ``encoder_gain`` scales the initial ``W_enc = W_dec^T``.
+    renormalises them. ``encoder_gain`` scales the initial ``W_enc = W_dec^T`` (a transcoder's encoder
+    directions are drawn independently: its decoder rows live in another space). ``d_out`` makes it a
+    transcoder (module docstring), even when ``d_out == d_in``.
     """
 
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
     sparsity_key: ClassVar[str] = ""  # the key that sets its sparsity: "l1" (the root key) or "sae.<key>"
 
-    def __init__(self, cfg: SAEConfig, d_in: int, *, decoder_init_norm: float = 1.0,
+    def __init__(self, cfg: SAEConfig, d_in: int, *, d_out: int | None = None, decoder_init_norm: float = 1.0,
                  unit_norm_decoder: bool = True, encoder_gain: float = 1.0) -> None:
         super().__init__()
         self.cfg = cfg
         self.d_in = d_in
+        self.transcoder = d_out is not None
+        self.d_out = d_in if d_out is None else d_out
         self.d_sae = cfg.resolve_d_sae(d_in)
         self.unit_norm_decoder = unit_norm_decoder
         self.metadata: dict[str, Any] = {}  # provenance saved in cfg.json (model, hook, training config)
-        w_dec = torch.randn(self.d_sae, d_in)
-        w_dec *= decoder_init_norm / w_dec.norm(dim=1, keepdim=True)
+        w_dec = _random_rows(self.d_sae, self.d_out, decoder_init_norm)
         self.W_dec = nn.Parameter(w_dec)
         # Encoder initialised as the decoder's transpose and stored latent-major (``W_enc.t()`` is
         # contiguous): each latent's encoder column is contiguous, and sparse kernels that produce the
         # gradient as [d_sae, d_in] hand it over without a transposing copy.
-        self.W_enc = nn.Parameter(w_dec.clone().t() * encoder_gain)
+        w_enc = _random_rows(self.d_sae, d_in, decoder_init_norm) if self.transcoder else w_dec
+        self.W_enc = nn.Parameter(w_enc.clone().t() * encoder_gain)
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out))
+        if cfg.skip:
+            self.W_skip = nn.Parameter(torch.zeros(d_in, self.d_out))
         self.register_buffer("input_scale", torch.ones(()))
+        if self.transcoder:
+            self.register_buffer("target_scale", torch.ones(()))
 
     # ----- raw activations in and out ---------------------------------------------------------------
     def normalize(self, x: Tensor) -> Tensor:
@@ -137,14 +176,36 @@ class SAE(nn.Module):
         """Dense latents [B, d_sae] of raw activations ``x`` [B, d_in]."""
         return self.encode_normalized(self.normalize(x))
 
-    def decode(self, z: Tensor) -> Tensor:
-        """Raw-scale reconstruction [B, d_in] from latents ``z``."""
-        return self.decode_normalized(z) / self.input_scale.to(z.dtype)
+    def decode(self, z: Tensor, x: Tensor | None = None) -> Tensor:
+        """Raw-scale reconstruction [B, d_out] of the target (the input for an SAE) from latents ``z``.
+        The skip connection (``sae.skip``) needs the raw input ``x`` that ``z`` encodes."""
+        u_hat = self.decode_normalized(z)
+        if self.cfg.skip:
+            if x is None:
+                raise ValueError("this SAE has a skip connection: decode(z, x) needs the raw input x")
+            u_hat = self.with_skip(u_hat, self.normalize(x).to(u_hat.dtype))
+        return u_hat / self.output_scale.to(z.dtype)
+
+    @property
+    def output_scale(self) -> Tensor:
+        """The normalization of what it reconstructs: ``target_scale`` (transcoder) or ``input_scale``."""
+        return self.target_scale if self.transcoder else self.input_scale
+
+    def normalize_target(self, y: Tensor) -> Tensor:
+        """Raw target activations -> the space of the reconstruction (``y * output_scale``)."""
+        return y * self.output_scale.to(y.dtype)
 
     @torch.no_grad()
     def set_input_scale(self, scale: float) -> None:
         """Set the normalization constant (from the activation statistics, before training)."""
         self.input_scale.fill_(float(scale))
+
+    @torch.no_grad()
+    def set_target_scale(self, scale: float) -> None:
+        """Set a transcoder's target normalization constant (the target hook's activation statistics)."""
+        if not self.transcoder:
+            raise ValueError("set_target_scale is for transcoders: an SAE's target is its input")
+        self.target_scale.fill_(float(scale))
 
     # ----- the architecture's contract --------------------------------------------------------------
     def encode_normalized(self, u: Tensor) -> Tensor:
@@ -155,14 +216,28 @@ class SAE(nn.Module):
         """``z @ W_dec + b_dec`` as one fused addmm."""
         return torch.addmm(self.b_dec, z, self.W_dec)
 
-    def forward(self, u: Tensor, *, sparsity_coeff: float, dead_mask: Tensor | None = None) -> SAEOutput:
-        """Training forward on normalized activations ``u``."""
+    def forward(self, u: Tensor, *, target: Tensor | None = None, sparsity_coeff: float,
+                dead_mask: Tensor | None = None) -> SAEOutput:
+        """Training forward on normalized activations ``u``, reconstructing the normalized ``target``
+        (``u`` when None)."""
         raise NotImplementedError
+
+    def with_skip(self, u_hat: Tensor, u: Tensor) -> Tensor:
+        """``u_hat + u @ W_skip`` with the skip connection, ``u_hat`` without."""
+        return torch.addmm(u_hat, u, self.W_skip) if self.cfg.skip else u_hat
+
+    def input_center(self) -> Tensor:
+        """What the encoder subtracts from its input: ``b_dec`` (SAE), zeros (transcoder)."""
+        return self.b_enc.new_zeros(self.d_in) if self.transcoder else self.b_dec
 
     def base_coeff(self, l1: float) -> float:
         """The sparsity coefficient before schedules: the root key ``l1`` for L1 architectures, the
         architecture's own key otherwise, 0 when sparsity is structural (TopK)."""
         return 0.0
+
+    def set_progress(self, fraction: float) -> None:
+        """Told before each training step how far training is (``step / max_steps`` in [0, 1]), for losses
+        that follow a schedule (p-annealing in ``relu.py``). The default ignores it."""
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
@@ -184,27 +259,33 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def init_b_dec(self, sample: Tensor) -> None:
-        """Set ``b_dec`` from a raw activation sample [n, d_in] using ``cfg.b_dec_init``."""
-        u = self.normalize(sample.to(self.b_dec))
+        """Set ``b_dec`` from a raw sample [n, d_out] of the target (an SAE's input) by ``cfg.b_dec_init``."""
+        u = self.normalize_target(sample.to(self.b_dec))
         self.b_dec.copy_(decoder_bias_init(u, self.cfg.b_dec_init))
 
     # ----- shared pieces --------------------------------------------------------------------------
-    def pre_acts(self, u: Tensor) -> Tensor:
-        """Encoder pre-activations ``(u - b_dec) @ W_enc + b_enc`` [B, d_sae].
+    def pre_acts(self, u: Tensor, bias: Tensor | float | None = None) -> Tensor:
+        """Encoder pre-activations ``(u - b_dec) @ W_enc + b_enc`` [B, d_sae] (``bias`` instead of ``b_enc``
+        when given).
 
         Computed as ``u @ W_enc + (b_enc - b_dec @ W_enc)`` in one addmm: the same function, but the
         backward needs no [B, d_sae] x [d_sae, d_in] matmul for the gradient of ``u - b_dec`` (a
         matrix-vector product gives b_dec's share), which saves a sixth of a dense step's FLOPs.
+        A transcoder subtracts nothing: ``u @ W_enc + b_enc``.
         """
-        return torch.addmm(self.b_enc - self.b_dec @ self.W_enc, u, self.W_enc)
+        bias = self.b_enc if bias is None else bias
+        if self.transcoder:
+            return u @ self.W_enc + bias
+        return torch.addmm(bias - self.b_dec @ self.W_enc, u, self.W_enc)
 
-    def _output(self, u: Tensor, x_hat: Tensor, fire_counts: Tensor,
+    def _output(self, target: Tensor, x_hat: Tensor, fire_counts: Tensor,
                 terms: dict[str, Tensor | None]) -> SAEOutput:
-        """Sum the reconstruction loss and the given loss ``terms`` (None = absent) into an ``SAEOutput``."""
-        recon = torch.nn.functional.mse_loss(x_hat, u, reduction="sum") / u.shape[0]
+        """Sum the reconstruction loss of ``x_hat`` against ``target`` (the input for an SAE) and the given
+        loss ``terms`` (None = absent) into an ``SAEOutput``."""
+        recon = torch.nn.functional.mse_loss(x_hat, target, reduction="sum") / target.shape[0]
         parts = {"reconstruction": recon, **{k: t for k, t in terms.items() if t is not None}}
         loss = torch.stack(list(parts.values())).sum()
-        l0 = fire_counts.sum() / u.shape[0]
+        l0 = fire_counts.sum() / target.shape[0]
         logged = {name: t.detach() for name, t in parts.items()} | {"l0": l0}
         return SAEOutput(x_hat=x_hat, loss=loss, terms=logged, fire_counts=fire_counts, l0=l0)
 
@@ -218,12 +299,14 @@ class SAE(nn.Module):
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()
-                   if k != "input_scale"}
+                   if k not in SCALES}
         atomic_write(out / WEIGHTS_FILE, lambda f: f.write(save(tensors)))
         atomic_write_json(out / CONFIG_FILE, {
             "format": "sae_lightning", "format_version": FORMAT_VERSION,
             "architecture": self.cfg.architecture, "d_in": self.d_in, "d_sae": self.d_sae,
             "input_scale": float(self.input_scale), "config": asdict(self.cfg), "metadata": self.metadata,
+            "d_out": self.d_out if self.transcoder else None,
+            "target_scale": float(self.output_scale),
         })
         return out
 
@@ -241,11 +324,15 @@ class SAE(nn.Module):
                              f"(format={meta.get('format')!r}, version={meta.get('format_version')!r})")
         from sae_lightning.saes.registry import build_sae, config_from_dict
 
-        sae = build_sae(config_from_dict(meta["config"]), int(meta["d_in"]))
+        d_out = meta.get("d_out")
+        sae = build_sae(config_from_dict(meta["config"]), int(meta["d_in"]),
+                        None if d_out is None else int(d_out))
         weights = load_file(folder / WEIGHTS_FILE)
-        missing = sorted(set(sae.state_dict()) - {"input_scale"} - set(weights))
+        missing = sorted(set(sae.state_dict()) - set(SCALES) - set(weights))
         if missing:
             raise ValueError(f"{folder / WEIGHTS_FILE} lacks {missing} for a {meta['architecture']} SAE")
-        sae.load_state_dict({**weights, "input_scale": torch.tensor(float(meta["input_scale"]))})
+        scales = {"input_scale": meta["input_scale"], "target_scale": meta.get("target_scale")}
+        sae.load_state_dict({**weights, **{k: torch.tensor(float(v)) for k, v in scales.items()
+                                           if k in sae.state_dict()}})
         sae.metadata = meta.get("metadata", {})
         return sae.to(device).eval()

@@ -81,8 +81,8 @@ class BatchTopKSAE(TopKSAE):
 
     config_class = BatchTopKConfig
 
-    def __init__(self, cfg: BatchTopKConfig, d_in: int) -> None:
-        super().__init__(cfg, d_in)
+    def __init__(self, cfg: BatchTopKConfig, d_in: int, d_out: int | None = None) -> None:
+        super().__init__(cfg, d_in, d_out)
         if cfg.sparse_kernel == "auto":
             self.sparse = cfg.k <= SPARSE_MAX_DENSITY * self.d_sae
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
@@ -92,14 +92,17 @@ class BatchTopKSAE(TopKSAE):
         pre = self.pre_acts(u)
         return pre * (pre > self.threshold.to(pre.dtype))
 
-    def forward(self, u: Tensor, *, sparsity_coeff: float, dead_mask: Tensor | None = None) -> SAEOutput:
+    def forward(self, u: Tensor, *, target: Tensor | None = None, sparsity_coeff: float,
+                dead_mask: Tensor | None = None) -> SAEOutput:
+        target = u if target is None else target
         pre, flat, values, fire_counts = self.select(u)
         if self.sparse:
             index, padded = padded_rows(flat, pre.view(-1)[flat], u.shape[0], self.d_sae)
-            x_hat = self._decode_top(u, padded, index) + self.b_dec  # TopK's sparse kernels
+            x_hat = self.with_skip(self._decode_top(u, padded, index) + self.b_dec, u)  # TopK's kernels
         else:
-            x_hat = self.decode_normalized(self.dense_latents(pre, flat, values))
-        return self._output(u, x_hat, fire_counts, {"auxk": self._auxk(u, x_hat, pre, dead_mask)})
+            x_hat = self.with_skip(self.decode_normalized(self.dense_latents(pre, flat, values)), u)
+        auxk = self._auxk(u, target, x_hat, pre, dead_mask)
+        return self._output(target, x_hat, fire_counts, {"auxk": auxk})
 
     def select(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The training selection: (pre-activations [B, d_sae], row-major flat indices of the kept entries,

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from sae_lightning.checks import check
-from sae_lightning.saes.base import SAE, SAEConfig, SAEOutput, column_stats
+from sae_lightning.saes.base import SAE, PenalisedConfig, SAEOutput, column_stats
 from sae_lightning.saes.registry import register
 
 
@@ -63,7 +63,7 @@ class _Step(torch.autograd.Function):
 
 
 @dataclass
-class JumpReLUConfig(SAEConfig):
+class JumpReLUConfig(PenalisedConfig):
     """``sae=jumprelu``: ``l0_coeff`` weighs the L0 penalty; thresholds start at ``init_threshold``; the
     straight-through kernel has width ``bandwidth``."""
 
@@ -86,8 +86,8 @@ class JumpReLUSAE(SAE):
     config_class = JumpReLUConfig
     sparsity_key = "sae.l0_coeff"
 
-    def __init__(self, cfg: JumpReLUConfig, d_in: int) -> None:
-        super().__init__(cfg, d_in, encoder_gain=min(1.0, 2 * d_in / cfg.resolve_d_sae(d_in)))
+    def __init__(self, cfg: JumpReLUConfig, d_in: int, d_out: int | None = None) -> None:
+        super().__init__(cfg, d_in, d_out=d_out, encoder_gain=min(1.0, 2 * d_in / cfg.resolve_d_sae(d_in)))
         self.bandwidth = cfg.bandwidth
         self.log_threshold = nn.Parameter(torch.full((self.d_sae,), math.log(cfg.init_threshold)))
 
@@ -102,11 +102,13 @@ class JumpReLUSAE(SAE):
         pre = self.pre_acts(u)
         return pre * (pre > self.threshold)
 
-    def forward(self, u: Tensor, *, sparsity_coeff: float, dead_mask: Tensor | None = None) -> SAEOutput:
+    def forward(self, u: Tensor, *, target: Tensor | None = None, sparsity_coeff: float,
+                dead_mask: Tensor | None = None) -> SAEOutput:
         pre = self.pre_acts(u)
         theta = self.threshold
         z = _JumpReLU.apply(pre, theta, self.bandwidth)
-        x_hat = self.decode_normalized(z)
+        x_hat = self.with_skip(self.decode_normalized(z), u)
         l0 = _Step.apply(pre, theta, self.bandwidth).sum(-1).mean()
         fire_counts = column_stats(z.detach())[1]
-        return self._output(u, x_hat, fire_counts, {"l0_penalty": sparsity_coeff * l0})
+        return self._output(u if target is None else target, x_hat, fire_counts,
+                            {"l0_penalty": sparsity_coeff * l0})

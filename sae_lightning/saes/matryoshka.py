@@ -54,25 +54,29 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     config_class = MatryoshkaConfig
 
-    def __init__(self, cfg: MatryoshkaConfig, d_in: int) -> None:
-        super().__init__(cfg, d_in)
+    def __init__(self, cfg: MatryoshkaConfig, d_in: int, d_out: int | None = None) -> None:
+        super().__init__(cfg, d_in, d_out)
         self.sparse = False
         self.prefixes = list(cfg.prefixes) or default_prefixes(self.d_sae)
         check(self.prefixes[-1] == self.d_sae, "sae.prefixes", cfg.prefixes,
               f"the last prefix must be the dictionary size d_sae={self.d_sae}")
 
-    def forward(self, u: Tensor, *, sparsity_coeff: float, dead_mask: Tensor | None = None) -> SAEOutput:
+    def forward(self, u: Tensor, *, target: Tensor | None = None, sparsity_coeff: float,
+                dead_mask: Tensor | None = None) -> SAEOutput:
+        target = u if target is None else target
         pre, flat, values, fire_counts = self.select(u)
-        x_hats = self.prefix_decodes(self.dense_latents(pre, flat, values))
+        x_hats = self.prefix_decodes(self.dense_latents(pre, flat, values), u)
         n = u.shape[0]
-        inner = {f"reconstruction_p{m}": (x_hat - u).pow(2).sum() / n
+        inner = {f"reconstruction_p{m}": (x_hat - target).pow(2).sum() / n
                  for m, x_hat in zip(self.prefixes[:-1], x_hats, strict=False)}
         full = x_hats[-1]
-        return self._output(u, full, fire_counts, {**inner, "auxk": self._auxk(u, full, pre, dead_mask)})
+        auxk = self._auxk(u, target, full, pre, dead_mask)
+        return self._output(target, full, fire_counts, {**inner, "auxk": auxk})
 
-    def prefix_decodes(self, z: Tensor) -> list[Tensor]:
-        """``z[:, :m] @ W_dec[:m] + b_dec`` for every prefix ``m`` (normalized space), smallest first."""
-        out, x_hat, start = [], self.b_dec, 0
+    def prefix_decodes(self, z: Tensor, u: Tensor) -> list[Tensor]:
+        """``z[:, :m] @ W_dec[:m] + b_dec`` (+ the skip of the normalized input ``u``) for every prefix ``m``
+        (normalized space), smallest first."""
+        out, x_hat, start = [], self.with_skip(self.b_dec.expand(u.shape[0], -1), u), 0
         for end in self.prefixes:
             x_hat = torch.addmm(x_hat, z[:, start:end], self.W_dec[start:end])
             out.append(x_hat)
@@ -82,7 +86,8 @@ class MatryoshkaSAE(BatchTopKSAE):
     @torch.no_grad()
     def prefix_reconstructions(self, x: Tensor) -> dict[int, Tensor]:
         """Raw-scale reconstructions of raw activations ``x`` by each prefix's latents alone (inference
-        latents, ``encode``), keyed by prefix size; the last one equals ``decode(encode(x))``."""
+        latents, ``encode``), keyed by prefix size; the last one equals ``decode(encode(x), x)``."""
         z = self.encode(x)
-        scale = self.input_scale.to(z.dtype)
-        return {m: x_hat / scale for m, x_hat in zip(self.prefixes, self.prefix_decodes(z), strict=True)}
+        scale = self.output_scale.to(z.dtype)
+        x_hats = self.prefix_decodes(z, self.normalize(x))
+        return {m: x_hat / scale for m, x_hat in zip(self.prefixes, x_hats, strict=True)}

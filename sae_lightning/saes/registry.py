@@ -58,10 +58,11 @@ def config_from_dict(values: dict[str, Any]) -> SAEConfig:
     return cls(**values)
 
 
-def build_sae(cfg: SAEConfig, d_in: int) -> SAE:
-    """Instantiate ``cfg.architecture`` for ``d_in``-wide activations."""
+def build_sae(cfg: SAEConfig, d_in: int, d_out: int | None = None) -> SAE:
+    """Instantiate ``cfg.architecture`` for ``d_in``-wide activations; a transcoder to ``d_out``-wide targets
+    when ``d_out`` is given."""
     cls = sae_class(cfg.architecture)
     if not isinstance(cfg, cls.config_class):
         raise ConfigError(f"sae={cfg.architecture} needs a {cls.config_class.__name__}, got "
                           f"{type(cfg).__name__}")
-    return cls(cfg, d_in)
+    return cls(cfg, d_in, d_out=d_out)

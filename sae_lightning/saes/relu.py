@@ -6,6 +6,19 @@ renormalised every step). The encoder starts as ``W_dec^T`` scaled by ``min(1, 2
 reconstruction ``d_sae / (2 d_in)`` times too large; this gain starts it at about the input's size.
 
 ``sae.ghost_grads=true`` adds ghost grads (Anthropic, January 2024) on dead latents.
+
+p-annealing (Karvonen et al. 2024; dictionary_learning's ``PAnnealTrainer``), off by default
+(``p_end == p_start == 1``): the penalty becomes ``S_p = mean_tokens sum_i w_i z_i^p`` (that trainer's
+``Lp^p`` option; ``w_i = 1`` for relu, as there, where the decoder is unit-norm; ``||W_dec[i]||`` for relu_dn)
+with p held at ``sae.p_start`` until the fraction ``sae.p_anneal_start`` of training, then linear to
+``sae.p_end`` at the last step (:func:`p_at`; the reference updates p in a few steps, or every step with
+``n_sparsity_updates="continuous"``, which we follow). Coefficient rescaling: the reference multiplies the
+coefficient, at each change of p, by ``S_p_old / S_p_new`` measured on recent batches, so the penalty's size
+does not jump; over many small changes that product telescopes to ``S_1 / S_p``. We use that ratio on the
+current batch, detached: the term is ``coeff * (S_1 / S_p).detach() * S_p``, whose value is ``coeff * S_1``
+(the L1 term's scale at every p) and whose gradient is the Lp^p penalty's. It needs no state to checkpoint
+or to keep equal across DDP ranks; unlike the reference it also follows the latents at a fixed p. The term
+keeps the key ``l1`` (logged ``train/loss_l1``: ``coeff * S_1``).
 """
 
 from __future__ import annotations
@@ -16,16 +29,35 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from sae_lightning.saes.base import BLOCK_ROWS, SAE, SAEConfig, SAEOutput, column_stats
+from sae_lightning.checks import check
+from sae_lightning.saes.base import BLOCK_ROWS, SAE, PenalisedConfig, SAEOutput, column_stats
 from sae_lightning.saes.registry import register
 
 
 @dataclass
-class ReLUConfig(SAEConfig):
-    """``sae=relu``: the L1 coefficient is the root key ``l1``."""
+class ReLUConfig(PenalisedConfig):
+    """``sae=relu``: the L1 coefficient is the root key ``l1``; ``p_start``/``p_end``/``p_anneal_start``
+    anneal the penalty's exponent (module docstring)."""
 
     architecture: str = "relu"
     ghost_grads: bool = False
+    p_start: float = 1.0
+    p_end: float = 1.0
+    p_anneal_start: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0 < self.p_start <= 1, "sae.p_start", self.p_start, "must be in (0, 1]")
+        check(0 < self.p_end <= 1, "sae.p_end", self.p_end, "must be in (0, 1]")
+        check(0 <= self.p_anneal_start < 1, "sae.p_anneal_start", self.p_anneal_start,
+              "is the fraction of training where annealing starts: in [0, 1)")
+
+
+def p_at(cfg: ReLUConfig, fraction: float) -> float:
+    """The penalty's exponent at ``fraction`` of training: ``p_start`` up to ``p_anneal_start``, then linear
+    to ``p_end`` at 1."""
+    ramp = (fraction - cfg.p_anneal_start) / (1 - cfg.p_anneal_start)
+    return cfg.p_start + (cfg.p_end - cfg.p_start) * min(1.0, max(0.0, ramp))
 
 
 class _ReLUWithStats(torch.autograd.Function):
@@ -65,12 +97,16 @@ class ReLUSAE(SAE):
     config_class = ReLUConfig
     sparsity_key = "l1"
 
-    def __init__(self, cfg: ReLUConfig, d_in: int, **init: float | bool) -> None:
+    def __init__(self, cfg: ReLUConfig, d_in: int, **init: float | bool | int | None) -> None:
         init.setdefault("encoder_gain", min(1.0, 2 * d_in / cfg.resolve_d_sae(d_in)))
         super().__init__(cfg, d_in, **init)
+        self.p = cfg.p_start
 
     def base_coeff(self, l1: float) -> float:
         return l1
+
+    def set_progress(self, fraction: float) -> None:
+        self.p = p_at(self.cfg, fraction)
 
     def encode_normalized(self, u: Tensor) -> Tensor:
         """ReLU applied in place on the addmm result: no second [B, d_sae] buffer."""
@@ -80,14 +116,30 @@ class ReLUSAE(SAE):
         """Mean over tokens of ``sum_i z_i`` from the per-latent sums of z over the batch (z >= 0)."""
         return latent_sums.sum() / n_rows
 
-    def forward(self, u: Tensor, *, sparsity_coeff: float, dead_mask: Tensor | None = None) -> SAEOutput:
+    def forward(self, u: Tensor, *, target: Tensor | None = None, sparsity_coeff: float,
+                dead_mask: Tensor | None = None) -> SAEOutput:
+        target = u if target is None else target
         z, sums, fire_counts = _ReLUWithStats.apply(self.pre_acts(u))
-        x_hat = self.decode_normalized(z)
-        terms = {"l1": sparsity_coeff * self.l1(sums, u.shape[0]),
-                 "ghost": self._ghost_loss(u, x_hat, dead_mask)}
-        return self._output(u, x_hat, fire_counts, terms)
+        x_hat = self.with_skip(self.decode_normalized(z), u)
+        penalty = self.l1(sums, u.shape[0]) if self.p == 1 else self.lp_penalty(z, u.shape[0])
+        terms = {"l1": sparsity_coeff * penalty, "ghost": self._ghost_loss(u, target, x_hat, dead_mask)}
+        return self._output(target, x_hat, fire_counts, terms)
 
-    def _ghost_loss(self, u: Tensor, x_hat: Tensor, dead_mask: Tensor | None) -> Tensor | None:
+    def lp_penalty(self, z: Tensor, n_rows: int) -> Tensor:
+        """``(S_1 / S_p).detach() * S_p`` with ``S_p`` the Lp^p penalty (module docstring), z >= 0.
+
+        ``z^p`` is taken on the non-zero entries only: its derivative ``p z^(p-1)`` is infinite at 0.
+        """
+        active = z > 0
+        zp = torch.where(active, torch.where(active, z, 1.0).pow(self.p), 0.0)
+        s_p = self.l1(zp.sum(0, dtype=torch.float32), n_rows)
+        with torch.no_grad():
+            s_1 = self.l1(z.sum(0, dtype=torch.float32), n_rows)
+            ratio = s_1 / s_p.clamp(min=torch.finfo(s_p.dtype).tiny)
+        return s_p * ratio
+
+    def _ghost_loss(self, u: Tensor, target: Tensor, x_hat: Tensor,
+                    dead_mask: Tensor | None) -> Tensor | None:
         """Ghost grads (Anthropic, Jan 2024) on the latents in ``dead_mask``; None if off, 0 if none dead.
 
         exp() of the dead latents' pre-activations, decoded without bias, rescaled (scale detached) to
@@ -99,8 +151,8 @@ class ReLUSAE(SAE):
         if dead_mask is None or not bool(dead_mask.any()):
             return u.new_zeros(())
         dead = dead_mask.nonzero().squeeze(1)
-        residual = (u - x_hat).detach()
-        pre = torch.addmm(self.b_enc[dead], u - self.b_dec.detach(), self.W_enc[:, dead])
+        residual = (target - x_hat).detach()
+        pre = torch.addmm(self.b_enc[dead], u - self.input_center().detach(), self.W_enc[:, dead])
         ghost_out = torch.exp(pre) @ self.W_dec[dead]
         scale = residual.norm(dim=-1, keepdim=True) / (2 * ghost_out.norm(dim=-1, keepdim=True) + 1e-8)
         ghost_mse = ((ghost_out * scale.detach() - residual) ** 2).sum(-1)

@@ -33,8 +33,8 @@ class ReLUDecoderNormSAE(ReLUSAE):
 
     config_class = ReLUDecoderNormConfig
 
-    def __init__(self, cfg: ReLUDecoderNormConfig, d_in: int) -> None:
-        super().__init__(cfg, d_in, decoder_init_norm=DECODER_NORM_INIT, unit_norm_decoder=False,
+    def __init__(self, cfg: ReLUDecoderNormConfig, d_in: int, d_out: int | None = None) -> None:
+        super().__init__(cfg, d_in, d_out=d_out, decoder_init_norm=DECODER_NORM_INIT, unit_norm_decoder=False,
                          encoder_gain=1.0)
 
     def l1(self, latent_sums: Tensor, n_rows: int) -> Tensor:

@@ -54,8 +54,8 @@ class TopKSAE(SAE):
     config_class = TopKConfig
     sparsity_key = "sae.k"
 
-    def __init__(self, cfg: TopKConfig, d_in: int) -> None:
-        super().__init__(cfg, d_in)
+    def __init__(self, cfg: TopKConfig, d_in: int, d_out: int | None = None) -> None:
+        super().__init__(cfg, d_in, d_out=d_out)
         check(cfg.k <= self.d_sae, "sae.k", cfg.k, f"exceeds the dictionary size d_sae={self.d_sae}")
         self.k = cfg.k
         auto = cfg.k <= SPARSE_MAX_DENSITY * self.d_sae
@@ -66,29 +66,34 @@ class TopKSAE(SAE):
         top, index = pre.topk(self.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(1, index, torch.relu(top))
 
-    def forward(self, u: Tensor, *, sparsity_coeff: float, dead_mask: Tensor | None = None) -> SAEOutput:
+    def forward(self, u: Tensor, *, target: Tensor | None = None, sparsity_coeff: float,
+                dead_mask: Tensor | None = None) -> SAEOutput:
+        target = u if target is None else target
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.sparse):
             pre = self.pre_acts(u)  # without grad on the sparse path: sparse_decode does its backward
         top, index = pre.topk(self.k, dim=-1, sorted=False)
-        x_hat = self._decode_top(u, top, index) + self.b_dec
+        x_hat = self.with_skip(self._decode_top(u, top, index) + self.b_dec, u)
         with torch.no_grad():  # latents with a non-positive top value are zero after the ReLU
             fired = index.masked_fill(top <= 0, self.d_sae).reshape(-1)
             fire_counts = torch.bincount(fired, minlength=self.d_sae + 1)[: self.d_sae]
-        return self._output(u, x_hat, fire_counts, {"auxk": self._auxk(u, x_hat, pre, dead_mask)})
+        auxk = self._auxk(u, target, x_hat, pre, dead_mask)
+        return self._output(target, x_hat, fire_counts, {"auxk": auxk})
 
     def _decode_top(self, x: Tensor, top: Tensor, index: Tensor) -> Tensor:
         """``sum_j relu(top[:, j]) * W_dec[index[:, j]]`` (no bias): sparse kernels or the dense reference."""
         if self.sparse:
-            return sparse_decode(x, self.W_enc, self.b_enc, self.b_dec, self.W_dec, index, top)
+            return sparse_decode(x, self.W_enc, self.b_enc, self.input_center(), self.W_dec, index, top)
         z = top.new_zeros(top.shape[0], self.d_sae).scatter(1, index, torch.relu(top))
         return z @ self.W_dec
 
-    def _auxk(self, x: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor | None) -> Tensor:
-        """AuxK term (module docstring); 0 when ``dead_mask`` is None or all False."""
+    def _auxk(self, x: Tensor, target: Tensor, x_hat: Tensor, pre: Tensor,
+              dead_mask: Tensor | None) -> Tensor:
+        """AuxK term (module docstring) on the residual ``target - x_hat``; 0 when ``dead_mask`` is None or
+        all False."""
         if dead_mask is None or not bool(dead_mask.any()):
             return x.new_zeros(())
         dead = dead_mask.nonzero().squeeze(1)
         top, pos = pre[:, dead].topk(min(self.cfg.aux_k, dead.numel()), dim=-1, sorted=False)
-        residual = (x - x_hat).detach()
+        residual = (target - x_hat).detach()
         e_hat = self._decode_top(x, top, dead[pos])
         return self.cfg.aux_coeff * (e_hat - residual).pow(2).sum(-1).mean()

@@ -1,0 +1,76 @@
+"""Gated SAE (Rajamanoharan et al. 2024, "Improving Dictionary Learning with Gated Sparse Autoencoders").
+
+Two paths share one projection ``h = (u - b_dec) @ W_enc``: gate ``pi_gate = h + b_gate``, magnitude
+``pi_mag = exp(r_mag) * h + b_mag`` (the paper's weight sharing ``W_mag = exp(r_mag) * W_gate``, per
+latent); ``z = 1[pi_gate > 0] * relu(pi_mag)``, ``û = z @ W_dec + b_dec``.
+The gate bias is stored as ``b_enc`` (it is the encoder bias of the shared ``pre_acts``, so resampling and
+the other shared code treat it as such); the SAELens export names it ``b_gate``.
+
+Loss = reconstruction + ``l1 * L_sparsity`` + ``L_aux`` with
+``L_sparsity = mean_tokens sum_i relu(pi_gate)_i ||W_dec[i]||`` and
+``L_aux = mean_tokens ||relu(pi_gate) @ W_dec' + b_dec' - u||^2`` through a frozen (detached) copy of the
+decoder, so that the gate path, which the Heaviside cuts off from the reconstruction, learns to reconstruct
+while the decoder is trained by the main reconstruction alone. Decoder rows are kept at unit norm, as in the
+paper (and dictionary_learning's ``GatedSAETrainer``): the decoder-norm weights are then 1 and the penalty is
+the paper's plain L1; SAELens's gated trainer instead leaves the decoder free, weights by the norms and does
+not freeze the aux decoder. The root key ``l1`` is the coefficient. Init as ``relu``: unit-norm random decoder
+rows, ``W_enc = min(1, 2 d_in / d_sae) W_dec^T``; ``b_gate``, ``r_mag``, ``b_mag`` at zero (so both paths
+start equal, as the paper's ``r_mag = 0``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sae_lightning.saes.base import SAE, PenalisedConfig, SAEOutput, column_stats
+from sae_lightning.saes.registry import register
+
+
+@dataclass
+class GatedConfig(PenalisedConfig):
+    """``sae=gated``: the sparsity coefficient of the gate path is the root key ``l1``."""
+
+    architecture: str = "gated"
+
+
+@register("gated")
+class GatedSAE(SAE):
+    """See module docstring. Parameters beyond the base: ``r_mag``, ``b_mag`` (both start at 0)."""
+
+    config_class = GatedConfig
+    sparsity_key = "l1"
+
+    def __init__(self, cfg: GatedConfig, d_in: int, d_out: int | None = None) -> None:
+        super().__init__(cfg, d_in, d_out=d_out, encoder_gain=min(1.0, 2 * d_in / cfg.resolve_d_sae(d_in)))
+        self.r_mag = nn.Parameter(torch.zeros(self.d_sae))
+        self.b_mag = nn.Parameter(torch.zeros(self.d_sae))
+
+    def base_coeff(self, l1: float) -> float:
+        return l1
+
+    def _paths(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """``(pi_gate, pi_mag)`` from one matmul."""
+        h = self.pre_acts(u, bias=0.0)
+        return h + self.b_enc, torch.addcmul(self.b_mag, h, self.r_mag.exp())
+
+    def encode_normalized(self, u: Tensor) -> Tensor:
+        pi_gate, pi_mag = self._paths(u)
+        return (pi_gate > 0) * torch.relu(pi_mag)
+
+    def forward(self, u: Tensor, *, target: Tensor | None = None, sparsity_coeff: float,
+                dead_mask: Tensor | None = None) -> SAEOutput:
+        target = u if target is None else target
+        pi_gate, pi_mag = self._paths(u)
+        z = (pi_gate > 0) * torch.relu(pi_mag)  # the Heaviside passes no gradient to the gate path
+        x_hat = self.with_skip(self.decode_normalized(z), u)
+        gate = torch.relu(pi_gate)
+        sparsity = gate.sum(0) @ torch.linalg.vector_norm(self.W_dec, dim=1) / u.shape[0]
+        via_gate = torch.addmm(self.b_dec.detach(), gate, self.W_dec.detach())
+        if self.cfg.skip:  # the skip's share of the target, frozen like the decoder
+            via_gate = via_gate + (u @ self.W_skip).detach()
+        aux = (via_gate - target).pow(2).sum(-1).mean()
+        fire_counts = column_stats(z.detach())[1]
+        return self._output(target, x_hat, fire_counts, {"l1": sparsity_coeff * sparsity, "aux": aux})
