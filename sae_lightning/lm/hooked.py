@@ -220,6 +220,12 @@ class HookedLM:
         """Width of the hooked tensor: d_mlp for mlp_post, d_model for the residual-stream ones."""
         return self._site(HookPoint(*hook))[1]
 
+    def hook_module(self, hook: HookPoint) -> nn.Module:
+        """The module whose input or output is ``hook`` (for mlp_post: the MLP output projection)."""
+        return self.model.get_submodule(self._site(HookPoint(*hook))[0].path)
+
+    _module = hook_module  # the name lm.py had
+
     def hook_site(self, hook: HookPoint) -> str:
         """Where ``hook`` is read, e.g. ``'input of gpt_neox.layers.1.mlp.dense_4h_to_h'``."""
         return str(self._site(HookPoint(*hook))[0])
