@@ -56,23 +56,63 @@ class ModelConfig:
                "choose float32, bfloat16 or float16")
 
 
+HOOK_NAMES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_in", "mlp_post", "mlp_out")
+MODULE_HOOK = "module"  # hook=module: any module's input or output, named by its dotted path
+HOOK_SIDES = ("input", "output")
+
+
+def module_hook_name(path: str, side: str) -> str:
+    """The hook name of a module's input or output, ``module:<dotted path>:<side>`` (caches are keyed by)."""
+    return f"{MODULE_HOOK}:{path}:{side}"
+
+
+def parse_module_hook(name: str) -> tuple[str, str] | None:
+    """``(path, side)`` of a :func:`module_hook_name`; ``None`` for any other name."""
+    head, _, rest = name.partition(":")
+    path, _, side = rest.rpartition(":")
+    if head != MODULE_HOOK or not path or side not in HOOK_SIDES:
+        return None
+    return path, side
+
+
+def is_hook_name(name: str) -> bool:
+    """One of ``HOOK_NAMES`` or a :func:`module_hook_name`."""
+    return name in HOOK_NAMES or parse_module_hook(name) is not None
+
+
 @dataclass
 class HookConfig:
     """Where activations are read: ``name`` at root key ``layer`` (what is trained). ``extra`` hook names
-    and ``extra_layers`` are cached in the same forward pass, for later runs to reuse."""
+    and ``extra_layers`` are cached in the same forward pass, for later runs to reuse.
+
+    ``name`` is one of ``HOOK_NAMES``, or ``module`` with ``module`` (a dotted module path from the model
+    root, or relative to block ``layer``) and ``side`` (``input`` or ``output``) for anything else; that
+    pair is folded into ``name`` as ``module:<path>:<side>``, the form caches and ``extra`` use.
+    """
 
     name: str = "mlp_post"
+    module: str | None = None
+    side: str = "output"
     extra: list[str] = field(default_factory=list)
     extra_layers: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for n in [self.name, *self.extra]:
-            _check(n in HOOK_NAMES, "hook.name", n, f"choose one of {', '.join(HOOK_NAMES)}")
+        _check(self.side in HOOK_SIDES, "hook.side", self.side, "choose input or output")
+        if self.name == MODULE_HOOK:
+            _check(bool(self.module), "hook.module", self.module,
+                   "hook=module needs hook.module=<dotted module path>, e.g. "
+                   "hook.module=gpt_neox.layers.3.mlp.dense_4h_to_h hook.side=input")
+            self.name = module_hook_name(str(self.module), self.side)
+        else:
+            _check(self.module is None or parse_module_hook(self.name) is not None, "hook.module",
+                   self.module, f"is only read with hook=module (hook.name is {self.name!r})")
+        names = ", ".join(HOOK_NAMES)
+        _check(is_hook_name(self.name), "hook.name", self.name,
+               f"choose one of {names}, or hook=module hook.module=<path> hook.side=input|output")
+        for n in self.extra:
+            _check(is_hook_name(n), "hook.extra", n, f"choose from {names} or module:<path>:input|output")
         for layer in self.extra_layers:
             _check(layer >= 0, "hook.extra_layers", layer, "layers must be >= 0")
-
-
-HOOK_NAMES = ("mlp_post", "mlp_out", "resid_post")
 
 
 @dataclass
@@ -102,7 +142,7 @@ class DataConfig:
     separator: str | None = "<|endoftext|>"  # None: each file is one document
     context_size: int = 128
     n_tokens: int = 2_000_000
-    prepend_bos: bool = True
+    prepend_bos: Any = "auto"  # true, false, or auto: as the tokenizer does (text.resolve_prepend_bos)
     exclude_special: bool = True
     lm_batch_size: int = 32
 
@@ -113,6 +153,8 @@ class DataConfig:
         _check(self.context_size >= 2, "data.context_size", self.context_size, "must be >= 2")
         _check(self.n_tokens > 0, "data.n_tokens", self.n_tokens, "must be > 0")
         _check(self.lm_batch_size > 0, "data.lm_batch_size", self.lm_batch_size, "must be > 0")
+        _check(isinstance(self.prepend_bos, bool) or self.prepend_bos == "auto", "data.prepend_bos",
+               self.prepend_bos, "choose true, false or auto (prepend BOS exactly when the tokenizer does)")
 
 
 @dataclass

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from sae_lightning.config import TrainConfig
+from sae_lightning.config import TrainConfig, parse_module_hook
 from sae_lightning.io import atomic_write, atomic_write_json
 from sae_lightning.saes import SAE, build_sae, config_from_dict
 
@@ -47,14 +47,24 @@ FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gat
 RENAMED = {"gated": {"b_enc": "b_gate"}}
 # our hook names -> TransformerLens hook names, which SAELens and Neuronpedia key SAEs by
 TL_HOOK_NAMES = {
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_mid": "blocks.{layer}.hook_resid_mid",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "mlp_in": "blocks.{layer}.ln2.hook_normalized",  # what the MLP reads (TL's hook_mlp_in is before ln2)
     "mlp_post": "blocks.{layer}.mlp.hook_post",
     "mlp_out": "blocks.{layer}.hook_mlp_out",
-    "resid_post": "blocks.{layer}.hook_resid_post",
 }
 
 
 def transformer_lens_hook_name(layer: int, name: str) -> str:
-    """``(6, "mlp_post")`` -> ``"blocks.6.mlp.hook_post"``."""
+    """``(6, "mlp_post")`` -> ``"blocks.6.mlp.hook_post"``. A ``hook=module`` name has no TransformerLens
+    name: its module path is written instead (what SAELens hooks on a Hugging Face model, for an output),
+    with ``:input`` appended for a module's input."""
+    module = parse_module_hook(name)
+    if module is not None:
+        path, side = module
+        return path if side == "output" else f"{path}:input"
     return TL_HOOK_NAMES[name].format(layer=layer)
 
 
@@ -74,11 +84,23 @@ def saelens_metadata(cfg: TrainConfig) -> dict[str, Any]:
         "hook_name": transformer_lens_hook_name(cfg.layer, cfg.hook.name),
         "hook_layer": cfg.layer,
         "context_size": cfg.data.context_size,
-        "prepend_bos": cfg.data.prepend_bos,
+        "prepend_bos": _prepend_bos(cfg),
         "exclude_special_tokens": cfg.data.exclude_special,
         "dataset_path": cfg.data.name if cfg.data.source == "hub" else cfg.data.path,
         "sae_lightning_architecture": cfg.sae.architecture,
     }
+
+
+def _prepend_bos(cfg: TrainConfig) -> bool | None:
+    """``data.prepend_bos`` as the bool SAELens runs the model with: ``auto`` asks the model's tokenizer if
+    this machine has it (it does after training or evaluating on it), else ``None`` (unknown)."""
+    if isinstance(cfg.data.prepend_bos, bool):
+        return cfg.data.prepend_bos
+    from sae_lightning.lm import local_tokenizer
+    from sae_lightning.text import resolve_prepend_bos
+
+    tokenizer = local_tokenizer(cfg.model)
+    return None if tokenizer is None else resolve_prepend_bos(cfg.data.prepend_bos, tokenizer)
 
 
 def export_trained(sae: SAE, cfg: TrainConfig, path: str | Path) -> Path:

@@ -2,9 +2,10 @@
 
 Documents are tokenized in large batches (the fast tokenizers encode a batch in parallel), joined
 with EOS between them and cut into rows of exactly ``context_size`` tokens; with ``prepend_bos`` every
-row starts with BOS followed by ``context_size - 1`` text tokens. Nothing is random, so the same config
-always gives the same rows. Also home to the small helpers that ``lm.py`` shares: the quick hub
-reachability test and the cached file hash.
+row starts with BOS followed by ``context_size - 1`` text tokens (``auto``, the default: exactly when the
+model's tokenizer prepends BOS itself, as Gemma's and LLaMA's do and GPT-2's and Pythia's do not). Nothing
+is random, so the same config always gives the same rows. Also home to the small helpers that
+``sae_lightning.lm`` shares: the quick hub reachability test and the cached file hash.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ _HUB_TIMEOUT_S = 3.0
 _TRUE = ("1", "ON", "YES", "TRUE")
 
 
-# ---------------------------------------------------------------- shared helpers (also used by lm.py)
+# ---------------------------------------------------------------- shared helpers (also used by lm/)
 
 def sae_lightning_home() -> Path:
     """Root of our own caches: ``$SAE_LIGHTNING_HOME``, default ``~/.cache/sae_lightning``."""
@@ -229,14 +230,31 @@ def text_fingerprint(cfg: DataConfig) -> str:
 
 # ---------------------------------------------------------------- tokens
 
-def _special_ids(tokenizer: Any, prepend_bos: bool) -> tuple[int | None, int]:
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` puts BOS first when it encodes text with its special tokens (Gemma, LLaMA: yes;
+    GPT-2, Pythia: no; Qwen2.5: it has no BOS)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+
+
+def resolve_prepend_bos(prepend_bos: bool | str, tokenizer: Any) -> bool:
+    """``data.prepend_bos`` as a bool: ``auto`` prepends BOS exactly when the tokenizer itself does, so each
+    model sees rows the way it was trained (Gemma needs its BOS; Pythia and GPT-2 were trained without)."""
+    return tokenizer_adds_bos(tokenizer) if prepend_bos == "auto" else bool(prepend_bos)
+
+
+def _special_ids(tokenizer: Any, prepend_bos: bool | str) -> tuple[int | None, int]:
     name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"Tokenizer {name!r} has no EOS token to separate documents; "
                          "use a tokenizer with an eos_token (or set tokenizer.eos_token)")
+    prepend_bos = resolve_prepend_bos(prepend_bos, tokenizer)
     if prepend_bos and tokenizer.bos_token_id is None:
         raise ValueError(f"Tokenizer {name!r} has no BOS token but data.prepend_bos=true; "
-                         "set data.prepend_bos=false")
+                         "set data.prepend_bos=false (or auto)")
     return (tokenizer.bos_token_id if prepend_bos else None), tokenizer.eos_token_id
 
 
@@ -255,11 +273,12 @@ def _text_chunks(docs: Iterable[str]) -> Iterator[list[str]]:
         yield group
 
 
-def pack_rows(docs: Iterable[str], tokenizer: Any, context_size: int, prepend_bos: bool
+def pack_rows(docs: Iterable[str], tokenizer: Any, context_size: int, prepend_bos: bool | str
               ) -> Iterator[np.ndarray]:
-    """Blocks of packed rows ``[n, context_size]`` (int64); text left over for a partial row is dropped."""
+    """Blocks of packed rows ``[n, context_size]`` (int64); text left over for a partial row is dropped.
+    ``prepend_bos``: true, false or ``auto`` (:func:`resolve_prepend_bos`)."""
     bos, eos = _special_ids(tokenizer, prepend_bos)
-    body = context_size - 1 if prepend_bos else context_size
+    body = context_size if bos is None else context_size - 1
     carry = np.empty(0, dtype=np.int64)
     for texts in _text_chunks(docs):
         stream: list[int] = []

@@ -4,7 +4,8 @@ Session-scoped, built offline in a few seconds, and loaded through the same code
 (``load_lm(ModelConfig(name=<dir>))``), so other stages can test against them:
 
 - ``tiny_tokenizer``: byte-level BPE (vocab ~300) trained on the first ~50 stories of the TinyStories sample,
-  a ``PreTrainedTokenizerFast`` with BOS ``<s>``, EOS ``</s>`` and PAD ``<pad>`` (distinct ids).
+  a ``PreTrainedTokenizerFast`` with BOS ``<s>``, EOS ``</s>`` and PAD ``<pad>`` (distinct ids) that prepends
+  BOS when it encodes with special tokens, as LLaMA's does (so the default ``data.prepend_bos=auto`` is true).
 - ``tiny_gpt2_dir`` / ``tiny_llama_dir``: directories holding a randomly initialised ``GPT2LMHeadModel``
   (3 layers, d_model 32, d_mlp 128, 64 positions) or ``LlamaForCausalLM`` (3 layers, d_model 32,
   d_mlp 96, GQA 4/2 heads, 64 positions) plus the tokenizer, via ``save_pretrained``.
@@ -33,7 +34,7 @@ def tinystories_path() -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A byte-level BPE tokenizer trained on 200 lines of TinyStories (no network)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     with TINYSTORIES.open(encoding="utf-8") as f:
@@ -44,6 +45,9 @@ def tiny_tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(SPECIALS.values()),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(lines, trainer)
+    bos = SPECIALS["bos_token"]  # prepended by the tokenizer, as LLaMA's and Gemma's: prepend_bos=auto: true
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, tok.token_to_id(bos))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=64, **SPECIALS)
 
 

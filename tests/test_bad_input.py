@@ -49,7 +49,7 @@ def _assert_names(out: str, *words: str) -> None:
     ("batch_size=abc", ["'abc' of type 'str' could not be converted to Integer", "batch_size"]),
     ("sae.dict_mult=0", ["sae.dict_mult=0.0", "must be > 0"]),
     ("l1=-1", ["l1=-1.0", "must be >= 0"]),
-    ("hook.name=attn_out", ["hook.name='attn_out'", "choose one of mlp_post, mlp_out, resid_post"]),
+    ("hook.name=attn_z", ["hook.name='attn_z'", "choose one of resid_pre, resid_mid, resid_post, attn_out"]),
 ])
 def test_config_errors_name_the_key_before_any_work(tmp_path: Path, override: str, words: list[str]) -> None:
     acts = write_acts(tmp_path / "acts.npy", n=256)

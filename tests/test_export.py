@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from sae_lightning.config import TrainConfig
+from sae_lightning.config import DataConfig, TrainConfig
 from sae_lightning.export import (
     export_saelens,
     export_trained,
@@ -157,7 +157,7 @@ def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
 
 
 def test_export_trained_takes_everything_from_the_config(tmp_path: Path) -> None:
-    cfg = TrainConfig(sae=_cfg("topk"), layer=2)
+    cfg = TrainConfig(sae=_cfg("topk"), data=DataConfig(prepend_bos=True), layer=2)
     folder = export_trained(_sae("topk"), cfg, tmp_path)
     written = json.loads((folder / "cfg.json").read_text())
     assert written["architecture"] == "topk" and written["k"] == K

@@ -1,4 +1,5 @@
-"""lm.py on tiny random GPT-2 / LLaMA models saved to disk and loaded through ``load_lm``."""
+"""sae_lightning.lm on tiny random GPT-2 / LLaMA models saved to disk and loaded through ``load_lm`` (the
+other families: test_lm_families.py)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ def test_several_hooks_one_truncated_pass(lm: HookedLM) -> None:
     """Several hooks in one pass; the pass stops after the deepest hooked block."""
     tokens = _tokens(lm)
     hooks = [HookPoint(0, "mlp_post"), HookPoint(1, "resid_post"), HookPoint(1, "mlp_out")]
+    lm.check_hooks(hooks)  # the probe forward that finds the hook points runs here, once
     ran: list[int] = []
     handles = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(lm.blocks)]
     try:
@@ -133,7 +135,8 @@ def test_projection_accessors(lm: HookedLM) -> None:
 @pytest.mark.parametrize(("hook", "match"), [
     (HookPoint(3, "mlp_post"), "n_layers=3"),
     (HookPoint(-1, "mlp_post"), "n_layers=3"),
-    (HookPoint(0, "attn_out"), "attn_out"),
+    (HookPoint(0, "attn_z"), "attn_z.*resid_pre.*hook=module"),
+    (HookPoint(0, "module:no.such.module:output"), "no such module"),
 ])
 def test_bad_hooks(lm: HookedLM, hook: HookPoint, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -149,21 +152,32 @@ def test_context_beyond_max_positions(lm: HookedLM) -> None:
         lm.logits(torch.full((1, 4), lm.vocab_size))
 
 
-def test_missing_module_is_a_clear_error(tiny_llama_dir: Path) -> None:
-    lm = load_lm(ModelConfig(name=str(tiny_llama_dir)))
-    del lm.blocks[0].mlp.down_proj
-    with pytest.raises(ValueError, match=r"mlp_post.*down_proj"):
+def test_unverifiable_hook_point_names_the_module(tiny_llama_dir: Path) -> None:
+    """An MLP whose output no Linear produces (here: scaled after down_proj) has no mlp_post; the error names
+    the module and hook=module, and the hook points that still check out keep working."""
+    lm = load_lm(ModelConfig(name=str(tiny_llama_dir)), device="cpu")
+    mlp = lm.blocks[0].mlp
+    plain = mlp.forward
+    mlp.forward = lambda x: 2 * plain(x)
+    with pytest.raises(ValueError, match=r"mlp_post.*model\.layers\.0\.mlp.*hook=module hook\.module="):
         lm.activations(_tokens(lm), [HookPoint(0, "mlp_post")])
+    out = lm.activations(_tokens(lm), [HookPoint(0, "mlp_out")])[HookPoint(0, "mlp_out")]
+    assert torch.equal(out, _reference(lm, _tokens(lm), HookPoint(0, "mlp_out")))
 
 
-def test_unknown_family(tiny_gpt2: HookedLM) -> None:
-    from transformers import BertConfig, BertForMaskedLM
-
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32)
-    bert = BertForMaskedLM(config)
-    with pytest.raises(ValueError, match=r"model_type='bert'.*gpt2"):
-        HookedLM(bert, tiny_gpt2.tokenizer)
+def test_blocks_not_found_fails_at_once_naming_what_it_looked_for(tiny_llama_dir: Path) -> None:
+    """A model whose blocks cannot be found stops at the first named hook, within seconds, saying what it
+    looked for (here: a config claiming 5 layers for a 3-block list) and how to read a module instead."""
+    lm = load_lm(ModelConfig(name=str(tiny_llama_dir)), device="cpu")
+    lm.model.config.num_hidden_layers = 5
+    broken = HookedLM(lm.model, lm.tokenizer)
+    start = time.monotonic()
+    match = r"num_hidden_layers=5.*model\.layers \(3\).*hook=module hook\.module="
+    with pytest.raises(ValueError, match=match):
+        broken.activations(_tokens(lm), [HookPoint(0, "resid_post")])
+    assert time.monotonic() - start < 5
+    hook = HookPoint(0, "module:model.layers.2.mlp.down_proj:input")  # the escape hatch still works
+    assert broken.activations(_tokens(lm), [hook])[hook].shape == (3, 16, 96)
 
 
 def test_offline_hub_model_fails_fast(monkeypatch, tmp_path: Path) -> None:

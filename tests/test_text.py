@@ -122,7 +122,7 @@ def test_special_token_mask(tiny_tokenizer) -> None:
 def test_missing_bos_token_is_a_clear_error(tmp_path: Path, tiny_tokenizer) -> None:
     tok = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer, eos_token="</s>")
     with pytest.raises(ValueError, match=r"no BOS token.*prepend_bos=false"):
-        next(iter_token_batches(_cfg(_write(tmp_path / "a.txt", DOCS)), tok, 2))
+        next(iter_token_batches(_cfg(_write(tmp_path / "a.txt", DOCS), prepend_bos=True), tok, 2))
 
 
 def test_file_errors_name_the_file(tmp_path: Path, tiny_tokenizer) -> None:

@@ -116,11 +116,12 @@ def fired(summary: UnitSummary, units: Iterable[int], min_count: int = 1) -> lis
 @dataclass
 class LMParts:
     """What the direct logit effects need from the LM: ``HookedLM.output_projection(hook)`` (None unless
-    the hook is mlp_post) of the hook the latents decode into, ``HookedLM.unembed_directions()`` and the
-    tokenizer. ``neuron_W_out``: a transcoder's input hook's projection (its neurons'), when it differs."""
+    the hook is mlp_post) of the hook the latents decode into, ``HookedLM.unembed_directions()`` (None
+    where that hook has no direct logit effect: mlp_in, ``hook=module``) and the tokenizer.
+    ``neuron_W_out``: a transcoder's input hook's projection (its neurons'), when it differs."""
 
     W_out: Tensor | None
-    W_U: Tensor
+    W_U: Tensor | None
     tokenizer: Any
     neuron_W_out: Tensor | None = None
 
@@ -160,7 +161,8 @@ def build_report_data(title: str, metrics: Mapping[str, float], result: RowsResu
                                    n_qualified=len(scorable[kind]), seed=seed)
         numbers |= scores[kind].metrics()
         shown = fired(summary, sorted(summary.tracked))[:n_show]
-        effects = direct_logit_effect(directions(shown), lm.W_U, w_out) if shown else None
+        effects = (direct_logit_effect(directions(shown), lm.W_U, w_out)
+                   if shown and lm.W_U is not None else None)
         shown_scores = score_units(kind, summary.top, shown, context_row, decode, scorer, corpus, seed=seed)
         cards[kind] = unit_cards(kind, shown, summary, context_row, decode, effects, shown_scores, corpus)
     picture = {kind: _picture_cards(scores[kind], kinds[kind][0], context_row, decode, corpus, n_picture,

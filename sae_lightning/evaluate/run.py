@@ -116,8 +116,10 @@ def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE,
         log.info("downstream LM loss on %d contexts in %.1f s: CE loss recovered %.3f", len(docs),
                  time.perf_counter() - t0, extra["ce_loss_recovered"])
     if cfg.report:
-        parts = LMParts(W_out=lm.output_projection(target), W_U=lm.unembed_directions(),
-                        tokenizer=lm.tokenizer, neuron_W_out=lm.output_projection(hook))
+        direct = lm.has_direct_logit_effect(target)  # not for mlp_in or hook=module: no path to the logits
+        parts = LMParts(W_out=lm.output_projection(target) if direct else None,
+                        W_U=lm.unembed_directions() if direct else None, tokenizer=lm.tokenizer,
+                        neuron_W_out=lm.output_projection(hook) if lm.has_direct_logit_effect(hook) else None)
         embedder = load_embedder() if cfg.monosemanticity else None
         details = {"checkpoint": str(Path(cfg.ckpt_path).resolve()), "model": train_cfg.model.name,
                    "hook": where,
