@@ -36,8 +36,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
+import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -46,23 +49,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import ours_trainer, saelens_trainer
+from train_step import ours_trainer, preset, saelens_trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, uninstalled
-from omegaconf import OmegaConf
-
 from sae_lightning.metrics import ReconstructionStats
-from sae_lightning.saes import SAEConfig, config_from_dict
-
-PRESETS = Path(__file__).resolve().parents[1] / "conf" / "sae"
-
-
-def preset(name: str, **overrides: object) -> SAEConfig:
-    """The config that ``sae=<name>`` composes (its schema's defaults, then the preset's values), with
-    ``overrides`` (d_sae, k) on top."""
-    values = OmegaConf.to_container(OmegaConf.load(PRESETS / f"{name}.yaml"))
-    values.pop("defaults", None)
-    return config_from_dict({"architecture": name, **values, **overrides})
+from sae_lightning.saes.matryoshka import default_prefixes
 
 
 def synthetic(n: int, d_in: int, n_features: int, mean_active: float, seed: int = 0) -> torch.Tensor:
@@ -122,30 +113,62 @@ def evaluate(encode_decode, x: torch.Tensor, chunk: int = 4096) -> tuple[float, 
     return values["l0"], values["nmse"]
 
 
-def train(trainer, train_x: torch.Tensor, args: argparse.Namespace) -> torch.nn.Module:
-    """Run ``args.steps`` steps on consecutive batches (wrapping around), the same for every SAE."""
-    sae, step = trainer
-    sae.train()
+def train(step, train_x: torch.Tensor, args: argparse.Namespace, score) -> list[tuple[int, float, float]]:
+    """Run ``args.steps`` steps on consecutive batches (wrapping around: several passes when the train rows
+    are fewer than steps x batch), the same for every SAE; ``score()`` -> (L0, nmse) on the held-out rows
+    after each ``args.steps / args.curve_points`` steps. Returns the curve [(tokens, L0, nmse)]."""
+    curve, every = [], max(1, args.steps // args.curve_points)
     for i in range(args.steps):
         start = (i * args.batch) % (train_x.shape[0] - args.batch + 1)
         step(train_x[start:start + args.batch])
-    return sae
+        if (i + 1) % every == 0 or i + 1 == args.steps:
+            curve.append(((i + 1) * args.batch, *score()))
+    return curve
 
 
-def run_ours(cfg: SAEConfig, coeff: float, train_x: torch.Tensor, eval_x: torch.Tensor,
-             args: argparse.Namespace) -> tuple[float, float]:
-    sae, step = ours_trainer(cfg, train_x.shape[1], coeff, lr=args.lr,
+def run_ours(arch: str, value: float, train_x: torch.Tensor, eval_x: torch.Tensor,
+             args: argparse.Namespace) -> list[tuple[int, float, float]]:
+    """Our ``sae=<arch>`` preset (``value``: k for the TopK family, else the sparsity coefficient)."""
+    k_arch = arch in K_ARCHS
+    cfg = preset(arch, d_sae=args.d_sae, **({"k": int(value)} if k_arch else {}))
+    if arch == "jumprelu":
+        cfg = preset(arch, d_sae=args.d_sae, l0_coeff=value)
+    sae, step = ours_trainer(cfg, train_x.shape[1], 0.0 if k_arch else value, lr=args.lr,
                              dead_window_tokens=args.dead_window * args.batch)
     sae.init_b_dec(train_x[:args.b_dec_sample])
-    train((sae, step), train_x, args)
-    return evaluate(lambda xs: (z := sae.encode(xs), sae.decode(z)), eval_x)
+    sae.train()
+
+    def score() -> tuple[float, float]:
+        sae.eval()
+        result = evaluate(lambda xs: (z := sae.encode(xs), sae.decode(z)), eval_x)
+        sae.train()
+        return result
+
+    return train(step, train_x, args, score)
 
 
-def run_saelens(arch: str, coeff: float, train_x: torch.Tensor, eval_x: torch.Tensor,
-                args: argparse.Namespace, **kw: object) -> tuple[float, float]:
-    sae = train(saelens_trainer(arch, train_x.shape[1], args.d_sae, coeff, lr=args.lr,
-                                dead_window_steps=args.dead_window, **kw), train_x, args)
-    return evaluate(lambda xs: (z := sae.encode(xs), sae.decode(z)), eval_x)
+def run_saelens(arch: str, value: float, train_x: torch.Tensor, eval_x: torch.Tensor,
+                args: argparse.Namespace) -> list[tuple[int, float, float]]:
+    """SAELens's ``arch`` with its defaults, scored as its users get it: saved for inference and loaded
+    back (BatchTopK and Matryoshka become JumpReLU with the learned threshold)."""
+    from sae_lens import SAE as SAELensSAE
+
+    kw: dict[str, object] = {}
+    if arch in K_ARCHS:
+        kw["k"] = int(value)
+    if arch == "matryoshka":
+        kw["matryoshka_widths"] = default_prefixes(args.d_sae)
+    sae, step = saelens_trainer(arch, train_x.shape[1], args.d_sae, 0.0 if arch in K_ARCHS else value,
+                                lr=args.lr, dead_window_steps=args.dead_window, **kw)
+    sae.train()
+
+    def score() -> tuple[float, float]:
+        with tempfile.TemporaryDirectory() as tmp:
+            sae.save_inference_model(tmp)
+            inference = SAELensSAE.load_from_disk(tmp, device="cpu")
+        return evaluate(lambda xs: (z := inference.encode(xs), inference.decode(z)), eval_x)
+
+    return train(step, train_x, args, score)
 
 
 def interpolate(l0: float, curve: list[tuple[float, float]]) -> float | None:
@@ -163,6 +186,34 @@ def dominated(point: tuple[float, float], curve: list[tuple[float, float]]) -> b
     return any(o[0] <= point[0] and o[1] <= point[1] and o != point for o in curve)
 
 
+# curve name -> (library, architecture, the option giving its sweep values)
+CURVES = {"ours relu": ("ours", "relu", "l1"), "ours relu_dn": ("ours", "relu_dn", "l1"),
+          "saelens standard": ("saelens", "standard", "l1")}
+SWEPT_BY = {"topk": "k", "batchtopk": "k", "matryoshka": "k", "gated": "l1", "jumprelu": "l0_coeff"}
+CURVES |= {f"{lib} {arch}": (lib, arch, option) for arch, option in SWEPT_BY.items()
+           for lib in ("ours", "saelens")}
+K_ARCHS = {"topk", "batchtopk", "matryoshka"}
+PAIRS = {"ours relu": "saelens standard", "ours relu_dn": "saelens standard", "ours topk": "saelens topk",
+         "ours batchtopk": "saelens batchtopk", "ours matryoshka": "saelens matryoshka",
+         "ours gated": "saelens gated", "ours jumprelu": "saelens jumprelu"}
+SETTINGS = ("acts", "d_in", "features", "mean_active", "d_sae", "train_rows", "eval_rows", "batch", "steps",
+            "lr", "dead_window", "b_dec_sample", "curve_points")
+
+
+def settings(args: argparse.Namespace) -> dict[str, object]:
+    """What a result depends on besides (curve, value, seed): a stored result is reused only if equal."""
+    import sae_lens
+
+    return {key: getattr(args, key) for key in SETTINGS} | {"sae_lens": sae_lens.__version__}
+
+
+def load_results(path: Path | None, fingerprint: dict[str, object]) -> list[dict]:
+    if path is None or not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["settings"] == fingerprint]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--acts", help=".npy [n, d_in] of real activations, or an activation cache directory "
@@ -178,80 +229,101 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dead-window", type=int, default=200, help="steps unfired => dead")
     p.add_argument("--b-dec-sample", type=int, default=8192)
-    p.add_argument("--l1", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.0, 10.0])
-    p.add_argument("--k", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--l1", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.0, 10.0],
+                   help="L1 coefficients (relu, relu_dn, standard, gated)")
+    p.add_argument("--k", type=int, nargs="+", default=[4, 8, 16], help="k (topk, batchtopk, matryoshka)")
+    p.add_argument("--l0-coeff", type=float, nargs="+", default=[1.0, 3.0, 10.0],
+                   help="jumprelu L0 coefficients")
+    p.add_argument("--curves", nargs="+", default=list(CURVES)[:5], choices=list(CURVES), metavar="CURVE",
+                   help=f"which to train (default the first five); of: {', '.join(CURVES)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="initialisation seeds per SAE")
+    p.add_argument("--curve-points", type=int, default=4, help="held-out scores during training (the curve)")
+    p.add_argument("--results", type=Path, help="JSONL of finished runs: runs found there (same settings) "
+                                                "are not trained again; the report covers every curve in it")
     p.add_argument("--threads", type=int, default=1, help="small matmuls: one thread wastes least on sync")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
-    train_x, eval_x = load(args.acts, args)
-    print(f"data: {args.acts or 'synthetic'}, d_in {train_x.shape[1]}, d_sae {args.d_sae}, "
-          f"{args.steps} steps x {args.batch} rows, lr {args.lr}, eval rows {eval_x.shape[0]}")
-
+    fingerprint = settings(args)
+    done = load_results(args.results, fingerprint)
+    have = {(r["curve"], r["value"], r["seed"]) for r in done}
+    todo = [(name, v, seed) for name in args.curves for v in getattr(args, CURVES[name][2])
+            for seed in args.seeds if (name, v, seed) not in have]
+    train_x, eval_x = load(args.acts, args) if todo else (None, None)
+    if todo:
+        print(f"data: {args.acts or 'synthetic'}, d_in {train_x.shape[1]}, train rows {train_x.shape[0]}, "
+              f"d_sae {args.d_sae}, {args.steps} steps x {args.batch} rows, lr {args.lr}, "
+              f"eval rows {eval_x.shape[0]}; {len(todo)} runs to train, {len(done)} found in {args.results}")
     t0 = time.perf_counter()
-    runs: dict[str, list[list[tuple[float, float]]]] = {}  # name -> per sweep value -> per seed (L0, nmse)
-    data = (train_x, eval_x, args)
-    for name, sweep, run in [
-        ("ours relu", args.l1, lambda c: run_ours(preset("relu", d_sae=args.d_sae), c, *data)),
-        ("ours relu_dn", args.l1, lambda c: run_ours(preset("relu_dn", d_sae=args.d_sae), c, *data)),
-        ("saelens standard", args.l1, lambda c: run_saelens("standard", c, *data)),
-        ("ours topk", args.k, lambda k: run_ours(preset("topk", d_sae=args.d_sae, k=k), 0.0, *data)),
-        ("saelens topk", args.k, lambda k: run_saelens("topk", 0.0, *data, k=k)),
-    ]:
-        runs[name] = []
-        for v in sweep:
-            runs[name].append([])
-            for seed in args.seeds:
-                torch.manual_seed(seed)
-                runs[name][-1].append(run(v))
-                l0, nmse = runs[name][-1][-1]
-                print(f"  [{time.perf_counter() - t0:5.0f} s] {name} {v:g} seed {seed}: L0 {l0:.2f}, "
-                      f"nmse {nmse:.4f}", flush=True)
-    n_trained = sum(len(per_seed) for points in runs.values() for per_seed in points)
-    print(f"trained {n_trained} SAEs in {time.perf_counter() - t0:.0f} s\n")
-    report(runs, args)
+    for name, v, seed in todo:
+        lib, arch, _ = CURVES[name]
+        torch.manual_seed(seed)
+        t1 = time.perf_counter()
+        curve = (run_ours if lib == "ours" else run_saelens)(arch, v, train_x, eval_x, args)
+        row = {"curve": name, "value": v, "seed": seed, "l0": curve[-1][1], "nmse": curve[-1][2],
+               "curve_points": curve, "seconds": round(time.perf_counter() - t1, 1), "settings": fingerprint}
+        done.append(row)
+        if args.results:
+            with args.results.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        print(f"  [{time.perf_counter() - t0:5.0f} s] {name} {v:g} seed {seed}: L0 {row['l0']:.2f}, "
+              f"nmse {row['nmse']:.4f}", flush=True)
+    report(done)
 
 
-PAIRS = {"ours relu": "saelens standard", "ours relu_dn": "saelens standard", "ours topk": "saelens topk"}
-
-
-def report(runs: dict[str, list[list[tuple[float, float]]]], args: argparse.Namespace) -> None:
-    """Every point (means over seeds), each compared with the other library's curve, then per pair of
-    curves: points dominated each way and the worst nmse difference each way."""
-    curves = {name: [tuple(float(v) for v in torch.tensor(per_seed).mean(0)) for per_seed in points]
-              for name, points in runs.items()}
-    print(f"{'sae':18s} {'l1/k':>6s} {'L0':>8s} {'nmse':>8s} {'spread':>7s} {'vs':>16s} "
-          f"{'other nmse @ same L0':>21s} {'dominated':>9s}")
-    max_spread = 0.0
-    others = {**PAIRS, "saelens standard": "ours relu_dn", "saelens topk": "ours topk"}
-    for name, pts in curves.items():
-        sweep = args.k if "topk" in name else args.l1
-        other = curves[others[name]]
-        for i, (coef, point) in enumerate(zip(sweep, pts, strict=True)):
-            spread = max(r[1] for r in runs[name][i]) - min(r[1] for r in runs[name][i])
-            max_spread = max(max_spread, spread)
+def report(rows: list[dict]) -> None:
+    """Every point (means over its seeds), each compared with the other library's curve, then per pair of
+    curves: points dominated each way and the worst nmse difference each way, against the seed spread."""
+    runs: dict[str, dict[float, list[dict]]] = {}
+    for r in rows:
+        runs.setdefault(r["curve"], {}).setdefault(r["value"], []).append(r)
+    curves = {name: [(statistics.mean(r["l0"] for r in rs), statistics.mean(r["nmse"] for r in rs))
+                     for _, rs in sorted(points.items())] for name, points in runs.items()}
+    others = {**PAIRS, **{theirs: ours for ours, theirs in PAIRS.items() if ours != "ours relu"}}
+    print(f"{'sae':18s} {'value':>6s} {'seeds':>5s} {'L0':>8s} {'nmse':>8s} {'spread':>7s} {'last-q':>7s} "
+          f"{'vs':>18s} {'other nmse @ L0':>15s} {'dominated':>9s}")
+    spreads = []
+    for name in (n for n in CURVES if n in runs):
+        other = curves.get(others[name], [])
+        for (value, rs), point in zip(sorted(runs[name].items()), curves[name], strict=True):
+            spread = max(r["nmse"] for r in rs) - min(r["nmse"] for r in rs)
+            if len(rs) > 1:
+                spreads.append(spread)
+            # how far from converged: nmse drop over the last quarter of training, mean over seeds
+            drops = [r["curve_points"][-2][2] - r["curve_points"][-1][2] for r in rs
+                     if len(r["curve_points"]) > 1]
+            last_q = statistics.mean(drops) if drops else math.nan
             at = interpolate(point[0], other)
-            shown = f"{at:21.4f}" if at is not None else f"{'-':>21s}"
-            print(f"{name:18s} {coef:6g} {point[0]:8.2f} {point[1]:8.4f} {spread:7.4f} {others[name]:>16s} "
-                  f"{shown} {'yes' if dominated(point, other) else 'no':>9s}")
-    print(f"\n(means over seeds {args.seeds}; 'other nmse @ same L0' interpolates the other curve, which "
+            shown = f"{at:15.4f}" if at is not None else f"{'-':>15s}"
+            dom = "yes" if dominated(point, other) else "no"
+            print(f"{name:18s} {value:6g} {len(rs):5d} {point[0]:8.2f} {point[1]:8.4f} {spread:7.4f} "
+                  f"{last_q:7.4f} {others[name]:>18s} {shown} {dom:>9s}")
+    band = max(spreads, default=math.nan)
+    print("\n(means over seeds; 'spread' = max - min nmse over seeds; 'last-q' = nmse drop over the last "
+          "quarter of training; 'other nmse @ L0' interpolates the other curve linearly in log L0, which "
           "flatters the compared point on a convex frontier; 'dominated' needs no interpolation)")
+    print(f"noise band (largest seed spread of a point): {band:.4f}")
     figures = []
     for ours, theirs in PAIRS.items():
+        if ours not in curves or theirs not in curves:
+            continue
         a, b = curves[ours], curves[theirs]
         ours_dom, theirs_dom = sum(dominated(p, b) for p in a), sum(dominated(p, a) for p in b)
         diff_ours = [p[1] - at for p in a if (at := interpolate(p[0], b)) is not None]
         diff_theirs = [p[1] - at for p in b if (at := interpolate(p[0], a)) is not None]
         worst = max(diff_ours, default=math.nan)
         best_theirs = min(diff_theirs, default=math.nan)  # their most negative: where they beat us most
+        gaps = diff_ours + [-d for d in diff_theirs]  # > 0: we are worse there
+        verdict = ("L0 ranges do not overlap" if not gaps else
+                   "no worse beyond the band" if max(gaps) <= band else "WORSE beyond the band")
         print(f"{ours} vs {theirs}: ours dominated {ours_dom}/{len(a)}, theirs dominated "
-              f"{theirs_dom}/{len(b)}; worst ours-minus-theirs {worst:+.4f}, "
-              f"best theirs-minus-ours {best_theirs:+.4f}")
+              f"{theirs_dom}/{len(b)}; worst ours-minus-theirs {worst:+.4f}, best theirs-minus-ours "
+              f"{best_theirs:+.4f}: {verdict} "
+              f"(band {band:.4f})")
         key = ours.replace("ours ", "")
         figures += [f"{key}_dominated={ours_dom}/{len(a)}", f"{key}_dominates={theirs_dom}/{len(b)}",
                     f"{key}_worst_nmse_diff={worst:+.4f}", f"{key}_saelens_best_nmse_diff={best_theirs:+.4f}"]
-    print(" ".join(figures) + f" max_seed_spread={max_spread:.4f}")
+    print(" ".join(figures) + f" max_seed_spread={band:.4f}")
 
 
 if __name__ == "__main__":

@@ -6,14 +6,19 @@ A full step is timed for each library as its own trainer runs it:
   trainer's default ``optim.grad_clip``, Adam, renormalisation, fire tracking);
 - SAELens (its ``SAETrainer._train_step``): ``training_forward_pass``, fire tracking, backward,
   ``clip_grad_norm_(1.0)``, Adam.
-Both use ``torch.optim.Adam`` with defaults. SAELens's TopK is timed with its defaults and with
-``use_sparse_activations=True``; the latter needs ``rescale_acts_by_decoder_norm=False`` (with the
-default ``True`` its backward fails: "Could not run 'aten::view' with arguments from the 'SparseCPU'
-backend", sae-lens 6.54.12, torch 2.13), and the faster of the two is the reference. Contenders are
-timed in turns within each repetition, so other load on the machine hits them alike; the medians over
-repetitions are reported, together with the fp32 matmul rate of the step's own GEMM shapes, measured in
-the same turns. A step's FLOP/s counts the GEMM FLOPs it executes (ours 10 B d_in d_sae: it skips the
-input-gradient GEMM; SAELens 12 B d_in d_sae), and the headline divides ours by that GEMM rate.
+Both use ``torch.optim.Adam`` with defaults. One section per architecture that both libraries have, ours
+from its preset (``conf/sae/<arch>.yaml``) against SAELens's with its defaults: relu and relu_dn against
+``standard``, gated, jumprelu (coefficient 5), and the TopK family (topk, batchtopk, matryoshka, at
+``--k``). In the TopK family ours is timed with the sparse and the dense decoder kernels (the first is
+what ``sparse_kernel: auto`` picks at these sizes; matryoshka decodes densely only) and SAELens with its
+defaults and with ``use_sparse_activations=True``; the latter needs ``rescale_acts_by_decoder_norm=False``
+(with the default ``True`` its backward fails: "Could not run 'aten::view' with arguments from the
+'SparseCPU' backend", sae-lens 6.54.12, torch 2.13), and the faster of the two is the reference.
+Contenders are timed in turns within each repetition, so other load on the machine hits them alike; the
+medians over repetitions are reported, together with the fp32 matmul rate of the step's own GEMM shapes,
+measured in the same turns. A dense step's FLOP/s counts the GEMM FLOPs it executes (ours 10 B d_in
+d_sae: it skips the input-gradient GEMM; SAELens 12 B d_in d_sae), and the headline divides ours by
+that GEMM rate.
 
 Data: random activations of SmolLM2 layer-6 MLP post-activation shape (d_in = 1536) with a heavy-tailed
 distribution (Student-t with 3 degrees of freedom, per-dimension log-normal scales), fine for
@@ -35,13 +40,27 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, uninstalled
+from omegaconf import OmegaConf
+
 from sae_lightning.config import LatentsConfig, OptimConfig
 from sae_lightning.saes import SAEConfig, build_sae, config_from_dict
+from sae_lightning.saes.matryoshka import default_prefixes
 from sae_lightning.step import LatentStats, train_step
 
 Step = Callable[..., None]
 # SAELens's faster TopK mode; its backward needs the decoder-norm rescaling off (module docstring)
 SAELENS_SPARSE = {"use_sparse_activations": True, "rescale_acts_by_decoder_norm": False}
+
+
+PRESETS = Path(__file__).resolve().parents[1] / "conf" / "sae"
+
+
+def preset(name: str, **overrides: object) -> SAEConfig:
+    """The config that ``sae=<name>`` composes (its schema's defaults, then the preset's values), with
+    ``overrides`` (d_sae, k, ...) on top."""
+    values = OmegaConf.to_container(OmegaConf.load(PRESETS / f"{name}.yaml"))
+    values.pop("defaults", None)
+    return config_from_dict({"architecture": name, **values, **overrides})
 
 
 def heavy_tailed(n: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -66,20 +85,30 @@ def ours_trainer(cfg: SAEConfig, d_in: int, coeff: float, lr: float = 1e-4,
     return sae, step
 
 
+# SAELens architecture -> (module in sae_lens.saes, training SAE class, its coefficient field and key)
+SAELENS = {"standard": ("standard_sae", "StandardTrainingSAE", "l1_coefficient", "l1"),
+           "topk": ("topk_sae", "TopKTrainingSAE", None, None),
+           "batchtopk": ("batchtopk_sae", "BatchTopKTrainingSAE", None, None),
+           "matryoshka": ("matryoshka_batchtopk_sae", "MatryoshkaBatchTopKTrainingSAE", None, None),
+           "gated": ("gated_sae", "GatedTrainingSAE", "l1_coefficient", "l1"),
+           "jumprelu": ("jumprelu_sae", "JumpReLUTrainingSAE", "l0_coefficient", "l0")}
+
+
 def saelens_trainer(arch: str, d_in: int, d_sae: int, coeff: float, lr: float = 1e-4,
                     dead_window_steps: int = 10**9, **kw: object) -> tuple[torch.nn.Module, Step]:
-    """SAELens's SAE (``standard`` or ``topk``) and its step as ``SAETrainer._train_step`` runs it."""
-    from sae_lens.saes.sae import TrainStepInput
-    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
-    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    """SAELens's training SAE ``arch`` (a key of ``SAELENS``, its defaults plus ``kw``) and its step as
+    ``SAETrainer._train_step`` runs it; ``coeff`` is its sparsity coefficient (ignored by TopK-family)."""
+    import importlib
 
-    common = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu"}
-    if arch == "standard":
-        sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=coeff, **common, **kw))
-        coefficients = {"l1": coeff}
-    else:
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(**common, **kw))
-        coefficients = {}
+    from sae_lens.saes.sae import TrainStepInput
+
+    module, cls, field, key = SAELENS[arch]
+    mod = importlib.import_module(f"sae_lens.saes.{module}")
+    cfg_kw = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu", **kw}
+    if field:
+        cfg_kw[field] = coeff
+    sae = getattr(mod, cls)(getattr(mod, cls + "Config")(**cfg_kw))
+    coefficients = {key: coeff} if key else {}
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     since_fired = torch.zeros(d_sae)  # in steps, as SAETrainer counts
 
@@ -143,57 +172,66 @@ def report(title: str, secs: dict[str, float], cpu: dict[str, float], batch: int
         print(f"{name:34s} {s:8.3f} {batch / s:9.0f} {gf} {cpu[name]:10.3f}")
 
 
+def section(arch: str, args: argparse.Namespace) -> tuple[int, dict[str, dict], dict[str, dict]]:
+    """(d_sae, our contenders, SAELens's) of one architecture: name -> config overrides / SAELens kwargs.
+    Ours run their preset (``conf/sae/<arch>.yaml``); the first of ours is what the preset's
+    ``sparse_kernel: auto`` picks at this size."""
+    if arch not in K_ARCHS:
+        theirs = {"relu": "standard", "relu_dn": "standard"}.get(arch, arch)
+        return args.relu_d_sae, {f"ours {arch}": {}}, {f"saelens {theirs}": {}}
+    k = {"k": args.k}
+    extra = {"matryoshka_widths": default_prefixes(args.topk_d_sae)} if arch == "matryoshka" else {}
+    kernels = ("auto",) if arch == "matryoshka" else ("sparse", "dense")  # matryoshka decodes densely only
+    ours = {f"ours {arch} {kernel}": k | {"sparse_kernel": kernel} for kernel in kernels}
+    theirs = {f"saelens {arch}": k | extra, f"saelens {arch} sparse_acts": k | extra | SAELENS_SPARSE}
+    return args.topk_d_sae, ours, theirs
+
+
+K_ARCHS = ("topk", "batchtopk", "matryoshka")
+ARCHS = ("relu", "relu_dn", "gated", "jumprelu", *K_ARCHS)
+COEFF = 5.0  # the L1 / L0 coefficient of the penalised SAEs (throughput does not depend on it)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--d-in", type=int, default=1536)
-    p.add_argument("--relu-d-sae", type=int, default=6144)
-    p.add_argument("--topk-d-sae", type=int, default=12288)
+    p.add_argument("--relu-d-sae", type=int, default=6144, help="d_sae of the penalised SAEs")
+    p.add_argument("--topk-d-sae", type=int, default=12288, help="d_sae of the TopK family")
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
     args = p.parse_args()
     warnings.filterwarnings("ignore", message="Sparse invariant checks")  # SAELens's sparse COO tensors
     torch.manual_seed(0)
     b, d = args.batch, args.d_in
     x = heavy_tailed(b, d)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {b}, d_in {d}, fp32")
-
-    s, coeff = args.relu_d_sae, 5.0
-    relu_cfg = config_from_dict({"architecture": "relu", "d_sae": s})
-    relu = {"ours relu (plain L1)": on(x, ours_trainer(relu_cfg, d, coeff)),
-            "saelens standard": on(x, saelens_trainer("standard", d, s, coeff)), **gemm_steps(b, d, s)}
-    secs, cpu = time_in_turns(relu, args.reps)
-    executed = {"ours relu (plain L1)": 10 * b * d * s, "saelens standard": 12 * b * d * s}
-    flops = {n: 2 * b * d * s for n in relu if n.startswith("gemm")} | executed
-    report(f"relu, d_sae={s} (GFLOP/s of steps: executed GEMM FLOPs, ours 10, SAELens 12 x B*d_in*d_sae)",
-           secs, cpu, b, flops)
-    peak = max(flops[n] / secs[n] for n in relu if n.startswith("gemm"))
-    relu_ratio = secs["saelens standard"] / secs["ours relu (plain L1)"]
-    relu_frac = executed["ours relu (plain L1)"] / secs["ours relu (plain L1)"] / peak
-    relu_cpu_ratio = cpu["saelens standard"] / cpu["ours relu (plain L1)"]
-    print(f"ours/saelens tokens/s = {relu_ratio:.2f}x (by CPU seconds {relu_cpu_ratio:.2f}x); "
-          f"ours executed GEMM FLOP/s = {relu_frac:.2f} of the in-run GEMM rate {peak / 1e9:.0f} GFLOP/s")
-
-    s, k = args.topk_d_sae, args.k
-    sparse_cfg = config_from_dict({"architecture": "topk", "d_sae": s, "k": k, "sparse_kernel": "sparse"})
-    dense_cfg = config_from_dict({"architecture": "topk", "d_sae": s, "k": k, "sparse_kernel": "dense"})
-    topk = {"ours topk sparse": on(x, ours_trainer(sparse_cfg, d, 0.0)),
-            "ours topk dense": on(x, ours_trainer(dense_cfg, d, 0.0)),
-            "saelens topk": on(x, saelens_trainer("topk", d, s, 0.0, k=k)),
-            "saelens topk sparse_acts": on(x, saelens_trainer("topk", d, s, 0.0, k=k, **SAELENS_SPARSE))}
-    secs_k, cpu_k = time_in_turns(topk, args.reps)
-    report(f"topk, k={k}, d_sae={s}", secs_k, cpu_k, b, {})
-    best_saelens = min(secs_k["saelens topk"], secs_k["saelens topk sparse_acts"])
-    topk_ratio = best_saelens / secs_k["ours topk sparse"]
-    topk_cpu_ratio = min(cpu_k["saelens topk"], cpu_k["saelens topk sparse_acts"]) / cpu_k["ours topk sparse"]
-    print(f"ours sparse / best saelens tokens/s = {topk_ratio:.2f}x (by CPU seconds {topk_cpu_ratio:.2f}x)")
-
-    print(f"relu_tok_s={b / secs['ours relu (plain L1)']:.0f} "
-          f"saelens_std_tok_s={b / secs['saelens standard']:.0f} "
-          f"relu_speedup={relu_ratio:.2f} relu_flops_frac={relu_frac:.2f} peak_gflops={peak / 1e9:.0f} "
-          f"topk_tok_s={b / secs_k['ours topk sparse']:.0f} saelens_topk_tok_s={b / best_saelens:.0f} "
-          f"topk_speedup={topk_ratio:.2f} "
-          f"relu_speedup_cpu={relu_cpu_ratio:.2f} topk_speedup_cpu={topk_cpu_ratio:.2f}")
+    figures = []
+    for arch in args.archs:
+        s, ours, theirs = section(arch, args)
+        coeff = 0.0 if arch in K_ARCHS else COEFF
+        contenders = {name: on(x, ours_trainer(preset(arch, d_sae=s, **kw), d, coeff))
+                      for name, kw in ours.items()}
+        contenders |= {name: on(x, saelens_trainer(name.split()[1], d, s, coeff, **kw))
+                       for name, kw in theirs.items()}
+        contenders |= gemm_steps(b, d, s)
+        secs, cpu = time_in_turns(contenders, args.reps)
+        # executed GEMM FLOPs of a dense step: ours skip the input-gradient GEMM (10 B d_in d_sae), SAELens 12
+        flops = {n: 2 * b * d * s for n in contenders if n.startswith("gemm")}
+        if arch not in K_ARCHS:
+            flops |= {n: (10 if n in ours else 12) * b * d * s for n in (*ours, *theirs)}
+        k_note = f", k={args.k}" if arch in K_ARCHS else ""
+        report(f"{arch}, d_sae={s}{k_note}", secs, cpu, b, flops)
+        peak = max(flops[n] / secs[n] for n in contenders if n.startswith("gemm"))
+        mine, best = next(iter(ours)), min(theirs, key=secs.__getitem__)
+        ratio, cpu_ratio = secs[best] / secs[mine], cpu[best] / cpu[mine]
+        frac = (f"; ours executed GEMM FLOP/s = {flops[mine] / secs[mine] / peak:.2f} of the in-run GEMM "
+                f"rate {peak / 1e9:.0f} GFLOP/s") if mine in flops else ""
+        print(f"{mine} / {best} (the faster SAELens) tokens/s = {ratio:.2f}x "
+              f"(by CPU seconds {cpu_ratio:.2f}x){frac}")
+        figures.append(f"{arch}_speedup={ratio:.2f}")
+    print(" ".join(figures))
 
 
 if __name__ == "__main__":
