@@ -204,14 +204,21 @@ def settings(args: argparse.Namespace) -> dict[str, object]:
     """What a result depends on besides (curve, value, seed): a stored result is reused only if equal."""
     import sae_lens
 
-    return {key: getattr(args, key) for key in SETTINGS} | {"sae_lens": sae_lens.__version__}
+    return ({key: getattr(args, key) for key in SETTINGS} | {"acts": source_name(args.acts)}
+            | {"sae_lens": sae_lens.__version__})
+
+
+def source_name(acts: str | None) -> str | None:
+    """The data's file or cache folder name (a cache's name holds its key hash), not where it lies."""
+    return Path(acts).name if acts else None
 
 
 def load_results(path: Path | None, fingerprint: dict[str, object]) -> list[dict]:
+    """The runs in ``path`` made with these settings."""
     if path is None or not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["settings"] == fingerprint]
+    return [r for r in rows if r["settings"] | {"acts": source_name(r["settings"]["acts"])} == fingerprint]
 
 
 def main() -> None:

@@ -144,3 +144,27 @@ def test_ddp_sim_in_a_sweep_matches_one_process_with_the_doubled_batch(tmp_path)
         torch.testing.assert_close(w_ddp[key], w_one[key], atol=1e-5, rtol=0)
     for key in ("val/l0", "val/mse", "val/nmse", "val/explained_variance"):  # merged over ranks: the set's
         assert ddp["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_ddp_sim_trains_the_newer_architectures(tmp_path):
+    """``trainer=ddp_sim`` (two real ranks) trains gated, BatchTopK and Matryoshka from the CLI. Gated is
+    per-row like relu, so it ends with the weights of one process on the doubled batch (same tolerance as
+    above); BatchTopK-family ranks select per rank, so those end with an inference threshold learnt."""
+    x = _array(tmp_path / "x.npy")
+    sweep = tmp_path / "sweep"
+    train_py("-m", *COMMON, f"activations.path={x}", "trainer=ddp_sim", "batch_size=128", "train_tokens=640",
+             "sae=gated,batchtopk,matryoshka", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    train_py(*COMMON, f"activations.path={x}", "trainer=cpu", "batch_size=256", "train_tokens=1280",
+             "sae=gated", f"hydra.run.dir={tmp_path / 'single'}", cwd=tmp_path)
+
+    for job in ("000_sae=gated", "001_sae=batchtopk", "002_sae=matryoshka"):
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        assert summary["status"] == "finished" and summary["steps"] == 5, job
+    states = {job: torch.load(sweep / job / "checkpoints" / "final.ckpt", weights_only=True)["state_dict"]
+              for job in ("000_sae=gated", "001_sae=batchtopk", "002_sae=matryoshka")}
+    one = torch.load(tmp_path / "single" / "checkpoints" / "final.ckpt", weights_only=True)["state_dict"]
+    for key in ("sae.W_enc", "sae.b_enc", "sae.W_dec", "sae.b_dec", "sae.r_mag", "sae.b_mag"):
+        torch.testing.assert_close(states["000_sae=gated"][key], one[key], atol=1e-5, rtol=0)
+    for job in ("001_sae=batchtopk", "002_sae=matryoshka"):
+        assert float(states[job]["sae.threshold"]) > 0 and int(states[job]["sae.threshold_batches"]) == 5
