@@ -10,7 +10,7 @@ Both use ``torch.optim.Adam`` with defaults. One section per architecture that b
 from its preset (``conf/sae/<arch>.yaml``) against SAELens's with its defaults: relu and relu_dn against
 ``standard``, gated, jumprelu (coefficient 5), and the TopK family (topk, batchtopk, matryoshka, at
 ``--k``). In the TopK family ours is timed with the sparse and the dense decoder kernels (the first is
-what ``sparse_kernel: auto`` picks at these sizes; matryoshka decodes densely only) and SAELens with its
+what ``sparse_kernel: auto`` picks at these sizes) and SAELens with its
 defaults and with ``use_sparse_activations=True``; the latter needs ``rescale_acts_by_decoder_norm=False``
 (with the default ``True`` its backward fails: "Could not run 'aten::view' with arguments from the
 'SparseCPU' backend", sae-lens 6.54.12, torch 2.13), and the faster of the two is the reference.
@@ -181,8 +181,7 @@ def section(arch: str, args: argparse.Namespace) -> tuple[int, dict[str, dict], 
         return args.relu_d_sae, {f"ours {arch}": {}}, {f"saelens {theirs}": {}}
     k = {"k": args.k}
     extra = {"matryoshka_widths": default_prefixes(args.topk_d_sae)} if arch == "matryoshka" else {}
-    kernels = ("auto",) if arch == "matryoshka" else ("sparse", "dense")  # matryoshka decodes densely only
-    ours = {f"ours {arch} {kernel}": k | {"sparse_kernel": kernel} for kernel in kernels}
+    ours = {f"ours {arch} {kernel}": k | {"sparse_kernel": kernel} for kernel in ("sparse", "dense")}
     theirs = {f"saelens {arch}": k | extra, f"saelens {arch} sparse_acts": k | extra | SAELENS_SPARSE}
     return args.topk_d_sae, ours, theirs
 

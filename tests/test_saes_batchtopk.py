@@ -14,7 +14,7 @@ from sae_lightning.checks import ConfigError
 from sae_lightning.config import register_configs, to_config
 from sae_lightning.evaluate.prefixes import has_prefixes, prefix_metrics
 from sae_lightning.saes import SAE, build_sae, config_from_dict
-from sae_lightning.saes.batchtopk import batch_top, padded_rows
+from sae_lightning.saes.batchtopk import batch_top
 from sae_lightning.saes.matryoshka import default_prefixes
 
 D_IN, D_SAE, K, B = 8, 32, 3, 20
@@ -47,9 +47,9 @@ def test_batch_top_on_a_hand_example() -> None:
     flat, values = batch_top(pre, 2)  # 6 of 12 entries: 8, 7, 6, 5, 4 and 0.5
     assert flat.tolist() == [0, 2, 3, 8, 9, 10]
     assert values.tolist() == [5.0, 0.5, 4.0, 6.0, 7.0, 8.0]
-    index, padded = padded_rows(flat, values, 3, 4)  # rows keep 3, 0 and 3 latents
-    assert index.tolist() == [[0, 2, 3], [0, 0, 0], [0, 1, 2]]
-    assert padded.tolist() == [[5.0, 0.5, 4.0], [0.0, 0.0, 0.0], [6.0, 7.0, 8.0]]
+    for hint in (0.3, 3.0, 4.5):  # below the cut (6 candidates ranked) or above it (too few: all ranked)
+        hinted = batch_top(pre, 2, hint=hint)
+        assert hinted[0].tolist() == flat.tolist() and hinted[1].tolist() == values.tolist()
     kept_zero = batch_top(torch.tensor([[1.0, -2.0], [-1.0, -3.0]]), 1)[1]  # 2 kept, only one positive
     assert sorted(kept_zero.tolist()) == [0.0, 1.0]
 
@@ -67,17 +67,22 @@ def test_forward_matches_hand_computation(kernel: str) -> None:
     assert len(set((z > 0).sum(1).tolist())) > 1  # ... and rows keep different numbers of latents
 
 
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
 @pytest.mark.parametrize("dead", [None, "some"])
-def test_sparse_path_equals_dense_path(dead: str | None) -> None:
+def test_sparse_path_equals_dense_path(dead: str | None, arch: str) -> None:
+    """Loss terms (each prefix's for matryoshka), every gradient and the threshold update agree."""
     mask = torch.arange(D_SAE) % 3 == 0 if dead else None
     results = []
     for kernel in ("dense", "sparse"):
-        sae = make(sparse_kernel=kernel, aux_k=4)
+        sae = make(arch, sparse_kernel=kernel, aux_k=4)
         out = sae(batch(), sparsity_coeff=0.0, dead_mask=mask)
         out.loss.backward()
         results.append((out, {n: p.grad for n, p in sae.named_parameters()}, sae.threshold.clone()))
     (dense, g_dense, t_dense), (sparse, g_sparse, t_sparse) = results
     torch.testing.assert_close(sparse.loss, dense.loss)
+    assert sparse.terms.keys() == dense.terms.keys()
+    for name, term in dense.terms.items():
+        torch.testing.assert_close(sparse.terms[name], term, msg=name)
     assert (dense.terms["auxk"] > 0) == bool(dead)
     assert torch.equal(t_sparse, t_dense)
     for name, g in g_dense.items():
@@ -162,8 +167,6 @@ def test_matryoshka_prefix_checks_name_the_key() -> None:
         make("matryoshka", prefixes=[16, 4, 32])
     with pytest.raises(ConfigError, match=r"sae\.prefixes.*must be > 0"):
         make("matryoshka", prefixes=[0, 32])
-    with pytest.raises(ConfigError, match=r"sae\.sparse_kernel.*decodes densely"):
-        make("matryoshka", sparse_kernel="sparse")
     with pytest.raises(ConfigError, match=r"sae\.threshold_lr"):
         make(threshold_lr=0.0)
 
@@ -196,9 +199,11 @@ def test_prefix_metrics_over_batches_match_hand_nmse() -> None:
     assert has_prefixes(sae) and not has_prefixes(make())
 
 
-def test_auto_kernel_is_sparse_up_to_a_32nd_of_the_dictionary() -> None:
-    assert not make().sparse and make(sparse_kernel="sparse").sparse  # k / d_sae = 3 / 32
-    assert make(k=1).sparse and not make(k=1, sparse_kernel="dense").sparse
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_auto_kernel_is_sparse_up_to_an_eighth_of_the_dictionary(arch: str) -> None:
+    assert make(arch, k=4).sparse and not make(arch, k=5).sparse  # d_sae = 32
+    assert make(arch, k=5, sparse_kernel="sparse").sparse
+    assert not make(arch, k=4, sparse_kernel="dense").sparse
 
 
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sae_lightning.saes import build_sae
-from sae_lightning.saes.sparse_ops import LatentMajor, gathered_dots
+from sae_lightning.saes.sparse_ops import LatentMajor, gathered_dots, uniform_rows
 from sae_lightning.saes.topk import TopKConfig
 
 D_IN, D_SAE, K, B = 16, 96, 5, 48
@@ -107,5 +107,22 @@ def test_latent_major_scatter_and_gathered_dots_against_loops() -> None:
         for j in range(3):
             scattered[index[b, j]] += weights[b, j] * rows[b]
     dots = torch.stack([torch.stack([rows[b] @ table[index[b, j]] for j in range(3)]) for b in range(6)])
-    torch.testing.assert_close(LatentMajor(index, 9).scatter(weights, rows), scattered)
-    torch.testing.assert_close(gathered_dots(index, rows, table), dots)
+    crow = uniform_rows(6, 3, index.device)
+    flat_index, flat_weights = index.reshape(-1), weights.reshape(-1)
+    torch.testing.assert_close(LatentMajor(crow, flat_index, 9).scatter(flat_weights, rows), scattered)
+    torch.testing.assert_close(gathered_dots(crow, flat_index, rows, table), dots.reshape(-1))
+
+
+def test_sparse_ops_with_rows_of_different_lengths_against_loops() -> None:
+    """BatchTopK's layout: rows keep 2, 0 and 3 entries (row pointers [0, 2, 2, 5])."""
+    g = torch.Generator().manual_seed(1)
+    crow, index = torch.tensor([0, 2, 2, 5]), torch.tensor([4, 1, 0, 4, 7])
+    weights, rows = torch.randn(5, generator=g), torch.randn(3, 4, generator=g)
+    table = torch.randn(9, 4, generator=g)
+    token = [0, 0, 2, 2, 2]
+    scattered = torch.zeros(9, 4)
+    for e in range(5):
+        scattered[index[e]] += weights[e] * rows[token[e]]
+    dots = torch.stack([rows[token[e]] @ table[index[e]] for e in range(5)])
+    torch.testing.assert_close(LatentMajor(crow, index, 9).scatter(weights, rows), scattered)
+    torch.testing.assert_close(gathered_dots(crow, index, rows, table), dots)

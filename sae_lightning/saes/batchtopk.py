@@ -13,14 +13,15 @@ batch (each rank selects ``k * B_rank`` latents of its own rows), so all ranks k
 ``theta`` (buffer ``threshold``) and the number of batches it has seen (``threshold_batches``) are
 saved with the weights; before any training ``theta = 0`` and ``encode`` is a plain ReLU.
 
+Training selection: ``batch_top`` ranks only the entries above half the current inference threshold when
+there are enough of them (exact: the same entries as ranking all B x d_sae; a full-batch ``topk`` was most
+of the step on CPU).
+
 Decoding (``sae.sparse_kernel``): ``dense`` scatters the kept values into [B, d_sae] and multiplies by
-``W_dec``; ``sparse`` pads every row to the largest per-row count (pads are latent 0 with value 0, which
-add nothing and get no gradient) and uses TopK's sparse kernels. ``auto`` is sparse when
-``k <= d_sae / 32``: on CPU (``benchmarks/batchtopk_kernels.py``, d_in 512, d_sae 8192, batch 1024) the
-padded sparse step was about 1.5x faster than the dense one at k = 16, 64, 256 (rows padded to 36, 94,
-346 latents), as fast at k = 512 (655) and 1.26x slower at k = 1024 (1237), where TopK's rule
-(``k <= d_sae / 8``) would still pick it. A trained SAE's rows spread more than these random ones,
-so the padding grows.
+``W_dec``; ``sparse`` runs TopK's sparse kernels on the kept entries, whatever each row's count (CSR row
+pointers, no padding). ``auto`` is TopK's rule (sparse when ``k <= d_sae / 8``): on CPU
+(``benchmarks/batchtopk_kernels.py``, d_in 512, d_sae 8192, batch 1024) the sparse step was 2.97x,
+2.41x, 2.18x and 1.15x faster than the dense one at k = 16, 64, 256 and 1024.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from torch import Tensor
 from sae_lightning.checks import check
 from sae_lightning.saes.base import SAEOutput
 from sae_lightning.saes.registry import register
+from sae_lightning.saes.sparse_ops import row_pointers
 from sae_lightning.saes.topk import TopKConfig, TopKSAE
 
-SPARSE_MAX_DENSITY = 1 / 32  # "auto" uses the sparse kernels when k / d_sae is at most this (measured)
+HINT_FRACTION = 0.5  # batch_top ranks only entries above this fraction of the inference threshold
 
 
 @dataclass
@@ -52,27 +54,21 @@ class BatchTopKConfig(TopKConfig):
         check(0 < self.threshold_lr <= 1, "sae.threshold_lr", self.threshold_lr, "must be in (0, 1]")
 
 
-def batch_top(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def batch_top(pre: Tensor, k: int, hint: float = 0.0) -> tuple[Tensor, Tensor]:
     """Indices into ``pre.view(-1)`` of the ``k * B`` largest ``relu(pre)`` over the whole batch, sorted
-    ascending (so row-major), and those ``relu(pre)`` values."""
+    ascending (so row-major), and those ``relu(pre)`` values.
+
+    ``hint`` > 0, a guess below the cut (the inference threshold is one), makes it faster and changes
+    nothing: when at least ``k * B`` entries exceed it, the largest all do, so only those are ranked
+    (a full ``topk`` over B x d_sae entries is most of a BatchTopK step on CPU); otherwise all are."""
     acts = torch.relu(pre).view(-1)
     n = min(k * pre.shape[0], acts.numel())
-    flat = acts.topk(n, sorted=False).indices.sort().values
+    candidates = (acts > hint).nonzero().squeeze(1) if hint > 0 else None
+    if candidates is not None and candidates.numel() >= n:
+        flat = candidates[acts[candidates].topk(n, sorted=False).indices].sort().values
+    else:
+        flat = acts.topk(n, sorted=False).indices.sort().values
     return flat, acts[flat]
-
-
-def padded_rows(flat: Tensor, values: Tensor, n_rows: int, d_sae: int) -> tuple[Tensor, Tensor]:
-    """The row-major entries ``flat`` (indices into a [n_rows, d_sae] matrix) with their ``values`` (no
-    grad) as [n_rows, m] latent indices and values, m the largest count of any row; pads are latent 0
-    with value 0."""
-    rows = torch.div(flat, d_sae, rounding_mode="floor")
-    counts = torch.bincount(rows, minlength=n_rows)
-    slot = torch.arange(flat.numel(), device=flat.device) - (counts.cumsum(0) - counts)[rows]
-    width = max(int(counts.max()), 1)
-    index, padded = flat.new_zeros(n_rows, width), values.new_zeros(n_rows, width)
-    index[rows, slot] = flat - rows * d_sae
-    padded[rows, slot] = values
-    return index, padded
 
 
 @register("batchtopk")
@@ -83,8 +79,6 @@ class BatchTopKSAE(TopKSAE):
 
     def __init__(self, cfg: BatchTopKConfig, d_in: int, d_out: int | None = None) -> None:
         super().__init__(cfg, d_in, d_out)
-        if cfg.sparse_kernel == "auto":
-            self.sparse = cfg.k <= SPARSE_MAX_DENSITY * self.d_sae
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
         self.register_buffer("threshold_batches", torch.zeros((), dtype=torch.long))
 
@@ -97,8 +91,7 @@ class BatchTopKSAE(TopKSAE):
         target = u if target is None else target
         pre, flat, values, fire_counts = self.select(u)
         if self.sparse:
-            index, padded = padded_rows(flat, pre.view(-1)[flat], u.shape[0], self.d_sae)
-            x_hat = self.with_skip(self._decode_top(u, padded, index) + self.b_dec, u)  # TopK's kernels
+            x_hat = self.with_skip(self.decode_kept(u, pre, flat) + self.b_dec, u)
         else:
             x_hat = self.with_skip(self.decode_normalized(self.dense_latents(pre, flat, values)), u)
         auxk = self._auxk(u, target, x_hat, pre, dead_mask)
@@ -110,12 +103,25 @@ class BatchTopKSAE(TopKSAE):
         on the sparse path: ``sparse_decode`` does its backward."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.sparse):
             pre = self.pre_acts(u)
-        flat, values = batch_top(pre, self.k)
+        flat, values = batch_top(pre, self.k, hint=HINT_FRACTION * float(self.threshold))
         with torch.no_grad():
             fire_counts = torch.bincount(flat[values > 0] % self.d_sae, minlength=self.d_sae)
             if self.training:
                 self.update_threshold(values)
         return pre, flat, values, fire_counts
+
+    def decode_kept(self, u: Tensor, pre: Tensor, flat: Tensor,
+                    latents: tuple[int, int] | None = None) -> Tensor:
+        """The sparse kernels' decode (no bias) of the kept row-major entries ``flat`` of ``pre``, only
+        those whose latent is in ``[start, end) = latents`` when given."""
+        rows = torch.div(flat, self.d_sae, rounding_mode="floor")
+        index = flat - rows * self.d_sae
+        entries = pre.view(-1)[flat]
+        if latents is not None:
+            keep = (index >= latents[0]) & (index < latents[1])
+            rows, index, entries = rows[keep], index[keep], entries[keep]
+        crow = row_pointers(torch.bincount(rows, minlength=u.shape[0]))
+        return self.decode_entries(u, crow, index, entries)
 
     @staticmethod
     def dense_latents(pre: Tensor, flat: Tensor, values: Tensor) -> Tensor:

@@ -7,10 +7,11 @@ threshold and AuxK). For each prefix size ``m`` in ``sae.prefixes`` (strictly in
 (each ``mean_tokens ||û_m - u||^2``, as our MSE) plus AuxK on the full reconstruction's residual, as in
 the paper and SAELens (``MatryoshkaBatchTopKTrainingSAE``). Terms: ``reconstruction`` (the full
 dictionary) and ``reconstruction_p<m>`` for each smaller prefix. The prefix reconstructions are
-cumulative sums of the blocks ``z[:, a:b] @ W_dec[a:b]``: one full decode's worth of FLOPs.
+cumulative sums of the blocks ``z[:, a:b] @ W_dec[a:b]``: one full decode's worth of FLOPs. With the
+sparse kernels (``sae.sparse_kernel``, BatchTopK's rule) each block decodes its own kept entries, so the
+blocks together touch each kept entry once.
 
-Inference is BatchTopK's JumpReLU, so the SAE exports to SAELens as ``jumprelu``. Decoding is dense
-(``sae.sparse_kernel=sparse`` is refused): the sparse kernels would run once per prefix.
+Inference is BatchTopK's JumpReLU, so the SAE exports to SAELens as ``jumprelu``.
 """
 
 from __future__ import annotations
@@ -41,8 +42,6 @@ class MatryoshkaConfig(BatchTopKConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(self.sparse_kernel != "sparse", "sae.sparse_kernel", self.sparse_kernel,
-              "matryoshka decodes densely; choose auto or dense")
         check(all(m > 0 for m in self.prefixes), "sae.prefixes", self.prefixes, "sizes must be > 0")
         check(all(a < b for a, b in zip(self.prefixes, self.prefixes[1:], strict=False)), "sae.prefixes",
               self.prefixes, "must be strictly increasing")
@@ -56,7 +55,6 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     def __init__(self, cfg: MatryoshkaConfig, d_in: int, d_out: int | None = None) -> None:
         super().__init__(cfg, d_in, d_out)
-        self.sparse = False
         self.prefixes = list(cfg.prefixes) or default_prefixes(self.d_sae)
         check(self.prefixes[-1] == self.d_sae, "sae.prefixes", cfg.prefixes,
               f"the last prefix must be the dictionary size d_sae={self.d_sae}")
@@ -65,7 +63,10 @@ class MatryoshkaSAE(BatchTopKSAE):
                 dead_mask: Tensor | None = None) -> SAEOutput:
         target = u if target is None else target
         pre, flat, values, fire_counts = self.select(u)
-        x_hats = self.prefix_decodes(self.dense_latents(pre, flat, values), u)
+        if self.sparse:
+            x_hats = self.sparse_prefix_decodes(u, pre, flat)
+        else:
+            x_hats = self.prefix_decodes(self.dense_latents(pre, flat, values), u)
         n = u.shape[0]
         inner = {f"reconstruction_p{m}": (x_hat - target).pow(2).sum() / n
                  for m, x_hat in zip(self.prefixes[:-1], x_hats, strict=False)}
@@ -79,6 +80,16 @@ class MatryoshkaSAE(BatchTopKSAE):
         out, x_hat, start = [], self.with_skip(self.b_dec.expand(u.shape[0], -1), u), 0
         for end in self.prefixes:
             x_hat = torch.addmm(x_hat, z[:, start:end], self.W_dec[start:end])
+            out.append(x_hat)
+            start = end
+        return out
+
+    def sparse_prefix_decodes(self, u: Tensor, pre: Tensor, flat: Tensor) -> list[Tensor]:
+        """``prefix_decodes`` from the kept entries ``flat`` of ``pre`` by the sparse kernels, one block of
+        latents ``[start, end)`` at a time."""
+        out, x_hat, start = [], self.with_skip(self.b_dec.expand(u.shape[0], -1), u), 0
+        for end in self.prefixes:
+            x_hat = x_hat + self.decode_kept(u, pre, flat, latents=(start, end))
             out.append(x_hat)
             start = end
         return out

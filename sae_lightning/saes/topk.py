@@ -22,7 +22,7 @@ from torch import Tensor
 from sae_lightning.checks import check
 from sae_lightning.saes.base import SAE, SAEConfig, SAEOutput
 from sae_lightning.saes.registry import register
-from sae_lightning.saes.sparse_ops import sparse_decode
+from sae_lightning.saes.sparse_ops import sparse_decode, uniform_rows
 
 SPARSE_MAX_DENSITY = 1 / 8  # "auto" uses the sparse kernels when k / d_sae is at most this
 
@@ -82,9 +82,15 @@ class TopKSAE(SAE):
     def _decode_top(self, x: Tensor, top: Tensor, index: Tensor) -> Tensor:
         """``sum_j relu(top[:, j]) * W_dec[index[:, j]]`` (no bias): sparse kernels or the dense reference."""
         if self.sparse:
-            return sparse_decode(x, self.W_enc, self.b_enc, self.input_center(), self.W_dec, index, top)
+            crow = uniform_rows(top.shape[0], top.shape[1], top.device)
+            return self.decode_entries(x, crow, index.reshape(-1), top.reshape(-1))
         z = top.new_zeros(top.shape[0], self.d_sae).scatter(1, index, torch.relu(top))
         return z @ self.W_dec
+
+    def decode_entries(self, x: Tensor, crow: Tensor, index: Tensor, pre: Tensor) -> Tensor:
+        """The sparse kernels' decode (no bias) of row-major entries: row ``b`` keeps latents
+        ``index[crow[b]:crow[b + 1]]`` with pre-activations ``pre[...]`` (saes/sparse_ops.py)."""
+        return sparse_decode(x, self.W_enc, self.b_enc, self.input_center(), self.W_dec, crow, index, pre)
 
     def _auxk(self, x: Tensor, target: Tensor, x_hat: Tensor, pre: Tensor,
               dead_mask: Tensor | None) -> Tensor:
