@@ -1,13 +1,17 @@
 """How close ``sae.target_l0`` ends to its target: ``python train.py`` runs with ``sae.target_l0=N``.
 
-Data: a synthetic [n, d_in] array written to a temporary ``.npy`` (sparse non-negative codes over a random
-dictionary, about ``--active`` features per row, plus Gaussian noise), trained with ``activations=file``.
-Each target is one ``train.py`` run from the same start coefficient (``l1``); the final L0 is the
-held-out ``val/l0`` of the run's last validation (``summary.json``), the relative error
-``|L0 - target| / target``. The last line is ``key=value`` pairs for scripts: the worst relative error and
-the total time.
+Data: by default a synthetic [n, d_in] array written to a temporary ``.npy`` (sparse non-negative codes
+over a random dictionary, about ``--active`` features per row, plus Gaussian noise), trained with
+``activations=file``. With ``--experiment NAME`` the runs are ``train.py experiment=NAME`` instead (real
+activations, e.g. ``tinystories_ref``: SmolLM2 layer-6 MLP, d_sae 3072; its cache is built or reused),
+for ``--tokens`` training tokens each. Each target is one ``train.py`` run from the same start coefficient
+(``l1``); the final L0 is the held-out ``val/l0`` of the run's last validation (``summary.json``), the
+relative error ``|L0 - target| / target``. The last line is ``key=value`` pairs for scripts: the worst
+relative error and the total time.
 
-Run: ``python benchmarks/target_l0.py`` (about a minute per target on 2 CPU cores).
+Run: ``python benchmarks/target_l0.py`` (about a minute per target on 2 CPU cores);
+``python benchmarks/target_l0.py --experiment tinystories_ref --targets 16 32 64`` (real activations,
+1M tokens per target: about 10 minutes each on 2 cores).
 """
 
 from __future__ import annotations
@@ -35,15 +39,21 @@ def synthetic(path: Path, n: int, d_in: int, n_features: int, active: float, see
     return path
 
 
-def run(acts: Path, out: Path, target: float, args: argparse.Namespace) -> dict[str, float]:
-    """One ``train.py`` run; its ``summary.json`` metrics."""
-    over = ["activations=file", f"activations.path={acts}", "logger=csv", "trainer=cpu",
-            "trainer.progress_bar=false", f"batch_size={args.batch_size}",
-            f"train_tokens={args.batch_size * args.steps}", f"sae={args.sae}", f"sae.d_sae={args.d_sae}",
-            f"sae.target_l0={target}", f"l1={args.l1}", f"lr={args.lr}",
-            f"trainer.val_every_n_steps={args.steps}", "trainer.limit_val_batches=8",
-            f"trainer.checkpoint_every_n_steps={args.steps}", f"hydra.run.dir={out}"]
-    proc = subprocess.run([sys.executable, str(TRAIN), *over], capture_output=True, text=True, cwd=out.parent)
+def run(acts: Path | None, out: Path, target: float, args: argparse.Namespace) -> dict[str, float]:
+    """One ``train.py`` run (on the synthetic ``acts``, or ``args.experiment`` when ``acts`` is None); its
+    ``summary.json`` metrics."""
+    over = ["logger=csv", "trainer.progress_bar=false", f"sae={args.sae}", f"sae.target_l0={target}",
+            f"l1={args.l1}", f"hydra.run.dir={out}"]
+    if acts is None:
+        over += [f"experiment={args.experiment}", f"train_tokens={args.tokens}"]
+    else:
+        over += ["activations=file", f"activations.path={acts}", "trainer=cpu",
+                 f"batch_size={args.batch_size}", f"train_tokens={args.batch_size * args.steps}",
+                 f"sae.d_sae={args.d_sae}", f"lr={args.lr}",
+                 f"trainer.val_every_n_steps={args.steps}", "trainer.limit_val_batches=8",
+                 f"trainer.checkpoint_every_n_steps={args.steps}"]
+    proc = subprocess.run([sys.executable, str(TRAIN), *over], capture_output=True, text=True,
+                          cwd=TRAIN.parent if acts is None else out.parent)
     if proc.returncode != 0:
         raise RuntimeError(f"train.py failed for target {target}:\n{proc.stderr[-3000:]}")
     return json.loads((out / "summary.json").read_text())["metrics"]
@@ -61,14 +71,21 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=32_768)
     parser.add_argument("--l1", type=float, default=5.0, help="the start coefficient")
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--experiment", help="train.py experiment=NAME on its real activations instead")
+    parser.add_argument("--tokens", type=int, default=1_048_576,
+                        help="training tokens per run (with --experiment)")
     args = parser.parse_args()
 
     t0 = time.perf_counter()
     worst = 0.0
     with tempfile.TemporaryDirectory() as tmp:
-        acts = synthetic(Path(tmp) / "acts.npy", args.rows, args.d_in, 4 * args.d_sae, args.active)
-        print(f"sae={args.sae} d_in={args.d_in} d_sae={args.d_sae} steps={args.steps} "
-              f"batch={args.batch_size} start l1={args.l1}")
+        if args.experiment:
+            acts = None
+            print(f"sae={args.sae} experiment={args.experiment} tokens={args.tokens} start l1={args.l1}")
+        else:
+            acts = synthetic(Path(tmp) / "acts.npy", args.rows, args.d_in, 4 * args.d_sae, args.active)
+            print(f"sae={args.sae} d_in={args.d_in} d_sae={args.d_sae} steps={args.steps} "
+                  f"batch={args.batch_size} start l1={args.l1}")
         print(f"{'target':>8} {'val L0':>8} {'rel err':>8} {'final coeff':>12} {'val nmse':>9} {'s':>6}")
         for target in args.targets:
             t = time.perf_counter()
