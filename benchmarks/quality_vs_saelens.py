@@ -288,7 +288,7 @@ def report(rows: list[dict]) -> None:
                      for _, rs in sorted(points.items())] for name, points in runs.items()}
     others = {**PAIRS, **{theirs: ours for ours, theirs in PAIRS.items() if ours != "ours relu"}}
     print(f"{'sae':18s} {'value':>6s} {'seeds':>5s} {'L0':>8s} {'nmse':>8s} {'spread':>7s} {'last-q':>7s} "
-          f"{'vs':>18s} {'other nmse @ L0':>15s} {'dominated':>9s}")
+          f"{'L0 l-q':>7s} {'vs':>18s} {'other nmse @ L0':>15s} {'dominated':>9s}")
     spreads = []
     for name in (n for n in CURVES if n in runs):
         other = curves.get(others[name], [])
@@ -297,18 +297,19 @@ def report(rows: list[dict]) -> None:
             if len(rs) > 1:
                 spreads.append(spread)
             # how far from converged: nmse drop over the last quarter of training, mean over seeds
-            drops = [r["curve_points"][-2][2] - r["curve_points"][-1][2] for r in rs
-                     if len(r["curve_points"]) > 1]
-            last_q = statistics.mean(drops) if drops else math.nan
+            pairs = [(r["curve_points"][-2], r["curve_points"][-1]) for r in rs if len(r["curve_points"]) > 1]
+            last_q = statistics.mean(a[2] - b[2] for a, b in pairs) if pairs else math.nan
+            l0_q = statistics.mean(a[1] / b[1] - 1 for a, b in pairs) if pairs else math.nan
             at = interpolate(point[0], other)
             shown = f"{at:15.4f}" if at is not None else f"{'-':>15s}"
             dom = "yes" if dominated(point, other) else "no"
             print(f"{name:18s} {value:6g} {len(rs):5d} {point[0]:8.2f} {point[1]:8.4f} {spread:7.4f} "
-                  f"{last_q:7.4f} {others[name]:>18s} {shown} {dom:>9s}")
+                  f"{last_q:7.4f} {l0_q:7.1%} {others[name]:>18s} {shown} {dom:>9s}")
     band = max(spreads, default=math.nan)
     print("\n(means over seeds; 'spread' = max - min nmse over seeds; 'last-q' = nmse drop over the last "
-          "quarter of training; 'other nmse @ L0' interpolates the other curve linearly in log L0, which "
-          "flatters the compared point on a convex frontier; 'dominated' needs no interpolation)")
+          "quarter of training, 'L0 l-q' = how much higher L0 was a quarter before the end; 'other nmse @ "
+          "L0' interpolates the other curve linearly in log L0, which flatters the compared point on a "
+          "convex frontier; 'dominated' needs no interpolation)")
     print(f"noise band (largest seed spread of a point): {band:.4f}")
     figures = []
     for ours, theirs in PAIRS.items():
