@@ -132,6 +132,7 @@ class SAEModule(L.LightningModule):
             logs["train/loss"] = out.loss.detach()
             logs["train/dead_fraction_window"] = self.latents.dead_mask().float().mean()
             logs["train/sparsity_coeff"] = torch.tensor(coeff)
+            logs.update({f"train/{k}": v for k, v in self.sae.training_logs().items()})
             if self.target_l0 is not None:
                 logs["train/l0_target"] = torch.tensor(self.target_l0.target)
             self.log_dict(logs, prog_bar=False)

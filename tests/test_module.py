@@ -144,6 +144,18 @@ def test_each_architecture_takes_its_own_sparsity_coefficient(arch: str, expecte
     assert SAEModule(config, d_in=16).sparsity_coeff() == pytest.approx(expected)
 
 
+def test_batchtopk_logs_its_inference_threshold_and_relu_nothing_extra() -> None:
+    """Logged at steps 0 and 5 of 6 (``log_every_n_steps=5``): the last value is the final threshold."""
+    config = _config()
+    config["sae"] = {"architecture": "batchtopk", "dict_mult": 4, "k": 4}
+    module = SAEModule(config, d_in=16)
+    trainer = _fit(module, _data(), 6)
+    assert trainer.callback_metrics["train/threshold"].item() == pytest.approx(module.sae.threshold.item())
+    assert module.sae.threshold.item() > 0
+    relu = _fit(SAEModule(_config(), d_in=16), _data(), 6)
+    assert "train/threshold" not in relu.callback_metrics and "train/sparsity_coeff" in relu.callback_metrics
+
+
 def test_module_tells_the_sae_its_progress_and_p_annealing_trains() -> None:
     """``set_progress(step / max_steps)`` before each step: at the last of 60 steps p-annealing (from 0 to
     the end, 1 -> 0.2) has p = 1 - 0.8 * 59/60; the run stays finite and ends sparser than it started."""

@@ -239,6 +239,11 @@ class SAE(nn.Module):
         """Told before each training step how far training is (``step / max_steps`` in [0, 1]), for losses
         that follow a schedule (p-annealing in ``relu.py``). The default ignores it."""
 
+    def training_logs(self) -> dict[str, Tensor]:
+        """Training state worth a curve, logged as ``train/<name>`` with the loss terms (BatchTopK: its
+        inference threshold). The default has none."""
+        return {}
+
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
         """Remove from each decoder row's gradient its component along that row (unit-norm decoders only)."""

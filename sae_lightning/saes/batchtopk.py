@@ -128,6 +128,10 @@ class BatchTopKSAE(TopKSAE):
         """The kept ``values`` at row-major indices ``flat`` of a zero matrix shaped like ``pre``."""
         return torch.zeros_like(pre).view(-1).index_put((flat,), values).view_as(pre)
 
+    def training_logs(self) -> dict[str, Tensor]:
+        """``threshold``: the inference threshold estimate, on the normalized input's scale."""
+        return {"threshold": self.threshold.detach().float()}
+
     @torch.no_grad()
     def update_threshold(self, kept: Tensor) -> None:
         """One step of the threshold estimate (module docstring) from the kept values of a batch."""
