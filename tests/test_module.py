@@ -3,6 +3,7 @@ in-memory data."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 
 import lightning as L
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from sae_lightning.callbacks import resample_dead_latents
 from sae_lightning.config import TrainConfig
 from sae_lightning.module import SAEModule, lr_lambda
-from sae_lightning.saes import build_sae
+from sae_lightning.saes import build_sae, config_from_dict
 from sae_lightning.step import LatentStats, NonFiniteError, train_step
 
 
@@ -202,6 +203,34 @@ def test_resampling_follows_towards_monosemanticity() -> None:
     assert (opt.state[sae.W_dec]["exp_avg_sq"][~dead] != 0).any()
     # every chosen row is one of the inputs
     assert all((x == row).all(-1).any() for row in chosen)
+
+
+@pytest.mark.parametrize(("arch", "start"), [("gated", {"r_mag": 0.0, "b_mag": 0.0}),
+                                             ("jumprelu", {"log_threshold": math.log(0.001)})])
+def test_resampling_puts_an_architectures_own_latent_parameters_back_at_their_start(arch: str,
+                                                                                     start: dict) -> None:
+    """Gated's magnitude path and JumpReLU's threshold of a resampled latent restart as a new latent's do
+    (Adam's moments included); the other latents keep theirs."""
+    torch.manual_seed(0)
+    sae = build_sae(config_from_dict({"architecture": arch, "dict_mult": 2}), 8)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-1)
+    x = torch.randn(256, 8)
+    sae(x, sparsity_coeff=1.0).loss.backward()
+    opt.step()
+    with torch.no_grad():  # as if trained away from the start, with momentum everywhere
+        for name in start:
+            getattr(sae, name).uniform_(-2.0, -1.0)
+            opt.state[getattr(sae, name)]["exp_avg"].fill_(1.0)
+    dead = torch.zeros(sae.d_sae, dtype=torch.bool)
+    dead[[1, 4, 7]] = True
+    before = {name: getattr(sae, name).detach().clone() for name in start}
+    resample_dead_latents(sae, dead, x, opt, generator=torch.Generator().manual_seed(0))
+    for name, value in start.items():
+        param = getattr(sae, name)
+        torch.testing.assert_close(param[dead], torch.full((3,), value))
+        assert torch.equal(param[~dead], before[name][~dead])
+        moments = opt.state[param]["exp_avg"]
+        assert (moments[dead] == 0).all() and (moments[~dead] == 1).all()
 
 
 def test_resampling_prefers_high_loss_inputs() -> None:

@@ -4,7 +4,8 @@ At each configured step, latents that have not fired over the dead-tracking wind
 - sample inputs (independently, with replacement) with probability proportional to the squared loss;
 - decoder row = that input, normalised to unit norm;
 - encoder column = the same direction scaled to 0.2 x the mean encoder norm of the alive latents;
-- encoder bias = 0, and Adam's moments of every touched row/column reset to zero.
+- encoder bias = 0, an architecture's other per-latent parameters (gated's ``r_mag``/``b_mag``, JumpReLU's
+  threshold) back at their initial values, and Adam's moments of every touched entry reset to zero.
 Under DDP rank 0 draws the inputs and broadcasts them, so every rank applies the same change.
 """
 
@@ -50,10 +51,14 @@ def apply_resample(sae: torch.nn.Module, idx: Tensor, chosen: Tensor,
     sae.W_dec[idx] = direction.to(sae.W_dec.dtype)
     sae.W_enc[:, idx] = (direction * 0.2 * alive_norm).T.to(sae.W_enc.dtype)
     sae.b_enc[idx] = 0.0
+    extra = {name: getattr(sae, name) for name in sae.latent_init_values()}
+    for name, value in sae.latent_init_values().items():
+        extra[name][idx] = value
     if optimizer is not None:
         _reset_adam(optimizer, sae.W_dec, (idx, slice(None)))
         _reset_adam(optimizer, sae.W_enc, (slice(None), idx))
-        _reset_adam(optimizer, sae.b_enc, (idx,))
+        for param in (sae.b_enc, *extra.values()):
+            _reset_adam(optimizer, param, (idx,))
 
 
 def _reset_adam(optimizer: torch.optim.Optimizer, param: Tensor, index: tuple) -> None:

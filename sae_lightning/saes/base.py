@@ -239,6 +239,11 @@ class SAE(nn.Module):
         """Told before each training step how far training is (``step / max_steps`` in [0, 1]), for losses
         that follow a schedule (p-annealing in ``relu.py``). The default ignores it."""
 
+    def latent_init_values(self) -> dict[str, float]:
+        """Per-latent parameters beyond ``W_enc``/``W_dec``/``b_enc`` (name -> the value they start at), which
+        dead-latent resampling puts back at their start for the latents it re-initialises."""
+        return {}
+
     def training_logs(self) -> dict[str, Tensor]:
         """Training state worth a curve, logged as ``train/<name>`` with the loss terms (BatchTopK: its
         inference threshold). The default has none."""

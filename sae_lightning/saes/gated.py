@@ -51,6 +51,9 @@ class GatedSAE(SAE):
     def base_coeff(self, l1: float) -> float:
         return l1
 
+    def latent_init_values(self) -> dict[str, float]:
+        return {"r_mag": 0.0, "b_mag": 0.0}
+
     def _paths(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """``(pi_gate, pi_mag)`` from one matmul."""
         h = self.pre_acts(u, bias=0.0)

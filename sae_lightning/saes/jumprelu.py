@@ -94,6 +94,9 @@ class JumpReLUSAE(SAE):
     def base_coeff(self, l1: float) -> float:
         return self.cfg.l0_coeff
 
+    def latent_init_values(self) -> dict[str, float]:
+        return {"log_threshold": math.log(self.cfg.init_threshold)}
+
     @property
     def threshold(self) -> Tensor:
         return self.log_threshold.exp()
