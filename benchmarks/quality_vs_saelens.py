@@ -286,7 +286,10 @@ def report(rows: list[dict]) -> None:
         runs.setdefault(r["curve"], {}).setdefault(r["value"], []).append(r)
     curves = {name: [(statistics.mean(r["l0"] for r in rs), statistics.mean(r["nmse"] for r in rs))
                      for _, rs in sorted(points.items())] for name, points in runs.items()}
-    others = {**PAIRS, **{theirs: ours for ours, theirs in PAIRS.items() if ours != "ours relu"}}
+    others = dict(PAIRS)  # a SAELens curve against ours (standard: relu_dn if trained, else relu)
+    for ours, theirs in reversed(PAIRS.items()):
+        if ours in curves or theirs not in others:
+            others[theirs] = ours
     print(f"{'sae':18s} {'value':>6s} {'seeds':>5s} {'L0':>8s} {'nmse':>8s} {'spread':>7s} {'last-q':>7s} "
           f"{'L0 l-q':>7s} {'vs':>18s} {'other nmse @ L0':>15s} {'dominated':>9s}")
     spreads = []
@@ -322,7 +325,7 @@ def report(rows: list[dict]) -> None:
         worst = max(diff_ours, default=math.nan)
         best_theirs = min(diff_theirs, default=math.nan)  # their most negative: where they beat us most
         gaps = diff_ours + [-d for d in diff_theirs]  # > 0: we are worse there
-        verdict = ("L0 ranges do not overlap" if not gaps else
+        verdict = ("L0 ranges do not overlap" if not gaps else "no seed band yet" if math.isnan(band) else
                    "no worse beyond the band" if max(gaps) <= band else "WORSE beyond the band")
         print(f"{ours} vs {theirs}: ours dominated {ours_dom}/{len(a)}, theirs dominated "
               f"{theirs_dom}/{len(b)}; worst ours-minus-theirs {worst:+.4f}, best theirs-minus-ours "
