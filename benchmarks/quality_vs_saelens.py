@@ -248,6 +248,7 @@ def main() -> None:
     p.add_argument("--results", type=Path, help="JSONL of finished runs: runs found there (same settings) "
                                                 "are not trained again; the report covers every curve in it")
     p.add_argument("--threads", type=int, default=1, help="small matmuls: one thread wastes least on sync")
+    p.add_argument("--plot", type=Path, help="also draw each pair's frontiers and training paths (png, svg)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
@@ -276,6 +277,40 @@ def main() -> None:
         print(f"  [{time.perf_counter() - t0:5.0f} s] {name} {v:g} seed {seed}: L0 {row['l0']:.2f}, "
               f"nmse {row['nmse']:.4f}", flush=True)
     report(done)
+    if args.plot:
+        plot(done, args.plot)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """One panel per pair of curves (ours, SAELens's) with runs: each run's held-out path during training
+    (thin, L0 falling and nmse with it) ending at its final point, and the frontier through the means over
+    seeds (thick), so how far from converged a run is shows beside where the curves cross."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {r["curve"] for r in rows}
+    pairs = [(a, b) for a, b in PAIRS.items() if a in names]
+    pairs += [(a, b) for b in sorted(names - set(PAIRS) - {t for _, t in pairs})
+              for a in [next(o for o, t in PAIRS.items() if t == b)]]  # a SAELens curve without ours yet
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.8), squeeze=False)
+    for ax, pair in zip(axes[0], pairs, strict=True):
+        for name, color in zip(pair, ("tab:blue", "tab:orange"), strict=True):
+            runs = [r for r in rows if r["curve"] == name]
+            for r in runs:
+                ax.plot([p[1] for p in r["curve_points"]], [p[2] for p in r["curve_points"]], color=color,
+                        alpha=0.3, lw=0.8, marker=".", ms=2)
+            seeds = [[r for r in runs if r["value"] == v] for v in {r["value"] for r in runs}]
+            means = sorted((statistics.mean(r["l0"] for r in rs), statistics.mean(r["nmse"] for r in rs))
+                           for rs in seeds)
+            if means:
+                ax.plot(*zip(*means, strict=True), color=color, lw=2, marker="o", label=name)
+        ax.set(xscale="log", xlabel="held-out L0", ylabel="held-out normalized MSE", title=" vs ".join(pair))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
 
 
 def report(rows: list[dict]) -> None:
