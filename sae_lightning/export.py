@@ -118,10 +118,11 @@ def folded_weights(sae: SAE) -> dict[str, Tensor]:
     s = float(sae.input_scale)
     if not (math.isfinite(s) and s > 0):
         raise ValueError(f"input_scale must be a positive finite number, got {s!r}")
+    used = sae.weights()  # a rescaled decoder's rows at unit norm, as the model computes with them
     weights = {
-        "W_enc": sae.W_enc * s,
-        "b_enc": sae.b_enc.clone(),
-        "W_dec": sae.W_dec / s,
+        "W_enc": used.W_enc * s,
+        "b_enc": used.b_enc.clone(),
+        "W_dec": used.W_dec / s,
         "b_dec": sae.b_dec / s,
     }
     threshold = jumprelu_threshold(sae)
@@ -247,7 +248,7 @@ def read_saelens(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     weights = load_file(folder / WEIGHTS_FILENAME)
     unsupported = {key: cfg.get(key) for key in ("normalize_activations", "reshape_activations")
                    if cfg.get(key, "none") != "none"}
-    if cfg.get("rescale_acts_by_decoder_norm"):
+    if cfg.get("rescale_acts_by_decoder_norm") and cfg["architecture"] != "topk":
         unsupported["rescale_acts_by_decoder_norm"] = True
     if unsupported:
         raise NotImplementedError(f"cannot load a SAELens SAE with {unsupported} into sae_lightning")
@@ -270,14 +271,21 @@ def load_saelens(path: str | Path) -> SAE:
     if architecture is None:
         raise NotImplementedError(f"SAELens architecture {cfg['architecture']!r} has no sae_lightning "
                                   f"equivalent; supported: {sorted(FROM_SAELENS)}")
-    sae_cfg = config_from_dict({"architecture": architecture, "d_sae": int(cfg["d_sae"]), **_k_field(cfg)})
+    sae_cfg = config_from_dict({"architecture": architecture, "d_sae": int(cfg["d_sae"]),
+                                **_topk_fields(cfg)})
     sae = build_sae(sae_cfg, int(cfg["d_in"]))
     assign_weights(sae, weights, cfg["architecture"])
     return sae.eval()
 
 
-def _k_field(cfg: dict[str, Any]) -> dict[str, int]:
-    return {"k": int(cfg["k"])} if "k" in cfg else {}
+def _topk_fields(cfg: dict[str, Any]) -> dict[str, int | str]:
+    """A SAELens TopK's ``k`` and how its decoder is read: with ``rescale_acts_by_decoder_norm`` it computes
+    what our ``decoder_norm=rescale`` computes (rows divided by their norms, norms into the encoder),
+    without it the rows as they are (``project`` computes with the parameters themselves)."""
+    if cfg["architecture"] != "topk":
+        return {}
+    return {"k": int(cfg["k"]),
+            "decoder_norm": "rescale" if cfg.get("rescale_acts_by_decoder_norm") else "project"}
 
 
 def push_to_hub(path: str | Path, repo_id: str, *, path_in_repo: str | None = None, private: bool = False,

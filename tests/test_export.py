@@ -33,16 +33,19 @@ def _cfg(architecture: str):
 
 @torch.no_grad()
 def _sae(architecture: str) -> nn.Module:
-    """One of our SAEs with random biases (and thresholds), so a wrong fold of any of them shows."""
+    """One of our SAEs with random biases (and thresholds) and decoder rows of unequal norms, so a wrong
+    fold of any of them (a rescaled decoder's norms included) shows."""
     torch.manual_seed(1)
     sae = build_sae(_cfg(architecture), D_IN)
     sae.set_input_scale(SCALE)
     sae.b_dec.normal_()
     sae.b_enc.normal_(std=0.3)
+    sae.W_dec.mul_(0.5 + torch.rand(D_SAE, 1))
     if architecture == "jumprelu":
         sae.log_threshold.copy_((0.5 * torch.rand(D_SAE) + 0.1).log())
-    if architecture in AS_JUMPRELU:
-        sae.threshold.fill_(0.3)
+    if architecture in AS_JUMPRELU:  # the mean positive pre-activation: it cuts some positive ones
+        pre = sae.pre_acts(sae.normalize(_raw_inputs(sae)))
+        sae.threshold.fill_(pre[pre > 0].mean())
     if architecture == "gated":
         sae.r_mag.normal_(std=0.5)
         sae.b_mag.normal_(std=0.3)
@@ -91,7 +94,7 @@ def test_sae_lens_runs_our_export_like_we_do(tmp_path: Path, architecture: str) 
     torch.testing.assert_close(z_theirs, z_ours, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(theirs.decode(z_theirs), sae.decode(z_ours), rtol=1e-5, atol=1e-5)
     if architecture in AS_JUMPRELU:  # the global threshold for every latent, and it cuts some positive ones
-        torch.testing.assert_close(theirs.threshold.detach(), torch.full((D_SAE,), 0.3))
+        torch.testing.assert_close(theirs.threshold.detach(), sae.threshold.float().expand(D_SAE))
         pre = sae.pre_acts(sae.normalize(x))
         assert ((pre > 0) & (z_ours == 0)).any()
 
@@ -185,3 +188,24 @@ def test_push_to_hub_uploads_the_folder(tmp_path: Path, monkeypatch: pytest.Monk
     assert url.endswith("/abc") and calls["token"] == "t"
     assert calls["create"] == ("me/saes", {"private": False, "exist_ok": True})
     assert calls["upload"]["folder_path"] == str(folder) and calls["upload"]["path_in_repo"] == "relu"
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+@torch.no_grad()
+def test_load_a_saelens_topk_with_or_without_decoder_norm_rescaling(tmp_path: Path, rescale: bool) -> None:
+    """SAELens's ``rescale_acts_by_decoder_norm`` is our ``decoder_norm=rescale``; without it the rows are
+    used as they are (``project`` computes with the parameters): either way the same encode and decode."""
+    topk = pytest.importorskip("sae_lens.saes.topk_sae")
+    torch.manual_seed(3)
+    theirs = topk.TopKSAE(topk.TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, dtype="float32", device="cpu",
+                                             rescale_acts_by_decoder_norm=rescale))
+    for param in theirs.parameters():
+        param.normal_()
+    theirs.W_dec.mul_(0.5 + torch.rand(D_SAE, 1))  # unequal norms: rescaling changes which latents win
+    theirs.save_model(tmp_path)
+    ours = load_saelens(tmp_path)
+    assert ours.cfg.decoder_norm == ("rescale" if rescale else "project")
+    x = torch.randn(32, D_IN, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(ours.encode(x), theirs.encode(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.decode(ours.encode(x)), theirs.decode(theirs.encode(x)), rtol=1e-5,
+                               atol=1e-5)

@@ -13,11 +13,14 @@ D_IN, D_SAE, K, B = 16, 96, 5, 48
 
 
 def make(kernel: str, **kw) -> torch.nn.Module:
+    """A TopK SAE with random biases and decoder rows of unequal norms (which a rescaled decoder, the
+    default, divides out and moves into the encoder)."""
     torch.manual_seed(0)
     sae = build_sae(TopKConfig(d_sae=D_SAE, k=K, sparse_kernel=kernel, **kw), D_IN)
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_enc.normal_(0, 0.1)
+        sae.W_dec.mul_(0.5 + torch.rand(D_SAE, 1))
     return sae
 
 
@@ -67,12 +70,13 @@ def test_auxk_zero_when_nothing_dead(kernel: str) -> None:
 def test_auxk_matches_hand_computation_and_trains_dead_latents_only() -> None:
     sae, x, dead = make("dense", aux_k=7, aux_coeff=0.5), batch(), dead_mask()
     out = sae(x, sparsity_coeff=0.0, dead_mask=dead)
-    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    w = sae.weights()
+    pre = (x - sae.b_dec) @ w.W_enc + w.b_enc
     masked = pre.masked_fill(~dead, float("-inf"))
     top, idx = masked.topk(7, dim=-1)
     z_aux = torch.zeros_like(pre).scatter(1, idx, torch.relu(top))
     residual = (x - out.x_hat).detach()
-    hand = 0.5 * ((z_aux @ sae.W_dec - residual) ** 2).sum(-1).mean()
+    hand = 0.5 * ((z_aux @ w.W_dec - residual) ** 2).sum(-1).mean()
     torch.testing.assert_close(out.terms["auxk"], hand.detach())
     aux_term = out.loss - sae(x, sparsity_coeff=0.0).loss  # same graph minus the MSE: the AuxK term
     (aux_grad,) = torch.autograd.grad(aux_term, sae.W_dec)
@@ -126,3 +130,53 @@ def test_sparse_ops_with_rows_of_different_lengths_against_loops() -> None:
     dots = torch.stack([rows[token[e]] @ table[index[e]] for e in range(5)])
     torch.testing.assert_close(LatentMajor(crow, index, 9).scatter(weights, rows), scattered)
     torch.testing.assert_close(gathered_dots(crow, index, rows, table), dots)
+
+
+def test_rescaled_decoder_weights_by_hand() -> None:
+    sae = build_sae(TopKConfig(d_sae=2, k=1), 2)  # decoder_norm=rescale, the default
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.tensor([[3.0, 4.0], [0.0, 0.5]]))  # row norms 5 and 0.5
+        sae.W_enc.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))  # columns are latents
+        sae.b_enc.copy_(torch.tensor([1.0, -2.0]))
+    w = sae.weights()
+    torch.testing.assert_close(w.W_dec, torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
+    torch.testing.assert_close(w.W_enc, torch.tensor([[5.0, 1.0], [15.0, 2.0]]))
+    torch.testing.assert_close(w.b_enc, torch.tensor([5.0, -1.0]))
+    # x = (1, 0): pre-activations 5 + 5 = 10 and 1 - 1 = 0 as used; latent 0 wins and decodes to 10 * d_0
+    z = sae.encode_normalized(torch.tensor([[1.0, 0.0]]))
+    torch.testing.assert_close(z, torch.tensor([[10.0, 0.0]]))
+    torch.testing.assert_close(sae.decode_normalized(z), torch.tensor([[6.0, 8.0]]) + sae.b_dec)
+    projected = build_sae(TopKConfig(d_sae=2, k=1, decoder_norm="project"), 2)
+    assert projected.weights().W_dec is projected.W_dec and not projected.rescaled_decoder
+
+
+@pytest.mark.parametrize("kernel", ["dense", "sparse"])
+def test_rescale_computes_what_a_projected_sae_with_its_weights_computes(kernel: str) -> None:
+    rescaled, x, dead = make(kernel, aux_k=6), batch(), dead_mask()
+    projected = build_sae(TopKConfig(d_sae=D_SAE, k=K, sparse_kernel=kernel, aux_k=6, decoder_norm="project"),
+                          D_IN)
+    with torch.no_grad():
+        for name, value in rescaled.weights()._asdict().items():
+            getattr(projected, name).copy_(value)
+        projected.b_dec.copy_(rescaled.b_dec)
+    a = rescaled(x, sparsity_coeff=0.0, dead_mask=dead)
+    b = projected(x, sparsity_coeff=0.0, dead_mask=dead)
+    torch.testing.assert_close(a.x_hat, b.x_hat)
+    torch.testing.assert_close(a.loss, b.loss)
+    torch.testing.assert_close(rescaled.encode(x), projected.encode(x))
+
+
+def test_rescaled_decoder_trains_free_rows_and_saves_them_at_unit_norm(tmp_path) -> None:
+    from sae_lightning.saes import SAE
+    from sae_lightning.step import LatentStats, train_step
+
+    sae, x = make("sparse"), batch()
+    norms = sae.W_dec.norm(dim=1).clone()
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    train_step(sae, opt, x, LatentStats(D_SAE, 10**6), coeff=0.0, grad_clip=1.0, step=0)
+    moved = sae.W_dec.norm(dim=1)
+    assert not torch.allclose(moved, norms) and not torch.allclose(moved, torch.ones(D_SAE))  # no renorm
+    loaded = SAE.load(sae.save(tmp_path / "sae"))
+    torch.testing.assert_close(loaded.W_dec.norm(dim=1), torch.ones(D_SAE))
+    torch.testing.assert_close(loaded.encode(x), sae.encode(x))
+    torch.testing.assert_close(loaded.decode(loaded.encode(x)), sae.decode(sae.encode(x)))

@@ -45,7 +45,7 @@ def apply_resample(sae: torch.nn.Module, idx: Tensor, chosen: Tensor,
     """Write the prescribed weights for latents ``idx`` from their chosen inputs; reset their Adam state."""
     alive = torch.ones(sae.d_sae, dtype=torch.bool, device=idx.device)
     alive[idx] = False
-    enc_norms = sae.W_enc.norm(dim=0)
+    enc_norms = sae.weights().W_enc.norm(dim=0)  # as used: a rescaled decoder's norms are in it
     alive_norm = enc_norms[alive].mean() if alive.any() else enc_norms.mean()
     direction = chosen / chosen.norm(dim=-1, keepdim=True).clamp(min=1e-8)
     sae.W_dec[idx] = direction.to(sae.W_dec.dtype)

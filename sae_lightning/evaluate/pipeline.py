@@ -186,7 +186,7 @@ def _picture_cards(scores: MonosemanticityScores, summary: UnitSummary, context_
 def _latent_directions(sae: nn.Module) -> Callable[[list[int]], Tensor]:
     """Decoder rows in raw activation space of what the SAE reconstructs (``W_dec / output_scale``: the
     weights act on normalized activations)."""
-    return lambda units: sae.W_dec.detach().float().cpu()[units] / float(sae.output_scale)
+    return lambda units: sae.weights().W_dec.detach().float().cpu()[units] / float(sae.output_scale)
 
 
 def _neuron_directions(summary: UnitSummary) -> Callable[[list[int]], Tensor]:

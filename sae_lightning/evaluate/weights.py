@@ -13,17 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sae_lightning.saes.base import Weights
+
 CHUNK = 1024  # rows compared at once: a [CHUNK, d_sae] block instead of the full d_sae² matrix
 
 
 class SAEWeights(Protocol):
-    """What is read here: ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_enc [d_sae]``,
-    ``input_scale``."""
+    """What is read here: ``weights()`` (``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``
+    as the model computes with them, ``saes.base.Weights``) and ``input_scale``."""
 
-    W_enc: Tensor
-    W_dec: Tensor
-    b_enc: Tensor
     input_scale: Tensor
+
+    def weights(self) -> Weights: ...
 
 
 @torch.no_grad()
@@ -52,10 +53,11 @@ def latent_weight_stats(sae: SAEWeights) -> dict[str, Tensor]:
       space than its encoder columns)
     - ``max_encoder_cosine_sim = max_{j != i} cos(e_i, e_j)``, ``max_decoder_cosine_sim`` likewise for ``d``
     """
-    enc, dec = sae.W_enc.detach().float().T, sae.W_dec.detach().float()  # both [d_sae, d_in]
+    used = sae.weights()  # as the model computes with them (a rescaled decoder's rows at unit norm)
+    enc, dec = used.W_enc.detach().float().T, used.W_dec.detach().float()  # both [d_sae, d_in]
     stats = {
         "encoder_norm": enc.norm(dim=-1) * float(sae.input_scale),
-        "encoder_bias": sae.b_enc.detach().float(),
+        "encoder_bias": used.b_enc.detach().float(),
         "encoder_decoder_cosine_sim": (F.cosine_similarity(enc, dec, dim=-1) if enc.shape == dec.shape
                                        else enc.new_full((enc.shape[0],), float("nan"))),
         "max_encoder_cosine_sim": max_cosine_similarity(enc),

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save
@@ -116,6 +116,14 @@ class PenalisedConfig(SAEConfig):
         check(self.target_l0 is None or self.target_l0 > 0, "sae.target_l0", self.target_l0, "must be > 0")
 
 
+class Weights(NamedTuple):
+    """The encoder and decoder an SAE computes with (``SAE.weights``)."""
+
+    W_enc: Tensor  # [d_in, d_sae]
+    b_enc: Tensor  # [d_sae]
+    W_dec: Tensor  # [d_sae, d_out]
+
+
 @dataclass
 class SAEOutput:
     """What one training forward returns (normalized space)."""
@@ -134,23 +142,27 @@ class SAE(nn.Module):
     Subclasses set ``config_class``, implement ``encode_normalized``, ``forward`` and, when they have a
     sparsity penalty, ``base_coeff``. With ``unit_norm_decoder`` the decoder rows stay at unit norm:
     ``before_optimizer_step`` removes the gradient component along each row, ``after_optimizer_step``
-    renormalises them. ``encoder_gain`` scales the initial ``W_enc = W_dec^T`` (a transcoder's encoder
-    directions are drawn independently: its decoder rows live in another space). ``d_out`` makes it a
-    transcoder (module docstring), even when ``d_out == d_in``.
+    renormalises them. With ``rescaled_decoder`` instead, the rows are free parameters and the model uses
+    them at unit norm, their norms moved into the encoder (:meth:`weights`). ``encoder_gain`` scales the
+    initial ``W_enc = W_dec^T`` (a transcoder's encoder directions are drawn independently: its decoder
+    rows live in another space). ``d_out`` makes it a transcoder (module docstring), even when
+    ``d_out == d_in``.
     """
 
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
     sparsity_key: ClassVar[str] = ""  # the key that sets its sparsity: "l1" (the root key) or "sae.<key>"
 
     def __init__(self, cfg: SAEConfig, d_in: int, *, d_out: int | None = None, decoder_init_norm: float = 1.0,
-                 unit_norm_decoder: bool = True, encoder_gain: float = 1.0) -> None:
+                 unit_norm_decoder: bool = True, rescaled_decoder: bool = False,
+                 encoder_gain: float = 1.0) -> None:
         super().__init__()
         self.cfg = cfg
         self.d_in = d_in
         self.transcoder = d_out is not None
         self.d_out = d_in if d_out is None else d_out
         self.d_sae = cfg.resolve_d_sae(d_in)
-        self.unit_norm_decoder = unit_norm_decoder
+        self.rescaled_decoder = rescaled_decoder
+        self.unit_norm_decoder = unit_norm_decoder and not rescaled_decoder
         self.metadata: dict[str, Any] = {}  # provenance saved in cfg.json (model, hook, training config)
         w_dec = _random_rows(self.d_sae, self.d_out, decoder_init_norm)
         self.W_dec = nn.Parameter(w_dec)
@@ -213,8 +225,8 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     def decode_normalized(self, z: Tensor) -> Tensor:
-        """``z @ W_dec + b_dec`` as one fused addmm."""
-        return torch.addmm(self.b_dec, z, self.W_dec)
+        """``z @ W_dec + b_dec`` as one fused addmm (``W_dec`` as used: :meth:`weights`)."""
+        return torch.addmm(self.b_dec, z, self.weights().W_dec)
 
     def forward(self, u: Tensor, *, target: Tensor | None = None, sparsity_coeff: float,
                 dead_mask: Tensor | None = None) -> SAEOutput:
@@ -274,19 +286,32 @@ class SAE(nn.Module):
         self.b_dec.copy_(decoder_bias_init(u, self.cfg.b_dec_init))
 
     # ----- shared pieces --------------------------------------------------------------------------
-    def pre_acts(self, u: Tensor, bias: Tensor | float | None = None) -> Tensor:
+    def weights(self) -> Weights:
+        """The encoder and decoder the model computes with: the parameters themselves, or, with a
+        rescaled decoder, ``W_dec[i] / n_i`` and ``W_enc[:, i] * n_i``, ``b_enc[i] * n_i`` where
+        ``n_i = |W_dec[i]|``: the same function as a unit-norm decoder, while the optimizer moves the raw
+        rows freely (SAELens's ``rescale_acts_by_decoder_norm``). Differentiable; call it once per
+        forward and pass it on."""
+        if not self.rescaled_decoder:
+            return Weights(self.W_enc, self.b_enc, self.W_dec)
+        n = torch.linalg.vector_norm(self.W_dec, dim=1)
+        return Weights(self.W_enc * n, self.b_enc * n, self.W_dec / n[:, None])
+
+    def pre_acts(self, u: Tensor, bias: Tensor | float | None = None, w: Weights | None = None) -> Tensor:
         """Encoder pre-activations ``(u - b_dec) @ W_enc + b_enc`` [B, d_sae] (``bias`` instead of ``b_enc``
         when given).
 
         Computed as ``u @ W_enc + (b_enc - b_dec @ W_enc)`` in one addmm: the same function, but the
         backward needs no [B, d_sae] x [d_sae, d_in] matmul for the gradient of ``u - b_dec`` (a
         matrix-vector product gives b_dec's share), which saves a sixth of a dense step's FLOPs.
-        A transcoder subtracts nothing: ``u @ W_enc + b_enc``.
+        A transcoder subtracts nothing: ``u @ W_enc + b_enc``. ``w``: the weights as used (default
+        :meth:`weights`).
         """
-        bias = self.b_enc if bias is None else bias
+        w = self.weights() if w is None else w
+        bias = w.b_enc if bias is None else bias
         if self.transcoder:
-            return u @ self.W_enc + bias
-        return torch.addmm(bias - self.b_dec @ self.W_enc, u, self.W_enc)
+            return u @ w.W_enc + bias
+        return torch.addmm(bias - self.b_dec @ w.W_enc, u, w.W_enc)
 
     def _output(self, target: Tensor, x_hat: Tensor, fire_counts: Tensor,
                 terms: dict[str, Tensor | None]) -> SAEOutput:
@@ -304,12 +329,14 @@ class SAE(nn.Module):
         """Write ``cfg.json`` + ``sae.safetensors`` into folder ``path`` (docs/design.md, "SAE folder").
 
         The weights file is written first and ``cfg.json`` last, each atomically: a folder with a
-        ``cfg.json`` is complete.
+        ``cfg.json`` is complete. The weights as used (:meth:`weights`) are written, so on disk the rows of
+        a rescaled decoder are at unit norm like every other (the same function; readers of the format
+        never meet the parametrisation).
         """
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()
-                   if k not in SCALES}
+        state = self.state_dict() | self.weights()._asdict()
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in state.items() if k not in SCALES}
         atomic_write(out / WEIGHTS_FILE, lambda f: f.write(save(tensors)))
         atomic_write_json(out / CONFIG_FILE, {
             "format": "sae_lightning", "format_version": FORMAT_VERSION,

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from sae_lightning.checks import check
-from sae_lightning.saes.base import SAEOutput
+from sae_lightning.saes.base import SAEOutput, Weights
 from sae_lightning.saes.registry import register
 from sae_lightning.saes.sparse_ops import row_pointers
 from sae_lightning.saes.topk import TopKConfig, TopKSAE
@@ -89,20 +89,21 @@ class BatchTopKSAE(TopKSAE):
     def forward(self, u: Tensor, *, target: Tensor | None = None, sparsity_coeff: float,
                 dead_mask: Tensor | None = None) -> SAEOutput:
         target = u if target is None else target
-        pre, flat, values, fire_counts = self.select(u)
+        w = self.weights()
+        pre, flat, values, fire_counts = self.select(u, w)
         if self.sparse:
-            x_hat = self.with_skip(self.decode_kept(u, pre, flat) + self.b_dec, u)
+            x_hat = self.with_skip(self.decode_kept(u, pre, flat, w) + self.b_dec, u)
         else:
-            x_hat = self.with_skip(self.decode_normalized(self.dense_latents(pre, flat, values)), u)
-        auxk = self._auxk(u, target, x_hat, pre, dead_mask)
+            x_hat = self.with_skip(torch.addmm(self.b_dec, self.dense_latents(pre, flat, values), w.W_dec), u)
+        auxk = self._auxk(u, target, x_hat, pre, dead_mask, w)
         return self._output(target, x_hat, fire_counts, {"auxk": auxk})
 
-    def select(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The training selection: (pre-activations [B, d_sae], row-major flat indices of the kept entries,
-        their relu'd values, per-latent fire counts); updates the threshold in training mode. Without grad
-        on the sparse path: ``sparse_decode`` does its backward."""
+    def select(self, u: Tensor, w: Weights) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The training selection by the weights as used ``w``: (pre-activations [B, d_sae], row-major flat
+        indices of the kept entries, their relu'd values, per-latent fire counts); updates the threshold in
+        training mode. Without grad on the sparse path: ``sparse_decode`` does its backward."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.sparse):
-            pre = self.pre_acts(u)
+            pre = self.pre_acts(u, w=w)
         flat, values = batch_top(pre, self.k, hint=HINT_FRACTION * float(self.threshold))
         with torch.no_grad():
             fire_counts = torch.bincount(flat[values > 0] % self.d_sae, minlength=self.d_sae)
@@ -110,7 +111,7 @@ class BatchTopKSAE(TopKSAE):
                 self.update_threshold(values)
         return pre, flat, values, fire_counts
 
-    def decode_kept(self, u: Tensor, pre: Tensor, flat: Tensor,
+    def decode_kept(self, u: Tensor, pre: Tensor, flat: Tensor, w: Weights,
                     latents: tuple[int, int] | None = None) -> Tensor:
         """The sparse kernels' decode (no bias) of the kept row-major entries ``flat`` of ``pre``, only
         those whose latent is in ``[start, end) = latents`` when given."""
@@ -121,7 +122,7 @@ class BatchTopKSAE(TopKSAE):
             keep = (index >= latents[0]) & (index < latents[1])
             rows, index, entries = rows[keep], index[keep], entries[keep]
         crow = row_pointers(torch.bincount(rows, minlength=u.shape[0]))
-        return self.decode_entries(u, crow, index, entries)
+        return self.decode_entries(u, crow, index, entries, w)
 
     @staticmethod
     def dense_latents(pre: Tensor, flat: Tensor, values: Tensor) -> Tensor:

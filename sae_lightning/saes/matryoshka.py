@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from sae_lightning.checks import check
-from sae_lightning.saes.base import SAEOutput
+from sae_lightning.saes.base import SAEOutput, Weights
 from sae_lightning.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
 from sae_lightning.saes.registry import register
 
@@ -62,34 +62,35 @@ class MatryoshkaSAE(BatchTopKSAE):
     def forward(self, u: Tensor, *, target: Tensor | None = None, sparsity_coeff: float,
                 dead_mask: Tensor | None = None) -> SAEOutput:
         target = u if target is None else target
-        pre, flat, values, fire_counts = self.select(u)
+        w = self.weights()
+        pre, flat, values, fire_counts = self.select(u, w)
         if self.sparse:
-            x_hats = self.sparse_prefix_decodes(u, pre, flat)
+            x_hats = self.sparse_prefix_decodes(u, pre, flat, w)
         else:
-            x_hats = self.prefix_decodes(self.dense_latents(pre, flat, values), u)
+            x_hats = self.prefix_decodes(self.dense_latents(pre, flat, values), u, w)
         n = u.shape[0]
         inner = {f"reconstruction_p{m}": (x_hat - target).pow(2).sum() / n
                  for m, x_hat in zip(self.prefixes[:-1], x_hats, strict=False)}
         full = x_hats[-1]
-        auxk = self._auxk(u, target, full, pre, dead_mask)
+        auxk = self._auxk(u, target, full, pre, dead_mask, w)
         return self._output(target, full, fire_counts, {**inner, "auxk": auxk})
 
-    def prefix_decodes(self, z: Tensor, u: Tensor) -> list[Tensor]:
+    def prefix_decodes(self, z: Tensor, u: Tensor, w: Weights) -> list[Tensor]:
         """``z[:, :m] @ W_dec[:m] + b_dec`` (+ the skip of the normalized input ``u``) for every prefix ``m``
-        (normalized space), smallest first."""
+        (normalized space, ``W_dec`` of the weights as used ``w``), smallest first."""
         out, x_hat, start = [], self.with_skip(self.b_dec.expand(u.shape[0], -1), u), 0
         for end in self.prefixes:
-            x_hat = torch.addmm(x_hat, z[:, start:end], self.W_dec[start:end])
+            x_hat = torch.addmm(x_hat, z[:, start:end], w.W_dec[start:end])
             out.append(x_hat)
             start = end
         return out
 
-    def sparse_prefix_decodes(self, u: Tensor, pre: Tensor, flat: Tensor) -> list[Tensor]:
+    def sparse_prefix_decodes(self, u: Tensor, pre: Tensor, flat: Tensor, w: Weights) -> list[Tensor]:
         """``prefix_decodes`` from the kept entries ``flat`` of ``pre`` by the sparse kernels, one block of
         latents ``[start, end)`` at a time."""
         out, x_hat, start = [], self.with_skip(self.b_dec.expand(u.shape[0], -1), u), 0
         for end in self.prefixes:
-            x_hat = x_hat + self.decode_kept(u, pre, flat, latents=(start, end))
+            x_hat = x_hat + self.decode_kept(u, pre, flat, w, latents=(start, end))
             out.append(x_hat)
             start = end
         return out
@@ -100,5 +101,5 @@ class MatryoshkaSAE(BatchTopKSAE):
         latents, ``encode``), keyed by prefix size; the last one equals ``decode(encode(x), x)``."""
         z = self.encode(x)
         scale = self.output_scale.to(z.dtype)
-        x_hats = self.prefix_decodes(z, self.normalize(x))
+        x_hats = self.prefix_decodes(z, self.normalize(x), self.weights())
         return {m: x_hat / scale for m, x_hat in zip(self.prefixes, x_hats, strict=True)}
