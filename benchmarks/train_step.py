@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from omegaconf import OmegaConf
 
 from sae_lightning.config import LatentsConfig, OptimConfig
-from sae_lightning.saes import SAEConfig, build_sae, config_from_dict
+from sae_lightning.saes import SAE, SAEConfig, build_sae, config_from_dict
 from sae_lightning.saes.matryoshka import default_prefixes
 from sae_lightning.step import LatentStats, train_step
 
@@ -72,9 +72,11 @@ def heavy_tailed(n: int, d: int, seed: int = 0) -> torch.Tensor:
 
 
 def ours_trainer(cfg: SAEConfig, d_in: int, coeff: float, lr: float = 1e-4,
-                 dead_window_tokens: int | None = None) -> tuple[torch.nn.Module, Step]:
-    """Our SAE and ``step.train_step`` with the trainer's defaults (gradient clipping, dead window)."""
-    sae = build_sae(cfg, d_in)
+                 dead_window_tokens: int | None = None,
+                 sae: SAE | None = None) -> tuple[torch.nn.Module, Step]:
+    """Our SAE (``sae``, else built from ``cfg``) and ``step.train_step`` with the trainer's defaults
+    (gradient clipping, dead window)."""
+    sae = build_sae(cfg, d_in) if sae is None else sae
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     stats = LatentStats(sae.d_sae, dead_window_tokens or LatentsConfig().dead_window_tokens)
     grad_clip = OptimConfig().grad_clip

@@ -1,0 +1,129 @@
+"""Why our TopK family trailed SAELens's: each training choice where the two differ, switched one at a time.
+
+``quality_vs_saelens.py`` found our ``sae=topk`` (and ``batchtopk`` at k=64) a little worse than
+SAELens's at matched L0 on SmolLM2 layer 6. The two differ in a few choices; this script trains our
+SAE with each of SAELens's choices in turn (everything else ours), and SAELens's, on the same batches,
+and reports held-out normalized MSE, L0 and the fraction of latents that fire on no held-out row:
+
+- ``project``: a unit-norm decoder kept by gradient projection + renormalisation, W_enc = W_dec^T at
+  unit norm (Gao et al.; ``sae.decoder_norm=project``), b_dec at the geometric median, AuxK 1/32 over
+  512 dead latents;
+- ``rescale``: SAELens's decoder parametrisation (``sae.decoder_norm=rescale``): free decoder rows
+  initialised at norm 0.1 (encoder = their transpose), used divided by their norms, the norms multiplied
+  into the encoder (``rescale_acts_by_decoder_norm``);
+- ``rescale1``: that parametrisation initialised at norm 1 (as ``project``): separates it from the init;
+- ``enc001``: ``project`` with the encoder initialised at norm 0.01, the scale of the effective encoder
+  (encoder norm x decoder norm) that ``rescale`` starts from;
+- ``aux1``: ``project`` with AuxK weight 1 (SAELens: 1, scaled down by dead / (d_in / 2) when fewer die);
+- ``b_dec0``: ``project`` with b_dec at zero (SAELens's default);
+- ``saelens``: SAELens's training SAE of the architecture with its defaults.
+
+Run it on data the quality benchmark does not score (a default chosen here must not be tuned on the
+figures that judge it), e.g. layer 3 of the same model:
+``python benchmarks/topk_ablation.py --acts <layer-3 cache> --arch topk --k 64``; ``--help`` for the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality_vs_saelens as q
+from train_step import ours_trainer, preset, saelens_trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sae_lightning.saes.matryoshka import default_prefixes
+
+# variant -> our preset's overrides (None: SAELens's SAE)
+VARIANTS: dict[str, dict[str, object] | None] = {
+    "project": {"decoder_norm": "project"}, "rescale": {"decoder_norm": "rescale"},
+    "rescale1": {"decoder_norm": "rescale"}, "enc001": {"decoder_norm": "project"},
+    "aux1": {"decoder_norm": "project", "aux_coeff": 1.0},
+    "b_dec0": {"decoder_norm": "project", "b_dec_init": "zeros"}, "saelens": None}
+INIT_SCALE = {"rescale1": (("W_dec", "W_enc"), 10.0), "enc001": (("W_enc",), 0.01)}  # after build
+
+
+def run(arch: str, variant: str, k: int, train_x: torch.Tensor, eval_x: torch.Tensor,
+        args: argparse.Namespace) -> dict:
+    """Train one variant at ``k`` as ``quality_vs_saelens`` trains (same batches, steps, lr, scoring);
+    also count the latents that fire on no held-out row."""
+    d_in, over = train_x.shape[1], VARIANTS[variant]
+    if over is None:
+        kw = {"matryoshka_widths": default_prefixes(args.d_sae)} if arch == "matryoshka" else {}
+        sae, step = saelens_trainer(arch, d_in, args.d_sae, 0.0, lr=args.lr,
+                                    dead_window_steps=args.dead_window, k=k, **kw)
+    else:
+        cfg = preset(arch, d_sae=args.d_sae, k=k, **over)
+        sae, step = ours_trainer(cfg, d_in, 0.0, lr=args.lr, dead_window_tokens=args.dead_window * args.batch)
+        names, factor = INIT_SCALE.get(variant, ((), 1.0))
+        with torch.no_grad():
+            for name in names:
+                getattr(sae, name).mul_(factor)
+        sae.init_b_dec(train_x[:args.b_dec_sample])
+    fired = torch.zeros(args.d_sae, dtype=torch.bool)
+
+    def encode_decode(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = sae.encode(xs)
+        fired.logical_or_((z.to_dense() if z.is_sparse else z).ne(0).any(0))
+        return z, sae.decode(z)
+
+    def score() -> tuple[float, float]:
+        sae.eval()
+        fired.zero_()
+        result = q.evaluate(encode_decode, eval_x)
+        sae.train()
+        return result
+
+    sae.train()
+    t0 = time.perf_counter()
+    curve = q.train(step, train_x, args, score)
+    return {"arch": arch, "variant": variant, "k": k, "l0": curve[-1][1], "nmse": curve[-1][2],
+            "dead": 1 - fired.float().mean().item(), "curve": curve,
+            "seconds": round(time.perf_counter() - t0)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--acts", required=True, help="activation cache directory or .npy (not the judged data)")
+    p.add_argument("--arch", nargs="+", default=["topk"], choices=["topk", "batchtopk", "matryoshka"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--k", type=int, nargs="+", default=[64])
+    p.add_argument("--d-sae", type=int, default=3072)
+    p.add_argument("--train-rows", type=int, default=474_000)
+    p.add_argument("--eval-rows", type=int, default=25_000)
+    p.add_argument("--batch", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=512)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--dead-window", type=int, default=200, help="steps unfired => dead")
+    p.add_argument("--b-dec-sample", type=int, default=8192)
+    p.add_argument("--curve-points", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--results", type=Path, help="append each run as a JSON line")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    train_x, eval_x = q.load(args.acts, args)
+    print(f"data: {Path(args.acts).name}, d_in {train_x.shape[1]}, d_sae {args.d_sae}, {args.steps} steps x "
+          f"{args.batch} rows, lr {args.lr}")
+    print(f"{'arch':10s} {'variant':8s} {'k':>4s} {'L0':>7s} {'nmse':>7s} {'dead':>6s} {'seconds':>7s}  "
+          "nmse during training")
+    for arch in args.arch:
+        for k in args.k:
+            for variant in args.variants:
+                torch.manual_seed(0)
+                r = run(arch, variant, k, train_x, eval_x, args)
+                path = " ".join(f"{c[2]:.4f}" for c in r["curve"])
+                print(f"{arch:10s} {variant:8s} {k:4d} {r['l0']:7.2f} {r['nmse']:7.4f} {r['dead']:6.1%} "
+                      f"{r['seconds']:7d}  {path}", flush=True)
+                if args.results:
+                    with args.results.open("a") as f:
+                        f.write(json.dumps(r | {"acts": Path(args.acts).name}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
