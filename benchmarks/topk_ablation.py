@@ -8,9 +8,9 @@ and reports held-out normalized MSE, L0 and the fraction of latents that fire on
 - ``project``: a unit-norm decoder kept by gradient projection + renormalisation, W_enc = W_dec^T at
   unit norm (Gao et al.; ``sae.decoder_norm=project``), b_dec at the geometric median, AuxK 1/32 over
   512 dead latents;
-- ``rescale``: SAELens's decoder parametrisation (``sae.decoder_norm=rescale``): free decoder rows
+- ``rescale01``: SAELens's decoder parametrisation (``sae.decoder_norm=rescale``): free decoder rows
   initialised at norm 0.1 (encoder = their transpose), used divided by their norms, the norms multiplied
-  into the encoder (``rescale_acts_by_decoder_norm``);
+  into the encoder (``rescale_acts_by_decoder_norm``), SAELens's initial norm;
 - ``rescale1``: that parametrisation initialised at norm 1 (as ``project``): separates it from the init;
 - ``enc001``: ``project`` with the encoder initialised at norm 0.01, the scale of the effective encoder
   (encoder norm x decoder norm) that ``rescale`` starts from;
@@ -42,11 +42,11 @@ from sae_lightning.saes.matryoshka import default_prefixes
 
 # variant -> our preset's overrides (None: SAELens's SAE)
 VARIANTS: dict[str, dict[str, object] | None] = {
-    "project": {"decoder_norm": "project"}, "rescale": {"decoder_norm": "rescale"},
+    "project": {"decoder_norm": "project"}, "rescale01": {"decoder_norm": "rescale"},
     "rescale1": {"decoder_norm": "rescale"}, "enc001": {"decoder_norm": "project"},
     "aux1": {"decoder_norm": "project", "aux_coeff": 1.0},
     "b_dec0": {"decoder_norm": "project", "b_dec_init": "zeros"}, "saelens": None}
-INIT_SCALE = {"rescale1": (("W_dec", "W_enc"), 10.0), "enc001": (("W_enc",), 0.01)}  # after build
+ROW_NORM = {"rescale01": 0.1, "rescale1": 1.0}  # initial decoder rows (encoder = their transpose)
 
 
 def run(arch: str, variant: str, k: int, train_x: torch.Tensor, eval_x: torch.Tensor,
@@ -61,10 +61,12 @@ def run(arch: str, variant: str, k: int, train_x: torch.Tensor, eval_x: torch.Te
     else:
         cfg = preset(arch, d_sae=args.d_sae, k=k, **over)
         sae, step = ours_trainer(cfg, d_in, 0.0, lr=args.lr, dead_window_tokens=args.dead_window * args.batch)
-        names, factor = INIT_SCALE.get(variant, ((), 1.0))
         with torch.no_grad():
-            for name in names:
-                getattr(sae, name).mul_(factor)
+            if variant in ROW_NORM:
+                sae.W_dec.mul_(ROW_NORM[variant] / sae.W_dec.norm(dim=1, keepdim=True))
+                sae.W_enc.copy_(sae.W_dec.t())
+            if variant == "enc001":
+                sae.W_enc.mul_(0.01)
         sae.init_b_dec(train_x[:args.b_dec_sample])
     fired = torch.zeros(args.d_sae, dtype=torch.bool)
 

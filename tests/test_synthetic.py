@@ -127,7 +127,7 @@ def test_topk_recovers_the_features_of_easy_synthetic_data(tmp_path: Path) -> No
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     args = bench.parse_args(["--archs", "topk", "--n-features", "64", "--d", "32", "--mean-active", "3",
-                             "--n-rows", "20000", "--steps", "300", "--batch-size", "256"])
+                             "--n-rows", "20000", "--steps", "600", "--batch-size", "256"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the benchmark: 2 threads on a shared 2-core machine ran 3x slower
     try:
