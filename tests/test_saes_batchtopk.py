@@ -26,7 +26,8 @@ def make(architecture: str = "batchtopk", **kw) -> SAE:
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_enc.normal_(0, 0.3)
-        sae.W_dec.mul_(5 + 10 * torch.rand(D_SAE, 1))  # unequal row norms (rescale divides them out)
+        # row norms 0.5 to 1.5, unequal (a rescaled decoder divides them out), whatever the init norm
+        sae.W_dec.mul_((0.5 + torch.rand(D_SAE, 1)) / sae.W_dec.norm(dim=1, keepdim=True))
     return sae
 
 
