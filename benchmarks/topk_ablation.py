@@ -7,15 +7,18 @@ and reports held-out normalized MSE, L0 and the fraction of latents that fire on
 
 - ``project``: a unit-norm decoder kept by gradient projection + renormalisation, W_enc = W_dec^T at
   unit norm (Gao et al.; ``sae.decoder_norm=project``), b_dec at the geometric median, AuxK 1/32 over
-  512 dead latents;
+  512 dead latents (every variant but ``b_dec0`` starts b_dec at the geometric median, whatever the
+  preset's default);
 - ``rescale01``: SAELens's decoder parametrisation (``sae.decoder_norm=rescale``): free decoder rows
   initialised at norm 0.1 (encoder = their transpose), used divided by their norms, the norms multiplied
   into the encoder (``rescale_acts_by_decoder_norm``), SAELens's initial norm;
 - ``rescale1``: that parametrisation initialised at norm 1 (as ``project``): separates it from the init;
 - ``enc001``: ``project`` with the encoder initialised at norm 0.01, the scale of the effective encoder
   (encoder norm x decoder norm) that ``rescale`` starts from;
-- ``aux1``: ``project`` with AuxK weight 1 (SAELens: 1, scaled down by dead / (d_in / 2) when fewer die);
-- ``b_dec0``: ``project`` with b_dec at zero (SAELens's default);
+- ``aux1``: ``rescale01`` with AuxK weight 1 (SAELens: 1, scaled down by
+  dead / (d_in / 2) when fewer die);
+- ``b_dec0``: ``rescale01`` with b_dec at zero (SAELens's default) instead of the geometric median: the
+  TopK and BatchTopK defaults since 2026-12-04;
 - ``saelens``: SAELens's training SAE of the architecture with its defaults.
 
 Run it on data the quality benchmark does not score (a default chosen here must not be tuned on the
@@ -41,11 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sae_lightning.saes.matryoshka import default_prefixes
 
 # variant -> our preset's overrides (None: SAELens's SAE)
+MEDIAN = {"b_dec_init": "geometric_median"}  # what every variant but b_dec0 starts b_dec at
 VARIANTS: dict[str, dict[str, object] | None] = {
-    "project": {"decoder_norm": "project"}, "rescale01": {"decoder_norm": "rescale"},
-    "rescale1": {"decoder_norm": "rescale"}, "enc001": {"decoder_norm": "project"},
-    "aux1": {"decoder_norm": "project", "aux_coeff": 1.0},
-    "b_dec0": {"decoder_norm": "project", "b_dec_init": "zeros"}, "saelens": None}
+    "project": {"decoder_norm": "project"} | MEDIAN, "rescale01": {"decoder_norm": "rescale"} | MEDIAN,
+    "rescale1": {"decoder_norm": "rescale"} | MEDIAN, "enc001": {"decoder_norm": "project"} | MEDIAN,
+    "aux1": {"decoder_norm": "rescale", "aux_coeff": 1.0} | MEDIAN,
+    "b_dec0": {"decoder_norm": "rescale", "b_dec_init": "zeros"}, "saelens": None}
 ROW_NORM = {"rescale01": 0.1, "rescale1": 1.0}  # initial decoder rows (encoder = their transpose)
 
 
