@@ -44,10 +44,13 @@ HINT_FRACTION = 0.5  # batch_top ranks only entries above this fraction of the i
 @dataclass
 class BatchTopKConfig(TopKConfig):
     """``sae=batchtopk``: TopK's keys (``k`` is now the mean number of latents per token over a batch)
-    and ``threshold_lr``, the moving-average weight of each batch in the inference threshold."""
+    and ``threshold_lr``, the moving-average weight of each batch in the inference threshold. Unlike
+    TopK, b_dec starts at the geometric median: on held-out SmolLM2 layer-3 data at k=64 it ended at
+    held-out normalized MSE 0.2150 at L0 56.8, b_dec at zero at 0.2160 at L0 58.5 (dominated)."""
 
     architecture: str = "batchtopk"
     threshold_lr: float = 0.01
+    b_dec_init: str = "geometric_median"
 
     def __post_init__(self) -> None:
         super().__post_init__()

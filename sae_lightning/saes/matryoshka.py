@@ -36,13 +36,12 @@ def default_prefixes(d_sae: int) -> list[int]:
 class MatryoshkaConfig(BatchTopKConfig):
     """``sae=matryoshka``: BatchTopK's keys and ``prefixes``, the nested dictionary sizes (strictly
     increasing, the last equal to d_sae); empty: ``d_sae / 64, d_sae / 16, d_sae / 4, d_sae``.
-    ``decoder_norm`` defaults to ``project`` and ``b_dec_init`` to the geometric median: TopK's defaults
-    (rescaled decoder, b_dec at zero) were not yet compared for Matryoshka on held-out data
-    (``benchmarks/topk_ablation.py``), and with these it already beat SAELens's."""
+    ``decoder_norm`` defaults to ``project``: the rescaled decoder, TopK's default, was not yet compared
+    for Matryoshka on held-out data (``benchmarks/topk_ablation.py``), and with ``project`` it already
+    beat SAELens's."""
 
     architecture: str = "matryoshka"
     decoder_norm: str = "project"
-    b_dec_init: str = "geometric_median"
     prefixes: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -15,7 +15,8 @@ benchmark scores) ``rescale`` reached a lower held-out normalized MSE in the sam
 
 ``b_dec_init`` defaults to ``zeros`` (SAELens's), not the geometric median: on the same layer-3 data, with
 the rescaled decoder at k=32, the median start ended at held-out normalized MSE 0.2414, zeros at 0.2402
-(SAELens's TopK: 0.2404), the whole of what remained between the two libraries there.
+(SAELens's TopK: 0.2404), the whole of what remained between the two libraries there. (BatchTopK keeps
+the median: there zeros did worse.)
 
 Two implementations of the same function (``sae.sparse_kernel``): ``dense`` scatters the k
 values into a [B, d_sae] matrix and decodes with a matmul (the reference); ``sparse`` decodes only
