@@ -370,6 +370,9 @@ def report(rows: list[dict]) -> None:
         figures += [f"{key}_dominated={ours_dom}/{len(a)}", f"{key}_dominates={theirs_dom}/{len(b)}",
                     f"{key}_worst_nmse_diff={worst:+.4f}", f"{key}_saelens_best_nmse_diff={best_theirs:+.4f}"]
     print(" ".join(figures) + f" max_seed_spread={band:.4f}")
+    if "ours relu" in curves and "saelens standard" in curves:
+        print("(ours relu is plain L1 with a unit-norm decoder, which SAELens does not have: its line is for "
+              "reference; SAELens's standard SAE (L1 weighted by decoder norms) is our relu_dn)")
 
 
 if __name__ == "__main__":
