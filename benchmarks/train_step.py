@@ -72,13 +72,15 @@ def heavy_tailed(n: int, d: int, seed: int = 0) -> torch.Tensor:
 
 
 def ours_trainer(cfg: SAEConfig, d_in: int, coeff: float, lr: float = 1e-4,
-                 dead_window_tokens: int | None = None,
-                 sae: SAE | None = None) -> tuple[torch.nn.Module, Step]:
+                 dead_window_tokens: int | None = None, sae: SAE | None = None,
+                 stats: LatentStats | None = None) -> tuple[torch.nn.Module, Step]:
     """Our SAE (``sae``, else built from ``cfg``) and ``step.train_step`` with the trainer's defaults
-    (gradient clipping, dead window)."""
+    (gradient clipping, dead window); ``stats``: the firing bookkeeping to use, for a caller that sets
+    which latents are dead."""
     sae = build_sae(cfg, d_in) if sae is None else sae
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    stats = LatentStats(sae.d_sae, dead_window_tokens or LatentsConfig().dead_window_tokens)
+    if stats is None:
+        stats = LatentStats(sae.d_sae, dead_window_tokens or LatentsConfig().dead_window_tokens)
     grad_clip = OptimConfig().grad_clip
 
     def step(x: torch.Tensor) -> None:

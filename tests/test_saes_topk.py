@@ -67,20 +67,27 @@ def test_auxk_zero_when_nothing_dead(kernel: str) -> None:
     torch.testing.assert_close(out.loss, ref.terms["reconstruction"])
 
 
-def test_auxk_matches_hand_computation_and_trains_dead_latents_only() -> None:
-    sae, x, dead = make("dense", aux_k=7, aux_coeff=0.5), batch(), dead_mask()
+@pytest.mark.parametrize(("kernel", "aux_k"), [("dense", 7), ("sparse", 3), ("sparse", 7), ("sparse", 40)])
+def test_auxk_matches_hand_computation_and_trains_dead_latents_only(kernel: str, aux_k: int) -> None:
+    """Value and gradients by each AuxK route: 32 dead latents, so aux_k=3 takes the sparse kernels,
+    aux_k=7 a dense product over the dead latents, aux_k=40 all 32 of them (no top-k)."""
+    sae, x, dead = make(kernel, aux_k=aux_k, aux_coeff=0.5), batch(), dead_mask()
     out = sae(x, sparsity_coeff=0.0, dead_mask=dead)
     w = sae.weights()
     pre = (x - sae.b_dec) @ w.W_enc + w.b_enc
     masked = pre.masked_fill(~dead, float("-inf"))
-    top, idx = masked.topk(7, dim=-1)
+    top, idx = masked.topk(min(aux_k, int(dead.sum())), dim=-1)
     z_aux = torch.zeros_like(pre).scatter(1, idx, torch.relu(top))
     residual = (x - out.x_hat).detach()
     hand = 0.5 * ((z_aux @ w.W_dec - residual) ** 2).sum(-1).mean()
     torch.testing.assert_close(out.terms["auxk"], hand.detach())
     aux_term = out.loss - sae(x, sparsity_coeff=0.0).loss  # same graph minus the MSE: the AuxK term
-    (aux_grad,) = torch.autograd.grad(aux_term, sae.W_dec)
-    assert aux_grad[~dead].abs().max() < 1e-6 and aux_grad[dead].abs().max() > 0
+    names, params = zip(*sae.named_parameters(), strict=True)
+    got = dict(zip(names, torch.autograd.grad(aux_term, params), strict=True))
+    want = torch.autograd.grad(hand, params)
+    for name, g, h in zip(names, got.values(), want, strict=True):
+        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-5, msg=name)
+    assert got["W_dec"][~dead].abs().max() < 1e-6 and got["W_dec"][dead].abs().max() > 0
 
 
 @pytest.mark.parametrize("dead", [None, "some"])

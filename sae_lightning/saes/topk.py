@@ -117,11 +117,32 @@ class TopKSAE(SAE):
     def _auxk(self, x: Tensor, target: Tensor, x_hat: Tensor, pre: Tensor,
               dead_mask: Tensor | None, w: Weights) -> Tensor:
         """AuxK term (module docstring) on the residual ``target - x_hat``; 0 when ``dead_mask`` is None or
-        all False."""
+        all False.
+
+        The sparse kernels decode the ``aux_k`` entries per row only when they are a small share of the dead
+        latents (the rule that picks the main path); otherwise, e.g. 200 dead latents of which all are
+        kept, a dense product over the dead columns alone (``B x n_dead x d_in``) is several times cheaper
+        than ``B x n_dead`` sparse entries. Same function either way."""
         if dead_mask is None or not bool(dead_mask.any()):
             return x.new_zeros(())
         dead = dead_mask.nonzero().squeeze(1)
-        top, pos = pre[:, dead].topk(min(self.cfg.aux_k, dead.numel()), dim=-1, sorted=False)
+        k_aux = min(self.cfg.aux_k, dead.numel())
         residual = (target - x_hat).detach()
-        e_hat = self._decode_top(x, top, dead[pos], w)
+        if self.sparse and k_aux <= SPARSE_MAX_DENSITY * dead.numel():
+            top, pos = pre[:, dead].topk(k_aux, dim=-1, sorted=False)
+            e_hat = self._decode_top(x, top, dead[pos], w)
+        else:
+            e_hat = self._decode_dead(x, pre, dead, k_aux, w)
         return self.cfg.aux_coeff * (e_hat - residual).pow(2).sum(-1).mean()
+
+    def _decode_dead(self, x: Tensor, pre: Tensor, dead: Tensor, k_aux: int, w: Weights) -> Tensor:
+        """``relu(topk_{k_aux}(pre[:, dead])) @ W_dec[dead]`` (no bias) with dense products over the dead
+        latents only; their pre-activations are recomputed with grad when ``pre`` has none (sparse path)."""
+        sub = Weights(w.W_enc[:, dead], w.b_enc[dead], w.W_dec[dead])
+        pre_dead = pre[:, dead] if pre.requires_grad else self.pre_acts(x, w=sub)
+        if k_aux < dead.numel():
+            top, pos = pre_dead.topk(k_aux, dim=-1, sorted=False)
+            z = torch.zeros_like(pre_dead).scatter(1, pos, torch.relu(top))
+        else:
+            z = torch.relu(pre_dead)
+        return z @ sub.W_dec
