@@ -45,6 +45,7 @@ from omegaconf import OmegaConf
 from sae_lightning.config import LatentsConfig, OptimConfig
 from sae_lightning.saes import SAE, SAEConfig, build_sae, config_from_dict
 from sae_lightning.saes.matryoshka import default_prefixes
+from sae_lightning.sparsity import TargetL0
 from sae_lightning.step import LatentStats, train_step
 
 Step = Callable[..., None]
@@ -75,16 +76,22 @@ def ours_trainer(cfg: SAEConfig, d_in: int, coeff: float, lr: float = 1e-4,
                  dead_window_tokens: int | None = None, sae: SAE | None = None,
                  stats: LatentStats | None = None) -> tuple[torch.nn.Module, Step]:
     """Our SAE (``sae``, else built from ``cfg``) and ``step.train_step`` with the trainer's defaults
-    (gradient clipping, dead window); ``stats``: the firing bookkeeping to use, for a caller that sets
-    which latents are dead."""
+    (gradient clipping, dead window, the ``sae.target_l0`` controller when ``cfg`` sets one: ``coeff`` is
+    then its start); ``stats``: the firing bookkeeping to use, for a caller that sets which latents are
+    dead."""
     sae = build_sae(cfg, d_in) if sae is None else sae
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     if stats is None:
         stats = LatentStats(sae.d_sae, dead_window_tokens or LatentsConfig().dead_window_tokens)
     grad_clip = OptimConfig().grad_clip
+    target = getattr(cfg, "target_l0", None)
+    steer = TargetL0(target) if target is not None else None
 
     def step(x: torch.Tensor) -> None:
-        train_step(sae, opt, x, stats, coeff=coeff, grad_clip=grad_clip, step=0)
+        scale = steer.scale() if steer is not None else 1.0
+        out = train_step(sae, opt, x, stats, coeff=coeff * scale, grad_clip=grad_clip, step=0)
+        if steer is not None:
+            steer.update(out.l0.detach())
 
     return sae, step
 

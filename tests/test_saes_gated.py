@@ -1,22 +1,30 @@
-"""The gated SAE (sae=gated): its forward and loss terms against a hand computation, the frozen decoder of the
-auxiliary loss, and the unit-norm decoder."""
+"""The gated SAE (sae=gated): its forward and loss terms against a hand computation, with the auxiliary
+loss's decoder frozen (the paper) or trained (SAELens), and the unit-norm (project) or free decoder."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from test_saes import D_SAE, B, batch, make
+from test_saes import D_IN, D_SAE, B, batch, cfg, make
+
+from sae_lightning.checks import ConfigError
+from sae_lightning.saes import build_sae
+from sae_lightning.saes.gated import FREE_INIT_NORM, GatedConfig
+
+AUX = ["frozen", "trained"]
 
 
-def _gated():
-    sae = make("gated")
+def _gated(**kw):
+    sae = make("gated", **kw)
     with torch.no_grad():  # magnitude path unlike the gate path, so a mix-up of the two shows
         sae.r_mag.normal_(std=0.5)
         sae.b_mag.normal_(std=0.3)
     return sae
 
 
-def _hand(sae, x: torch.Tensor, coeff: float) -> dict[str, torch.Tensor]:
-    """The paper's definitions, written out term by term (decoder frozen in the auxiliary reconstruction)."""
+def _hand(sae, x: torch.Tensor, coeff: float, aux_decoder: str) -> dict[str, torch.Tensor]:
+    """The definitions, written out term by term (the auxiliary reconstruction's decoder detached when
+    ``aux_decoder`` is frozen)."""
     centred = x - sae.b_dec
     pi_gate = centred @ sae.W_enc + sae.b_enc
     pi_mag = centred @ (sae.W_enc * sae.r_mag.exp()) + sae.b_mag
@@ -24,18 +32,22 @@ def _hand(sae, x: torch.Tensor, coeff: float) -> dict[str, torch.Tensor]:
     x_hat = z @ sae.W_dec + sae.b_dec
     gate = torch.relu(pi_gate)
     l1 = sum(gate[b, i] * sae.W_dec[i].norm() for b in range(B) for i in range(D_SAE)) / B
-    aux = ((gate @ sae.W_dec.detach() + sae.b_dec.detach() - x) ** 2).sum(-1).mean()
+    w_dec, b_dec = sae.W_dec, sae.b_dec
+    if aux_decoder == "frozen":
+        w_dec, b_dec = w_dec.detach(), b_dec.detach()
+    aux = ((gate @ w_dec + b_dec - x) ** 2).sum(-1).mean()
     return {"z": z, "x_hat": x_hat, "reconstruction": ((x_hat - x) ** 2).sum(-1).mean(), "l1": coeff * l1,
             "aux": aux}
 
 
-def test_gated_forward_and_loss_terms_match_hand_computation() -> None:
-    sae, x = _gated(), batch()
+@pytest.mark.parametrize("aux_decoder", AUX)
+def test_gated_forward_and_loss_terms_match_hand_computation(aux_decoder: str) -> None:
+    sae, x = _gated(aux_decoder=aux_decoder), batch()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))  # unit-norm rows, as the paper
     with torch.no_grad():
         sae.W_dec.mul_(torch.linspace(0.5, 2.0, D_SAE)[:, None])  # so the decoder-norm weights matter
     out = sae(x, sparsity_coeff=0.4)
-    hand = _hand(sae, x, 0.4)
+    hand = _hand(sae, x, 0.4, aux_decoder)
     z = hand["z"]
     assert (z > 0).any() and (z == 0).any()
     assert ((z == 0) & ((x - sae.b_dec) @ sae.W_enc + sae.b_enc > 0)).any()  # gate open, magnitude <= 0
@@ -47,12 +59,14 @@ def test_gated_forward_and_loss_terms_match_hand_computation() -> None:
     assert torch.equal(out.fire_counts, (z > 0).sum(0)) and out.l0 == (z > 0).sum() / B
 
 
-def test_gated_gradients_match_hand_and_aux_loss_does_not_move_the_decoder() -> None:
-    """Every parameter's gradient is the hand loss's; the auxiliary term alone gives W_dec none (frozen copy)
-    but reaches the gate path (W_enc, b_enc), which the Heaviside cuts off from the reconstruction."""
-    sae, x = _gated(), batch()
+@pytest.mark.parametrize("aux_decoder", AUX)
+def test_gated_gradients_match_hand_and_aux_loss_moves_decoder_only_when_trained(aux_decoder: str) -> None:
+    """Every parameter's gradient is the hand loss's; the auxiliary term gives W_dec and b_dec a gradient only
+    with ``aux_decoder=trained``, and always reaches the gate path (W_enc, b_enc), which the Heaviside cuts
+    off from the reconstruction."""
+    sae, x = _gated(aux_decoder=aux_decoder), batch()
     sae(x, sparsity_coeff=0.4).loss.backward()
-    hand = _hand(sae, x, 0.4)
+    hand = _hand(sae, x, 0.4, aux_decoder)
     names = [n for n, _ in sae.named_parameters()]
     params = [getattr(sae, n) for n in names]
     want = torch.autograd.grad(hand["reconstruction"] + hand["l1"] + hand["aux"], params, retain_graph=True)
@@ -61,18 +75,44 @@ def test_gated_gradients_match_hand_and_aux_loss_does_not_move_the_decoder() -> 
 
     aux = dict(zip(names, torch.autograd.grad(hand["aux"], params, allow_unused=True, retain_graph=True),
                    strict=True))
-    assert aux["W_dec"] is None and aux["r_mag"] is None and aux["b_mag"] is None
+    if aux_decoder == "frozen":
+        assert aux["W_dec"] is None and aux["b_dec"].abs().max() > 0  # b_dec still reaches it via the encoder
+    else:
+        assert aux["W_dec"].abs().max() > 0
+    assert aux["r_mag"] is None and aux["b_mag"] is None
     assert aux["W_enc"].abs().max() > 0 and aux["b_enc"].abs().max() > 0
     recon = dict(zip(names, torch.autograd.grad(hand["reconstruction"], params, allow_unused=True),
                      strict=True))
     assert recon["b_enc"] is None  # the gate bias learns only from the sparsity and auxiliary terms
 
 
-def test_gated_step_keeps_decoder_rows_unit_norm() -> None:
-    sae, x = _gated(), batch()
+def _step(sae: torch.nn.Module, x: torch.Tensor) -> None:
     opt = torch.optim.Adam(sae.parameters(), lr=0.05)
     sae(x, sparsity_coeff=0.4).loss.backward()
     sae.before_optimizer_step()
     opt.step()
     sae.after_optimizer_step()
+
+
+def test_gated_step_keeps_decoder_rows_unit_norm() -> None:
+    sae, x = _gated(), batch()
+    _step(sae, x)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
+
+
+def test_gated_free_decoder_starts_at_norm_0_1_with_the_encoder_its_transpose_and_stays_free() -> None:
+    torch.manual_seed(0)
+    sae = build_sae(cfg("gated", d_sae=D_SAE, decoder_norm="free"), D_IN)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((D_SAE,), FREE_INIT_NORM))
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.t())
+    _step(sae, batch())
+    norms = sae.W_dec.norm(dim=1)
+    assert (norms - FREE_INIT_NORM).abs().max() > 1e-3  # the step moved the norms and nothing put them back
+
+
+@pytest.mark.parametrize(("key", "value", "choices"), [
+    ("decoder_norm", "unit", "choose project or free"),
+    ("aux_decoder", "detached", "choose frozen or trained")])
+def test_gated_options_reject_unknown_values_naming_the_key(key: str, value: str, choices: str) -> None:
+    with pytest.raises(ConfigError, match=rf"sae.{key}='{value}'.*{choices}"):
+        GatedConfig(**{key: value})

@@ -8,14 +8,19 @@ the other shared code treat it as such); the SAELens export names it ``b_gate``.
 
 Loss = reconstruction + ``l1 * L_sparsity`` + ``L_aux`` with
 ``L_sparsity = mean_tokens sum_i relu(pi_gate)_i ||W_dec[i]||`` and
-``L_aux = mean_tokens ||relu(pi_gate) @ W_dec' + b_dec' - u||^2`` through a frozen (detached) copy of the
-decoder, so that the gate path, which the Heaviside cuts off from the reconstruction, learns to reconstruct
-while the decoder is trained by the main reconstruction alone. Decoder rows are kept at unit norm, as in the
-paper (and dictionary_learning's ``GatedSAETrainer``): the decoder-norm weights are then 1 and the penalty is
-the paper's plain L1; SAELens's gated trainer instead leaves the decoder free, weights by the norms and does
-not freeze the aux decoder. The root key ``l1`` is the coefficient. Init as ``relu``: unit-norm random decoder
-rows, ``W_enc = min(1, 2 d_in / d_sae) W_dec^T``; ``b_gate``, ``r_mag``, ``b_mag`` at zero (so both paths
-start equal, as the paper's ``r_mag = 0``).
+``L_aux = mean_tokens ||relu(pi_gate) @ W_dec + b_dec - u||^2``, which trains the gate path, cut off from the
+reconstruction by the Heaviside, to reconstruct. The root key ``l1`` is the coefficient. Two choices where the
+paper (and dictionary_learning's ``GatedSAETrainer``) and SAELens's gated trainer differ are options:
+
+- ``sae.decoder_norm``: ``project`` keeps the decoder rows at unit norm (gradient projection and
+  renormalisation; the decoder-norm weights are then 1 and the penalty is the paper's plain L1), init as
+  ``relu``: unit-norm random rows, ``W_enc = min(1, 2 d_in / d_sae) W_dec^T``. ``free`` leaves the rows free
+  (SAELens), init as ``relu_dn``: rows of norm 0.1, ``W_enc = W_dec^T``.
+- ``sae.aux_decoder``: ``frozen`` computes ``L_aux`` through a detached copy of the decoder (and ``b_dec``),
+  so the decoder is trained by the main reconstruction alone (the paper); ``trained`` lets ``L_aux`` train
+  them too (SAELens).
+
+``b_gate``, ``r_mag``, ``b_mag`` start at zero (so both paths start equal, as the paper's ``r_mag = 0``).
 """
 
 from __future__ import annotations
@@ -25,15 +30,28 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from sae_lightning.checks import check
 from sae_lightning.saes.base import SAE, PenalisedConfig, SAEOutput, column_stats
 from sae_lightning.saes.registry import register
+
+FREE_INIT_NORM = 0.1  # initial decoder (and encoder) row norm with decoder_norm=free (SAELens's)
 
 
 @dataclass
 class GatedConfig(PenalisedConfig):
-    """``sae=gated``: the sparsity coefficient of the gate path is the root key ``l1``."""
+    """``sae=gated``: the sparsity coefficient of the gate path is the root key ``l1``; ``decoder_norm``:
+    project | free; ``aux_decoder``: frozen | trained (module docstring)."""
 
     architecture: str = "gated"
+    decoder_norm: str = "project"
+    aux_decoder: str = "frozen"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.decoder_norm in ("project", "free"), "sae.decoder_norm", self.decoder_norm,
+              "choose project or free")
+        check(self.aux_decoder in ("frozen", "trained"), "sae.aux_decoder", self.aux_decoder,
+              "choose frozen or trained")
 
 
 @register("gated")
@@ -44,7 +62,11 @@ class GatedSAE(SAE):
     sparsity_key = "l1"
 
     def __init__(self, cfg: GatedConfig, d_in: int, d_out: int | None = None) -> None:
-        super().__init__(cfg, d_in, d_out=d_out, encoder_gain=min(1.0, 2 * d_in / cfg.resolve_d_sae(d_in)))
+        if cfg.decoder_norm == "free":
+            init = {"decoder_init_norm": FREE_INIT_NORM, "unit_norm_decoder": False}
+        else:
+            init = {"encoder_gain": min(1.0, 2 * d_in / cfg.resolve_d_sae(d_in))}
+        super().__init__(cfg, d_in, d_out=d_out, **init)
         self.r_mag = nn.Parameter(torch.zeros(self.d_sae))
         self.b_mag = nn.Parameter(torch.zeros(self.d_sae))
 
@@ -71,9 +93,12 @@ class GatedSAE(SAE):
         x_hat = self.with_skip(self.decode_normalized(z), u)
         gate = torch.relu(pi_gate)
         sparsity = gate.sum(0) @ torch.linalg.vector_norm(self.W_dec, dim=1) / u.shape[0]
-        via_gate = torch.addmm(self.b_dec.detach(), gate, self.W_dec.detach())
-        if self.cfg.skip:  # the skip's share of the target, frozen like the decoder
-            via_gate = via_gate + (u @ self.W_skip).detach()
+        frozen = self.cfg.aux_decoder == "frozen"
+        b_dec, w_dec = (self.b_dec.detach(), self.W_dec.detach()) if frozen else (self.b_dec, self.W_dec)
+        via_gate = torch.addmm(b_dec, gate, w_dec)
+        if self.cfg.skip:  # the skip's share of the target, frozen or trained like the decoder
+            skip = u @ self.W_skip
+            via_gate = via_gate + (skip.detach() if frozen else skip)
         aux = (via_gate - target).pow(2).sum(-1).mean()
         fire_counts = column_stats(z.detach())[1]
         return self._output(target, x_hat, fire_counts, {"l1": sparsity_coeff * sparsity, "aux": aux})
