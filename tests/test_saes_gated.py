@@ -15,7 +15,8 @@ AUX = ["frozen", "trained"]
 
 
 def _gated(**kw):
-    sae = make("gated", **kw)
+    """A gated SAE with unit-norm decoder rows (``project``) unless ``kw`` says otherwise."""
+    sae = make("gated", **{"decoder_norm": "project", **kw})
     with torch.no_grad():  # magnitude path unlike the gate path, so a mix-up of the two shows
         sae.r_mag.normal_(std=0.5)
         sae.b_mag.normal_(std=0.3)
@@ -101,8 +102,10 @@ def test_gated_step_keeps_decoder_rows_unit_norm() -> None:
 
 
 def test_gated_free_decoder_starts_at_norm_0_1_with_the_encoder_its_transpose_and_stays_free() -> None:
+    """The default: ``decoder_norm=free`` (with ``aux_decoder=trained`` and ``b_dec_init=zeros``)."""
     torch.manual_seed(0)
-    sae = build_sae(cfg("gated", d_sae=D_SAE, decoder_norm="free"), D_IN)
+    sae = build_sae(cfg("gated", d_sae=D_SAE), D_IN)
+    assert (sae.cfg.decoder_norm, sae.cfg.aux_decoder, sae.cfg.b_dec_init) == ("free", "trained", "zeros")
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((D_SAE,), FREE_INIT_NORM))
     torch.testing.assert_close(sae.W_enc, sae.W_dec.t())
     _step(sae, batch())
