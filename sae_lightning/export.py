@@ -69,12 +69,9 @@ def transformer_lens_hook_name(layer: int, name: str) -> str:
 
 
 def jumprelu_threshold(sae: nn.Module) -> Tensor | None:
-    """The JumpReLU threshold whether the module stores ``threshold`` or ``log_threshold``; None otherwise."""
+    """The module's JumpReLU ``threshold`` tensor; None when it has none."""
     threshold = getattr(sae, "threshold", None)
-    if isinstance(threshold, Tensor):
-        return threshold
-    log_threshold = getattr(sae, "log_threshold", None)
-    return log_threshold.exp() if isinstance(log_threshold, Tensor) else None
+    return threshold if isinstance(threshold, Tensor) else None
 
 
 def saelens_metadata(cfg: TrainConfig) -> dict[str, Any]:
@@ -223,14 +220,12 @@ def check_export(sae: SAE, cfg: dict[str, Any], weights: dict[str, Tensor], n_pr
 
 @torch.no_grad()
 def assign_weights(sae: nn.Module, weights: dict[str, Tensor], architecture: str = "") -> None:
-    """Copy SAELens-named ``weights`` of a SAELens ``architecture`` into our module (``threshold`` goes to
-    ``log_threshold`` if it stores that instead; names in ``RENAMED`` go back to ours)."""
+    """Copy SAELens-named ``weights`` of a SAELens ``architecture`` into our module (names in ``RENAMED`` go
+    back to ours)."""
     params = dict(sae.named_parameters()) | dict(sae.named_buffers())
     ours = {theirs: our for our, theirs in RENAMED.get(architecture, {}).items()}
     for name, value in weights.items():
         name = ours.get(name, name)
-        if name == "threshold" and "threshold" not in params and "log_threshold" in params:
-            name, value = "log_threshold", value.clamp(min=torch.finfo(value.dtype).tiny).log()
         if name not in params:
             raise KeyError(f"{type(sae).__name__} has no parameter {name!r} to load")
         params[name].copy_(value.to(params[name].dtype).reshape(params[name].shape))

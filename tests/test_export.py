@@ -42,7 +42,7 @@ def _sae(architecture: str) -> nn.Module:
     sae.b_enc.normal_(std=0.3)
     sae.W_dec.mul_(0.5 + torch.rand(D_SAE, 1))
     if architecture == "jumprelu":
-        sae.log_threshold.copy_((0.5 * torch.rand(D_SAE) + 0.1).log())
+        sae.threshold.copy_(0.5 * torch.rand(D_SAE) + 0.1)
     if architecture in AS_JUMPRELU:  # the mean positive pre-activation: it cuts some positive ones
         pre = sae.pre_acts(sae.normalize(_raw_inputs(sae)))
         sae.threshold.fill_(pre[pre > 0].mean())

@@ -279,6 +279,11 @@ class SAE(nn.Module):
         if self.unit_norm_decoder:
             self.W_dec.div_(torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True))
 
+    def upgrade_weights(self, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Weights read from an SAE folder written by an older version -> this version's names (:meth:`load`).
+        The default changes nothing."""
+        return weights
+
     @torch.no_grad()
     def init_b_dec(self, sample: Tensor) -> None:
         """Set ``b_dec`` from a raw sample [n, d_out] of the target (an SAE's input) by ``cfg.b_dec_init``."""
@@ -364,7 +369,7 @@ class SAE(nn.Module):
         d_out = meta.get("d_out")
         sae = build_sae(config_from_dict(meta["config"]), int(meta["d_in"]),
                         None if d_out is None else int(d_out))
-        weights = load_file(folder / WEIGHTS_FILE)
+        weights = sae.upgrade_weights(load_file(folder / WEIGHTS_FILE))
         missing = sorted(set(sae.state_dict()) - set(SCALES) - set(weights))
         if missing:
             raise ValueError(f"{folder / WEIGHTS_FILE} lacks {missing} for a {meta['architecture']} SAE")

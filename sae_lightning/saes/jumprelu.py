@@ -1,7 +1,7 @@
 """JumpReLU SAE (Rajamanoharan et al. 2024) trained with straight-through estimators (STEs).
 
 ``z = pre * H(pre - theta)`` with ``pre = (x - b_dec) @ W_enc + b_enc``, a learned per-latent threshold
-``theta = exp(log_threshold)`` and Heaviside ``H``. The loss is ``reconstruction + l0_coeff * L0`` with
+``theta`` and Heaviside ``H``. The loss is ``reconstruction + l0_coeff * L0`` with
 ``L0 = mean_tokens sum_i H(pre_i - theta_i)``, exactly the L0 the SAE reports. ``H`` has zero
 derivative almost everywhere, so theta gets its gradient from the paper's pseudo-derivatives with a
 rectangle kernel of width ``eps = sae.bandwidth``:
@@ -9,11 +9,16 @@ rectangle kernel of width ``eps = sae.bandwidth``:
 ``K(u) = 1[|u| < 1/2]``; ``d z / d pre = H(pre - theta)`` and H passes no gradient to ``pre``.
 Decoder rows are kept at unit norm, as in the paper; the coefficient is ``sae.l0_coeff`` (the root key
 ``l1`` is refused: it is not an L1 penalty).
+
+``theta`` is trained directly and projected onto ``theta >= 0`` after each optimizer step, not trained as
+``log theta`` as in the paper: Adam moves a parameter by about ``lr`` per step, so a log threshold started
+at the paper's 0.001 ends within a factor ~2 of it after a thousand steps and the L0 coefficient barely
+moves L0 (SAELens made the same change, its issue #494). The defaults ``init_threshold`` 0.01 and
+``bandwidth`` 0.05 are SAELens's; SAE folders saved with ``log_threshold`` load as ``exp`` of it.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -69,8 +74,8 @@ class JumpReLUConfig(PenalisedConfig):
 
     architecture: str = "jumprelu"
     l0_coeff: float = 5.0
-    init_threshold: float = 0.001
-    bandwidth: float = 0.001
+    init_threshold: float = 0.01
+    bandwidth: float = 0.05
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,7 +86,7 @@ class JumpReLUConfig(PenalisedConfig):
 
 @register("jumprelu")
 class JumpReLUSAE(SAE):
-    """See module docstring. ``threshold`` is a property over the trained ``log_threshold``."""
+    """See module docstring."""
 
     config_class = JumpReLUConfig
     sparsity_key = "sae.l0_coeff"
@@ -89,17 +94,27 @@ class JumpReLUSAE(SAE):
     def __init__(self, cfg: JumpReLUConfig, d_in: int, d_out: int | None = None) -> None:
         super().__init__(cfg, d_in, d_out=d_out, encoder_gain=min(1.0, 2 * d_in / cfg.resolve_d_sae(d_in)))
         self.bandwidth = cfg.bandwidth
-        self.log_threshold = nn.Parameter(torch.full((self.d_sae,), math.log(cfg.init_threshold)))
+        self.threshold = nn.Parameter(torch.full((self.d_sae,), cfg.init_threshold))
 
     def base_coeff(self, l1: float) -> float:
         return self.cfg.l0_coeff
 
     def latent_init_values(self) -> dict[str, float]:
-        return {"log_threshold": math.log(self.cfg.init_threshold)}
+        return {"threshold": self.cfg.init_threshold}
 
-    @property
-    def threshold(self) -> Tensor:
-        return self.log_threshold.exp()
+    def upgrade_weights(self, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A folder written when the threshold was trained as ``log_threshold`` holds ``log theta``."""
+        if "log_threshold" in weights and "threshold" not in weights:
+            weights = dict(weights)
+            weights["threshold"] = weights.pop("log_threshold").exp()
+        return weights
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Unit-norm decoder rows (base class) and ``theta >= 0``: below 0 the gate passes negative
+        pre-activations."""
+        super().after_optimizer_step()
+        self.threshold.clamp_(min=0.0)
 
     def encode_normalized(self, u: Tensor) -> Tensor:
         pre = self.pre_acts(u)
