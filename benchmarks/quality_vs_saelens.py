@@ -126,6 +126,30 @@ def train(step, train_x: torch.Tensor, args: argparse.Namespace, score) -> list[
     return curve
 
 
+def train_counting_dead(sae: torch.nn.Module, step, train_x: torch.Tensor, eval_x: torch.Tensor,
+                        args: argparse.Namespace) -> tuple[list[tuple[int, float, float]], float, int]:
+    """:func:`train` scored through ``sae.encode``/``decode`` (ours or SAELens's), also counting the latents
+    that fire on no held-out row: (curve, that fraction at the last point, seconds)."""
+    fired = torch.zeros(args.d_sae, dtype=torch.bool)
+
+    def encode_decode(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = sae.encode(xs)
+        fired.logical_or_((z.to_dense() if z.is_sparse else z).ne(0).any(0))
+        return z, sae.decode(z)
+
+    def score() -> tuple[float, float]:
+        sae.eval()
+        fired.zero_()
+        result = evaluate(encode_decode, eval_x)
+        sae.train()
+        return result
+
+    sae.train()
+    t0 = time.perf_counter()
+    curve = train(step, train_x, args, score)
+    return curve, 1 - fired.float().mean().item(), round(time.perf_counter() - t0)
+
+
 def run_ours(arch: str, value: float, train_x: torch.Tensor, eval_x: torch.Tensor,
              args: argparse.Namespace) -> list[tuple[int, float, float]]:
     """Our ``sae=<arch>`` preset (``value``: k for the TopK family, else the sparsity coefficient)."""
@@ -213,12 +237,35 @@ def source_name(acts: str | None) -> str | None:
     return Path(acts).name if acts else None
 
 
+def append_result(path: Path | None, row: dict) -> None:
+    """Append ``row`` as one JSON line to ``path`` (nothing when None): a run is kept as soon as it ends."""
+    if path is not None:
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def load_results(path: Path | None, fingerprint: dict[str, object]) -> list[dict]:
     """The runs in ``path`` made with these settings."""
     if path is None or not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in rows if r["settings"] | {"acts": source_name(r["settings"]["acts"])} == fingerprint]
+
+
+def add_run_args(p: argparse.ArgumentParser, *, d_sae: int, train_rows: int, eval_rows: int, batch: int,
+                 steps: int, threads: int) -> None:
+    """The options that fix how every SAE is trained and scored, with these defaults (here and in the
+    ablation scripts, which train as this script trains)."""
+    p.add_argument("--d-sae", type=int, default=d_sae)
+    p.add_argument("--train-rows", type=int, default=train_rows)
+    p.add_argument("--eval-rows", type=int, default=eval_rows)
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--dead-window", type=int, default=200, help="steps unfired => dead")
+    p.add_argument("--b-dec-sample", type=int, default=8192)
+    p.add_argument("--curve-points", type=int, default=4, help="held-out scores during training (the curve)")
+    p.add_argument("--threads", type=int, default=threads, help="torch threads")
 
 
 def main() -> None:
@@ -228,14 +275,7 @@ def main() -> None:
     p.add_argument("--d-in", type=int, default=64, help="synthetic data only")
     p.add_argument("--features", type=int, default=512, help="synthetic ground-truth dictionary size")
     p.add_argument("--mean-active", type=float, default=8.0, help="synthetic features active per row")
-    p.add_argument("--d-sae", type=int, default=512)
-    p.add_argument("--train-rows", type=int, default=100_000)
-    p.add_argument("--eval-rows", type=int, default=10_000)
-    p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--dead-window", type=int, default=200, help="steps unfired => dead")
-    p.add_argument("--b-dec-sample", type=int, default=8192)
+    add_run_args(p, d_sae=512, train_rows=100_000, eval_rows=10_000, batch=512, steps=300, threads=1)
     p.add_argument("--l1", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.0, 10.0],
                    help="L1 coefficients (relu, relu_dn, standard, gated)")
     p.add_argument("--k", type=int, nargs="+", default=[4, 8, 16], help="k (topk, batchtopk, matryoshka)")
@@ -244,10 +284,8 @@ def main() -> None:
     p.add_argument("--curves", nargs="+", default=list(CURVES)[:5], choices=list(CURVES), metavar="CURVE",
                    help=f"which to train (default the first five); of: {', '.join(CURVES)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="initialisation seeds per SAE")
-    p.add_argument("--curve-points", type=int, default=4, help="held-out scores during training (the curve)")
     p.add_argument("--results", type=Path, help="JSONL of finished runs: runs found there (same settings) "
                                                 "are not trained again; the report covers every curve in it")
-    p.add_argument("--threads", type=int, default=1, help="small matmuls: one thread wastes least on sync")
     p.add_argument("--plot", type=Path, help="also draw each pair's frontiers and training paths (png, svg)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -271,9 +309,7 @@ def main() -> None:
         row = {"curve": name, "value": v, "seed": seed, "l0": curve[-1][1], "nmse": curve[-1][2],
                "curve_points": curve, "seconds": round(time.perf_counter() - t1, 1), "settings": fingerprint}
         done.append(row)
-        if args.results:
-            with args.results.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+        append_result(args.results, row)
         print(f"  [{time.perf_counter() - t0:5.0f} s] {name} {v:g} seed {seed}: L0 {row['l0']:.2f}, "
               f"nmse {row['nmse']:.4f}", flush=True)
     report(done)

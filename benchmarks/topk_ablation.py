@@ -29,9 +29,7 @@ figures that judge it), e.g. layer 3 of the same model:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -72,26 +70,9 @@ def run(arch: str, variant: str, k: int, train_x: torch.Tensor, eval_x: torch.Te
             if variant == "enc001":
                 sae.W_enc.mul_(0.01)
         sae.init_b_dec(train_x[:args.b_dec_sample])
-    fired = torch.zeros(args.d_sae, dtype=torch.bool)
-
-    def encode_decode(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = sae.encode(xs)
-        fired.logical_or_((z.to_dense() if z.is_sparse else z).ne(0).any(0))
-        return z, sae.decode(z)
-
-    def score() -> tuple[float, float]:
-        sae.eval()
-        fired.zero_()
-        result = q.evaluate(encode_decode, eval_x)
-        sae.train()
-        return result
-
-    sae.train()
-    t0 = time.perf_counter()
-    curve = q.train(step, train_x, args, score)
+    curve, dead, seconds = q.train_counting_dead(sae, step, train_x, eval_x, args)
     return {"arch": arch, "variant": variant, "k": k, "l0": curve[-1][1], "nmse": curve[-1][2],
-            "dead": 1 - fired.float().mean().item(), "curve": curve,
-            "seconds": round(time.perf_counter() - t0)}
+            "dead": dead, "curve": curve, "seconds": seconds}
 
 
 def main() -> None:
@@ -100,16 +81,7 @@ def main() -> None:
     p.add_argument("--arch", nargs="+", default=["topk"], choices=["topk", "batchtopk", "matryoshka"])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--k", type=int, nargs="+", default=[64])
-    p.add_argument("--d-sae", type=int, default=3072)
-    p.add_argument("--train-rows", type=int, default=474_000)
-    p.add_argument("--eval-rows", type=int, default=25_000)
-    p.add_argument("--batch", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=512)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--dead-window", type=int, default=200, help="steps unfired => dead")
-    p.add_argument("--b-dec-sample", type=int, default=8192)
-    p.add_argument("--curve-points", type=int, default=4)
-    p.add_argument("--threads", type=int, default=2)
+    q.add_run_args(p, d_sae=3072, train_rows=474_000, eval_rows=25_000, batch=2048, steps=512, threads=2)
     p.add_argument("--results", type=Path, help="append each run as a JSON line")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -126,9 +98,7 @@ def main() -> None:
                 path = " ".join(f"{c[2]:.4f}" for c in r["curve"])
                 print(f"{arch:10s} {variant:8s} {k:4d} {r['l0']:7.2f} {r['nmse']:7.4f} {r['dead']:6.1%} "
                       f"{r['seconds']:7d}  {path}", flush=True)
-                if args.results:
-                    with args.results.open("a") as f:
-                        f.write(json.dumps(r | {"acts": Path(args.acts).name}) + "\n")
+                q.append_result(args.results, r | {"acts": Path(args.acts).name})
 
 
 if __name__ == "__main__":

@@ -166,6 +166,39 @@ def test_decoder_norm_l1_matches_hand_computation_and_is_unconstrained() -> None
     assert torch.equal(sae.W_dec.grad, grad) and torch.equal(sae.W_dec, before)
 
 
+@pytest.mark.parametrize("arch", ["gated", "jumprelu"])
+def test_free_decoder_starts_at_norm_0_1_with_the_encoder_its_transpose_and_stays_free(arch: str) -> None:
+    """``sae.decoder_norm=free``: SAELens's init (rows of norm 0.1, ``W_enc = W_dec^T``), no constraint."""
+    torch.manual_seed(0)
+    sae = build_sae(cfg(arch, d_sae=D_SAE, decoder_norm="free"), D_IN)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((D_SAE,), 0.1))
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.t())
+    opt = torch.optim.Adam(sae.parameters(), lr=0.05)
+    sae(batch(), sparsity_coeff=0.4).loss.backward()
+    grad = sae.W_dec.grad.clone()
+    sae.before_optimizer_step()
+    assert torch.equal(sae.W_dec.grad, grad)  # no projection
+    opt.step()
+    sae.after_optimizer_step()
+    assert (sae.W_dec.norm(dim=1) - 0.1).abs().max() > 1e-3  # the step moved the norms, nothing put them back
+
+
+@pytest.mark.parametrize("arch", ["gated", "jumprelu"])
+def test_project_decoder_starts_at_unit_norm_with_the_encoder_scaled_down(arch: str) -> None:
+    """``sae.decoder_norm=project``: unit rows, ``W_enc = min(1, 2 d_in / d_sae) W_dec^T`` (here 24/40)."""
+    torch.manual_seed(0)
+    sae = build_sae(cfg(arch, d_sae=D_SAE, decoder_norm="project"), D_IN)
+    assert sae.unit_norm_decoder
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
+    torch.testing.assert_close(sae.W_enc, 0.6 * sae.W_dec.t())
+
+
+@pytest.mark.parametrize("arch", ["gated", "jumprelu"])
+def test_decoder_norm_rejects_unknown_values_naming_the_key(arch: str) -> None:
+    with pytest.raises(ConfigError, match=r"sae.decoder_norm='unit'.*choose project or free"):
+        cfg(arch, decoder_norm="unit")
+
+
 def test_unit_norm_decoder_after_step_and_projected_gradient() -> None:
     sae, x = make(), batch()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -14,10 +15,10 @@ from sae_lightning.step import LatentStats, train_step
 D_IN, D_SAE, B, EPS = 12, 40, 64, 0.05
 
 
-def make() -> torch.nn.Module:
+def make(decoder_norm: str = "project") -> torch.nn.Module:
     torch.manual_seed(0)
-    sae = build_sae(JumpReLUConfig(d_sae=D_SAE, init_threshold=0.3,
-                              bandwidth=EPS), D_IN)
+    config = JumpReLUConfig(d_sae=D_SAE, init_threshold=0.3, bandwidth=EPS, decoder_norm=decoder_norm)
+    sae = build_sae(config, D_IN)
     with torch.no_grad():
         sae.b_dec.normal_()
     return sae
@@ -27,8 +28,9 @@ def batch() -> torch.Tensor:
     return torch.randn(B, D_IN, generator=torch.Generator().manual_seed(1)) * 2 + 0.5
 
 
-def test_forward_and_reported_l0() -> None:
-    sae, x = make(), batch()
+@pytest.mark.parametrize("decoder_norm", ["project", "free"])
+def test_forward_and_reported_l0(decoder_norm: str) -> None:
+    sae, x = make(decoder_norm), batch()
     torch.testing.assert_close(sae.threshold, torch.full((D_SAE,), 0.3))
     out = sae(x, sparsity_coeff=2.0)
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
@@ -40,8 +42,9 @@ def test_forward_and_reported_l0() -> None:
     assert torch.equal(out.fire_counts, active.sum(0))
 
 
-def test_threshold_gradient_matches_ste_formula() -> None:
-    sae, x = make(), batch()
+@pytest.mark.parametrize("decoder_norm", ["project", "free"])
+def test_threshold_gradient_matches_ste_formula(decoder_norm: str) -> None:
+    sae, x = make(decoder_norm), batch()
     out = sae(x, sparsity_coeff=2.0)
     out.loss.backward()
     with torch.no_grad():

@@ -40,6 +40,7 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
 SCALES = ("input_scale", "target_scale")  # buffers saved in cfg.json, not in the weights file
+FREE_INIT_NORM = 0.1  # initial row norm of a free or rescaled decoder (Anthropic's April 2024 init; SAELens)
 
 
 def _random_rows(n: int, d: int, norm: float) -> Tensor:
@@ -114,6 +115,32 @@ class PenalisedConfig(SAEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.target_l0 is None or self.target_l0 > 0, "sae.target_l0", self.target_l0, "must be > 0")
+
+
+@dataclass
+class DecoderNormConfig(PenalisedConfig):
+    """Base of the penalised architectures whose decoder rows are either kept at unit norm or left free
+    (``sae.decoder_norm``: ``project`` | ``free``; :func:`decoder_init` says what each means)."""
+
+    decoder_norm: str = "project"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.decoder_norm in ("project", "free"), "sae.decoder_norm", self.decoder_norm,
+              "choose project or free")
+
+
+def decoder_init(decoder_norm: str, cfg: SAEConfig, d_in: int) -> dict[str, Any]:
+    """``SAE.__init__`` keywords of a decoder kept at unit norm or left free, for ``cfg``'s dictionary size.
+
+    ``project``: unit-norm random rows, kept there (gradient projection and renormalisation), encoder
+    ``min(1, 2 d_in / d_sae) W_dec^T`` (at ``W_dec^T`` alone a wide dictionary's first reconstruction is
+    ``d_sae / (2 d_in)`` times too large). ``free``: rows of norm ``FREE_INIT_NORM``, unconstrained,
+    encoder ``W_dec^T`` (Anthropic's April 2024 init, SAELens's for every architecture).
+    """
+    if decoder_norm == "free":
+        return {"decoder_init_norm": FREE_INIT_NORM, "unit_norm_decoder": False, "encoder_gain": 1.0}
+    return {"encoder_gain": min(1.0, 2 * d_in / cfg.resolve_d_sae(d_in))}
 
 
 class Weights(NamedTuple):

@@ -23,9 +23,9 @@ paper (and dictionary_learning's ``GatedSAETrainer``) and SAELens's gated traine
 ``b_gate``, ``r_mag``, ``b_mag`` start at zero (so both paths start equal, as the paper's ``r_mag = 0``).
 
 Defaults are SAELens's choices: ``free``, ``trained`` and ``b_dec_init=zeros``. On SmolLM2 layer 3 (not the
-layer the quality benchmark scores; ``benchmarks/gated_ablation.py``, every run steered to L0 60) the paper's
-choices (unit norm, frozen, b_dec at the geometric median) ended at held-out normalized MSE 0.2210 (L0 57.5),
-SAELens's decoder choices with the median start at 0.2219 (L0 56.1), and with b_dec at zero at 0.2078
+layer the quality benchmark scores; ``benchmarks/steered_ablation.py``, every run steered to L0 60) the
+paper's choices (unit norm, frozen, b_dec at the geometric median) ended at held-out normalized MSE 0.2210 (L0
+57.5), SAELens's decoder choices with the median start at 0.2219 (L0 56.1), and with b_dec at zero at 0.2078
 (L0 56.7).
 """
 
@@ -37,16 +37,14 @@ import torch
 from torch import Tensor, nn
 
 from sae_lightning.checks import check
-from sae_lightning.saes.base import SAE, PenalisedConfig, SAEOutput, column_stats
+from sae_lightning.saes.base import SAE, DecoderNormConfig, SAEOutput, column_stats, decoder_init
 from sae_lightning.saes.registry import register
-
-FREE_INIT_NORM = 0.1  # initial decoder (and encoder) row norm with decoder_norm=free (SAELens's)
 
 
 @dataclass
-class GatedConfig(PenalisedConfig):
+class GatedConfig(DecoderNormConfig):
     """``sae=gated``: the sparsity coefficient of the gate path is the root key ``l1``; ``decoder_norm``:
-    project | free; ``aux_decoder``: frozen | trained; ``b_dec_init`` zeros (module docstring)."""
+    free (default) | project; ``aux_decoder``: frozen | trained; ``b_dec_init`` zeros (module docstring)."""
 
     architecture: str = "gated"
     decoder_norm: str = "free"
@@ -55,8 +53,6 @@ class GatedConfig(PenalisedConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(self.decoder_norm in ("project", "free"), "sae.decoder_norm", self.decoder_norm,
-              "choose project or free")
         check(self.aux_decoder in ("frozen", "trained"), "sae.aux_decoder", self.aux_decoder,
               "choose frozen or trained")
 
@@ -69,11 +65,7 @@ class GatedSAE(SAE):
     sparsity_key = "l1"
 
     def __init__(self, cfg: GatedConfig, d_in: int, d_out: int | None = None) -> None:
-        if cfg.decoder_norm == "free":
-            init = {"decoder_init_norm": FREE_INIT_NORM, "unit_norm_decoder": False}
-        else:
-            init = {"encoder_gain": min(1.0, 2 * d_in / cfg.resolve_d_sae(d_in))}
-        super().__init__(cfg, d_in, d_out=d_out, **init)
+        super().__init__(cfg, d_in, d_out=d_out, **decoder_init(cfg.decoder_norm, cfg, d_in))
         self.r_mag = nn.Parameter(torch.zeros(self.d_sae))
         self.b_mag = nn.Parameter(torch.zeros(self.d_sae))
 

@@ -7,8 +7,12 @@ derivative almost everywhere, so theta gets its gradient from the paper's pseudo
 rectangle kernel of width ``eps = sae.bandwidth``:
 ``d z / d theta = -(theta / eps) * K((pre - theta) / eps)``, ``d H / d theta = -(1 / eps) * K(...)``,
 ``K(u) = 1[|u| < 1/2]``; ``d z / d pre = H(pre - theta)`` and H passes no gradient to ``pre``.
-Decoder rows are kept at unit norm, as in the paper; the coefficient is ``sae.l0_coeff`` (the root key
-``l1`` is refused: it is not an L1 penalty).
+The coefficient is ``sae.l0_coeff`` (the root key ``l1`` is refused: it is not an L1 penalty).
+
+Decoder (``sae.decoder_norm``, ``base.decoder_init``): ``project`` (default) keeps the rows at unit norm, as
+the paper; ``free`` leaves them free from norm 0.1 with ``W_enc = W_dec^T``, as SAELens's JumpReLU. The L0
+penalty does not depend on the decoder, so the two train the same loss from different starts and under
+different constraints.
 
 ``theta`` is trained directly and projected onto ``theta >= 0`` after each optimizer step, not trained as
 ``log theta`` as in the paper: Adam moves a parameter by about ``lr`` per step, so a log threshold started
@@ -26,7 +30,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from sae_lightning.checks import check
-from sae_lightning.saes.base import SAE, PenalisedConfig, SAEOutput, column_stats
+from sae_lightning.saes.base import SAE, DecoderNormConfig, SAEOutput, column_stats, decoder_init
 from sae_lightning.saes.registry import register
 
 
@@ -68,9 +72,9 @@ class _Step(torch.autograd.Function):
 
 
 @dataclass
-class JumpReLUConfig(PenalisedConfig):
+class JumpReLUConfig(DecoderNormConfig):
     """``sae=jumprelu``: ``l0_coeff`` weighs the L0 penalty; thresholds start at ``init_threshold``; the
-    straight-through kernel has width ``bandwidth``."""
+    straight-through kernel has width ``bandwidth``; ``decoder_norm``: project | free (module docstring)."""
 
     architecture: str = "jumprelu"
     l0_coeff: float = 5.0
@@ -92,7 +96,7 @@ class JumpReLUSAE(SAE):
     sparsity_key = "sae.l0_coeff"
 
     def __init__(self, cfg: JumpReLUConfig, d_in: int, d_out: int | None = None) -> None:
-        super().__init__(cfg, d_in, d_out=d_out, encoder_gain=min(1.0, 2 * d_in / cfg.resolve_d_sae(d_in)))
+        super().__init__(cfg, d_in, d_out=d_out, **decoder_init(cfg.decoder_norm, cfg, d_in))
         self.bandwidth = cfg.bandwidth
         self.threshold = nn.Parameter(torch.full((self.d_sae,), cfg.init_threshold))
 
@@ -111,8 +115,8 @@ class JumpReLUSAE(SAE):
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        """Unit-norm decoder rows (base class) and ``theta >= 0``: below 0 the gate passes negative
-        pre-activations."""
+        """The decoder constraint (base class; none when free) and ``theta >= 0``: below 0 the gate passes
+        negative pre-activations."""
         super().after_optimizer_step()
         self.threshold.clamp_(min=0.0)
 

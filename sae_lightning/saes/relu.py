@@ -24,13 +24,21 @@ keeps the key ``l1`` (logged ``train/loss_l1``: ``coeff * S_1``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from sae_lightning.checks import check
-from sae_lightning.saes.base import BLOCK_ROWS, SAE, PenalisedConfig, SAEOutput, column_stats
+from sae_lightning.saes.base import (
+    BLOCK_ROWS,
+    SAE,
+    PenalisedConfig,
+    SAEOutput,
+    column_stats,
+    decoder_init,
+)
 from sae_lightning.saes.registry import register
 
 
@@ -97,9 +105,10 @@ class ReLUSAE(SAE):
     config_class = ReLUConfig
     sparsity_key = "l1"
 
-    def __init__(self, cfg: ReLUConfig, d_in: int, **init: float | bool | int | None) -> None:
-        init.setdefault("encoder_gain", min(1.0, 2 * d_in / cfg.resolve_d_sae(d_in)))
-        super().__init__(cfg, d_in, **init)
+    decoder_norm: ClassVar[str] = "project"  # the decoder parametrisation (``decoder_init``): fixed per class
+
+    def __init__(self, cfg: ReLUConfig, d_in: int, d_out: int | None = None) -> None:
+        super().__init__(cfg, d_in, d_out=d_out, **decoder_init(self.decoder_norm, cfg, d_in))
         self.p = cfg.p_start
 
     def base_coeff(self, l1: float) -> float:

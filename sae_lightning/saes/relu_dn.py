@@ -16,8 +16,6 @@ from torch import Tensor
 from sae_lightning.saes.registry import register
 from sae_lightning.saes.relu import ReLUConfig, ReLUSAE
 
-DECODER_NORM_INIT = 0.1  # April 2024 update: "random directions with a fixed L2 norm of 0.1"
-
 
 @dataclass
 class ReLUDecoderNormConfig(ReLUConfig):
@@ -32,10 +30,7 @@ class ReLUDecoderNormSAE(ReLUSAE):
     """:class:`ReLUSAE` with the decoder-norm-weighted L1 and an unconstrained decoder."""
 
     config_class = ReLUDecoderNormConfig
-
-    def __init__(self, cfg: ReLUDecoderNormConfig, d_in: int, d_out: int | None = None) -> None:
-        super().__init__(cfg, d_in, d_out=d_out, decoder_init_norm=DECODER_NORM_INIT, unit_norm_decoder=False,
-                         encoder_gain=1.0)
+    decoder_norm = "free"
 
     def l1(self, latent_sums: Tensor, n_rows: int) -> Tensor:
         """Mean over tokens of ``sum_i z_i ||W_dec[i]||``."""

@@ -32,12 +32,11 @@ import torch
 from torch import Tensor
 
 from sae_lightning.checks import check
-from sae_lightning.saes.base import SAE, SAEConfig, SAEOutput, Weights
+from sae_lightning.saes.base import FREE_INIT_NORM, SAE, SAEConfig, SAEOutput, Weights
 from sae_lightning.saes.registry import register
 from sae_lightning.saes.sparse_ops import sparse_decode, uniform_rows
 
 SPARSE_MAX_DENSITY = 1 / 8  # "auto" uses the sparse kernels when k / d_sae is at most this
-RESCALED_INIT_NORM = 0.1  # initial decoder (and encoder) row norm with decoder_norm=rescale (SAELens's)
 
 
 @dataclass
@@ -75,7 +74,7 @@ class TopKSAE(SAE):
     def __init__(self, cfg: TopKConfig, d_in: int, d_out: int | None = None) -> None:
         rescale = cfg.decoder_norm == "rescale"
         super().__init__(cfg, d_in, d_out=d_out, rescaled_decoder=rescale,
-                         decoder_init_norm=RESCALED_INIT_NORM if rescale else 1.0)
+                         decoder_init_norm=FREE_INIT_NORM if rescale else 1.0)
         check(cfg.k <= self.d_sae, "sae.k", cfg.k, f"exceeds the dictionary size d_sae={self.d_sae}")
         self.k = cfg.k
         auto = cfg.k <= SPARSE_MAX_DENSITY * self.d_sae

@@ -1,0 +1,105 @@
+"""Training choices where our penalised SAEs and SAELens's differ, switched one at a time, every run steered
+to one L0.
+
+``quality_vs_saelens.py`` compares our SAEs with SAELens's on SmolLM2 layer 6. Where they differed, this
+script trains our ``sae=<arch>`` with each of SAELens's choices in turn (everything else ours) on the same
+batches, scored as ``quality_vs_saelens`` scores. Variants (``--arch gated``):
+
+- ``paper``: unit-norm decoder rows (``sae.decoder_norm=project``), the auxiliary reconstruction through a
+  frozen decoder (``sae.aux_decoder=frozen``), b_dec at the geometric median: our defaults until 2026-12-05;
+- ``free``: SAELens's free decoder (rows start at norm 0.1, encoder = their transpose, the gate L1 weighted
+  by the row norms), aux decoder still frozen;
+- ``free_aux``: ``free`` with the auxiliary loss training the decoder too (``sae.aux_decoder=trained``);
+- ``unit_aux``: ``paper`` with the auxiliary loss training the decoder;
+- ``free_aux_b0``: ``free_aux`` with b_dec at zero (SAELens's start).
+
+``--arch jumprelu``:
+
+- ``paper``: unit-norm decoder rows (``sae.decoder_norm=project``), b_dec at the geometric median: our
+  defaults until 2026-12-05;
+- ``free``: SAELens's free decoder (rows start at norm 0.1, encoder = their transpose);
+- ``free_b0``: ``free`` with b_dec at zero (SAELens's start);
+- ``paper_b0``: ``paper`` with b_dec at zero.
+
+A sparsity coefficient gives each variant a different L0, so every run is steered to the same L0 by the
+``sae.target_l0`` controller (``sae_lightning/sparsity.py``, as the trainer runs it), starting from
+``--coeff`` (``l1`` for gated, ``sae.l0_coeff`` for jumprelu); normalized MSE is then compared at (nearly)
+equal L0. Run it on data the quality benchmark does not score (a default chosen here must not be tuned on the
+figures that judge it), e.g. layer 3 of the same model:
+``python benchmarks/steered_ablation.py --acts <layer-3 cache> --arch gated --target-l0 60``; ``--help`` for
+the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality_vs_saelens as q
+from train_step import ours_trainer, preset
+
+MEDIAN = {"b_dec_init": "geometric_median"}
+VARIANTS: dict[str, dict[str, dict[str, object]]] = {
+    "gated": {
+        "paper": {"decoder_norm": "project", "aux_decoder": "frozen"} | MEDIAN,
+        "free": {"decoder_norm": "free", "aux_decoder": "frozen"} | MEDIAN,
+        "free_aux": {"decoder_norm": "free", "aux_decoder": "trained"} | MEDIAN,
+        "unit_aux": {"decoder_norm": "project", "aux_decoder": "trained"} | MEDIAN,
+        "free_aux_b0": {"decoder_norm": "free", "aux_decoder": "trained", "b_dec_init": "zeros"}},
+    "jumprelu": {
+        "paper": {"decoder_norm": "project"} | MEDIAN, "free": {"decoder_norm": "free"} | MEDIAN,
+        "free_b0": {"decoder_norm": "free", "b_dec_init": "zeros"},
+        "paper_b0": {"decoder_norm": "project", "b_dec_init": "zeros"}}}
+OWN_COEFF = {"jumprelu": "l0_coeff"}  # architectures whose coefficient is a preset key, not the root l1
+
+
+def run(arch: str, variant: str, target_l0: float, train_x: torch.Tensor, eval_x: torch.Tensor,
+        args: argparse.Namespace) -> dict:
+    """Train one variant steered to ``target_l0`` as ``quality_vs_saelens`` trains (same batches, steps, lr,
+    scoring); also count the latents that fire on no held-out row."""
+    own = {OWN_COEFF[arch]: args.coeff} if arch in OWN_COEFF else {}
+    cfg = preset(arch, d_sae=args.d_sae, target_l0=target_l0, **VARIANTS[arch][variant], **own)
+    sae, step = ours_trainer(cfg, train_x.shape[1], args.coeff, lr=args.lr,
+                             dead_window_tokens=args.dead_window * args.batch)
+    sae.init_b_dec(train_x[:args.b_dec_sample])
+    curve, dead, seconds = q.train_counting_dead(sae, step, train_x, eval_x, args)
+    return {"arch": arch, "variant": variant, "target_l0": target_l0, "coeff": args.coeff, "l0": curve[-1][1],
+            "nmse": curve[-1][2], "dead": dead, "curve": curve, "seconds": seconds}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--acts", required=True, help="activation cache directory or .npy (not the judged data)")
+    p.add_argument("--arch", required=True, choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", help="default: all of the architecture's (module docstring)")
+    p.add_argument("--target-l0", type=float, nargs="+", default=[60.0])
+    p.add_argument("--coeff", type=float, default=3.0, help="the coefficient the controller starts from")
+    q.add_run_args(p, d_sae=3072, train_rows=474_000, eval_rows=25_000, batch=2048, steps=512, threads=2)
+    p.add_argument("--results", type=Path, help="append each run as a JSON line")
+    args = p.parse_args()
+    variants = args.variants or list(VARIANTS[args.arch])
+    unknown = sorted(set(variants) - set(VARIANTS[args.arch]))
+    if unknown:
+        p.error(f"--variants {unknown}: {args.arch} has {list(VARIANTS[args.arch])}")
+    torch.set_num_threads(args.threads)
+    train_x, eval_x = q.load(args.acts, args)
+    print(f"data: {Path(args.acts).name}, d_in {train_x.shape[1]}, d_sae {args.d_sae}, {args.steps} steps x "
+          f"{args.batch} rows, lr {args.lr}, sae={args.arch}, controller from coefficient {args.coeff}")
+    print(f"{'variant':12s} {'target':>6s} {'L0':>7s} {'nmse':>7s} {'dead':>6s} {'seconds':>7s}  "
+          "(L0, nmse) during training")
+    for target in args.target_l0:
+        for variant in variants:
+            torch.manual_seed(0)
+            r = run(args.arch, variant, target, train_x, eval_x, args)
+            path = " ".join(f"({c[1]:.0f}, {c[2]:.4f})" for c in r["curve"])
+            print(f"{variant:12s} {target:6.0f} {r['l0']:7.2f} {r['nmse']:7.4f} {r['dead']:6.1%} "
+                  f"{r['seconds']:7d}  {path}", flush=True)
+            q.append_result(args.results, r | {"acts": Path(args.acts).name})
+
+
+if __name__ == "__main__":
+    main()
