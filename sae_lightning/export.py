@@ -267,16 +267,20 @@ def load_saelens(path: str | Path) -> SAE:
         raise NotImplementedError(f"SAELens architecture {cfg['architecture']!r} has no sae_lightning "
                                   f"equivalent; supported: {sorted(FROM_SAELENS)}")
     sae_cfg = config_from_dict({"architecture": architecture, "d_sae": int(cfg["d_sae"]),
-                                **_topk_fields(cfg)})
+                                **_decoder_fields(cfg)})
     sae = build_sae(sae_cfg, int(cfg["d_in"]))
     assign_weights(sae, weights, cfg["architecture"])
     return sae.eval()
 
 
-def _topk_fields(cfg: dict[str, Any]) -> dict[str, int | str]:
-    """A SAELens TopK's ``k`` and how its decoder is read: with ``rescale_acts_by_decoder_norm`` it computes
-    what our ``decoder_norm=rescale`` computes (rows divided by their norms, norms into the encoder),
-    without it the rows as they are (``project`` computes with the parameters themselves)."""
+def _decoder_fields(cfg: dict[str, Any]) -> dict[str, int | str]:
+    """How a SAELens SAE's decoder is read, as our config says it (and a TopK's ``k``). TopK with
+    ``rescale_acts_by_decoder_norm`` computes what our ``decoder_norm=rescale`` computes (rows divided by
+    their norms, norms into the encoder), without it the rows as they are (``project`` computes with the
+    parameters themselves). SAELens trains JumpReLU and gated decoders with free rows:
+    ``decoder_norm=free``, so that training on from the loaded SAE does not renormalise them."""
+    if cfg["architecture"] in ("jumprelu", "gated"):
+        return {"decoder_norm": "free"}
     if cfg["architecture"] != "topk":
         return {}
     return {"k": int(cfg["k"]),

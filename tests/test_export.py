@@ -112,6 +112,8 @@ def test_load_saelens_back_into_our_module(tmp_path: Path, architecture: str) ->
                                atol=1e-5)
     if architecture == "topk":
         assert loaded.k == K
+    if loaded.cfg.architecture in ("jumprelu", "gated"):  # SAELens trains their decoders with free rows
+        assert loaded.cfg.decoder_norm == "free" and not loaded.unit_norm_decoder
 
 
 def test_read_saelens_rewrites_bias_not_applied_to_input(tmp_path: Path) -> None:
