@@ -152,12 +152,13 @@ def train_counting_dead(sae: torch.nn.Module, step, train_x: torch.Tensor, eval_
 
 def run_ours(arch: str, value: float, train_x: torch.Tensor, eval_x: torch.Tensor,
              args: argparse.Namespace) -> list[tuple[int, float, float]]:
-    """Our ``sae=<arch>`` preset (``value``: k for the TopK family, else the sparsity coefficient)."""
+    """Our ``sae=<arch>`` preset (``value``: k for the TopK family, else the sparsity coefficient;
+    ``jumprelu target``: the ``sae.target_l0`` that steers the preset's coefficient)."""
     k_arch = arch in K_ARCHS
-    cfg = preset(arch, d_sae=args.d_sae, **({"k": int(value)} if k_arch else {}))
-    if arch == "jumprelu":
-        cfg = preset(arch, d_sae=args.d_sae, l0_coeff=value)
-    sae, step = ours_trainer(cfg, train_x.shape[1], 0.0 if k_arch else value, lr=args.lr,
+    own = {"jumprelu": {"l0_coeff": value}, "jumprelu target": {"target_l0": value}}.get(arch, {})
+    cfg = preset(arch.split()[0], d_sae=args.d_sae, **({"k": int(value)} if k_arch else own))
+    coeff = 0.0 if k_arch else cfg.l0_coeff if arch == "jumprelu target" else value
+    sae, step = ours_trainer(cfg, train_x.shape[1], coeff, lr=args.lr,
                              dead_window_tokens=args.dead_window * args.batch)
     sae.init_b_dec(train_x[:args.b_dec_sample])
     sae.train()
@@ -216,10 +217,12 @@ CURVES = {"ours relu": ("ours", "relu", "l1"), "ours relu_dn": ("ours", "relu_dn
 SWEPT_BY = {"topk": "k", "batchtopk": "k", "matryoshka": "k", "gated": "l1", "jumprelu": "l0_coeff"}
 CURVES |= {f"{lib} {arch}": (lib, arch, option) for arch, option in SWEPT_BY.items()
            for lib in ("ours", "saelens")}
+CURVES["ours jumprelu target"] = ("ours", "jumprelu target", "target_l0")  # steered by sae.target_l0
 K_ARCHS = {"topk", "batchtopk", "matryoshka"}
 PAIRS = {"ours relu": "saelens standard", "ours relu_dn": "saelens standard", "ours topk": "saelens topk",
          "ours batchtopk": "saelens batchtopk", "ours matryoshka": "saelens matryoshka",
-         "ours gated": "saelens gated", "ours jumprelu": "saelens jumprelu"}
+         "ours gated": "saelens gated", "ours jumprelu target": "saelens jumprelu",
+         "ours jumprelu": "saelens jumprelu"}
 SETTINGS = ("acts", "d_in", "features", "mean_active", "d_sae", "train_rows", "eval_rows", "batch", "steps",
             "lr", "dead_window", "b_dec_sample", "curve_points")
 
@@ -281,6 +284,8 @@ def main() -> None:
     p.add_argument("--k", type=int, nargs="+", default=[4, 8, 16], help="k (topk, batchtopk, matryoshka)")
     p.add_argument("--l0-coeff", type=float, nargs="+", default=[1.0, 3.0, 10.0],
                    help="jumprelu L0 coefficients")
+    p.add_argument("--target-l0", type=float, nargs="+", default=[],
+                   help="sae.target_l0 values of the 'ours jumprelu target' curve")
     p.add_argument("--curves", nargs="+", default=list(CURVES)[:5], choices=list(CURVES), metavar="CURVE",
                    help=f"which to train (default the first five); of: {', '.join(CURVES)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="initialisation seeds per SAE")
@@ -361,7 +366,7 @@ def report(rows: list[dict]) -> None:
     for ours, theirs in reversed(PAIRS.items()):
         if ours in curves or theirs not in others:
             others[theirs] = ours
-    print(f"{'sae':18s} {'value':>6s} {'seeds':>5s} {'L0':>8s} {'nmse':>8s} {'spread':>7s} {'last-q':>7s} "
+    print(f"{'sae':20s} {'value':>6s} {'seeds':>5s} {'L0':>8s} {'nmse':>8s} {'spread':>7s} {'last-q':>7s} "
           f"{'L0 l-q':>7s} {'vs':>18s} {'other nmse @ L0':>15s} {'dominated':>9s}")
     spreads = []
     for name in (n for n in CURVES if n in runs):
@@ -377,7 +382,7 @@ def report(rows: list[dict]) -> None:
             at = interpolate(point[0], other)
             shown = f"{at:15.4f}" if at is not None else f"{'-':>15s}"
             dom = "yes" if dominated(point, other) else "no"
-            print(f"{name:18s} {value:6g} {len(rs):5d} {point[0]:8.2f} {point[1]:8.4f} {spread:7.4f} "
+            print(f"{name:20s} {value:6g} {len(rs):5d} {point[0]:8.2f} {point[1]:8.4f} {spread:7.4f} "
                   f"{last_q:7.4f} {l0_q:7.1%} {others[name]:>18s} {shown} {dom:>9s}")
     band = max(spreads, default=math.nan)
     print("\n(means over seeds; 'spread' = max - min nmse over seeds; 'last-q' = nmse drop over the last "

@@ -15,11 +15,13 @@ batches, scored as ``quality_vs_saelens`` scores. Variants (``--arch gated``):
 
 ``--arch jumprelu``:
 
-- ``paper``: unit-norm decoder rows (``sae.decoder_norm=project``), b_dec at the geometric median: our
-  defaults until 2026-12-05;
+- ``paper``: unit-norm decoder rows (``sae.decoder_norm=project``), b_dec at the geometric median, the
+  threshold at the base learning rate: our defaults until 2026-12-05;
 - ``free``: SAELens's free decoder (rows start at norm 0.1, encoder = their transpose);
 - ``free_b0``: ``free`` with b_dec at zero (SAELens's start);
-- ``paper_b0``: ``paper`` with b_dec at zero.
+- ``paper_b0``: ``paper`` with b_dec at zero;
+- ``thr10``, ``thr30``: ``paper`` with the thresholds learning at 10x / 30x the learning rate
+  (``sae.threshold_lr_mult``; ``paper`` and the others have 1); ``thr10`` is the default since.
 
 A sparsity coefficient gives each variant a different L0, so every run is steered to the same L0 by the
 ``sae.target_l0`` controller (``sae_lightning/sparsity.py``, as the trainer runs it), starting from
@@ -51,9 +53,12 @@ VARIANTS: dict[str, dict[str, dict[str, object]]] = {
         "unit_aux": {"decoder_norm": "project", "aux_decoder": "trained"} | MEDIAN,
         "free_aux_b0": {"decoder_norm": "free", "aux_decoder": "trained", "b_dec_init": "zeros"}},
     "jumprelu": {
-        "paper": {"decoder_norm": "project"} | MEDIAN, "free": {"decoder_norm": "free"} | MEDIAN,
-        "free_b0": {"decoder_norm": "free", "b_dec_init": "zeros"},
-        "paper_b0": {"decoder_norm": "project", "b_dec_init": "zeros"}}}
+        "paper": {"decoder_norm": "project", "threshold_lr_mult": 1.0} | MEDIAN,
+        "free": {"decoder_norm": "free", "threshold_lr_mult": 1.0} | MEDIAN,
+        "free_b0": {"decoder_norm": "free", "b_dec_init": "zeros", "threshold_lr_mult": 1.0},
+        "paper_b0": {"decoder_norm": "project", "b_dec_init": "zeros", "threshold_lr_mult": 1.0},
+        "thr10": {"decoder_norm": "project", "threshold_lr_mult": 10.0} | MEDIAN,
+        "thr30": {"decoder_norm": "project", "threshold_lr_mult": 30.0} | MEDIAN}}
 OWN_COEFF = {"jumprelu": "l0_coeff"}  # architectures whose coefficient is a preset key, not the root l1
 
 

@@ -80,7 +80,7 @@ def ours_trainer(cfg: SAEConfig, d_in: int, coeff: float, lr: float = 1e-4,
     then its start); ``stats``: the firing bookkeeping to use, for a caller that sets which latents are
     dead."""
     sae = build_sae(cfg, d_in) if sae is None else sae
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    opt = torch.optim.Adam(sae.param_groups(lr))
     if stats is None:
         stats = LatentStats(sae.d_sae, dead_window_tokens or LatentsConfig().dead_window_tokens)
     grad_clip = OptimConfig().grad_clip
@@ -120,7 +120,7 @@ def saelens_trainer(arch: str, d_in: int, d_sae: int, coeff: float, lr: float = 
         cfg_kw[field] = coeff
     sae = getattr(mod, cls)(getattr(mod, cls + "Config")(**cfg_kw))
     coefficients = {key: coeff} if key else {}
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    opt = torch.optim.Adam(sae.param_groups(lr))
     since_fired = torch.zeros(d_sae)  # in steps, as SAETrainer counts
 
     def step(x: torch.Tensor) -> None:

@@ -141,7 +141,7 @@ class SAEModule(L.LightningModule):
         return out.loss.detach()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        opt = torch.optim.Adam(self.sae.parameters(), lr=self.cfg.lr,
+        opt = torch.optim.Adam(self.sae.param_groups(self.cfg.lr),
                                betas=(self.cfg.optim.beta1, self.cfg.optim.beta2))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -144,6 +144,28 @@ def test_each_architecture_takes_its_own_sparsity_coefficient(arch: str, expecte
     assert SAEModule(config, d_in=16).sparsity_coeff() == pytest.approx(expected)
 
 
+def test_jumprelu_thresholds_step_at_their_own_learning_rate() -> None:
+    """The trainer's optimizer takes ``sae.param_groups``: Adam's first step moves each parameter by ``lr``
+    times the sign of its gradient (|g| >> eps), so with ``sae.threshold_lr_mult=10`` the thresholds with a
+    gradient move by exactly 10 lr and no other weight by more than lr."""
+    config = _config()
+    config["sae"] = {"architecture": "jumprelu", "dict_mult": 4, "init_threshold": 0.3,
+                     "threshold_lr_mult": 10.0}
+    module = SAEModule(config, d_in=16)
+    sae, lr = module.sae, config["lr"]
+    opt = module.configure_optimizers()["optimizer"]
+    before = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    sae(_data()[:256] * 3, sparsity_coeff=1.0).loss.backward()
+    moved = sae.threshold.grad.abs() > 1e-4
+    assert moved.sum() >= 10
+    opt.step()
+    step = (sae.threshold.detach() - before["threshold"])[moved]
+    torch.testing.assert_close(step.abs(), torch.full_like(step, 10 * lr), rtol=1e-3, atol=0)
+    for name, p in sae.named_parameters():
+        if name != "threshold":
+            assert (p.detach() - before[name]).abs().max() <= lr * (1 + 1e-4), name
+
+
 def test_batchtopk_logs_its_inference_threshold_and_relu_nothing_extra() -> None:
     """Logged at steps 0 and 5 of 6 (``log_every_n_steps=5``): the last value is the final threshold."""
     config = _config()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,10 @@ from sae_lightning.step import LatentStats, train_step
 D_IN, D_SAE, B, EPS = 12, 40, 64, 0.05
 
 
-def make(decoder_norm: str = "project") -> torch.nn.Module:
+def make(decoder_norm: str = "project", target_l0: float | None = None) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = JumpReLUConfig(d_sae=D_SAE, init_threshold=0.3, bandwidth=EPS, decoder_norm=decoder_norm)
+    config = JumpReLUConfig(d_sae=D_SAE, init_threshold=0.3, bandwidth=EPS, decoder_norm=decoder_norm,
+                            target_l0=target_l0)
     sae = build_sae(config, D_IN)
     with torch.no_grad():
         sae.b_dec.normal_()
@@ -58,6 +60,30 @@ def test_threshold_gradient_matches_ste_formula(decoder_norm: str) -> None:
     torch.testing.assert_close(sae.threshold.grad, expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("side", ["below", "above"])
+def test_with_a_target_the_l0_term_pushes_the_thresholds_towards_it_from_either_side(side: str) -> None:
+    """``sae.target_l0 = T``: the term is ``T/2 log((L0+1)/(T+1))^2`` and its threshold gradient is the STE's
+    ``dH/dtheta`` times ``T log((L0+1)/(T+1)) / (L0+1)``: positive (thresholds go down) with L0 under T."""
+    l0 = make()(batch(), sparsity_coeff=0.0).l0.item()
+    target = l0 * 2 if side == "below" else l0 / 2
+    sae, x = make(target_l0=target), batch()
+    out = sae(x, sparsity_coeff=2.0)
+    ratio = (l0 + 1) / (target + 1)
+    assert out.terms["l0_penalty"].item() == pytest.approx(2.0 * target / 2 * math.log(ratio) ** 2, rel=1e-5)
+    out.loss.backward()
+    grad = sae.threshold.grad.clone()
+    sae.zero_grad()
+    sae(x, sparsity_coeff=0.0).loss.backward()
+    grad -= sae.threshold.grad  # the L0 term's part
+    with torch.no_grad():
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        kernel = ((pre - sae.threshold).abs() < EPS / 2).float() / EPS
+        expected = -2.0 * target * math.log(ratio) / (l0 + 1) * kernel.sum(0) / B
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+    moved = grad[kernel.sum(0) > 0]
+    assert moved.numel() > 0 and ((moved > 0) if side == "below" else (moved < 0)).all()
+
+
 def test_l0_penalty_passes_no_gradient_to_pre_activations() -> None:
     sae, x = make(), batch()
     sae(x, sparsity_coeff=0.0).loss.backward()
@@ -65,6 +91,21 @@ def test_l0_penalty_passes_no_gradient_to_pre_activations() -> None:
     sae.zero_grad()
     sae(x, sparsity_coeff=5.0).loss.backward()
     torch.testing.assert_close(sae.W_enc.grad, base)
+
+
+def test_clipping_is_per_group_so_the_l0_term_does_not_shrink_the_reconstruction_step() -> None:
+    """The L0 term's gradient reaches only the thresholds, which are an optimizer group of their own and
+    clipped on their own: the encoder/decoder step is the same at coefficient 0 and 1e4 (under one global
+    norm the large threshold gradient would scale it down)."""
+    after = {}
+    for coeff in (0.0, 1e4):
+        sae = make()
+        opt = torch.optim.Adam(sae.param_groups(1e-3))
+        train_step(sae, opt, batch(), LatentStats(D_SAE, 10**9), coeff=coeff, grad_clip=1.0, step=0)
+        after[coeff] = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        torch.testing.assert_close(after[1e4][name], after[0.0][name], rtol=0, atol=0)
+    assert not torch.equal(after[1e4]["threshold"], after[0.0]["threshold"])
 
 
 def test_unit_norm_decoder() -> None:
@@ -91,7 +132,7 @@ def _l0_after_training(l0_coeff: float, steps: int = 300) -> float:
     """Held-out L0 of the default JumpReLU SAE after ``steps`` of the trainer's step (Adam, lr 1e-3)."""
     torch.manual_seed(0)
     sae = build_sae(JumpReLUConfig(d_sae=64), 16)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(sae.param_groups(1e-3))
     stats = LatentStats(sae.d_sae, 10**9)
     data = torch.Generator().manual_seed(3)
     for step in range(steps):
@@ -102,10 +143,16 @@ def _l0_after_training(l0_coeff: float, steps: int = 300) -> float:
 
 
 def test_the_l0_coefficient_moves_l0_within_a_short_run() -> None:
-    """The threshold is trained directly, so at Adam's lr 1e-3 300 steps move it by up to 0.3 and the
-    coefficient halves L0 (trained as log theta from 0.001, as before: L0 37.9 with either coefficient)."""
+    """The threshold is trained directly (at 10x Adam's lr 1e-3 by default), so 300 steps can move it by up to
+    3 and the coefficient halves L0 (trained as log theta from 0.001, as before: L0 37.9 with either
+    coefficient)."""
     free, penalised = _l0_after_training(0.0), _l0_after_training(0.1)
     assert penalised < 0.6 * free, (free, penalised)
+
+
+def test_a_bad_threshold_learning_rate_multiplier_names_its_key() -> None:
+    with pytest.raises(ValueError, match=r"sae\.threshold_lr_mult"):
+        JumpReLUConfig(threshold_lr_mult=0.0)
 
 
 def test_a_folder_saved_with_log_threshold_loads_its_threshold(tmp_path: Path) -> None:

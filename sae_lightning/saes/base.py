@@ -278,6 +278,12 @@ class SAE(nn.Module):
         """Told before each training step how far training is (``step / max_steps`` in [0, 1]), for losses
         that follow a schedule (p-annealing in ``relu.py``). The default ignores it."""
 
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups at base learning rate ``lr`` (the trainer and the benchmarks build
+        Adam from these): one group by default; an architecture whose parameters need another step size
+        (JumpReLU's thresholds) returns them in a group of their own."""
+        return [{"params": list(self.parameters()), "lr": lr}]
+
     def latent_init_values(self) -> dict[str, float]:
         """Per-latent parameters beyond ``W_enc``/``W_dec``/``b_enc`` (name -> the value they start at), which
         dead-latent resampling puts back at their start for the latents it re-initialises."""

@@ -17,16 +17,31 @@ different constraints. On SmolLM2 layer 3 (not the layer the quality benchmark s
 choices (``project``, b_dec at the geometric median) ended at L0 674, normalized MSE 0.178; SAELens's
 (``free``, b_dec at zero) at L0 1644, 0.195: hence the defaults.
 
+With ``sae.target_l0 = T`` the L0 term is ``T/2 * log((L0 + 1) / (T + 1))^2`` instead of ``L0``: its
+derivative in L0, ``T * log((L0 + 1) / (T + 1)) / (L0 + 1)``, is 0 at T, at most ``1/e`` above it (at most
+the plain term's 1, so no gradient surge from a start at L0 ~ d_sae / 2) and negative below T: the thresholds
+are pushed down when L0 is under the target. The plain term only pushes them up and the reconstruction's pull
+down is weak: on layer 3 a run whose L0 fell below its target 500 stayed at L0 77 while the controller cut
+the coefficient to nothing (``benchmarks/results/jumprelu_ablation_l3.txt``). The controller
+(``sparsity.py``) still scales the coefficient, which removes the offset the reconstruction's pull leaves.
+
 ``theta`` is trained directly and projected onto ``theta >= 0`` after each optimizer step, not trained as
 ``log theta`` as in the paper: Adam moves a parameter by about ``lr`` per step, so a log threshold started
 at the paper's 0.001 ends within a factor ~2 of it after a thousand steps and the L0 coefficient barely
-moves L0 (SAELens made the same change, its issue #494). The defaults ``init_threshold`` 0.01 and
-``bandwidth`` 0.05 are SAELens's; SAE folders saved with ``log_threshold`` load as ``exp`` of it.
+moves L0 (SAELens made the same change, its issue #494). Trained directly it is still rate-limited: with
+inputs scaled to ``E||x||^2 = d_in`` the pre-activations start with std about 1, so an L0 of 64 of 3072 needs
+thresholds near 2.5, which Adam at lr 1e-3 reaches after some 2,500 steps. So the thresholds are their own
+optimizer group at ``lr * sae.threshold_lr_mult`` (default 10; ``param_groups``), clipped apart from the other
+weights (``step.py``). On layer 3 at 1M tokens, steered to L0 500, the run at the base rate ended at L0 674;
+at 10x, steered to 64, at 60.4 (``benchmarks/results/jumprelu_ablation_l3.txt``). SAELens's free decoder
+starts the pre-activations at a tenth of this scale, a similar head start. The defaults ``init_threshold``
+0.01 and ``bandwidth`` 0.05 are SAELens's; SAE folders saved with ``log_threshold`` load as ``exp`` of it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -76,19 +91,22 @@ class _Step(torch.autograd.Function):
 
 @dataclass
 class JumpReLUConfig(DecoderNormConfig):
-    """``sae=jumprelu``: ``l0_coeff`` weighs the L0 penalty; thresholds start at ``init_threshold``; the
-    straight-through kernel has width ``bandwidth``; ``decoder_norm``: project | free (module docstring)."""
+    """``sae=jumprelu``: ``l0_coeff`` weighs the L0 penalty; thresholds start at ``init_threshold`` and learn
+    at ``threshold_lr_mult`` times the learning rate; the straight-through kernel has width ``bandwidth``;
+    ``decoder_norm``: project | free (module docstring)."""
 
     architecture: str = "jumprelu"
     l0_coeff: float = 5.0
     init_threshold: float = 0.01
     bandwidth: float = 0.05
+    threshold_lr_mult: float = 10.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.l0_coeff >= 0, "sae.l0_coeff", self.l0_coeff, "must be >= 0")
         check(self.init_threshold > 0, "sae.init_threshold", self.init_threshold, "must be > 0")
         check(self.bandwidth > 0, "sae.bandwidth", self.bandwidth, "must be > 0")
+        check(self.threshold_lr_mult > 0, "sae.threshold_lr_mult", self.threshold_lr_mult, "must be > 0")
 
 
 @register("jumprelu")
@@ -108,6 +126,12 @@ class JumpReLUSAE(SAE):
 
     def latent_init_values(self) -> dict[str, float]:
         return {"threshold": self.cfg.init_threshold}
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The thresholds at ``lr * sae.threshold_lr_mult`` (module docstring), the rest at ``lr``."""
+        rest = [p for p in self.parameters() if p is not self.threshold]
+        return [{"params": rest, "lr": lr},
+                {"params": [self.threshold], "lr": lr * self.cfg.threshold_lr_mult}]
 
     def upgrade_weights(self, weights: dict[str, Tensor]) -> dict[str, Tensor]:
         """A folder written when the threshold was trained as ``log_threshold`` holds ``log theta``."""
@@ -136,4 +160,12 @@ class JumpReLUSAE(SAE):
         l0 = _Step.apply(pre, theta, self.bandwidth).sum(-1).mean()
         fire_counts = column_stats(z.detach())[1]
         return self._output(u if target is None else target, x_hat, fire_counts,
-                            {"l0_penalty": sparsity_coeff * l0})
+                            {"l0_penalty": sparsity_coeff * self.l0_term(l0)})
+
+    def l0_term(self, l0: Tensor) -> Tensor:
+        """The L0 term the coefficient multiplies (module docstring): ``L0``; with ``sae.target_l0 = T``,
+        ``T/2 * log((L0 + 1) / (T + 1))^2``, which pushes L0 towards T from either side."""
+        target = self.cfg.target_l0
+        if target is None:
+            return l0
+        return target / 2 * torch.log((l0 + 1) / (target + 1)).square()
