@@ -175,15 +175,22 @@ def run_ours(arch: str, value: float, train_x: torch.Tensor, eval_x: torch.Tenso
 def run_saelens(arch: str, value: float, train_x: torch.Tensor, eval_x: torch.Tensor,
                 args: argparse.Namespace) -> list[tuple[int, float, float]]:
     """SAELens's ``arch`` with its defaults, scored as its users get it: saved for inference and loaded
-    back (BatchTopK and Matryoshka become JumpReLU with the learned threshold)."""
+    back (BatchTopK and Matryoshka become JumpReLU with the learned threshold). ``jumprelu target``: its
+    JumpReLU with the quadratic L0 loss around ``target_l0 = value``."""
     from sae_lens import SAE as SAELensSAE
 
     kw: dict[str, object] = {}
+    coeff = 0.0 if arch in K_ARCHS else value
     if arch in K_ARCHS:
         kw["k"] = int(value)
     if arch == "matryoshka":
         kw["matryoshka_widths"] = default_prefixes(args.d_sae)
-    sae, step = saelens_trainer(arch, train_x.shape[1], args.d_sae, 0.0 if arch in K_ARCHS else value,
+    if arch == "jumprelu target":  # its documented way to ask for an L0 (Gemma Scope 2), default coefficient
+        from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAEConfig
+
+        kw |= {"jumprelu_sparsity_loss_mode": "quadratic", "target_l0": value}
+        coeff = JumpReLUTrainingSAEConfig.l0_coefficient
+    sae, step = saelens_trainer(arch.split()[0], train_x.shape[1], args.d_sae, coeff,
                                 lr=args.lr, dead_window_steps=args.dead_window, **kw)
     sae.train()
 
@@ -217,12 +224,15 @@ CURVES = {"ours relu": ("ours", "relu", "l1"), "ours relu_dn": ("ours", "relu_dn
 SWEPT_BY = {"topk": "k", "batchtopk": "k", "matryoshka": "k", "gated": "l1", "jumprelu": "l0_coeff"}
 CURVES |= {f"{lib} {arch}": (lib, arch, option) for arch, option in SWEPT_BY.items()
            for lib in ("ours", "saelens")}
-CURVES["ours jumprelu target"] = ("ours", "jumprelu target", "target_l0")  # steered by sae.target_l0
+# each library's way to ask for an L0: our sae.target_l0, SAELens's quadratic L0 loss around its target_l0
+CURVES |= {f"{lib} jumprelu target": (lib, "jumprelu target", "target_l0") for lib in ("ours", "saelens")}
 K_ARCHS = {"topk", "batchtopk", "matryoshka"}
-PAIRS = {"ours relu": "saelens standard", "ours relu_dn": "saelens standard", "ours topk": "saelens topk",
-         "ours batchtopk": "saelens batchtopk", "ours matryoshka": "saelens matryoshka",
-         "ours gated": "saelens gated", "ours jumprelu target": "saelens jumprelu",
-         "ours jumprelu": "saelens jumprelu"}
+# (ours, SAELens's) curves compared; a curve may be in several pairs, the first one naming it is its default
+PAIRS = [("ours relu_dn", "saelens standard"), ("ours relu", "saelens standard"),
+         ("ours topk", "saelens topk"), ("ours batchtopk", "saelens batchtopk"),
+         ("ours matryoshka", "saelens matryoshka"), ("ours gated", "saelens gated"),
+         ("ours jumprelu target", "saelens jumprelu target"), ("ours jumprelu target", "saelens jumprelu"),
+         ("ours jumprelu", "saelens jumprelu")]
 SETTINGS = ("acts", "d_in", "features", "mean_active", "d_sae", "train_rows", "eval_rows", "batch", "steps",
             "lr", "dead_window", "b_dec_sample", "curve_points")
 
@@ -285,7 +295,7 @@ def main() -> None:
     p.add_argument("--l0-coeff", type=float, nargs="+", default=[1.0, 3.0, 10.0],
                    help="jumprelu L0 coefficients")
     p.add_argument("--target-l0", type=float, nargs="+", default=[],
-                   help="sae.target_l0 values of the 'ours jumprelu target' curve")
+                   help="target L0s of the 'jumprelu target' curves (ours sae.target_l0, SAELens quadratic)")
     p.add_argument("--curves", nargs="+", default=list(CURVES)[:5], choices=list(CURVES), metavar="CURVE",
                    help=f"which to train (default the first five); of: {', '.join(CURVES)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="initialisation seeds per SAE")
@@ -332,9 +342,9 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = {r["curve"] for r in rows}
-    pairs = [(a, b) for a, b in PAIRS.items() if a in names]
-    pairs += [(a, b) for b in sorted(names - set(PAIRS) - {t for _, t in pairs})
-              for a in [next(o for o, t in PAIRS.items() if t == b)]]  # a SAELens curve without ours yet
+    pairs = [(a, b) for a, b in PAIRS if a in names and b in names]
+    alone = sorted(names - {c for pair in pairs for c in pair})  # a curve whose counterpart has no runs yet
+    pairs += list(dict.fromkeys(next(pair for pair in PAIRS if c in pair) for c in alone))
     fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.8), squeeze=False)
     for ax, pair in zip(axes[0], pairs, strict=True):
         for name, color in zip(pair, ("tab:blue", "tab:orange"), strict=True):
@@ -362,12 +372,11 @@ def report(rows: list[dict]) -> None:
         runs.setdefault(r["curve"], {}).setdefault(r["value"], []).append(r)
     curves = {name: [(statistics.mean(r["l0"] for r in rs), statistics.mean(r["nmse"] for r in rs))
                      for _, rs in sorted(points.items())] for name, points in runs.items()}
-    others = dict(PAIRS)  # a SAELens curve against ours (standard: relu_dn if trained, else relu)
-    for ours, theirs in reversed(PAIRS.items()):
-        if ours in curves or theirs not in others:
-            others[theirs] = ours
-    print(f"{'sae':20s} {'value':>6s} {'seeds':>5s} {'L0':>8s} {'nmse':>8s} {'spread':>7s} {'last-q':>7s} "
-          f"{'L0 l-q':>7s} {'vs':>18s} {'other nmse @ L0':>15s} {'dominated':>9s}")
+    # each curve's points against one curve of the other library: the first paired with it that has runs
+    paired = {name: [b if a == name else a for a, b in PAIRS if name in (a, b)] for name in curves}
+    others = {name: next((o for o in paired[name] if o in curves), paired[name][0]) for name in curves}
+    print(f"{'sae':23s} {'value':>6s} {'seeds':>5s} {'L0':>8s} {'nmse':>8s} {'spread':>7s} {'last-q':>7s} "
+          f"{'L0 l-q':>7s} {'vs':>23s} {'other nmse @ L0':>15s} {'dominated':>9s}")
     spreads = []
     for name in (n for n in CURVES if n in runs):
         other = curves.get(others[name], [])
@@ -382,8 +391,8 @@ def report(rows: list[dict]) -> None:
             at = interpolate(point[0], other)
             shown = f"{at:15.4f}" if at is not None else f"{'-':>15s}"
             dom = "yes" if dominated(point, other) else "no"
-            print(f"{name:20s} {value:6g} {len(rs):5d} {point[0]:8.2f} {point[1]:8.4f} {spread:7.4f} "
-                  f"{last_q:7.4f} {l0_q:7.1%} {others[name]:>18s} {shown} {dom:>9s}")
+            print(f"{name:23s} {value:6g} {len(rs):5d} {point[0]:8.2f} {point[1]:8.4f} {spread:7.4f} "
+                  f"{last_q:7.4f} {l0_q:7.1%} {others[name]:>23s} {shown} {dom:>9s}")
     band = max(spreads, default=math.nan)
     print("\n(means over seeds; 'spread' = max - min nmse over seeds; 'last-q' = nmse drop over the last "
           "quarter of training, 'L0 l-q' = how much higher L0 was a quarter before the end; 'other nmse @ "
@@ -391,7 +400,7 @@ def report(rows: list[dict]) -> None:
           "convex frontier; 'dominated' needs no interpolation)")
     print(f"noise band (largest seed spread of a point): {band:.4f}")
     figures = []
-    for ours, theirs in PAIRS.items():
+    for ours, theirs in PAIRS:
         if ours not in curves or theirs not in curves:
             continue
         a, b = curves[ours], curves[theirs]
@@ -408,6 +417,9 @@ def report(rows: list[dict]) -> None:
               f"{best_theirs:+.4f}: {verdict} "
               f"(band {band:.4f})")
         key = ours.replace("ours ", "")
+        if theirs.replace("saelens ", "") not in (key, "standard"):  # ours against another of their curves
+            key += f" vs saelens {theirs.replace('saelens ', '')}"
+        key = key.replace(" ", "_")
         figures += [f"{key}_dominated={ours_dom}/{len(a)}", f"{key}_dominates={theirs_dom}/{len(b)}",
                     f"{key}_worst_nmse_diff={worst:+.4f}", f"{key}_saelens_best_nmse_diff={best_theirs:+.4f}"]
     print(" ".join(figures) + f" max_seed_spread={band:.4f}")

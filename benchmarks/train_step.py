@@ -120,7 +120,7 @@ def saelens_trainer(arch: str, d_in: int, d_sae: int, coeff: float, lr: float = 
         cfg_kw[field] = coeff
     sae = getattr(mod, cls)(getattr(mod, cls + "Config")(**cfg_kw))
     coefficients = {key: coeff} if key else {}
-    opt = torch.optim.Adam(sae.param_groups(lr))
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
     since_fired = torch.zeros(d_sae)  # in steps, as SAETrainer counts
 
     def step(x: torch.Tensor) -> None:
