@@ -38,3 +38,24 @@ def test_quality_benchmark_trains_every_curve_and_reports_every_pair(tmp_path: P
         assert f"{ours} vs {theirs}: ours dominated" in out.stdout
     # the TopK family's held-out L0 is k (TopK exactly; the batch variants through their threshold)
     assert next(r["l0"] for r in rows if r["curve"] == "ours topk") == 4
+
+
+def _row(curve: str, value: float, seed: int, l0: float, nmse: float) -> dict:
+    return {"curve": curve, "value": value, "seed": seed, "l0": l0, "nmse": nmse,
+            "curve_points": [[1, 2 * l0, nmse + 0.01], [2, l0, nmse]]}
+
+
+def test_noise_band_is_the_l1_and_topk_spread_not_the_judged_architectures(capsys) -> None:
+    """A noisy architecture's own seed spread (0.02 here) must not widen the band (0.001, the TopK
+    curve's) its 0.005 gap is judged against."""
+    rows = [_row("ours topk", 32, s, 32, 0.200 + 0.001 * s) for s in (0, 1)]
+    rows += [_row("saelens topk", 32, 0, 32, 0.2005)]
+    for l0, nmse in ((50, 0.150), (200, 0.050)):  # ours 0.005 worse at both L0s, seeds 0.02 apart
+        rows += [_row("ours jumprelu target", l0, s, l0, nmse + 0.005 + 0.02 * (s - 0.5)) for s in (0, 1)]
+        rows += [_row("saelens jumprelu target", l0, 0, l0, nmse)]
+    q.report(rows)
+    out = capsys.readouterr().out
+    assert "noise band (largest seed spread of a point of ours topk, saelens topk): 0.0010" in out
+    pair = "ours jumprelu target vs saelens jumprelu target:"
+    line = next(x for x in out.splitlines() if x.startswith(pair))
+    assert "worst ours-minus-theirs +0.0050" in line and "WORSE beyond the band" in line
