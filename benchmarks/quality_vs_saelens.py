@@ -349,8 +349,12 @@ def plot(rows: list[dict], path: Path) -> None:
     pairs = [(a, b) for a, b in PAIRS if a in names and b in names]
     alone = sorted(names - {c for pair in pairs for c in pair})  # a curve whose counterpart has no runs yet
     pairs += list(dict.fromkeys(next(pair for pair in PAIRS if c in pair) for c in alone))
-    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.8), squeeze=False)
-    for ax, pair in zip(axes[0], pairs, strict=True):
+    cols = min(len(pairs), 3)
+    rows_ = math.ceil(len(pairs) / cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.6 * cols, 3.8 * rows_), squeeze=False)
+    for ax in axes.flat[len(pairs):]:
+        ax.set_axis_off()
+    for ax, pair in zip(axes.flat, pairs, strict=False):
         for name, color in zip(pair, ("tab:blue", "tab:orange"), strict=True):
             runs = [r for r in rows if r["curve"] == name]
             for r in runs:

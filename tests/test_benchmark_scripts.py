@@ -26,10 +26,12 @@ def test_quality_benchmark_trains_every_curve_and_reports_every_pair(tmp_path: P
     cmd = [sys.executable, str(BENCHMARKS / "quality_vs_saelens.py"), "--d-in", "16", "--features", "64",
            "--mean-active", "4", "--d-sae", "32", "--train-rows", "4000", "--eval-rows", "500",
            "--batch", "128", "--steps", "8", "--b-dec-sample", "512", "--l1", "3", "--k", "4",
-           "--l0-coeff", "1", "--target-l0", "8", "--results", str(results), "--curves", *q.CURVES]
+           "--l0-coeff", "1", "--target-l0", "8", "--results", str(results),
+           "--plot", str(tmp_path / "frontiers.png"), "--curves", *q.CURVES]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert (tmp_path / "frontiers.png").stat().st_size > 10_000  # one panel per pair, three a row
     assert sorted(r["curve"] for r in rows) == sorted(q.CURVES)
     for r in rows:
         assert math.isfinite(r["l0"]) and 0 <= r["l0"] <= 32, r
