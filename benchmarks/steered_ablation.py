@@ -21,7 +21,8 @@ batches, scored as ``quality_vs_saelens`` scores. Variants (``--arch gated``):
 - ``free_b0``: ``free`` with b_dec at zero (SAELens's start);
 - ``paper_b0``: ``paper`` with b_dec at zero;
 - ``thr10``, ``thr30``: ``paper`` with the thresholds learning at 10x / 30x the learning rate
-  (``sae.threshold_lr_mult``; ``paper`` and the others have 1); ``thr10`` is the default since.
+  (``sae.threshold_lr_mult``; ``paper`` and the others have 1); ``thr10`` is the default since;
+- ``free10``: ``thr10`` with SAELens's free decoder (is the decoder why SAELens is ahead at dense L0?).
 
 A sparsity coefficient gives each variant a different L0, so every run is steered to the same L0 by the
 ``sae.target_l0`` controller (``sae_lightning/sparsity.py``, as the trainer runs it), starting from
@@ -58,7 +59,8 @@ VARIANTS: dict[str, dict[str, dict[str, object]]] = {
         "free_b0": {"decoder_norm": "free", "b_dec_init": "zeros", "threshold_lr_mult": 1.0},
         "paper_b0": {"decoder_norm": "project", "b_dec_init": "zeros", "threshold_lr_mult": 1.0},
         "thr10": {"decoder_norm": "project", "threshold_lr_mult": 10.0} | MEDIAN,
-        "thr30": {"decoder_norm": "project", "threshold_lr_mult": 30.0} | MEDIAN}}
+        "thr30": {"decoder_norm": "project", "threshold_lr_mult": 30.0} | MEDIAN,
+        "free10": {"decoder_norm": "free", "threshold_lr_mult": 10.0} | MEDIAN}}
 OWN_COEFF = {"jumprelu": "l0_coeff"}  # architectures whose coefficient is a preset key, not the root l1
 
 
