@@ -22,7 +22,12 @@ batches, scored as ``quality_vs_saelens`` scores. Variants (``--arch gated``):
 - ``paper_b0``: ``paper`` with b_dec at zero;
 - ``thr10``, ``thr30``: ``paper`` with the thresholds learning at 10x / 30x the learning rate
   (``sae.threshold_lr_mult``; ``paper`` and the others have 1); ``thr10`` is the default since;
-- ``free10``: ``thr10`` with SAELens's free decoder (is the decoder why SAELens is ahead at dense L0?).
+- ``free10``: ``thr10`` with SAELens's free decoder (is the decoder why SAELens is ahead at dense L0?);
+- ``free10_b0``: ``free10`` with b_dec at zero: SAELens's start with our thresholds' rate.
+
+``--l1-warmup-steps N`` warms every variant's coefficient up linearly over its first N steps
+(``optim.l1_warmup_steps``; the controller waits until it is over), so a run comes down to its L0 from
+denser, as SAELens's JumpReLU does at this budget, instead of sitting at the target from early on.
 
 A sparsity coefficient gives each variant a different L0, so every run is steered to the same L0 by the
 ``sae.target_l0`` controller (``sae_lightning/sparsity.py``, as the trainer runs it), starting from
@@ -60,7 +65,8 @@ VARIANTS: dict[str, dict[str, dict[str, object]]] = {
         "paper_b0": {"decoder_norm": "project", "b_dec_init": "zeros", "threshold_lr_mult": 1.0},
         "thr10": {"decoder_norm": "project", "threshold_lr_mult": 10.0} | MEDIAN,
         "thr30": {"decoder_norm": "project", "threshold_lr_mult": 30.0} | MEDIAN,
-        "free10": {"decoder_norm": "free", "threshold_lr_mult": 10.0} | MEDIAN}}
+        "free10": {"decoder_norm": "free", "threshold_lr_mult": 10.0} | MEDIAN,
+        "free10_b0": {"decoder_norm": "free", "b_dec_init": "zeros", "threshold_lr_mult": 10.0}}}
 OWN_COEFF = {"jumprelu": "l0_coeff"}  # architectures whose coefficient is a preset key, not the root l1
 
 
@@ -71,11 +77,13 @@ def run(arch: str, variant: str, target_l0: float, train_x: torch.Tensor, eval_x
     own = {OWN_COEFF[arch]: args.coeff} if arch in OWN_COEFF else {}
     cfg = preset(arch, d_sae=args.d_sae, target_l0=target_l0, **VARIANTS[arch][variant], **own)
     sae, step = ours_trainer(cfg, train_x.shape[1], args.coeff, lr=args.lr,
-                             dead_window_tokens=args.dead_window * args.batch)
+                             dead_window_tokens=args.dead_window * args.batch,
+                             l1_warmup_steps=args.l1_warmup_steps)
     sae.init_b_dec(train_x[:args.b_dec_sample])
     curve, dead, seconds = q.train_counting_dead(sae, step, train_x, eval_x, args)
     return {"arch": arch, "variant": variant, "target_l0": target_l0, "coeff": args.coeff, "l0": curve[-1][1],
-            "nmse": curve[-1][2], "dead": dead, "curve": curve, "seconds": seconds}
+            "nmse": curve[-1][2], "dead": dead, "curve": curve, "seconds": seconds,
+            "l1_warmup_steps": args.l1_warmup_steps}
 
 
 def main() -> None:
@@ -85,6 +93,8 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", help="default: all of the architecture's (module docstring)")
     p.add_argument("--target-l0", type=float, nargs="+", default=[60.0])
     p.add_argument("--coeff", type=float, default=3.0, help="the coefficient the controller starts from")
+    p.add_argument("--l1-warmup-steps", type=int, default=0,
+                   help="warm the coefficient up over this many steps (optim.l1_warmup_steps)")
     q.add_run_args(p, d_sae=3072, train_rows=474_000, eval_rows=25_000, batch=2048, steps=512, threads=2)
     p.add_argument("--results", type=Path, help="append each run as a JSON line")
     args = p.parse_args()
@@ -95,7 +105,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     train_x, eval_x = q.load(args.acts, args)
     print(f"data: {Path(args.acts).name}, d_in {train_x.shape[1]}, d_sae {args.d_sae}, {args.steps} steps x "
-          f"{args.batch} rows, lr {args.lr}, sae={args.arch}, controller from coefficient {args.coeff}")
+          f"{args.batch} rows, lr {args.lr}, sae={args.arch}, controller from coefficient {args.coeff}, "
+          f"coefficient warm-up {args.l1_warmup_steps} steps")
     print(f"{'variant':12s} {'target':>6s} {'L0':>7s} {'nmse':>7s} {'dead':>6s} {'seconds':>7s}  "
           "(L0, nmse) during training")
     for target in args.target_l0:

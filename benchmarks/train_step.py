@@ -46,7 +46,7 @@ from sae_lightning.config import LatentsConfig, OptimConfig
 from sae_lightning.saes import SAE, SAEConfig, build_sae, config_from_dict
 from sae_lightning.saes.matryoshka import default_prefixes
 from sae_lightning.sparsity import TargetL0
-from sae_lightning.step import LatentStats, train_step
+from sae_lightning.step import LatentStats, train_step, warmup_scale
 
 Step = Callable[..., None]
 # SAELens's faster TopK mode; its backward needs the decoder-norm rescaling off (module docstring)
@@ -74,11 +74,12 @@ def heavy_tailed(n: int, d: int, seed: int = 0) -> torch.Tensor:
 
 def ours_trainer(cfg: SAEConfig, d_in: int, coeff: float, lr: float = 1e-4,
                  dead_window_tokens: int | None = None, sae: SAE | None = None,
-                 stats: LatentStats | None = None) -> tuple[torch.nn.Module, Step]:
+                 stats: LatentStats | None = None, l1_warmup_steps: int = 0) -> tuple[torch.nn.Module, Step]:
     """Our SAE (``sae``, else built from ``cfg``) and ``step.train_step`` with the trainer's defaults
     (gradient clipping, dead window, the ``sae.target_l0`` controller when ``cfg`` sets one: ``coeff`` is
     then its start); ``stats``: the firing bookkeeping to use, for a caller that sets which latents are
-    dead."""
+    dead; ``l1_warmup_steps``: ``optim.l1_warmup_steps``, the coefficient's linear warm-up, during which
+    the controller waits (as ``SAEModule.training_step``)."""
     sae = build_sae(cfg, d_in) if sae is None else sae
     opt = torch.optim.Adam(sae.param_groups(lr))
     if stats is None:
@@ -87,11 +88,16 @@ def ours_trainer(cfg: SAEConfig, d_in: int, coeff: float, lr: float = 1e-4,
     target = getattr(cfg, "target_l0", None)
     steer = TargetL0(target) if target is not None else None
 
+    done = 0  # steps taken
+
     def step(x: torch.Tensor) -> None:
+        nonlocal done
+        warm = warmup_scale(done, l1_warmup_steps)
         scale = steer.scale() if steer is not None else 1.0
-        out = train_step(sae, opt, x, stats, coeff=coeff * scale, grad_clip=grad_clip, step=0)
-        if steer is not None:
+        out = train_step(sae, opt, x, stats, coeff=coeff * warm * scale, grad_clip=grad_clip, step=done)
+        if steer is not None and warm == 1:
             steer.update(out.l0.detach())
+        done += 1
 
     return sae, step
 
