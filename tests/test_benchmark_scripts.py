@@ -57,7 +57,24 @@ def test_noise_band_is_the_l1_and_topk_spread_not_the_judged_architectures(capsy
         rows += [_row("saelens jumprelu target", l0, 0, l0, nmse)]
     q.report(rows)
     out = capsys.readouterr().out
-    assert "noise band (largest seed spread of a point of ours topk, saelens topk): 0.0010" in out
+    band = "noise band (largest seed spread of a point of ours topk, saelens topk, over its nmse): 0.50%"
+    assert band in out  # 0.001 over the point's mean nmse 0.2005
     pair = "ours jumprelu target vs saelens jumprelu target:"
     line = next(x for x in out.splitlines() if x.startswith(pair))
     assert "worst ours-minus-theirs +0.0050" in line and "WORSE beyond the band" in line
+
+
+def test_noise_band_is_relative_to_the_nmse_it_was_measured_at(capsys) -> None:
+    """Seeds 0.003 apart at nmse 0.30 (1 %) must not pass a gap of 0.002 at nmse 0.04 (5 %), which an
+    absolute band would; a gap of 0.0003 there (0.75 %) is within it."""
+    rows = [_row("ours relu", 6, s, 6, 0.2985 + 0.003 * s) for s in (0, 1)]
+    for gap, curve in ((0.002, "jumprelu target"), (0.0003, "topk")):
+        for l0, nmse in ((1000, 0.050), (1400, 0.040)):
+            rows += [_row(f"ours {curve}", l0, 0, l0, nmse + gap), _row(f"saelens {curve}", l0, 0, l0, nmse)]
+    q.report(rows)
+    out = capsys.readouterr().out
+    assert "over its nmse): 1.00%" in out  # 0.003 / 0.300
+    lines = {x.split(":")[0]: x for x in out.splitlines() if " vs saelens " in x}
+    jump, topk = lines["ours jumprelu target vs saelens jumprelu target"], lines["ours topk vs saelens topk"]
+    assert "worst gap +5.00% of their nmse: WORSE beyond the band" in jump
+    assert "worst gap +0.75% of their nmse: no worse beyond the band" in topk
