@@ -23,7 +23,8 @@ split between training and evaluation; from an ``.npy`` (no context ids), the la
 ``--seeds 0 1 2`` trains every SAE once per initialisation seed (the data order stays the same) and
 compares the curves of the means; the ``spread`` column (max - min nmse over seeds) is the
 seed-to-seed noise. The noise band a difference is read against is the largest spread of the plain L1
-and TopK curves (``BAND_CURVES``), not of the architecture being judged.
+and TopK curves (``BAND_CURVES``), not of the architecture being judged, as a fraction of that point's
+nmse; a difference is likewise read as a fraction of the other curve's nmse at that L0 (``report``).
 
 Data: ``--acts file.npy`` ([n, d_in] activations, e.g. SmolLM2 layer-6 mlp_post) or an activation cache
 directory or, by default, synthetic activations: sparse non-negative combinations of a ground-truth
