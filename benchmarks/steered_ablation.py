@@ -29,6 +29,11 @@ batches, scored as ``quality_vs_saelens`` scores. Variants (``--arch gated``):
 (``optim.l1_warmup_steps``; the controller waits until it is over), so a run comes down to its L0 from
 denser, as SAELens's JumpReLU does at this budget, instead of sitting at the target from early on.
 
+``--clip-scope global`` clips one gradient norm over all parameters (``optim.grad_clip_scope``; SAELens's
+trainer) instead of one per parameter group. ``--plain`` trains at the fixed ``--coeff`` with the plain
+L0 term, no target (SAELens's way): ``--variants free_b0 --plain --coeff 12 --clip-scope global`` is
+SAELens's JumpReLU recipe in our code (``benchmarks/results/jumprelu_diagnosis_l6.txt``).
+
 A sparsity coefficient gives each variant a different L0, so every run is steered to the same L0 by the
 ``sae.target_l0`` controller (``sae_lightning/sparsity.py``, as the trainer runs it), starting from
 ``--coeff`` (``l1`` for gated, ``sae.l0_coeff`` for jumprelu); normalized MSE is then compared at (nearly)
@@ -50,6 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_vs_saelens as q
 from train_step import ours_trainer, preset
 
+from sae_lightning.config import CLIP_SCOPES, OptimConfig
+
 MEDIAN = {"b_dec_init": "geometric_median"}
 VARIANTS: dict[str, dict[str, dict[str, object]]] = {
     "gated": {
@@ -70,20 +77,20 @@ VARIANTS: dict[str, dict[str, dict[str, object]]] = {
 OWN_COEFF = {"jumprelu": "l0_coeff"}  # architectures whose coefficient is a preset key, not the root l1
 
 
-def run(arch: str, variant: str, target_l0: float, train_x: torch.Tensor, eval_x: torch.Tensor,
+def run(arch: str, variant: str, target_l0: float | None, train_x: torch.Tensor, eval_x: torch.Tensor,
         args: argparse.Namespace) -> dict:
-    """Train one variant steered to ``target_l0`` as ``quality_vs_saelens`` trains (same batches, steps, lr,
-    scoring); also count the latents that fire on no held-out row."""
+    """Train one variant steered to ``target_l0`` (None: at the fixed ``--coeff``) as ``quality_vs_saelens``
+    trains (same batches, steps, lr, scoring); also count the latents that fire on no held-out row."""
     own = {OWN_COEFF[arch]: args.coeff} if arch in OWN_COEFF else {}
     cfg = preset(arch, d_sae=args.d_sae, target_l0=target_l0, **VARIANTS[arch][variant], **own)
     sae, step = ours_trainer(cfg, train_x.shape[1], args.coeff, lr=args.lr,
                              dead_window_tokens=args.dead_window * args.batch,
-                             l1_warmup_steps=args.l1_warmup_steps)
+                             l1_warmup_steps=args.l1_warmup_steps, clip_scope=args.clip_scope)
     sae.init_b_dec(train_x[:args.b_dec_sample])
     curve, dead, seconds = q.train_counting_dead(sae, step, train_x, eval_x, args)
     return {"arch": arch, "variant": variant, "target_l0": target_l0, "coeff": args.coeff, "l0": curve[-1][1],
             "nmse": curve[-1][2], "dead": dead, "curve": curve, "seconds": seconds,
-            "l1_warmup_steps": args.l1_warmup_steps}
+            "l1_warmup_steps": args.l1_warmup_steps, "clip_scope": args.clip_scope}
 
 
 def main() -> None:
@@ -92,9 +99,13 @@ def main() -> None:
     p.add_argument("--arch", required=True, choices=list(VARIANTS))
     p.add_argument("--variants", nargs="+", help="default: all of the architecture's (module docstring)")
     p.add_argument("--target-l0", type=float, nargs="+", default=[60.0])
-    p.add_argument("--coeff", type=float, default=3.0, help="the coefficient the controller starts from")
+    p.add_argument("--coeff", type=float, default=3.0,
+                   help="the coefficient the controller starts from (with --plain: the fixed coefficient)")
     p.add_argument("--l1-warmup-steps", type=int, default=0,
                    help="warm the coefficient up over this many steps (optim.l1_warmup_steps)")
+    p.add_argument("--plain", action="store_true", help="no target: train at the fixed --coeff")
+    p.add_argument("--clip-scope", choices=CLIP_SCOPES, default=OptimConfig().grad_clip_scope,
+                   help="clip the gradient norm per parameter group or over all (optim.grad_clip_scope)")
     q.add_run_args(p, d_sae=3072, train_rows=474_000, eval_rows=25_000, batch=2048, steps=512, threads=2)
     p.add_argument("--results", type=Path, help="append each run as a JSON line")
     args = p.parse_args()
@@ -105,16 +116,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     train_x, eval_x = q.load(args.acts, args)
     print(f"data: {Path(args.acts).name}, d_in {train_x.shape[1]}, d_sae {args.d_sae}, {args.steps} steps x "
-          f"{args.batch} rows, lr {args.lr}, sae={args.arch}, controller from coefficient {args.coeff}, "
-          f"coefficient warm-up {args.l1_warmup_steps} steps")
+          f"{args.batch} rows, lr {args.lr}, sae={args.arch}, "
+          f"{'fixed coefficient' if args.plain else 'controller from coefficient'} {args.coeff}, "
+          f"coefficient warm-up {args.l1_warmup_steps} steps, gradient clipped per {args.clip_scope}"
+          f"{', plain L0 term (no target)' if args.plain else ''}")
     print(f"{'variant':12s} {'target':>6s} {'L0':>7s} {'nmse':>7s} {'dead':>6s} {'seconds':>7s}  "
           "(L0, nmse) during training")
-    for target in args.target_l0:
+    for target in [None] if args.plain else args.target_l0:
         for variant in variants:
             torch.manual_seed(0)
             r = run(args.arch, variant, target, train_x, eval_x, args)
             path = " ".join(f"({c[1]:.0f}, {c[2]:.4f})" for c in r["curve"])
-            print(f"{variant:12s} {target:6.0f} {r['l0']:7.2f} {r['nmse']:7.4f} {r['dead']:6.1%} "
+            shown = "-" if target is None else f"{target:.0f}"
+            print(f"{variant:12s} {shown:>6s} {r['l0']:7.2f} {r['nmse']:7.4f} {r['dead']:6.1%} "
                   f"{r['seconds']:7d}  {path}", flush=True)
             q.append_result(args.results, r | {"acts": Path(args.acts).name})
 

@@ -74,12 +74,13 @@ def heavy_tailed(n: int, d: int, seed: int = 0) -> torch.Tensor:
 
 def ours_trainer(cfg: SAEConfig, d_in: int, coeff: float, lr: float = 1e-4,
                  dead_window_tokens: int | None = None, sae: SAE | None = None,
-                 stats: LatentStats | None = None, l1_warmup_steps: int = 0) -> tuple[torch.nn.Module, Step]:
+                 stats: LatentStats | None = None, l1_warmup_steps: int = 0,
+                 clip_scope: str = "group") -> tuple[torch.nn.Module, Step]:
     """Our SAE (``sae``, else built from ``cfg``) and ``step.train_step`` with the trainer's defaults
     (gradient clipping, dead window, the ``sae.target_l0`` controller when ``cfg`` sets one: ``coeff`` is
     then its start); ``stats``: the firing bookkeeping to use, for a caller that sets which latents are
     dead; ``l1_warmup_steps``: ``optim.l1_warmup_steps``, the coefficient's linear warm-up, during which
-    the controller waits (as ``SAEModule.training_step``)."""
+    the controller waits (as ``SAEModule.training_step``); ``clip_scope``: ``optim.grad_clip_scope``."""
     sae = build_sae(cfg, d_in) if sae is None else sae
     opt = torch.optim.Adam(sae.param_groups(lr))
     if stats is None:
@@ -94,7 +95,8 @@ def ours_trainer(cfg: SAEConfig, d_in: int, coeff: float, lr: float = 1e-4,
         nonlocal done
         warm = warmup_scale(done, l1_warmup_steps)
         scale = steer.scale() if steer is not None else 1.0
-        out = train_step(sae, opt, x, stats, coeff=coeff * warm * scale, grad_clip=grad_clip, step=done)
+        out = train_step(sae, opt, x, stats, coeff=coeff * warm * scale, grad_clip=grad_clip,
+                         clip_scope=clip_scope, step=done)
         if steer is not None and warm == 1:
             steer.update(out.l0.detach())
         done += 1

@@ -230,11 +230,18 @@ class ActivationsConfig:
         _check(self.shuffle_buffer >= 0, "activations.shuffle_buffer", self.shuffle_buffer, "must be >= 0")
 
 
+CLIP_SCOPES = ("group", "global")  # optim.grad_clip_scope: per parameter group, or one norm over all
+
+
 @dataclass
 class OptimConfig:
     """Optimiser and schedules (the learning rate itself is the root key ``lr``). Gradients are clipped at
     norm 1.0 by default, as SAELens's trainer does: it is what keeps low-L0 runs stable
-    (benchmarks/quality_vs_saelens.py); ``optim.grad_clip=0`` turns it off."""
+    (benchmarks/quality_vs_saelens.py); ``optim.grad_clip=0`` turns it off. ``optim.grad_clip_scope``:
+    ``group`` (default) clips each optimizer parameter group on its own (JumpReLU's thresholds apart from
+    the weights: ``step.py``), ``global`` clips one norm over all parameters, as SAELens's trainer does
+    (with SAELens's JumpReLU choices it reproduces SAELens's runs:
+    ``benchmarks/results/jumprelu_diagnosis_l6.txt``)."""
 
     beta1: float = 0.9
     beta2: float = 0.999
@@ -243,6 +250,7 @@ class OptimConfig:
     lr_decay_start: float = 0.8
     l1_warmup_steps: int = 0
     grad_clip: float = 1.0
+    grad_clip_scope: str = "group"
     nan_guard: bool = True
 
     def __post_init__(self) -> None:
@@ -253,6 +261,8 @@ class OptimConfig:
         _check(self.lr_warmup_steps >= 0, "optim.lr_warmup_steps", self.lr_warmup_steps, "must be >= 0")
         _check(self.l1_warmup_steps >= 0, "optim.l1_warmup_steps", self.l1_warmup_steps, "must be >= 0")
         _check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0")
+        _check(self.grad_clip_scope in CLIP_SCOPES, "optim.grad_clip_scope", self.grad_clip_scope,
+               f"choose {' or '.join(CLIP_SCOPES)}")
 
 
 @dataclass

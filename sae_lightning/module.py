@@ -118,7 +118,8 @@ class SAEModule(L.LightningModule):
         coeff = self.sparsity_coeff()
         x, target = split_batch(batch)
         out = train_step(self.sae, self.optimizers(), x, self.latents, coeff=coeff,
-                         grad_clip=self.cfg.optim.grad_clip, step=step, nan_guard=self.cfg.optim.nan_guard,
+                         grad_clip=self.cfg.optim.grad_clip, clip_scope=self.cfg.optim.grad_clip_scope,
+                         step=step, nan_guard=self.cfg.optim.nan_guard,
                          backward=self.manual_backward, reduce_counts=self._reduce_counts, target=target)
         self.lr_schedulers().step()
         if self.target_l0 is not None and warmup_scale(step, self.cfg.optim.l1_warmup_steps) == 1:

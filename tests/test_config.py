@@ -139,6 +139,8 @@ def test_typos_and_types_name_the_key(override: str, message: str) -> None:
     ("sae.architecture=topk", "sae.architecture"),
     ("sae.b_dec_init=median", "sae.b_dec_init"),
     ("latents.dead_window_tokens=0", "latents.dead_window_tokens"),
+    ("optim.grad_clip_scope=global", None),
+    ("optim.grad_clip_scope=layer", "optim.grad_clip_scope"),
 ])
 def test_range_checks_name_the_key(override: str, key: str | None) -> None:
     if key is None:

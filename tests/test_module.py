@@ -166,6 +166,23 @@ def test_jumprelu_thresholds_step_at_their_own_learning_rate() -> None:
             assert (p.detach() - before[name]).abs().max() <= lr * (1 + 1e-4), name
 
 
+def test_grad_clip_scope_reaches_the_training_step() -> None:
+    """``optim.grad_clip_scope`` is what the trainer's step clips by (the clipping itself is tested in
+    test_saes_jumprelu.py): the same seeded JumpReLU run trains to other weights under ``global`` than
+    under ``group``, and to the same weights when run twice under one scope."""
+    weights = []
+    for scope in ("group", "global", "group"):
+        torch.manual_seed(0)
+        config = _config()
+        config["sae"] = {"architecture": "jumprelu", "dict_mult": 4, "init_threshold": 0.3, "l0_coeff": 50.0}
+        config["optim"]["grad_clip_scope"] = scope
+        module = SAEModule(config, d_in=16)
+        _fit(module, _data() * 3, 4)
+        weights.append(module.sae.W_enc.detach().clone())
+    assert not torch.equal(weights[0], weights[1])
+    torch.testing.assert_close(weights[0], weights[2], rtol=0, atol=0)
+
+
 def test_batchtopk_logs_its_inference_threshold_and_relu_nothing_extra() -> None:
     """Logged at steps 0 and 5 of 6 (``log_every_n_steps=5``): the last value is the final threshold."""
     config = _config()

@@ -108,6 +108,34 @@ def test_clipping_is_per_group_so_the_l0_term_does_not_shrink_the_reconstruction
     assert not torch.equal(after[1e4]["threshold"], after[0.0]["threshold"])
 
 
+class _RecordingSGD(torch.optim.SGD):
+    """SGD that keeps the gradients it applies, i.e. after ``train_step``'s clipping."""
+
+    def step(self, closure: object = None) -> object:
+        self.applied = [p.grad.clone() for g in self.param_groups for p in g["params"]]
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("scope", ["group", "global"])
+def test_grad_clip_scope_clips_each_group_or_one_norm_over_all(scope: str) -> None:
+    """``group``: the weights' and the thresholds' gradients are each brought to norm 1; ``global``
+    (SAELens's trainer): all are divided by one total norm, keeping their ratio. Checked against the raw
+    gradients computed by hand (free decoder: no gradient projection before the clip)."""
+    sae, x = make("free"), batch()
+    sae(x, sparsity_coeff=50.0).loss.backward()
+    raw = [[p.grad.clone() for p in g["params"]] for g in sae.param_groups(1.0)]
+    sae.zero_grad()
+    norms = [torch.linalg.vector_norm(torch.stack([g.norm() for g in group])) for group in raw]
+    assert min(norms) > 1  # the clip is active for both groups
+    opt = _RecordingSGD(sae.param_groups(1.0))
+    train_step(sae, opt, x, LatentStats(D_SAE, 10**9), coeff=50.0, grad_clip=1.0, clip_scope=scope, step=0)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    expected = [g / (n if scope == "group" else total) for group, n in zip(raw, norms, strict=True)
+                for g in group]
+    for got, want in zip(opt.applied, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
 def test_unit_norm_decoder() -> None:
     sae, x = make(), batch()
     opt = torch.optim.SGD(sae.parameters(), lr=1.0)
