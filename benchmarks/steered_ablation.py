@@ -23,7 +23,9 @@ batches, scored as ``quality_vs_saelens`` scores. Variants (``--arch gated``):
 - ``thr10``, ``thr30``: ``paper`` with the thresholds learning at 10x / 30x the learning rate
   (``sae.threshold_lr_mult``; ``paper`` and the others have 1); ``thr10`` is the default since;
 - ``free10``: ``thr10`` with SAELens's free decoder (is the decoder why SAELens is ahead at dense L0?);
-- ``free10_b0``: ``free10`` with b_dec at zero: SAELens's start with our thresholds' rate.
+- ``free10_b0``: ``free10`` with b_dec at zero: SAELens's start with our thresholds' rate;
+- ``ste``: ``thr10`` with the straight-through gradient passed to the pre-activations too
+  (``sae.ste_to_input``, Anthropic's; the L0 term then trains the encoder as well).
 
 ``--l1-warmup-steps N`` warms every variant's coefficient up linearly over its first N steps
 (``optim.l1_warmup_steps``; the controller waits until it is over), so a run comes down to its L0 from
@@ -73,7 +75,10 @@ VARIANTS: dict[str, dict[str, dict[str, object]]] = {
         "thr10": {"decoder_norm": "project", "threshold_lr_mult": 10.0} | MEDIAN,
         "thr30": {"decoder_norm": "project", "threshold_lr_mult": 30.0} | MEDIAN,
         "free10": {"decoder_norm": "free", "threshold_lr_mult": 10.0} | MEDIAN,
-        "free10_b0": {"decoder_norm": "free", "b_dec_init": "zeros", "threshold_lr_mult": 10.0}}}
+        "free10_b0": {"decoder_norm": "free", "b_dec_init": "zeros", "threshold_lr_mult": 10.0},
+        "ste": {"decoder_norm": "project", "threshold_lr_mult": 10.0, "ste_to_input": True} | MEDIAN,
+        "tanh": {"decoder_norm": "project", "threshold_lr_mult": 10.0, "ste_to_input": True,
+                 "sparsity_loss": "tanh"} | MEDIAN}}
 OWN_COEFF = {"jumprelu": "l0_coeff"}  # architectures whose coefficient is a preset key, not the root l1
 
 

@@ -81,19 +81,26 @@ def test_noise_band_is_relative_to_the_nmse_it_was_measured_at(capsys) -> None:
     assert "worst gap +0.75% of their nmse: no worse beyond the band" in topk
 
 
-def test_jumprelu_with_saelens_choices_trains_exactly_as_saelens() -> None:
+@pytest.mark.parametrize(("sparsity_loss", "ste_to_input"), [("l0", False), ("l0", True), ("tanh", True)])
+def test_jumprelu_with_saelens_choices_trains_exactly_as_saelens(sparsity_loss: str,
+                                                                  ste_to_input: bool) -> None:
     """Our JumpReLU with SAELens's choices (free decoder, b_dec at zero, thresholds at the base learning
     rate, the plain L0 term at a fixed coefficient, one clipping norm over all parameters:
     ``optim.grad_clip_scope=global``), started from SAELens's weights, takes the same steps as SAELens's own
     training SAE under its trainer's step: what lets ``jumprelu_diagnosis_l6.txt`` say a gap between the two
-    is a difference of choices, not of implementation."""
+    is a difference of choices, not of implementation. Also with the straight-through gradient passed to
+    the pre-activations (``sae.ste_to_input``, SAELens's ``jumprelu_ste_to_input``) and with Anthropic's tanh
+    penalty (``sae.sparsity_loss=tanh``, SAELens's ``jumprelu_sparsity_loss_mode="tanh"``)."""
     from steered_ablation import VARIANTS
     from train_step import ours_trainer, preset, saelens_trainer
 
     torch.manual_seed(0)
     d_in, d_sae, coeff = 12, 40, 3.0
-    theirs, their_step = saelens_trainer("jumprelu", d_in, d_sae, coeff, lr=1e-2)
-    cfg = preset("jumprelu", d_sae=d_sae, l0_coeff=coeff, **VARIANTS["jumprelu"]["free_b0"])
+    mode = {"l0": "step"}.get(sparsity_loss, sparsity_loss)  # SAELens's name of the plain L0 term
+    theirs, their_step = saelens_trainer("jumprelu", d_in, d_sae, coeff, lr=1e-2,
+                                         jumprelu_ste_to_input=ste_to_input, jumprelu_sparsity_loss_mode=mode)
+    cfg = preset("jumprelu", d_sae=d_sae, l0_coeff=coeff, ste_to_input=ste_to_input,
+                 sparsity_loss=sparsity_loss, **VARIANTS["jumprelu"]["free_b0"])
     ours, our_step = ours_trainer(cfg, d_in, coeff, lr=1e-2, clip_scope="global")
     names = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
     with torch.no_grad():

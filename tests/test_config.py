@@ -148,3 +148,18 @@ def test_range_checks_name_the_key(override: str, key: str | None) -> None:
         return
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         _compose(override)
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("sae.sparsity_loss=tanh", None),
+    ("sae.sparsity_loss=l1", "sae.sparsity_loss"),
+    ("sae.tanh_scale=0", "sae.tanh_scale"),
+    ("sae.pre_act_coeff=-1e-6", "sae.pre_act_coeff"),
+])
+def test_jumprelu_options_are_checked_when_composed(override: str, key: str | None) -> None:
+    """Anthropic's JumpReLU options (``saes/jumprelu.py``) come through Hydra and are range-checked by name."""
+    if key is None:
+        assert _compose("sae=jumprelu", override).sae.sparsity_loss == "tanh"
+        return
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        _compose("sae=jumprelu", override)

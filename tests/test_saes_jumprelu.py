@@ -16,10 +16,10 @@ from sae_lightning.step import LatentStats, train_step
 D_IN, D_SAE, B, EPS = 12, 40, 64, 0.05
 
 
-def make(decoder_norm: str = "project", target_l0: float | None = None) -> torch.nn.Module:
+def make(decoder_norm: str = "project", target_l0: float | None = None, **options: object) -> torch.nn.Module:
     torch.manual_seed(0)
     config = JumpReLUConfig(d_sae=D_SAE, init_threshold=0.3, bandwidth=EPS, decoder_norm=decoder_norm,
-                            target_l0=target_l0)
+                            target_l0=target_l0, **options)
     sae = build_sae(config, D_IN)
     with torch.no_grad():
         sae.b_dec.normal_()
@@ -106,6 +106,86 @@ def test_clipping_is_per_group_so_the_l0_term_does_not_shrink_the_reconstruction
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         torch.testing.assert_close(after[1e4][name], after[0.0][name], rtol=0, atol=0)
     assert not torch.equal(after[1e4]["threshold"], after[0.0]["threshold"])
+
+
+def test_ste_to_input_passes_the_kernel_to_the_encoder() -> None:
+    """``sae.ste_to_input``: the pre-activations' gradient is the reconstruction's through the open gates,
+    plus ``theta K / eps`` times it (the jump) and ``coeff K / (eps B)`` (the L0 term), by hand; the
+    thresholds' gradient is unchanged."""
+    x, coeff = batch(), 2.0
+    plain = make()
+    plain(x, sparsity_coeff=coeff).loss.backward()
+    sae = make(ste_to_input=True)
+    out = sae(x, sparsity_coeff=coeff)
+    out.loss.backward()
+    with torch.no_grad():
+        u = x - sae.b_dec
+        pre = u @ sae.W_enc + sae.b_enc
+        theta = sae.threshold
+        kernel = ((pre - theta).abs() < EPS / 2).float() / EPS
+        g_z = (2 * (out.x_hat - x) / B) @ sae.W_dec.t()
+        g_pre = g_z * (pre > theta) + theta * kernel * g_z + coeff * kernel / B
+    assert kernel.sum() > 0
+    torch.testing.assert_close(sae.b_enc.grad, g_pre.sum(0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sae.W_enc.grad, u.t() @ g_pre, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sae.threshold.grad, plain.threshold.grad)
+    assert not torch.allclose(sae.W_enc.grad, plain.W_enc.grad)
+
+
+@pytest.mark.parametrize("target_l0", [None, 5.0])
+def test_tanh_sparsity_loss_by_hand(target_l0: float | None) -> None:
+    """``sae.sparsity_loss=tanh`` (Anthropic's): the term is ``mean_tokens sum_i tanh(c z_i ||W_dec,i||)``
+    whatever the target (the controller steers its coefficient); its gradient reaches z, and through the
+    straight-through jump the thresholds and, with ``ste_to_input``, the pre-activations. Free decoder, so
+    the row norms are not 1."""
+    x, coeff, c = batch(), 2.0, 4.0
+    sae = make("free", target_l0, sparsity_loss="tanh", tanh_scale=c, ste_to_input=True)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.5, 20.0, D_SAE)[:, None])
+    out = sae(x, sparsity_coeff=coeff)
+    out.loss.backward()
+    with torch.no_grad():
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        theta, gate = sae.threshold, pre > sae.threshold
+        z, norms = pre * gate, sae.W_dec.norm(dim=1)
+        kernel = ((pre - theta).abs() < EPS / 2).float() / EPS
+        tanh = torch.tanh(c * z * norms)
+        g_z = (2 * (out.x_hat - x) / B) @ sae.W_dec.t() + coeff * c * norms * (1 - tanh**2) / B
+    assert kernel.sum() > 0 and tanh[gate].min() > 0.05 and tanh.max() < 1  # the kernel and tanh's slope act
+    torch.testing.assert_close(out.terms["l0_penalty"], coeff * tanh.sum(-1).mean())
+    torch.testing.assert_close(sae.threshold.grad, -(theta * kernel * g_z).sum(0), rtol=1e-4, atol=1e-6)
+    g_pre = g_z * gate + theta * kernel * g_z
+    torch.testing.assert_close(sae.b_enc.grad, g_pre.sum(0), rtol=1e-4, atol=1e-6)
+    assert out.l0.item() == gate.sum().item() / B  # L0 is still the count
+
+
+def test_pre_act_loss_raises_only_the_dead_latents_towards_their_thresholds_by_hand() -> None:
+    """``sae.pre_act_coeff``: ``coeff * mean_tokens sum_{i dead} relu(theta_i - pre_i) ||W_dec,i||``; off
+    (None) by default, 0 with no dead latent, and its gradient reaches only the dead latents' encoder."""
+    x, coeff = batch(), 0.5
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[::3] = True
+    assert "pre_act" not in make()(x, sparsity_coeff=1.0, dead_mask=dead).terms
+    sae = make("free", pre_act_coeff=coeff)
+    assert sae(x, sparsity_coeff=1.0, dead_mask=torch.zeros_like(dead)).terms["pre_act"].item() == 0.0
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.5, 3.0, D_SAE)[:, None])
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        expected = coeff * ((0.3 - pre).clamp(min=0) * sae.W_dec.norm(dim=1) * dead).sum(-1).mean()
+    out = sae(x, sparsity_coeff=0.0, dead_mask=dead)
+    torch.testing.assert_close(out.terms["pre_act"], expected)
+    assert expected > 0
+    sae(x, sparsity_coeff=0.0, dead_mask=dead).loss.backward()
+    with_term = sae.b_enc.grad.clone()
+    sae.zero_grad()
+    sae(x, sparsity_coeff=0.0, dead_mask=torch.zeros_like(dead)).loss.backward()
+    moved = (with_term - sae.b_enc.grad).abs() > 0
+    assert moved[dead].any() and not moved[~dead].any()
+
+
+def test_a_bad_sparsity_loss_names_its_key() -> None:
+    with pytest.raises(ValueError, match=r"sae\.sparsity_loss"):
+        JumpReLUConfig(sparsity_loss="l1")
 
 
 class _RecordingSGD(torch.optim.SGD):

@@ -8,6 +8,14 @@ rectangle kernel of width ``eps = sae.bandwidth``:
 ``d z / d theta = -(theta / eps) * K((pre - theta) / eps)``, ``d H / d theta = -(1 / eps) * K(...)``,
 ``K(u) = 1[|u| < 1/2]``; ``d z / d pre = H(pre - theta)`` and H passes no gradient to ``pre``.
 The coefficient is ``sae.l0_coeff`` (the root key ``l1`` is refused: it is not an L1 penalty).
+``sae.ste_to_input=true`` (Anthropic's January 2025 recipe; SAELens's ``jumprelu_ste_to_input``) also passes
+the kernel to ``pre``: ``d z / d pre = H + (theta / eps) K`` and ``d H / d pre = (1 / eps) K``, so the L0
+term moves the encoder as well, pushing pre-activations near the threshold below it.
+``sae.sparsity_loss=tanh`` (Anthropic's, SAELens's ``jumprelu_sparsity_loss_mode="tanh"``) replaces the L0
+term by ``mean_tokens sum_i tanh(c * z_i * ||W_dec,i||)`` with ``c = sae.tanh_scale``: a smooth count whose
+gradient reaches z (and, through the jump, the thresholds); with ``sae.target_l0`` the controller steers its
+coefficient. Anthropic pairs it with ``ste_to_input`` and with ``sae.pre_act_coeff`` (their 3e-6; 0 = off),
+a loss that raises the pre-activations of dead latents towards their thresholds (``_pre_act_loss``).
 
 Decoder (``sae.decoder_norm``, ``base.decoder_init``): ``project`` (default) keeps the rows at unit norm, as
 the paper; ``free`` leaves them free from norm 0.1 with ``W_enc = W_dec^T``, as SAELens's JumpReLU. The L0
@@ -65,41 +73,53 @@ def _kernel(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
 
 
 class _JumpReLU(torch.autograd.Function):
-    """``pre * H(pre - theta)`` with the STE gradient for theta (module docstring)."""
+    """``pre * H(pre - theta)`` with the STE gradient for theta, and for pre too with ``ste_to_input``
+    (module docstring)."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    def forward(ctx: FunctionCtx, pre: Tensor, threshold: Tensor, bandwidth: float,
+                ste_to_input: bool) -> Tensor:
         ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
+        ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
         return pre * (pre > threshold)
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         pre, threshold = ctx.saved_tensors
+        ste = threshold * _kernel(pre, threshold, ctx.bandwidth) * grad
         grad_pre = grad * (pre > threshold)
-        grad_theta = -(threshold * _kernel(pre, threshold, ctx.bandwidth) * grad).sum(0)
-        return grad_pre, grad_theta, None
+        if ctx.ste_to_input:
+            grad_pre = grad_pre + ste
+        return grad_pre, -ste.sum(0), None, None
 
 
 class _Step(torch.autograd.Function):
-    """``H(pre - theta)`` with the STE gradient for theta and none for pre (module docstring)."""
+    """``H(pre - theta)`` with the STE gradient for theta; for pre none, or with ``ste_to_input`` its
+    negation (``H`` depends on ``pre - theta`` only) (module docstring)."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    def forward(ctx: FunctionCtx, pre: Tensor, threshold: Tensor, bandwidth: float,
+                ste_to_input: bool) -> Tensor:
         ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
+        ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
         return (pre > threshold).to(pre.dtype)
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         pre, threshold = ctx.saved_tensors
-        return None, -(_kernel(pre, threshold, ctx.bandwidth) * grad).sum(0), None
+        ste = _kernel(pre, threshold, ctx.bandwidth) * grad
+        return (ste if ctx.ste_to_input else None), -ste.sum(0), None, None
+
+
+SPARSITY_LOSSES = ("l0", "tanh")
 
 
 @dataclass
 class JumpReLUConfig(DecoderNormConfig):
     """``sae=jumprelu``: ``l0_coeff`` weighs the L0 penalty; thresholds start at ``init_threshold`` and learn
-    at ``threshold_lr_mult`` times the learning rate; the straight-through kernel has width ``bandwidth``;
+    at ``threshold_lr_mult`` times the learning rate; the straight-through kernel has width ``bandwidth``
+    and with ``ste_to_input`` passes its gradient to the pre-activations too; ``sparsity_loss``: l0 | tanh
+    (scale ``tanh_scale``); ``pre_act_coeff`` weighs the dead latents' pre-activation loss;
     ``decoder_norm``: project | free (module docstring)."""
 
     architecture: str = "jumprelu"
@@ -107,9 +127,17 @@ class JumpReLUConfig(DecoderNormConfig):
     init_threshold: float = 0.01
     bandwidth: float = 0.05
     threshold_lr_mult: float = 10.0
+    ste_to_input: bool = False
+    sparsity_loss: str = "l0"
+    tanh_scale: float = 4.0
+    pre_act_coeff: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check(self.sparsity_loss in SPARSITY_LOSSES, "sae.sparsity_loss", self.sparsity_loss,
+              f"must be one of {SPARSITY_LOSSES}")
+        check(self.tanh_scale > 0, "sae.tanh_scale", self.tanh_scale, "must be > 0")
+        check(self.pre_act_coeff >= 0, "sae.pre_act_coeff", self.pre_act_coeff, "must be >= 0")
         check(self.l0_coeff >= 0, "sae.l0_coeff", self.l0_coeff, "must be >= 0")
         check(self.init_threshold > 0, "sae.init_threshold", self.init_threshold, "must be > 0")
         check(self.bandwidth > 0, "sae.bandwidth", self.bandwidth, "must be > 0")
@@ -162,12 +190,27 @@ class JumpReLUSAE(SAE):
                 dead_mask: Tensor | None = None) -> SAEOutput:
         pre = self.pre_acts(u)
         theta = self.threshold
-        z = _JumpReLU.apply(pre, theta, self.bandwidth)
+        z = _JumpReLU.apply(pre, theta, self.bandwidth, self.cfg.ste_to_input)
         x_hat = self.with_skip(self.decode_normalized(z), u)
-        l0 = _Step.apply(pre, theta, self.bandwidth).sum(-1).mean()
+        if self.cfg.sparsity_loss == "tanh":
+            term = torch.tanh(self.cfg.tanh_scale * z * self.W_dec.norm(dim=1)).sum(-1).mean()
+        else:
+            term = self.l0_term(_Step.apply(pre, theta, self.bandwidth, self.cfg.ste_to_input).sum(-1).mean())
         fire_counts = column_stats(z.detach())[1]
         return self._output(u if target is None else target, x_hat, fire_counts,
-                            {"l0_penalty": sparsity_coeff * self.l0_term(l0)})
+                            {"l0_penalty": sparsity_coeff * term,
+                             "pre_act": self._pre_act_loss(pre, dead_mask)})
+
+    def _pre_act_loss(self, pre: Tensor, dead_mask: Tensor | None) -> Tensor | None:
+        """Anthropic's pre-activation loss on the dead latents (as SAELens applies it):
+        ``sae.pre_act_coeff * mean_tokens sum_{i dead} relu(theta_i - pre_i) * ||W_dec,i||``, which raises a
+        dead latent's pre-activations towards its threshold. None if off, 0 if none is dead."""
+        if not self.cfg.pre_act_coeff:
+            return None
+        if dead_mask is None or not bool(dead_mask.any()):
+            return pre.new_zeros(())
+        gap = (self.threshold - pre).relu() * (dead_mask * self.W_dec.norm(dim=1))
+        return self.cfg.pre_act_coeff * gap.sum(-1).mean()
 
     def l0_term(self, l0: Tensor) -> Tensor:
         """The L0 term the coefficient multiplies (module docstring): ``L0``; with ``sae.target_l0 = T``,
