@@ -157,7 +157,7 @@ def test_range_checks_name_the_key(override: str, key: str | None) -> None:
     ("sae.pre_act_coeff=-1e-6", "sae.pre_act_coeff"),
 ])
 def test_jumprelu_options_are_checked_when_composed(override: str, key: str | None) -> None:
-    """Anthropic's JumpReLU options (``saes/jumprelu.py``) come through Hydra and are range-checked by name."""
+    """Anthropic's JumpReLU options (``saes/jumprelu.py``) come through Hydra, range-checked by name."""
     if key is None:
         assert _compose("sae=jumprelu", override).sae.sparsity_loss == "tanh"
         return

@@ -16,6 +16,8 @@ term by ``mean_tokens sum_i tanh(c * z_i * ||W_dec,i||)`` with ``c = sae.tanh_sc
 gradient reaches z (and, through the jump, the thresholds); with ``sae.target_l0`` the controller steers its
 coefficient. Anthropic pairs it with ``ste_to_input`` and with ``sae.pre_act_coeff`` (their 3e-6; 0 = off),
 a loss that raises the pre-activations of dead latents towards their thresholds (``_pre_act_loss``).
+All three are off by default: with our other defaults, steered to dense L0s on held-out layers 3 and 9,
+``ste_to_input`` and ``tanh`` each ended worse (``benchmarks/results/jumprelu_ablation_l3.txt``, ``_l9.txt``).
 
 Decoder (``sae.decoder_norm``, ``base.decoder_init``): ``project`` (default) keeps the rows at unit norm, as
 the paper; ``free`` leaves them free from norm 0.1 with ``W_enc = W_dec^T``, as SAELens's JumpReLU. The L0
