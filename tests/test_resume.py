@@ -237,13 +237,17 @@ def test_sigusr1_saves_checkpoint_and_auto_resume_finishes(tmp_path: Path, monke
 @pytest.mark.parametrize(("extra", "own_state"), [
     ({"sae": "batchtopk", "sae.k": 4}, "sae.threshold"), ({"sae": "matryoshka", "sae.k": 4}, "sae.threshold"),
     ({"sae": "gated", "l1": 2.0}, "sae.r_mag"), ({"sae": "jumprelu", "sae.l0_coeff": 0.1}, "sae.threshold"),
+    ({"sae": "jumprelu", "sae.l0_coeff": 0.1, "sae.sparsity_loss": "tanh", "sae.ste_to_input": "true",
+      "sae.pre_act_coeff": 0.01, "sae.init_threshold": 2.0, "latents.dead_window_tokens": 64},
+     "sae.threshold"),  # thresholds at 2 leave latents dead, so the pre-activation loss is active
     ({"sae.target_l0": 6}, "target_l0.log_scale")],
-    ids=["batchtopk", "matryoshka", "gated", "jumprelu", "target_l0"])
+    ids=["batchtopk", "matryoshka", "gated", "jumprelu", "jumprelu_anthropic", "target_l0"])
 def test_preempted_and_resumed_run_is_bit_identical(tmp_path: Path, monkeypatch, extra: dict,
                                                     own_state: str) -> None:
     """Stopped by SIGUSR1 after step 8 and resumed with ``ckpt_path=auto``, a 20-step run ends with exactly
     the uninterrupted run's weights, Adam state and training state (BatchTopK's threshold estimate, gated's
-    extra parameters, JumpReLU's threshold, the target-L0 controller's coefficient and L0 average)."""
+    extra parameters, JumpReLU's threshold (also with Anthropic's options, whose pre-activation loss reads the
+    dead-latent window), the target-L0 controller's coefficient and L0 average)."""
     monkeypatch.setenv("SAE_LIGHTNING_RECORD_BATCHES", "1")
     acts = write_acts(tmp_path / "acts.npy")
     over = overrides(acts, 20, **extra)
