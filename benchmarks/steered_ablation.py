@@ -25,7 +25,9 @@ batches, scored as ``quality_vs_saelens`` scores. Variants (``--arch gated``):
 - ``free10``: ``thr10`` with SAELens's free decoder (is the decoder why SAELens is ahead at dense L0?);
 - ``free10_b0``: ``free10`` with b_dec at zero: SAELens's start with our thresholds' rate;
 - ``ste``: ``thr10`` with the straight-through gradient passed to the pre-activations too
-  (``sae.ste_to_input``, Anthropic's; the L0 term then trains the encoder as well).
+  (``sae.ste_to_input``, Anthropic's; the L0 term then trains the encoder as well);
+- ``bw02``, ``bw0125``: ``thr10`` with the straight-through kernel 4x wider / narrower (``sae.bandwidth``
+  0.2 / 0.0125; SAELens's and our default is 0.05): how hard the reconstruction pulls on the thresholds.
 
 ``--l1-warmup-steps N`` warms every variant's coefficient up linearly over its first N steps
 (``optim.l1_warmup_steps``; the controller waits until it is over), so a run comes down to its L0 from
@@ -77,6 +79,8 @@ VARIANTS: dict[str, dict[str, dict[str, object]]] = {
         "free10": {"decoder_norm": "free", "threshold_lr_mult": 10.0} | MEDIAN,
         "free10_b0": {"decoder_norm": "free", "b_dec_init": "zeros", "threshold_lr_mult": 10.0},
         "ste": {"decoder_norm": "project", "threshold_lr_mult": 10.0, "ste_to_input": True} | MEDIAN,
+        "bw02": {"decoder_norm": "project", "threshold_lr_mult": 10.0, "bandwidth": 0.2} | MEDIAN,
+        "bw0125": {"decoder_norm": "project", "threshold_lr_mult": 10.0, "bandwidth": 0.0125} | MEDIAN,
         "tanh": {"decoder_norm": "project", "threshold_lr_mult": 10.0, "ste_to_input": True,
                  "sparsity_loss": "tanh"} | MEDIAN}}
 OWN_COEFF = {"jumprelu": "l0_coeff"}  # architectures whose coefficient is a preset key, not the root l1
