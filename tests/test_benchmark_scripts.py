@@ -81,6 +81,18 @@ def test_noise_band_is_relative_to_the_nmse_it_was_measured_at(capsys) -> None:
     assert "worst gap +0.75% of their nmse: no worse beyond the band" in topk
 
 
+def test_every_ablation_variant_is_a_valid_config() -> None:
+    """Each ``steered_ablation.py`` variant names real config keys with values the config accepts and
+    keeps: a typo would otherwise surface only when someone starts that variant's quarter-hour run."""
+    from steered_ablation import VARIANTS
+    from train_step import preset
+
+    for arch, variants in VARIANTS.items():
+        for name, values in variants.items():
+            cfg = preset(arch, d_sae=8, **values)
+            assert {key: getattr(cfg, key) for key in values} == values, (arch, name)
+
+
 @pytest.mark.parametrize(("sparsity_loss", "ste_to_input"), [("l0", False), ("l0", True), ("tanh", True)])
 def test_jumprelu_with_saelens_choices_trains_exactly_as_saelens(sparsity_loss: str,
                                                                   ste_to_input: bool) -> None:
