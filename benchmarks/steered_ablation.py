@@ -38,6 +38,9 @@ trainer) instead of one per parameter group. ``--plain`` trains at the fixed ``-
 L0 term, no target (SAELens's way): ``--variants free_b0 --plain --coeff 12 --clip-scope global`` is
 SAELens's JumpReLU recipe in our code (``benchmarks/results/jumprelu_diagnosis_l6.txt``).
 
+``--seeds 0 1 2`` trains each variant once per initialisation seed (the data order stays the same), to
+see a variant's seed-to-seed spread.
+
 A sparsity coefficient gives each variant a different L0, so every run is steered to the same L0 by the
 ``sae.target_l0`` controller (``sae_lightning/sparsity.py``, as the trainer runs it), starting from
 ``--coeff`` (``l1`` for gated, ``sae.l0_coeff`` for jumprelu); normalized MSE is then compared at (nearly)
@@ -116,6 +119,8 @@ def main() -> None:
     p.add_argument("--clip-scope", choices=CLIP_SCOPES, default=OptimConfig().grad_clip_scope,
                    help="clip the gradient norm per parameter group or over all (optim.grad_clip_scope)")
     q.add_run_args(p, d_sae=3072, train_rows=474_000, eval_rows=25_000, batch=2048, steps=512, threads=2)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="initialisation seeds per variant (the data order stays the same)")
     p.add_argument("--results", type=Path, help="append each run as a JSON line")
     args = p.parse_args()
     variants = args.variants or list(VARIANTS[args.arch])
@@ -129,15 +134,15 @@ def main() -> None:
           f"{'fixed coefficient' if args.plain else 'controller from coefficient'} {args.coeff}, "
           f"coefficient warm-up {args.l1_warmup_steps} steps, gradient clipped per {args.clip_scope}"
           f"{', plain L0 term (no target)' if args.plain else ''}")
-    print(f"{'variant':12s} {'target':>6s} {'L0':>7s} {'nmse':>7s} {'dead':>6s} {'seconds':>7s}  "
-          "(L0, nmse) during training")
+    print(f"{'variant':12s} {'seed':>4s} {'target':>6s} {'L0':>7s} {'nmse':>7s} {'dead':>6s} "
+          f"{'seconds':>7s}  (L0, nmse) during training")
     for target in [None] if args.plain else args.target_l0:
-        for variant in variants:
-            torch.manual_seed(0)
-            r = run(args.arch, variant, target, train_x, eval_x, args)
+        for variant, seed in ((v, s) for v in variants for s in args.seeds):
+            torch.manual_seed(seed)
+            r = run(args.arch, variant, target, train_x, eval_x, args) | {"seed": seed}
             path = " ".join(f"({c[1]:.0f}, {c[2]:.4f})" for c in r["curve"])
             shown = "-" if target is None else f"{target:.0f}"
-            print(f"{variant:12s} {shown:>6s} {r['l0']:7.2f} {r['nmse']:7.4f} {r['dead']:6.1%} "
+            print(f"{variant:12s} {seed:4d} {shown:>6s} {r['l0']:7.2f} {r['nmse']:7.4f} {r['dead']:6.1%} "
                   f"{r['seconds']:7d}  {path}", flush=True)
             q.append_result(args.results, r | {"acts": Path(args.acts).name})
 
