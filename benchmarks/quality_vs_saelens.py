@@ -128,20 +128,22 @@ def train(step, train_x: torch.Tensor, args: argparse.Namespace, score) -> list[
     return curve
 
 
-def train_counting_dead(sae: torch.nn.Module, step, train_x: torch.Tensor, eval_x: torch.Tensor,
-                        args: argparse.Namespace) -> tuple[list[tuple[int, float, float]], float, int]:
-    """:func:`train` scored through ``sae.encode``/``decode`` (ours or SAELens's), also counting the latents
-    that fire on no held-out row: (curve, that fraction at the last point, seconds)."""
-    fired = torch.zeros(args.d_sae, dtype=torch.bool)
+def train_counting_fires(sae: torch.nn.Module, step, train_x: torch.Tensor, eval_x: torch.Tensor,
+                         args: argparse.Namespace
+                         ) -> tuple[list[tuple[int, float, float]], torch.Tensor, int]:
+    """:func:`train` scored through ``sae.encode``/``decode`` (ours or SAELens's), also counting how often
+    each latent fires on the held-out rows: (curve, each latent's firing frequency at the last point,
+    seconds)."""
+    fires = torch.zeros(args.d_sae)
 
     def encode_decode(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = sae.encode(xs)
-        fired.logical_or_((z.to_dense() if z.is_sparse else z).ne(0).any(0))
+        fires.add_((z.to_dense() if z.is_sparse else z).ne(0).sum(0))
         return z, sae.decode(z)
 
     def score() -> tuple[float, float]:
         sae.eval()
-        fired.zero_()
+        fires.zero_()
         result = evaluate(encode_decode, eval_x)
         sae.train()
         return result
@@ -149,7 +151,16 @@ def train_counting_dead(sae: torch.nn.Module, step, train_x: torch.Tensor, eval_
     sae.train()
     t0 = time.perf_counter()
     curve = train(step, train_x, args, score)
-    return curve, 1 - fired.float().mean().item(), round(time.perf_counter() - t0)
+    return curve, fires / eval_x.shape[0], round(time.perf_counter() - t0)
+
+
+def frequency_summary(freq: torch.Tensor) -> dict[str, object]:
+    """How the latents' held-out firing frequencies spread: the fraction that never fire (``dead``), fire on
+    under 1 % of rows (``rare``) or on over half (``dense``), and the 5 / 50 / 95 % quantiles
+    (``freq_quantiles``). Two SAEs at one L0 can split it very differently."""
+    quantiles = torch.quantile(freq.double(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
+    return {"dead": (freq == 0).float().mean().item(), "rare": (freq < 0.01).float().mean().item(),
+            "dense": (freq > 0.5).float().mean().item(), "freq_quantiles": quantiles.tolist()}
 
 
 def run_ours(arch: str, value: float, train_x: torch.Tensor, eval_x: torch.Tensor,

@@ -38,6 +38,10 @@ trainer) instead of one per parameter group. ``--plain`` trains at the fixed ``-
 L0 term, no target (SAELens's way): ``--variants free_b0 --plain --coeff 12 --clip-scope global`` is
 SAELens's JumpReLU recipe in our code (``benchmarks/results/jumprelu_diagnosis_l6.txt``).
 
+Each run also prints how its latents' held-out firing frequencies spread
+(``quality_vs_saelens.frequency_summary``: dead, rare under 1 %, dense over 50 %, 5 / 50 / 95 % quantiles):
+two runs at one L0 can split it very differently.
+
 ``--seeds 0 1 2`` trains each variant once per initialisation seed (the data order stays the same), to
 see a variant's seed-to-seed spread.
 
@@ -99,10 +103,10 @@ def run(arch: str, variant: str, target_l0: float | None, train_x: torch.Tensor,
                              dead_window_tokens=args.dead_window * args.batch,
                              l1_warmup_steps=args.l1_warmup_steps, clip_scope=args.clip_scope)
     sae.init_b_dec(train_x[:args.b_dec_sample])
-    curve, dead, seconds = q.train_counting_dead(sae, step, train_x, eval_x, args)
+    curve, freq, seconds = q.train_counting_fires(sae, step, train_x, eval_x, args)
     return {"arch": arch, "variant": variant, "target_l0": target_l0, "coeff": args.coeff, "l0": curve[-1][1],
-            "nmse": curve[-1][2], "dead": dead, "curve": curve, "seconds": seconds,
-            "l1_warmup_steps": args.l1_warmup_steps, "clip_scope": args.clip_scope}
+            "nmse": curve[-1][2], "curve": curve, "seconds": seconds, "l1_warmup_steps": args.l1_warmup_steps,
+            "clip_scope": args.clip_scope} | q.frequency_summary(freq)
 
 
 def main() -> None:
@@ -134,16 +138,17 @@ def main() -> None:
           f"{'fixed coefficient' if args.plain else 'controller from coefficient'} {args.coeff}, "
           f"coefficient warm-up {args.l1_warmup_steps} steps, gradient clipped per {args.clip_scope}"
           f"{', plain L0 term (no target)' if args.plain else ''}")
-    print(f"{'variant':12s} {'seed':>4s} {'target':>6s} {'L0':>7s} {'nmse':>7s} {'dead':>6s} "
-          f"{'seconds':>7s}  (L0, nmse) during training")
+    print(f"{'variant':12s} {'seed':>4s} {'target':>6s} {'L0':>7s} {'nmse':>7s} {'dead':>6s} {'rare':>6s} "
+          f"{'dense':>6s} {'freq q05/q50/q95':>17s} {'seconds':>7s}  (L0, nmse) during training")
     for target in [None] if args.plain else args.target_l0:
         for variant, seed in ((v, s) for v in variants for s in args.seeds):
             torch.manual_seed(seed)
             r = run(args.arch, variant, target, train_x, eval_x, args) | {"seed": seed}
             path = " ".join(f"({c[1]:.0f}, {c[2]:.4f})" for c in r["curve"])
             shown = "-" if target is None else f"{target:.0f}"
+            spread = "/".join(f"{f:.3f}" for f in r["freq_quantiles"])
             print(f"{variant:12s} {seed:4d} {shown:>6s} {r['l0']:7.2f} {r['nmse']:7.4f} {r['dead']:6.1%} "
-                  f"{r['seconds']:7d}  {path}", flush=True)
+                  f"{r['rare']:6.1%} {r['dense']:6.1%} {spread:>17s} {r['seconds']:7d}  {path}", flush=True)
             q.append_result(args.results, r | {"acts": Path(args.acts).name})
 
 

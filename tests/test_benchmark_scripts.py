@@ -143,3 +143,32 @@ def test_steered_ablation_trains_each_variant_once_per_seed(tmp_path: Path) -> N
     assert [(r["variant"], r["seed"]) for r in rows] == [("thr10", 0), ("thr10", 1), ("free10_b0", 0),
                                                          ("free10_b0", 1)]
     assert rows[0]["nmse"] != rows[1]["nmse"] and rows[2]["nmse"] != rows[3]["nmse"]
+    for r in rows:  # each run's firing-frequency spread is recorded, its quantiles in order
+        lo, mid, hi = r["freq_quantiles"]
+        assert 0 <= lo <= mid <= hi <= 1 and 0 <= r["dead"] <= r["rare"] <= 1 and 0 <= r["dense"] <= 1
+
+
+def test_firing_frequencies_counted_on_held_out_rows_and_summarised() -> None:
+    """``train_counting_fires`` counts each latent's fires over the held-out rows at the last score, and
+    ``frequency_summary`` matches a hand computation (quantiles interpolate between order statistics)."""
+    import argparse
+
+    class Fixed(torch.nn.Module):  # latent i fires on the rows whose column i is positive
+        def encode(self, x: torch.Tensor) -> torch.Tensor:
+            return x.relu()
+
+        def decode(self, z: torch.Tensor) -> torch.Tensor:
+            return z
+
+    eval_x = torch.tensor([[1.0, -1.0, 2.0, -1.0, 3.0], [1.0, -1.0, -2.0, -1.0, 3.0],
+                           [-1.0, -1.0, -2.0, -1.0, 3.0], [1.0, -1.0, -2.0, -1.0, 3.0]])
+    args = argparse.Namespace(d_sae=5, steps=2, batch=2, curve_points=1)
+    steps = []
+    curve, freq, _ = q.train_counting_fires(Fixed(), steps.append, torch.zeros(4, 5), eval_x, args)
+    assert len(steps) == 2 and len(curve) == 1
+    torch.testing.assert_close(freq, torch.tensor([0.75, 0.0, 0.25, 0.0, 1.0]))
+    summary = q.frequency_summary(torch.tensor([0.0, 0.005, 0.2, 0.6, 1.0]))
+    # sorted positions 0..4: q05 at 0.2 -> 0.2 * 0.005; q50 at 2 -> 0.2; q95 at 3.8 -> 0.6 + 0.8 * 0.4
+    assert summary["dead"] == pytest.approx(0.2) and summary["rare"] == pytest.approx(0.4)
+    assert summary["dense"] == pytest.approx(0.4)
+    assert summary["freq_quantiles"] == pytest.approx([0.001, 0.2, 0.92])
