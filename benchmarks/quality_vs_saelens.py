@@ -173,7 +173,7 @@ def run_ours(arch: str, value: float, train_x: torch.Tensor, eval_x: torch.Tenso
     coeff = 0.0 if k_arch else cfg.l0_coeff if arch == "jumprelu target" else value
     sae, step = ours_trainer(cfg, train_x.shape[1], coeff, lr=args.lr,
                              dead_window_tokens=args.dead_window * args.batch)
-    sae.init_b_dec(train_x[:args.b_dec_sample])
+    sae.init_from_data(train_x[:args.b_dec_sample])
     sae.train()
 
     def score() -> tuple[float, float]:

@@ -21,7 +21,13 @@ batches, scored as ``quality_vs_saelens`` scores. Variants (``--arch gated``):
 - ``free_b0``: ``free`` with b_dec at zero (SAELens's start);
 - ``paper_b0``: ``paper`` with b_dec at zero;
 - ``thr10``, ``thr30``: ``paper`` with the thresholds learning at 10x / 30x the learning rate
-  (``sae.threshold_lr_mult``; ``paper`` and the others have 1); ``thr10`` is the default since;
+  (``sae.threshold_lr_mult``; ``paper`` and the others have 1); ``thr10`` was the default from 2026-12-05
+  to 2026-12-06;
+- ``sparse_start``: ``thr10`` with ``sae.init_threshold`` left at its default since 2026-12-06, the sparse
+  start (each latent's threshold where it fires on 7 % of the b_dec sample, ``saes/jumprelu.py``);
+  every other variant with a unit-norm decoder starts its thresholds at 0.01, as they ran. Rows of
+  ``sparse_start`` in ``results/jumprelu_sparse_start.jsonl`` whose ``start`` says "every threshold at 1.5"
+  ran a first version (one threshold for all latents), some without the controller's floor;
 - ``free10``: ``thr10`` with SAELens's free decoder (is the decoder why SAELens is ahead at dense L0?);
 - ``free10_b0``: ``free10`` with b_dec at zero: SAELens's start with our thresholds' rate;
 - ``ste``: ``thr10`` with the straight-through gradient passed to the pre-activations too
@@ -69,6 +75,7 @@ from train_step import ours_trainer, preset
 from sae_lightning.config import CLIP_SCOPES, OptimConfig
 
 MEDIAN = {"b_dec_init": "geometric_median"}
+LOW_START = {"init_threshold": 0.01}  # JumpReLU's thresholds at SAELens's start: our default until 2026-12-06
 VARIANTS: dict[str, dict[str, dict[str, object]]] = {
     "gated": {
         "paper": {"decoder_norm": "project", "aux_decoder": "frozen"} | MEDIAN,
@@ -77,19 +84,22 @@ VARIANTS: dict[str, dict[str, dict[str, object]]] = {
         "unit_aux": {"decoder_norm": "project", "aux_decoder": "trained"} | MEDIAN,
         "free_aux_b0": {"decoder_norm": "free", "aux_decoder": "trained", "b_dec_init": "zeros"}},
     "jumprelu": {
-        "paper": {"decoder_norm": "project", "threshold_lr_mult": 1.0} | MEDIAN,
+        "paper": {"decoder_norm": "project", "threshold_lr_mult": 1.0} | MEDIAN | LOW_START,
         "free": {"decoder_norm": "free", "threshold_lr_mult": 1.0} | MEDIAN,
         "free_b0": {"decoder_norm": "free", "b_dec_init": "zeros", "threshold_lr_mult": 1.0},
-        "paper_b0": {"decoder_norm": "project", "b_dec_init": "zeros", "threshold_lr_mult": 1.0},
-        "thr10": {"decoder_norm": "project", "threshold_lr_mult": 10.0} | MEDIAN,
-        "thr30": {"decoder_norm": "project", "threshold_lr_mult": 30.0} | MEDIAN,
+        "paper_b0": {"decoder_norm": "project", "b_dec_init": "zeros", "threshold_lr_mult": 1.0} | LOW_START,
+        "thr10": {"decoder_norm": "project", "threshold_lr_mult": 10.0} | MEDIAN | LOW_START,
+        "thr30": {"decoder_norm": "project", "threshold_lr_mult": 30.0} | MEDIAN | LOW_START,
+        "sparse_start": {"decoder_norm": "project", "threshold_lr_mult": 10.0} | MEDIAN,
         "free10": {"decoder_norm": "free", "threshold_lr_mult": 10.0} | MEDIAN,
         "free10_b0": {"decoder_norm": "free", "b_dec_init": "zeros", "threshold_lr_mult": 10.0},
-        "ste": {"decoder_norm": "project", "threshold_lr_mult": 10.0, "ste_to_input": True} | MEDIAN,
-        "bw02": {"decoder_norm": "project", "threshold_lr_mult": 10.0, "bandwidth": 0.2} | MEDIAN,
-        "bw0125": {"decoder_norm": "project", "threshold_lr_mult": 10.0, "bandwidth": 0.0125} | MEDIAN,
+        "ste": {"decoder_norm": "project", "threshold_lr_mult": 10.0, "ste_to_input": True} | MEDIAN
+        | LOW_START,
+        "bw02": {"decoder_norm": "project", "threshold_lr_mult": 10.0, "bandwidth": 0.2} | MEDIAN | LOW_START,
+        "bw0125": {"decoder_norm": "project", "threshold_lr_mult": 10.0, "bandwidth": 0.0125} | MEDIAN
+        | LOW_START,
         "tanh": {"decoder_norm": "project", "threshold_lr_mult": 10.0, "ste_to_input": True,
-                 "sparsity_loss": "tanh"} | MEDIAN}}
+                 "sparsity_loss": "tanh"} | MEDIAN | LOW_START}}
 OWN_COEFF = {"jumprelu": "l0_coeff"}  # architectures whose coefficient is a preset key, not the root l1
 
 
@@ -102,7 +112,7 @@ def run(arch: str, variant: str, target_l0: float | None, train_x: torch.Tensor,
     sae, step = ours_trainer(cfg, train_x.shape[1], args.coeff, lr=args.lr,
                              dead_window_tokens=args.dead_window * args.batch,
                              l1_warmup_steps=args.l1_warmup_steps, clip_scope=args.clip_scope)
-    sae.init_b_dec(train_x[:args.b_dec_sample])
+    sae.init_from_data(train_x[:args.b_dec_sample])
     curve, freq, seconds = q.train_counting_fires(sae, step, train_x, eval_x, args)
     return {"arch": arch, "variant": variant, "target_l0": target_l0, "coeff": args.coeff, "l0": curve[-1][1],
             "nmse": curve[-1][2], "curve": curve, "seconds": seconds, "l1_warmup_steps": args.l1_warmup_steps,

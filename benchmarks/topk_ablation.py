@@ -69,7 +69,7 @@ def run(arch: str, variant: str, k: int, train_x: torch.Tensor, eval_x: torch.Te
                 sae.W_enc.copy_(sae.W_dec.t())
             if variant == "enc001":
                 sae.W_enc.mul_(0.01)
-        sae.init_b_dec(train_x[:args.b_dec_sample])
+        sae.init_from_data(train_x[:args.b_dec_sample])
     curve, freq, seconds = q.train_counting_fires(sae, step, train_x, eval_x, args)
     return {"arch": arch, "variant": variant, "k": k, "l0": curve[-1][1], "nmse": curve[-1][2],
             "curve": curve, "seconds": seconds} | q.frequency_summary(freq)

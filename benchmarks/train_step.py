@@ -87,7 +87,7 @@ def ours_trainer(cfg: SAEConfig, d_in: int, coeff: float, lr: float = 1e-4,
         stats = LatentStats(sae.d_sae, dead_window_tokens or LatentsConfig().dead_window_tokens)
     grad_clip = OptimConfig().grad_clip
     target = getattr(cfg, "target_l0", None)
-    steer = TargetL0(target) if target is not None else None
+    steer = TargetL0(target, two_sided=sae.two_sided_target) if target is not None else None
 
     done = 0  # steps taken
 

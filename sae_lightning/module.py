@@ -23,7 +23,7 @@ from sae_lightning.metrics import ReconstructionStats, batch_metrics
 from sae_lightning.saes import SAE, build_sae
 from sae_lightning.saes.base import PenalisedConfig
 from sae_lightning.sparsity import TargetL0
-from sae_lightning.step import B_DEC_INIT_ROWS, LatentStats, train_step, warmup_scale
+from sae_lightning.step import DATA_INIT_ROWS, LatentStats, train_step, warmup_scale
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -73,7 +73,7 @@ class SAEModule(L.LightningModule):
         if target is None:
             return None
         check(target < self.sae.d_sae, "sae.target_l0", target, f"must be below d_sae={self.sae.d_sae}")
-        return TargetL0(target)
+        return TargetL0(target, two_sided=self.sae.two_sided_target)
 
     def sparsity_coeff(self) -> float:
         """The architecture's coefficient times the warm-up factor (``optim.l1_warmup_steps``) and, with
@@ -84,7 +84,8 @@ class SAEModule(L.LightningModule):
 
     # ----- training -------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        """Initialise the decoder bias from a data sample on a fresh run (identical on every rank).
+        """The SAE's data-dependent start (``SAE.init_from_data``: the decoder bias, JumpReLU's thresholds)
+        from a sample on a fresh run (the same rows on every rank; rank 0's weights are broadcast anyway).
 
         On a resume the weights are already restored here but ``global_step`` is not yet (Lightning restores
         the loops after this hook), so ``trainer.ckpt_path`` is what tells a resume apart.
@@ -92,10 +93,11 @@ class SAEModule(L.LightningModule):
         if self.global_step > 0 or self.trainer.ckpt_path is not None:
             return
         dm = self.trainer.datamodule
-        sample = dm.sample_targets(B_DEC_INIT_ROWS) if self.sae.transcoder else dm.sample(B_DEC_INIT_ROWS)
-        self.sae.init_b_dec(sample.to(self.device))
+        targets = dm.sample_targets(DATA_INIT_ROWS).to(self.device) if self.sae.transcoder else None
+        self.sae.init_from_data(dm.sample(DATA_INIT_ROWS).to(self.device), targets)
         if self.trainer.world_size > 1:
-            self.sae.b_dec.data = self.trainer.strategy.broadcast(self.sae.b_dec.data, src=0)
+            for p in self.sae.parameters():
+                p.data = self.trainer.strategy.broadcast(p.data, src=0)
 
     def _reduce_counts(self, counts: Tensor) -> tuple[Tensor, int]:
         """Fire counts summed over every DDP rank, and the world size."""

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from sae_lightning.saes import SAE, SAEOutput
 
-B_DEC_INIT_ROWS = 32_768  # training rows sampled for the data-dependent b_dec init
+DATA_INIT_ROWS = 32_768  # training rows sampled for the data-dependent start (SAE.init_from_data)
 
 
 class NonFiniteError(FloatingPointError):

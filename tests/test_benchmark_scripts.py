@@ -124,7 +124,7 @@ def test_jumprelu_with_saelens_choices_trains_exactly_as_saelens(sparsity_loss: 
         their_step(x)
     for name in names:
         torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=1e-4, atol=1e-5, msg=name)
-    assert not torch.equal(ours.threshold, torch.full((d_sae,), cfg.init_threshold))  # the thresholds moved
+    assert not torch.equal(ours.threshold, torch.full((d_sae,), ours.init_threshold))  # the thresholds moved
 
 
 def test_steered_ablation_trains_each_variant_once_per_seed(tmp_path: Path) -> None:

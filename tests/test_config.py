@@ -93,13 +93,13 @@ def test_relu_dn_preset_builds_the_april_2024_init() -> None:
     the decoder-bias init that training runs on a data sample whose centre is far from zero."""
     torch.manual_seed(0)
     sae = build_sae(_compose("sae=relu_dn", "sae.d_sae=32").sae, 16)
-    sae.init_b_dec(torch.randn(256, 16) + 5.0)
+    sae.init_from_data(torch.randn(256, 16) + 5.0)
     assert isinstance(sae, ReLUDecoderNormSAE) and not sae.unit_norm_decoder
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((32,), 0.1))
     assert torch.equal(sae.W_enc, sae.W_dec.t())
     assert not sae.b_dec.any() and not sae.b_enc.any()
     plain = build_sae(_compose("sae=relu", "sae.d_sae=32").sae, 16)  # the default keeps a centred b_dec
-    plain.init_b_dec(torch.randn(256, 16) + 5.0)
+    plain.init_from_data(torch.randn(256, 16) + 5.0)
     assert plain.b_dec.mean() > 4.0
 
 

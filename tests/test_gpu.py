@@ -40,7 +40,7 @@ def _data(seed: int = 0) -> torch.Tensor:
 def _sae(arch: str, **keys: object) -> SAE:
     torch.manual_seed(0)
     sae = build_sae(config_from_dict({"architecture": arch, "d_sae": D_SAE, **ARCHS[arch][0], **keys}), D_IN)
-    sae.init_b_dec(_data(1))
+    sae.init_from_data(_data(1))
     return sae
 
 

@@ -244,7 +244,7 @@ def test_resampling_follows_towards_monosemanticity() -> None:
 
 
 @pytest.mark.parametrize(("arch", "start"), [("gated", {"r_mag": 0.0, "b_mag": 0.0}),
-                                             ("jumprelu", {"threshold": 0.01})])
+                                             ("jumprelu", {"threshold": 1.476})])  # the sparse start
 def test_resampling_puts_an_architectures_own_latent_parameters_back_at_their_start(arch: str,
                                                                                      start: dict) -> None:
     """Gated's magnitude path and JumpReLU's threshold of a resampled latent restart as a new latent's do

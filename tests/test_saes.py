@@ -255,11 +255,11 @@ def test_geometric_median_is_robust_to_an_outlier() -> None:
 
 
 @pytest.mark.parametrize("method", ["geometric_median", "mean", "zeros"])
-def test_init_b_dec(method: str) -> None:
+def test_init_from_data_sets_b_dec(method: str) -> None:
     sample = batch(200)
     sae = make(b_dec_init=method)
     sae.set_input_scale(0.5)
-    sae.init_b_dec(sample)  # raw rows; b_dec lives where the weights act, on the normalized rows
+    sae.init_from_data(sample)  # raw rows; b_dec lives where the weights act, on the normalized rows
     sample = sample * 0.5
     torch.testing.assert_close(sae.b_dec.detach(), decoder_bias_init(sample, method))
     expected = {"mean": sample.mean(0), "zeros": torch.zeros(D_IN)}.get(method, geometric_median(sample))

@@ -275,3 +275,35 @@ def test_a_folder_saved_with_log_threshold_loads_its_threshold(tmp_path: Path) -
     torch.testing.assert_close(loaded.threshold, sae.threshold.detach())
     x = batch()
     torch.testing.assert_close(loaded.encode(x), sae.eval().encode(x))
+
+
+@pytest.mark.parametrize("d_sae", [48, 96])
+def test_default_start_fires_each_latent_on_seven_percent_of_the_data_sample(d_sae: int) -> None:
+    """Unset, ``init_threshold`` is the sparse start: before data, ``SPARSE_START_Z`` times the encoder's gain
+    (1.476: the pre-activations' 93rd percentile were they Gaussian with std the gain; the gain is 1 at
+    ``d_sae <= 2 d_in``, 0.5 at 4 d_in); after ``init_from_data``, each latent's threshold is the
+    ``ceil(0.93 n)``-th smallest of its pre-activations on the sample, so it fires on ``n - ceil(0.93 n)``
+    of the n rows (continuous data: no ties; one more where the encoder's own sum rounds the threshold's
+    row above it). Resampling restarts at the first value."""
+    d_in, n = 24, 1000
+    torch.manual_seed(0)
+    sae = build_sae(JumpReLUConfig(d_sae=d_sae), d_in)
+    gain = min(1.0, 2 * d_in / d_sae)
+    torch.testing.assert_close(sae.threshold, torch.full((d_sae,), 1.476 * gain))
+    assert sae.latent_init_values() == {"threshold": pytest.approx(1.476 * gain)}
+    x = torch.randn(n, d_in, generator=torch.Generator().manual_seed(2)) * torch.linspace(0.2, 3, d_in) + 1
+    sae.init_from_data(x)
+    fired = (sae.encode(x) > 0).sum(0)
+    assert ((fired - (n - math.ceil(0.93 * n))).abs() <= 1).all()
+    assert fired.float().mean() < n - math.ceil(0.93 * n) + 0.5
+    assert sae.threshold.std() > 0  # a threshold per latent, set by its own pre-activations
+
+
+@pytest.mark.parametrize("options", [{"decoder_norm": "free"}, {"init_threshold": 0.2}])
+def test_a_free_decoder_or_a_set_threshold_starts_where_it_says(options: dict) -> None:
+    """SAELens's free decoder starts its thresholds at SAELens's 0.01; a set ``init_threshold`` is where they
+    start; the data sample changes neither."""
+    torch.manual_seed(0)
+    sae = build_sae(JumpReLUConfig(d_sae=48, **options), 24)
+    sae.init_from_data(torch.randn(500, 24) + 1)
+    torch.testing.assert_close(sae.threshold, torch.full((48,), options.get("init_threshold", 0.01)))

@@ -31,6 +31,35 @@ def test_update_rule_by_hand() -> None:
     assert ctl.scale() == pytest.approx(math.exp(float(ctl.log_scale)))
 
 
+def test_two_sided_controller_never_lowers_the_coefficient_below_its_start() -> None:
+    """With a two-sided term (JumpReLU's) an L0 under the target leaves the coefficient at its start
+    (``log_scale`` 0) instead of winding it down; above the target it rises as the one-sided controller's,
+    and falls back to the start, not below."""
+    one, two = TargetL0(100.0), TargetL0(100.0, two_sided=True)
+    for ctl in (one, two):
+        for _ in range(20):
+            ctl.update(10.0)
+    assert float(one.log_scale) == pytest.approx(-20 * MAX_STEP)
+    assert float(two.log_scale) == 0.0 and two.scale() == 1.0
+    two.update(500.0)  # the average moves from 10 towards 500, still under 100: no change
+    assert float(two.ema) == pytest.approx(10.0 + EMA_WEIGHT * 490.0) and float(two.log_scale) == 0.0
+    for _ in range(30):
+        two.update(1000.0)
+    assert float(two.log_scale) > 0.5
+    for _ in range(200):
+        two.update(1.0)
+    assert float(two.log_scale) == 0.0
+
+
+@pytest.mark.parametrize(("arch", "two_sided"), [("jumprelu", True), ("relu", False), ("gated", False)])
+def test_the_module_gives_jumprelus_two_sided_term_the_floored_controller(arch: str, two_sided: bool) -> None:
+    config = _config()
+    config["sae"] = {"architecture": arch, "dict_mult": 4, "target_l0": 12.0}
+    assert SAEModule(config, d_in=16).target_l0.two_sided is two_sided
+    config["sae"] = {"architecture": "jumprelu", "dict_mult": 4, "target_l0": 12.0, "sparsity_loss": "tanh"}
+    assert SAEModule(config, d_in=16).target_l0.two_sided is False  # the tanh term is one-sided
+
+
 @pytest.mark.parametrize("target", [5.0, 40.0, 150.0])
 def test_converges_on_a_toy_l0_of_the_coefficient(target: float) -> None:
     """L0 = 300 / (1 + c^0.8) relaxing towards its equilibrium with a 30-step lag, 5% noise: the controller

@@ -284,6 +284,12 @@ class SAE(nn.Module):
         (JumpReLU's thresholds) returns them in a group of their own."""
         return [{"params": list(self.parameters()), "lr": lr}]
 
+    @property
+    def two_sided_target(self) -> bool:
+        """Whether the sparsity term itself pushes L0 up when it is under ``sae.target_l0`` (JumpReLU's): the
+        controller then never lowers the coefficient below its start (``sparsity.TargetL0``)."""
+        return False
+
     def latent_init_values(self) -> dict[str, float]:
         """Per-latent parameters beyond ``W_enc``/``W_dec``/``b_enc`` (name -> the value they start at), which
         dead-latent resampling puts back at their start for the latents it re-initialises."""
@@ -318,9 +324,11 @@ class SAE(nn.Module):
         return weights
 
     @torch.no_grad()
-    def init_b_dec(self, sample: Tensor) -> None:
-        """Set ``b_dec`` from a raw sample [n, d_out] of the target (an SAE's input) by ``cfg.b_dec_init``."""
-        u = self.normalize_target(sample.to(self.b_dec))
+    def init_from_data(self, inputs: Tensor, targets: Tensor | None = None) -> None:
+        """The data-dependent start of a fresh run, from raw samples of the inputs [n, d_in] and, for a
+        transcoder, of the targets [n, d_out]: ``b_dec`` by ``cfg.b_dec_init`` from the targets (an SAE's
+        are its inputs); an architecture with more to start from data extends this (JumpReLU's thresholds)."""
+        u = self.normalize_target((inputs if targets is None else targets).to(self.b_dec))
         self.b_dec.copy_(decoder_bias_init(u, self.cfg.b_dec_init))
 
     # ----- shared pieces --------------------------------------------------------------------------
