@@ -28,6 +28,8 @@ batches, scored as ``quality_vs_saelens`` scores. Variants (``--arch gated``):
   every other variant with a unit-norm decoder starts its thresholds at 0.01, as they ran. Rows of
   ``sparse_start`` in ``results/jumprelu_sparse_start.jsonl`` whose ``start`` says "every threshold at 1.5"
   ran a first version (one threshold for all latents), some without the controller's floor;
+- ``sparse_preact``: ``sparse_start`` with Anthropic's pre-activation loss on dead latents at their
+  coefficient (``sae.pre_act_coeff=3e-6``): does it revive the latents the sparse start leaves dead?
 - ``free10``: ``thr10`` with SAELens's free decoder (is the decoder why SAELens is ahead at dense L0?);
 - ``free10_b0``: ``free10`` with b_dec at zero: SAELens's start with our thresholds' rate;
 - ``ste``: ``thr10`` with the straight-through gradient passed to the pre-activations too
@@ -91,6 +93,8 @@ VARIANTS: dict[str, dict[str, dict[str, object]]] = {
         "thr10": {"decoder_norm": "project", "threshold_lr_mult": 10.0} | MEDIAN | LOW_START,
         "thr30": {"decoder_norm": "project", "threshold_lr_mult": 30.0} | MEDIAN | LOW_START,
         "sparse_start": {"decoder_norm": "project", "threshold_lr_mult": 10.0} | MEDIAN,
+        "sparse_preact": {"decoder_norm": "project", "threshold_lr_mult": 10.0, "pre_act_coeff": 3e-6}
+        | MEDIAN,
         "free10": {"decoder_norm": "free", "threshold_lr_mult": 10.0} | MEDIAN,
         "free10_b0": {"decoder_norm": "free", "b_dec_init": "zeros", "threshold_lr_mult": 10.0},
         "ste": {"decoder_norm": "project", "threshold_lr_mult": 10.0, "ste_to_input": True} | MEDIAN
