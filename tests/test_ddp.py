@@ -148,23 +148,29 @@ def test_ddp_sim_in_a_sweep_matches_one_process_with_the_doubled_batch(tmp_path)
 
 @pytest.mark.slow
 def test_ddp_sim_trains_the_newer_architectures(tmp_path):
-    """``trainer=ddp_sim`` (two real ranks) trains gated, BatchTopK and Matryoshka from the CLI. Gated is
-    per-row like relu, so it ends with the weights of one process on the doubled batch (same tolerance as
-    above); BatchTopK-family ranks select per rank, so those end with an inference threshold learnt."""
+    """``trainer=ddp_sim`` (two real ranks) trains gated, BatchTopK, Matryoshka and JumpReLU from the CLI.
+    Gated and JumpReLU are per-row like relu, so they end with the weights of one process on the doubled
+    batch (same tolerance as above; JumpReLU's thresholds too, which start from the data sample on every
+    rank: the sparse start); BatchTopK-family ranks select per rank, so those end with an inference
+    threshold learnt."""
     x = _array(tmp_path / "x.npy")
-    sweep = tmp_path / "sweep"
+    sweep, single = tmp_path / "sweep", tmp_path / "single"
     train_py("-m", *COMMON, f"activations.path={x}", "trainer=ddp_sim", "batch_size=128", "train_tokens=640",
-             "sae=gated,batchtopk,matryoshka", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    train_py(*COMMON, f"activations.path={x}", "trainer=cpu", "batch_size=256", "train_tokens=1280",
-             "sae=gated", f"hydra.run.dir={tmp_path / 'single'}", cwd=tmp_path)
+             "sae=gated,batchtopk,matryoshka,jumprelu", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    train_py("-m", *COMMON, f"activations.path={x}", "trainer=cpu", "batch_size=256", "train_tokens=1280",
+             "sae=gated,jumprelu", f"hydra.sweep.dir={single}", cwd=tmp_path)
 
-    for job in ("000_sae=gated", "001_sae=batchtopk", "002_sae=matryoshka"):
-        summary = json.loads((sweep / job / "summary.json").read_text())
-        assert summary["status"] == "finished" and summary["steps"] == 5, job
-    states = {job: torch.load(sweep / job / "checkpoints" / "final.ckpt", weights_only=True)["state_dict"]
-              for job in ("000_sae=gated", "001_sae=batchtopk", "002_sae=matryoshka")}
-    one = torch.load(tmp_path / "single" / "checkpoints" / "final.ckpt", weights_only=True)["state_dict"]
-    for key in ("sae.W_enc", "sae.b_enc", "sae.W_dec", "sae.b_dec", "sae.r_mag", "sae.b_mag"):
-        torch.testing.assert_close(states["000_sae=gated"][key], one[key], atol=1e-5, rtol=0)
+    def final(run: Path) -> dict[str, torch.Tensor]:
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["status"] == "finished" and summary["steps"] == 5, run
+        return torch.load(run / "checkpoints" / "final.ckpt", weights_only=True)["state_dict"]
+
+    per_row = {"000_sae=gated": ("000_sae=gated", ("sae.r_mag", "sae.b_mag")),
+               "003_sae=jumprelu": ("001_sae=jumprelu", ("sae.threshold",))}  # ddp job: (1-process job, own)
+    for ddp_job, (one_job, own) in per_row.items():
+        ddp, one = final(sweep / ddp_job), final(single / one_job)
+        for key in ("sae.W_enc", "sae.b_enc", "sae.W_dec", "sae.b_dec", *own):
+            torch.testing.assert_close(ddp[key], one[key], atol=1e-5, rtol=0)
     for job in ("001_sae=batchtopk", "002_sae=matryoshka"):
-        assert float(states[job]["sae.threshold"]) > 0 and int(states[job]["sae.threshold_batches"]) == 5
+        state = final(sweep / job)
+        assert float(state["sae.threshold"]) > 0 and int(state["sae.threshold_batches"]) == 5
