@@ -195,10 +195,15 @@ class SyntheticConfig:
         _check(self.noise_std >= 0, key + "noise_std", self.noise_std, "must be >= 0")
 
 
+ACTIVATION_SOURCES = ("lm", "live", "file", "synthetic")
+LM_SOURCES = ("lm", "live")   # the sources that read text through the LM (contexts, downstream metrics)
+
+
 @dataclass
 class ActivationsConfig:
-    """Where training activations come from: the LM through the cache, a precomputed array, or synthetic
-    data from a known dictionary (``synthetic``, set by ``activations=synthetic``)."""
+    """Where training activations come from: the LM through the cache (``lm``), the LM running inside
+    training (``live``, no cache: ``sae_lightning/live/``), a precomputed array, or synthetic data from a
+    known dictionary (``synthetic``, set by ``activations=synthetic``)."""
 
     source: str = "lm"
     path: str | None = None
@@ -211,10 +216,13 @@ class ActivationsConfig:
     normalize: bool = True
     num_workers: int = 0
     synthetic: SyntheticConfig | None = None
+    buffer_tokens: int = 65_536   # live: rows computed and shuffled together (a window)
+    prefetch: bool = True         # live: compute the next window in a background thread while training
+    repeat_text: bool = False     # live: read the text again when it holds fewer rows than train_tokens
 
     def __post_init__(self) -> None:
-        _check(self.source in ("lm", "file", "synthetic"), "activations.source", self.source,
-               "choose lm, file or synthetic")
+        _check(self.source in ACTIVATION_SOURCES, "activations.source", self.source,
+               f"choose {', '.join(ACTIVATION_SOURCES)}")
         _check(self.source != "synthetic" or self.synthetic is not None, "activations.synthetic",
                self.synthetic, "activations.source=synthetic needs the activations=synthetic preset")
         _check(self.source != "file" or bool(self.path), "activations.path", self.path,
@@ -228,6 +236,7 @@ class ActivationsConfig:
         _check(0.0 <= self.val_fraction < 1.0, "activations.val_fraction", self.val_fraction,
                "must be in [0, 1)")
         _check(self.shuffle_buffer >= 0, "activations.shuffle_buffer", self.shuffle_buffer, "must be >= 0")
+        _check(self.buffer_tokens > 0, "activations.buffer_tokens", self.buffer_tokens, "must be > 0")
 
 
 CLIP_SCOPES = ("group", "global")  # optim.grad_clip_scope: per parameter group, or one norm over all
@@ -380,6 +389,20 @@ class TrainConfig:
                f"must be at least one batch (batch_size={self.batch_size})")
         _check(self.layer >= 0, "layer", self.layer, "must be >= 0")
         self._check_transcoder()
+        self._check_live()
+
+    def _check_live(self) -> None:
+        """A live run's buffer must hold a batch and the validation rows kept for every validation."""
+        acts = self.activations
+        if acts.source != "live":
+            return
+        _check(acts.buffer_tokens >= self.batch_size, "activations.buffer_tokens", acts.buffer_tokens,
+               f"must hold at least one batch (batch_size={self.batch_size})")
+        val_rows = self.trainer.limit_val_batches * self.batch_size
+        _check(acts.val_fraction == 0 or val_rows <= acts.buffer_tokens, "activations.buffer_tokens",
+               acts.buffer_tokens, f"must hold the validation rows kept in memory (trainer.limit_val_batches="
+               f"{self.trainer.limit_val_batches} x batch_size={self.batch_size} = {val_rows}): raise it or "
+               "lower trainer.limit_val_batches")
 
     def _check_transcoder(self) -> None:
         """What a transcoder needs (``target.name``) and what it does not support yet."""
@@ -389,8 +412,8 @@ class TrainConfig:
         _check(not self.sae.skip or target is not None, "sae.skip", self.sae.skip,
                "a skip connection needs a transcoder target (target.name=<hook>)")
         if target is not None:
-            _check(self.activations.source == "lm", "target.name", self.target.name,
-                   "transcoders read both hooks from the LM's activation cache (activations.source=lm)")
+            _check(self.activations.source in LM_SOURCES, "target.name", self.target.name,
+                   "transcoders read both hooks from one LM forward (activations=lm or activations=live)")
             _check(not self.callbacks.resample, "callbacks.resample", True,
                    "resampling is not implemented for transcoders")
 

@@ -278,6 +278,10 @@ class ActivationDataModule(LightningDataModule):
             return []
         return self._loader(self._spec(self.val_shards, False), 1, 0, "validation")
 
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.val_shards)
+
     def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
         """``min(n, training rows)`` raw training rows drawn uniformly without replacement (decoder-bias
         init, resampling)."""
@@ -352,6 +356,15 @@ class ActivationDataModule(LightningDataModule):
             log.warning("resuming the activation stream with changed %s (checkpoint, now): batch %d of "
                         "the new stream is not the exact continuation of the old one",
                         changed, self._resume_batches)
+
+
+def datamodule_from_config(cfg: Any) -> LightningDataModule:
+    """The datamodule a ``TrainConfig`` asks for: the LM running live (``activations=live``), or the rows of
+    a cache, an imported array or synthetic data."""
+    if cfg.activations.source == "live":
+        from .live import LiveDataModule
+        return LiveDataModule.from_config(cfg)
+    return ActivationDataModule.from_config(cfg)
 
 
 def _window(shuffle_buffer: int, batch_size: int) -> int:

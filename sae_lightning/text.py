@@ -327,8 +327,14 @@ def _describe(cfg: DataConfig) -> str:
     return f"data.path={cfg.path!r}" if cfg.source == "files" else f"dataset {cfg.name!r} split {cfg.split!r}"
 
 
-def special_token_mask(tokens: torch.Tensor, tokenizer: Any) -> torch.Tensor:
-    """Bool mask, same shape as ``tokens``: True at BOS/EOS/PAD and every other special token id."""
+def special_token_ids(tokenizer: Any) -> list[int]:
+    """Sorted ids of BOS/EOS/PAD and every other special token."""
     ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, *tokenizer.all_special_ids}
     ids.discard(None)
-    return torch.isin(tokens, torch.tensor(sorted(ids), dtype=tokens.dtype, device=tokens.device))
+    return sorted(ids)
+
+
+def special_token_mask(tokens: torch.Tensor, tokenizer: Any) -> torch.Tensor:
+    """Bool mask, same shape as ``tokens``: True at BOS/EOS/PAD and every other special token id."""
+    ids = special_token_ids(tokenizer)
+    return torch.isin(tokens, torch.tensor(ids, dtype=tokens.dtype, device=tokens.device))

@@ -36,7 +36,7 @@ from sae_lightning.checkpoints import (
     resolve_ckpt_path,
 )
 from sae_lightning.config import TrainConfig
-from sae_lightning.datamodule import ActivationDataModule
+from sae_lightning.datamodule import datamodule_from_config
 from sae_lightning.loggers import build_loggers, finish_wandb
 from sae_lightning.module import SAEModule
 from sae_lightning.rundir import RunDir, RunSummary
@@ -227,12 +227,12 @@ def save_sae(module: SAEModule, run: RunDir, config: dict[str, Any]) -> Path:
     return module.sae.save(run.sae)
 
 
-def needs_final_validation(cfg: TrainConfig, trainer: L.Trainer, dm: ActivationDataModule,
+def needs_final_validation(cfg: TrainConfig, trainer: L.Trainer, dm: L.LightningDataModule,
                            preemption: PreemptionCheckpoint) -> bool:
     """Whether the finished run's summary would otherwise lack validation numbers for its final weights
     (Lightning validates every ``val_every_n_steps`` steps only, and not after the last one)."""
     finished = preemption.saved_step is None or trainer.global_step >= cfg.max_steps
-    return finished and bool(dm.val_shards) and trainer.global_step % cfg.trainer.val_every_n_steps != 0
+    return finished and dm.has_validation and trainer.global_step % cfg.trainer.val_every_n_steps != 0
 
 
 def run_training(cfg: TrainConfig, run_dir: Path, config_dict: dict[str, Any]) -> RunSummary:
@@ -256,7 +256,7 @@ def fit(cfg: TrainConfig, run: RunDir, config_dict: dict[str, Any], fingerprint:
         resume_from: Path | None) -> RunSummary:
     """Build, fit and save in ``run`` (see :func:`run_training`)."""
     ckpt_dir = prepare_run_dir(run, fingerprint, resume_from)
-    dm = ActivationDataModule.from_config(cfg)
+    dm = datamodule_from_config(cfg)
     module = SAEModule(config_dict, d_in=dm.d_in, d_out=dm.d_out)
     module.sae.set_input_scale(dm.norm_scale)
     if dm.target_norm_scale is not None:

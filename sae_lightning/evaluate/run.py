@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from sae_lightning.checkpoints import CheckpointError
-from sae_lightning.config import ConfigError, EvalConfig, TrainConfig, train_config_from_dict
-from sae_lightning.datamodule import ActivationDataModule
+from sae_lightning.config import LM_SOURCES, ConfigError, EvalConfig, TrainConfig, train_config_from_dict
+from sae_lightning.datamodule import ActivationDataModule, datamodule_from_config
 from sae_lightning.evaluate.pipeline import RowsResult, evaluate_rows, track_candidates
 from sae_lightning.evaluate.prefixes import has_prefixes, prefix_metrics
 from sae_lightning.io import atomic_write_json, keep_previous
@@ -53,9 +53,10 @@ def load_trained(path: str | Path) -> tuple[SAE, TrainConfig]:
     return sae, train_config_from_dict(sae.metadata["train_config"])
 
 
-def open_eval_data(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE) -> ActivationDataModule:
-    """The held-out shards of the training activations (with a transcoder's target rows), or every row of
-    an explicitly given array (SAEs only: an array has no target rows)."""
+def open_eval_data(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE) -> Any:
+    """The held-out rows of the training activations (with a transcoder's target rows): the cache's held-out
+    shards, or a live run's held-out contexts through the LM; or every row of an explicitly given array
+    (SAEs only: an array has no target rows)."""
     if cfg.activations is not None and cfg.activations.source == "file":
         if sae.transcoder:
             raise ConfigError(f"activations.source=file: {cfg.ckpt_path} is a transcoder, which is evaluated "
@@ -63,11 +64,12 @@ def open_eval_data(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE) -> Activat
         dm = ActivationDataModule(cfg.activations.path, cfg.activations, cfg.batch_size, cfg.seed)
         dm.eval_shards = list(range(dm.source.n_shards))  # an explicitly given array is held out in full
     else:
-        dm = ActivationDataModule.from_config(train_cfg)
+        dm = datamodule_from_config(train_cfg)
     if dm.d_in != sae.d_in:
+        where = dm.source.path if hasattr(dm, "source") else f"layer {train_cfg.layer} {train_cfg.hook.name}"
         raise CheckpointError(
             f"checkpoint {cfg.ckpt_path} holds an SAE for d_in={sae.d_in} activations, but "
-            f"{dm.source.path} has d={dm.d_in}: evaluate it on the activations it was trained on")
+            f"{where} has d={dm.d_in}: evaluate it on the activations it was trained on")
     return dm
 
 
@@ -87,7 +89,7 @@ def training_history(run: RunDir) -> dict[str, list[float]] | None:
 
 
 def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE,
-                          dm: ActivationDataModule, result: RowsResult, metrics: dict[str, float],
+                          dm: Any, result: RowsResult, metrics: dict[str, float],
                           out_dir: Path) -> dict[str, float]:
     """Downstream LM loss with the SAE spliced in, then the report (contexts, logit effects, scores)."""
     from sae_lightning.evaluate.downstream import downstream_metrics
@@ -97,7 +99,9 @@ def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE,
     from sae_lightning.lm import HookPoint, load_lm
     from sae_lightning.text import special_token_mask
 
-    lm = load_lm(train_cfg.model, None if cfg.device == "auto" else cfg.device)
+    live_lm = getattr(dm, "lm", None)   # a live run's evaluation data already runs the model
+    lm = live_lm if live_lm is not None and cfg.device == "auto" else load_lm(
+        train_cfg.model, None if cfg.device == "auto" else cfg.device)
     hook = HookPoint(train_cfg.layer, train_cfg.hook.name)
     target = hook if train_cfg.target_hook is None else HookPoint(*train_cfg.target_hook)
     input_hook = None if target == hook else hook
@@ -149,7 +153,7 @@ def run_evaluation(cfg: EvalConfig) -> Path:
     dm = open_eval_data(cfg, train_cfg, sae)
     out_dir = eval_dir_for(cfg.ckpt_path, cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    has_text = cfg.activations is None and train_cfg.activations.source == "lm"
+    has_text = cfg.activations is None and train_cfg.activations.source in LM_SOURCES
     n_track = 4 * max(cfg.report_latents, cfg.report_neurons)
     t0 = time.perf_counter()
     result = evaluate_rows(dm.eval_rows(cfg.max_tokens, cfg.batch_size), sae, n_top=cfg.top_contexts,

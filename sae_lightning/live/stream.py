@@ -1,0 +1,257 @@
+"""A rank's training stream from the live LM: contexts -> forward -> windows of rows -> shuffled batches.
+
+How the stream is laid out (a pure function of the seed, the text, the model, the hooks, the context size
+and ``buffer_tokens``; nothing about it is stored but the number of batches consumed):
+
+- *Rows.* A rank's rows are the trained positions of its training contexts (``contexts.py``), in order.
+- *Windows.* Rows ``[w * S, (w + 1) * S)`` form window ``w`` (``S = activations.buffer_tokens`` rounded
+  down to whole batches). A window is computed from its own contexts only, in forward chunks of
+  ``data.lm_batch_size`` contexts starting at its first context (a context split between two windows is
+  run twice), so the same window always comes from the same computation, on a resume too.
+- *Shuffle.* Window ``w`` is served in the order of a permutation drawn from ``(seed, rank, w)``: rows mix
+  with the ``S`` rows around them, as in a shuffle buffer.
+- *Resume.* Batch ``k`` is batch ``k mod S/B`` of window ``k B // S``. A restored stream skips the rows
+  before its window by tokenizing only (no LM), recomputes that window and starts at the batch.
+- *Overlap.* With ``prefetch`` a background thread computes window ``w + 1`` while window ``w`` is served
+  (on a CUDA device, on a side stream). At most two windows exist at a time, the one being served and the
+  one being filled: ``2 x S x d x 4`` bytes per hook (``S x d x 4`` without prefetch).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from itertools import count
+from queue import Queue
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from sae_lightning.checks import ConfigError
+from sae_lightning.live.contexts import Context
+
+Forward = Callable[[torch.Tensor], list[torch.Tensor]]   # tokens [n, ctx] -> per hook [n, ctx, d]
+
+
+class BufferGauge:
+    """Bytes held by live window buffers right now and at most, followed through the tensors' lifetimes
+    (a window counts until its last reference is gone), for the memory bound and its test."""
+
+    def __init__(self) -> None:
+        self.bytes = self.peak = 0
+        self._lock = threading.Lock()
+
+    def track(self, tensor: torch.Tensor) -> torch.Tensor:
+        size = tensor.numel() * tensor.element_size()
+        with self._lock:
+            self.bytes += size
+            self.peak = max(self.peak, self.bytes)
+        weakref.finalize(tensor, self._free, size)
+        return tensor
+
+    def _free(self, size: int) -> None:
+        with self._lock:
+            self.bytes -= size
+
+
+class Windows:
+    """Cuts a rank's contexts into windows of ``size`` rows and computes them with ``forward``."""
+
+    def __init__(self, contexts: Iterator[Context], forward: Forward, dims: list[int], size: int,
+                 lm_batch: int, device: torch.device, gauge: BufferGauge | None = None) -> None:
+        self.contexts, self.forward, self.dims = contexts, forward, dims
+        self.size, self.lm_batch, self.device, self.gauge = size, lm_batch, device, gauge
+        self._pending: Context | None = None   # the context holding the next row
+        self._used = 0                         # rows of it that belong to earlier windows
+
+    def _next_context(self) -> Context | None:
+        if self._pending is not None:
+            ctx, self._pending = self._pending, None
+            return ctx
+        return next(self.contexts, None)
+
+    def skip(self, rows: int) -> None:
+        """Move past ``rows`` rows without running the LM."""
+        while rows > 0:
+            ctx = self._next_context()
+            if ctx is None:
+                return
+            left = ctx.rows - self._used
+            if left > rows:
+                self._pending, self._used = ctx, self._used + rows
+                return
+            rows, self._used = rows - left, 0
+
+    def next(self) -> list[torch.Tensor] | None:
+        """The next window, one ``[rows, d]`` float32 tensor per hook (``rows < size`` only at the end of
+        the text); ``None`` when no row is left."""
+        first_used, chunk, gathered = self._used, [], 0
+        while gathered < self.size:
+            ctx = self._next_context()
+            if ctx is None:
+                break
+            chunk.append(ctx)
+            gathered += ctx.rows - (self._used if len(chunk) == 1 else 0)
+        self._used = 0
+        if gathered > self.size:   # the last context goes on in the next window
+            last = chunk[-1]
+            self._pending, self._used = last, last.rows - (gathered - self.size)
+        rows = min(gathered, self.size)
+        if rows == 0:
+            return None
+        return self._compute(chunk, first_used, rows)
+
+    def _compute(self, chunk: list[Context], skip: int, rows: int) -> list[torch.Tensor]:
+        out = [torch.empty(rows, d, dtype=torch.float32, device=self.device) for d in self.dims]
+        if self.gauge is not None:
+            out = [self.gauge.track(t) for t in out]
+        at = 0
+        for i in range(0, len(chunk), self.lm_batch):
+            part = chunk[i:i + self.lm_batch]
+            tokens = torch.from_numpy(np.stack([c.tokens for c in part]))
+            kept = torch.from_numpy(np.stack([c.kept for c in part]))
+            acts = self.forward(tokens)
+            take = None
+            for buf, a in zip(out, acts, strict=True):
+                sel = a[kept.to(a.device)]   # [n_kept, d] in context order
+                sel = sel[skip:]
+                take = min(len(sel), rows - at)
+                buf[at:at + take].copy_(sel[:take])
+            at += take or 0
+            skip = max(0, skip - int(kept.sum()))
+            if at >= rows:
+                break
+        return out
+
+
+class LiveStream(IterableDataset):
+    """Training batches ``[batch_size, d]`` (pairs ``(x, y)`` with a transcoder target) of one rank.
+
+    ``make_windows()`` gives a fresh :class:`Windows` at the start of the rank's rows; ``start_batch`` is how
+    many batches this rank has already consumed (resume); ``needed`` is how many the run trains on, so a
+    text that ends earlier is an error instead of a silently short epoch.
+    """
+
+    def __init__(self, make_windows: Callable[[], Windows], batch_size: int, window: int, seed: int,
+                 rank: int, start_batch: int, needed: int, prefetch: bool) -> None:
+        if window % batch_size:
+            raise ValueError(f"window {window} is not a multiple of batch_size {batch_size}")
+        self.make_windows, self.batch_size, self.window = make_windows, batch_size, window
+        self.seed, self.rank, self.start_batch, self.needed = seed, rank, start_batch, needed
+        self.prefetch = prefetch
+
+    def permutation(self, w: int, rows: int, device: torch.device) -> torch.Tensor:
+        """Serving order of window ``w``'s rows."""
+        return torch.from_numpy(np.random.default_rng([self.seed, self.rank, w]).permutation(rows)).to(device)
+
+    def __iter__(self) -> Iterator[Any]:
+        per_window = self.window // self.batch_size
+        w0, first = divmod(self.start_batch, per_window)
+        windows = self.make_windows()
+        windows.skip(w0 * self.window)
+        served = self.start_batch
+        source = _Prefetched(windows, w0) if self.prefetch else _Inline(windows, w0)
+        try:
+            while (item := source.next()) is not None:
+                w, bufs = item
+                del item
+                n = bufs[0].shape[0] // self.batch_size
+                order = self.permutation(w, bufs[0].shape[0], bufs[0].device)
+                for b in range(first, n):
+                    idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+                    rows = [buf[idx] for buf in bufs]
+                    yield rows[0] if len(rows) == 1 else tuple(rows)
+                    served += 1
+                first = 0
+                del bufs   # before done(): the next window may be allocated now
+                source.done()
+                if n < per_window:
+                    break
+        finally:
+            source.close()
+        if served < self.needed:
+            raise ConfigError(
+                f"the text ran out after {served} training batches of rank {self.rank}, before the "
+                f"{self.needed} this run trains on (train_tokens): lower train_tokens, give more text "
+                "(data.path / data.name), or set activations.repeat_text=true to read it again")
+
+
+Window = tuple[int, list[torch.Tensor]]
+
+
+class _Inline:
+    """Windows computed when the consumer asks for them (no overlap): one exists at a time."""
+
+    def __init__(self, windows: Windows, first: int) -> None:
+        self.windows, self.w = windows, first
+
+    def next(self) -> Window | None:
+        bufs = self.windows.next()
+        self.w += 1
+        return None if bufs is None else (self.w - 1, bufs)
+
+    def done(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+_END = object()
+
+
+class _Prefetched:
+    """Windows computed by a background thread one ahead of the consumer: at most two exist at once (the
+    one served and the one filled; the consumer calls ``done()`` once it holds no reference to a window)."""
+
+    def __init__(self, windows: Windows, first: int) -> None:
+        self.windows, self.first = windows, first
+        self.slots = threading.Semaphore(2)
+        self.queue: Queue = Queue()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="live-activations", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        device = self.windows.device
+        side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        try:
+            for w in count(self.first):
+                while not self.slots.acquire(timeout=0.1):
+                    if self.stop.is_set():
+                        return
+                if self.stop.is_set():
+                    return
+                if side is None:
+                    bufs = self.windows.next()
+                else:
+                    with torch.cuda.stream(side):
+                        bufs = self.windows.next()
+                    side.synchronize()
+                if bufs is None:
+                    self.queue.put(_END)
+                    return
+                self.queue.put((w, bufs))
+                del bufs
+        except BaseException as err:  # handed to the consumer, which raises it
+            self.queue.put(err)
+
+    def next(self) -> Window | None:
+        item = self.queue.get()
+        if item is _END:
+            self.queue.put(_END)   # for a later call
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def done(self) -> None:
+        self.slots.release()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.slots.release()
+        self.thread.join(timeout=60)
