@@ -115,6 +115,19 @@ def test_window_memory_is_bounded_by_the_buffer(tiny_gpt2, tiny_gpt2_dir, text, 
     assert dm.gauge.peak == (2 if prefetch else 1) * window_bytes
 
 
+def test_the_window_thread_stops_at_the_end_of_fit(tiny_gpt2, tiny_gpt2_dir, text) -> None:
+    """A stream left open (Lightning stops at max_steps without closing it) has its thread stopped by
+    ``teardown``: a thread still inside a torch op when the interpreter exits aborts the process."""
+    import threading
+
+    dm = datamodule(tiny_gpt2, tiny_gpt2_dir, text)
+    it = iter(dm.train_dataloader())
+    next(it)
+    assert any(t.name == "live-activations" for t in threading.enumerate())
+    dm.teardown("fit")
+    assert not any(t.name == "live-activations" for t in threading.enumerate())
+
+
 def test_ranks_read_disjoint_contexts_with_equal_batch_counts(tiny_gpt2, tiny_gpt2_dir, text) -> None:
     dm = datamodule(tiny_gpt2, tiny_gpt2_dir, text)
     seen, val = [], []

@@ -93,6 +93,7 @@ class LiveDataModule(LightningDataModule):
         self._resume_batches = 0
         self._samples: dict[tuple[int, int], list[torch.Tensor]] = {}
         self._val: list[torch.Tensor] | None = None
+        self._stream: LiveStream | None = None
         self.gauge = BufferGauge()
         self._lm_lock = threading.Lock()
         self.held_out = self._survey(world_size=1).held_out
@@ -104,7 +105,7 @@ class LiveDataModule(LightningDataModule):
     def __getstate__(self) -> dict[str, Any]:
         """For ``ddp_spawn``: the model and the split travel, locks and computed rows do not."""
         state = dict(self.__dict__)
-        state.update(_lm_lock=None, gauge=None, _samples={}, _val=None)
+        state.update(_lm_lock=None, gauge=None, _samples={}, _val=None, _stream=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -223,9 +224,14 @@ class LiveDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Endless (``max_steps`` batches) shuffled stream of this rank, resumed at the stored position."""
-        stream = LiveStream(self._windows, self.batch_size, self.window, self.seed, self.rank,
-                            self._resume_batches, self.cfg.max_steps, self.acts.prefetch)
-        return DataLoader(stream, batch_size=None, num_workers=0)
+        self._stream = LiveStream(self._windows, self.batch_size, self.window, self.seed, self.rank,
+                                  self._resume_batches, self.cfg.max_steps, self.acts.prefetch)
+        return DataLoader(self._stream, batch_size=None, num_workers=0)
+
+    def teardown(self, stage: str | None = None) -> None:
+        """Stop the window thread when ``fit`` ends (Lightning may leave the stream's iterator open)."""
+        if stage == "fit" and self._stream is not None:
+            self._stream.close()
 
     @property
     def has_validation(self) -> bool:

@@ -19,10 +19,10 @@ and ``buffer_tokens``; nothing about it is stored but the number of batches cons
 
 from __future__ import annotations
 
+import atexit
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from itertools import count
 from queue import Queue
 from typing import Any
 
@@ -142,6 +142,12 @@ class LiveStream(IterableDataset):
         self.make_windows, self.batch_size, self.window = make_windows, batch_size, window
         self.seed, self.rank, self.start_batch, self.needed = seed, rank, start_batch, needed
         self.prefetch = prefetch
+        self._sources: weakref.WeakSet = weakref.WeakSet()
+
+    def close(self) -> None:
+        """Stop the background computation of every iterator of this stream (the end of ``fit``)."""
+        for source in list(self._sources):
+            source.close()
 
     def permutation(self, w: int, rows: int, device: torch.device) -> torch.Tensor:
         """Serving order of window ``w``'s rows."""
@@ -153,7 +159,9 @@ class LiveStream(IterableDataset):
         windows = self.make_windows()
         windows.skip(w0 * self.window)
         served = self.start_batch
-        source = _Prefetched(windows, w0) if self.prefetch else _Inline(windows, w0)
+        last = max(w0, (self.needed - 1) // per_window)   # no window is computed past the run's end
+        source = _Prefetched(windows, w0, last) if self.prefetch else _Inline(windows, w0, last)
+        self._sources.add(source)
         try:
             while (item := source.next()) is not None:
                 w, bufs = item
@@ -185,11 +193,11 @@ Window = tuple[int, list[torch.Tensor]]
 class _Inline:
     """Windows computed when the consumer asks for them (no overlap): one exists at a time."""
 
-    def __init__(self, windows: Windows, first: int) -> None:
-        self.windows, self.w = windows, first
+    def __init__(self, windows: Windows, first: int, last: int) -> None:
+        self.windows, self.w, self.last = windows, first, last
 
     def next(self) -> Window | None:
-        bufs = self.windows.next()
+        bufs = self.windows.next() if self.w <= self.last else None
         self.w += 1
         return None if bufs is None else (self.w - 1, bufs)
 
@@ -201,31 +209,43 @@ class _Inline:
 
 
 _END = object()
+_RUNNING: weakref.WeakSet[_Prefetched] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Stop every producer thread before the interpreter tears torch down under it (which aborts the
+    process: a thread inside a torch op at exit)."""
+    for producer in list(_RUNNING):
+        producer.close()
 
 
 class _Prefetched:
     """Windows computed by a background thread one ahead of the consumer: at most two exist at once (the
     one served and the one filled; the consumer calls ``done()`` once it holds no reference to a window)."""
 
-    def __init__(self, windows: Windows, first: int) -> None:
-        self.windows, self.first = windows, first
+    def __init__(self, windows: Windows, first: int, last: int) -> None:
+        self.windows, self.first, self.last = windows, first, last
         self.slots = threading.Semaphore(2)
         self.queue: Queue = Queue()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="live-activations", daemon=True)
         self.thread.start()
+        _RUNNING.add(self)
 
     def _run(self) -> None:
         device = self.windows.device
         side = torch.cuda.Stream(device) if device.type == "cuda" else None
         try:
-            for w in count(self.first):
+            for w in range(self.first, self.last + 2):   # the one past the last puts the end
                 while not self.slots.acquire(timeout=0.1):
                     if self.stop.is_set():
                         return
                 if self.stop.is_set():
                     return
-                if side is None:
+                if w > self.last:
+                    bufs = None
+                elif side is None:
                     bufs = self.windows.next()
                 else:
                     with torch.cuda.stream(side):
