@@ -302,3 +302,34 @@ def test_ddp_sim_run_trains_both_ranks_live(tmp_path, tiny_gpt2_dir, text) -> No
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["steps"] == 20
     assert summary["tokens"] == 2 * 20 * BATCH
+
+
+def _sweep(tmp_path: Path, name: str, archs: str, over: list[str], *extra: str) -> list[dict]:
+    """A ``-m`` sweep over ``sae=<archs>``; the jobs' summaries (every one finished) in job order."""
+    from test_sweep import train_py
+
+    sweep = tmp_path / name
+    train_py("-m", f"sae={archs}", *over, *extra, f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=900)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    summaries = [json.loads((job / "summary.json").read_text()) for job in jobs]
+    assert [s["status"] for s in summaries] == ["finished"] * len(archs.split(",")), summaries
+    assert all(arch in (sweep / "comparison.html").read_text() for arch in archs.split(","))
+    return summaries
+
+
+@pytest.mark.slow
+def test_every_architecture_trains_live_in_sweeps(tmp_path, tiny_gpt2_dir, text) -> None:
+    """Every architecture with resampling in one sweep (the comparison page lists them), the target-L0
+    controller, and the SLURM path (submitit's local executor: a job array, each job its own process and
+    LM, logs under .submitit/)."""
+    over = live_overrides(tiny_gpt2_dir, text, train_tokens=12 * BATCH, callbacks="resample",
+                          **{"callbacks.resample_steps": "[6]", "callbacks.resample_sample_rows": 128,
+                             "latents.dead_window_tokens": 4 * BATCH, "sae.dict_mult": 2})
+    summaries = _sweep(tmp_path, "all", "relu,relu_dn,gated,jumprelu,topk,batchtopk,matryoshka", over)
+    assert all(s["steps"] == 12 for s in summaries)
+    _sweep(tmp_path, "submitit", "relu,topk", over, "hydra/launcher=local_parallel")
+    assert (tmp_path / "submitit" / ".submitit").is_dir()
+    steered = run_train_py([*live_overrides(tiny_gpt2_dir, text, train_tokens=12 * BATCH),
+                            "sae.target_l0=8", f"hydra.run.dir={tmp_path / 'steered'}"], tmp_path)
+    assert steered.returncode == 0, steered.stderr[-3000:]
+    assert "train/l0_target" in (tmp_path / "steered" / "csv" / "metrics.csv").read_text()
