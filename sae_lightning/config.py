@@ -235,13 +235,12 @@ CLIP_SCOPES = ("group", "global")  # optim.grad_clip_scope: per parameter group,
 
 @dataclass
 class OptimConfig:
-    """Optimiser and schedules (the learning rate itself is the root key ``lr``). Gradients are clipped at
-    norm 1.0 by default, as SAELens's trainer does: it is what keeps low-L0 runs stable
-    (benchmarks/quality_vs_saelens.py); ``optim.grad_clip=0`` turns it off. ``optim.grad_clip_scope``:
-    ``group`` (default) clips each optimizer parameter group on its own (JumpReLU's thresholds apart from
-    the weights: ``step.py``), ``global`` clips one norm over all parameters, as SAELens's trainer does
-    (with SAELens's JumpReLU choices it reproduces SAELens's runs:
-    ``benchmarks/results/jumprelu_diagnosis_l6.txt``)."""
+    """Adam's settings, the schedules of the learning rate and of the sparsity coefficient, gradient clipping
+    and the NaN guard (the learning rate itself is the root key ``lr``). Gradients are clipped at norm 1.0 by
+    default, as SAELens's trainer does, which keeps low-L0 runs stable; ``optim.grad_clip=0`` turns it off.
+    ``optim.grad_clip_scope``: ``group`` (default) clips each optimizer parameter group on its own
+    (JumpReLU's thresholds apart from the weights: ``step.py``), ``global`` clips one norm over all
+    parameters, as SAELens's trainer does. Evidence for the defaults: ``docs/decisions.md``."""
 
     beta1: float = 0.9
     beta2: float = 0.999
