@@ -46,9 +46,9 @@ class BatchTopKConfig(TopKConfig):
     and ``threshold_lr``, the moving-average weight of each batch in the inference threshold. Unlike
     TopK, b_dec starts at the geometric median (``docs/decisions.md``)."""
 
-    architecture: str = "batchtopk"
-    threshold_lr: float = 0.01
-    b_dec_init: str = "geometric_median"
+    architecture: str = "batchtopk"  # the registry name, fixed by the class
+    threshold_lr: float = 0.01  # weight of each batch in the inference threshold's moving average
+    b_dec_init: str = "geometric_median"  # not TopK's zeros (class docstring)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -43,10 +43,10 @@ class GatedConfig(DecoderNormConfig):
     """``sae=gated``: the sparsity coefficient of the gate path is the root key ``l1``; ``decoder_norm``:
     free (default) | project; ``aux_decoder``: frozen | trained; ``b_dec_init`` zeros (module docstring)."""
 
-    architecture: str = "gated"
-    decoder_norm: str = "free"
-    aux_decoder: str = "trained"
-    b_dec_init: str = "zeros"
+    architecture: str = "gated"  # the registry name, fixed by the class
+    decoder_norm: str = "free"  # free (SAELens) | project (the paper)
+    aux_decoder: str = "trained"  # trained: L_aux trains the decoder too (SAELens) | frozen (the paper)
+    b_dec_init: str = "zeros"  # SAELens's start
 
     def __post_init__(self) -> None:
         super().__post_init__()

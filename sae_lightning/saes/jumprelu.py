@@ -138,15 +138,15 @@ class JumpReLUConfig(DecoderNormConfig):
     (scale ``tanh_scale``); ``pre_act_coeff`` weighs the dead latents' pre-activation loss;
     ``decoder_norm``: project | free (module docstring)."""
 
-    architecture: str = "jumprelu"
-    l0_coeff: float = 5.0
-    init_threshold: float | None = None
-    bandwidth: float = 0.05
-    threshold_lr_mult: float = 10.0
-    ste_to_input: bool = False
-    sparsity_loss: str = "l0"
-    tanh_scale: float = 4.0
-    pre_act_coeff: float = 0.0
+    architecture: str = "jumprelu"  # the registry name, fixed by the class
+    l0_coeff: float = 5.0  # weight of the L0 term (the start value with target_l0)
+    init_threshold: float | None = None  # start of every threshold; None: the sparse start (module docstring)
+    bandwidth: float = 0.05  # width eps of the straight-through rectangle kernel (SAELens's)
+    threshold_lr_mult: float = 10.0  # the thresholds learn at lr times this
+    ste_to_input: bool = False  # the straight-through gradient reaches the pre-activations too
+    sparsity_loss: str = "l0"  # l0: the L0 term | tanh: Anthropic's smooth count
+    tanh_scale: float = 4.0  # c of the tanh count tanh(c * z_i * ||W_dec,i||)
+    pre_act_coeff: float = 0.0  # weight of the dead latents' pre-activation loss (Anthropic: 3e-6; 0: off)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -39,9 +39,10 @@ class MatryoshkaConfig(BatchTopKConfig):
     ``decoder_norm`` defaults to ``project``, not TopK's ``rescale``, which does worse under the nested
     losses (``docs/decisions.md``)."""
 
-    architecture: str = "matryoshka"
-    decoder_norm: str = "project"
+    architecture: str = "matryoshka"  # the registry name, fixed by the class
+    decoder_norm: str = "project"  # not TopK's rescale (class docstring)
     prefixes: list[int] = field(default_factory=list)
+    """nested dictionary sizes, the last d_sae; empty: default_prefixes"""
 
     def __post_init__(self) -> None:
         super().__post_init__()

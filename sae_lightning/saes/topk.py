@@ -42,13 +42,13 @@ class TopKConfig(SAEConfig):
     ``sparse_kernel``: auto | sparse | dense; ``decoder_norm``: rescale | project; ``b_dec_init`` zeros
     (module docstring)."""
 
-    architecture: str = "topk"
-    k: int = 32
-    aux_k: int = 512
-    aux_coeff: float = 1.0 / 32
-    sparse_kernel: str = "auto"
-    decoder_norm: str = "rescale"
-    b_dec_init: str = "zeros"
+    architecture: str = "topk"  # the registry name, fixed by the class
+    k: int = 32  # active latents per token
+    aux_k: int = 512  # dead latents AuxK reconstructs the residual from, per token
+    aux_coeff: float = 1.0 / 32  # AuxK's weight in the loss
+    sparse_kernel: str = "auto"  # auto (sparse when k <= d_sae / 8) | sparse | dense
+    decoder_norm: str = "rescale"  # rescale: free rows used at unit norm | project: rows kept at unit norm
+    b_dec_init: str = "zeros"  # SAELens's start (module docstring)
 
     def __post_init__(self) -> None:
         super().__post_init__()
