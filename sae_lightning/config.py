@@ -200,17 +200,17 @@ class ActivationsConfig:
     """Where training activations come from: the LM through the cache, a precomputed array, or synthetic
     data from a known dictionary (``synthetic``, set by ``activations=synthetic``)."""
 
-    source: str = "lm"
-    path: str | None = None
-    cache_dir: str = ".cache/activations"
-    dtype: str = "float32"
-    shard_rows: int = 65_536
-    val_fraction: float = 0.05
-    eval_fraction: float = 0.05
-    shuffle_buffer: int = 262_144
-    normalize: bool = True
-    num_workers: int = 0
-    synthetic: SyntheticConfig | None = None
+    source: str = "lm"  # lm (the LM through the cache) | file (an array at path) | synthetic
+    path: str | None = None  # the .npy or .safetensors array (source=file)
+    cache_dir: str = ".cache/activations"  # root folder of the activation caches
+    dtype: str = "float32"  # storage dtype of cached rows: float32 | bfloat16 | float16
+    shard_rows: int = 65_536  # rows per cache shard
+    val_fraction: float = 0.05  # last shards before eval's, at least this fraction of rows: validation
+    eval_fraction: float = 0.05  # last shards, at least this fraction of rows: evaluate.py's rows
+    shuffle_buffer: int = 262_144  # rows shuffled together in the training stream (0: shard order only)
+    normalize: bool = True  # scale rows by one scalar so that E||x|| = sqrt(d_in)
+    num_workers: int = 0  # dataloader workers per rank
+    synthetic: SyntheticConfig | None = None  # the synthetic rows' knobs (activations=synthetic)
 
     def __post_init__(self) -> None:
         _check(self.source in ("lm", "file", "synthetic"), "activations.source", self.source,

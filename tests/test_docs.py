@@ -2,13 +2,18 @@
 
 Docstrings and comments under ``sae_lightning/`` say what the code does and why, never what was measured
 when: no results files, no dates, no history of defaults. Every default's evidence is a dated entry of
-``docs/decisions.md`` that names files that exist. Class docstrings say what the class is.
+``docs/decisions.md`` that names files that exist. Class docstrings say what the class is. Every field of
+every config dataclass is documented where it is defined, so the documentation cannot drift from it.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
+import importlib
+import io
 import re
+import tokenize
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,3 +85,66 @@ def test_decisions_entries_are_dated_and_name_existing_files() -> None:
     assert named, "no file named"
     missing = sorted(p for p in named if not (REPO / p).is_file())
     assert not missing, f"docs/decisions.md names files that do not exist: {missing}"
+
+
+def field_docs(source: str) -> dict[str, dict[str, tuple[int, bool]]]:
+    """``{class: {field: (line, documented)}}`` of the annotated fields of every class in ``source``: a field
+    is documented by a comment on its own lines (beside it) or a string literal right under it."""
+    comments = {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                if tok.type == tokenize.COMMENT}
+    out: dict[str, dict[str, tuple[int, bool]]] = {}
+    for cls in (n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef)):
+        fields = out.setdefault(cls.name, {})
+        for stmt, after in zip(cls.body, [*cls.body[1:], None], strict=True):
+            if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+                continue
+            beside = any(line in comments for line in range(stmt.lineno, stmt.end_lineno + 1))
+            under = (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                     and isinstance(after.value.value, str) and after.lineno == stmt.end_lineno + 1)
+            fields[stmt.target.id] = (stmt.lineno, beside or under)
+    return out
+
+
+def test_field_docs_sees_comments_and_string_literals_only() -> None:
+    source = (
+        "class A:\n"
+        "    x: int = 1  # beside\n"
+        "    y: int = 2\n"
+        '    """Under."""\n'
+        "    z: int = 3\n"
+        "\n"
+        '    """Not right under z."""\n'
+        "    w: str = '# not a comment'\n"
+    )
+    assert field_docs(source) == {"A": {"x": (2, True), "y": (3, True), "z": (5, False), "w": (8, False)}}
+
+
+def config_dataclasses() -> list[type]:
+    """The dataclasses defined in ``sae_lightning/config.py`` and ``sae_lightning/saes/*.py``."""
+    saes = sorted(p.stem for p in (PACKAGE / "saes").glob("*.py") if not p.stem.startswith("_"))
+    names = ["sae_lightning.config"] + [f"sae_lightning.saes.{stem}" for stem in saes]
+    modules = [importlib.import_module(name) for name in names]
+    return [obj for m in modules for obj in vars(m).values()
+            if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == m.__name__]
+
+
+def test_every_config_field_is_documented_where_it_is_defined() -> None:
+    classes = config_dataclasses()
+    assert {"TrainConfig", "ActivationsConfig", "SAEConfig", "JumpReLUConfig"} <= {c.__name__
+                                                                                  for c in classes}
+    parsed: dict[Path, dict[str, dict[str, tuple[int, bool]]]] = {}
+    missing = set()
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            for owner in cls.__mro__:  # the class whose body defines (or redefines) the field
+                path = Path(importlib.import_module(owner.__module__).__file__ or "")
+                if path not in parsed:
+                    parsed[path] = field_docs(path.read_text(encoding="utf-8"))
+                found = parsed[path].get(owner.__name__, {}).get(f.name)
+                if found is not None:
+                    break
+            assert found is not None, f"{cls.__name__}.{f.name}: no class of its MRO defines it"
+            if not found[1]:
+                missing.add(f"{path.relative_to(REPO)}:{found[0]}: {owner.__name__}.{f.name}")
+    assert not missing, ("config fields without a comment beside them or a string literal under them:\n"
+                         + "\n".join(sorted(missing)))
