@@ -368,7 +368,7 @@ class TrainConfig:
     seed: int = 0  # seeds the SAE's start, the data stream and resampling
     layer: int = 6  # the layer whose hook is read
     ckpt_path: str | None = None  # resume: a checkpoint or run folder, last or auto (checkpoints.py)
-    run_name: str | None = None  # name of the run (W&B and the run folder); None: from the config
+    run_name: str | None = None  # the W&B run's name; None: the run folder's name
 
     def __post_init__(self) -> None:
         if self.sae is None or isinstance(self.sae, dict):

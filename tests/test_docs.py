@@ -3,7 +3,8 @@
 Docstrings and comments under ``sae_lightning/`` say what the code does and why, never what was measured
 when: no results files, no dates, no history of defaults. Every default's evidence is a dated entry of
 ``docs/decisions.md`` that names files that exist. Class docstrings say what the class is. Every field of
-every config dataclass is documented where it is defined, so the documentation cannot drift from it.
+every config dataclass is documented where it is defined, and ``docs/config.md`` is generated from those
+comments, so the key reference cannot drift from the code.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib
-import io
 import re
-import tokenize
 from pathlib import Path
+
+from sae_lightning.configdoc import FieldDoc, field_doc, field_docs, render, source_file
+from sae_lightning.saes import SAE_REGISTRY
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "sae_lightning"
@@ -87,36 +89,19 @@ def test_decisions_entries_are_dated_and_name_existing_files() -> None:
     assert not missing, f"docs/decisions.md names files that do not exist: {missing}"
 
 
-def field_docs(source: str) -> dict[str, dict[str, tuple[int, bool]]]:
-    """``{class: {field: (line, documented)}}`` of the annotated fields of every class in ``source``: a field
-    is documented by a comment on its own lines (beside it) or a string literal right under it."""
-    comments = {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(source).readline)
-                if tok.type == tokenize.COMMENT}
-    out: dict[str, dict[str, tuple[int, bool]]] = {}
-    for cls in (n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef)):
-        fields = out.setdefault(cls.name, {})
-        for stmt, after in zip(cls.body, [*cls.body[1:], None], strict=True):
-            if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
-                continue
-            beside = any(line in comments for line in range(stmt.lineno, stmt.end_lineno + 1))
-            under = (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                     and isinstance(after.value.value, str) and after.lineno == stmt.end_lineno + 1)
-            fields[stmt.target.id] = (stmt.lineno, beside or under)
-    return out
-
-
 def test_field_docs_sees_comments_and_string_literals_only() -> None:
     source = (
         "class A:\n"
         "    x: int = 1  # beside\n"
         "    y: int = 2\n"
-        '    """Under."""\n'
+        '    """Under it."""\n'
         "    z: int = 3\n"
         "\n"
         '    """Not right under z."""\n'
         "    w: str = '# not a comment'\n"
     )
-    assert field_docs(source) == {"A": {"x": (2, True), "y": (3, True), "z": (5, False), "w": (8, False)}}
+    assert field_docs(source) == {"A": {"x": FieldDoc(2, "beside"), "y": FieldDoc(3, "Under it."),
+                                        "z": FieldDoc(5, None), "w": FieldDoc(8, None)}}
 
 
 def config_dataclasses() -> list[type]:
@@ -130,21 +115,27 @@ def config_dataclasses() -> list[type]:
 
 def test_every_config_field_is_documented_where_it_is_defined() -> None:
     classes = config_dataclasses()
-    assert {"TrainConfig", "ActivationsConfig", "SAEConfig", "JumpReLUConfig"} <= {c.__name__
-                                                                                  for c in classes}
-    parsed: dict[Path, dict[str, dict[str, tuple[int, bool]]]] = {}
+    names = {c.__name__ for c in classes}
+    assert {"TrainConfig", "ActivationsConfig", "SAEConfig", "JumpReLUConfig"} <= names
     missing = set()
     for cls in classes:
         for f in dataclasses.fields(cls):
-            for owner in cls.__mro__:  # the class whose body defines (or redefines) the field
-                path = Path(importlib.import_module(owner.__module__).__file__ or "")
-                if path not in parsed:
-                    parsed[path] = field_docs(path.read_text(encoding="utf-8"))
-                found = parsed[path].get(owner.__name__, {}).get(f.name)
-                if found is not None:
-                    break
-            assert found is not None, f"{cls.__name__}.{f.name}: no class of its MRO defines it"
-            if not found[1]:
-                missing.add(f"{path.relative_to(REPO)}:{found[0]}: {owner.__name__}.{f.name}")
+            owner, doc = field_doc(cls, f.name)
+            if not doc.text:
+                missing.add(f"{source_file(owner).relative_to(REPO)}:{doc.line}: {owner.__name__}.{f.name}")
     assert not missing, ("config fields without a comment beside them or a string literal under them:\n"
                          + "\n".join(sorted(missing)))
+
+
+def test_config_reference_is_generated_from_the_dataclasses() -> None:
+    text = (REPO / "docs" / "config.md").read_text(encoding="utf-8")
+    assert text == render(), "docs/config.md is stale: python -m sae_lightning.configdoc > docs/config.md"
+
+
+def test_config_reference_lists_exactly_each_architectures_fields() -> None:
+    text = (REPO / "docs" / "config.md").read_text(encoding="utf-8")
+    for name, sae_cls in SAE_REGISTRY.items():
+        table = text.split(f"### `sae={name}`\n", 1)[1].split("\n### ", 1)[0]
+        listed = re.findall(r"^\| `sae\.(\w+)` \|", table, flags=re.MULTILINE)
+        fields = [f.name for f in dataclasses.fields(sae_cls.config_class) if f.name != "architecture"]
+        assert listed == fields, name

@@ -140,7 +140,7 @@ class JumpReLUConfig(DecoderNormConfig):
 
     architecture: str = "jumprelu"  # the registry name, fixed by the class
     l0_coeff: float = 5.0  # weight of the L0 term (the start value with target_l0)
-    init_threshold: float | None = None  # start of every threshold; None: the sparse start (module docstring)
+    init_threshold: float | None = None  # every threshold's start; None: the sparse start (module docstring)
     bandwidth: float = 0.05  # width eps of the straight-through rectangle kernel (SAELens's)
     threshold_lr_mult: float = 10.0  # the thresholds learn at lr times this
     ste_to_input: bool = False  # the straight-through gradient reaches the pre-activations too

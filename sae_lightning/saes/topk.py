@@ -48,7 +48,7 @@ class TopKConfig(SAEConfig):
     aux_coeff: float = 1.0 / 32  # AuxK's weight in the loss
     sparse_kernel: str = "auto"  # auto (sparse when k <= d_sae / 8) | sparse | dense
     decoder_norm: str = "rescale"  # rescale: free rows used at unit norm | project: rows kept at unit norm
-    b_dec_init: str = "zeros"  # SAELens's start (module docstring)
+    b_dec_init: str = "zeros"  # SAELens's start (BatchTopK keeps the geometric median)
 
     def __post_init__(self) -> None:
         super().__post_init__()
