@@ -215,7 +215,7 @@ class JumpReLUSAE(SAE):
                 {"params": [self.threshold], "lr": lr * self.cfg.threshold_lr_mult}]
 
     def upgrade_weights(self, weights: dict[str, Tensor]) -> dict[str, Tensor]:
-        """A folder written when the threshold was trained as ``log_threshold`` holds ``log theta``."""
+        """A folder that stores ``log_threshold`` (the paper's parametrisation) holds ``log theta``."""
         if "log_threshold" in weights and "threshold" not in weights:
             weights = dict(weights)
             weights["threshold"] = weights.pop("log_threshold").exp()
