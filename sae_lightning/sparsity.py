@@ -9,11 +9,10 @@ batch noise; the clamp bounds a step to a factor ``exp(MAX_STEP)``. With a two-s
 (``two_sided=True``: JumpReLU's target term, which itself pushes L0 up under the target) the coefficient is
 never lowered below its start (``log_scale >= 0``): under the target, lowering it would only weaken the term's
 push back up, and a run that starts sparser than its target (JumpReLU's sparse start) would wind the
-coefficient down to nothing on the way up and then overshoot. On held-out layer 7, steered to 1224 from the
-sparse start, the run ended at L0 1448 without this floor and at 1255 with it
-(``benchmarks/results/jumprelu_ablation_l7.txt``). The state (``log_scale``, ``ema``,
-``updates``) is made of buffers of a module that ``SAEModule`` owns, so checkpoints carry it and a resumed
-run continues bit-identically; the SAE folder does not hold it (it is training state, not the model).
+coefficient down to nothing on the way up and then overshoot (evidence: ``docs/decisions.md``). The state
+(``log_scale``, ``ema``, ``updates``) is made of buffers of a module that ``SAEModule`` owns, so checkpoints
+carry it and a resumed run continues bit-identically; the SAE folder does not hold it (it is training state,
+not the model).
 """
 
 from __future__ import annotations

@@ -4,8 +4,7 @@
 gradient projection -> gradient-norm clipping -> optimizer step -> the SAE's renormalisation -> firing
 statistics. The gradient norm is clipped per optimizer parameter group by default: JumpReLU's thresholds are
 a group of their own and take the whole L0 term's gradient, which under one global norm would shrink the
-encoder's and decoder's steps whenever the coefficient is large (on layer 3, steered to L0 64 under one norm:
-nmse 0.2414 at L0 61, against 0.2263 per group, ``benchmarks/results/jumprelu_ablation_l3.txt``).
+encoder's and decoder's steps whenever the coefficient is large (evidence: ``docs/decisions.md``).
 ``clip_scope="global"`` (``optim.grad_clip_scope``) clips one norm over all parameters, as SAELens does.
 ``LatentStats`` tracks which latents are dead (for AuxK, ghost grads and resampling) and the firing
 densities; its buffers are saved in checkpoints with the weights.

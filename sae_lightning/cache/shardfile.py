@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-# safetensors dtype tag -> numpy dtype used to hold the raw bytes (bf16 travels as uint16 bits)
+# safetensors dtype tag -> numpy dtype that holds the raw bytes (bf16 travels as uint16 bits)
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
               "I32": np.int32, "I16": np.int16}
 _TAGS = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int64): "I64",

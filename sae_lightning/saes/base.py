@@ -81,11 +81,12 @@ class SAEConfig:
     ``skip``: a linear skip connection ``W_skip`` from input to output (transcoders only).
     """
 
-    architecture: str = ""
-    dict_mult: float = 8.0
-    d_sae: int | None = None
+    architecture: str = ""  # the registry name, fixed by each subclass
+    dict_mult: float = 8.0  # d_sae = round(dict_mult * d_in) unless d_sae is set
+    d_sae: int | None = None  # the dictionary size; wins over dict_mult
     b_dec_init: str = "geometric_median"
-    skip: bool = False
+    """geometric_median | mean | zeros of a training sample (fresh runs only)"""
+    skip: bool = False  # a linear skip W_skip from input to output (transcoders only)
 
     def __post_init__(self) -> None:
         own = next(f.default for f in fields(self) if f.name == "architecture")
@@ -111,6 +112,7 @@ class PenalisedConfig(SAEConfig):
     """
 
     target_l0: float | None = None
+    """steer the coefficient so the run ends near this L0; None: fixed coefficient"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -122,7 +124,7 @@ class DecoderNormConfig(PenalisedConfig):
     """Base of the penalised architectures whose decoder rows are either kept at unit norm or left free
     (``sae.decoder_norm``: ``project`` | ``free``; :func:`decoder_init` says what each means)."""
 
-    decoder_norm: str = "project"
+    decoder_norm: str = "project"  # project: rows kept at unit norm | free: rows unconstrained (decoder_init)
 
     def __post_init__(self) -> None:
         super().__post_init__()

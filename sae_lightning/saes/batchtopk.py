@@ -14,14 +14,13 @@ batch (each rank selects ``k * B_rank`` latents of its own rows), so all ranks k
 saved with the weights; before any training ``theta = 0`` and ``encode`` is a plain ReLU.
 
 Training selection: ``batch_top`` ranks only the entries above half the current inference threshold when
-there are enough of them (exact: the same entries as ranking all B x d_sae; a full-batch ``topk`` was most
+there are enough of them (exact: the same entries as ranking all B x d_sae; a full-batch ``topk`` is most
 of the step on CPU).
 
 Decoding (``sae.sparse_kernel``): ``dense`` scatters the kept values into [B, d_sae] and multiplies by
 ``W_dec``; ``sparse`` runs TopK's sparse kernels on the kept entries, whatever each row's count (CSR row
-pointers, no padding). ``auto`` is TopK's rule (sparse when ``k <= d_sae / 8``): on CPU
-(``benchmarks/batchtopk_kernels.py``, d_in 512, d_sae 8192, batch 1024) the sparse step was 2.97x,
-2.41x, 2.18x and 1.15x faster than the dense one at k = 16, 64, 256 and 1024.
+pointers, no padding). ``auto`` is TopK's rule (sparse when ``k <= d_sae / 8``): below that density the
+sparse step is the faster one (``docs/decisions.md``).
 """
 
 from __future__ import annotations
@@ -45,12 +44,11 @@ HINT_FRACTION = 0.5  # batch_top ranks only entries above this fraction of the i
 class BatchTopKConfig(TopKConfig):
     """``sae=batchtopk``: TopK's keys (``k`` is now the mean number of latents per token over a batch)
     and ``threshold_lr``, the moving-average weight of each batch in the inference threshold. Unlike
-    TopK, b_dec starts at the geometric median: on held-out SmolLM2 layer-3 data at k=64 it ended at
-    held-out normalized MSE 0.2150 at L0 56.8, b_dec at zero at 0.2160 at L0 58.5 (dominated)."""
+    TopK, b_dec starts at the geometric median (``docs/decisions.md``)."""
 
-    architecture: str = "batchtopk"
-    threshold_lr: float = 0.01
-    b_dec_init: str = "geometric_median"
+    architecture: str = "batchtopk"  # the registry name, fixed by the class
+    threshold_lr: float = 0.01  # weight of each batch in the inference threshold's moving average
+    b_dec_init: str = "geometric_median"  # not TopK's zeros (class docstring)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -76,7 +74,8 @@ def batch_top(pre: Tensor, k: int, hint: float = 0.0) -> tuple[Tensor, Tensor]:
 
 @register("batchtopk")
 class BatchTopKSAE(TopKSAE):
-    """See module docstring. ``threshold`` is the global inference threshold (a buffer)."""
+    """BatchTopK SAE: the ``k * B`` largest activations of a batch kept in training, a JumpReLU with one
+    global threshold (the buffer ``threshold``, estimated during training) at inference (module docstring)."""
 
     config_class = BatchTopKConfig
 

@@ -22,11 +22,8 @@ paper (and dictionary_learning's ``GatedSAETrainer``) and SAELens's gated traine
 
 ``b_gate``, ``r_mag``, ``b_mag`` start at zero (so both paths start equal, as the paper's ``r_mag = 0``).
 
-Defaults are SAELens's choices: ``free``, ``trained`` and ``b_dec_init=zeros``. On SmolLM2 layer 3 (not the
-layer the quality benchmark scores; ``benchmarks/steered_ablation.py``, every run steered to L0 60) the
-paper's choices (unit norm, frozen, b_dec at the geometric median) ended at held-out normalized MSE 0.2210 (L0
-57.5), SAELens's decoder choices with the median start at 0.2219 (L0 56.1), and with b_dec at zero at 0.2078
-(L0 56.7).
+Defaults are SAELens's choices (``free``, ``trained`` and ``b_dec_init=zeros``); the paper's are options.
+The evidence is in ``docs/decisions.md``.
 """
 
 from __future__ import annotations
@@ -46,10 +43,10 @@ class GatedConfig(DecoderNormConfig):
     """``sae=gated``: the sparsity coefficient of the gate path is the root key ``l1``; ``decoder_norm``:
     free (default) | project; ``aux_decoder``: frozen | trained; ``b_dec_init`` zeros (module docstring)."""
 
-    architecture: str = "gated"
-    decoder_norm: str = "free"
-    aux_decoder: str = "trained"
-    b_dec_init: str = "zeros"
+    architecture: str = "gated"  # the registry name, fixed by the class
+    decoder_norm: str = "free"  # free (SAELens) | project (the paper)
+    aux_decoder: str = "trained"  # trained: L_aux trains the decoder too (SAELens) | frozen (the paper)
+    b_dec_init: str = "zeros"  # SAELens's start
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -59,7 +56,8 @@ class GatedConfig(DecoderNormConfig):
 
 @register("gated")
 class GatedSAE(SAE):
-    """See module docstring. Parameters beyond the base: ``r_mag``, ``b_mag`` (both start at 0)."""
+    """Gated SAE: a gate path decides which latents fire, a magnitude path sharing its projection (scaled per
+    latent by ``exp(r_mag)``, offset by ``b_mag``; both start at 0) how much (module docstring)."""
 
     config_class = GatedConfig
     sparsity_key = "l1"

@@ -8,68 +8,60 @@ rectangle kernel of width ``eps = sae.bandwidth``:
 ``d z / d theta = -(theta / eps) * K((pre - theta) / eps)``, ``d H / d theta = -(1 / eps) * K(...)``,
 ``K(u) = 1[|u| < 1/2]``; ``d z / d pre = H(pre - theta)`` and H passes no gradient to ``pre``.
 The coefficient is ``sae.l0_coeff`` (the root key ``l1`` is refused: it is not an L1 penalty).
-``sae.ste_to_input=true`` (Anthropic's January 2025 recipe; SAELens's ``jumprelu_ste_to_input``) also passes
-the kernel to ``pre``: ``d z / d pre = H + (theta / eps) K`` and ``d H / d pre = (1 / eps) K``, so the L0
-term moves the encoder as well, pushing pre-activations near the threshold below it.
-``sae.sparsity_loss=tanh`` (Anthropic's, SAELens's ``jumprelu_sparsity_loss_mode="tanh"``) replaces the L0
-term by ``mean_tokens sum_i tanh(c * z_i * ||W_dec,i||)`` with ``c = sae.tanh_scale``: a smooth count whose
-gradient reaches z (and, through the jump, the thresholds); with ``sae.target_l0`` the controller steers its
-coefficient. Anthropic pairs it with ``ste_to_input`` and with ``sae.pre_act_coeff`` (their 3e-6; 0 = off),
-a loss that raises the pre-activations of dead latents towards their thresholds (``_pre_act_loss``).
-All three are off by default: with our other defaults, steered to dense L0s on held-out layers 3 and 9,
-``ste_to_input`` and ``tanh`` each ended worse (``benchmarks/results/jumprelu_ablation_l3.txt``, ``_l9.txt``).
 
-Decoder (``sae.decoder_norm``, ``base.decoder_init``): ``project`` (default) keeps the rows at unit norm, as
-the paper; ``free`` leaves them free from norm 0.1 with ``W_enc = W_dec^T``, as SAELens's JumpReLU. The L0
+Anthropic's variants (as SAELens names them), each off by default:
+
+- ``sae.ste_to_input=true`` (``jumprelu_ste_to_input``) also passes the kernel to ``pre``:
+  ``d z / d pre = H + (theta / eps) K`` and ``d H / d pre = (1 / eps) K``, so the L0 term moves the encoder as
+  well, pushing pre-activations near the threshold below it.
+- ``sae.sparsity_loss=tanh`` (``jumprelu_sparsity_loss_mode="tanh"``) replaces the L0 term by
+  ``mean_tokens sum_i tanh(c * z_i * ||W_dec,i||)`` with ``c = sae.tanh_scale``: a smooth count whose gradient
+  reaches z (and, through the jump, the thresholds); with ``sae.target_l0`` the controller steers its
+  coefficient.
+- ``sae.pre_act_coeff > 0`` adds a loss that raises the pre-activations of dead latents towards their
+  thresholds (``_pre_act_loss``); Anthropic pairs it with the two above.
+
+Decoder (``sae.decoder_norm``, ``base.decoder_init``): ``project`` keeps the rows at unit norm, as the
+paper; ``free`` leaves them free from norm 0.1 with ``W_enc = W_dec^T``, as SAELens's JumpReLU. The L0
 penalty does not depend on the decoder, so the two train the same loss from different starts and under
-different constraints. On SmolLM2 layer 3 (not the layer the quality benchmark scores;
-``benchmarks/results/jumprelu_ablation_l3.txt``, both steered towards L0 500 from ``l0_coeff`` 5), the paper's
-choices (``project``, b_dec at the geometric median) ended at L0 674, normalized MSE 0.178; SAELens's
-(``free``, b_dec at zero) at L0 1644, 0.195: hence the defaults.
+different constraints.
 
 With ``sae.target_l0 = T`` the L0 term is ``T/2 * log((L0 + 1) / (T + 1))^2`` instead of ``L0``: its
 derivative in L0, ``T * log((L0 + 1) / (T + 1)) / (L0 + 1)``, is 0 at T, at most ``1/e`` above it (at most
-the plain term's 1, so no gradient surge from a start at L0 ~ d_sae / 2) and negative below T: the thresholds
-are pushed down when L0 is under the target. The plain term only pushes them up and the reconstruction's pull
-down is weak: on layer 3 a run whose L0 fell below its target 500 stayed at L0 77 while the controller cut
-the coefficient to nothing (``benchmarks/results/jumprelu_ablation_l3.txt``). The controller
-(``sparsity.py``) still scales the coefficient, which removes the offset the reconstruction's pull leaves.
+the plain term's 1, so no gradient surge from a dense start) and negative below T: the thresholds are pushed
+down when L0 is under the target. The plain term only pushes them up, and the reconstruction's pull down is
+weak, so a run that falls below its target would stay there while the controller cuts the coefficient. The
+controller (``sparsity.py``) still scales the coefficient, which removes the offset the reconstruction's
+pull leaves.
 
 ``theta`` is trained directly and projected onto ``theta >= 0`` after each optimizer step, not trained as
 ``log theta`` as in the paper: Adam moves a parameter by about ``lr`` per step, so a log threshold started
 at the paper's 0.001 ends within a factor ~2 of it after a thousand steps and the L0 coefficient barely
-moves L0 (SAELens made the same change, its issue #494). Trained directly it is still rate-limited: with
-inputs scaled to ``E||x||^2 = d_in`` the pre-activations start with std about 1, so an L0 of 64 of 3072 needs
-thresholds near 2.5, which Adam at lr 1e-3 reaches after some 2,500 steps. So the thresholds are their own
-optimizer group at ``lr * sae.threshold_lr_mult`` (default 10; ``param_groups``), clipped apart from the other
-weights (``step.py``). On layer 3 at 1M tokens, steered to L0 500, the run at the base rate ended at L0 674;
-at 10x, steered to 64, at 60.4 (``benchmarks/results/jumprelu_ablation_l3.txt``). SAELens's free decoder
-starts the pre-activations at a tenth of this scale, a similar head start. The default ``bandwidth`` 0.05 is
-SAELens's; SAE folders saved with ``log_threshold`` load as ``exp`` of it.
+moves L0 (SAELens trains it directly too). Trained directly it is still rate-limited: with inputs scaled to
+``E||x||^2 = d_in`` the pre-activations start with std about 1, so an L0 of 64 of 3072 needs thresholds near
+2.5, which Adam at lr 1e-3 reaches after some 2,500 steps. So the thresholds are their own optimizer group at
+``lr * sae.threshold_lr_mult`` (``param_groups``), clipped apart from the other weights (``step.py``).
+SAE folders saved with ``log_threshold`` load as ``exp`` of it.
 
-The sparse start (``sae.init_threshold`` unset, unit-norm decoder): ``init_from_data`` sets each latent's
-threshold to the ``1 - SPARSE_START`` (93 %) quantile of its pre-activations on the sample the trainer
-starts ``b_dec`` from, so every latent first fires on 7 % of the tokens and the run starts at L0 ~ 0.07
-d_sae (before data: ``SPARSE_START_Z`` times the encoder's gain, the same quantile were the pre-activations
-Gaussian; resampling restarts a latent there). A run steered to a denser target then comes up to it through
-the two-sided term, whose controller never lowers the coefficient below its start (``sparsity.py``). The
-thresholds used to start at SAELens's 0.01, where every latent fires on about half of the tokens and the
-thresholds rise together: such runs formed almost no rarely firing latent (90 % of them fired on 11-58 % of
-the tokens on layer 6). Starting sparse, latents compete for the tokens first and the dictionary spreads:
-on held-out layers 3, 5, 7 and 9 of SmolLM2 at matched dense L0 the sparse start ended with 29-42 % lower
-normalized MSE, with 6.4 % dead latents on layer 9 (``benchmarks/results/jumprelu_sparse_start.txt``).
-SAELens's run that led the old start on layer 6 came down from a sparse phase too: with its free decoder at
-b_dec 0 under one clipping norm its L0 falls to ~170 in the first steps
-(``benchmarks/results/jumprelu_diagnosis_l6.txt``). ``sae.init_threshold=<v>`` starts
-every threshold at ``v`` (0.01: the old default); with ``sae.decoder_norm=free`` the default is SAELens's
-0.01.
+The start of the thresholds (``sae.init_threshold``):
+
+- unset, with the unit-norm decoder: the sparse start. ``init_from_data`` sets each latent's threshold to the
+  ``1 - SPARSE_START`` (93 %) quantile of its pre-activations on the sample the trainer starts ``b_dec``
+  from, so every latent first fires on 7 % of the tokens and the run starts at L0 ~ 0.07 d_sae (before data:
+  ``SPARSE_START_Z`` times the encoder's gain, the same quantile were the pre-activations Gaussian;
+  resampling restarts a latent there). A run steered to a denser target comes up to it through the two-sided
+  term, whose controller never lowers the coefficient below its start (``sparsity.py``). Why sparse: from a
+  dense start (every latent firing on about half of the tokens) the thresholds rise together and hardly any
+  latent becomes rare; from a sparse one latents compete for the tokens first and the dictionary spreads.
+  A per-latent quantile, not one value, because the scale of the pre-activations differs between layers.
+- unset, with ``sae.decoder_norm=free``: SAELens's 0.01 for every threshold.
+- a number ``v``: every threshold starts at ``v``.
 
 SAELens's JumpReLU recipe, exactly: ``sae.decoder_norm=free sae.b_dec_init=zeros sae.threshold_lr_mult=1
 optim.grad_clip_scope=global`` and a fixed ``sae.l0_coeff`` (no target). It then takes SAELens's training
-steps (``tests/test_benchmark_scripts.py``). On SmolLM2 layer 6 at ``l0_coeff`` 12 it ends where SAELens's run
-does (L0 1202, nmse 0.0434; our defaults steered there: 0.0443-0.0458). On layers 3 and 9, and at L0 ~1526
-on layer 6, that recipe is no better or worse than the defaults
-(``benchmarks/results/jumprelu_diagnosis_l6.txt``).
+steps (``tests/test_benchmark_scripts.py``).
+
+The evidence behind each default is in ``docs/decisions.md``.
 """
 
 from __future__ import annotations
@@ -132,7 +124,7 @@ class _Step(torch.autograd.Function):
 
 
 SPARSITY_LOSSES = ("l0", "tanh")
-SPARSE_START = 0.07  # default start: each latent fires on this fraction of the data sample (module docstring)
+SPARSE_START = 0.07  # sparse start: each latent fires on this fraction of the data sample (module docstring)
 SPARSE_START_Z = 1.476  # P(N(0, 1) > 1.476) = 0.07: the start before data, pre-activations taken as Gaussian
 SAELENS_INIT_THRESHOLD = 0.01  # SAELens's start of the thresholds, the default with its free decoder
 QUANTILE_CHUNK = 1024  # latents whose start is computed at once
@@ -146,15 +138,15 @@ class JumpReLUConfig(DecoderNormConfig):
     (scale ``tanh_scale``); ``pre_act_coeff`` weighs the dead latents' pre-activation loss;
     ``decoder_norm``: project | free (module docstring)."""
 
-    architecture: str = "jumprelu"
-    l0_coeff: float = 5.0
-    init_threshold: float | None = None
-    bandwidth: float = 0.05
-    threshold_lr_mult: float = 10.0
-    ste_to_input: bool = False
-    sparsity_loss: str = "l0"
-    tanh_scale: float = 4.0
-    pre_act_coeff: float = 0.0
+    architecture: str = "jumprelu"  # the registry name, fixed by the class
+    l0_coeff: float = 5.0  # weight of the L0 term (the start value with target_l0)
+    init_threshold: float | None = None  # every threshold's start; None: the sparse start (module docstring)
+    bandwidth: float = 0.05  # width eps of the straight-through rectangle kernel (SAELens's)
+    threshold_lr_mult: float = 10.0  # the thresholds learn at lr times this
+    ste_to_input: bool = False  # the straight-through gradient reaches the pre-activations too
+    sparsity_loss: str = "l0"  # l0: the L0 term | tanh: Anthropic's smooth count
+    tanh_scale: float = 4.0  # c of the tanh count tanh(c * z_i * ||W_dec,i||)
+    pre_act_coeff: float = 0.0  # weight of the dead latents' pre-activation loss (Anthropic: 3e-6; 0: off)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -171,7 +163,9 @@ class JumpReLUConfig(DecoderNormConfig):
 
 @register("jumprelu")
 class JumpReLUSAE(SAE):
-    """See module docstring."""
+    """JumpReLU SAE: ``z = pre * H(pre - theta)`` with a learned per-latent threshold ``theta`` (parameter
+    ``threshold``, kept >= 0, its own optimizer group) trained by straight-through estimators against
+    reconstruction + ``sae.l0_coeff`` * L0 (module docstring)."""
 
     config_class = JumpReLUConfig
     sparsity_key = "sae.l0_coeff"
@@ -221,7 +215,7 @@ class JumpReLUSAE(SAE):
                 {"params": [self.threshold], "lr": lr * self.cfg.threshold_lr_mult}]
 
     def upgrade_weights(self, weights: dict[str, Tensor]) -> dict[str, Tensor]:
-        """A folder written when the threshold was trained as ``log_threshold`` holds ``log theta``."""
+        """A folder that stores ``log_threshold`` (the paper's parametrisation) holds ``log theta``."""
         if "log_threshold" in weights and "threshold" not in weights:
             weights = dict(weights)
             weights["threshold"] = weights.pop("log_threshold").exp()

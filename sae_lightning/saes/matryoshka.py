@@ -36,14 +36,13 @@ def default_prefixes(d_sae: int) -> list[int]:
 class MatryoshkaConfig(BatchTopKConfig):
     """``sae=matryoshka``: BatchTopK's keys and ``prefixes``, the nested dictionary sizes (strictly
     increasing, the last equal to d_sae); empty: ``d_sae / 64, d_sae / 16, d_sae / 4, d_sae``.
-    ``decoder_norm`` defaults to ``project``, not TopK's ``rescale``: on held-out layer 3 at k=64 the
-    rescaled decoder from norm 0.1 ended 0.0069 worse with 14 % of latents dead, and b_dec at zero with it
-    0.0174 worse (``benchmarks/results/topk_ablation_l3.txt``); ``project`` beats SAELens's Matryoshka there
-    and on layer 6."""
+    ``decoder_norm`` defaults to ``project``, not TopK's ``rescale``, which does worse under the nested
+    losses (``docs/decisions.md``)."""
 
-    architecture: str = "matryoshka"
-    decoder_norm: str = "project"
+    architecture: str = "matryoshka"  # the registry name, fixed by the class
+    decoder_norm: str = "project"  # not TopK's rescale (class docstring)
     prefixes: list[int] = field(default_factory=list)
+    """nested dictionary sizes, the last d_sae; empty: default_prefixes"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -54,7 +53,8 @@ class MatryoshkaConfig(BatchTopKConfig):
 
 @register("matryoshka")
 class MatryoshkaSAE(BatchTopKSAE):
-    """See module docstring. ``prefixes`` are the resolved nested sizes, the last one ``d_sae``."""
+    """Matryoshka BatchTopK SAE: BatchTopK whose loss sums the reconstructions of nested prefixes of the
+    dictionary (module docstring); ``prefixes`` are the resolved sizes, the last one ``d_sae``."""
 
     config_class = MatryoshkaConfig
 

@@ -47,11 +47,11 @@ class ReLUConfig(PenalisedConfig):
     """``sae=relu``: the L1 coefficient is the root key ``l1``; ``p_start``/``p_end``/``p_anneal_start``
     anneal the penalty's exponent (module docstring)."""
 
-    architecture: str = "relu"
-    ghost_grads: bool = False
-    p_start: float = 1.0
-    p_end: float = 1.0
-    p_anneal_start: float = 0.5
+    architecture: str = "relu"  # the registry name, fixed by the class
+    ghost_grads: bool = False  # ghost grads (Anthropic, January 2024) on dead latents
+    p_start: float = 1.0  # the penalty's exponent p until p_anneal_start (1: the L1 penalty)
+    p_end: float = 1.0  # p at the last step, reached linearly (= p_start: no annealing)
+    p_anneal_start: float = 0.5  # fraction of training where p starts to move
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,9 +1,8 @@
 """Anthropic's April 2024 update of the standard SAE: L1 weighted by decoder row norms.
 
 ``L1 = mean_tokens sum_i z_i ||W_dec[i]||``; the decoder is unconstrained. The update's init: random
-decoder rows of norm 0.1, ``W_enc = W_dec^T``, both biases at zero (``b_dec_init`` defaults to
-``zeros``: a centred ``b_dec`` trades L0 for MSE worse with this loss at equal work,
-benchmarks/quality_vs_saelens.py). SAELens's ``standard`` SAE trains the same loss.
+decoder rows of norm 0.1, ``W_enc = W_dec^T``, both biases at zero (``b_dec_init`` defaults to ``zeros``;
+the evidence is in ``docs/decisions.md``). SAELens's ``standard`` SAE trains the same loss.
 """
 
 from __future__ import annotations
@@ -21,8 +20,8 @@ from sae_lightning.saes.relu import ReLUConfig, ReLUSAE
 class ReLUDecoderNormConfig(ReLUConfig):
     """``sae=relu_dn``: the L1 coefficient is the root key ``l1``."""
 
-    architecture: str = "relu_dn"
-    b_dec_init: str = "zeros"
+    architecture: str = "relu_dn"  # the registry name, fixed by the class
+    b_dec_init: str = "zeros"  # the update's start: b_dec at zero (module docstring)
 
 
 @register("relu_dn")

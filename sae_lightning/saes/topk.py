@@ -10,13 +10,10 @@ Decoder norm (``sae.decoder_norm``): ``rescale`` (default, as SAELens) keeps the
 parameters initialised at norm 0.1 (encoder = their transpose) and computes with them divided by their
 norms, the norms multiplied into the encoder (``SAE.weights``); ``project`` keeps the rows at unit norm
 by gradient projection and renormalisation after each step (Gao et al.). The function is the same; the
-optimisation is not: on SmolLM2 layer 3 (``benchmarks/topk_ablation.py``; not the layer the quality
-benchmark scores) ``rescale`` reached a lower held-out normalized MSE in the same steps.
+optimisation is not: Adam steps on different parameters, from rows at norm 0.1 instead of 1.
 
-``b_dec_init`` defaults to ``zeros`` (SAELens's), not the geometric median: on the same layer-3 data, with
-the rescaled decoder at k=32, the median start ended at held-out normalized MSE 0.2414, zeros at 0.2402
-(SAELens's TopK: 0.2404), the whole of what remained between the two libraries there. (BatchTopK keeps
-the median: there zeros did worse.)
+``b_dec_init`` defaults to ``zeros`` (SAELens's), not the geometric median; BatchTopK keeps the median.
+The evidence for these defaults is in ``docs/decisions.md``.
 
 Two implementations of the same function (``sae.sparse_kernel``): ``dense`` scatters the k
 values into a [B, d_sae] matrix and decodes with a matmul (the reference); ``sparse`` decodes only
@@ -45,13 +42,13 @@ class TopKConfig(SAEConfig):
     ``sparse_kernel``: auto | sparse | dense; ``decoder_norm``: rescale | project; ``b_dec_init`` zeros
     (module docstring)."""
 
-    architecture: str = "topk"
-    k: int = 32
-    aux_k: int = 512
-    aux_coeff: float = 1.0 / 32
-    sparse_kernel: str = "auto"
-    decoder_norm: str = "rescale"
-    b_dec_init: str = "zeros"
+    architecture: str = "topk"  # the registry name, fixed by the class
+    k: int = 32  # active latents per token
+    aux_k: int = 512  # dead latents AuxK reconstructs the residual from, per token
+    aux_coeff: float = 1.0 / 32  # AuxK's weight in the loss
+    sparse_kernel: str = "auto"  # auto (sparse when k <= d_sae / 8) | sparse | dense
+    decoder_norm: str = "rescale"  # rescale: free rows used at unit norm | project: rows kept at unit norm
+    b_dec_init: str = "zeros"  # SAELens's start (BatchTopK keeps the geometric median)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,7 +63,8 @@ class TopKConfig(SAEConfig):
 
 @register("topk")
 class TopKSAE(SAE):
-    """See module docstring; ``self.sparse`` says which implementation ``forward`` uses."""
+    """TopK SAE: the ``sae.k`` largest pre-activations of each token kept (after a ReLU), AuxK on dead latents
+    (module docstring); ``self.sparse`` says which implementation ``forward`` uses."""
 
     config_class = TopKConfig
     sparsity_key = "sae.k"

@@ -1,0 +1,147 @@
+"""The key reference ``docs/config.md``, generated from the config dataclasses and their field comments.
+
+Every field of a config dataclass is documented where it is defined: a comment beside it or a string
+literal right under it (``tests/test_docs.py`` checks both that and that ``docs/config.md`` is what
+``render()`` makes now). ``python -m sae_lightning.configdoc > docs/config.md`` regenerates the file.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import importlib
+import inspect
+import io
+import json
+import sys
+import tokenize
+import typing
+from pathlib import Path
+from typing import NamedTuple
+
+from sae_lightning.config import EvalConfig, TrainConfig
+from sae_lightning.saes import SAE_REGISTRY
+
+
+class FieldDoc(NamedTuple):
+    """Where a field is defined and its documentation (None when it has none)."""
+
+    line: int
+    text: str | None
+
+
+def _string_at(stmt: ast.stmt | None, line: int) -> str | None:
+    """The string literal that ``stmt`` is when it is one and starts at ``line``."""
+    if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and stmt.lineno == line:
+        return stmt.value.value if isinstance(stmt.value.value, str) else None
+    return None
+
+
+def field_docs(source: str) -> dict[str, dict[str, FieldDoc]]:
+    """``{class: {field: FieldDoc}}`` for the annotated fields of every class in ``source``. A field's
+    documentation is the comment on its own lines (beside it) or the string literal right under it."""
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
+    out: dict[str, dict[str, FieldDoc]] = {}
+    for cls in (n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef)):
+        fields = out.setdefault(cls.name, {})
+        for stmt, after in zip(cls.body, [*cls.body[1:], None], strict=True):
+            if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+                continue
+            end = stmt.end_lineno or stmt.lineno
+            beside = " ".join(comments[n] for n in range(stmt.lineno, end + 1) if n in comments)
+            under = " ".join((_string_at(after, end + 1) or "").split())
+            fields[stmt.target.id] = FieldDoc(stmt.lineno, beside or under or None)
+    return out
+
+
+def source_file(cls: type) -> Path:
+    """The file that defines ``cls``."""
+    return Path(importlib.import_module(cls.__module__).__file__ or "")
+
+
+@functools.cache
+def _file_docs(path: Path) -> dict[str, dict[str, FieldDoc]]:
+    return field_docs(path.read_text(encoding="utf-8"))
+
+
+def field_doc(cls: type, name: str) -> tuple[type, FieldDoc]:
+    """The class of ``cls``'s MRO whose body defines (or redefines) field ``name``, and its documentation."""
+    for owner in cls.__mro__:
+        found = _file_docs(source_file(owner)).get(owner.__name__, {}).get(name)
+        if found is not None:
+            return owner, found
+    raise LookupError(f"{cls.__name__}.{name}: no class of its MRO defines it")
+
+
+def _section_class(cls: type, f: dataclasses.Field) -> type | None:
+    """The config dataclass a field holds (``x: SomeConfig`` or ``x: SomeConfig | None``), else None."""
+    hint = typing.get_type_hints(cls)[f.name]
+    for t in (hint, *typing.get_args(hint)):
+        if isinstance(t, type) and dataclasses.is_dataclass(t):
+            return t
+    return None
+
+
+def _default(f: dataclasses.Field) -> str:
+    """The field's default as YAML would write it."""
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "(required)"
+    return json.dumps(value) if isinstance(value, bool | type(None) | list) else str(value)
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _sections(cls: type, title: str, prefix: str, skip: tuple[str, ...] = ()) -> list[str]:
+    """``cls``'s table (``| key | default | meaning |``), then one section per nested config."""
+    lines = [f"### {title}", "", inspect.cleandoc(cls.__doc__ or ""), "",
+             "| key | default | meaning |", "|---|---|---|"]
+    nested = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        if _section_class(cls, f) is not None:
+            nested.append(f)
+            continue
+        text = field_doc(cls, f.name)[1].text or ""
+        lines.append(f"| `{prefix}{f.name}` | `{_escape(_default(f))}` | {_escape(text)} |")
+    lines.append("")
+    for f in nested:
+        lines += _sections(_section_class(cls, f), f"`{prefix}{f.name}.`", f"{prefix}{f.name}.")
+    return lines
+
+
+def render() -> str:
+    """The whole of ``docs/config.md``."""
+    lines = [
+        "# Configuration keys",
+        "",
+        "Generated by `python -m sae_lightning.configdoc > docs/config.md` from the config dataclasses",
+        "(`sae_lightning/config.py`, `sae_lightning/saes/*.py`) and the comment beside each field: do",
+        "not edit it by hand. Defaults are the dataclasses'; presets in `conf/` (`model=`, `data=`,",
+        "`experiment=`, ...) set others. The evidence behind the defaults is in",
+        "[decisions.md](decisions.md).",
+        "",
+        "## train.py",
+        "",
+        *_sections(TrainConfig, "Root keys", "", skip=("sae",)),
+        "## `sae=<architecture>`",
+        "",
+        "Each architecture's keys (`sae.<key>`); `sae.architecture` is set by `sae=<name>`.",
+        "",
+    ]
+    for name, sae_cls in sorted(SAE_REGISTRY.items()):
+        lines += _sections(sae_cls.config_class, f"`sae={name}`", "sae.", skip=("architecture",))
+    lines += ["## evaluate.py", "", *_sections(EvalConfig, "Root keys", "")]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render())
