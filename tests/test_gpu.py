@@ -132,3 +132,19 @@ def test_train_then_evaluate_on_the_gpu(tmp_path: Path, tiny_gpt2_dir: Path, tin
                 "downstream_contexts=8", cwd=tmp_path)
     m = json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
     assert 0.3 < m["explained_variance"] <= 1.0 and m["ce_loss_recovered"] > 0
+
+
+def test_live_activations_on_the_gpu(tmp_path: Path, tiny_gpt2_dir: Path, tinystories_path: Path) -> None:
+    """``activations=live`` with the LM in bf16 on CUDA (its windows filled on a side stream by the
+    prefetch thread) and the SAE under bf16 autocast: the run finishes, learns, and writes no cache."""
+    run_dir = tmp_path / "run"
+    _cli("train.py", "activations=live", f"model.name={tiny_gpt2_dir}", "model.dtype=bfloat16",
+         "model.device=cuda:0", "data=tinystories_local", f"data.path={tinystories_path}",
+         "data.context_size=64", "data.n_tokens=20000", "activations.buffer_tokens=4096", "layer=1",
+         "sae.dict_mult=4", "lr=3e-3", "batch_size=256", "train_tokens=25600", "logger=csv", "trainer=gpu",
+         "trainer.limit_val_batches=4", "trainer.val_every_n_steps=25", "trainer.progress_bar=false",
+         f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 100
+    assert summary["metrics"]["val/explained_variance"] > 0.3
+    assert not (tmp_path / "cache").exists()

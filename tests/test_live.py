@@ -177,6 +177,17 @@ def test_transcoder_pairs_come_from_one_forward(tiny_gpt2, tiny_gpt2_dir, text) 
             torch.testing.assert_close(mlp(x), y, rtol=1e-4, atol=1e-5)
 
 
+def test_a_bfloat16_model_gives_float32_rows_close_to_the_float32_model(tiny_gpt2, tiny_gpt2_dir,
+                                                                         text) -> None:
+    """``model.dtype=bfloat16``: the LM runs in bf16, the windows hold float32 rows for the SAE."""
+    cfg, _ = configure(live_overrides(tiny_gpt2_dir, text, **{"model.dtype": "bfloat16"}))
+    bf16 = LiveDataModule(cfg)
+    assert next(bf16.lm.model.parameters()).dtype == torch.bfloat16
+    x16, x32 = take(bf16, 1)[0], take(datamodule(tiny_gpt2, tiny_gpt2_dir, text), 1)[0]
+    assert x16.dtype == torch.float32
+    torch.testing.assert_close(x16, x32, rtol=0.1, atol=0.02)
+
+
 def test_scale_and_samples_come_from_training_rows(tiny_gpt2, tiny_gpt2_dir, text) -> None:
     dm = datamodule(tiny_gpt2, tiny_gpt2_dir, text)
     x = dm.sample(100)
