@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine (Python 3.11+ and pip are all it needs):
 #   make quickstart   set up .venv/, then cache activations, train and evaluate an SAE on the offline default
 #   make test         set up .venv/ with the dev extra, then run the test suite
+# CI (.ci/run) runs `make test`, then `make lint` (ruff check .).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
