@@ -1,14 +1,17 @@
 # Two commands do all set-up on a fresh machine (Python 3.11+ and pip are all it needs):
 #   make quickstart   set up .venv/, then cache activations, train and evaluate an SAE on the offline default
 #   make test         set up .venv/ with the dev extra, then run the test suite
+# CI (.ci/run) runs `make test`, then `make lint` (ruff check .).
+# Every install is constrained by constraints.txt (the exact versions CI tested); `make lock` rewrites it.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 RUN_DIR := outputs/quickstart/$(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: setup setup-dev quickstart test lint bench
+.PHONY: setup setup-dev quickstart test lint lock bench
 
 PIP := $(PY) -m pip install -q --disable-pip-version-check
+LOCK := constraints.txt
 SETUP_LOG := $(VENV)/setup.log
 
 # One set-up step: a line saying what is installed and how long it took. The tools' own output goes to
@@ -23,13 +26,13 @@ $(VENV)/bin/python:
 	$(call step,Creating $(VENV)/ and upgrading pip,$(PYTHON) -m venv $(VENV) && $(PIP) --upgrade pip)
 
 # torch is installed first, pinned: on a CPU-only machine an unpinned torch would pull a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
-	$(call step,Installing torch 2.13.0,$(PIP) torch==2.13.0)
-	$(call step,Installing sae-lightning and its dependencies,$(PIP) -e .)
+$(VENV)/.installed: pyproject.toml $(LOCK) | $(VENV)/bin/python
+	$(call step,Installing torch 2.13.0,$(PIP) -c $(LOCK) torch==2.13.0)
+	$(call step,Installing sae-lightning and its dependencies,$(PIP) -c $(LOCK) -e .)
 	@touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(call step,Installing the dev extra (pytest ruff sae-lens sweeps),$(PIP) -e '.[dev]')
+	$(call step,Installing the dev extra (pytest ruff sae-lens sweeps),$(PIP) -c $(LOCK) -e '.[dev]')
 	@touch $@
 
 setup: $(VENV)/.installed
@@ -41,7 +44,18 @@ quickstart: setup
 	@echo "Report: $(RUN_DIR)/eval/report.html"
 
 test: setup-dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 lint: setup-dev
 	$(VENV)/bin/ruff check .
+
+# Rewrite constraints.txt from what .venv holds now (the project itself left out; torch's local build label,
+# e.g. +cpu, dropped so the pin matches any build of that version). To move a pin: `.venv/bin/pip install -U
+# <package>`, `make test`, then `make lock`, and commit constraints.txt.
+lock: setup-dev
+	@{ echo "# Exact versions of every package the dev set-up installs, as tested: made by \`make lock\` from"; \
+	  echo "# .venv/ (see the Makefile), used by every install (\`pip install -c constraints.txt ...\`)."; \
+	  $(PY) -m pip freeze --exclude-editable --disable-pip-version-check | sed -E 's/^(torch==[^+]*)\+.*/\1/'; \
+	} > $(LOCK).tmp && mv $(LOCK).tmp $(LOCK)
+	@touch $(VENV)/.installed $(VENV)/.installed-dev
+	@echo "$(LOCK): $$(grep -c '==' $(LOCK)) pins"

@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from sae_lightning.config import register_configs, to_config
-from sae_lightning.console import quiet_console
+from sae_lightning.console import quiet_console, report_user_errors
 from sae_lightning.evaluate.run import eval_dir_for
 
 register_configs()
@@ -19,6 +19,7 @@ if not OmegaConf.has_resolver("eval_dir"):
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
+@report_user_errors
 def main(dict_cfg: DictConfig) -> None:
     cfg = to_config(dict_cfg)
     quiet_console()

@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from sae_lightning.config import check_sparsity_override, register_configs, to_config
-from sae_lightning.console import quiet_console
+from sae_lightning.console import quiet_console, report_user_errors
 from sae_lightning.sweep import is_multirun, register_resolvers, run_sweep_job
 
 log = logging.getLogger("train")
@@ -51,6 +51,7 @@ def train(dict_cfg: DictConfig) -> float:
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
+@report_user_errors
 def main(dict_cfg: DictConfig) -> float | None:
     if is_multirun():
         return run_sweep_job(dict_cfg, train, script=__file__)

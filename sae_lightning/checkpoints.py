@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from sae_lightning.checks import UserError
 from sae_lightning.io import atomic_write, atomic_write_json
 from sae_lightning.module import SAEModule
 from sae_lightning.step import NonFiniteError
@@ -43,7 +44,7 @@ _NOT_IN_FINGERPRINT = ("ckpt_path",)
 _SKIP_DIRS = {"checkpoints", "wandb", "csv", ".hydra"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be written, found or used; the message names the file and what to do."""
 
 

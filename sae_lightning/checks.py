@@ -1,12 +1,23 @@
-"""Config validation shared by every dataclass config (Hydra-free, so ``saes/`` can use it alone)."""
+"""Config validation shared by every dataclass config, and ``UserError``, the base of the errors a user can
+fix (Hydra-free, so ``saes/`` can use it alone)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Something the user gave or asked for cannot be used (a config value, a file, a checkpoint, a model);
+    the message names it and what to do. ``train.py``, ``evaluate.py`` and ``python -m
+    sae_lightning.cache`` print the message alone, with no traceback (``sae_lightning.console``)."""
+
+
+class ConfigError(UserError, ValueError):
     """A configuration value is out of range; the message names the key and the fix."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or directory named in the config does not exist; the message names the key and the path."""
 
 
 def check(ok: bool, key: str, value: Any, why: str) -> None:

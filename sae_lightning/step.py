@@ -21,12 +21,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from sae_lightning.checks import UserError
 from sae_lightning.saes import SAE, SAEOutput
 
 DATA_INIT_ROWS = 32_768  # training rows sampled for the data-dependent start (SAE.init_from_data)
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(UserError, FloatingPointError):
     """The loss or a weight became NaN/Inf; the message names the step and the quantity."""
 
 

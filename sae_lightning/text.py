@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sae_lightning.checks import ConfigError, MissingFileError, UserError
 from sae_lightning.config import DataConfig
 from sae_lightning.io import atomic_write_json, sha256_file
 
@@ -35,6 +36,15 @@ _FIRST_TOKENIZE_CHARS = 1 << 14
 _TOKENIZE_CHARS = 1 << 20
 _HUB_TIMEOUT_S = 3.0
 _TRUE = ("1", "ON", "YES", "TRUE")
+
+
+class DataError(UserError, ValueError):
+    """The text a config points at cannot be used (empty, not UTF-8, too short); the message names the file
+    and the fix."""
+
+
+class DatasetUnavailableError(UserError, ConnectionError):
+    """A hub dataset cannot be streamed (offline and not cached); the message names the local preset."""
 
 
 # ---------------------------------------------------------------- shared helpers (also used by lm/)
@@ -117,18 +127,18 @@ def resolve_text_files(path: str) -> list[Path]:
     if os.path.isdir(expanded):
         files = sorted(Path(expanded).glob("*.txt"))
         if not files:
-            raise FileNotFoundError(f"data.path={path!r} is a directory without .txt files; "
-                                    "point data.path at a .txt file, a directory of them or a glob")
+            raise MissingFileError(f"data.path={path!r} is a directory without .txt files; "
+                                   "point data.path at a .txt file, a directory of them or a glob")
     elif os.path.isfile(expanded):
         files = [Path(expanded)]
     else:
         files = [Path(p) for p in sorted(glob.glob(expanded, recursive=True)) if os.path.isfile(p)]
         if not files:
-            raise FileNotFoundError(f"data.path={path!r} matches no file (relative to {os.getcwd()}); "
-                                    f"give an existing .txt file, directory or glob, or {LOCAL_DATA_PRESET}")
+            raise MissingFileError(f"data.path={path!r} matches no file (relative to {os.getcwd()}); "
+                                   f"give an existing .txt file, directory or glob, or {LOCAL_DATA_PRESET}")
     for f in files:
         if f.stat().st_size == 0:
-            raise ValueError(f"Text file {f} is empty; remove it from data.path or fill it")
+            raise DataError(f"Text file {f} is empty; remove it from data.path or fill it")
     return files
 
 
@@ -157,7 +167,7 @@ def _decode(decoder: codecs.IncrementalDecoder, chunk: bytes, offset: int, path:
         return decoder.decode(chunk, final=final)
     except UnicodeDecodeError as err:
         at = offset - held + err.start
-        raise ValueError(f"Text file {path} is not valid UTF-8: byte 0x{err.object[err.start]:02x} at byte "
+        raise DataError(f"Text file {path} is not valid UTF-8: byte 0x{err.object[err.start]:02x} at byte "
                          f"offset {at}; re-encode it, e.g. `iconv -f latin1 -t utf-8 {path} > fixed.txt`"
                          ) from None
 
@@ -166,24 +176,24 @@ def iter_documents(cfg: DataConfig) -> Iterator[str]:
     """The documents of ``cfg``'s source, in a fixed order."""
     if cfg.source == "files":
         if not cfg.path:
-            raise ValueError("data.source=files needs data.path=<file, directory or glob of .txt files>")
+            raise ConfigError("data.source=files needs data.path=<file, directory or glob of .txt files>")
         if cfg.separator == "":
-            raise ValueError("data.separator='' cannot split documents; give the string between them, "
-                             "e.g. data.separator='<|endoftext|>', or data.separator=null for one document "
-                             "per file")
+            raise ConfigError("data.separator='' cannot split documents; give the string between them, "
+                              "e.g. data.separator='<|endoftext|>', or data.separator=null for one document "
+                              "per file")
         for f in resolve_text_files(cfg.path):
             yield from read_documents(f, cfg.separator)
     elif cfg.source == "hub":
         yield from _hub_documents(cfg)
     else:
-        raise ValueError(f"Unknown data.source={cfg.source!r}: choose hub or files")
+        raise ConfigError(f"Unknown data.source={cfg.source!r}: choose hub or files")
 
 
 def _hub_documents(cfg: DataConfig) -> Iterator[str]:
     for i, row in enumerate(_open_hub_dataset(cfg)):
         if i == 0 and cfg.text_column not in row:
-            raise ValueError(f"Dataset {cfg.name!r} has no column data.text_column={cfg.text_column!r}; "
-                             f"its columns are {sorted(row)}")
+            raise ConfigError(f"Dataset {cfg.name!r} has no column data.text_column={cfg.text_column!r}; "
+                              f"its columns are {sorted(row)}")
         yield row[cfg.text_column]
 
 
@@ -197,11 +207,10 @@ def _open_hub_dataset(cfg: DataConfig) -> Iterable[dict[str, Any]]:
     if _in_datasets_cache(cfg.name):
         with hub_offline_mode():
             return datasets.load_dataset(cfg.name, split=cfg.split).to_iterable_dataset()
-    raise ConnectionError(f"Cannot stream dataset {cfg.name!r} (split {cfg.split!r}) from the Hugging Face "
-                          f"hub: {reason}, and it is not in the local datasets cache "
-                          f"{datasets.config.HF_DATASETS_CACHE}. "
-                          f"Use {LOCAL_DATA_PRESET} (the local TinyStories sample) or data=text "
-                          "data.path=<your .txt files>.")
+    raise DatasetUnavailableError(
+        f"Cannot stream dataset {cfg.name!r} (split {cfg.split!r}) from the Hugging Face hub: {reason}, and "
+        f"it is not in the local datasets cache {datasets.config.HF_DATASETS_CACHE}. Use {LOCAL_DATA_PRESET} "
+        "(the local TinyStories sample) or data=text data.path=<your .txt files>.")
 
 
 def _in_datasets_cache(name: str) -> bool:
@@ -249,12 +258,12 @@ def resolve_prepend_bos(prepend_bos: bool | str, tokenizer: Any) -> bool:
 def _special_ids(tokenizer: Any, prepend_bos: bool | str) -> tuple[int | None, int]:
     name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"Tokenizer {name!r} has no EOS token to separate documents; "
-                         "use a tokenizer with an eos_token (or set tokenizer.eos_token)")
+        raise ConfigError(f"Tokenizer {name!r} has no EOS token to separate documents; "
+                          "use a tokenizer with an eos_token (or set tokenizer.eos_token)")
     prepend_bos = resolve_prepend_bos(prepend_bos, tokenizer)
     if prepend_bos and tokenizer.bos_token_id is None:
-        raise ValueError(f"Tokenizer {name!r} has no BOS token but data.prepend_bos=true; "
-                         "set data.prepend_bos=false (or auto)")
+        raise ConfigError(f"Tokenizer {name!r} has no BOS token but data.prepend_bos=true; "
+                          "set data.prepend_bos=false (or auto)")
     return (tokenizer.bos_token_id if prepend_bos else None), tokenizer.eos_token_id
 
 
@@ -317,7 +326,7 @@ def iter_token_batches(cfg: DataConfig, tokenizer: Any, batch_size: int) -> Iter
         yield torch.from_numpy(np.concatenate(pending))
         n_done += n_pending * cfg.context_size
     if n_done == 0:
-        raise ValueError(f"Data source {_describe(cfg)} holds fewer than data.context_size="
+        raise DataError(f"Data source {_describe(cfg)} holds fewer than data.context_size="
                          f"{cfg.context_size} tokens; give more text or a smaller context_size")
     warnings.warn(f"Data source {_describe(cfg)} ran out after {n_done} tokens, before "
                   f"data.n_tokens={cfg.n_tokens}", stacklevel=2)

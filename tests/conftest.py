@@ -11,6 +11,9 @@ Session-scoped, built offline in a few seconds, and loaded through the same code
   d_mlp 96, GQA 4/2 heads, 64 positions) plus the tokenizer, via ``save_pretrained``.
 - ``tiny_gpt2`` / ``tiny_llama``: those directories loaded as ``HookedLM`` on CPU. Treat them as read-only.
 - ``tinystories_path``: the shared TinyStories sample file.
+
+``pytest -m gpu`` on a machine without CUDA stops with an error instead of passing on skipped tests
+(``pytest_configure``); in a run that does not ask for the GPU tests they are skipped, as in CI.
 """
 
 from __future__ import annotations
@@ -24,6 +27,24 @@ import torch
 # ../shared beside the checkout, as in CI (a fresh clone with shared/ next to it)
 TINYSTORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories-train-head.txt"
 SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+
+
+def _asks_for_gpu_tests(markexpr: str) -> bool:
+    """Whether ``-m markexpr`` selects the ``gpu`` tests and leaves out unmarked ones (``-m gpu``,
+    ``-m "gpu and not slow"``), as opposed to a filter that merely lets them through (``-m "not slow"``)."""
+    from _pytest.mark.expression import Expression
+
+    expr = Expression.compile(markexpr)
+    return expr.evaluate(lambda name, **_: name == "gpu") and not expr.evaluate(lambda name, **_: False)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    markexpr = config.getoption("markexpr", default="")
+    if markexpr and _asks_for_gpu_tests(markexpr) and not torch.cuda.is_available():
+        raise pytest.UsageError(
+            f"-m {markexpr!r} asks for the GPU tests, but torch {torch.__version__} finds no CUDA device "
+            "(torch.cuda.is_available() is False), so every one of them would be skipped. Run them on a "
+            "machine with a CUDA GPU and a CUDA build of torch.")
 
 
 @pytest.fixture(scope="session")

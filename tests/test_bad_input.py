@@ -28,12 +28,20 @@ def trained(tmp_path_factory) -> Path:
     return root
 
 
-def _run(script: Path, args: list[str], cwd: Path) -> str:
-    """Run a user command that must fail; returns what it printed."""
-    proc = subprocess.run([sys.executable, str(script), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+def _run(script: Path | list[str], args: list[str], cwd: Path, full_error: bool = False,
+         message_alone: bool = True) -> str:
+    """Run a user command that must fail with exit status 1 (``script``: a file, or the arguments naming a
+    module such as ``["-m", "sae_lightning.cache"]``); returns what it printed. ``full_error`` sets
+    ``HYDRA_FULL_ERROR=1`` (the full traceback); otherwise it is unset and, with ``message_alone``, the
+    output must hold no traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    if full_error:
+        env["HYDRA_FULL_ERROR"] = "1"
+    cmd = [sys.executable, *([str(script)] if isinstance(script, Path) else script), *args]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0, out[-3000:]
+    assert proc.returncode == 1, f"exit status {proc.returncode}:\n{out[-3000:]}"
+    assert full_error or not message_alone or "Traceback" not in out, out[-3000:]
     return out
 
 
@@ -56,6 +64,39 @@ def test_config_errors_name_the_key_before_any_work(tmp_path: Path, override: st
     out = _run(TRAIN, [*overrides(acts, 4), override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     _assert_names(out, *words)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ----- our errors at the command line: the message alone, the traceback only with HYDRA_FULL_ERROR=1 -----
+def _assert_message_alone(out: str, message: str) -> None:
+    assert f"Error: {message}" in out and "Error executing job" not in out, out[-3000:]
+
+
+@pytest.mark.slow
+def test_evaluate_with_a_missing_checkpoint_prints_the_message_alone(tmp_path: Path) -> None:
+    args = [f"ckpt_path={tmp_path / 'nope'}", f"out_dir={tmp_path / 'eval'}"]
+    message = f"{tmp_path / 'nope'} is neither an SAE folder"
+    _assert_message_alone(_run(REPO / "evaluate.py", args, tmp_path), message)
+    full = _run(REPO / "evaluate.py", args, tmp_path, full_error=True)
+    _assert_names(full, "Traceback", f"CheckpointError: {message}")
+
+
+@pytest.mark.slow
+def test_train_with_a_bad_value_prints_the_message_alone(tmp_path: Path) -> None:
+    acts = write_acts(tmp_path / "acts.npy", n=256)
+    args = [*overrides(acts, 4), "l1=-1", f"hydra.run.dir={tmp_path / 'run'}"]
+    message = "Invalid config value l1=-1.0: the L1 coefficient must be >= 0"
+    _assert_message_alone(_run(TRAIN, args, tmp_path), message)
+    assert message in (tmp_path / "run" / "train.log").read_text()  # the run's log says why it stopped
+    _assert_names(_run(TRAIN, args, tmp_path, full_error=True), "Traceback", f"ConfigError: {message}")
+
+
+@pytest.mark.slow
+def test_cache_build_with_bad_overrides_prints_the_message_alone(tmp_path: Path) -> None:
+    build = ["-m", "sae_lightning.cache", "build"]
+    _assert_message_alone(_run(build, ["layer=-1"], tmp_path), "Invalid config value layer=-1: must be >= 0")
+    out = _run(build, ["batch_size=abc"], tmp_path)
+    _assert_message_alone(out, "Error merging override batch_size=abc")
+    _assert_names(out, "Value 'abc' of type 'str' could not be converted to Integer")
 
 
 # ----- the LM side, through run_training ----------------------------------------------------------------
@@ -205,7 +246,9 @@ def test_read_only_output_directory(trained: Path, tmp_path: Path) -> None:
         with pytest.raises(CheckpointError, match=r"cannot write to the output directory .*locked/run.*"
                                                   r"hydra\.run\.dir"):
             train_in_process(over, locked / "run")
-        out = _run(TRAIN, [*over, f"hydra.run.dir={locked / 'run'}"], tmp_path)
+        # Hydra creates the run folder before train.py's code runs: its PermissionError, with Hydra's short
+        # traceback, names the folder
+        out = _run(TRAIN, [*over, f"hydra.run.dir={locked / 'run'}"], tmp_path, message_alone=False)
         _assert_names(out, str(locked / "run"))
 
 

@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..console import user_errors_as_messages
 from .build import PARTIAL_DIR
 from .ensure import ensure_cache
 from .reader import META, ActivationCache, CacheError
@@ -97,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "build":
-        return build(args.overrides, args.config_dir)
+        from hydra.errors import CompactHydraException
+
+        with user_errors_as_messages(CompactHydraException):  # a bad override too, as train.py prints it
+            return build(args.overrides, args.config_dir)
     if args.command == "list":
         return list_caches(args.root)
     return verify(args.root, args.paths)

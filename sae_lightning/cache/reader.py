@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checks import UserError
 from ..io import sha256_file
 from .key import FORMAT_VERSION, CacheKey
 from .shardfile import ShardError, memmap_shard, read_header
@@ -29,7 +30,7 @@ NORM_SAMPLE_ROWS = 32_768
 _VERIFIED: set[tuple[str, int, int]] = set()   # (path, size, mtime_ns) hashed by this process
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """A cache or array on disk cannot be used; the message names the file and the fix."""
 
 

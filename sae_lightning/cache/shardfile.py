@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checks import UserError
+
 # safetensors dtype tag -> numpy dtype that holds the raw bytes (bf16 travels as uint16 bits)
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
               "I32": np.int32, "I16": np.int16}
@@ -26,7 +28,7 @@ _TAGS = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.i
 _CHUNK = 16 << 20
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A shard file is unreadable, truncated or fails its checksum; the message names file and fix."""
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checks import UserError
 from ..io import atomic_write_json, sha256_file
 from .shardfile import read_header, write_shard
 
@@ -25,7 +26,7 @@ PROGRESS = "progress.json"
 NORM_STRIDE = 8
 
 
-class CacheBuildError(RuntimeError):
+class CacheBuildError(UserError, RuntimeError):
     """A build could not finish; the message names the file and what to do."""
 
 

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from sae_lightning.checks import ConfigError
 from sae_lightning.config import HOOK_NAMES, is_hook_name, parse_module_hook
 from sae_lightning.lm.layout import (
     MODULE_HELP,
@@ -54,19 +55,19 @@ class ModelShape:
         return cls(str(config.model_type), int(config.num_hidden_layers), int(positions))
 
     def check_context_size(self, context_size: int) -> None:
-        """ValueError unless the model accepts inputs of ``context_size`` tokens."""
+        """ConfigError unless the model accepts inputs of ``context_size`` tokens."""
         if context_size > self.context_size:
-            raise ValueError(f"data.context_size={context_size} exceeds the model's max positions "
-                             f"({self.context_size}); set data.context_size<={self.context_size}")
+            raise ConfigError(f"data.context_size={context_size} exceeds the model's max positions "
+                              f"({self.context_size}); set data.context_size<={self.context_size}")
 
     def check_hook(self, hook: HookPoint) -> None:
-        """ValueError for a hook name we do not define or a layer outside ``0..n_layers-1``."""
+        """ConfigError for a hook name we do not define or a layer outside ``0..n_layers-1``."""
         if not is_hook_name(hook.name):
-            raise ValueError(f"Hook {hook.name!r} does not exist for family {self.family!r}; choose one of "
-                             f"{', '.join(HOOK_NAMES)}, or {MODULE_HELP}")
+            raise ConfigError(f"Hook {hook.name!r} does not exist for family {self.family!r}; choose one of "
+                              f"{', '.join(HOOK_NAMES)}, or {MODULE_HELP}")
         if not 0 <= hook.layer < self.n_layers:
-            raise ValueError(f"layer={hook.layer} is beyond the model's depth: it has "
-                             f"n_layers={self.n_layers} (valid layers 0..{self.n_layers - 1})")
+            raise ConfigError(f"layer={hook.layer} is beyond the model's depth: it has "
+                              f"n_layers={self.n_layers} (valid layers 0..{self.n_layers - 1})")
 
 
 class _StopForward(Exception):

