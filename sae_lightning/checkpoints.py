@@ -65,7 +65,7 @@ def tensor_digest(checkpoint: dict[str, Any]) -> str:
     """SHA-256 over the bytes of the weights and optimizer state (what silent corruption would change)."""
     h = hashlib.sha256()
     for t in _tensors({k: checkpoint.get(k) for k in ("state_dict", "optimizer_states")}):
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # hashed in place
     return h.hexdigest()
 
 

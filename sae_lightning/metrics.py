@@ -18,7 +18,9 @@ from torch import Tensor
 DENSE_THRESHOLD = 0.1
 FREQ_THRESHOLDS = (0.01, 0.1)  # SAEBench's "firing on more than 1 % / 10 % of tokens"
 SMALL_NORM = 1e-4  # SAEBench's guard: an input row this short is divided by 1 in l2_ratio
+COSINE_EPS = 1e-8  # F.cosine_similarity's default eps
 _NORM_SUMS = ("norm_in", "norm_out", "ratio", "sq_out", "dot")
+LATENT_BLOCK_VALUES = 1 << 20  # ReconstructionStats reads latents in row blocks of at most this many values
 
 
 class ReconstructionStats:
@@ -66,17 +68,32 @@ class ReconstructionStats:
         n_b = x.shape[0]
         if n_b == 0:
             return
-        self._sse += float(((x - x_hat) ** 2).sum())
-        self._cos_sum += float(F.cosine_similarity(x, x_hat, dim=-1).sum())
-        for key, value in _norm_sums(x, x_hat).items():
+        # row norms and dot products once, shared by cosine_sim and the shrinkage sums
+        norm_in, norm_out, dot = x.norm(dim=-1), x_hat.norm(dim=-1), torch.linalg.vecdot(x, x_hat)
+        self._sse += float((x - x_hat).pow_(2).sum())
+        self._cos_sum += float(_cosine(dot, norm_in, norm_out).sum())
+        for key, value in _norm_sums(norm_in, norm_out, dot).items():
             self._sums[key] += value
         mean_b = x.mean(0)
-        self._merge(n_b, mean_b, float(((x - mean_b) ** 2).sum()))
-        if latents_or_fire_counts is not None:
-            self._add_fire_counts(_fire_counts(latents_or_fire_counts), n_b)
-            if latents_or_fire_counts.dim() > 1:
-                self._l1_sum += float(latents_or_fire_counts.detach().double().abs().sum())
-                self.n_l1_tokens += n_b
+        self._merge(n_b, mean_b, float((x - mean_b).pow_(2).sum()))
+        z = latents_or_fire_counts
+        if z is not None and z.dim() == 1:
+            self._add_fire_counts(z, n_b)
+        elif z is not None:
+            self._add_latents(z.detach().reshape(-1, z.shape[-1]))
+
+    def _add_latents(self, z: Tensor) -> None:
+        """Fire counts and the L1 sum of latents ``[n, d_sae]``, in blocks of at most ``LATENT_BLOCK_VALUES``
+        values: a float64 copy of a whole [4096, 6144] batch would be 200 MB, mapped and zeroed afresh by
+        the OS on every call."""
+        rows = max(1, LATENT_BLOCK_VALUES // z.shape[1])
+        counts, l1 = torch.zeros(z.shape[1], dtype=torch.float64, device=z.device), 0.0
+        for block in z.split(rows):
+            counts += torch.count_nonzero(block, dim=0)
+            l1 += float(block.double().abs().sum())
+        self._add_fire_counts(counts, z.shape[0])
+        self._l1_sum += l1
+        self.n_l1_tokens += z.shape[0]
 
     def _merge(self, n_b: int, mean_b: Tensor, m2_b: float) -> None:
         """Chan et al. pairwise merge of (count, mean, M2): exact for any split of the set."""
@@ -143,14 +160,19 @@ class ReconstructionStats:
         return out
 
 
-def _norm_sums(x: Tensor, x_hat: Tensor) -> dict[str, float]:
+def _cosine(dot: Tensor, norm_in: Tensor, norm_out: Tensor) -> Tensor:
+    """Per-row ``cos(x, x̂)`` from the rows' dot products and norms, as ``F.cosine_similarity`` computes it
+    (each norm clamped at ``COSINE_EPS``: 0 for a zero row)."""
+    return dot / (norm_in.clamp(min=COSINE_EPS) * norm_out.clamp(min=COSINE_EPS))
+
+
+def _norm_sums(norm_in: Tensor, norm_out: Tensor, dot: Tensor) -> dict[str, float]:
     """Per-batch sums behind the shrinkage numbers: ``||x||``, ``||x̂||``, ``||x̂||/||x||``, ``||x̂||²``,
-    ``<x, x̂>`` over the rows of ``x`` (float64 ``[n, d]``)."""
-    norm_in, norm_out = x.norm(dim=-1), x_hat.norm(dim=-1)
+    ``<x, x̂>`` over the rows, from their norms and dot products (float64 ``[n]``)."""
     safe_in = torch.where(norm_in < SMALL_NORM, torch.ones_like(norm_in), norm_in)
     return {"norm_in": float(norm_in.sum()), "norm_out": float(norm_out.sum()),
             "ratio": float((norm_out / safe_in).sum()), "sq_out": float((norm_out**2).sum()),
-            "dot": float((x * x_hat).sum())}
+            "dot": float(dot.sum())}
 
 
 def frequency_fractions(density: Tensor, threshold: float) -> dict[str, float]:
@@ -213,14 +235,6 @@ class PromptFireCounts:
 def _rows(t: Tensor) -> Tensor:
     """``[..., d]`` -> ``[n, d]`` float64 (sums of many float32 squares lose digits otherwise)."""
     return t.detach().reshape(-1, t.shape[-1]).double()
-
-
-def _fire_counts(latents_or_fire_counts: Tensor) -> Tensor:
-    """Per-latent number of rows with a non-zero latent; 1-D input is taken as counts already."""
-    t = latents_or_fire_counts
-    if t.dim() == 1:
-        return t
-    return (t.reshape(-1, t.shape[-1]) != 0).sum(0)
 
 
 def _safe_div(num: float, den: float) -> float:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sae_lightning.metrics import (
+    LATENT_BLOCK_VALUES,
     PromptFireCounts,
     ReconstructionStats,
     batch_metrics,
@@ -117,6 +118,25 @@ def test_batching_does_not_change_the_result(split: list[int]) -> None:
     for x, x_hat, z in zip(X.split(split), X_HAT.split(split), Z.split(split), strict=True):
         stats.update(x, x_hat, z)
     assert stats.compute() == pytest.approx(_full_stats(), rel=1e-12)
+
+
+def test_latents_wider_than_a_block_match_a_row_by_row_reference() -> None:
+    """Latents are read in row blocks (``LATENT_BLOCK_VALUES``): a batch spanning several blocks gives the
+    fire counts and L1 of a plain float64 computation, and cosine_sim is F.cosine_similarity's, 0 on a
+    zero row."""
+    g = torch.Generator().manual_seed(0)
+    n, d_sae = 3 * (LATENT_BLOCK_VALUES // 4096) + 5, 4096
+    z = torch.relu(torch.randn(n, d_sae, generator=g) - 1.0)
+    x = torch.randn(n, 8, generator=g)
+    x[0] = 0.0
+    x_hat = x + 0.1 * torch.randn(n, 8, generator=g)
+    stats = ReconstructionStats()
+    stats.update(x, x_hat, z)
+    torch.testing.assert_close(stats.fire_counts, (z != 0).sum(0).double())
+    m = stats.compute()
+    assert m["l1"] == pytest.approx(float(z.double().abs().sum()) / n, rel=1e-12)
+    assert m["cosine_sim"] == pytest.approx(
+        float(torch.nn.functional.cosine_similarity(x.double(), x_hat.double(), dim=-1).sum()) / n, rel=1e-12)
 
 
 def test_merging_two_streams_equals_one() -> None:

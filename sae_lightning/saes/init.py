@@ -17,14 +17,17 @@ def geometric_median(points: Tensor, max_iter: int = 200, tol: float = 1e-6, eps
     median row norm (a scale that outliers do not inflate).
 
     Each step re-weights the rows by the inverse of their distance to the current estimate; ``eps``
-    keeps the weight finite when the estimate lands on a data point.
+    keeps the weight finite when the estimate lands on a data point. The weighted sum is one
+    matrix-vector product, and the differences to the estimate reuse one buffer: a fresh [n, d] float64
+    temporary per step would be mapped and zeroed by the OS each time.
     """
     pts = points.to(torch.float64)
     y = pts.mean(0)
     scale = pts.norm(dim=1).median().clamp(min=eps)
+    diff = torch.empty_like(pts)
     for _ in range(max_iter):
-        w = 1.0 / (pts - y).norm(dim=1).clamp(min=eps)
-        y_next = (w[:, None] * pts).sum(0) / w.sum()
+        w = 1.0 / torch.sub(pts, y, out=diff).norm(dim=1).clamp(min=eps)
+        y_next = (w @ pts) / w.sum()
         done = (y_next - y).norm() <= tol * scale
         y = y_next
         if done:
