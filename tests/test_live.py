@@ -124,7 +124,7 @@ def test_the_window_thread_stops_at_the_end_of_fit(tiny_gpt2, tiny_gpt2_dir, tex
     it = iter(dm.train_dataloader())
     next(it)
     assert any(t.name == "live-activations" for t in threading.enumerate())
-    dm.teardown("fit")
+    dm.teardown("fit")   # stops the window being computed between two forward chunks
     assert not any(t.name == "live-activations" for t in threading.enumerate())
 
 

@@ -57,6 +57,10 @@ class BufferGauge:
             self.bytes -= size
 
 
+class _Stopped(Exception):
+    """The window being computed was given up (the stream was closed)."""
+
+
 class Windows:
     """Cuts a rank's contexts into windows of ``size`` rows and computes them with ``forward``."""
 
@@ -64,6 +68,7 @@ class Windows:
                  lm_batch: int, device: torch.device, gauge: BufferGauge | None = None) -> None:
         self.contexts, self.forward, self.dims = contexts, forward, dims
         self.size, self.lm_batch, self.device, self.gauge = size, lm_batch, device, gauge
+        self.stop: threading.Event | None = None   # set: give up the window being computed
         self._pending: Context | None = None   # the context holding the next row
         self._used = 0                         # rows of it that belong to earlier windows
 
@@ -110,6 +115,8 @@ class Windows:
             out = [self.gauge.track(t) for t in out]
         at = 0
         for i in range(0, len(chunk), self.lm_batch):
+            if self.stop is not None and self.stop.is_set():
+                raise _Stopped
             part = chunk[i:i + self.lm_batch]
             tokens = torch.from_numpy(np.stack([c.tokens for c in part]))
             kept = torch.from_numpy(np.stack([c.kept for c in part]))
@@ -229,6 +236,7 @@ class _Prefetched:
         self.slots = threading.Semaphore(2)
         self.queue: Queue = Queue()
         self.stop = threading.Event()
+        windows.stop = self.stop   # checked between forward chunks, so close() returns within one chunk
         self.thread = threading.Thread(target=self._run, name="live-activations", daemon=True)
         self.thread.start()
         _RUNNING.add(self)
@@ -256,6 +264,8 @@ class _Prefetched:
                     return
                 self.queue.put((w, bufs))
                 del bufs
+        except _Stopped:
+            return
         except BaseException as err:  # handed to the consumer, which raises it
             self.queue.put(err)
 
