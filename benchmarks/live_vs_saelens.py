@@ -38,9 +38,10 @@ faster TopK). Ends with one ``key=value`` line.
 
 Our live mode's command line is in ``OURS_COMMON`` / ``OURS_ACTIVATIONS`` / ``OURS_SAE`` below.
 ``--ours-activations lm`` times the disk-cache path instead (the cache built inside each run in a fresh
-directory, so the LM forward is counted): a stand-in until ``activations=live`` exists, not the figure.
+directory, so the LM forward is counted): a comparison point, not the live figure.
 
-Run (about 5 contenders x 3 repetitions x 2-4 minutes on 2 cores), under the timing lock:
+Run under the timing lock (5 contenders x 3 repetitions of several CPU minutes each: about an hour on 2
+idle cores):
     flock -x /tmp/cpu-bench.lock python benchmarks/live_vs_saelens.py \
         --out benchmarks/results/live_vs_saelens_cpu.txt
 """
@@ -75,7 +76,7 @@ OURS_COMMON = [
 ]
 OURS_ACTIVATIONS = {
     "live": ["activations=live", "activations.buffer_tokens={buffer_rows}"],
-    # the stand-in: the disk cache, built inside the run from the tokens it trains on
+    # for comparison: the disk cache, built inside the run from the tokens it trains on
     "lm": ["activations=lm", "activations.cache_dir={run_dir}/cache", "data.n_tokens={tokens}"],
 }
 OURS_SAE = {"relu_dn": ["sae=relu_dn", "l1={l1}"], "topk": ["sae=topk", "sae.k={k}"]}
@@ -112,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
     p.add_argument("--ours-activations", choices=list(OURS_ACTIVATIONS), default="live",
-                   help="live (the figure) or lm (the disk-cache path, a stand-in)")
+                   help="live (the figure) or lm (the disk-cache path, for comparison)")
     p.add_argument("--model-dir", type=Path, default=None,
                    help="a local HF model directory for both sides (default: the converted SmolLM2)")
     p.add_argument("--text", type=Path,
@@ -295,9 +296,11 @@ def timed(cmd: list[str], log: Path) -> Run:
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
+    run = Run(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20)
     if proc.returncode != 0:
-        raise RuntimeError(f"exit {proc.returncode}: {' '.join(cmd)}\n{log.read_text()[-4000:]}")
-    return Run(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20)
+        raise RuntimeError(f"exit {proc.returncode} after {run.wall:.1f} s wall, {run.cpu:.1f} s CPU: "
+                           f"{' '.join(cmd)}\n{log.read_text()[-4000:]}")
+    return run
 
 
 def gemm_gflops(reps: int = 5) -> float:
@@ -332,7 +335,7 @@ def header(args: argparse.Namespace, model: str) -> list[str]:
             f"buffer {args.buffer_rows} rows, "
             f"d_sae {args.d_sae}, k {args.k}, l1 {args.l1}, lr {args.lr}, {args.reps} repetitions",
             f"ours: train.py with activations={args.ours_activations}"
-            + (" (the disk cache built inside each run: a STAND-IN for live training)"
+            + (" (the disk cache built inside each run: NOT live training)"
                if args.ours_activations != "live" else "")]
 
 
@@ -341,10 +344,11 @@ def report(args: argparse.Namespace, runs: dict[str, list[Run]]) -> list[str]:
     key=value."""
     lines = [f"{'contender':28s} {'wall s (min-max)':>22s} {'tokens/s':>9s} {'cpu s':>8s} {'peak GB':>8s}"]
     med = {name: statistics.median(r.wall for r in rs) for name, rs in runs.items()}
+    cpu = {name: statistics.median(r.cpu for r in rs) for name, rs in runs.items()}
     for name, rs in runs.items():
         walls = [r.wall for r in rs]
         lines.append(f"{name:28s} {med[name]:8.1f} ({min(walls):6.1f}-{max(walls):6.1f}) "
-                     f"{args.tokens / med[name]:9.0f} {statistics.median(r.cpu for r in rs):8.1f} "
+                     f"{args.tokens / med[name]:9.0f} {cpu[name]:8.1f} "
                      f"{max(r.rss_gb for r in rs):8.2f}")
     keys = [f"activations={args.ours_activations}", f"tokens={args.tokens}"]
     for ours, theirs in PAIRS:
@@ -355,9 +359,12 @@ def report(args: argparse.Namespace, runs: dict[str, list[Run]]) -> list[str]:
         ratio = med[best] / med[ours]
         spread = (min(r.wall for r in runs[best]) / max(r.wall for r in runs[ours]),
                   max(r.wall for r in runs[best]) / min(r.wall for r in runs[ours]))
-        lines.append(f"{ours} / {best} (the faster SAELens) whole-process tokens/s = {ratio:.2f}x "
-                     f"(worst-best pairing {spread[0]:.2f}-{spread[1]:.2f}x)")
-        keys.append(f"{ours.split()[1]}_vs_saelens={ratio:.3f}")
+        by_cpu = cpu[best] / cpu[ours]
+        which = " (the faster SAELens)" if len(present) > 1 else ""
+        lines.append(f"{ours} / {best}{which} whole-process tokens/s = {ratio:.2f}x "
+                     f"(worst-best pairing {spread[0]:.2f}-{spread[1]:.2f}x; by CPU seconds {by_cpu:.2f}x)")
+        arch = ours.split()[1]
+        keys += [f"{arch}_vs_saelens={ratio:.3f}", f"{arch}_vs_saelens_cpu={by_cpu:.3f}"]
     keys += [f"tokens_per_s_{name.replace(' ', '_')}={args.tokens / m:.0f}" for name, m in med.items()]
     return [*lines, " ".join(keys)]
 
@@ -379,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.contenders[shift:] + args.contenders[:shift]:
             run_dir = work / f"run-{rep}-{name.replace(' ', '_')}"
             run = timed(command(args, name, run_dir, saelens_dir, dataset_dir), work / f"{run_dir.name}.log")
-            shutil.rmtree(run_dir, ignore_errors=True)  # the cache stand-in writes GBs
+            shutil.rmtree(run_dir, ignore_errors=True)  # the disk cache (lm) holds GBs
             runs[name].append(run)
             lines.append(f"  rep {rep} {name:28s} {run.wall:7.1f} s wall, {run.cpu:7.1f} s CPU, "
                          f"{run.rss_gb:.2f} GB peak RSS")

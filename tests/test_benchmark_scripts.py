@@ -254,5 +254,25 @@ def test_live_vs_saelens_times_both_sides_on_a_tiny_model(tmp_path: Path, tiny_l
     assert keys["activations"] == "live" and keys["tokens"] == "512"
     for ratio in ("relu_dn_vs_saelens", "topk_vs_saelens"):
         assert 0 < float(keys[ratio]) < 100
-    assert "ours topk / saelens topk sparse_acts (the faster SAELens)" in out.read_text()
+    assert "ours topk / saelens topk sparse_acts whole-process tokens/s = " in out.read_text()
     assert done.stdout.rstrip().endswith(lines[-1])
+
+
+def test_live_vs_saelens_report_divides_by_the_faster_saelens(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """Medians per contender; each pair's ratio is SAELens's median wall (its faster TopK variant) over
+    ours, also by CPU seconds; the last line holds them as key=value."""
+    args = _live_args(tmp_path, tiny_llama_dir)
+    run = live.Run
+    runs = {"ours relu_dn": [run(10, 15, 1), run(12, 16, 1), run(11, 17, 1)],
+            "saelens standard": [run(22, 30, 2), run(33, 40, 2), run(20, 35, 2)],
+            "ours topk": [run(8, 10, 1)] * 3, "saelens topk": [run(40, 60, 2)] * 3,
+            "saelens topk sparse_acts": [run(24, 50, 2)] * 3}
+    lines = live.report(args, runs)
+    assert "ours relu_dn / saelens standard whole-process tokens/s = 2.00x" in lines[-3]  # 22 / 11
+    assert "worst-best pairing 1.67-3.30x; by CPU seconds 2.19x" in lines[-3]  # 20/12, 33/10, 35/16
+    assert "ours topk / saelens topk sparse_acts (the faster SAELens) whole-process tokens/s = 3.00x" \
+        in lines[-2]  # 24 / 8 (SAELens's dense TopK is slower)
+    keys = dict(item.split("=") for item in lines[-1].split())
+    assert keys["relu_dn_vs_saelens"] == "2.000" and keys["relu_dn_vs_saelens_cpu"] == "2.188"
+    assert keys["topk_vs_saelens"] == "3.000" and keys["topk_vs_saelens_cpu"] == "5.000"
+    assert keys["tokens_per_s_saelens_standard"] == str(round(512 / 22))
