@@ -6,6 +6,7 @@ for a few steps on tiny synthetic data, as the script is run from the command li
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
@@ -19,6 +20,7 @@ pytest.importorskip("sae_lens")
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
+import live_vs_saelens as live  # noqa: E402
 import quality_vs_saelens as q  # noqa: E402
 
 
@@ -172,3 +174,105 @@ def test_firing_frequencies_counted_on_held_out_rows_and_summarised() -> None:
     assert summary["dead"] == pytest.approx(0.2) and summary["rare"] == pytest.approx(0.4)
     assert summary["dense"] == pytest.approx(0.4)
     assert summary["freq_quantiles"] == pytest.approx([0.001, 0.2, 0.92])
+
+
+TINY_LIVE = ["--tokens", "512", "--batch", "64", "--context", "16", "--lm-batch", "4", "--buffer-rows", "128",
+             "--layer", "1", "--d-sae", "32", "--k", "4", "--reps", "1"]  # live_vs_saelens.py on tiny_llama
+
+
+def _live_args(tmp_path: Path, model_dir: Path, *extra: str) -> argparse.Namespace:
+    return live.parse_args(["--model-dir", str(model_dir), *TINY_LIVE, "--l1", "2", "--lr", "3e-4",
+                            "--work", str(tmp_path / "work"), *extra])
+
+
+def test_live_vs_saelens_both_sides_get_the_same_settings(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """``live_vs_saelens.py``: our overrides compose into the train config they promise (each variant of
+    ``OURS_ACTIVATIONS``) and SAELens's runner config holds the same model, hook, sizes and buffer rows."""
+    from hydra import compose, initialize
+
+    from sae_lightning.config import register_configs, to_config
+    from sae_lightning.sweep import register_resolvers
+
+    register_configs()
+    register_resolvers()
+    for variant in live.OURS_ACTIVATIONS:
+        args = _live_args(tmp_path, tiny_llama_dir, "--ours-activations", variant)
+        for arch, sparsity in (("relu_dn", ("l1", 2.0)), ("topk", ("k", 4))):
+            overrides = live.ours_overrides(args, arch, tmp_path / "run")
+            assert f"hydra.run.dir={tmp_path / 'run'}" in overrides
+            with initialize(config_path="../conf", version_base="1.3"):
+                cfg = to_config(compose("train", [o for o in overrides if not o.startswith("hydra.")]))
+            assert (cfg.model.name, cfg.model.source) == (str(tiny_llama_dir), "hub")
+            assert (cfg.layer, cfg.hook.name) == (1, "mlp_post")
+            assert (cfg.data.context_size, cfg.data.lm_batch_size) == (16, 4)
+            assert (cfg.train_tokens, cfg.batch_size, cfg.lr, cfg.seed) == (512, 64, 3e-4, 0)
+            assert (cfg.sae.architecture, cfg.sae.d_sae) == (arch, 32)
+            key, value = sparsity
+            assert (cfg.l1 if key == "l1" else cfg.sae.k) == value
+            assert cfg.activations.source == variant
+            assert cfg.activations.val_fraction == cfg.activations.eval_fraction == 0
+            assert not cfg.logger.wandb
+            if variant == "live":
+                assert cfg.activations.buffer_tokens == 128
+    args = _live_args(tmp_path, tiny_llama_dir)
+    for arch, extra in (("standard", {}), ("topk", live.SAELENS_SPARSE_TOPK)):
+        theirs = live.saelens_config(args, arch, extra, tiny_llama_dir, tmp_path / "ds", tmp_path / "out",
+                                     d_in=96, prepend_bos=True)
+        assert theirs.sae.architecture() == arch and (theirs.sae.d_in, theirs.sae.d_sae) == (96, 32)
+        assert theirs.hook_name == "blocks.1.mlp.hook_post" and theirs.context_size == 16
+        assert (theirs.training_tokens, theirs.train_batch_size_tokens, theirs.lr) == (512, 64, 3e-4)
+        assert theirs.n_batches_in_buffer * theirs.context_size == 128
+        assert theirs.store_batch_size_prompts == 4
+        assert not theirs.logger.log_to_wandb and theirs.checkpoint_path is None
+        assert theirs.exclude_special_tokens is True and theirs.sequence_separator_token == "eos"
+        if arch == "standard":
+            assert theirs.sae.l1_coefficient == 2.0
+        else:
+            assert theirs.sae.k == 4 and theirs.sae.use_sparse_activations
+    for bad in (["--tokens", "500"], ["--buffer-rows", "100"], ["--buffer-rows", "32"]):
+        with pytest.raises(SystemExit):
+            _live_args(tmp_path, tiny_llama_dir, *bad)
+
+
+@pytest.mark.slow
+def test_live_vs_saelens_times_both_sides_on_a_tiny_model(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """The whole script on a tiny random LLaMA: SAELens's runner (its model through ``saelens_model``) and
+    our live ``train.py`` each train once per contender, and the report ends with the ratios as one
+    key=value line."""
+    out = tmp_path / "report.txt"
+    contenders = ["ours relu_dn", "saelens standard", "ours topk", "saelens topk sparse_acts"]
+    cmd = [sys.executable, str(BENCHMARKS / "live_vs_saelens.py"), "--model-dir", str(tiny_llama_dir),
+           *TINY_LIVE, "--out", str(out), "--contenders", *contenders]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("live_vs_saelens.py, commit ") and "GFLOP/s" in lines[1]
+    assert "ours: train.py with activations=live" in lines[3]
+    timed = [line.split(" s wall")[0].split()[2:-1] for line in lines if line.startswith("  rep 0 ")]
+    assert sorted(" ".join(words) for words in timed) == sorted(contenders)
+    keys = dict(item.split("=") for item in lines[-1].split())
+    assert keys["activations"] == "live" and keys["tokens"] == "512"
+    for ratio in ("relu_dn_vs_saelens", "topk_vs_saelens"):
+        assert 0 < float(keys[ratio]) < 100
+    assert "ours topk / saelens topk sparse_acts whole-process tokens/s = " in out.read_text()
+    assert done.stdout.rstrip().endswith(lines[-1])
+
+
+def test_live_vs_saelens_report_divides_by_the_faster_saelens(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """Medians per contender; each pair's ratio is SAELens's median wall (its faster TopK variant) over
+    ours, also by CPU seconds; the last line holds them as key=value."""
+    args = _live_args(tmp_path, tiny_llama_dir)
+    run = live.Run
+    runs = {"ours relu_dn": [run(10, 15, 1), run(12, 16, 1), run(11, 17, 1)],
+            "saelens standard": [run(22, 30, 2), run(33, 40, 2), run(20, 35, 2)],
+            "ours topk": [run(8, 10, 1)] * 3, "saelens topk": [run(40, 60, 2)] * 3,
+            "saelens topk sparse_acts": [run(24, 50, 2)] * 3}
+    lines = live.report(args, runs)
+    assert "ours relu_dn / saelens standard whole-process tokens/s = 2.00x" in lines[-3]  # 22 / 11
+    assert "worst-best pairing 1.67-3.30x; by CPU seconds 2.19x" in lines[-3]  # 20/12, 33/10, 35/16
+    assert "ours topk / saelens topk sparse_acts (the faster SAELens) whole-process tokens/s = 3.00x" \
+        in lines[-2]  # 24 / 8 (SAELens's dense TopK is slower)
+    keys = dict(item.split("=") for item in lines[-1].split())
+    assert keys["relu_dn_vs_saelens"] == "2.000" and keys["relu_dn_vs_saelens_cpu"] == "2.188"
+    assert keys["topk_vs_saelens"] == "3.000" and keys["topk_vs_saelens_cpu"] == "5.000"
+    assert keys["tokens_per_s_saelens_standard"] == str(round(512 / 22))
