@@ -202,11 +202,14 @@ def test_bad_inputs_fail_before_the_first_batch(tiny_gpt2, tiny_gpt2_dir, text) 
     with pytest.raises(ConfigError, match=r"holds \d+ training tokens .* fewer than train_tokens=10000000 .*"
                                           r"activations.repeat_text=true"):
         datamodule(tiny_gpt2, tiny_gpt2_dir, text, train_tokens=10_000_000)
+    # validation rows are bounded by the validation contexts too: 7 contexts of 32 tokens fit 256 rows
+    assert configure(live_overrides(tiny_gpt2_dir, text, **{"trainer.limit_val_batches": 20}))[0]
     repeated = datamodule(tiny_gpt2, tiny_gpt2_dir, text, train_tokens=10_000_000,
                           **{"activations.repeat_text": "true"})
     assert len(take(repeated, 1)) == 1
     for extra, match in [({"activations.buffer_tokens": 32}, "must hold at least one batch"),
-                         ({"trainer.limit_val_batches": 20}, "must hold the validation rows"),
+                         ({"trainer.limit_val_batches": 20, "data.n_tokens": 100_000},
+                          "must hold the validation rows kept in memory \\(up to 1280"),
                          ({"model.device": "cuda:3"}, "model.device='cuda:3' does not exist"),
                          ({"model.device": "gpu7"}, "not a device name")]:
         with pytest.raises(ConfigError, match=match):
