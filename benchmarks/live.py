@@ -168,8 +168,10 @@ def quality(args: argparse.Namespace) -> str:
         runs += [("live", b, s) for b in args.buffers
                  for s in (args.seeds if b == args.buffer else args.seeds[:1])]
         for source, buffer, seed in runs:
-            over = [*base, f"seed={seed}"] + (cache if source == "cache" else
-                                              ["activations=live", f"activations.buffer_tokens={buffer}"])
+            # validation rows are kept in memory beside the buffer: at most one buffer of them
+            live = ["activations=live", f"activations.buffer_tokens={buffer}",
+                    f"trainer.limit_val_batches={max(1, min(20, (buffer or 0) // args.batch))}"]
+            over = [*base, f"seed={seed}"] + (cache if source == "cache" else live)
             run = Path(tmp) / f"{source}-{buffer}-{seed}"
             summary = train(over, run)
             row = {"source": source, "buffer_tokens": buffer, "seed": seed,
