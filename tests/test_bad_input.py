@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -173,9 +175,14 @@ def _damaged(trained: Path, tmp_path: Path, how: str) -> Path:
     path = tmp_path / f"{how}.ckpt"
     if how == "truncated":
         path.write_bytes(data[: len(data) // 2])
-    else:
+    else:   # one byte flipped inside the largest tensor's bytes (where the file's middle falls depends on
+        # the size of the pickled config; a tensor is what silent corruption must not slip through in)
+        with zipfile.ZipFile(trained / "run" / "checkpoints" / "final.ckpt") as z:
+            entry = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.compress_size)
+        name_len, extra_len = struct.unpack_from("<HH", data, entry.header_offset + 26)   # local header
+        start = entry.header_offset + 30 + name_len + extra_len
         flipped = bytearray(data)
-        flipped[len(data) // 2] ^= 0xFF
+        flipped[start + entry.compress_size // 2] ^= 0xFF
         path.write_bytes(bytes(flipped))
     return path
 
