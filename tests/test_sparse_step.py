@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from sae_lightning.checks import ConfigError
-from sae_lightning.saes import SAE, build_sae, config_from_dict
-from sae_lightning.saes import sparse_ops
+from sae_lightning.saes import SAE, build_sae, config_from_dict, sparse_ops
 from sae_lightning.saes.sparse_ops import Dense, Entries, layout
 from sae_lightning.step import LatentStats, train_step
 
@@ -152,5 +151,5 @@ def test_entries_are_row_major_with_row_pointers() -> None:
 
 
 def test_a_bad_sparse_kernel_names_its_key() -> None:
-    with pytest.raises(ConfigError, match="sae.sparse_kernel"):
+    with pytest.raises(ConfigError, match=r"sae\.sparse_kernel"):
         config_from_dict({"architecture": "relu", "sparse_kernel": "fast"})

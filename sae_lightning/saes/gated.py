@@ -101,7 +101,8 @@ class GatedSAE(SAE):
         z = (pi_gate > 0) * torch.relu(pi_mag)  # the Heaviside passes no gradient to the gate path
         x_hat = self.with_skip(lat.decode(z, self.W_dec, self.b_dec), u)
         gate = torch.relu(pi_gate)
-        sparsity = lat.latent_sums(gate, gate.dtype) @ torch.linalg.vector_norm(self.W_dec, dim=1) / u.shape[0]
+        norms = torch.linalg.vector_norm(self.W_dec, dim=1)
+        sparsity = lat.latent_sums(gate, gate.dtype) @ norms / u.shape[0]
         frozen = self.cfg.aux_decoder == "frozen"
         b_dec, w_dec = (self.b_dec.detach(), self.W_dec.detach()) if frozen else (self.b_dec, self.W_dec)
         via_gate = lat.decode(gate, w_dec, b_dec)

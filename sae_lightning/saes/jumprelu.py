@@ -237,7 +237,8 @@ class JumpReLUSAE(SAE):
                 dead_mask: Tensor | None = None) -> SAEOutput:
         w = self.weights()
         dense_pre = self.pre_acts(u, w=w)
-        with torch.no_grad():  # in play: active (pre > theta) or in the kernel's band (|pre - theta| < eps / 2)
+        # in play: active (pre > theta) or in the straight-through band (|pre - theta| < eps / 2)
+        with torch.no_grad():
             lat = layout(dense_pre - self.threshold > -self.bandwidth / 2, self.cfg.sparse_kernel)
         pre = lat.encode(u, w.W_enc, w.b_enc, self.input_center(), dense_pre)
         theta = lat.per_entry(self.threshold)
