@@ -22,6 +22,9 @@ paper (and dictionary_learning's ``GatedSAETrainer``) and SAELens's gated traine
 
 ``b_gate``, ``r_mag``, ``b_mag`` start at zero (so both paths start equal, as the paper's ``r_mag = 0``).
 
+Kernels (``sae.sparse_kernel``, as ``relu.py``): the sparse kernels run on the open gates (``pi_gate > 0``):
+outside them both ``z`` and ``relu(pi_gate)`` are 0 with no gradient.
+
 Defaults are SAELens's choices (``free``, ``trained`` and ``b_dec_init=zeros``); the paper's are options.
 The evidence is in ``docs/decisions.md``.
 """

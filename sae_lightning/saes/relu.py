@@ -19,6 +19,11 @@ current batch, detached: the term is ``coeff * (S_1 / S_p).detach() * S_p``, who
 (the L1 term's scale at every p) and whose gradient is the Lp^p penalty's. It needs no state to checkpoint
 or to keep equal across DDP ranks; unlike the reference it also follows the latents at a fixed p. The term
 keeps the key ``l1`` (logged ``train/loss_l1``: ``coeff * S_1``).
+
+Kernels (``sae.sparse_kernel``): after the encoder's dense matmul, the sparse kernels (``sparse_ops``) run
+the decoder, the penalty and the whole backward on the positive entries alone; the other latents are 0
+and pass no gradient, so it is the same function with the same gradients. ``auto`` picks them in each step
+whose batch has few positive entries (``sparse_ops.layout``).
 """
 
 from __future__ import annotations
