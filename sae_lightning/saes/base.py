@@ -108,15 +108,21 @@ class PenalisedConfig(SAEConfig):
 
     ``target_l0``: when set, the training step steers the coefficient so that the run ends near this L0
     (``sae_lightning/sparsity.py``); the configured coefficient (``l1`` or the architecture's own key) is
-    then only its start value.
+    then only its start value. ``sparse_kernel``: how the training forward and backward compute everything
+    after the encoder's dense matmul, chosen each step from the batch's measured share of active entries
+    under ``auto`` (``sparse_ops.layout``); the same function either way.
     """
 
     target_l0: float | None = None
     """steer the coefficient so the run ends near this L0; None: fixed coefficient"""
+    sparse_kernel: str = "auto"
+    """auto (sparse when few entries fire in the batch) | sparse | dense (saes/sparse_ops.py)"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.target_l0 is None or self.target_l0 > 0, "sae.target_l0", self.target_l0, "must be > 0")
+        check(self.sparse_kernel in ("auto", "sparse", "dense"), "sae.sparse_kernel", self.sparse_kernel,
+              "choose auto, sparse or dense")
 
 
 @dataclass

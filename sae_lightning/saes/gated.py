@@ -22,6 +22,9 @@ paper (and dictionary_learning's ``GatedSAETrainer``) and SAELens's gated traine
 
 ``b_gate``, ``r_mag``, ``b_mag`` start at zero (so both paths start equal, as the paper's ``r_mag = 0``).
 
+Kernels (``sae.sparse_kernel``, as ``relu.py``): the sparse kernels run on the open gates (``pi_gate > 0``):
+outside them both ``z`` and ``relu(pi_gate)`` are 0 with no gradient.
+
 Defaults are SAELens's choices (``free``, ``trained`` and ``b_dec_init=zeros``); the paper's are options.
 The evidence is in ``docs/decisions.md``.
 """
@@ -34,8 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from sae_lightning.checks import check
-from sae_lightning.saes.base import SAE, DecoderNormConfig, SAEOutput, column_stats, decoder_init
+from sae_lightning.saes.base import SAE, DecoderNormConfig, SAEOutput, decoder_init
 from sae_lightning.saes.registry import register
+from sae_lightning.saes.sparse_ops import Entries, layout
 
 
 @dataclass
@@ -76,7 +80,12 @@ class GatedSAE(SAE):
     def _paths(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """``(pi_gate, pi_mag)`` from one matmul."""
         h = self.pre_acts(u, bias=0.0)
-        return h + self.b_enc, torch.addcmul(self.b_mag, h, self.r_mag.exp())
+        return h + self.b_enc, self._magnitude(h, self.b_mag, self.r_mag)
+
+    @staticmethod
+    def _magnitude(h: Tensor, b_mag: Tensor, r_mag: Tensor) -> Tensor:
+        """``pi_mag = exp(r_mag) * h + b_mag``."""
+        return torch.addcmul(b_mag, h, r_mag.exp())
 
     def encode_normalized(self, u: Tensor) -> Tensor:
         pi_gate, pi_mag = self._paths(u)
@@ -85,17 +94,24 @@ class GatedSAE(SAE):
     def forward(self, u: Tensor, *, target: Tensor | None = None, sparsity_coeff: float,
                 dead_mask: Tensor | None = None) -> SAEOutput:
         target = u if target is None else target
-        pi_gate, pi_mag = self._paths(u)
+        h = self.pre_acts(u, bias=0.0)
+        pi_gate = h + self.b_enc
+        lat = layout(pi_gate > 0, self.cfg.sparse_kernel)  # latents outside the gate are 0 with no gradient
+        if isinstance(lat, Entries):
+            h = lat.encode(u, self.W_enc, None, self.input_center(), h)
+            pi_gate = h + lat.per_entry(self.b_enc)
+        pi_mag = self._magnitude(h, lat.per_entry(self.b_mag), lat.per_entry(self.r_mag))
         z = (pi_gate > 0) * torch.relu(pi_mag)  # the Heaviside passes no gradient to the gate path
-        x_hat = self.with_skip(self.decode_normalized(z), u)
+        x_hat = self.with_skip(lat.decode(z, self.W_dec, self.b_dec), u)
         gate = torch.relu(pi_gate)
-        sparsity = gate.sum(0) @ torch.linalg.vector_norm(self.W_dec, dim=1) / u.shape[0]
+        norms = torch.linalg.vector_norm(self.W_dec, dim=1)
+        sparsity = lat.latent_sums(gate, gate.dtype) @ norms / u.shape[0]
         frozen = self.cfg.aux_decoder == "frozen"
         b_dec, w_dec = (self.b_dec.detach(), self.W_dec.detach()) if frozen else (self.b_dec, self.W_dec)
-        via_gate = torch.addmm(b_dec, gate, w_dec)
+        via_gate = lat.decode(gate, w_dec, b_dec)
         if self.cfg.skip:  # the skip's share of the target, frozen or trained like the decoder
             skip = u @ self.W_skip
             via_gate = via_gate + (skip.detach() if frozen else skip)
         aux = (via_gate - target).pow(2).sum(-1).mean()
-        fire_counts = column_stats(z.detach())[1]
+        fire_counts = lat.fire_counts(z)
         return self._output(target, x_hat, fire_counts, {"l1": sparsity_coeff * sparsity, "aux": aux})

@@ -61,6 +61,10 @@ SAELens's JumpReLU recipe, exactly: ``sae.decoder_norm=free sae.b_dec_init=zeros
 optim.grad_clip_scope=global`` and a fixed ``sae.l0_coeff`` (no target). It then takes SAELens's training
 steps (``tests/test_benchmark_scripts.py``).
 
+Kernels (``sae.sparse_kernel``, as ``relu.py``): the sparse kernels run on the entries in play, the active
+ones (``pre > theta``) and those in the straight-through band (``|pre - theta| < eps / 2``, zero but with a
+threshold gradient); outside them ``z``, ``H`` and every gradient are 0.
+
 The evidence behind each default is in ``docs/decisions.md``.
 """
 
@@ -75,8 +79,9 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from sae_lightning.checks import check
-from sae_lightning.saes.base import SAE, DecoderNormConfig, SAEOutput, Weights, column_stats, decoder_init
+from sae_lightning.saes.base import SAE, DecoderNormConfig, SAEOutput, Weights, decoder_init
 from sae_lightning.saes.registry import register
+from sae_lightning.saes.sparse_ops import layout
 
 
 def _kernel(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
@@ -102,7 +107,7 @@ class _JumpReLU(torch.autograd.Function):
         grad_pre = grad * (pre > threshold)
         if ctx.ste_to_input:
             grad_pre = grad_pre + ste
-        return grad_pre, -ste.sum(0), None, None
+        return grad_pre, -ste.sum_to_size(threshold.shape), None, None
 
 
 class _Step(torch.autograd.Function):
@@ -120,7 +125,7 @@ class _Step(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         pre, threshold = ctx.saved_tensors
         ste = _kernel(pre, threshold, ctx.bandwidth) * grad
-        return (ste if ctx.ste_to_input else None), -ste.sum(0), None, None
+        return (ste if ctx.ste_to_input else None), -ste.sum_to_size(threshold.shape), None, None
 
 
 SPARSITY_LOSSES = ("l0", "tanh")
@@ -234,18 +239,24 @@ class JumpReLUSAE(SAE):
 
     def forward(self, u: Tensor, *, target: Tensor | None = None, sparsity_coeff: float,
                 dead_mask: Tensor | None = None) -> SAEOutput:
-        pre = self.pre_acts(u)
-        theta = self.threshold
+        w = self.weights()
+        dense_pre = self.pre_acts(u, w=w)
+        # in play: active (pre > theta) or in the straight-through band (|pre - theta| < eps / 2)
+        with torch.no_grad():
+            lat = layout(dense_pre - self.threshold > -self.bandwidth / 2, self.cfg.sparse_kernel)
+        pre = lat.encode(u, w.W_enc, w.b_enc, self.input_center(), dense_pre)
+        theta = lat.per_entry(self.threshold)
         z = _JumpReLU.apply(pre, theta, self.bandwidth, self.cfg.ste_to_input)
-        x_hat = self.with_skip(self.decode_normalized(z), u)
+        x_hat = self.with_skip(lat.decode(z, w.W_dec, self.b_dec), u)
+        n_rows = u.shape[0]
         if self.cfg.sparsity_loss == "tanh":
-            term = torch.tanh(self.cfg.tanh_scale * z * self.W_dec.norm(dim=1)).sum(-1).mean()
+            scale = lat.per_entry(self.cfg.tanh_scale * self.W_dec.norm(dim=1))
+            term = torch.tanh(z * scale).sum() / n_rows
         else:
-            term = self.l0_term(_Step.apply(pre, theta, self.bandwidth, self.cfg.ste_to_input).sum(-1).mean())
-        fire_counts = column_stats(z.detach())[1]
-        return self._output(u if target is None else target, x_hat, fire_counts,
+            term = self.l0_term(_Step.apply(pre, theta, self.bandwidth, self.cfg.ste_to_input).sum() / n_rows)
+        return self._output(u if target is None else target, x_hat, lat.fire_counts(z),
                             {"l0_penalty": sparsity_coeff * term,
-                             "pre_act": self._pre_act_loss(pre, dead_mask)})
+                             "pre_act": self._pre_act_loss(dense_pre, dead_mask)})
 
     def _pre_act_loss(self, pre: Tensor, dead_mask: Tensor | None) -> Tensor | None:
         """Anthropic's pre-activation loss on the dead latents (as SAELens applies it):

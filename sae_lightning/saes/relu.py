@@ -19,6 +19,11 @@ current batch, detached: the term is ``coeff * (S_1 / S_p).detach() * S_p``, who
 (the L1 term's scale at every p) and whose gradient is the Lp^p penalty's. It needs no state to checkpoint
 or to keep equal across DDP ranks; unlike the reference it also follows the latents at a fixed p. The term
 keeps the key ``l1`` (logged ``train/loss_l1``: ``coeff * S_1``).
+
+Kernels (``sae.sparse_kernel``): after the encoder's dense matmul, the sparse kernels (``sparse_ops``) run
+the decoder, the penalty and the whole backward on the positive entries alone; the other latents are 0
+and pass no gradient, so it is the same function with the same gradients. ``auto`` picks them in each step
+whose batch has few positive entries (``sparse_ops.layout``).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from sae_lightning.saes.base import (
     decoder_init,
 )
 from sae_lightning.saes.registry import register
+from sae_lightning.saes.sparse_ops import Dense, Entries, layout
 
 
 @dataclass
@@ -100,7 +106,8 @@ class _ReLUWithStats(torch.autograd.Function):
 
 @register("relu")
 class ReLUSAE(SAE):
-    """``z = relu((u - b_dec) @ W_enc + b_enc)``, ``û = z @ W_dec + b_dec``."""
+    """``z = relu((u - b_dec) @ W_enc + b_enc)``, ``û = z @ W_dec + b_dec``; after the encoder's matmul, the
+    training step runs on the positive entries alone when few are (``sae.sparse_kernel``, ``sparse_ops``)."""
 
     config_class = ReLUConfig
     sparsity_key = "l1"
@@ -128,22 +135,30 @@ class ReLUSAE(SAE):
     def forward(self, u: Tensor, *, target: Tensor | None = None, sparsity_coeff: float,
                 dead_mask: Tensor | None = None) -> SAEOutput:
         target = u if target is None else target
-        z, sums, fire_counts = _ReLUWithStats.apply(self.pre_acts(u))
-        x_hat = self.with_skip(self.decode_normalized(z), u)
-        penalty = self.l1(sums, u.shape[0]) if self.p == 1 else self.lp_penalty(z, u.shape[0])
+        w = self.weights()
+        pre = self.pre_acts(u, w=w)
+        lat = layout(pre > 0, self.cfg.sparse_kernel)
+        if isinstance(lat, Entries):
+            z = torch.relu(lat.encode(u, w.W_enc, w.b_enc, self.input_center(), pre))
+            sums, fire_counts = lat.latent_sums(z), lat.fire_counts(z)
+        else:
+            z, sums, fire_counts = _ReLUWithStats.apply(pre)
+        x_hat = self.with_skip(lat.decode(z, w.W_dec, self.b_dec), u)
+        penalty = self.l1(sums, u.shape[0]) if self.p == 1 else self.lp_penalty(z, lat, u.shape[0])
         terms = {"l1": sparsity_coeff * penalty, "ghost": self._ghost_loss(u, target, x_hat, dead_mask)}
         return self._output(target, x_hat, fire_counts, terms)
 
-    def lp_penalty(self, z: Tensor, n_rows: int) -> Tensor:
-        """``(S_1 / S_p).detach() * S_p`` with ``S_p`` the Lp^p penalty (module docstring), z >= 0.
+    def lp_penalty(self, z: Tensor, lat: Entries | Dense, n_rows: int) -> Tensor:
+        """``(S_1 / S_p).detach() * S_p`` with ``S_p`` the Lp^p penalty (module docstring), z >= 0 the latents
+        as laid out by ``lat``.
 
         ``z^p`` is taken on the non-zero entries only: its derivative ``p z^(p-1)`` is infinite at 0.
         """
         active = z > 0
         zp = torch.where(active, torch.where(active, z, 1.0).pow(self.p), 0.0)
-        s_p = self.l1(zp.sum(0, dtype=torch.float32), n_rows)
+        s_p = self.l1(lat.latent_sums(zp), n_rows)
         with torch.no_grad():
-            s_1 = self.l1(z.sum(0, dtype=torch.float32), n_rows)
+            s_1 = self.l1(lat.latent_sums(z), n_rows)
             ratio = s_1 / s_p.clamp(min=torch.finfo(s_p.dtype).tiny)
         return s_p * ratio
 

@@ -1,17 +1,22 @@
-"""Kernels for SAEs whose latents are sparse per token (TopK, BatchTopK): only the active entries are touched.
+"""Kernels for SAEs whose latents are sparse per token: only the active entries are touched.
 
-The chosen entries are row-major, CSR-style: row ``b`` holds entries ``crow[b]:crow[b + 1]`` with latent
-``index[e]`` and pre-activation ``pre[e]`` (TopK: k per row; BatchTopK: any number, no padding).
-``sparse_decode`` computes ``sum_{e in row b} relu(pre[e]) * W_dec[index[e]]`` from those pre-activations
-(already computed by the dense encoder matmul, without grad) and backpropagates to ``W_enc``, ``b_enc``,
-``b_dec`` and ``W_dec`` through the entries only:
+The entries are row-major, CSR-style (:class:`Entries`): row ``b`` holds entries ``crow[b]:crow[b + 1]``
+with latent ``index[e]`` (TopK: k per row; BatchTopK and the penalised SAEs: any number, no padding). The
+encoder's forward stays one dense matmul, computed without grad; everything after it runs on the entries:
 
-- value gradients: one dot product per entry, ``<grad_out[b], W_dec[index[e]]>`` (sampled matmul);
-- ``grad W_dec = S^T @ grad_out`` and ``grad W_enc^T = G^T @ (x - b_dec)``, where ``S`` / ``G`` are
-  [B, d_sae] matrices holding the entries' values (latent values / pre-activation gradients): two
-  sparse-times-dense products sharing one latent-sorted CSR layout, instead of three dense
-  [B, d_sae] x [d_sae, d_in]-sized matmuls;
-- ``x`` gets no gradient (it is data).
+- ``Entries.encode`` hands out the entries' pre-activations and backpropagates to ``W_enc``, ``b_enc`` and
+  ``b_dec`` through them only: ``grad W_enc^T = G^T @ (x - b_dec)`` with ``G`` the [B, d_sae] matrix holding
+  the entries' pre-activation gradients (one sparse-times-dense product), ``grad b_enc`` their per-latent
+  sums, ``grad b_dec = -W_enc @ grad b_enc``; ``x`` gets no gradient (it is data);
+- ``Entries.decode`` computes ``sum_{e in row b} v[e] * W_dec[index[e]]`` for values ``v`` [n_entries];
+  the values' gradients are one dot product per entry, ``<grad_out[b], W_dec[index[e]]>`` (sampled matmul),
+  and ``grad W_dec = S^T @ grad_out`` with ``S`` holding the values;
+- what lies between (ReLU, JumpReLU's thresholds and straight-through estimators, the gated paths, the
+  sparsity penalties) is ordinary autograd on [n_entries] tensors, the dense path's formulas on the entries.
+
+The two sparse-times-dense products of the backward share one latent-sorted CSR layout (``LatentMajor``),
+built once per step. They replace four dense [B, d_sae] x [d_sae, d_in]-sized matmuls; ``Dense`` is the
+same interface on the whole [B, d_sae] matrix, the reference and the faster path while many latents fire.
 """
 
 from __future__ import annotations
@@ -22,6 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
+
+from sae_lightning.saes.base import column_stats
+
+KERNELS = ("auto", "sparse", "dense")  # the choices of sae.sparse_kernel
+SPARSE_MAX_SHARE = 1 / 16  # "auto" (penalised SAEs) runs the sparse kernels when at most this share of a
+# batch's [B, d_sae] entries is in play (docs/decisions.md)
 
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -70,28 +81,134 @@ def gathered_dots(crow: Tensor, index: Tensor, rows: Tensor, table: Tensor) -> T
     return torch.sparse.sampled_addmm(pattern, rows, table.t(), beta=0.0).values()
 
 
-class _SparseDecode(torch.autograd.Function):
-    """See the module docstring; ``pre`` are the chosen pre-activations [n_entries] (no grad)."""
+class _EncodeEntries(torch.autograd.Function):
+    """The entries' pre-activations (given: computed without grad by the dense encoder matmul) with the
+    encoder's backward through the entries only (module docstring)."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor, w_dec: Tensor,
-                crow: Tensor, index: Tensor, pre: Tensor) -> Tensor:
-        values = torch.relu(pre).to(w_dec.dtype)
-        ctx.save_for_backward(x, w_enc, b_dec, w_dec, crow, index, values)
-        return F.embedding_bag(index, w_dec, crow[:-1], per_sample_weights=values, mode="sum")
+    def forward(ctx: FunctionCtx, x: Tensor, w_enc: Tensor, b_enc: Tensor | None, b_dec: Tensor,
+                entries: Entries, pre: Tensor) -> Tensor:
+        ctx.save_for_backward(x, w_enc, b_dec)
+        ctx.entries = entries
+        return pre.clone()
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_pre: Tensor) -> tuple[Tensor | None, ...]:
+        x, w_enc, b_dec = ctx.saved_tensors
+        entries: Entries = ctx.entries
+        grad_pre = grad_pre.to(w_enc.dtype)
+        grad_b_enc = entries.latent_sums(grad_pre, w_enc.dtype)
+        grad_w_enc = entries.layout.scatter(grad_pre, x.to(w_enc.dtype) - b_dec).t() \
+            if ctx.needs_input_grad[1] else None
+        grad_b_dec = -(w_enc @ grad_b_enc) if ctx.needs_input_grad[3] else None
+        return None, grad_w_enc, grad_b_enc if ctx.needs_input_grad[2] else None, grad_b_dec, None, None
+
+
+class _DecodeEntries(torch.autograd.Function):
+    """``out[b] = sum_{e in row b} values[e] * w_dec[index[e]]`` with the backward through the entries only
+    (module docstring)."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, values: Tensor, w_dec: Tensor, entries: Entries) -> Tensor:
+        values = values.to(w_dec.dtype)
+        ctx.save_for_backward(values, w_dec)
+        ctx.entries = entries
+        return F.embedding_bag(entries.index, w_dec, entries.crow[:-1], per_sample_weights=values, mode="sum")
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, w_enc, b_dec, w_dec, crow, index, values = ctx.saved_tensors
+        values, w_dec = ctx.saved_tensors
+        entries: Entries = ctx.entries
         grad_out = grad_out.contiguous().to(w_dec.dtype)
-        d_sae = w_dec.shape[0]
-        layout = LatentMajor(crow, index, d_sae)
-        grad_w_dec = layout.scatter(values, grad_out)
-        grad_pre = gathered_dots(crow, index, grad_out, w_dec) * (values > 0)
-        grad_w_enc = layout.scatter(grad_pre, x.to(w_dec.dtype) - b_dec).t()
-        grad_b_enc = grad_pre.new_zeros(d_sae).index_add_(0, index, grad_pre)
-        grad_b_dec = -(w_enc @ grad_b_enc)
-        return None, grad_w_enc, grad_b_enc, grad_b_dec, grad_w_dec, None, None, None
+        grad_values = gathered_dots(entries.crow, entries.index, grad_out, w_dec) \
+            if ctx.needs_input_grad[0] else None
+        grad_w_dec = entries.layout.scatter(values, grad_out) if ctx.needs_input_grad[1] else None
+        return grad_values, grad_w_dec, None
+
+
+class Entries:
+    """Row-major entries of a [B, d_sae] latent matrix (module docstring): row ``b`` holds entries
+    ``crow[b]:crow[b + 1]``, latents ``index``. Tensors of the latents are [n_entries], one value per entry;
+    per-latent tensors ([d_sae]) are read at the entries with :meth:`per_entry`."""
+
+    def __init__(self, crow: Tensor, index: Tensor, d_sae: int, rows: Tensor | None = None) -> None:
+        self.crow, self.index, self.d_sae, self.rows = crow, index, d_sae, rows
+        self._layout: LatentMajor | None = None
+
+    @classmethod
+    def where(cls, mask: Tensor) -> Entries:
+        """The entries where ``mask`` [B, d_sae] is True."""
+        rows, index = mask.nonzero(as_tuple=True)
+        return cls(row_pointers(torch.bincount(rows, minlength=mask.shape[0])), index, mask.shape[1], rows)
+
+    @property
+    def layout(self) -> LatentMajor:
+        """The latent-sorted layout shared by the backward's scatters (built on first use)."""
+        if self._layout is None:
+            self._layout = LatentMajor(self.crow, self.index, self.d_sae)
+        return self._layout
+
+    def encode(self, x: Tensor, w_enc: Tensor, b_enc: Tensor | None, b_dec: Tensor, pre: Tensor) -> Tensor:
+        """The entries of ``pre`` [B, d_sae] (``(x - b_dec) @ w_enc + b_enc``, ``b_enc`` None when ``pre`` has
+        no bias), differentiable in ``w_enc``, ``b_enc`` and ``b_dec`` through the entries only."""
+        return _EncodeEntries.apply(x, w_enc, b_enc, b_dec, self, pre.detach()[self.rows, self.index])
+
+    def encode_values(self, x: Tensor, w_enc: Tensor, b_enc: Tensor | None, b_dec: Tensor,
+                      pre: Tensor) -> Tensor:
+        """As :meth:`encode`, from the entries' pre-activations ``pre`` [n_entries] (without grad)."""
+        return _EncodeEntries.apply(x, w_enc, b_enc, b_dec, self, pre.detach())
+
+    def per_entry(self, per_latent: Tensor) -> Tensor:
+        """A per-latent tensor [d_sae] read at each entry's latent."""
+        return per_latent[self.index]
+
+    def decode(self, values: Tensor, w_dec: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``values @ w_dec (+ bias)`` [B, d_out] of the entries' ``values``."""
+        out = _DecodeEntries.apply(values, w_dec, self)
+        return out if bias is None else out + bias
+
+    def latent_sums(self, values: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Per-latent sums [d_sae] of the entries' ``values`` (float32 by default, like ``column_stats``)."""
+        return values.new_zeros(self.d_sae, dtype=dtype).index_add_(0, self.index, values.to(dtype))
+
+    def fire_counts(self, values: Tensor) -> Tensor:
+        """Rows in which each latent is non-zero [d_sae] (int64)."""
+        return torch.bincount(self.index[values.detach() != 0], minlength=self.d_sae)
+
+
+class Dense:
+    """:class:`Entries`'s interface on the whole [B, d_sae] matrix: the dense reference."""
+
+    @staticmethod
+    def encode(x: Tensor, w_enc: Tensor, b_enc: Tensor | None, b_dec: Tensor, pre: Tensor) -> Tensor:
+        """``pre`` itself (computed with grad by the dense matmul)."""
+        return pre
+
+    @staticmethod
+    def per_entry(per_latent: Tensor) -> Tensor:
+        return per_latent
+
+    @staticmethod
+    def decode(values: Tensor, w_dec: Tensor, bias: Tensor | None = None) -> Tensor:
+        return values @ w_dec if bias is None else torch.addmm(bias, values, w_dec)
+
+    @staticmethod
+    def latent_sums(values: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        return values.sum(0, dtype=dtype)
+
+    @staticmethod
+    def fire_counts(values: Tensor) -> Tensor:
+        return column_stats(values.detach())[1]
+
+
+def layout(in_play: Tensor, kernel: str) -> Entries | Dense:
+    """How this step computes the latents whose entries ``in_play`` [B, d_sae] may be non-zero or need a
+    gradient: ``Entries.where(in_play)`` under ``kernel`` ``sparse``, and under ``auto`` when the batch's
+    share of them is at most ``SPARSE_MAX_SHARE`` (dense while a run is still dense); else ``Dense``."""
+    if kernel == "dense" or (kernel == "auto"
+                             and int(torch.count_nonzero(in_play)) > SPARSE_MAX_SHARE * in_play.numel()):
+        return Dense()
+    return Entries.where(in_play)
 
 
 def sparse_decode(x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor, w_dec: Tensor, crow: Tensor,
@@ -100,4 +217,5 @@ def sparse_decode(x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor, w_dec:
     entries: row ``b`` holds entries ``crow[b]:crow[b + 1]`` (any number per row), ``index`` their latents
     and ``pre`` [n_entries] their pre-activations ``((x - b_dec) @ w_enc + b_enc)``; sparse backward
     (module docstring)."""
-    return _SparseDecode.apply(x, w_enc, b_enc, b_dec, w_dec, crow, index, pre)
+    entries = Entries(crow, index, w_dec.shape[0])
+    return entries.decode(torch.relu(entries.encode_values(x, w_enc, b_enc, b_dec, pre)), w_dec)
