@@ -21,9 +21,10 @@ How the stream is laid out (every piece is a pure function of the seed, so nothi
   round-robin, and starts there: no replay, no buffer to save.
 - *Memory.* A consumer maps only the shards of its current window and gathers ``batch_size`` rows at
   a time, so memory depends on ``shuffle_buffer`` and ``batch_size``, never on the cache size.
-- *Transcoder pairs.* With a ``target`` source (another hook's cache from the same LM pass: same shards,
-  same rows in the same order) every batch is the pair ``(x, y)`` read at the same (shard, row)
-  positions; the positions, and so the order, resume state and sharding, are those of ``x`` alone.
+- *Aligned hooks.* With more sources (other hooks' caches from the same LM pass: same shards, same rows
+  in the same order: a transcoder's ``target``, or the hooks of a group of SAEs, ``group/``) every batch
+  is a tuple of their rows read at the same (shard, row) positions; the positions, and so the order,
+  resume state and sharding, are those of the first source alone.
 """
 
 from __future__ import annotations
@@ -131,15 +132,14 @@ def gather(source: RowSource, shard: np.ndarray, row: np.ndarray) -> np.ndarray:
 
 class ActivationStream(IterableDataset):
     """Batches ``[batch_size, d]`` float32, raw (the SAE normalizes), for this rank and dataloader worker;
-    pairs ``(x [batch_size, d], y [batch_size, d_out])`` of aligned rows when a ``target`` source is given.
+    tuples of aligned rows, one per source, when ``sources`` holds more than one.
 
     ``start_batch`` is how many batches this rank has already consumed (resume). ``epochs=None`` is
     endless (training); ``epochs=1`` is one finite pass (validation).
     """
 
-    def __init__(self, source: RowSource, spec: StreamSpec, epochs: int | None, start_batch: int = 0,
-                 target: RowSource | None = None):
-        self.source, self.spec, self.target = source, spec, target
+    def __init__(self, sources: list[RowSource], spec: StreamSpec, epochs: int | None, start_batch: int = 0):
+        self.sources, self.spec = sources, spec
         self.epochs, self.start_batch = epochs, start_batch
 
     def _consumer(self) -> tuple[int, int]:
@@ -169,17 +169,14 @@ class ActivationStream(IterableDataset):
             self._release_except(set())     # the next epoch visits shards in another order
             epoch, first = epoch + 1, 0
 
-    def _sources(self) -> list[RowSource]:
-        return [self.source] if self.target is None else [self.source, self.target]
-
     def _release_except(self, keep: set[int]) -> None:
-        for source in self._sources():
+        for source in self.sources:
             source.release_except(keep)
 
-    def _batch(self, plan: _EpochPlan, k: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self, plan: _EpochPlan, k: int) -> torch.Tensor | tuple[torch.Tensor, ...]:
         where = plan.locate(plan.positions(k))
-        rows = [torch.from_numpy(gather(source, *where)) for source in self._sources()]
-        return rows[0] if self.target is None else (rows[0], rows[1])
+        rows = [torch.from_numpy(gather(source, *where)) for source in self.sources]
+        return rows[0] if len(rows) == 1 else tuple(rows)
 
 
 @dataclass
@@ -203,22 +200,25 @@ class ActivationDataModule(LightningDataModule):
 
     ``target``: a transcoder's target cache, aligned row for row with ``source`` (module docstring);
     batches are then ``(x, y)`` pairs, ``d_out``/``target_norm_scale`` describe ``y`` (else None).
+    ``extra``: more aligned caches (a group's other hooks), appended to every batch's tuple. ``slot_dims``,
+    ``slot_norm_scales`` and :meth:`sample_slots` describe every member of the tuple in order.
     """
 
     def __init__(self, source: RowSource | str | Path, cfg: ActivationsConfig, batch_size: int, seed: int,
-                 target: ActivationCache | None = None):
+                 target: ActivationCache | None = None, extra: list[ActivationCache] | None = None):
         super().__init__()
         self.source = source if isinstance(source, RowSource) else open_source(
             source, shard_rows=cfg.shard_rows, normalize=cfg.normalize)
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
-        self.d_in = self.source.d
-        self.norm_scale = float(self.source.norm_scale) if cfg.normalize else 1.0
         self.target = target
-        if target is not None:
-            check_aligned(self.source, target)
+        self.sources = [self.source, *([] if target is None else [target]), *(extra or [])]
+        for other in self.sources[1:]:
+            check_aligned(self.source, other)
+        self.slot_dims = [s.d for s in self.sources]
+        self.slot_norm_scales = [float(s.norm_scale) if cfg.normalize else 1.0 for s in self.sources]
+        self.d_in, self.norm_scale = self.slot_dims[0], self.slot_norm_scales[0]
         self.d_out = None if target is None else target.d
-        self.target_norm_scale = None if target is None else (
-            float(target.norm_scale) if cfg.normalize else 1.0)
+        self.target_norm_scale = None if target is None else self.slot_norm_scales[1]
         self.train_shards, self.val_shards, self.eval_shards = split_shards(self.source, cfg.val_fraction,
                                                                              cfg.eval_fraction)
         self.rank, self.world_size = 0, 1
@@ -262,7 +262,7 @@ class ActivationDataModule(LightningDataModule):
                 f"batch_size={self.batch_size} for each of {spec.world_size * workers} process(es)/workers. "
                 "Build more tokens (data.n_tokens), lower batch_size or activations.num_workers"
                 + (", or raise activations.val_fraction" if what == "validation" else ""))
-        stream = ActivationStream(self.source, spec, epochs, start, target=self.target)
+        stream = ActivationStream(self.sources, spec, epochs, start)
         return DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
                           persistent_workers=self.cfg.num_workers > 0 and epochs is None,
                           pin_memory=torch.cuda.is_available())
@@ -299,6 +299,11 @@ class ActivationDataModule(LightningDataModule):
             raise ValueError("sample_targets needs a transcoder target cache")
         seed = self.seed if seed is None else seed
         return torch.from_numpy(sample_rows(self.target, self.train_shards, n, seed))
+
+    def sample_slots(self, n: int, seed: int | None = None) -> list[torch.Tensor]:
+        """Every source's rows at the positions :meth:`sample` draws, in batch-tuple order."""
+        seed = self.seed if seed is None else seed
+        return [torch.from_numpy(sample_rows(s, self.train_shards, n, seed)) for s in self.sources]
 
     def eval_rows(self, max_tokens: int, batch_size: int | None = None) -> Iterator[EvalRows]:
         """Evaluation rows in order, with (token, doc, pos), at most ``max_tokens`` of them: the evaluation
@@ -379,7 +384,8 @@ def check_aligned(source: RowSource, target: RowSource) -> None:
     same_key = (isinstance(source, ActivationCache) and isinstance(target, ActivationCache)
                 and {**source.key.to_dict(), "hooks": None} == {**target.key.to_dict(), "hooks": None})
     if not same_key or source.shard_sizes != target.shard_sizes:
-        raise CacheError(f"transcoder target {target.path} is not row-aligned with the input cache "
+        raise CacheError(f"cache {target.path} (a transcoder target or a group's hook) is not row-aligned "
+                         f"with the input cache "
                          f"{source.path} (both must come from one LM pass over the same text, with the same "
                          "activations.shard_rows): delete the target cache and rebuild it")
 

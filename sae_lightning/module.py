@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -20,7 +20,7 @@ from torch import Tensor
 from sae_lightning.checks import check
 from sae_lightning.config import TrainConfig, train_config_from_dict
 from sae_lightning.metrics import ReconstructionStats, batch_metrics
-from sae_lightning.saes import SAE, build_sae
+from sae_lightning.saes import SAE, SAEOutput, build_sae
 from sae_lightning.saes.base import PenalisedConfig
 from sae_lightning.sparsity import TargetL0
 from sae_lightning.step import DATA_INIT_ROWS, LatentStats, train_step, warmup_scale
@@ -50,7 +50,125 @@ def split_batch(batch: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor | None
     return x, y
 
 
-class SAEModule(L.LightningModule):
+class Trainee:
+    """What one SAE under training is, Lightning-free: the SAE, its firing statistics (``latents``), the
+    ``sae.target_l0`` controller and its config, with the per-step logic around ``step.train_step``. Mixed
+    into ``SAEModule`` (one SAE per run) and into ``group.module.MemberModule`` (one of several SAEs trained
+    from one stream), so both hold the same submodules under the same names: a member's state dict is a
+    run's."""
+
+    cfg: TrainConfig
+    sae: SAE
+    latents: LatentStats
+    target_l0: TargetL0 | None
+
+    def build_trainee(self, cfg: TrainConfig, d_in: int, d_out: int | None) -> None:
+        """Build the SAE ``cfg.sae`` (a transcoder when ``d_out`` is given) and its statistics."""
+        if (cfg.target_hook is None) != (d_out is None):
+            raise ValueError(f"d_out={d_out} does not match target.name={cfg.target.name}: a transcoder "
+                             "needs the target's width, an SAE none")
+        self.cfg = cfg
+        self.sae = build_sae(cfg.sae, d_in, d_out)
+        self.latents = LatentStats(self.sae.d_sae, cfg.latents.dead_window_tokens)
+        target = cfg.sae.target_l0 if isinstance(cfg.sae, PenalisedConfig) else None
+        if target is not None:
+            check(target < self.sae.d_sae, "sae.target_l0", target, f"must be below d_sae={self.sae.d_sae}")
+        # a submodule, so checkpoints hold the controller's state
+        self.target_l0 = None if target is None else TargetL0(target, two_sided=self.sae.two_sided_target)
+
+    def coeff_at(self, step: int) -> float:
+        """The architecture's coefficient times the warm-up factor (``optim.l1_warmup_steps``) and, with
+        ``sae.target_l0``, the controller's factor."""
+        warm = warmup_scale(step, self.cfg.optim.l1_warmup_steps)
+        steer = self.target_l0.scale() if self.target_l0 is not None else 1.0
+        return self.sae.base_coeff(self.cfg.l1) * warm * steer
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """Adam's parameter groups of this SAE (``SAE.param_groups``) with its own betas."""
+        betas = (self.cfg.optim.beta1, self.cfg.optim.beta2)
+        return [{**g, "betas": betas} for g in self.sae.param_groups(self.cfg.lr)]
+
+    def make_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """Adam over the SAE's parameter groups and its learning-rate schedule (``lr_lambda``)."""
+        opt = torch.optim.Adam(self.optimizer_groups())
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg))
+
+    def init_from_rows(self, rows: Tensor, targets: Tensor | None) -> None:
+        """The SAE's data-dependent start (``SAE.init_from_data``) from sampled raw rows."""
+        self.sae.init_from_data(rows, targets if self.sae.transcoder else None)
+
+    def before_step(self, step: int) -> float:
+        """``sae.set_progress(step / max_steps)``; returns this step's sparsity coefficient."""
+        self.sae.set_progress(step / self.cfg.max_steps)
+        return self.coeff_at(step)
+
+    def after_step(self, out: SAEOutput, step: int, mean_over_ranks: Callable[[Tensor], Tensor]) -> None:
+        """The target-L0 controller's update, once the coefficient's warm-up is over (during it the
+        coefficient is low on purpose)."""
+        if self.target_l0 is not None and warmup_scale(step, self.cfg.optim.l1_warmup_steps) == 1:
+            self.target_l0.update(mean_over_ranks(out.l0.detach()))
+
+    @torch.no_grad()
+    def step_logs(self, out: SAEOutput, x: Tensor, target: Tensor | None, coeff: float) -> dict[str, Tensor]:
+        """The ``train/*`` numbers logged every ``trainer.log_every_n_steps`` steps."""
+        x_hat = out.x_hat.detach() / self.sae.output_scale
+        logs = {f"train/loss_{k}": v for k, v in out.terms.items() if k != "l0"}
+        logs.update({f"train/{k}": v for k, v in batch_metrics(x if target is None else target, x_hat,
+                                                               out.l0).items()})
+        logs["train/loss"] = out.loss.detach()
+        logs["train/dead_fraction_window"] = self.latents.dead_mask().float().mean()
+        logs["train/sparsity_coeff"] = torch.tensor(coeff)
+        logs.update({f"train/{k}": v for k, v in self.sae.training_logs().items()})
+        if self.target_l0 is not None:
+            logs["train/l0_target"] = torch.tensor(self.target_l0.target)
+        return logs
+
+    def new_val_stats(self) -> ReconstructionStats:
+        return ReconstructionStats(self.cfg.latents.dense_threshold)
+
+    def update_val_stats(self, stats: ReconstructionStats, x: Tensor, target: Tensor | None) -> None:
+        z = self.sae.encode(x)
+        stats.update(x if target is None else target, self.sae.decode(z, x), z)
+
+
+class TraineeSlot(NamedTuple):
+    """One SAE of a Lightning module, as callbacks see it: its metric-key prefix (``""`` for a run's only
+    SAE, ``"<name>/"`` for a group member), the trainee, its optimizer's index, the batch slot of its input
+    rows, and whether it is still training (a diverged group member is not)."""
+
+    prefix: str
+    trainee: Trainee
+    optimizer: int
+    slot: int
+    active: bool
+
+
+def merged_over_ranks(stats: ReconstructionStats, world_size: int,
+                      dense_threshold: float) -> ReconstructionStats:
+    """Every rank's validation statistics merged exactly (averaging per-rank explained variances would not
+    give the whole set's)."""
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return stats
+    gathered: list[ReconstructionStats | None] = [None] * world_size
+    torch.distributed.all_gather_object(gathered, stats)
+    merged = ReconstructionStats(dense_threshold)
+    for other in gathered:
+        merged.merge(other)
+    return merged
+
+
+VAL_KEYS = ("mse", "nmse", "explained_variance", "l0", "cosine_sim", "dead_fraction")
+
+
+def val_logs(stats: ReconstructionStats) -> dict[str, float]:
+    """The ``val/*`` numbers of a whole validation set (none when it was empty)."""
+    if stats.n_tokens == 0:
+        return {}
+    values = stats.compute()
+    return {f"val/{k}": float(values[k]) for k in VAL_KEYS if k in values}
+
+
+class SAEModule(Trainee, L.LightningModule):
     """Trains ``build_sae(config.sae, d_in, d_out)`` on raw activation batches (the SAE normalizes them);
     ``d_out`` given: a transcoder trained on ``(x, y)`` batches."""
 
@@ -58,29 +176,15 @@ class SAEModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.cfg = train_config_from_dict(config)
-        if (self.cfg.target_hook is None) != (d_out is None):
-            raise ValueError(f"d_out={d_out} does not match target.name={self.cfg.target.name}: a transcoder "
-                             "needs the target's width, an SAE none")
-        self.sae: SAE = build_sae(self.cfg.sae, d_in, d_out)
-        self.latents = LatentStats(self.sae.d_sae, self.cfg.latents.dead_window_tokens)
-        self.target_l0 = self._target_l0_controller()
+        self.build_trainee(train_config_from_dict(config), d_in, d_out)
         self._val_stats: ReconstructionStats | None = None
 
-    def _target_l0_controller(self) -> TargetL0 | None:
-        """The ``sae.target_l0`` controller (a submodule, so checkpoints hold its state), or None."""
-        target = self.cfg.sae.target_l0 if isinstance(self.cfg.sae, PenalisedConfig) else None
-        if target is None:
-            return None
-        check(target < self.sae.d_sae, "sae.target_l0", target, f"must be below d_sae={self.sae.d_sae}")
-        return TargetL0(target, two_sided=self.sae.two_sided_target)
-
     def sparsity_coeff(self) -> float:
-        """The architecture's coefficient times the warm-up factor (``optim.l1_warmup_steps``) and, with
-        ``sae.target_l0``, the controller's factor."""
-        warm = warmup_scale(self.global_step, self.cfg.optim.l1_warmup_steps)
-        steer = self.target_l0.scale() if self.target_l0 is not None else 1.0
-        return self.sae.base_coeff(self.cfg.l1) * warm * steer
+        """This step's coefficient (:meth:`Trainee.coeff_at`)."""
+        return self.coeff_at(self.global_step)
+
+    def trainees(self) -> list[TraineeSlot]:
+        return [TraineeSlot("", self, 0, 0, True)]
 
     # ----- training -------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -94,82 +198,57 @@ class SAEModule(L.LightningModule):
             return
         dm = self.trainer.datamodule
         targets = dm.sample_targets(DATA_INIT_ROWS).to(self.device) if self.sae.transcoder else None
-        self.sae.init_from_data(dm.sample(DATA_INIT_ROWS).to(self.device), targets)
-        if self.trainer.world_size > 1:
-            for p in self.sae.parameters():
-                p.data = self.trainer.strategy.broadcast(p.data, src=0)
+        self.init_from_rows(dm.sample(DATA_INIT_ROWS).to(self.device), targets)
+        broadcast_parameters(self)
 
-    def _reduce_counts(self, counts: Tensor) -> tuple[Tensor, int]:
+    def reduce_counts(self, counts: Tensor) -> tuple[Tensor, int]:
         """Fire counts summed over every DDP rank, and the world size."""
         world = self.trainer.world_size
         if world > 1:
             counts = self.trainer.strategy.reduce(counts.to(torch.float64), reduce_op="sum")
         return counts, world
 
-    def _mean_over_ranks(self, value: Tensor) -> Tensor:
+    def mean_over_ranks(self, value: Tensor) -> Tensor:
         """``value`` averaged over every DDP rank (equal batches per rank: the whole batch's mean)."""
         if self.trainer.world_size > 1:
             return self.trainer.strategy.reduce(value.to(torch.float64), reduce_op="mean")
         return value
 
     def training_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> Tensor:
-        """``sae.set_progress(step / max_steps)``, the step, then the target-L0 controller's update (once the
-        coefficient's warm-up is over: during it the coefficient is low on purpose)."""
         step = self.global_step
-        self.sae.set_progress(step / self.cfg.max_steps)
-        coeff = self.sparsity_coeff()
+        coeff = self.before_step(step)
         x, target = split_batch(batch)
         out = train_step(self.sae, self.optimizers(), x, self.latents, coeff=coeff,
                          grad_clip=self.cfg.optim.grad_clip, clip_scope=self.cfg.optim.grad_clip_scope,
                          step=step, nan_guard=self.cfg.optim.nan_guard,
-                         backward=self.manual_backward, reduce_counts=self._reduce_counts, target=target)
+                         backward=self.manual_backward, reduce_counts=self.reduce_counts, target=target)
         self.lr_schedulers().step()
-        if self.target_l0 is not None and warmup_scale(step, self.cfg.optim.l1_warmup_steps) == 1:
-            self.target_l0.update(self._mean_over_ranks(out.l0.detach()))
+        self.after_step(out, step, self.mean_over_ranks)
         if step % self.trainer.log_every_n_steps == 0:
-            with torch.no_grad():
-                x_hat = out.x_hat.detach() / self.sae.output_scale
-            logs = {f"train/loss_{k}": v for k, v in out.terms.items() if k != "l0"}
-            truth = x if target is None else target
-            logs.update({f"train/{k}": v for k, v in batch_metrics(truth, x_hat, out.l0).items()})
-            logs["train/loss"] = out.loss.detach()
-            logs["train/dead_fraction_window"] = self.latents.dead_mask().float().mean()
-            logs["train/sparsity_coeff"] = torch.tensor(coeff)
-            logs.update({f"train/{k}": v for k, v in self.sae.training_logs().items()})
-            if self.target_l0 is not None:
-                logs["train/l0_target"] = torch.tensor(self.target_l0.target)
-            self.log_dict(logs, prog_bar=False)
+            self.log_dict(self.step_logs(out, x, target, coeff), prog_bar=False)
             self.log("l0", out.l0.detach(), prog_bar=True, logger=False)
         self.log("loss", out.loss.detach(), prog_bar=True, logger=False)
         return out.loss.detach()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        opt = torch.optim.Adam(self.sae.param_groups(self.cfg.lr),
-                               betas=(self.cfg.optim.beta1, self.cfg.optim.beta2))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg))
+        opt, sched = self.make_optimizer()
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ----- validation -----------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        self._val_stats = ReconstructionStats(self.cfg.latents.dense_threshold)
+        self._val_stats = self.new_val_stats()
 
     def validation_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> None:
-        x, target = split_batch(batch)
-        z = self.sae.encode(x)
-        self._val_stats.update(x if target is None else target, self.sae.decode(z, x), z)
+        self.update_val_stats(self._val_stats, *split_batch(batch))
 
     def on_validation_epoch_end(self) -> None:
-        """Log whole-validation-set numbers: under DDP every rank's statistics are gathered and merged
-        exactly (averaging per-rank explained variances would not give the set's)."""
-        stats = self._val_stats
-        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
-            gathered: list[ReconstructionStats | None] = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(gathered, stats)
-            stats = ReconstructionStats(self.cfg.latents.dense_threshold)
-            for other in gathered:
-                stats.merge(other)
-        if stats.n_tokens == 0:
-            return
-        values = stats.compute()
-        keys = ("mse", "nmse", "explained_variance", "l0", "cosine_sim", "dead_fraction")
-        self.log_dict({f"val/{k}": float(values[k]) for k in keys if k in values})
+        """Log whole-validation-set numbers: under DDP every rank's statistics are gathered and merged."""
+        stats = merged_over_ranks(self._val_stats, self.trainer.world_size, self.cfg.latents.dense_threshold)
+        self.log_dict(val_logs(stats))
+
+
+def broadcast_parameters(module: L.LightningModule) -> None:
+    """Rank 0's parameters on every rank (after a data-dependent start that may differ per rank)."""
+    if module.trainer.world_size > 1:
+        for p in module.parameters():
+            p.data = module.trainer.strategy.broadcast(p.data, src=0)

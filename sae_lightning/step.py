@@ -67,15 +67,54 @@ def warmup_scale(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
 
 
-def check_finite(out: SAEOutput, sae: SAE, step: int) -> None:
-    """The NaN guard: raise naming the step and every non-finite quantity, before any weight changes."""
-    if torch.isfinite(out.loss):
-        return
+def nonfinite_message(out: SAEOutput, sae: SAE, step: int) -> str:
+    """What the NaN guard reports: the step and every non-finite quantity."""
     bad = [k for k, v in out.terms.items() if not torch.isfinite(v).all()]
     bad += [n for n, p in sae.named_parameters() if not torch.isfinite(p).all()]
-    raise NonFiniteError(f"Non-finite loss at step {step}: loss={out.loss.item()}; non-finite: "
-                         f"{', '.join(bad) or 'loss only'}. Training stopped; the last good checkpoint is "
-                         "kept. Lower lr or enable optim.grad_clip.")
+    return (f"Non-finite loss at step {step}: loss={out.loss.item()}; non-finite: "
+            f"{', '.join(bad) or 'loss only'}. Training stopped; the last good checkpoint is kept."
+            " Lower lr or enable optim.grad_clip.")
+
+
+def check_finite(out: SAEOutput, sae: SAE, step: int) -> None:
+    """The NaN guard: raise naming the step and every non-finite quantity, before any weight changes."""
+    if not torch.isfinite(out.loss):
+        raise NonFiniteError(nonfinite_message(out, sae, step))
+
+
+def forward_step(sae: SAE, x: Tensor, stats: LatentStats, *, coeff: float,
+                 target: Tensor | None = None) -> SAEOutput:
+    """The forward of a training step on the raw batch ``x`` (and a transcoder's raw ``target``)."""
+    y = None if target is None else sae.normalize_target(target)
+    return sae(sae.normalize(x), target=y, sparsity_coeff=coeff, dead_mask=stats.dead_mask())
+
+
+def clip_gradients(groups: list[list[Tensor]], grad_clip: float, clip_scope: str = "group") -> None:
+    """Clip the gradient norm of each parameter group (``SAE.param_groups``: module docstring), or one norm
+    over all of them (``clip_scope="global"``); nothing when ``grad_clip`` is 0."""
+    if grad_clip > 0:
+        for params in groups if clip_scope == "group" else [[p for g in groups for p in g]]:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+
+
+def finish_step(sae: SAE, out: SAEOutput, stats: LatentStats, n_rows: int,
+                reduce_counts: Callable[[Tensor], tuple[Tensor, int]] | None = None) -> None:
+    """After the optimizer step: the SAE's renormalisation and the firing statistics of ``n_rows`` rows
+    (times the world size)."""
+    sae.after_optimizer_step()
+    counts, world = reduce_counts(out.fire_counts) if reduce_counts else (out.fire_counts, 1)
+    stats.update(counts, n_rows * world)
+
+
+def apply_step(sae: SAE, optimizer: torch.optim.Optimizer, out: SAEOutput, stats: LatentStats, n_rows: int, *,
+               grad_clip: float, clip_scope: str = "group",
+               reduce_counts: Callable[[Tensor], tuple[Tensor, int]] | None = None) -> None:
+    """After the backward: the SAE's gradient projection, clipping, the optimizer step, then
+    :func:`finish_step`."""
+    sae.before_optimizer_step()
+    clip_gradients([g["params"] for g in optimizer.param_groups], grad_clip, clip_scope)
+    optimizer.step()
+    finish_step(sae, out, stats, n_rows, reduce_counts)
 
 
 def train_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor, stats: LatentStats, *,
@@ -90,19 +129,11 @@ def train_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor, stats: Lat
     that DDP gradient averaging and precision plugins apply. ``reduce_counts(fire_counts)`` returns the
     counts summed over ranks and the multiplier of the row count (the world size).
     """
-    y = None if target is None else sae.normalize_target(target)
-    out = sae(sae.normalize(x), target=y, sparsity_coeff=coeff, dead_mask=stats.dead_mask())
+    out = forward_step(sae, x, stats, coeff=coeff, target=target)
     if nan_guard:
         check_finite(out, sae, step)
     optimizer.zero_grad(set_to_none=True)
     backward(out.loss)
-    sae.before_optimizer_step()
-    if grad_clip > 0:  # per parameter group (``SAE.param_groups``: module docstring) or over all of them
-        groups = [g["params"] for g in optimizer.param_groups]
-        for params in groups if clip_scope == "group" else [[p for g in groups for p in g]]:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
-    sae.after_optimizer_step()
-    counts, world = reduce_counts(out.fire_counts) if reduce_counts else (out.fire_counts, 1)
-    stats.update(counts, x.shape[0] * world)
+    apply_step(sae, optimizer, out, stats, x.shape[0], grad_clip=grad_clip, clip_scope=clip_scope,
+               reduce_counts=reduce_counts)
     return out

@@ -66,17 +66,20 @@ class LiveDataModule(LightningDataModule):
     ``lm``: an already loaded ``HookedLM`` (tests, evaluation); by default the config's model is loaded on
     ``model.device``. The model and hooks are checked, and the text is read once (tokenizer only) to find
     the held-out contexts and to check it holds the run's training tokens, before the LM's first batch.
+    ``hooks``: (layer, name) of every hook read by one forward, a batch being the tuple of their rows (a
+    group of SAEs, ``group/``); by default the config's hook and a transcoder's target. ``slot_dims``,
+    ``slot_norm_scales`` and :meth:`sample_slots` describe every member of the tuple in order.
     """
 
-    def __init__(self, cfg: TrainConfig, lm: Any = None) -> None:
+    def __init__(self, cfg: TrainConfig, lm: Any = None, hooks: list[tuple[int, str]] | None = None) -> None:
         super().__init__()
         from sae_lightning.lm import HookPoint, load_lm
 
         self.cfg, self.acts = cfg, cfg.activations
         self.batch_size, self.seed = cfg.batch_size, cfg.seed
-        self.hooks = [HookPoint(cfg.layer, cfg.hook.name)]
-        if cfg.target_hook is not None:
-            self.hooks.append(HookPoint(*cfg.target_hook))
+        if hooks is None:
+            hooks = [(cfg.layer, cfg.hook.name), *([] if cfg.target_hook is None else [cfg.target_hook])]
+        self.hooks = [HookPoint(*h) for h in hooks]
         device = lm_device(cfg.model)
         if lm is None:
             log.info("loading %s on %s for live activations", cfg.model.name, device)
@@ -84,8 +87,9 @@ class LiveDataModule(LightningDataModule):
         self.lm = lm
         lm.check_context_size(cfg.data.context_size)
         lm.check_hooks(self.hooks)
-        dims = [lm.hook_dim(h) for h in self.hooks]
-        self.d_in, self.d_out = dims[0], (dims[1] if len(dims) > 1 else None)
+        self.slot_dims = [lm.hook_dim(h) for h in self.hooks]
+        self.d_in = self.slot_dims[0]
+        self.d_out = self.slot_dims[1] if cfg.target_hook is not None and len(self.hooks) > 1 else None
         self.text = TextContexts(cfg.data, lm.tokenizer)
         self.split = Split.of(cfg.data, self.acts.val_fraction, self.acts.eval_fraction)
         self.window = max(1, self.acts.buffer_tokens // self.batch_size) * self.batch_size
@@ -152,13 +156,9 @@ class LiveDataModule(LightningDataModule):
     def _rows(self, contexts: list[Context], limit: int | None = None) -> list[torch.Tensor]:
         """The trained rows of ``contexts`` (float32, on the LM's device), at most ``limit``."""
         rows = sum(c.rows for c in contexts) if limit is None else limit
-        windows = Windows(iter(contexts), self._forward, self._dims, rows, self.cfg.data.lm_batch_size,
+        windows = Windows(iter(contexts), self._forward, self.slot_dims, rows, self.cfg.data.lm_batch_size,
                           self.lm.device)
-        return windows.next() or [torch.empty(0, d) for d in self._dims]
-
-    @property
-    def _dims(self) -> list[int]:
-        return [self.d_in] if self.d_out is None else [self.d_in, self.d_out]
+        return windows.next() or [torch.empty(0, d) for d in self.slot_dims]
 
     # ----- scale and samples -----------------------------------------------------------------------------
     def _sample(self, n: int, seed: int) -> list[torch.Tensor]:
@@ -189,24 +189,32 @@ class LiveDataModule(LightningDataModule):
             raise ValueError("sample_targets needs a transcoder target (target.name)")
         return self._sample(n, self.seed if seed is None else seed)[1]
 
-    def _scale(self, rows: torch.Tensor) -> float:
+    def sample_slots(self, n: int, seed: int | None = None) -> list[torch.Tensor]:
+        """Every hook's rows at the positions :meth:`sample` draws, in batch-tuple order."""
+        return self._sample(n, self.seed if seed is None else seed)
+
+    def _scale(self, rows: torch.Tensor, hook: Any) -> float:
         mean = float(rows.double().norm(dim=1).mean())
         if not math.isfinite(mean) or mean <= 0:
-            raise ConfigError(f"{self.cfg.model.name} layer {self.cfg.layer} {self.cfg.hook.name}: "
-                              f"activations have mean norm {mean}; check model.dtype (float16 overflows) or "
-                              "set activations.normalize=false")
+            raise ConfigError(f"{self.cfg.model.name} layer {hook.layer} {hook.name}: activations have mean "
+                              f"norm {mean}; check model.dtype (float16 overflows) or set "
+                              "activations.normalize=false")
         return math.sqrt(rows.shape[1]) / mean
 
     @property
+    def slot_norm_scales(self) -> list[float]:
+        """Per hook, the scale that makes ``E||x|| = sqrt(d)``, from a first sample of training rows."""
+        if not self.acts.normalize:
+            return [1.0] * len(self.hooks)
+        return [self._scale(r, h) for r, h in zip(self._sample(NORM_SAMPLE_ROWS, 0), self.hooks, strict=True)]
+
+    @property
     def norm_scale(self) -> float:
-        """The scale that makes ``E||x|| = sqrt(d_in)``, from a first sample of training rows."""
-        return self._scale(self._sample(NORM_SAMPLE_ROWS, 0)[0]) if self.acts.normalize else 1.0
+        return self.slot_norm_scales[0]
 
     @property
     def target_norm_scale(self) -> float | None:
-        if self.d_out is None:
-            return None
-        return self._scale(self._sample(NORM_SAMPLE_ROWS, 0)[1]) if self.acts.normalize else 1.0
+        return None if self.d_out is None else self.slot_norm_scales[1]
 
     # ----- Lightning -----------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -219,7 +227,7 @@ class LiveDataModule(LightningDataModule):
 
     def _windows(self) -> Windows:
         contexts = training_contexts(self.text, self.split, self.rank, self.world_size, self.acts.repeat_text)
-        return Windows(contexts, self._forward, self._dims, self.window, self.cfg.data.lm_batch_size,
+        return Windows(contexts, self._forward, self.slot_dims, self.window, self.cfg.data.lm_batch_size,
                        self.lm.device, self.gauge)
 
     def train_dataloader(self) -> DataLoader:
@@ -286,7 +294,7 @@ class LiveDataModule(LightningDataModule):
             for a in range(0, min(len(tok), left), step):
                 b = min(a + step, len(tok), left)
                 yield EvalRows(acts[0][a:b], tok[a:b], doc[a:b], pos[a:b],
-                               acts[1][a:b] if len(acts) > 1 else None)
+                               acts[1][a:b] if self.d_out is not None else None)
             left -= min(len(tok), left)
 
     def context(self, doc: int) -> np.ndarray:
