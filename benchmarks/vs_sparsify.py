@@ -21,10 +21,15 @@ Both sides train on the same model, tensor, text and sizes:
   contexts that hold them, as a tokenized ``datasets.Dataset`` (``input_ids``), shuffled by its seed as its
   CLI shuffles;
 - SAEs: TopK, same ``k`` and ``d_sae`` per layer; batch: ``--batch`` rows a step (sparsify: ``--batch /
-  --context`` contexts, also ours's contexts per LM forward); ours's defaults otherwise (Adam at ``--lr``,
+  --context`` contexts, also our contexts per LM forward); our defaults otherwise (Adam at ``--lr``,
   AuxK, its scaling); sparsify's defaults otherwise (no AuxK, ``auxk_alpha=0``), run twice: with its default
   optimizer (Signum, its own learning rate) and with Adam at ``--lr`` and ``--adam-warmup`` warm-up steps
   (its default 1000 is longer than these runs; it then decays the rate linearly to 0, which it always does).
+
+sparsify runs the whole model for every batch; ours stops the forward after the last hooked block. The
+optional contender ``sparsify adam cut`` gives sparsify the model cut after that block by hand (its blocks
+list and ``num_hidden_layers``), which leaves its SAEs' training unchanged and shows what that part of the
+difference is.
 
 Measured: wall time of each whole process, from start to exit (model load, tokenization, training, saving
 included), its CPU seconds and peak RSS; tokens/s = the rows the side trained on / wall. Then, outside any
@@ -369,7 +374,7 @@ def settings(args: argparse.Namespace, sparsify_rows: int) -> list[str]:
             f"{args.adam_warmup} steps), "
             f"sparsify signum at its own lr, seeds {args.seeds}",
             f"# rows trained per SAE: ours {args.tokens}, sparsify {sparsify_rows} (the contexts holding "
-            f"ours's rows); held-out: {args.eval_contexts} contexts after them",
+            f"our rows); held-out: {args.eval_contexts} contexts after them",
             f"# ours: train.py {ours}; wall = the whole process (model load included)"]
 
 
