@@ -113,6 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-contexts", type=int, default=64, help="held-out contexts scored, after training's")
     p.add_argument("--contenders", nargs="+", default=DEFAULT_CONTENDERS, choices=CONTENDERS,
                    help="'sparsify adam cut': sparsify given the model cut after the last hooked block")
+    p.add_argument("--ours-overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="more train.py overrides for our runs (after our list: they win)")
     p.add_argument("--ours-per-layer", action="store_true",
                    help="one train.py per layer (times summed) instead of layers=[...]")
     p.add_argument("--text", type=Path,
@@ -228,7 +230,7 @@ def ours_overrides(args: argparse.Namespace, seed: int, run_dir: Path, layer: in
               "lr": args.lr, "seed": seed, "no_step": args.tokens // args.batch + 1, "run_dir": run_dir,
               "layers": ",".join(map(str, args.layers)), "layer": layer}
     template = [*OURS_COMMON, *(OURS_LAYERS if layer is None else OURS_ONE_LAYER)]
-    return [item.format(**values) for item in template]
+    return [item.format(**values) for item in template] + args.ours_overrides
 
 
 def ours_commands(args: argparse.Namespace, seed: int, run_dir: Path) -> list[list[str]]:
@@ -365,6 +367,7 @@ def settings(args: argparse.Namespace, sparsify_rows: int) -> list[str]:
     from importlib.util import find_spec
 
     ours = "layers=[...] (one process)" if not args.ours_per_layer else "one process per layer, times summed"
+    extra = f" {' '.join(args.ours_overrides)}" if args.ours_overrides else ""
     return [f"# sparsify: eai-sparsify {version('eai-sparsify')}, triton "
             f"{'present' if find_spec('triton') else 'absent (eager sparse decoder)'}",
             f"# setting: SmolLM2-135M-Instruct (converted from the PyPI GGUF), resid_post of layers "
@@ -375,7 +378,7 @@ def settings(args: argparse.Namespace, sparsify_rows: int) -> list[str]:
             f"sparsify signum at its own lr, seeds {args.seeds}",
             f"# rows trained per SAE: ours {args.tokens}, sparsify {sparsify_rows} (the contexts holding "
             f"our rows); held-out: {args.eval_contexts} contexts after them",
-            f"# ours: train.py {ours}; wall = the whole process (model load included)"]
+            f"# ours: train.py {ours}{extra}; wall = the whole process (model load included)"]
 
 
 def main(argv: list[str] | None = None) -> None:
