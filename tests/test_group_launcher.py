@@ -1,0 +1,214 @@
+"""``hydra/launcher=grouped``: job folders as with Hydra's basic launcher, jobs grouped by activation stream,
+strict mode, failed jobs and groups recorded while the sweep goes on, objectives back to the sweeper.
+
+The sweeps run in this process (``train.py``'s Hydra main, as ``python train.py -m`` runs it) with the
+group engine replaced by one that writes each member's ``summary.json``: what the launcher does around it
+is what is tested here."""
+
+from __future__ import annotations
+
+import json
+import math
+import runpy
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from test_sweep import REPO, SMALL, _array
+
+from sae_lightning.checks import ConfigError
+from sae_lightning.group import launcher
+from sae_lightning.group.members import Member
+from sae_lightning.rundir import RunDir, RunSummary
+from sae_lightning.sweep import sweep_group
+from sae_lightning.training import TrainingPreempted
+
+Engine = Callable[[list[Member], Path], list[RunSummary]]
+
+
+class FakeEngine:
+    """Stands in for ``run_group``: records each group, finishes every member with ``val/nmse = l1 / 10``,
+    except those whose ``l1`` is in ``diverge`` (failed, as a NaN member) and groups of a ``batch_size`` in
+    ``refuse`` (a ``ConfigError`` for the whole group)."""
+
+    def __init__(self, diverge: tuple[float, ...] = (), refuse: tuple[int, ...] = ()) -> None:
+        self.calls: list[tuple[list[Member], Path]] = []
+        self.diverge, self.refuse = diverge, refuse
+
+    def __call__(self, members: list[Member], group_dir: Path) -> list[RunSummary]:
+        self.calls.append((members, group_dir))
+        if members[0].config["batch_size"] in self.refuse:
+            raise ConfigError("this group cannot run")
+        summaries = []
+        for m in members:
+            l1 = m.config["l1"]
+            summary = (RunSummary(status="failed", run_dir=str(m.run_dir), error="loss is NaN")
+                       if l1 in self.diverge else
+                       RunSummary(status="finished", run_dir=str(m.run_dir), steps=8,
+                                  metrics={"val/nmse": l1 / 10, "val/l0": 3.0}, overrides=m.overrides))
+            RunDir(m.run_dir).write_summary(summary)
+            summaries.append(summary)
+        return summaries
+
+
+@pytest.fixture()
+def sweep(tmp_path, monkeypatch):
+    """``sweep(*overrides, engine=...)`` runs ``python train.py -m`` in this process with the grouped launcher
+    on a small array and returns (sweep dir, what the launcher returned to the sweeper)."""
+    x = _array(tmp_path / "x.npy")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    returns: list = []
+    launch = launcher.GroupedLauncher.launch
+
+    def spy(self, *args, **kwargs):
+        out = launch(self, *args, **kwargs)
+        returns.extend(r.return_value for r in out)
+        return out
+
+    monkeypatch.setattr(launcher.GroupedLauncher, "launch", spy)
+
+    def run(*overrides: str, engine: Engine, name: str = "sweep") -> tuple[Path, list]:
+        monkeypatch.setattr(launcher.GroupedLauncher, "_run_group", lambda self, m, d: engine(m, d))
+        sweep_dir = tmp_path / name
+        argv = ["train.py", "-m", "activations=file", f"activations.path={x}", *SMALL,
+                "hydra/launcher=grouped", f"hydra.sweep.dir={sweep_dir}", *overrides]
+        monkeypatch.setattr(sys, "argv", argv)
+        returns.clear()
+        runpy.run_path(str(REPO / "train.py"), run_name="__main__")
+        return sweep_dir, list(returns)
+
+    return run
+
+
+def _jobs(sweep_dir: Path) -> list[str]:
+    return sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_one_stream_is_one_group_in_basic_launcher_folders(sweep, capsys):
+    engine = FakeEngine()
+    sweep_dir, returns = sweep("l1=1,2", "sae.dict_mult=4,8", engine=engine)
+    jobs = _jobs(sweep_dir)
+    assert jobs == ["000_l1=1_dict_mult=4", "001_l1=1_dict_mult=8", "002_l1=2_dict_mult=4",
+                    "003_l1=2_dict_mult=8"]
+    for job in jobs:  # what the basic launcher writes into each job folder
+        hydra_dir = sweep_dir / job / ".hydra"
+        assert {p.name for p in hydra_dir.iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+        assert yaml.safe_load((hydra_dir / "hydra.yaml").read_text())["hydra"]["runtime"]["output_dir"] == \
+            str(sweep_dir / job)
+    assert "l1=2" in yaml.safe_load((sweep_dir / jobs[2] / ".hydra" / "overrides.yaml").read_text())
+
+    [(members, group_dir)] = engine.calls
+    assert group_dir == sweep_dir / ".groups" / "000"
+    assert [m.name for m in members] == jobs and [m.run_dir for m in members] == [sweep_dir / j for j in jobs]
+    assert [(m.config["l1"], m.config["sae"]["dict_mult"]) for m in members] == \
+        [(1, 4), (1, 8), (2, 4), (2, 8)]
+    assert "sae.dict_mult=8" in members[1].overrides
+    logger = members[3].config["logger"]  # grouped and tagged for W&B as an ungrouped sweep's job
+    assert logger["group"] == sweep_group(sweep_dir, None) and logger["tags"] == ["l1=2", "sae.dict_mult=8"]
+    assert "group 1: 4 jobs (000..003) share one stream" in capsys.readouterr().out
+    assert returns == pytest.approx([0.1, 0.1, 0.2, 0.2])
+    assert json.loads((sweep_dir / "sweep_summary.json").read_text())["ok"] == jobs
+
+
+def test_jobs_of_different_streams_fall_into_separate_groups(sweep, capsys):
+    engine = FakeEngine()
+    _, returns = sweep("l1=1,2", "batch_size=64,128", engine=engine)  # Hydra's grid: batch_size outermost
+    assert [([m.name[:3] for m in members], d.name) for members, d in engine.calls] == \
+        [(["000", "001"], "000"), (["002", "003"], "002")]
+    assert [[m.config["batch_size"] for m in ms] for ms, _ in engine.calls] == [[64, 64], [128, 128]]
+    out = capsys.readouterr().out
+    assert "group 1: 2 jobs (000..001) share one stream" in out
+    assert "group 2: 2 jobs (002..003) share one stream" in out
+    assert returns == pytest.approx([0.1, 0.2, 0.1, 0.2])
+
+
+def test_strict_refuses_several_streams_before_any_work(sweep, capsys):
+    engine = FakeEngine()
+    with pytest.raises(SystemExit) as stopped:
+        sweep("l1=1,2", "batch_size=64,128", "hydra.launcher.strict=true", engine=engine)
+    assert stopped.value.code == 1 and engine.calls == []
+    err = capsys.readouterr().err
+    assert "Error: hydra.launcher.strict=true" in err
+    assert "the swept key(s) batch_size change the stream (batch_size differ(s) between job 000_" in err
+    # one stream is fine in strict mode
+    _, returns = sweep("l1=1,2", "hydra.launcher.strict=true", engine=engine, name="one_stream")
+    assert len(engine.calls) == 1 and returns == pytest.approx([0.1, 0.2])
+
+
+def test_refused_and_diverged_jobs_are_failed_and_the_others_go_on(sweep):
+    engine = FakeEngine(diverge=(2,))
+    sweep_dir, returns = sweep("l1=-1,1,2", engine=engine)
+    jobs = _jobs(sweep_dir)
+    refused = _summary(sweep_dir / jobs[0])
+    assert refused["status"] == "failed"
+    assert refused["error"].startswith("ConfigError: Invalid config value l1")
+    assert "Traceback" in refused["traceback"] and "l1=-1" in refused["overrides"]
+    [(members, _)] = engine.calls
+    assert [m.name for m in members] == jobs[1:]  # the refused job is not trained
+    assert _summary(sweep_dir / jobs[2])["error"] == "loss is NaN"
+    assert returns[1] == pytest.approx(0.1) and math.isnan(returns[0]) and math.isnan(returns[2])
+    summary = json.loads((sweep_dir / "sweep_summary.json").read_text())
+    assert summary["ok"] == [jobs[1]] and [f["run"] for f in summary["failed"]] == [jobs[0], jobs[2]]
+
+
+def test_a_group_refused_as_a_whole_fails_its_jobs_and_the_next_group_runs(sweep):
+    engine = FakeEngine(refuse=(64,))
+    sweep_dir, returns = sweep("batch_size=64,128", "l1=1,2", engine=engine)
+    jobs = _jobs(sweep_dir)
+    assert len(engine.calls) == 2
+    for job in jobs[:2]:
+        failed = _summary(sweep_dir / job)
+        assert failed["status"] == "failed" and failed["error"] == "ConfigError: this group cannot run"
+    assert [_summary(sweep_dir / job)["status"] for job in jobs[2:]] == ["finished", "finished"]
+    assert all(math.isnan(r) for r in returns[:2]) and returns[2:] == pytest.approx([0.1, 0.2])
+
+
+def test_a_stream_split_to_fit_memory_runs_as_consecutive_groups(sweep, monkeypatch, capsys):
+    asked: list[list[str]] = []
+
+    def fit(self, members: list[Member]) -> list[list[int]]:
+        asked.append([m.name[:3] for m in members])
+        return [[0, 1], [2]]
+
+    monkeypatch.setattr(launcher.GroupedLauncher, "_fit_in_memory", fit)
+    engine = FakeEngine()
+    _, returns = sweep("l1=1,2,4", engine=engine)
+    assert asked == [["000", "001", "002"]]
+    assert [([m.name[:3] for m in members], d.name) for members, d in engine.calls] == \
+        [(["000", "001"], "000"), (["002"], "002")]
+    assert "group 2: 1 job (002) shares one stream" in capsys.readouterr().out
+    assert returns == pytest.approx([0.1, 0.2, 0.4])
+    sweep("l1=1,2,4", "hydra.launcher.split_by_memory=false", engine=engine, name="unsplit")
+    assert len(asked) == 1 and len(engine.calls[-1][0]) == 3
+
+
+def test_preemption_stops_the_sweep(sweep, tmp_path):
+    groups: list[Path] = []
+
+    def preempted(members: list[Member], group_dir: Path) -> list[RunSummary]:
+        groups.append(group_dir)
+        raise TrainingPreempted(signal.SIGTERM, 3, group_dir / "checkpoints" / "last.ckpt")
+
+    with pytest.raises(SystemExit) as stopped:
+        sweep("l1=1,2", "batch_size=64,128", engine=preempted)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert groups == [tmp_path / "sweep" / ".groups" / "000"]  # the next group does not start
+    assert not list((tmp_path / "sweep").rglob("summary.json"))  # the jobs are not recorded failed
+
+
+def test_job_numbers():
+    def jobs(*nums: int) -> list[launcher.Job]:
+        return [launcher.Job(n, None, {}, None) for n in nums]  # type: ignore[arg-type]
+
+    assert launcher.job_numbers(jobs(0, 1, 2)) == "000..002"
+    assert launcher.job_numbers(jobs(4)) == "004"
+    assert launcher.job_numbers(jobs(1, 3, 12)) == "001, 003, 012"
