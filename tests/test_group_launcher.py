@@ -212,3 +212,18 @@ def test_job_numbers():
     assert launcher.job_numbers(jobs(0, 1, 2)) == "000..002"
     assert launcher.job_numbers(jobs(4)) == "004"
     assert launcher.job_numbers(jobs(1, 3, 12)) == "001, 003, 012"
+
+
+def test_optuna_batches_are_grouped_and_get_their_objectives(sweep):
+    """Optuna's sweeper calls the launcher once per batch of ``n_jobs`` trials: each batch is a group, and
+    each trial's objective is what Optuna records."""
+    engine = FakeEngine()
+    sweep_dir, returns = sweep("hydra/sweeper=optuna", "hydra/sweeper/sampler=grid",
+                               "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", "l1=choice(1,2,4,8)",
+                               engine=engine)
+    assert [[m.name[:3] for m in members] for members, _ in engine.calls] == [["000", "001"], ["002", "003"]]
+    assert [d.name for _, d in engine.calls] == ["000", "002"]
+    l1s = [m.config["l1"] for members, _ in engine.calls for m in members]
+    assert sorted(l1s) == [1, 2, 4, 8] and returns == pytest.approx([l1 / 10 for l1 in l1s])
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert results["best_params"] == {"l1": 1} and results["best_value"] == pytest.approx(0.1)
