@@ -14,7 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from sae_lightning.config import check_sparsity_override, register_configs, to_config
+from sae_lightning.config import TrainConfig, check_sparsity_override, register_configs, to_config
 from sae_lightning.console import quiet_console, report_user_errors
 from sae_lightning.sweep import is_multirun, register_resolvers, run_sweep_job
 
@@ -33,8 +33,11 @@ def train(dict_cfg: DictConfig) -> float:
     from sae_lightning.training import TrainingPreempted, run_training
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    config = OmegaConf.to_container(dict_cfg, resolve=True)
     try:
-        summary = run_training(cfg, run_dir, OmegaConf.to_container(dict_cfg, resolve=True))
+        if cfg.grouped:
+            return train_group(cfg, run_dir, config)
+        summary = run_training(cfg, run_dir, config)
     except TrainingPreempted as stopped:
         pass_on_signal(stopped.signum)  # under submitit: requeue this job (it resumes with ckpt_path=auto)
         raise
@@ -48,6 +51,23 @@ def train(dict_cfg: DictConfig) -> float:
              m.get("val/l0", float("nan")))
     log.info("Evaluate with: python evaluate.py ckpt_path=%s", summary.checkpoint)
     return cfg.objective.value(m)
+
+
+def train_group(cfg: TrainConfig, run_dir: Path, config: dict) -> float:
+    """``layers=[...]``/``hooks=[...]``: one SAE per entry, all from one stream, each in its own folder under
+    ``run_dir``; returns the mean objective (NaN when one failed)."""
+    from sae_lightning.group.members import members_of_lists
+    from sae_lightning.group.run import run_group
+
+    summaries = run_group(members_of_lists(config, run_dir), run_dir)
+    for s in summaries:
+        m = s.metrics
+        log.info("  %-28s %-8s val nmse=%.4f l0=%.1f  %s", Path(s.run_dir).name, s.status,
+                 m.get("val/nmse", float("nan")), m.get("val/l0", float("nan")), s.error or s.sae_dir)
+    log.info("Compare with: python -m sae_lightning.compare %s ; evaluate one with: python evaluate.py "
+             "ckpt_path=%s", run_dir, summaries[0].run_dir)
+    values = [cfg.objective.value(s.metrics) if s.status == "finished" else float("nan") for s in summaries]
+    return sum(values) / len(values)
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")

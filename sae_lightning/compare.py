@@ -105,6 +105,7 @@ def read_run(run_dir: Path) -> RunResult:
 def find_runs(sweep_dir: Path) -> list[RunResult]:
     """Every run directory under ``sweep_dir``: those with a ``summary.json`` or a Hydra ``.hydra`` folder."""
     dirs = {p.parent for p in sweep_dir.rglob("summary.json")} | {p.parent for p in sweep_dir.rglob(".hydra")}
+    dirs -= {p.parent for p in sweep_dir.rglob("group.json")}  # a group's own folder is not a run
     dirs.discard(sweep_dir)
     return [read_run(d) for d in sorted(dirs)]
 

@@ -376,6 +376,8 @@ class TrainConfig:
     train_tokens: int = 2_000_000  # activations per device: max_steps = train_tokens // batch_size
     seed: int = 0  # seeds the SAE's start, the data stream and resampling
     layer: int = 6  # the layer whose hook is read
+    layers: list[int] | None = None  # one SAE per layer (and hook), all from one stream; replaces layer
+    hooks: list[str] | None = None  # several hook names: one SAE per (layer, hook), replaces hook.name
     ckpt_path: str | None = None  # resume: a checkpoint or run folder, last or auto (checkpoints.py)
     run_name: str | None = None  # the W&B run's name; None: the run folder's name
 
@@ -388,8 +390,29 @@ class TrainConfig:
         _check(self.train_tokens >= self.batch_size, "train_tokens", self.train_tokens,
                f"must be at least one batch (batch_size={self.batch_size})")
         _check(self.layer >= 0, "layer", self.layer, "must be >= 0")
+        self._check_lists()
         self._check_transcoder()
         self._check_live()
+
+    def _check_lists(self) -> None:
+        """``layers``/``hooks``: non-empty, no repeats (two SAEs would share a folder), valid entries."""
+        for key, values in (("layers", self.layers), ("hooks", self.hooks)):
+            if values is None:
+                continue
+            _check(len(values) > 0, key, values, "give at least one entry, or leave it out")
+            repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
+            _check(not repeated, key, values, f"repeats {', '.join(repeated)}: two SAEs would share a folder")
+        for layer in self.layers or []:
+            _check(layer >= 0, "layers", self.layers, "layers must be >= 0")
+        for name in self.hooks or []:
+            _check(is_hook_name(name), "hooks", self.hooks,
+                   f"{name!r} is not a hook: choose from {', '.join(HOOK_NAMES)} or "
+                   "module:<path>:input|output")
+
+    @property
+    def grouped(self) -> bool:
+        """Whether this run trains one SAE per entry of ``layers``/``hooks`` (``group/``)."""
+        return self.layers is not None or self.hooks is not None
 
     def _check_live(self) -> None:
         """A live run's buffer must hold a batch and the validation rows kept for every validation."""

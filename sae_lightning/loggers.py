@@ -15,6 +15,7 @@ import os
 import socket
 import sys
 import uuid
+from typing import Any
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger, Logger
@@ -68,8 +69,12 @@ def wandb_run_id(run: RunDir) -> str:
     return run_id
 
 
-def build_loggers(cfg: LoggerConfig, run: RunDir, run_name: str, config: dict) -> list[Logger]:
-    """CSV always; W&B unless disabled. ``config`` (plain values) becomes the W&B run config."""
+def build_loggers(cfg: LoggerConfig, run: RunDir, run_name: str, config: dict,
+                  own_wandb_run: bool = False) -> list[Logger]:
+    """CSV always; W&B unless disabled. ``config`` (plain values) becomes the W&B run config.
+
+    ``own_wandb_run``: start the W&B run now as a run of its own beside others in this process (a group
+    member's; Lightning's logger would otherwise reuse the process's current run)."""
     run_dir = run.path
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
     mode = resolve_wandb_mode(cfg)
@@ -88,8 +93,67 @@ def build_loggers(cfg: LoggerConfig, run: RunDir, run_name: str, config: dict) -
     if mode == "offline":
         log.info("W&B is offline (no credentials or no network): the run is saved under %s/wandb; "
                  "upload it later with `wandb sync %s/wandb/offline-run-*`", run_dir, run_dir)
+    if own_wandb_run:
+        import wandb
+
+        wandb_logger._experiment = wandb.init(**wandb_logger._wandb_init, reinit="create_new")
+        wandb_logger._experiment.define_metric("trainer/global_step")
+        wandb_logger._experiment.define_metric("*", step_metric="trainer/global_step", step_sync=True)
     loggers.append(wandb_logger)
     return loggers
+
+
+class MemberLoggers(Logger):
+    """The one logger of a group's trainer: routes ``<name>/<key>`` metrics to that member's own loggers
+    (as ``<key>``) and metrics without a member prefix (tokens/s, epoch) to every member's."""
+
+    def __init__(self, routes: dict[str, list[Logger]]) -> None:
+        super().__init__()
+        self.routes = routes
+
+    @property
+    def name(self) -> str:
+        return "members"
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        shared = {k: v for k, v in metrics.items() if not any(k.startswith(p) for p in self.routes)}
+        for prefix, loggers in self.routes.items():
+            own = {**{k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}, **shared}
+            for lg in loggers:
+                lg.log_metrics(own, step)
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """Each member's loggers were given its own config when they were built."""
+
+    def save(self) -> None:
+        for lg in self._all():
+            lg.save()
+
+    def finalize(self, status: str) -> None:
+        for lg in self._all():
+            lg.finalize(status)
+
+    def _all(self) -> list[Logger]:
+        return [lg for loggers in self.routes.values() for lg in loggers]
+
+
+def loggers_for(trainer: Any, prefix: str) -> list[Logger]:
+    """The loggers of the SAE whose metric keys start with ``prefix`` (``""``: the trainer's own)."""
+    if not prefix:
+        return list(trainer.loggers)
+    return [lg for router in trainer.loggers if isinstance(router, MemberLoggers)
+            for lg in router.routes.get(prefix, [])]
+
+
+def finish_member_runs(loggers: list[Logger], exit_code: int) -> None:
+    """End the W&B runs a group's members started (``own_wandb_run``)."""
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger" and lg._experiment is not None:
+            lg._experiment.finish(exit_code=exit_code)
 
 
 def finish_wandb(exit_code: int | None = None) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -53,8 +53,9 @@ def split_batch(batch: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor | None
 class Trainee:
     """What one SAE under training is, Lightning-free: the SAE, its firing statistics (``latents``), the
     ``sae.target_l0`` controller and its config, with the per-step logic around ``step.train_step``. Mixed
-    into ``SAEModule`` (one SAE per run) and into ``group.module.Member`` (one of several SAEs trained from
-    one stream), so both hold the same submodules under the same names: a member's state dict is a run's."""
+    into ``SAEModule`` (one SAE per run) and into ``group.module.MemberModule`` (one of several SAEs trained
+    from one stream), so both hold the same submodules under the same names: a member's state dict is a
+    run's."""
 
     cfg: TrainConfig
     sae: SAE
@@ -82,10 +83,14 @@ class Trainee:
         steer = self.target_l0.scale() if self.target_l0 is not None else 1.0
         return self.sae.base_coeff(self.cfg.l1) * warm * steer
 
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """Adam's parameter groups of this SAE (``SAE.param_groups``) with its own betas."""
+        betas = (self.cfg.optim.beta1, self.cfg.optim.beta2)
+        return [{**g, "betas": betas} for g in self.sae.param_groups(self.cfg.lr)]
+
     def make_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         """Adam over the SAE's parameter groups and its learning-rate schedule (``lr_lambda``)."""
-        opt = torch.optim.Adam(self.sae.param_groups(self.cfg.lr),
-                               betas=(self.cfg.optim.beta1, self.cfg.optim.beta2))
+        opt = torch.optim.Adam(self.optimizer_groups())
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg))
 
     def init_from_rows(self, rows: Tensor, targets: Tensor | None) -> None:
@@ -124,6 +129,18 @@ class Trainee:
     def update_val_stats(self, stats: ReconstructionStats, x: Tensor, target: Tensor | None) -> None:
         z = self.sae.encode(x)
         stats.update(x if target is None else target, self.sae.decode(z, x), z)
+
+
+class TraineeSlot(NamedTuple):
+    """One SAE of a Lightning module, as callbacks see it: its metric-key prefix (``""`` for a run's only
+    SAE, ``"<name>/"`` for a group member), the trainee, its optimizer's index, the batch slot of its input
+    rows, and whether it is still training (a diverged group member is not)."""
+
+    prefix: str
+    trainee: Trainee
+    optimizer: int
+    slot: int
+    active: bool
 
 
 def merged_over_ranks(stats: ReconstructionStats, world_size: int,
@@ -165,6 +182,9 @@ class SAEModule(Trainee, L.LightningModule):
     def sparsity_coeff(self) -> float:
         """This step's coefficient (:meth:`Trainee.coeff_at`)."""
         return self.coeff_at(self.global_step)
+
+    def trainees(self) -> list[TraineeSlot]:
+        return [TraineeSlot("", self, 0, 0, True)]
 
     # ----- training -------------------------------------------------------------------------------
     def on_fit_start(self) -> None:

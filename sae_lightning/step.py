@@ -89,20 +89,32 @@ def forward_step(sae: SAE, x: Tensor, stats: LatentStats, *, coeff: float,
     return sae(sae.normalize(x), target=y, sparsity_coeff=coeff, dead_mask=stats.dead_mask())
 
 
-def apply_step(sae: SAE, optimizer: torch.optim.Optimizer, out: SAEOutput, stats: LatentStats, n_rows: int, *,
-               grad_clip: float, clip_scope: str = "group",
-               reduce_counts: Callable[[Tensor], tuple[Tensor, int]] | None = None) -> None:
-    """After the backward: the SAE's gradient projection, clipping, the optimizer step, the SAE's
-    renormalisation and the firing statistics of ``n_rows`` rows (times the world size)."""
-    sae.before_optimizer_step()
-    if grad_clip > 0:  # per parameter group (``SAE.param_groups``: module docstring) or over all of them
-        groups = [g["params"] for g in optimizer.param_groups]
+def clip_gradients(groups: list[list[Tensor]], grad_clip: float, clip_scope: str = "group") -> None:
+    """Clip the gradient norm of each parameter group (``SAE.param_groups``: module docstring), or one norm
+    over all of them (``clip_scope="global"``); nothing when ``grad_clip`` is 0."""
+    if grad_clip > 0:
         for params in groups if clip_scope == "group" else [[p for g in groups for p in g]]:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
+
+
+def finish_step(sae: SAE, out: SAEOutput, stats: LatentStats, n_rows: int,
+                reduce_counts: Callable[[Tensor], tuple[Tensor, int]] | None = None) -> None:
+    """After the optimizer step: the SAE's renormalisation and the firing statistics of ``n_rows`` rows
+    (times the world size)."""
     sae.after_optimizer_step()
     counts, world = reduce_counts(out.fire_counts) if reduce_counts else (out.fire_counts, 1)
     stats.update(counts, n_rows * world)
+
+
+def apply_step(sae: SAE, optimizer: torch.optim.Optimizer, out: SAEOutput, stats: LatentStats, n_rows: int, *,
+               grad_clip: float, clip_scope: str = "group",
+               reduce_counts: Callable[[Tensor], tuple[Tensor, int]] | None = None) -> None:
+    """After the backward: the SAE's gradient projection, clipping, the optimizer step, then
+    :func:`finish_step`."""
+    sae.before_optimizer_step()
+    clip_gradients([g["params"] for g in optimizer.param_groups], grad_clip, clip_scope)
+    optimizer.step()
+    finish_step(sae, out, stats, n_rows, reduce_counts)
 
 
 def train_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor, stats: LatentStats, *,

@@ -40,6 +40,7 @@ from sae_lightning.datamodule import datamodule_from_config
 from sae_lightning.loggers import build_loggers, finish_wandb
 from sae_lightning.module import SAEModule
 from sae_lightning.rundir import RunDir, RunSummary
+from sae_lightning.saes import SAE
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,8 @@ class TokensPerSecond(Callback):
             pl_module.log("tok/s", rate, prog_bar=True)
 
 
-def build_callbacks(cfg: TrainConfig, ckpt_dir: Path) -> list[Callback]:
-    """Checkpointing, progress, density monitoring and the optional interventions named in the config.
+def common_callbacks(cfg: TrainConfig, ckpt_dir: Path) -> list[Callback]:
+    """Checkpointing, progress and density monitoring: what every trainer has, a run's or a group's.
 
     ``last.ckpt`` is always overwritten in place (no ``last-v1.ckpt``): a pre-emption save or the run
     resumed in this directory may have written it, and ``ckpt_path=last`` must find the newest state there.
@@ -78,14 +79,23 @@ def build_callbacks(cfg: TrainConfig, ckpt_dir: Path) -> list[Callback]:
                         enable_version_counter=False),
         TokensPerSecond(cfg.batch_size),
         DensityMonitor(cfg.callbacks.density_hist_every_n_steps, cfg.latents.dense_threshold),
-        LearningRateMonitor(logging_interval="step"),
     ]
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps // 2)))
-    if cfg.callbacks.resample:
-        callbacks.append(ResampleDeadLatents(cfg.callbacks.resample_steps, cfg.callbacks.resample_sample_rows,
-                                             cfg.seed))
     return callbacks
+
+
+def resampling(cfg: TrainConfig, trainee: int = 0) -> list[Callback]:
+    """Dead-latent resampling of the module's SAE number ``trainee``, when its config asks for it."""
+    if not cfg.callbacks.resample:
+        return []
+    return [ResampleDeadLatents(cfg.callbacks.resample_steps, cfg.callbacks.resample_sample_rows, cfg.seed,
+                                trainee)]
+
+
+def build_callbacks(cfg: TrainConfig, ckpt_dir: Path) -> list[Callback]:
+    """A run's callbacks: the common ones, the learning-rate monitor and the optional resampling."""
+    return [*common_callbacks(cfg, ckpt_dir), LearningRateMonitor(logging_interval="step"), *resampling(cfg)]
 
 
 def build_trainer(cfg: TrainConfig, run_dir: Path, loggers: list, callbacks: list[Callback]) -> L.Trainer:
@@ -207,24 +217,24 @@ def scalar_metrics(trainer: L.Trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
 
 
-def write_summary(cfg: TrainConfig, trainer: L.Trainer, module: SAEModule, run: RunDir, checkpoint: Path,
+def write_summary(cfg: TrainConfig, trainer: L.Trainer, sae: SAE, run: RunDir, checkpoint: Path,
                   seconds: float, metrics: dict[str, float], config: dict[str, Any],
                   **extra: Any) -> RunSummary:
-    """The run's ``summary.json`` (rank 0 writes it)."""
+    """The run's ``summary.json`` with its final ``metrics`` (rank 0 writes it)."""
     summary = RunSummary(
         run_dir=str(run.path), checkpoint=str(checkpoint), steps=trainer.global_step,
         tokens=trainer.global_step * cfg.batch_size * trainer.world_size, train_seconds=round(seconds, 1),
-        architecture=cfg.sae.architecture, d_in=module.sae.d_in, d_sae=module.sae.d_sae,
-        metrics={**metrics, **scalar_metrics(trainer)}, config=config, **extra)
+        architecture=cfg.sae.architecture, d_in=sae.d_in, d_sae=sae.d_sae, metrics=metrics, config=config,
+        **extra)
     if trainer.is_global_zero:
         run.write_summary(summary)
     return summary
 
 
-def save_sae(module: SAEModule, run: RunDir, config: dict[str, Any]) -> Path:
+def save_sae(sae: SAE, run: RunDir, config: dict[str, Any]) -> Path:
     """Write the trained SAE folder (``SAE.save``) with the training config as its provenance."""
-    module.sae.metadata = {"train_config": config}
-    return module.sae.save(run.sae)
+    sae.metadata = {"train_config": config}
+    return sae.save(run.sae)
 
 
 def needs_final_validation(cfg: TrainConfig, trainer: L.Trainer, dm: L.LightningDataModule,
@@ -285,8 +295,8 @@ def fit(cfg: TrainConfig, run: RunDir, config_dict: dict[str, Any], fingerprint:
         finish_wandb()
     resumed = {"resumed_from": str(resume_from) if resume_from else None}
     if preemption.saved_step is not None and trainer.global_step < cfg.max_steps:
-        write_summary(cfg, trainer, module, run, preemption.ckpt_path, seconds, fit_metrics, config_dict,
-                      status="preempted", **resumed)
+        write_summary(cfg, trainer, module.sae, run, preemption.ckpt_path, seconds,
+                      {**fit_metrics, **scalar_metrics(trainer)}, config_dict, status="preempted", **resumed)
         log.warning("Stopped by %s at step %d/%d; checkpoint %s. Resume with the same command plus "
                     "ckpt_path=last", signal.Signals(preemption.signum).name, trainer.global_step,
                     cfg.max_steps, preemption.ckpt_path)
@@ -295,6 +305,7 @@ def fit(cfg: TrainConfig, run: RunDir, config_dict: dict[str, Any], fingerprint:
     # weights_only=False: the full training state (optimizer, loops), so a run can go on from it; the file
     # still loads with torch.load(weights_only=True): nothing but tensors and plain values is in it
     trainer.save_checkpoint(final_ckpt, weights_only=False)
-    sae_dir = save_sae(module, run, config_dict) if trainer.is_global_zero else run.sae
-    return write_summary(cfg, trainer, module, run, final_ckpt, seconds, fit_metrics, config_dict,
-                         status="finished", sae_dir=str(sae_dir), **resumed)
+    sae_dir = save_sae(module.sae, run, config_dict) if trainer.is_global_zero else run.sae
+    return write_summary(cfg, trainer, module.sae, run, final_ckpt, seconds,
+                         {**fit_metrics, **scalar_metrics(trainer)}, config_dict, status="finished",
+                         sae_dir=str(sae_dir), **resumed)

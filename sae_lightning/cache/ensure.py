@@ -41,19 +41,21 @@ def _labels(cfg: Any) -> tuple[str, str]:
     return model, data
 
 
-def cache_key(cfg: Any, model_fingerprint: str, text_fingerprint: str) -> CacheKey:
-    """The key of the caches ``cfg`` (a TrainConfig) describes."""
+def cache_key(cfg: Any, model_fingerprint: str, text_fingerprint: str,
+              points: list[tuple[int, str]] | None = None) -> CacheKey:
+    """The key of the caches ``cfg`` (a TrainConfig) describes, for its ``hook_points`` or ``points``."""
     model_label, data_label = _labels(cfg)
     return CacheKey(model=model_fingerprint, data=text_fingerprint, model_label=model_label,
                     data_label=data_label,
-                    hooks=tuple(hook_id(layer, name) for layer, name in hook_points(cfg)),
+                    hooks=tuple(hook_id(layer, name) for layer, name in points or hook_points(cfg)),
                     context_size=cfg.data.context_size, n_tokens=cfg.data.n_tokens,
                     dtype=cfg.activations.dtype, model_dtype=cfg.model.dtype,
                     prepend_bos=cfg.data.prepend_bos, exclude_special=cfg.data.exclude_special)
 
 
-def ensure_cache(cfg: Any) -> list[ActivationCache]:
-    """Open (building first if missing) one cache per hook point of ``cfg``, in ``hook_points`` order.
+def ensure_cache(cfg: Any, points: list[tuple[int, str]] | None = None) -> list[ActivationCache]:
+    """Open (building first if missing) one cache per hook point of ``cfg``, in ``hook_points`` order, or
+    per (layer, name) of ``points`` (a group's hooks), one LM pass building every missing one.
 
     Returns ``[]`` unless ``activations.source=lm``: an imported array or synthetic rows need no cache.
     """
@@ -62,8 +64,8 @@ def ensure_cache(cfg: Any) -> list[ActivationCache]:
     from .. import lm as lm_side
     from .. import text as text_side
 
-    key = cache_key(cfg, lm_side.model_fingerprint(cfg.model), text_side.text_fingerprint(cfg.data))
-    hooks = [lm_side.HookPoint(layer, name) for layer, name in hook_points(cfg)]
+    key = cache_key(cfg, lm_side.model_fingerprint(cfg.model), text_side.text_fingerprint(cfg.data), points)
+    hooks = [lm_side.HookPoint(layer, name) for layer, name in points or hook_points(cfg)]
     device = lm_side.resolve_device(None, cfg.model)
 
     @cache

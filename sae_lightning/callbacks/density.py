@@ -5,6 +5,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from sae_lightning.loggers import loggers_for
+
 
 class DensityMonitor(L.Callback):
     """Every ``every_n_steps`` logs the fraction of latents that fired on more than ``dense_threshold`` of
@@ -18,12 +20,14 @@ class DensityMonitor(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         if self.every_n_steps <= 0 or trainer.global_step % self.every_n_steps != 0:
             return
-        dens = pl_module.latents.densities(reset=True)
-        pl_module.log("density/dense_fraction", (dens > self.dense_threshold).float().mean())
-        for lg in trainer.loggers:
-            if type(lg).__name__ == "WandbLogger":
-                import wandb
+        for slot in pl_module.trainees():
+            dens = slot.trainee.latents.densities(reset=True)
+            dense = (dens > self.dense_threshold).float().mean()
+            pl_module.log(f"{slot.prefix}density/dense_fraction", dense)
+            for lg in loggers_for(trainer, slot.prefix):
+                if type(lg).__name__ == "WandbLogger":
+                    import wandb
 
-                log10 = torch.log10(dens.clamp(min=1e-10)).cpu().numpy()
-                lg.experiment.log({"density/log10_histogram": wandb.Histogram(log10),
-                                   "trainer/global_step": trainer.global_step})
+                    log10 = torch.log10(dens.clamp(min=1e-10)).cpu().numpy()
+                    lg.experiment.log({"density/log10_histogram": wandb.Histogram(log10),
+                                       "trainer/global_step": trainer.global_step})

@@ -71,27 +71,32 @@ def _reset_adam(optimizer: torch.optim.Optimizer, param: Tensor, index: tuple) -
 
 
 class ResampleDeadLatents(L.Callback):
-    """Calls :func:`resample_dead_latents` at ``steps`` on ``n_rows`` freshly sampled training rows."""
+    """Calls :func:`resample_dead_latents` at ``steps`` on ``n_rows`` freshly sampled training rows, for the
+    module's SAE number ``trainee`` (a group has one such callback per member that resamples)."""
 
-    def __init__(self, steps: list[int], n_rows: int, seed: int = 0) -> None:
+    def __init__(self, steps: list[int], n_rows: int, seed: int = 0, trainee: int = 0) -> None:
         self.steps = set(steps)
         self.n_rows = n_rows
         self.seed = seed
+        self.trainee = trainee
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         step = trainer.global_step
-        if step not in self.steps:
+        slot = pl_module.trainees()[self.trainee]
+        if step not in self.steps or not slot.active:
             return
-        dead = pl_module.latents.dead_mask()
+        latents, name = slot.trainee.latents, slot.prefix.rstrip("/") or "SAE"
+        dead = latents.dead_mask()
         n_dead = int(dead.sum())
         if n_dead == 0:
-            log.info("step %d: no dead latents to resample", step)
+            log.info("step %d: [%s] no dead latents to resample", step, name)
             return
-        inputs = trainer.datamodule.sample(self.n_rows).to(pl_module.device)
+        inputs = trainer.datamodule.sample_slots(self.n_rows)[slot.slot].to(pl_module.device)
         if trainer.world_size > 1:
             inputs = trainer.strategy.broadcast(inputs, src=0)
         gen = torch.Generator().manual_seed(self.seed + step)
-        resample_dead_latents(pl_module.sae, dead, inputs, trainer.optimizers[0], generator=gen)
-        pl_module.latents.tokens_since_fired[dead] = 0
-        pl_module.log("train/resampled", float(n_dead))
-        log.info("step %d: resampled %d dead latents", step, n_dead)
+        optimizer = trainer.optimizers[slot.optimizer]
+        resample_dead_latents(slot.trainee.sae, dead, inputs, optimizer, generator=gen)
+        latents.tokens_since_fired[dead] = 0
+        pl_module.log(f"{slot.prefix}train/resampled", float(n_dead))
+        log.info("step %d: [%s] resampled %d dead latents", step, name, n_dead)

@@ -1,0 +1,222 @@
+"""The Lightning module of a group: every member's SAE trained on its hook's rows of each batch.
+
+Each member is a ``MemberModule`` (``module.Trainee``: its SAE, firing statistics and ``sae.target_l0``
+controller, under the names a run's module uses). A step runs every member's forward, then ONE backward of
+the sum of their losses (the members share no parameter, so each gets exactly its own loss's gradient, and
+DDP averages all of them in one pass), then each member's own gradient projection and clipping, one
+optimizer step, and each member's renormalisation and statistics (``step.py``'s pieces, what a run runs).
+
+The optimizer is ONE Adam whose parameter groups are the members' own (each with its member's learning
+rate, betas and schedule: ``LambdaLR`` takes one multiplier per group). Adam keeps its state per parameter,
+so this is each member's own Adam; one optimizer keeps Lightning's ``global_step`` equal to the batches
+trained (it counts optimizer steps). ``member_checkpoint`` writes a member's share as a run's checkpoint.
+
+A member whose loss becomes non-finite stops training (``failed_at`` holds the step, a buffer saved in
+checkpoints; the message is saved too) while the others go on; every rank agrees on it under DDP. Metric
+keys are ``<name>/train/...`` and ``<name>/val/...``; ``loggers.MemberLoggers`` sends them to the member's
+own loggers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from sae_lightning.config import train_config_from_dict
+from sae_lightning.group.data import as_slots
+from sae_lightning.metrics import ReconstructionStats
+from sae_lightning.module import (
+    Trainee,
+    TraineeSlot,
+    broadcast_parameters,
+    lr_lambda,
+    merged_over_ranks,
+    val_logs,
+)
+from sae_lightning.step import DATA_INIT_ROWS, clip_gradients, finish_step, forward_step, nonfinite_message
+
+log = logging.getLogger(__name__)
+
+
+class MemberModule(Trainee, nn.Module):
+    """One member's SAE, statistics and controller (a run's ``SAEModule`` without Lightning)."""
+
+    def __init__(self, config: dict[str, Any], d_in: int, d_out: int | None = None) -> None:
+        super().__init__()
+        self.build_trainee(train_config_from_dict(config), d_in, d_out)
+
+
+def _seeded_member(spec: dict[str, Any]) -> MemberModule:
+    """A member built under its own ``seed``, so it starts as a run of its own config would."""
+    with torch.random.fork_rng():
+        torch.manual_seed(spec["config"]["seed"])
+        return MemberModule(spec["config"], spec["d_in"], spec.get("d_out"))
+
+
+class GroupModule(L.LightningModule):
+    """Trains every member of ``members`` (plain dicts: ``name``, ``config``, ``d_in``, ``d_out`` and
+    ``slots``, the batch slots of its input and target) from one stream."""
+
+    def __init__(self, members: list[dict[str, Any]]) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.names = [m["name"] for m in members]
+        self.slots = [tuple(m["slots"]) for m in members]
+        self.members = nn.ModuleList(_seeded_member(m) for m in members)
+        sizes = [len(m.optimizer_groups()) for m in self.members]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.group_ranges = [range(a, a + n) for a, n in zip(starts, sizes, strict=True)]
+        self.register_buffer("failed_at", torch.full((len(members),), -1, dtype=torch.long))
+        self.errors: dict[int, str] = {}
+        self._val_stats: list[ReconstructionStats] = []
+
+    def active(self, i: int) -> bool:
+        return int(self.failed_at[i]) < 0
+
+    def trainees(self) -> list[TraineeSlot]:
+        return [TraineeSlot(f"{name}/", m, 0, self.slots[i][0], self.active(i))
+                for i, (name, m) in enumerate(zip(self.names, self.members, strict=True))]
+
+    def _inputs(self, rows: list[Tensor], i: int) -> tuple[Tensor, Tensor | None]:
+        x_slot, y_slot = self.slots[i]
+        return rows[x_slot], (None if y_slot is None else rows[y_slot])
+
+    # ----- training -------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        """Every member's data-dependent start from one sample of rows (a fresh run only, as in a run)."""
+        if self.global_step > 0 or self.trainer.ckpt_path is not None:
+            return
+        rows = [r.to(self.device) for r in self.trainer.datamodule.sample_slots(DATA_INIT_ROWS)]
+        for i, m in enumerate(self.members):
+            m.init_from_rows(*self._inputs(rows, i))
+        broadcast_parameters(self)
+
+    def reduce_counts(self, counts: Tensor) -> tuple[Tensor, int]:
+        world = self.trainer.world_size
+        if world > 1:
+            counts = self.trainer.strategy.reduce(counts.to(torch.float64), reduce_op="sum")
+        return counts, world
+
+    def mean_over_ranks(self, value: Tensor) -> Tensor:
+        if self.trainer.world_size > 1:
+            return self.trainer.strategy.reduce(value.to(torch.float64), reduce_op="mean")
+        return value
+
+    def _diverged(self, outs: dict[int, Any]) -> list[int]:
+        """Members whose loss is non-finite on any rank (with their NaN guard on)."""
+        flags = torch.zeros(len(self.members), dtype=torch.float64, device=self.device)
+        for i, out in outs.items():
+            if self.members[i].cfg.optim.nan_guard and not torch.isfinite(out.loss):
+                flags[i] = 1
+        if self.trainer.world_size > 1:
+            flags = self.trainer.strategy.reduce(flags, reduce_op="sum")
+        return [i for i in outs if flags[i] > 0]
+
+    def _fail(self, i: int, step: int, message: str) -> None:
+        """Stop member ``i``; its non-finite weights are zeroed so the group's checkpoints stay writable
+        (they are never used: the member's run is recorded as failed)."""
+        self.failed_at[i] = step
+        self.errors[i] = message
+        with torch.no_grad():
+            for p in self.members[i].parameters():
+                p.nan_to_num_(0.0, 0.0, 0.0)
+        log.error("[%s] diverged and stopped; the other SAEs go on. %s",
+                                          self.names[i], message)
+
+    def training_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> None:
+        step, rows = self.global_step, as_slots(batch)
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        outs, coeffs = {}, {}
+        for i, m in enumerate(self.members):
+            if self.active(i):
+                coeffs[i] = m.before_step(step)
+                x, target = self._inputs(rows, i)
+                outs[i] = forward_step(m.sae, x, m.latents, coeff=coeffs[i], target=target)
+        for i in self._diverged(outs):
+            self._fail(i, step, nonfinite_message(outs.pop(i), self.members[i].sae, step))
+        if not outs:
+            self.trainer.should_stop = True
+            return
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.stack([out.loss for out in outs.values()]).sum()
+        stopped = [p for i, m in enumerate(self.members) if i not in outs for p in m.parameters()]
+        if stopped and self.trainer.world_size > 1:  # DDP expects a gradient for every parameter
+            loss = loss + sum((p.sum() * 0.0 for p in stopped), torch.zeros((), device=loss.device))
+        self.manual_backward(loss)
+        for p in stopped:
+            p.grad = None   # Adam leaves a parameter without a gradient alone
+        groups = optimizer.param_groups
+        for i in outs:
+            m = self.members[i]
+            m.sae.before_optimizer_step()
+            clip_gradients([groups[g]["params"] for g in self.group_ranges[i]], m.cfg.optim.grad_clip,
+                           m.cfg.optim.grad_clip_scope)
+        optimizer.step()
+        scheduler.step()
+        for i, out in outs.items():
+            m = self.members[i]
+            finish_step(m.sae, out, m.latents, rows[0].shape[0], self.reduce_counts)
+            m.after_step(out, step, self.mean_over_ranks)
+        if step % self.trainer.log_every_n_steps == 0:
+            for i, out in outs.items():
+                logs = self.members[i].step_logs(out, *self._inputs(rows, i), coeffs[i])
+                logs["lr-Adam"] = torch.tensor(groups[self.group_ranges[i][0]]["lr"])
+                self.log_dict({f"{self.names[i]}/{k}": v for k, v in logs.items()})
+        self.log("saes", float(len(outs)), prog_bar=True, logger=False)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """One Adam over every member's parameter groups, one schedule multiplier per group."""
+        groups, multipliers = [], []
+        for m, span in zip(self.members, self.group_ranges, strict=True):
+            groups += m.optimizer_groups()
+            multipliers += [lr_lambda(m.cfg)] * len(span)
+        opt = torch.optim.Adam(groups)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, multipliers)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ----- validation -----------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_stats = [m.new_val_stats() for m in self.members]
+
+    def validation_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> None:
+        rows = as_slots(batch)
+        for i, m in enumerate(self.members):
+            if self.active(i):
+                m.update_val_stats(self._val_stats[i], *self._inputs(rows, i))
+
+    def on_validation_epoch_end(self) -> None:
+        for i, m in enumerate(self.members):
+            stats = merged_over_ranks(self._val_stats[i], self.trainer.world_size,
+                                      m.cfg.latents.dense_threshold)
+            self.log_dict({f"{self.names[i]}/{k}": v for k, v in val_logs(stats).items()})
+
+    # ----- checkpoints ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["group_errors"] = {str(i): e for i, e in self.errors.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.errors = {int(i): e for i, e in checkpoint.get("group_errors", {}).items()}
+
+    def member_checkpoint(self, i: int) -> dict[str, Any]:
+        """Member ``i`` as a run's checkpoint (what ``checkpoints.load_sae_checkpoint`` reads), with its
+        share of the optimizer as the Adam and schedule a run of its own would hold."""
+        m, hp = self.members[i], self.hparams["members"][i]
+        shared, shared_sched = self.trainer.optimizers[0], self.trainer.lr_scheduler_configs[0].scheduler
+        opt, sched = m.make_optimizer()
+        for own, g in zip(opt.param_groups, self.group_ranges[i], strict=True):
+            own.update({k: v for k, v in shared.param_groups[g].items() if k != "params"})
+        for p in m.parameters():
+            if p in shared.state:
+                opt.state[p] = shared.state[p]
+        sched.last_epoch = shared_sched.last_epoch
+        sched._last_lr = [shared.param_groups[g]["lr"] for g in self.group_ranges[i]]
+        return {"state_dict": {k: v.detach().cpu() for k, v in m.state_dict().items()},
+                "hyper_parameters": {"config": hp["config"], "d_in": hp["d_in"], "d_out": hp.get("d_out")},
+                "optimizer_states": [opt.state_dict()], "lr_schedulers": [sched.state_dict()],
+                "global_step": self.global_step, "epoch": 0, "pytorch-lightning_version": L.__version__}
