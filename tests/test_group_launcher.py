@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_sweep import REPO, SMALL, _array
+from test_sweep import REPO, SMALL, _array, train_py
 
 from sae_lightning.checks import ConfigError
 from sae_lightning.group import launcher
@@ -205,6 +205,15 @@ def test_preemption_stops_the_sweep(sweep, tmp_path):
     assert not list((tmp_path / "sweep").rglob("summary.json"))  # the jobs are not recorded failed
 
 
+def test_a_job_with_a_list_of_layers_is_refused(sweep):
+    engine = FakeEngine()
+    sweep_dir, returns = sweep("l1=1,2", "layers=[0,1]", engine=engine)
+    for job in _jobs(sweep_dir):
+        failed = _summary(sweep_dir / job)
+        assert failed["status"] == "failed" and "sweep layer=3,6,9 (or hook=...) instead" in failed["error"]
+    assert engine.calls == [] and all(math.isnan(r) for r in returns)
+
+
 def test_job_numbers():
     def jobs(*nums: int) -> list[launcher.Job]:
         return [launcher.Job(n, None, {}, None) for n in nums]  # type: ignore[arg-type]
@@ -227,3 +236,50 @@ def test_optuna_batches_are_grouped_and_get_their_objectives(sweep):
     assert sorted(l1s) == [1, 2, 4, 8] and returns == pytest.approx([l1 / 10 for l1 in l1s])
     results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert results["best_params"] == {"l1": 1} and results["best_value"] == pytest.approx(0.1)
+
+
+def _comparison(sweep_dir: Path) -> dict:
+    summary = json.loads((sweep_dir / "sweep_summary.json").read_text())
+    return {"swept": summary["swept"], "ok": summary["ok"], "failed": [f["run"] for f in summary["failed"]],
+            "runs": [{k: v for k, v in r.items() if k in ("run", "status", *summary["swept"])}
+                     for r in summary["runs"]]}
+
+
+@pytest.mark.slow
+def test_grouped_sweep_end_to_end(tmp_path, tiny_gpt2_dir, tinystories_path):
+    """``python train.py -m ... hydra/launcher=grouped`` on an LM: one group trains the four jobs, each job
+    folder is a finished run, and the comparison lists the same jobs as the ungrouped sweep's; then a job
+    whose SAE diverges is recorded failed while the other finishes."""
+    lm = [f"model.name={tiny_gpt2_dir}", "data=tinystories_local", f"data.path={tinystories_path}",
+          "data.context_size=32", "data.n_tokens=4096", "data.lm_batch_size=16", "layer=1",
+          f"activations.cache_dir={tmp_path / 'cache'}", "activations.shard_rows=256", *SMALL]
+    grouped = tmp_path / "grouped"
+    proc = train_py("-m", *lm, "l1=1,2", "sae.dict_mult=2,4", "hydra/launcher=grouped",
+                    f"hydra.sweep.dir={grouped}", cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert "group 1: 4 jobs (000..003) share one stream" in out and out.count("Training 4 SAEs") == 1
+    jobs = _jobs(grouped)
+    assert len(jobs) == 4
+    for job in jobs:
+        summary = _summary(grouped / job)
+        assert summary["status"] == "finished" and summary["steps"] == 8, summary
+        assert math.isfinite(summary["metrics"]["val/nmse"])
+        assert (grouped / job / "sae" / "cfg.json").is_file()
+        assert (grouped / job / "checkpoints" / "final.ckpt").is_file()
+        assert (grouped / job / ".hydra" / "overrides.yaml").is_file()
+    group = json.loads((grouped / ".groups" / "000" / "group.json").read_text())
+    assert [m["status"] for m in group["members"]] == ["finished"] * 4
+    assert (grouped / "comparison.html").is_file()
+
+    plain = tmp_path / "plain"
+    train_py("-m", *lm, "l1=1,2", "sae.dict_mult=2,4", f"hydra.sweep.dir={plain}", cwd=tmp_path)
+    assert _comparison(grouped) == _comparison(plain)
+    assert _comparison(grouped)["ok"] == jobs
+
+    diverged = tmp_path / "diverged"
+    train_py("-m", *lm, "lr=1e-3,1e30", "hydra/launcher=grouped", f"hydra.sweep.dir={diverged}", cwd=tmp_path)
+    ok, bad = _jobs(diverged)
+    assert _summary(diverged / ok)["status"] == "finished"
+    failed = _summary(diverged / bad)
+    assert failed["status"] == "failed" and failed["error"].startswith("NonFiniteError"), failed
+    assert _comparison(diverged)["ok"] == [ok] and _comparison(diverged)["failed"] == [bad]

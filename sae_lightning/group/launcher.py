@@ -139,7 +139,7 @@ class GroupedLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         """Write and validate every job, then train them group by group; every job returns its objective
         (NaN when it failed) with status COMPLETED, so the sweep and Optuna go on."""
-        from sae_lightning.console import user_errors_as_messages
+        from sae_lightning.console import quiet_console, user_errors_as_messages
         from sae_lightning.sweep import FAILED_RETURN, read_swept_keys
 
         assert self.config is not None and self.hydra_context is not None
@@ -164,6 +164,8 @@ class GroupedLauncher(Launcher):
         for n, group in enumerate(groups, 1):
             log.info("group %d: %d job%s (%s) share%s one stream", n, len(group), "s" * (len(group) > 1),
                      job_numbers(group), "" if len(group) > 1 else "s")
+        if groups:
+            quiet_console()  # as train.py does before training: each Lightning line once, no tips
         for group in groups:
             self._train(group, sweep_dir / ".groups" / f"{group[0].num:03d}")
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -246,6 +248,7 @@ def as_member(cfg: DictConfig, seen: dict[str, Any]) -> Member | None:
     """``run_job``'s task: validate the job as train.py does, group and tag it for W&B as a sweep job, and
     return it as a member; a refused job is recorded failed (``summary.json``) and gives None. Its place in
     the sweep goes to ``seen["ctx"]``."""
+    from sae_lightning.checks import ConfigError
     from sae_lightning.config import check_sparsity_override, to_config
     from sae_lightning.group.members import Member
     from sae_lightning.sweep import _with_wandb_grouping, job_context, record_failure
@@ -253,7 +256,12 @@ def as_member(cfg: DictConfig, seen: dict[str, Any]) -> Member | None:
     ctx = seen["ctx"] = job_context()
     _with_wandb_grouping(cfg, ctx)
     try:
-        check_sparsity_override(to_config(cfg), ctx["overrides"])
+        train_cfg = to_config(cfg)
+        check_sparsity_override(train_cfg, ctx["overrides"])
+        if train_cfg.grouped:
+            raise ConfigError("layers=[...]/hooks=[...] make a job a group of its own; with "
+                              "hydra/launcher=grouped sweep layer=3,6,9 (or hook=...) instead: the launcher "
+                              "trains those jobs from one stream")
     except Exception as err:  # the sweep goes on; the job is recorded failed
         record_failure(ctx, err, traceback.format_exc())
         return None
