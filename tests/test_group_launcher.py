@@ -14,12 +14,13 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 from test_sweep import REPO, SMALL, _array, train_py
 
-from sae_lightning.checks import ConfigError
+from sae_lightning.checks import ConfigError, UserError
 from sae_lightning.group import launcher
 from sae_lightning.group.members import Member
 from sae_lightning.rundir import RunDir, RunSummary
@@ -29,19 +30,30 @@ from sae_lightning.training import TrainingPreempted
 Engine = Callable[[list[Member], Path], list[RunSummary]]
 
 
+class TooBig(UserError, MemoryError):
+    """What ``run_group`` raises for a group too big for memory: the message and the group's estimate."""
+
+    def __init__(self, message: str, members: list[int]) -> None:
+        super().__init__(message)
+        self.estimate = SimpleNamespace(members=members, shared=10, available=250, working=[0] * len(members))
+
+
 class FakeEngine:
     """Stands in for ``run_group``: records each group, finishes every member with ``val/nmse = l1 / 10``,
-    except those whose ``l1`` is in ``diverge`` (failed, as a NaN member) and groups of a ``batch_size`` in
-    ``refuse`` (a ``ConfigError`` for the whole group)."""
+    except those whose ``l1`` is in ``diverge`` (failed, as a NaN member), groups of a ``batch_size`` in
+    ``refuse`` (a ``ConfigError`` for the whole group) and groups of more than ``fit`` SAEs (refused for
+    memory, with the group's estimate)."""
 
-    def __init__(self, diverge: tuple[float, ...] = (), refuse: tuple[int, ...] = ()) -> None:
+    def __init__(self, diverge: tuple[float, ...] = (), refuse: tuple[int, ...] = (), fit: int = 99) -> None:
         self.calls: list[tuple[list[Member], Path]] = []
-        self.diverge, self.refuse = diverge, refuse
+        self.diverge, self.refuse, self.fit = diverge, refuse, fit
 
     def __call__(self, members: list[Member], group_dir: Path) -> list[RunSummary]:
         self.calls.append((members, group_dir))
         if members[0].config["batch_size"] in self.refuse:
             raise ConfigError("this group cannot run")
+        if len(members) > self.fit:
+            raise TooBig(f"only {self.fit} of the {len(members)} SAEs fit", [100] * len(members))
         summaries = []
         for m in members:
             l1 = m.config["l1"]
@@ -107,7 +119,7 @@ def test_one_stream_is_one_group_in_basic_launcher_folders(sweep, capsys):
     assert "l1=2" in yaml.safe_load((sweep_dir / jobs[2] / ".hydra" / "overrides.yaml").read_text())
 
     [(members, group_dir)] = engine.calls
-    assert group_dir == sweep_dir / ".groups" / "000"
+    assert group_dir == sweep_dir / ".groups" / "000-003"
     assert [m.name for m in members] == jobs and [m.run_dir for m in members] == [sweep_dir / j for j in jobs]
     assert [(m.config["l1"], m.config["sae"]["dict_mult"]) for m in members] == \
         [(1, 4), (1, 8), (2, 4), (2, 8)]
@@ -123,7 +135,7 @@ def test_jobs_of_different_streams_fall_into_separate_groups(sweep, capsys):
     engine = FakeEngine()
     _, returns = sweep("l1=1,2", "batch_size=64,128", engine=engine)  # Hydra's grid: batch_size outermost
     assert [([m.name[:3] for m in members], d.name) for members, d in engine.calls] == \
-        [(["000", "001"], "000"), (["002", "003"], "002")]
+        [(["000", "001"], "000-001"), (["002", "003"], "002-003")]
     assert [[m.config["batch_size"] for m in ms] for ms, _ in engine.calls] == [[64, 64], [128, 128]]
     out = capsys.readouterr().out
     assert "group 1: 2 jobs (000..001) share one stream" in out
@@ -172,23 +184,42 @@ def test_a_group_refused_as_a_whole_fails_its_jobs_and_the_next_group_runs(sweep
     assert all(math.isnan(r) for r in returns[:2]) and returns[2:] == pytest.approx([0.1, 0.2])
 
 
-def test_a_stream_split_to_fit_memory_runs_as_consecutive_groups(sweep, monkeypatch, capsys):
-    asked: list[list[str]] = []
+def test_a_group_too_big_for_memory_runs_as_consecutive_groups(sweep, monkeypatch, capsys):
+    """``run_group`` refuses a group too big for memory before any work, with the group's estimate; the
+    launcher cuts it into the consecutive parts ``split_to_fit`` gives for that estimate and trains each."""
+    estimates: list = []
 
-    def fit(self, members: list[Member]) -> list[list[int]]:
-        asked.append([m.name[:3] for m in members])
+    def split_to_fit(self, estimate) -> list[list[int]]:
+        estimates.append(estimate)
         return [[0, 1], [2]]
 
-    monkeypatch.setattr(launcher.GroupedLauncher, "_fit_in_memory", fit)
-    engine = FakeEngine()
-    _, returns = sweep("l1=1,2,4", engine=engine)
-    assert asked == [["000", "001", "002"]]
+    monkeypatch.setattr(launcher.GroupedLauncher, "_split_to_fit", split_to_fit)
+    engine = FakeEngine(fit=2)
+    sweep_dir, returns = sweep("l1=1,2,4", engine=engine)
+    assert [e.members for e in estimates] == [[100, 100, 100]]
     assert [([m.name[:3] for m in members], d.name) for members, d in engine.calls] == \
-        [(["000", "001"], "000"), (["002"], "002")]
-    assert "group 2: 1 job (002) shares one stream" in capsys.readouterr().out
+        [(["000", "001", "002"], "000-002"), (["000", "001"], "000-001"), (["002"], "002")]
+    assert "the 3 SAEs of jobs 000..002 do not fit in memory together: 2 groups (000..001; 002)" in \
+        capsys.readouterr().out
     assert returns == pytest.approx([0.1, 0.2, 0.4])
+    assert [_summary(sweep_dir / job)["status"] for job in _jobs(sweep_dir)] == ["finished"] * 3
+
     sweep("l1=1,2,4", "hydra.launcher.split_by_memory=false", engine=engine, name="unsplit")
-    assert len(asked) == 1 and len(engine.calls[-1][0]) == 3
+    assert len(estimates) == 1 and len(engine.calls) == 4  # refused once, not split
+    for job in _jobs(sweep_dir.parent / "unsplit"):
+        assert _summary(sweep_dir.parent / "unsplit" / job)["error"] == "TooBig: only 2 of the 3 SAEs fit"
+
+
+def test_an_sae_too_big_even_alone_fails_its_group(sweep, monkeypatch):
+    def split_to_fit(self, estimate) -> list[list[int]]:
+        raise TooBig("SAE 0 of the group needs more than the memory available even alone", [])
+
+    monkeypatch.setattr(launcher.GroupedLauncher, "_split_to_fit", split_to_fit)
+    engine = FakeEngine(fit=1)
+    sweep_dir, returns = sweep("l1=1,2", engine=engine)
+    assert len(engine.calls) == 1 and all(math.isnan(r) for r in returns)
+    for job in _jobs(sweep_dir):
+        assert _summary(sweep_dir / job)["error"].startswith("TooBig: SAE 0 of the group needs more")
 
 
 def test_preemption_stops_the_sweep(sweep, tmp_path):
@@ -201,7 +232,7 @@ def test_preemption_stops_the_sweep(sweep, tmp_path):
     with pytest.raises(SystemExit) as stopped:
         sweep("l1=1,2", "batch_size=64,128", engine=preempted)
     assert stopped.value.code == 128 + signal.SIGTERM
-    assert groups == [tmp_path / "sweep" / ".groups" / "000"]  # the next group does not start
+    assert groups == [tmp_path / "sweep" / ".groups" / "000-001"]  # the next group does not start
     assert not list((tmp_path / "sweep").rglob("summary.json"))  # the jobs are not recorded failed
 
 
@@ -214,13 +245,15 @@ def test_a_job_with_a_list_of_layers_is_refused(sweep):
     assert engine.calls == [] and all(math.isnan(r) for r in returns)
 
 
-def test_job_numbers():
+def test_job_numbers_and_group_folders():
     def jobs(*nums: int) -> list[launcher.Job]:
         return [launcher.Job(n, None, {}, None) for n in nums]  # type: ignore[arg-type]
 
     assert launcher.job_numbers(jobs(0, 1, 2)) == "000..002"
     assert launcher.job_numbers(jobs(4)) == "004"
     assert launcher.job_numbers(jobs(1, 3, 12)) == "001, 003, 012"
+    assert [launcher.group_folder(jobs(*n)) for n in ((0, 1, 2), (4,), (1, 3, 12))] == \
+        ["000-002", "004", "001-012"]
 
 
 def test_optuna_batches_are_grouped_and_get_their_objectives(sweep):
@@ -231,7 +264,7 @@ def test_optuna_batches_are_grouped_and_get_their_objectives(sweep):
                                "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", "l1=choice(1,2,4,8)",
                                engine=engine)
     assert [[m.name[:3] for m in members] for members, _ in engine.calls] == [["000", "001"], ["002", "003"]]
-    assert [d.name for _, d in engine.calls] == ["000", "002"]
+    assert [d.name for _, d in engine.calls] == ["000-001", "002-003"]
     l1s = [m.config["l1"] for members, _ in engine.calls for m in members]
     assert sorted(l1s) == [1, 2, 4, 8] and returns == pytest.approx([l1 / 10 for l1 in l1s])
     results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
@@ -267,7 +300,7 @@ def test_grouped_sweep_end_to_end(tmp_path, tiny_gpt2_dir, tinystories_path):
         assert (grouped / job / "sae" / "cfg.json").is_file()
         assert (grouped / job / "checkpoints" / "final.ckpt").is_file()
         assert (grouped / job / ".hydra" / "overrides.yaml").is_file()
-    group = json.loads((grouped / ".groups" / "000" / "group.json").read_text())
+    group = json.loads((grouped / ".groups" / "000-003" / "group.json").read_text())
     assert [m["status"] for m in group["members"]] == ["finished"] * 4
     assert (grouped / "comparison.html").is_file()
 

@@ -9,13 +9,14 @@ tags and objective, so the sweep's comparison page is that of an ungrouped sweep
 
 - Jobs that cannot share a stream (a swept ``batch_size``, ``model``, ``seed``...) fall into separate
   groups, run one after the other; ``hydra.launcher.strict=true`` refuses them instead, naming the keys.
-- A group whose SAEs do not fit in memory together is split into consecutive groups that do
-  (``hydra.launcher.split_by_memory``, on by default; :mod:`sae_lightning.group.memory`).
+- A group whose SAEs do not fit in memory together (``run_group`` refuses it before any work with a
+  ``GroupMemoryError`` carrying its estimate, :mod:`sae_lightning.group.memory`) runs as consecutive groups
+  that do (``hydra.launcher.split_by_memory``, on by default).
 - A job whose config is refused, or whose SAE diverges, is recorded failed in its ``summary.json`` and
   returns NaN; the others go on. A group that fails as a whole (refused before work, or crashed) records
   each of its jobs failed and the next group starts. A pre-emption signal stops the sweep (after the
   group's checkpoint), as it stops a job of an ungrouped sweep.
-- A group's own checkpoints and log go to ``<sweep dir>/.groups/<number of its first job>``: the same
+- A group's own checkpoints and log go to ``<sweep dir>/.groups/<first>-<last job number>``: the same
   folder when the same sweep is started again (``ckpt_path=auto`` resumes it).
 
 What the other Hydra plugins do with it: the basic sweeper hands this launcher the whole grid at once
@@ -87,9 +88,11 @@ def by_stream(jobs: list[Job]) -> list[list[Job]]:
     return list(groups.values())
 
 
-def split_to_fit(jobs: list[Job], parts: list[list[int]]) -> list[list[Job]]:
-    """One stream's jobs in the consecutive groups ``parts`` (indices into ``jobs``) that fit in memory."""
-    return [[jobs[i] for i in part] for part in parts]
+def group_folder(jobs: list[Job]) -> str:
+    """``000-007``: the group's first and last job numbers (``004`` for one job); the same for the same
+    group of a sweep started again, and distinct for the parts of a group split to fit memory."""
+    first, last = jobs[0].num, jobs[-1].num
+    return f"{first:03d}" if len(jobs) == 1 else f"{first:03d}-{last:03d}"
 
 
 def job_numbers(jobs: list[Job]) -> str:
@@ -160,14 +163,13 @@ class GroupedLauncher(Launcher):
                 from sae_lightning.checks import ConfigError
 
                 raise ConfigError(stream_error(streams, read_swept_keys(sweep_dir)))
-        groups = [part for stream in streams for part in self._split(stream)]
-        for n, group in enumerate(groups, 1):
+        for n, group in enumerate(streams, 1):
             log.info("group %d: %d job%s (%s) share%s one stream", n, len(group), "s" * (len(group) > 1),
                      job_numbers(group), "" if len(group) > 1 else "s")
-        if groups:
+        if streams:
             quiet_console()  # as train.py does before training: each Lightning line once, no tips
-        for group in groups:
-            self._train(group, sweep_dir / ".groups" / f"{group[0].num:03d}")
+        for group in streams:
+            self._train(group, sweep_dir)
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return [job.ret for job in jobs]
 
@@ -200,41 +202,41 @@ class GroupedLauncher(Launcher):
             root["handlers"] = [h for h in root.get("handlers", []) if h not in files]
         configure_log(OmegaConf.create(conf), self.config.hydra.verbose)
 
-    def _split(self, jobs: list[Job]) -> list[list[Job]]:
-        """One stream's jobs in groups that fit in memory together (one group when not asked to split)."""
-        if not self.split_by_memory or len(jobs) == 1:
-            return [jobs]
-        return split_to_fit(jobs, self._fit_in_memory([job.member for job in jobs]))
+    def _memory_parts(self, err: Exception, n: int) -> list[list[int]] | None:
+        """When ``run_group`` refused a group of ``n`` SAEs for memory (its ``GroupMemoryError`` carries the
+        group's ``estimate``) and ``split_by_memory`` is on: consecutive parts (indices) that each fit;
+        None otherwise. Raises ``GroupMemoryError`` when one SAE does not fit even alone."""
+        estimate = getattr(err, "estimate", None)
+        if not self.split_by_memory or estimate is None or n == 1:
+            return None
+        parts = self._split_to_fit(estimate)
+        return parts if len(parts) > 1 else None
 
-    def _fit_in_memory(self, members: list[Member]) -> list[list[int]]:
-        """Consecutive groups of ``members`` (indices) whose SAEs fit in memory together."""
-        return [list(range(len(members)))]
+    def _split_to_fit(self, estimate: Any) -> list[list[int]]:
+        from sae_lightning.group.memory import split_to_fit
+
+        return split_to_fit(estimate.members, estimate.shared, estimate.available, working=estimate.working)
 
     def _run_group(self, members: list[Member], group_dir: Path) -> list[RunSummary]:
         from sae_lightning.group.run import run_group
 
         return run_group(members, group_dir)
 
-    def _train(self, jobs: list[Job], group_dir: Path) -> None:
-        """Train one group and set each job's return value; a group that fails as a whole records each job
-        failed. A pre-emption is passed on to the launcher's signal handler (e.g. submitit's) and stops
-        the sweep."""
+    def _train(self, jobs: list[Job], sweep_dir: Path) -> None:
+        """Train one group in ``<sweep dir>/.groups/<first>-<last job>`` and set each job's return value. A
+        pre-emption is passed on to the launcher's signal handler (e.g. submitit's) and stops the sweep."""
         from sae_lightning.callbacks.preemption import pass_on_signal
-        from sae_lightning.loggers import finish_wandb
-        from sae_lightning.sweep import FAILED_RETURN, record_failure
+        from sae_lightning.sweep import FAILED_RETURN
         from sae_lightning.training import TrainingPreempted
 
+        group_dir = sweep_dir / ".groups" / group_folder(jobs)
         try:
             summaries = self._run_group([job.member for job in jobs], group_dir)
         except TrainingPreempted as stopped:
             pass_on_signal(stopped.signum)
             raise
-        except Exception as err:  # the sweep goes on with the next group; the error is recorded per job
-            trace = traceback.format_exc()
-            for job in jobs:
-                record_failure(job.ctx, err, trace)
-                job.ret.return_value = FAILED_RETURN
-            finish_wandb(exit_code=1)
+        except Exception as err:  # the sweep goes on with the next group
+            self._group_failed(jobs, sweep_dir, err, traceback.format_exc())
             return
         for job, summary in zip(jobs, summaries, strict=True):
             if summary.status == "finished":
@@ -242,6 +244,28 @@ class GroupedLauncher(Launcher):
             else:
                 log.error("Job %s (%s) FAILED: %s", job.num, " ".join(job.ctx["overrides"]), summary.error)
                 job.ret.return_value = FAILED_RETURN
+
+    def _group_failed(self, jobs: list[Job], sweep_dir: Path, err: Exception, trace: str) -> None:
+        """A group that ``run_group`` refused or that crashed: trained as consecutive parts when it was too
+        big for memory, else each of its jobs recorded failed with the error."""
+        from sae_lightning.loggers import finish_wandb
+        from sae_lightning.sweep import FAILED_RETURN, record_failure
+
+        try:
+            parts = self._memory_parts(err, len(jobs))
+        except Exception as alone:  # one SAE does not fit even alone: that is the group's error
+            err, trace, parts = alone, traceback.format_exc(), None
+        if parts is not None:
+            groups = [[jobs[i] for i in part] for part in parts]
+            log.info("the %d SAEs of jobs %s do not fit in memory together: %d groups (%s)", len(jobs),
+                     job_numbers(jobs), len(groups), "; ".join(job_numbers(group) for group in groups))
+            for group in groups:
+                self._train(group, sweep_dir)
+            return
+        for job in jobs:
+            record_failure(job.ctx, err, trace)
+            job.ret.return_value = FAILED_RETURN
+        finish_wandb(exit_code=1)
 
 
 def as_member(cfg: DictConfig, seen: dict[str, Any]) -> Member | None:
