@@ -23,9 +23,9 @@ What the other Hydra plugins do with it: the basic sweeper hands this launcher t
 (unless ``hydra.sweeper.max_batch_size`` cuts it into batches; groups form within a batch). Optuna's
 sweeper calls ``launch`` once per batch of ``hydra.sweeper.n_jobs`` trials (``sweep=optuna_lr`` sets 1),
 asking for the next batch only after this one returned, so the trials of a batch are grouped and each
-batch is its own group; raise ``n_jobs`` to group more trials, at the price of fewer results to sample
-from. The submitit launchers (``hydra/launcher=slurm``, ``local_parallel``) are launchers themselves: with
-them nothing is grouped, each job is its own process or SLURM job.
+batch is its own group; raise ``n_jobs`` to group more trials, at the price of sampling each batch from
+fewer finished trials. The submitit launchers (``hydra/launcher=slurm``, ``local_parallel``) are
+launchers themselves: with them nothing is grouped, each job is its own process or SLURM job.
 
 Hydra instantiates launchers only from the ``hydra_plugins`` namespace package: the class it builds is
 ``hydra_plugins.sae_lightning_grouped.GroupedLauncher``, a subclass of :class:`GroupedLauncher` here. This
@@ -142,6 +142,7 @@ class GroupedLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         """Write and validate every job, then train them group by group; every job returns its objective
         (NaN when it failed) with status COMPLETED, so the sweep and Optuna go on."""
+        from sae_lightning.checks import ConfigError
         from sae_lightning.console import quiet_console, user_errors_as_messages
         from sae_lightning.sweep import FAILED_RETURN, read_swept_keys
 
@@ -160,8 +161,6 @@ class GroupedLauncher(Launcher):
         streams = by_stream(valid)
         if self.strict and len(streams) > 1:
             with user_errors_as_messages():
-                from sae_lightning.checks import ConfigError
-
                 raise ConfigError(stream_error(streams, read_swept_keys(sweep_dir)))
         for n, group in enumerate(streams, 1):
             log.info("group %d: %d job%s (%s) share%s one stream", n, len(group), "s" * (len(group) > 1),
