@@ -1,0 +1,217 @@
+"""Many SAEs from one pass: does a group pay for its stream once? (issue "Many SAEs from one pass").
+
+    python benchmarks/many_saes.py cache [--n 8 --tokens 65536 --reps 2]   # an l1 sweep, grouped
+    python benchmarks/many_saes.py live  [--layers 1 2 3 4 5 6 7 8]       # one SAE per layer, one forward
+
+SmolLM2-135M (the offline default), ``mlp_post``, relu with d_sae ``--d-sae``, batch ``--batch``, the
+TinyStories sample, everything through ``python train.py`` as users type it:
+
+- ``cache``: ``python train.py -m experiment=quickstart l1=<n values> hydra/launcher=grouped`` (one process
+  trains the n SAEs from one read of the cache) against the n runs one by one;
+- ``live``: ``python train.py experiment=quickstart activations=live layers=[...]`` (one truncated forward
+  reads every layer) against one ``layer=<L>`` run per layer.
+
+Every part is measured alone in the same run of this script, on the same machine:
+
+- ``stream``: the group's own datamodule (``group.data.group_datamodule``: the cache's rows, or the LM's
+  windows with every hook) iterated for the run's batches with no SAE, seconds from the first request to the
+  last batch;
+- ``steps``: each member's training step (``step.train_step`` with the trainer's clipping, dead window and
+  coefficient, its SAE from its own config) on exactly those batches, summed over the run;
+- ``fixed``: one single run's wall time minus its own stream and steps (interpreter, imports, model load,
+  data-dependent start, validation, checkpoints, saving), from the single run timed here;
+- the group's wall time and peak RSS (``wait4``), and the n single runs' wall times.
+
+The bound the group should meet: ``wall <= 1.1 x (fixed + stream + sum of the members' steps)``. The peak
+RSS is reported beside the memory guard's estimate (``group.memory``) and beside the parts it sums.
+
+Results: ``benchmarks/results/many_saes_<part>_cpu.txt`` (``--out``), written whole, with the header of
+``stamp.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runnable from a checkout, uninstalled
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from stamp import header  # noqa: E402
+from train_step import ours_trainer  # noqa: E402
+
+from sae_lightning.io import atomic_write_text  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+COMMON = ["experiment=quickstart", "sae=relu", "logger=csv", "trainer.progress_bar=false",
+          "trainer.limit_val_batches=2"]
+
+
+def compose(overrides: list[str]) -> tuple[object, dict]:
+    """(TrainConfig, resolved dict) that ``python train.py <overrides>`` runs."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from sae_lightning.config import register_configs, to_config
+
+    register_configs()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        dict_cfg = hydra_compose("train", overrides=overrides)
+        return to_config(dict_cfg), OmegaConf.to_container(dict_cfg, resolve=True)
+
+
+def process(args: list[str], cwd: Path) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GiB) of ``python train.py <args>``, launch to exit."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"train.py {' '.join(args)} failed:\n{err[-4000:]}")
+    return wall, usage.ru_maxrss / 2**20
+
+
+def members(configs: list[tuple[str, list[str]]], root: Path) -> list:
+    from sae_lightning.group.members import Member
+
+    return [Member(name, root / name, compose(over)[1]) for name, over in configs]
+
+
+def stream_and_steps(group: list) -> tuple[float, list[float], object]:
+    """The group's stream alone, then each member's steps alone on the same batches; and the datamodule."""
+    from sae_lightning.group.data import as_slots, group_datamodule, member_slots
+    from sae_lightning.saes import build_sae
+
+    dm, hooks = group_datamodule(group)
+    dm.setup("fit")
+    n = group[0].cfg.max_steps
+    t0 = time.perf_counter()
+    batches = []
+    for batch in dm.train_dataloader():
+        batches.append(as_slots(batch))
+        if len(batches) == n:
+            break
+    stream = time.perf_counter() - t0
+    if hasattr(dm, "teardown"):
+        dm.teardown("fit")
+    steps = []
+    for m, (slot, _) in zip(group, member_slots(group, hooks), strict=True):
+        cfg = m.cfg
+        torch.manual_seed(cfg.seed)
+        sae = build_sae(cfg.sae, dm.slot_dims[slot])
+        sae.set_input_scale(dm.slot_norm_scales[slot])
+        _, step = ours_trainer(cfg.sae, sae.d_in, sae.base_coeff(cfg.l1), lr=cfg.lr, sae=sae,
+                               dead_window_tokens=cfg.latents.dead_window_tokens,
+                               l1_warmup_steps=cfg.optim.l1_warmup_steps,
+                               clip_scope=cfg.optim.grad_clip_scope)
+        t0 = time.perf_counter()
+        for rows in batches:
+            step(rows[slot])
+        steps.append(time.perf_counter() - t0)
+    return stream, steps, dm
+
+
+def guard_estimate(group: list, dm) -> str:
+    """The memory guard's estimate for the group, or why there is none."""
+    try:
+        from sae_lightning.group import memory
+    except ImportError:
+        return "n/a (sae_lightning.group.memory absent)"
+    cfg = group[0].cfg
+    per = [memory.sae_training_bytes(m.cfg, dm.slot_dims[0]) for m in group]
+    shared = memory.stream_bytes(cfg, list(dm.slot_dims)) + memory.model_bytes(getattr(dm, "lm", None) and
+                                                                               dm.lm.model)
+    return (f"{(sum(per) + shared) / 2**30:.2f} GiB (SAEs + optimizer + step {sum(per) / 2**30:.2f}, stream "
+            f"buffers + model {shared / 2**30:.2f})")
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} [{min(values):.1f}-{max(values):.1f}]"
+
+
+def run(args: argparse.Namespace) -> str:
+    size = [f"sae.d_sae={args.d_sae}", f"batch_size={args.batch}", f"train_tokens={args.tokens}"]
+    if args.part == "cache":
+        base = [*COMMON, *size, f"activations.cache_dir={args.cache_dir}"]
+        values = [f"{v:g}" for v in args.l1[:args.n]]
+        singles = [(f"l1={v}", [*base, f"l1={v}"]) for v in values]
+        grouped = ["-m", *base, f"l1={','.join(values)}", "hydra/launcher=grouped"]
+        run_dir_key = "hydra.sweep.dir"
+    else:
+        base = [*COMMON, *size, "activations=live"]
+        singles = [(f"layer={layer}", [*base, f"layer={layer}"]) for layer in args.layers]
+        grouped = [*base, f"layers=[{','.join(map(str, args.layers))}]"]
+        run_dir_key = "hydra.run.dir"
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        group = members([(name.replace("=", "_"), over) for name, over in singles], tmp_path / "m")
+        stream, steps, dm = stream_and_steps(group)
+        guard = guard_estimate(group, dm)
+        del dm
+        single_walls = []
+        for i, (name, over) in enumerate(singles):
+            wall, _ = process([*over, f"hydra.run.dir={tmp_path / f'single{i}'}"], tmp_path)
+            single_walls.append(wall)
+            out.append(f"single run {name}: {wall:.1f} s")
+        last = len(singles) - 1   # the deepest layer (live) or the last coefficient (cache)
+        one_stream, one_steps, _ = stream_and_steps(group[last:])
+        fixed = single_walls[last] - one_stream - one_steps[0]
+        group_walls, rss = [], []
+        for r in range(args.reps):
+            wall, peak = process([*grouped, f"{run_dir_key}={tmp_path / f'group{r}'}"], tmp_path)
+            group_walls.append(wall)
+            rss.append(peak)
+    bound = fixed + stream + sum(steps)
+    wall = statistics.median(group_walls)
+    separate = sum(single_walls)
+    lines = [
+        f"{args.part}: {len(singles)} SAEs, relu d_sae {args.d_sae}, batch {args.batch}, {args.tokens} "
+        f"tokens each ({group[0].cfg.max_steps} steps)",
+        *out,
+        f"one run's fixed cost (single run {singles[last][0]}: wall {single_walls[last]:.1f} - its stream "
+        f"{one_stream:.1f} - its steps {one_steps[0]:.1f}): {fixed:.1f} s",
+        f"the group's stream alone: {stream:.1f} s",
+        f"each member's steps alone: {', '.join(f'{s:.1f}' for s in steps)} s (sum {sum(steps):.1f})",
+        f"bound fixed + stream + steps: {bound:.1f} s",
+        f"grouped process, {args.reps} reps: {spread(group_walls)} s wall (median [min-max])",
+        f"group / bound: {wall / bound:.3f} (target <= 1.1)",
+        f"{len(singles)} separate runs: {separate:.1f} s; speed-up of the group: {separate / wall:.2f}x",
+        f"peak RSS of the grouped process: {spread(rss)} GiB; the memory guard's estimate: {guard}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("part", choices=["cache", "live"])
+    p.add_argument("--n", type=int, default=8, help="SAEs in the cache group (the first n of --l1)")
+    p.add_argument("--l1", type=float, nargs="+", default=[1, 1.5, 2, 3, 4, 5, 7, 10])
+    p.add_argument("--layers", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8])
+    p.add_argument("--d-sae", type=int, default=3072)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--tokens", type=int, default=65_536, help="training tokens per SAE")
+    p.add_argument("--reps", type=int, default=2, help="grouped processes timed")
+    p.add_argument("--cache-dir", default=os.environ.get("SAE_LIGHTNING_CACHE", ".cache/activations"))
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    text = header(" ".join(["python benchmarks/many_saes.py", *sys.argv[1:]])) + run(args)
+    out = args.out or RESULTS / f"many_saes_{args.part}_cpu.txt"
+    atomic_write_text(out, text)
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
