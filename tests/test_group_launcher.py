@@ -236,12 +236,18 @@ def test_preemption_stops_the_sweep(sweep, tmp_path):
     assert not list((tmp_path / "sweep").rglob("summary.json"))  # the jobs are not recorded failed
 
 
-def test_a_job_with_a_list_of_layers_is_refused(sweep):
+@pytest.mark.parametrize(("override", "message"), [
+    ("layers=[0,1]", "sweep layer=3,6,9 (or hook=...) instead"),
+    # Lightning's ddp re-runs sys.argv in each rank: the whole sweep (the basic launcher's jobs avoid it by
+    # running as single-run processes, which a group cannot)
+    ("trainer=ddp_sim", "trainer.strategy=ddp starts each rank by running this command again"),
+])
+def test_jobs_a_group_cannot_train_are_refused(sweep, override, message):
     engine = FakeEngine()
-    sweep_dir, returns = sweep("l1=1,2", "layers=[0,1]", engine=engine)
+    sweep_dir, returns = sweep("l1=1,2", override, engine=engine)
     for job in _jobs(sweep_dir):
         failed = _summary(sweep_dir / job)
-        assert failed["status"] == "failed" and "sweep layer=3,6,9 (or hook=...) instead" in failed["error"]
+        assert failed["status"] == "failed" and message in failed["error"]
     assert engine.calls == [] and all(math.isnan(r) for r in returns)
 
 

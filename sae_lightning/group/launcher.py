@@ -274,7 +274,7 @@ def as_member(cfg: DictConfig, seen: dict[str, Any]) -> Member | None:
     from sae_lightning.checks import ConfigError
     from sae_lightning.config import check_sparsity_override, to_config
     from sae_lightning.group.members import Member
-    from sae_lightning.sweep import _with_wandb_grouping, job_context, record_failure
+    from sae_lightning.sweep import _with_wandb_grouping, job_context, needs_fresh_process, record_failure
 
     ctx = seen["ctx"] = job_context()
     _with_wandb_grouping(cfg, ctx)
@@ -285,6 +285,11 @@ def as_member(cfg: DictConfig, seen: dict[str, Any]) -> Member | None:
             raise ConfigError("layers=[...]/hooks=[...] make a job a group of its own; with "
                               "hydra/launcher=grouped sweep layer=3,6,9 (or hook=...) instead: the launcher "
                               "trains those jobs from one stream")
+        if needs_fresh_process(cfg):
+            raise ConfigError(f"trainer.strategy={train_cfg.trainer.strategy} starts each rank by running "
+                              "this command again, which in a grouped sweep is the whole sweep: drop "
+                              "hydra/launcher=grouped for a DDP sweep (each DDP job then runs as its own "
+                              "process)")
     except Exception as err:  # the sweep goes on; the job is recorded failed
         record_failure(ctx, err, traceback.format_exc())
         return None
