@@ -374,7 +374,8 @@ class TrainConfig:
     lr: float = 4e-4  # Adam's learning rate (JumpReLU's thresholds: times sae.threshold_lr_mult)
     batch_size: int = 4096  # activation rows per training step (per DDP rank)
     train_tokens: int = 2_000_000  # activations per device: max_steps = train_tokens // batch_size
-    seed: int = 0  # seeds the SAE's start, the data stream and resampling
+    seed: int = 0  # seeds the data stream, and the SAE's start and resampling unless sae_seed is set
+    sae_seed: int | None = None  # seeds the SAE's start and resampling alone (a group's members may differ)
     layer: int = 6  # the layer whose hook is read
     layers: list[int] | None = None  # one SAE per layer (and hook), all from one stream; replaces layer
     hooks: list[str] | None = None  # several hook names: one SAE per (layer, hook), replaces hook.name
@@ -449,6 +450,11 @@ class TrainConfig:
         if self.target.name is None:
             return None
         return (self.layer if self.target.layer is None else self.target.layer, self.target.name)
+
+    @property
+    def init_seed(self) -> int:
+        """The seed of the SAE's start and of resampling: ``sae_seed``, else ``seed``."""
+        return self.seed if self.sae_seed is None else self.sae_seed
 
     @property
     def max_steps(self) -> int:

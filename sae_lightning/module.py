@@ -68,7 +68,9 @@ class Trainee:
             raise ValueError(f"d_out={d_out} does not match target.name={cfg.target.name}: a transcoder "
                              "needs the target's width, an SAE none")
         self.cfg = cfg
-        self.sae = build_sae(cfg.sae, d_in, d_out)
+        with torch.random.fork_rng():   # the start depends on the config's own seed alone
+            torch.manual_seed(cfg.init_seed)
+            self.sae = build_sae(cfg.sae, d_in, d_out)
         self.latents = LatentStats(self.sae.d_sae, cfg.latents.dead_window_tokens)
         target = cfg.sae.target_l0 if isinstance(cfg.sae, PenalisedConfig) else None
         if target is not None:

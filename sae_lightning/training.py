@@ -89,8 +89,8 @@ def resampling(cfg: TrainConfig, trainee: int = 0) -> list[Callback]:
     """Dead-latent resampling of the module's SAE number ``trainee``, when its config asks for it."""
     if not cfg.callbacks.resample:
         return []
-    return [ResampleDeadLatents(cfg.callbacks.resample_steps, cfg.callbacks.resample_sample_rows, cfg.seed,
-                                trainee)]
+    return [ResampleDeadLatents(cfg.callbacks.resample_steps, cfg.callbacks.resample_sample_rows,
+                                cfg.init_seed, trainee)]
 
 
 def build_callbacks(cfg: TrainConfig, ckpt_dir: Path) -> list[Callback]:

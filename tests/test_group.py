@@ -40,7 +40,7 @@ def test_a_member_trains_exactly_as_its_own_run(tmp_path, tiny_gpt2_dir, text) -
     member's weights, statistics and Adam state equal those of the same config trained alone."""
     base = live_overrides(tiny_gpt2_dir, text, train_tokens=12 * BATCH, **{"trainer.val_every_n_steps": 5})
     a = member(tmp_path / "group", "a", [*base, "layer=1", "l1=2"])
-    b = member(tmp_path / "group", "b", [*base, "layer=2", "l1=8", "sae.dict_mult=4", "lr=1e-3"])
+    b = member(tmp_path / "group", "b", [*base, "layer=2", "l1=8", "sae.dict_mult=4", "lr=1e-3", "sae_seed=5"])
     summaries = run_group([a, b], tmp_path / "group")
     assert [s.status for s in summaries] == ["finished", "finished"]
     for m in (a, b):

@@ -20,7 +20,7 @@ from sae_lightning.checks import ConfigError
 from sae_lightning.config import TrainConfig, train_config_from_dict
 
 PER_SAE_KEYS = frozenset({"sae", "l1", "lr", "optim", "latents", "callbacks", "objective", "logger",
-                          "run_name", "layer", "hook", "target", "layers", "hooks"})
+                          "run_name", "sae_seed", "layer", "hook", "target", "layers", "hooks"})
 """Root keys that may differ between the members of a group; every other key defines the stream."""
 
 
@@ -76,13 +76,13 @@ def members_of_lists(config: dict[str, Any], run_dir: Path) -> list[Member]:
     """The members of a ``layers=[...]``/``hooks=[...]`` run: one SAE per (layer, hook), in that order,
     each in ``run_dir/<layer><L>_<hook>``."""
     layers = config.get("layers") or [config["layer"]]
-    hooks = config.get("hooks") or [config["hook"]["name"]]
+    hooks = config.get("hooks") or [None]   # None: the config's own hook (a module hook stays one)
     members = []
     for layer in layers:
         for hook in hooks:
-            own = {**config, "layer": layer, "layers": None, "hooks": None,
-                   "hook": {**config["hook"], "name": hook, "module": None}}
-            name = folder_name(layer, hook)
+            own_hook = config["hook"] if hook is None else {**config["hook"], "name": hook, "module": None}
+            own = {**config, "layer": layer, "layers": None, "hooks": None, "hook": own_hook}
+            name = folder_name(layer, hook or train_config_from_dict(own).hook.name)
             members.append(Member(name, run_dir / name, own))
     return members
 

@@ -51,13 +51,6 @@ class MemberModule(Trainee, nn.Module):
         self.build_trainee(train_config_from_dict(config), d_in, d_out)
 
 
-def _seeded_member(spec: dict[str, Any]) -> MemberModule:
-    """A member built under its own ``seed``, so it starts as a run of its own config would."""
-    with torch.random.fork_rng():
-        torch.manual_seed(spec["config"]["seed"])
-        return MemberModule(spec["config"], spec["d_in"], spec.get("d_out"))
-
-
 class GroupModule(L.LightningModule):
     """Trains every member of ``members`` (plain dicts: ``name``, ``config``, ``d_in``, ``d_out`` and
     ``slots``, the batch slots of its input and target) from one stream."""
@@ -68,7 +61,7 @@ class GroupModule(L.LightningModule):
         self.automatic_optimization = False
         self.names = [m["name"] for m in members]
         self.slots = [tuple(m["slots"]) for m in members]
-        self.members = nn.ModuleList(_seeded_member(m) for m in members)
+        self.members = nn.ModuleList(MemberModule(m["config"], m["d_in"], m.get("d_out")) for m in members)
         sizes = [len(m.optimizer_groups()) for m in self.members]
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         self.group_ranges = [range(a, a + n) for a, n in zip(starts, sizes, strict=True)]
