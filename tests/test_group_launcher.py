@@ -143,6 +143,17 @@ def test_jobs_of_different_streams_fall_into_separate_groups(sweep, capsys):
     assert returns == pytest.approx([0.1, 0.2, 0.1, 0.2])
 
 
+def test_a_swept_sae_seed_shares_the_stream_and_a_swept_seed_does_not(sweep, capsys):
+    engine = FakeEngine()
+    sweep("sae_seed=0,1", "seed=0,1", engine=engine)  # Hydra's grid: sae_seed outermost
+    assert [[(m.config["sae_seed"], m.config["seed"]) for m in members] for members, _ in engine.calls] == \
+        [[(0, 0), (1, 0)], [(0, 1), (1, 1)]]
+    assert [d.name for _, d in engine.calls] == ["000-002", "001-003"]
+    out = capsys.readouterr().out
+    assert "group 1: 2 jobs (000, 002) share one stream" in out
+    assert "group 2: 2 jobs (001, 003) share one stream" in out
+
+
 def test_strict_refuses_several_streams_before_any_work(sweep, capsys):
     engine = FakeEngine()
     with pytest.raises(SystemExit) as stopped:
