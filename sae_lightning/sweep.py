@@ -42,7 +42,26 @@ SWEPT_KEYS_FILE = "swept_keys.json"
 every job (local, parallel or on SLURM) reads them from there for its folder name and W&B tags."""
 
 FAILED_RETURN = float("nan")
-"""What a failed job returns: a number, so the Optuna sweeper records a failed trial instead of stopping."""
+"""What a failed job returns to the basic sweeper: a number, so the sweep goes on (:func:`failed_return`)."""
+
+
+class JobFailed(RuntimeError):
+    """A failed job (already recorded in its ``summary.json``), raised to a sweeper that makes a failed
+    trial of a raised job and aborts on a NaN objective (Optuna)."""
+
+
+def fails_on_nan(hydra: Any) -> bool:
+    """Whether the sweeper of the ``hydra`` config node aborts on a NaN objective (Optuna's ``study.tell``
+    raises) and records a failed trial for a job that raised instead."""
+    return "optuna" in str(OmegaConf.select(hydra, "sweeper._target_", default="")).lower()
+
+
+def failed_return(hydra: Any, message: str) -> float:
+    """What a failed job gives its sweeper: ``FAILED_RETURN``; under Optuna it raises ``JobFailed``, which
+    Hydra records as a failed job and Optuna as a failed trial, and the study goes on."""
+    if fails_on_nan(hydra):
+        raise JobFailed(message)
+    return FAILED_RETURN
 
 # strategies whose Lightning launcher re-executes sys.argv in child processes
 _SCRIPT_LAUNCHED = re.compile(r"^ddp(?!_spawn|_fork|_notebook)")
@@ -155,6 +174,13 @@ def write_failure(run_dir: Path, error: str, trace: str, overrides: list[str]) -
                                  overrides=overrides))
 
 
+def record_failure(ctx: dict[str, Any], err: BaseException, trace: str) -> None:
+    """Log a failed job (``ctx`` from :func:`job_context`) and write its failure ``summary.json``."""
+    message = f"{type(err).__name__}: {err}"
+    log.error("Job %s (%s) FAILED: %s", ctx["job_num"], " ".join(ctx["overrides"]), message)
+    write_failure(ctx["run_dir"], message, trace, ctx["overrides"])
+
+
 def needs_fresh_process(cfg: DictConfig) -> bool:
     """True for ``strategy=ddp`` started by us: Lightning would re-launch the whole sweep in each child.
     Not when SLURM/torchrun already started one process per device (e.g. the submitit launcher)."""
@@ -225,14 +251,11 @@ def run_sweep_job(cfg: DictConfig, train: Callable[[DictConfig], float], script:
             return run_in_fresh_process(_single_run_command(script, ctx, cfg), ctx, objective)
         return train(cfg)
     except Exception as err:  # the sweep must go on; the error is recorded, not swallowed
-        trace = err.trace if isinstance(err, ChildFailed) else traceback.format_exc()
-        message = f"{type(err).__name__}: {err}"
-        log.error("Job %s (%s) FAILED: %s", ctx["job_num"], " ".join(ctx["overrides"]), message)
-        write_failure(ctx["run_dir"], message, trace, ctx["overrides"])
+        record_failure(ctx, err, err.trace if isinstance(err, ChildFailed) else traceback.format_exc())
         from sae_lightning.loggers import finish_wandb
 
         finish_wandb(exit_code=1)
-        return FAILED_RETURN
+        return failed_return(HydraConfig.get(), f"{type(err).__name__}: {err}")
 
 
 class SweepCallback(Callback):
