@@ -1,0 +1,131 @@
+"""Peak memory of one SAE's training step against the group memory guard's estimate (CPU, RSS).
+
+Each case runs in a fresh Python process (``--measure``): it makes a heavy-tailed batch (the stream's, not
+counted), resets the kernel's peak-RSS mark (``/proc/self/clear_refs``), builds the SAE from its preset
+(``conf/sae/<arch>.yaml``), its Adam optimizer and ``LatentStats`` as ``train_step.py`` does, runs
+``--steps`` calls of ``step.train_step`` and reports ``VmHWM`` minus the RSS at the mark: the growth that
+one more SAE of a group costs. ``dead`` cases mark every latent dead before each step, so AuxK (TopK
+family) and the pre-activation loss (JumpReLU) run at their largest.
+
+For each case the report gives the growth, the state the guard counts exactly (4x parameters, buffers,
+``LatentStats``), the working set that leaves (growth - state) in float32 words per batch row, and the
+guard's estimate (``sae_lightning.group.memory.sae_training_bytes``) with its ratio to the growth: the
+estimate must be >= the growth, and within about 10 % of it at these sizes.
+
+Run: ``python benchmarks/group_memory.py --out benchmarks/results/group_memory_cpu.txt`` (a few minutes
+on 2 cores); ``--help`` for sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, uninstalled
+
+ARCHS = ("relu", "relu_dn", "gated", "jumprelu", "topk", "batchtopk", "matryoshka")
+DEAD_MATTERS = ("jumprelu", "topk", "batchtopk", "matryoshka")   # a dead mask changes their step
+COEFF = 5.0   # the penalised SAEs' coefficient (its value does not change the memory of a dense step)
+
+
+def _status(field: str) -> int:
+    """A ``/proc/self/status`` field in bytes (``VmRSS``, ``VmHWM``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def measure(arch: str, d_in: int, d_sae: int, batch: int, steps: int, dead: bool) -> dict:
+    """Peak-RSS growth of building and training one SAE for ``steps`` steps, in this process."""
+    import torch
+    from train_step import heavy_tailed, ours_trainer, preset
+
+    from sae_lightning.config import LatentsConfig, TrainConfig
+    from sae_lightning.group.memory import sae_training_bytes
+    from sae_lightning.saes import SAEConfig
+    from sae_lightning.step import LatentStats
+
+    torch.manual_seed(0)
+    x = heavy_tailed(batch, d_in)
+    coeff = 0.0 if arch in ("topk", "batchtopk", "matryoshka") else COEFF
+
+    def train(cfg: SAEConfig, rows: torch.Tensor) -> tuple[torch.nn.Module, LatentStats, int]:
+        """(SAE, its stats, peak-RSS growth) of building it and running ``steps`` steps on ``rows``."""
+        Path("/proc/self/clear_refs").write_text("5")   # VmHWM := VmRSS
+        start = _status("VmRSS")
+        stats = LatentStats(cfg.d_sae, LatentsConfig().dead_window_tokens)
+        sae, step = ours_trainer(cfg, d_in, coeff, stats=stats)
+        for _ in range(steps):
+            if dead:
+                stats.tokens_since_fired.fill_(10**15)
+            step(rows)
+        return sae, stats, _status("VmHWM") - start
+
+    # the process's first step loads code and per-thread buffers once, whatever the size: a group pays it
+    # once, so it is measured apart, on a small SAE of the same architecture
+    first_use = train(preset(arch, d_sae=128), x[:256])[2]
+    cfg = preset(arch, d_sae=d_sae)
+    sae, stats, growth = train(cfg, x)
+    state = (4 * sum(p.numel() * p.element_size() for p in sae.parameters())
+             + sum(b.numel() * b.element_size() for b in sae.buffers())
+             + sum(b.numel() * b.element_size() for b in stats.buffers()))
+    estimate = sae_training_bytes(TrainConfig(sae=cfg, batch_size=batch), d_in)
+    return {"arch": arch, "d_in": d_in, "d_sae": d_sae, "batch": batch, "dead": dead, "growth": growth,
+            "state": state, "estimate": estimate, "first_use": first_use}
+
+
+def run_case(arch: str, d_in: int, d_sae: int, batch: int, steps: int, dead: bool) -> dict:
+    """:func:`measure` in a fresh interpreter (the peak of one case must not include another's)."""
+    cmd = [sys.executable, __file__, "--measure", arch, "--d-in", str(d_in), "--d-sae", str(d_sae),
+           "--batch", str(batch), "--steps", str(steps)] + (["--dead"] if dead else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
+    p.add_argument("--d-in", type=int, default=1536)
+    p.add_argument("--d-sae", type=int, nargs="+", default=[3072, 12288])
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--out", type=Path, help="also write the report there, whole, under stamp.py's header")
+    p.add_argument("--measure", choices=ARCHS, help=argparse.SUPPRESS)   # one case, in this process
+    p.add_argument("--dead", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.d_in, args.d_sae[0], args.batch, args.steps, args.dead)))
+        return
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    say(f"d_in {args.d_in}, batch {args.batch}, {args.steps} train_step calls per fresh process, MiB")
+    say(f"{'arch':11s} {'d_sae':>6s} {'start':>6s} {'first':>6s} {'growth':>8s} {'state':>8s} "
+        f"{'work/row':>9s} {'estimate':>9s} {'est/growth':>10s}")
+    worst = []
+    for arch in args.archs:
+        for d_sae in args.d_sae:
+            for dead in (False, True) if arch in DEAD_MATTERS else (False,):
+                r = run_case(arch, args.d_in, d_sae, args.batch, args.steps, dead)
+                words = (r["growth"] - r["state"]) / 4 / args.batch
+                ratio = r["estimate"] / r["growth"]
+                worst.append(ratio)
+                say(f"{arch:11s} {d_sae:6d} {'dead' if dead else 'fresh':>6s} {r['first_use'] / 2**20:6.0f} "
+                    f"{r['growth'] / 2**20:8.0f} "
+                    f"{r['state'] / 2**20:8.0f} {words:9.0f} {r['estimate'] / 2**20:9.0f} {ratio:10.3f}")
+    say(f"estimate / growth: min {min(worst):.3f}, max {max(worst):.3f}")
+    if args.out:
+        from stamp import header
+        head = header("python benchmarks/group_memory.py " + " ".join(sys.argv[1:]))
+        args.out.write_text(head + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

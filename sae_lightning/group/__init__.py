@@ -1,0 +1,1 @@
+"""Several SAEs trained in one process from one activation stream (a group)."""
