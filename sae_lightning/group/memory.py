@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,27 +66,38 @@ class GroupMemoryError(UserError, MemoryError):
     much, how many of the SAEs fit and what to change."""
 
 
+def group_bytes(members: list[int], shared: int, working: list[int] | None = None) -> int:
+    """Bytes a group of ``members`` needs next to ``shared``: their sum, except that the SAEs step one
+    after another, so of the ``working`` parts (each member's step temporaries, included in its figure)
+    only the largest exists at a time."""
+    work = (working or [])[:len(members)] or [0]
+    return shared + sum(members) - sum(work) + max(work)
+
+
 @dataclass
 class MemoryEstimate:
     """A group's memory needs in bytes on one device: each SAE's (``members``, in the group's order) and
-    the part they share (the stream's buffers, the LM for a live run), against what is ``available``."""
+    the part they share (the stream's buffers, the LM for a live run), against what is ``available``.
+
+    ``working[i]``: the part of ``members[i]`` that exists during that SAE's own step only (its working
+    set, :func:`working_set_bytes`), for a trainer that steps its SAEs one after another and keeps nothing
+    of a step's output but its logged scalars; empty when every member's whole figure must coexist."""
 
     members: list[int]
     shared: int
     available: int
     device: str
+    working: list[int] = field(default_factory=list)
 
     @property
     def total(self) -> int:
-        return self.shared + sum(self.members)
+        return group_bytes(self.members, self.shared, self.working)
 
     def fitting(self) -> int:
         """How many of the members, taken in order, fit next to the shared part."""
-        used, n = self.shared, 0
-        for need in self.members:
-            used += need
-            if used > self.available:
-                break
+        n = 0
+        while n < len(self.members) and group_bytes(self.members[:n + 1], self.shared,
+                                                    self.working) <= self.available:
             n += 1
         return n
 
@@ -179,13 +190,16 @@ def model_bytes(model: nn.Module | None) -> int:
 def estimate_group(cfgs: list[Any], widths: list[tuple[int, int | None]], dims: list[int],
                    device: torch.device | str, model: nn.Module | None = None) -> MemoryEstimate:
     """The estimate of a group whose SAEs (``TrainConfig`` ``cfgs[i]`` on rows ``widths[i] = (d_in,
-    d_out)``) train on ``device`` from one stream reading hooks of widths ``dims`` (``model``: a live run's
-    LM, its torch module ``HookedLM.model``). Shared: the process's one-off cost of its first training step
-    (``FIRST_STEP_BYTES``), plus what of the stream lives on ``device``: a live stream's windows and the LM
-    where the LM runs, a cache stream's buffers in host memory (on an accelerator, the batch moved to it)."""
+    d_out)``) train on ``device``, one after another (``MemoryEstimate.working``), from one stream reading
+    hooks of widths ``dims`` (``model``: a live run's LM, its torch module ``HookedLM.model``). Shared: the
+    process's one-off cost of its first training step (``FIRST_STEP_BYTES``), plus what of the stream
+    lives on ``device``: a live stream's windows and the LM where the LM runs, a cache stream's buffers in
+    host memory (on an accelerator, the batch moved to it)."""
     device = torch.device(device)
     cfg = cfgs[0]
     members = [sae_training_bytes(c, d_in, d_out) for c, (d_in, d_out) in zip(cfgs, widths, strict=True)]
+    working = [working_set_bytes(c.sae.architecture, c.batch_size, d_in, c.sae.resolve_d_sae(d_in), d_out)
+               for c, (d_in, d_out) in zip(cfgs, widths, strict=True)]
     if cfg.activations.source == "live":
         lm_device = _device_of(model) if model is not None else device
         here = lm_device.type == device.type and (lm_device.index or 0) == (device.index or 0)
@@ -194,7 +208,7 @@ def estimate_group(cfgs: list[Any], widths: list[tuple[int, int | None]], dims: 
         stream = stream_bytes(cfg, dims)
     else:
         stream = cfg.batch_size * sum(dims) * FLOAT32
-    return MemoryEstimate(members, FIRST_STEP_BYTES + stream, available_bytes(device), str(device))
+    return MemoryEstimate(members, FIRST_STEP_BYTES + stream, available_bytes(device), str(device), working)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -261,22 +275,22 @@ def check_fits(estimate: MemoryEstimate, names: list[str]) -> None:
         "misread)")
 
 
-def split_to_fit(members: list[int], shared: int, available: int,
-                 names: list[str] | None = None) -> list[list[int]]:
+def split_to_fit(members: list[int], shared: int, available: int, names: list[str] | None = None,
+                 working: list[int] | None = None) -> list[list[int]]:
     """Indices of ``members`` cut, in order, into consecutive groups that each fit next to ``shared`` in
-    ``available`` bytes; ``GroupMemoryError`` naming a member (by ``names``, else its index) that does not
-    fit even alone."""
+    ``available`` bytes (``working``: as in :class:`MemoryEstimate`); ``GroupMemoryError`` naming a member
+    (by ``names``, else its index) that does not fit even alone."""
+    work = working or [0] * len(members)
     groups: list[list[int]] = []
-    used = available + 1   # no group open yet
     for i, need in enumerate(members):
         if shared + need > available:
             raise GroupMemoryError(
                 f"SAE {names[i] if names else i} of the group needs {human(need)}, and the activation stream "
                 f"{human(shared)}: more than the {human(available)} available even alone. Lower batch_size, "
                 "the SAE's size (sae.d_sae / sae.dict_mult) or activations.buffer_tokens / shuffle_buffer")
-        if used + need > available:
-            groups.append([])
-            used = shared
-        groups[-1].append(i)
-        used += need
+        grown = (groups[-1] if groups else []) + [i]
+        if groups and group_bytes([members[j] for j in grown], shared, [work[j] for j in grown]) <= available:
+            groups[-1] = grown
+        else:
+            groups.append([i])
     return groups
