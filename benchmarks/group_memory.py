@@ -25,9 +25,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, uninstalled
+from sae_lightning.group.memory import FIRST_STEP_BYTES
 
 ARCHS = ("relu", "relu_dn", "gated", "jumprelu", "topk", "batchtopk", "matryoshka")
 DEAD_MATTERS = ("jumprelu", "topk", "batchtopk", "matryoshka")   # a dead mask changes their step
+MIB = 2**20
 COEFF = 5.0   # the penalised SAEs' coefficient (its value does not change the memory of a dense step)
 
 
@@ -39,13 +41,14 @@ def _status(field: str) -> int:
     raise KeyError(field)
 
 
-def measure(arch: str, d_in: int, d_sae: int, batch: int, steps: int, dead: bool) -> dict:
-    """Peak-RSS growth of building and training one SAE for ``steps`` steps, in this process."""
+def measure(arch: str, d_in: int, d_sae: int, batch: int, steps: int, dead: bool, saes: int = 1) -> dict:
+    """Peak-RSS growth of building ``saes`` SAEs and training them in turns (a group: each SAE steps on
+    the same batch, one after another) for ``steps`` rounds, in this process."""
     import torch
     from train_step import heavy_tailed, ours_trainer, preset
 
     from sae_lightning.config import LatentsConfig, TrainConfig
-    from sae_lightning.group.memory import sae_training_bytes
+    from sae_lightning.group.memory import group_bytes, sae_training_bytes, working_set_bytes
     from sae_lightning.saes import SAEConfig
     from sae_lightning.step import LatentStats
 
@@ -53,35 +56,41 @@ def measure(arch: str, d_in: int, d_sae: int, batch: int, steps: int, dead: bool
     x = heavy_tailed(batch, d_in)
     coeff = 0.0 if arch in ("topk", "batchtopk", "matryoshka") else COEFF
 
-    def train(cfg: SAEConfig, rows: torch.Tensor) -> tuple[torch.nn.Module, LatentStats, int]:
-        """(SAE, its stats, peak-RSS growth) of building it and running ``steps`` steps on ``rows``."""
+    def train(cfg: SAEConfig, rows: torch.Tensor, n: int) -> tuple[list[torch.nn.Module], int]:
+        """(the SAEs and their stats, peak-RSS growth) of building ``n`` and running ``steps`` rounds."""
         Path("/proc/self/clear_refs").write_text("5")   # VmHWM := VmRSS
         start = _status("VmRSS")
-        stats = LatentStats(cfg.d_sae, LatentsConfig().dead_window_tokens)
-        sae, step = ours_trainer(cfg, d_in, coeff, stats=stats)
+        modules, trainers = [], []
+        for _ in range(n):
+            stats = LatentStats(cfg.d_sae, LatentsConfig().dead_window_tokens)
+            sae, step = ours_trainer(cfg, d_in, coeff, stats=stats)
+            modules += [sae, stats]
+            trainers.append((stats, step))
         for _ in range(steps):
-            if dead:
-                stats.tokens_since_fired.fill_(10**15)
-            step(rows)
-        return sae, stats, _status("VmHWM") - start
+            for stats, step in trainers:
+                if dead:
+                    stats.tokens_since_fired.fill_(10**15)
+                step(rows)
+        return modules, _status("VmHWM") - start
 
     # the process's first step loads code and per-thread buffers once, whatever the size: a group pays it
     # once, so it is measured apart, on a small SAE of the same architecture
-    first_use = train(preset(arch, d_sae=128), x[:256])[2]
+    first_use = train(preset(arch, d_sae=128), x[:256], 1)[1]
     cfg = preset(arch, d_sae=d_sae)
-    sae, stats, growth = train(cfg, x)
-    state = (4 * sum(p.numel() * p.element_size() for p in sae.parameters())
-             + sum(b.numel() * b.element_size() for b in sae.buffers())
-             + sum(b.numel() * b.element_size() for b in stats.buffers()))
-    estimate = sae_training_bytes(TrainConfig(sae=cfg, batch_size=batch), d_in)
-    return {"arch": arch, "d_in": d_in, "d_sae": d_sae, "batch": batch, "dead": dead, "growth": growth,
-            "state": state, "estimate": estimate, "first_use": first_use}
+    modules, growth = train(cfg, x, saes)
+    state = (4 * sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+             + sum(b.numel() * b.element_size() for m in modules for b in m.buffers()))
+    one = sae_training_bytes(TrainConfig(sae=cfg, batch_size=batch), d_in)
+    work = working_set_bytes(arch, batch, d_in, d_sae)
+    return {"arch": arch, "d_in": d_in, "d_sae": d_sae, "batch": batch, "dead": dead, "saes": saes,
+            "growth": growth, "state": state, "estimate": group_bytes([one] * saes, 0, [work] * saes),
+            "summed": one * saes, "first_use": first_use}
 
 
-def run_case(arch: str, d_in: int, d_sae: int, batch: int, steps: int, dead: bool) -> dict:
+def run_case(arch: str, d_in: int, d_sae: int, batch: int, steps: int, dead: bool, saes: int = 1) -> dict:
     """:func:`measure` in a fresh interpreter (the peak of one case must not include another's)."""
     cmd = [sys.executable, __file__, "--measure", arch, "--d-in", str(d_in), "--d-sae", str(d_sae),
-           "--batch", str(batch), "--steps", str(steps)] + (["--dead"] if dead else [])
+           "--batch", str(batch), "--steps", str(steps), "--saes", str(saes)] + (["--dead"] if dead else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.splitlines()[-1])
 
@@ -93,12 +102,15 @@ def main() -> None:
     p.add_argument("--d-sae", type=int, nargs="+", default=[3072, 12288])
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--group", type=int, default=8, help="SAEs of the group case (relu, the first --d-sae)")
     p.add_argument("--out", type=Path, help="also write the report there, whole, under stamp.py's header")
     p.add_argument("--measure", choices=ARCHS, help=argparse.SUPPRESS)   # one case, in this process
     p.add_argument("--dead", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--saes", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure, args.d_in, args.d_sae[0], args.batch, args.steps, args.dead)))
+        print(json.dumps(measure(args.measure, args.d_in, args.d_sae[0], args.batch, args.steps, args.dead,
+                                 args.saes)))
         return
     lines: list[str] = []
 
@@ -106,21 +118,37 @@ def main() -> None:
         print(line, flush=True)
         lines.append(line)
 
-    say(f"d_in {args.d_in}, batch {args.batch}, {args.steps} train_step calls per fresh process, MiB")
+    def row(r: dict) -> float:
+        words = (r["growth"] - r["state"]) / 4 / args.batch
+        ratio = r["estimate"] / r["growth"]
+        name = r["arch"] if r["saes"] == 1 else f"{r['saes']} x {r['arch']}"
+        say(f"{name:11s} {r['d_sae']:6d} {'dead' if r['dead'] else 'fresh':>6s} {r['first_use'] / MIB:6.0f} "
+            f"{r['growth'] / MIB:8.0f} {r['state'] / MIB:8.0f} {words:9.0f} {r['estimate'] / MIB:9.0f} "
+            f"{ratio:10.3f}")
+        return ratio
+
+    say(f"d_in {args.d_in}, batch {args.batch}, {args.steps} train_step calls per SAE, a fresh process per "
+        "row; MiB")
+    say("first: the process's first step (a d_sae 128 SAE), apart; growth: peak RSS growth of building and "
+        "training; state: 4 x parameters + buffers + LatentStats; work/row: (growth - state) / 4 / batch")
     say(f"{'arch':11s} {'d_sae':>6s} {'start':>6s} {'first':>6s} {'growth':>8s} {'state':>8s} "
         f"{'work/row':>9s} {'estimate':>9s} {'est/growth':>10s}")
-    worst = []
+    ratios, firsts = [], []
     for arch in args.archs:
         for d_sae in args.d_sae:
             for dead in (False, True) if arch in DEAD_MATTERS else (False,):
                 r = run_case(arch, args.d_in, d_sae, args.batch, args.steps, dead)
-                words = (r["growth"] - r["state"]) / 4 / args.batch
-                ratio = r["estimate"] / r["growth"]
-                worst.append(ratio)
-                say(f"{arch:11s} {d_sae:6d} {'dead' if dead else 'fresh':>6s} {r['first_use'] / 2**20:6.0f} "
-                    f"{r['growth'] / 2**20:8.0f} "
-                    f"{r['state'] / 2**20:8.0f} {words:9.0f} {r['estimate'] / 2**20:9.0f} {ratio:10.3f}")
-    say(f"estimate / growth: min {min(worst):.3f}, max {max(worst):.3f}")
+                ratios.append(row(r))
+                firsts.append(r["first_use"])
+    say(f"estimate / growth: min {min(ratios):.3f}, max {max(ratios):.3f}; first step: at most "
+        f"{max(firsts) / MIB:.0f} MiB (FIRST_STEP_BYTES {FIRST_STEP_BYTES / MIB:.0f} MiB)")
+    if args.group > 1:
+        r = run_case("relu", args.d_in, args.d_sae[0], args.batch, args.steps, False, args.group)
+        say(f"\ngroup: {args.group} relu SAEs stepped in turn in one process; estimate = their states + the "
+            "largest working set once (MemoryEstimate.working)")
+        row(r)
+        summed, growth = r["summed"], r["growth"]
+        say(f"every working set summed instead: {summed / MIB:.0f} MiB, {summed / growth:.3f} x the growth")
     if args.out:
         from stamp import header
         head = header("python benchmarks/group_memory.py " + " ".join(sys.argv[1:]))

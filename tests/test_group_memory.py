@@ -54,6 +54,12 @@ def test_state_is_four_copies_of_the_parameters_by_hand(arch: str) -> None:
     assert sae_state_bytes(cfg.sae, d_in, 40) == 16 * t_params + 8 + STATS_BYTES_PER_LATENT * d_sae
 
 
+def test_cuda_adds_the_multi_tensor_adam_copy_of_the_parameters() -> None:
+    cfg = _cfg("relu", d_sae=80)
+    params = 4 * (2 * 24 * 80 + 80 + 24)
+    assert sae_training_bytes(cfg, 24, device="cuda") == sae_training_bytes(cfg, 24) + params
+
+
 def test_architectures_with_their_own_parameters_count_them() -> None:
     base = sae_state_bytes(_cfg("relu", d_sae=80).sae, 24)
     assert sae_state_bytes(_cfg("jumprelu", d_sae=80).sae, 24) == base + 16 * 80      # threshold

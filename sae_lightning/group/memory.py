@@ -139,13 +139,24 @@ def working_set_bytes(architecture: str, batch_size: int, d_in: int, d_sae: int,
     return math.ceil(FLOAT32 * batch_size * (a * d_sae + c * (d_in + (d_in if d_out is None else d_out))))
 
 
-def sae_training_bytes(cfg: Any, d_in: int, d_out: int | None = None) -> int:
-    """Bytes one SAE of the ``TrainConfig`` ``cfg`` needs while it trains on ``d_in``-wide rows (a
-    transcoder to ``d_out``): :func:`sae_state_bytes` + :func:`working_set_bytes` for ``cfg.batch_size``
-    rows (module docstring)."""
+def sae_parts(cfg: Any, d_in: int, d_out: int | None = None, device: torch.device | str = "cpu",
+              ) -> tuple[int, int]:
+    """(state, working set) in bytes of one SAE of the ``TrainConfig`` ``cfg`` training on ``d_in``-wide
+    rows (a transcoder to ``d_out``) on ``device``: :func:`sae_state_bytes` and :func:`working_set_bytes`
+    for ``cfg.batch_size`` rows; on CUDA the working set holds one more copy of the parameters, the square
+    root of Adam's second moments that its multi-tensor step (torch's default there) makes at once."""
     d_sae = cfg.sae.resolve_d_sae(d_in)
-    return (sae_state_bytes(cfg.sae, d_in, d_out)
-            + working_set_bytes(cfg.sae.architecture, cfg.batch_size, d_in, d_sae, d_out))
+    work = working_set_bytes(cfg.sae.architecture, cfg.batch_size, d_in, d_sae, d_out)
+    if torch.device(device).type == "cuda":
+        work += tensor_bytes(_meta_sae(cfg.sae, d_in, d_out).parameters())
+    return sae_state_bytes(cfg.sae, d_in, d_out), work
+
+
+def sae_training_bytes(cfg: Any, d_in: int, d_out: int | None = None,
+                       device: torch.device | str = "cpu") -> int:
+    """Bytes one SAE of the ``TrainConfig`` ``cfg`` needs while it trains on ``d_in``-wide rows (a
+    transcoder to ``d_out``) on ``device``: its state and its step's working set (:func:`sae_parts`)."""
+    return sum(sae_parts(cfg, d_in, d_out, device))
 
 
 def stream_bytes(cfg: Any, dims: list[int]) -> int:
@@ -197,9 +208,8 @@ def estimate_group(cfgs: list[Any], widths: list[tuple[int, int | None]], dims: 
     host memory (on an accelerator, the batch moved to it)."""
     device = torch.device(device)
     cfg = cfgs[0]
-    members = [sae_training_bytes(c, d_in, d_out) for c, (d_in, d_out) in zip(cfgs, widths, strict=True)]
-    working = [working_set_bytes(c.sae.architecture, c.batch_size, d_in, c.sae.resolve_d_sae(d_in), d_out)
-               for c, (d_in, d_out) in zip(cfgs, widths, strict=True)]
+    parts = [sae_parts(c, d_in, d_out, device) for c, (d_in, d_out) in zip(cfgs, widths, strict=True)]
+    members, working = [state + work for state, work in parts], [work for _, work in parts]
     if cfg.activations.source == "live":
         lm_device = _device_of(model) if model is not None else device
         here = lm_device.type == device.type and (lm_device.index or 0) == (device.index or 0)
