@@ -13,6 +13,7 @@ import torch
 
 from sae_lightning.config import ActivationsConfig, DataConfig, TrainConfig, TrainerConfig
 from sae_lightning.group.memory import (
+    CPU_ALLOCATOR_SLACK,
     FIRST_STEP_BYTES,
     LIMIT_ENV,
     STATS_BYTES_PER_LATENT,
@@ -171,7 +172,7 @@ def test_estimate_group_counts_the_stream_where_it_lives(monkeypatch: pytest.Mon
     assert est.members == [sae_training_bytes(c, 32) for c in cfgs]
     assert est.working == [working_set_bytes("relu", 256, 32, 128), working_set_bytes("topk", 256, 32, 256)]
     assert est.total == est.shared + sum(est.members) - est.working[0]   # topk's working set is the larger
-    assert est.shared == FIRST_STEP_BYTES + stream_bytes(cfgs[0], [32])
+    assert est.shared == FIRST_STEP_BYTES + CPU_ALLOCATOR_SLACK + stream_bytes(cfgs[0], [32])
     assert est.available == 2**30 and est.device == "cpu"
 
 
@@ -180,10 +181,11 @@ def test_estimate_bounds_a_real_steps_peak_rss(arch: str) -> None:
     """The estimate against the peak-RSS growth of ``train_step`` in a fresh process (every latent dead,
     the largest step), the benchmark's measurement at a small size."""
     cmd = [sys.executable, str(BENCHMARK), "--measure", arch, "--d-in", "128", "--d-sae", "2048",
-           "--batch", "1024", "--steps", "2", "--dead"]
+           "--batch", "1024", "--steps", "2", "--dead", "2048"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.splitlines()[-1])
     assert r["growth"] > r["state"] > 0
-    assert r["growth"] <= r["estimate"] <= 2 * r["growth"], r
+    # at this size the allocator's slack dominates the estimate; at real sizes it is within ~10 %
+    assert r["growth"] <= r["estimate"] <= r["growth"] + 2 * CPU_ALLOCATOR_SLACK, r
     assert r["first_use"] <= FIRST_STEP_BYTES, r

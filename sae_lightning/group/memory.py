@@ -11,13 +11,18 @@ Every figure is an upper bound in bytes:
 - :func:`sae_training_bytes`: the SAE is built on the meta device (no memory), so its parameters and
   buffers are counted exactly for any architecture; float32 weights + gradients + Adam's two moments are 4x
   the parameters' bytes; ``LatentStats`` adds 16 bytes per latent. The step's working set (pre-activations,
-  activations, their gradients, the reconstruction, the kernels' temporaries, the CPU allocator's slack) is
+  activations, their gradients, the reconstruction, the kernels' and AuxK's temporaries) is
   ``4 x batch_size x (a x d_sae + c x (d_in + d_out))`` bytes, with ``(a, c)`` per architecture in
-  ``WORKING_SET``: the peak-RSS growth of ``step.train_step`` (what the trainer runs), measured in a fresh
-  process per architecture at ``d_in`` 1536, ``d_sae`` 3072 and 12288, batch 4096, from a fresh start and
-  with every latent dead (AuxK, ghost grads and the pre-activation loss at their largest), minus the
-  counted state, fitted and rounded up (``benchmarks/group_memory.py``; the figures are in
-  ``docs/decisions.md``). An architecture missing from the table gets the largest coefficients.
+  ``WORKING_SET``: ``benchmarks/group_memory.py`` measures the peak-RSS growth of ``step.train_step`` (what
+  the trainer runs) in a fresh process per architecture at ``d_in`` 1536, ``d_sae`` 3072 and 12288, batch
+  4096, from a fresh start and with every latent dead (AuxK and the pre-activation loss at their largest);
+  the larger of the two, minus the counted state and ``CPU_ALLOCATOR_SLACK``, is fitted through both
+  sizes and raised by 8 % (the figures: ``docs/decisions.md``). An architecture missing from the table gets
+  the largest coefficients. Once per process come the first step's code and buffers (``FIRST_STEP_BYTES``)
+  and, on the CPU, the freed heap glibc keeps instead of returning it (``CPU_ALLOCATOR_SLACK``: up to its
+  largest trim threshold, 2 x 32 MiB), which dominate at small sizes. The SAEs of a group step one after
+  another, so the group holds one working set at a time (``MemoryEstimate.working``). On CUDA the same
+  coefficients apply (not measured there) plus one copy of the parameters (:func:`sae_parts`).
 - :func:`stream_bytes`: the stream's buffers as ``datamodule.py`` and ``live/`` hold them (function
   docstring).
 - :func:`model_bytes`: the LM's parameters and buffers (a live run holds it; a cache run does not).
@@ -45,17 +50,18 @@ LIMIT_ENV = "SAE_LIGHTNING_MEMORY_LIMIT"
 FLOAT32 = 4
 STATS_BYTES_PER_LATENT = 8 + 8   # LatentStats: tokens_since_fired (int64) + window_fire_counts (float64)
 DATA_INIT_ROWS = 32_768          # rows a live stream keeps as its sample (step's, and NORM_SAMPLE_ROWS)
-FIRST_STEP_BYTES = 96 * 2**20   # a process's first training step: code and per-thread buffers, paid once
+FIRST_STEP_BYTES = 144 * 2**20   # a process's first training step: code and per-thread buffers, paid once
+CPU_ALLOCATOR_SLACK = 64 * 2**20  # freed heap glibc keeps per process (its largest trim threshold)
 PREFETCH_FACTOR = 2              # batches each DataLoader worker holds ready (torch's default)
 # float32 words per batch row of the step's working set: (per latent, per input + output dimension)
 WORKING_SET: dict[str, tuple[float, float]] = {
-    "relu": (8.0, 8.0),
-    "relu_dn": (8.0, 8.0),
-    "gated": (8.0, 8.0),
-    "jumprelu": (8.0, 8.0),
-    "topk": (8.0, 8.0),
-    "batchtopk": (8.0, 8.0),
-    "matryoshka": (8.0, 8.0),
+    "relu": (1.12, 3.72),
+    "relu_dn": (1.53, 3.53),
+    "gated": (6.42, 6.07),
+    "jumprelu": (4.81, 3.09),
+    "topk": (1.56, 9.09),
+    "batchtopk": (2.82, 7.34),
+    "matryoshka": (1.67, 12.42),
 }
 _LARGEST = (max(a for a, _ in WORKING_SET.values()), max(c for _, c in WORKING_SET.values()))
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -203,7 +209,8 @@ def estimate_group(cfgs: list[Any], widths: list[tuple[int, int | None]], dims: 
     """The estimate of a group whose SAEs (``TrainConfig`` ``cfgs[i]`` on rows ``widths[i] = (d_in,
     d_out)``) train on ``device``, one after another (``MemoryEstimate.working``), from one stream reading
     hooks of widths ``dims`` (``model``: a live run's LM, its torch module ``HookedLM.model``). Shared: the
-    process's one-off cost of its first training step (``FIRST_STEP_BYTES``), plus what of the stream
+    process's one-off cost of its first training step (``FIRST_STEP_BYTES``), on the CPU the freed memory
+    its allocator keeps (``CPU_ALLOCATOR_SLACK``), plus what of the stream
     lives on ``device``: a live stream's windows and the LM where the LM runs, a cache stream's buffers in
     host memory (on an accelerator, the batch moved to it)."""
     device = torch.device(device)
@@ -218,7 +225,9 @@ def estimate_group(cfgs: list[Any], widths: list[tuple[int, int | None]], dims: 
         stream = stream_bytes(cfg, dims)
     else:
         stream = cfg.batch_size * sum(dims) * FLOAT32
-    return MemoryEstimate(members, FIRST_STEP_BYTES + stream, available_bytes(device), str(device), working)
+    slack = CPU_ALLOCATOR_SLACK if device.type == "cpu" else 0
+    return MemoryEstimate(members, FIRST_STEP_BYTES + slack + stream, available_bytes(device), str(device),
+                          working)
 
 
 def _device_of(model: nn.Module) -> torch.device:
