@@ -143,24 +143,10 @@ def test_check_fits_names_the_count_that_fits() -> None:
         assert part in msg, (part, msg)
 
 
-def test_working_sets_of_members_stepped_in_turn_count_once() -> None:
-    """Each member is 100 MiB of state + its working set; stepped one after another, only the largest
-    working set (60 MiB) is held: 8 x 100 + 60 + 200 shared."""
-    working = [40 * MIB] * 7 + [60 * MIB]
-    members = [100 * MIB + w for w in working]
-    est = MemoryEstimate(members, shared=200 * MIB, available=1000 * MIB, device="cpu", working=working)
-    assert est.total == 1060 * MIB
-    assert est.fitting() == 7   # 200 + 7 x 100 + 40 = 940; the eighth brings 1060
-    assert MemoryEstimate(members, 200 * MIB, 1000 * MIB, "cpu").fitting() == 5   # all working sets at once
-
-
 def test_split_to_fit_cuts_eight_members_in_order() -> None:
     members = [3, 3, 3, 5, 1, 1, 6, 2]
     assert split_to_fit(members, shared=2, available=10) == [[0, 1], [2, 3], [4, 5, 6], [7]]
     assert split_to_fit(members, shared=2, available=100) == [list(range(8))]
-    # with 1 of each member a working set held in turn: [0, 1, 2] needs 2 + 3 x 2 + 1 = 9
-    working = [1, 1, 1, 1, 1, 1, 1, 1]
-    assert split_to_fit(members, shared=2, available=10, working=working) == [[0, 1, 2], [3, 4, 5], [6, 7]]
     with pytest.raises(GroupMemoryError, match="SAE l1=6 of the group needs"):
         split_to_fit(members, shared=5, available=10, names=[f"l1={i}" for i in range(8)])
 
@@ -170,8 +156,7 @@ def test_estimate_group_counts_the_stream_where_it_lives(monkeypatch: pytest.Mon
     cfgs = [_cfg("relu", d_sae=128), _cfg("topk", d_sae=256, k=8)]
     est = estimate_group(cfgs, [(32, None), (32, None)], [32], "cpu")
     assert est.members == [sae_training_bytes(c, 32) for c in cfgs]
-    assert est.working == [working_set_bytes("relu", 256, 32, 128), working_set_bytes("topk", 256, 32, 256)]
-    assert est.total == est.shared + sum(est.members) - est.working[0]   # topk's working set is the larger
+    assert est.total == est.shared + sum(est.members)
     assert est.shared == FIRST_STEP_BYTES + CPU_ALLOCATOR_SLACK + stream_bytes(cfgs[0], [32])
     assert est.available == 2**30 and est.device == "cpu"
 

@@ -16,13 +16,16 @@ Every figure is an upper bound in bytes:
   ``WORKING_SET``: ``benchmarks/group_memory.py`` measures the peak-RSS growth of ``step.train_step`` (what
   the trainer runs) in a fresh process per architecture at ``d_in`` 1536, ``d_sae`` 3072 and 12288, batch
   4096, from a fresh start and with every latent dead (AuxK and the pre-activation loss at their largest);
-  the larger of the two, minus the counted state and ``CPU_ALLOCATOR_SLACK``, is fitted through both
-  sizes and raised by 8 % (the figures: ``docs/decisions.md``). An architecture missing from the table gets
+  the largest of these over two runs (the same case varies by up to a third between runs: the allocator),
+  minus the counted state and ``CPU_ALLOCATOR_SLACK``, is fitted through both sizes and raised by 10 %
+  (the figures: ``docs/decisions.md``). An architecture missing from the table gets
   the largest coefficients. Once per process come the first step's code and buffers (``FIRST_STEP_BYTES``)
   and, on the CPU, the freed heap glibc keeps instead of returning it (``CPU_ALLOCATOR_SLACK``: up to its
-  largest trim threshold, 2 x 32 MiB), which dominate at small sizes. The SAEs of a group step one after
-  another, so the group holds one working set at a time (``MemoryEstimate.working``). On CUDA the same
-  coefficients apply (not measured there) plus one copy of the parameters (:func:`sae_parts`).
+  largest trim threshold, 2 x 32 MiB), which dominate at small sizes. Each member counts its own working
+  set although a group steps its SAEs one after another: the temporaries one SAE's step frees stay in the
+  heap, fragmented between the gradients and Adam moments the others allocate, so a group's peak holds
+  several working sets (``benchmarks/group_memory.py --group``). On CUDA the same coefficients apply (not
+  measured there) plus one copy of the parameters (:func:`sae_parts`).
 - :func:`stream_bytes`: the stream's buffers as ``datamodule.py`` and ``live/`` hold them (function
   docstring).
 - :func:`model_bytes`: the LM's parameters and buffers (a live run holds it; a cache run does not).
@@ -36,7 +39,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +58,13 @@ CPU_ALLOCATOR_SLACK = 64 * 2**20  # freed heap glibc keeps per process (its larg
 PREFETCH_FACTOR = 2              # batches each DataLoader worker holds ready (torch's default)
 # float32 words per batch row of the step's working set: (per latent, per input + output dimension)
 WORKING_SET: dict[str, tuple[float, float]] = {
-    "relu": (1.12, 3.72),
-    "relu_dn": (1.53, 3.53),
-    "gated": (6.42, 6.07),
-    "jumprelu": (4.81, 3.09),
-    "topk": (1.56, 9.09),
-    "batchtopk": (2.82, 7.34),
-    "matryoshka": (1.67, 12.42),
+    "relu": (2.19, 2.73),
+    "relu_dn": (1.47, 4.57),
+    "gated": (6.48, 6.4),
+    "jumprelu": (4.9, 3.14),
+    "topk": (1.24, 10.62),
+    "batchtopk": (2.55, 8.75),
+    "matryoshka": (1.7, 12.65),
 }
 _LARGEST = (max(a for a, _ in WORKING_SET.values()), max(c for _, c in WORKING_SET.values()))
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -72,38 +75,27 @@ class GroupMemoryError(UserError, MemoryError):
     much, how many of the SAEs fit and what to change."""
 
 
-def group_bytes(members: list[int], shared: int, working: list[int] | None = None) -> int:
-    """Bytes a group of ``members`` needs next to ``shared``: their sum, except that the SAEs step one
-    after another, so of the ``working`` parts (each member's step temporaries, included in its figure)
-    only the largest exists at a time."""
-    work = (working or [])[:len(members)] or [0]
-    return shared + sum(members) - sum(work) + max(work)
-
-
 @dataclass
 class MemoryEstimate:
     """A group's memory needs in bytes on one device: each SAE's (``members``, in the group's order) and
-    the part they share (the stream's buffers, the LM for a live run), against what is ``available``.
-
-    ``working[i]``: the part of ``members[i]`` that exists during that SAE's own step only (its working
-    set, :func:`working_set_bytes`), for a trainer that steps its SAEs one after another and keeps nothing
-    of a step's output but its logged scalars; empty when every member's whole figure must coexist."""
+    the part they share (the stream's buffers, the LM for a live run), against what is ``available``."""
 
     members: list[int]
     shared: int
     available: int
     device: str
-    working: list[int] = field(default_factory=list)
 
     @property
     def total(self) -> int:
-        return group_bytes(self.members, self.shared, self.working)
+        return self.shared + sum(self.members)
 
     def fitting(self) -> int:
         """How many of the members, taken in order, fit next to the shared part."""
-        n = 0
-        while n < len(self.members) and group_bytes(self.members[:n + 1], self.shared,
-                                                    self.working) <= self.available:
+        used, n = self.shared, 0
+        for need in self.members:
+            used += need
+            if used > self.available:
+                break
             n += 1
         return n
 
@@ -207,16 +199,15 @@ def model_bytes(model: nn.Module | None) -> int:
 def estimate_group(cfgs: list[Any], widths: list[tuple[int, int | None]], dims: list[int],
                    device: torch.device | str, model: nn.Module | None = None) -> MemoryEstimate:
     """The estimate of a group whose SAEs (``TrainConfig`` ``cfgs[i]`` on rows ``widths[i] = (d_in,
-    d_out)``) train on ``device``, one after another (``MemoryEstimate.working``), from one stream reading
-    hooks of widths ``dims`` (``model``: a live run's LM, its torch module ``HookedLM.model``). Shared: the
-    process's one-off cost of its first training step (``FIRST_STEP_BYTES``), on the CPU the freed memory
-    its allocator keeps (``CPU_ALLOCATOR_SLACK``), plus what of the stream
-    lives on ``device``: a live stream's windows and the LM where the LM runs, a cache stream's buffers in
-    host memory (on an accelerator, the batch moved to it)."""
+    d_out)``) train on ``device`` from one stream reading hooks of widths ``dims`` (``model``: a live run's
+    LM, its torch module ``HookedLM.model``). Shared: the process's one-off cost of its first training step
+    (``FIRST_STEP_BYTES``), on the CPU the freed memory its allocator keeps (``CPU_ALLOCATOR_SLACK``), plus
+    what of the stream lives on ``device``: a live stream's windows and the LM where the LM runs, a cache
+    stream's buffers in host memory (on an accelerator, the batch moved to it)."""
     device = torch.device(device)
     cfg = cfgs[0]
-    parts = [sae_parts(c, d_in, d_out, device) for c, (d_in, d_out) in zip(cfgs, widths, strict=True)]
-    members, working = [state + work for state, work in parts], [work for _, work in parts]
+    members = [sae_training_bytes(c, d_in, d_out, device)
+               for c, (d_in, d_out) in zip(cfgs, widths, strict=True)]
     if cfg.activations.source == "live":
         lm_device = _device_of(model) if model is not None else device
         here = lm_device.type == device.type and (lm_device.index or 0) == (device.index or 0)
@@ -226,8 +217,7 @@ def estimate_group(cfgs: list[Any], widths: list[tuple[int, int | None]], dims: 
     else:
         stream = cfg.batch_size * sum(dims) * FLOAT32
     slack = CPU_ALLOCATOR_SLACK if device.type == "cpu" else 0
-    return MemoryEstimate(members, FIRST_STEP_BYTES + slack + stream, available_bytes(device), str(device),
-                          working)
+    return MemoryEstimate(members, FIRST_STEP_BYTES + slack + stream, available_bytes(device), str(device))
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -294,22 +284,22 @@ def check_fits(estimate: MemoryEstimate, names: list[str]) -> None:
         "misread)")
 
 
-def split_to_fit(members: list[int], shared: int, available: int, names: list[str] | None = None,
-                 working: list[int] | None = None) -> list[list[int]]:
+def split_to_fit(members: list[int], shared: int, available: int,
+                 names: list[str] | None = None) -> list[list[int]]:
     """Indices of ``members`` cut, in order, into consecutive groups that each fit next to ``shared`` in
-    ``available`` bytes (``working``: as in :class:`MemoryEstimate`); ``GroupMemoryError`` naming a member
-    (by ``names``, else its index) that does not fit even alone."""
-    work = working or [0] * len(members)
+    ``available`` bytes; ``GroupMemoryError`` naming a member (by ``names``, else its index) that does not
+    fit even alone."""
     groups: list[list[int]] = []
+    used = available + 1   # no group open yet
     for i, need in enumerate(members):
         if shared + need > available:
             raise GroupMemoryError(
                 f"SAE {names[i] if names else i} of the group needs {human(need)}, and the activation stream "
                 f"{human(shared)}: more than the {human(available)} available even alone. Lower batch_size, "
                 "the SAE's size (sae.d_sae / sae.dict_mult) or activations.buffer_tokens / shuffle_buffer")
-        grown = (groups[-1] if groups else []) + [i]
-        if groups and group_bytes([members[j] for j in grown], shared, [work[j] for j in grown]) <= available:
-            groups[-1] = grown
-        else:
-            groups.append([i])
+        if used + need > available:
+            groups.append([])
+            used = shared
+        groups[-1].append(i)
+        used += need
     return groups
