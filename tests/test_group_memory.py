@@ -20,6 +20,7 @@ from sae_lightning.group.memory import (
     GroupMemoryError,
     MemoryEstimate,
     available_bytes,
+    cgroup_free,
     check_fits,
     estimate_group,
     model_bytes,
@@ -126,6 +127,29 @@ def test_available_bytes_honours_the_environment(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv(LIMIT_ENV, "lots")
     with pytest.raises(Exception, match=f"{LIMIT_ENV}='lots' is not a size"):
         available_bytes("cpu")
+
+
+def test_a_cgroup_limit_caps_the_free_memory(tmp_path: Path) -> None:
+    """Limit - usage + the inactive file pages the kernel reclaims first; cgroup v2, then v1; no limit:
+    None."""
+    proc = tmp_path / "cgroup"
+    proc.write_text("12:memory:/\n0::/job\n")
+    v2 = tmp_path / "v2" / "job"
+    v2.mkdir(parents=True)
+    (v2 / "memory.max").write_text("1000000\n")
+    (v2 / "memory.current").write_text("600000\n")
+    (v2 / "memory.stat").write_text("anon 500000\ninactive_file 50000\n")
+    assert cgroup_free(tmp_path / "v2", proc) == 450_000
+    (v2 / "memory.max").write_text("max\n")
+    assert cgroup_free(tmp_path / "v2", proc) is None
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text("2000000\n")
+    (v1 / "memory.usage_in_bytes").write_text("1500000\n")
+    (v1 / "memory.stat").write_text("cache 300000\ntotal_inactive_file 100000\n")
+    assert cgroup_free(tmp_path / "v1", proc) == 600_000
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")   # v1's "unlimited"
+    assert cgroup_free(tmp_path / "v1", proc) is None
 
 
 def test_check_fits_names_the_count_that_fits() -> None:

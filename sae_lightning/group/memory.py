@@ -224,20 +224,22 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(iter(model.parameters()), torch.empty(0)).device
 
 
-def _cgroup_free() -> int | None:
+def cgroup_free(root: Path = Path("/sys/fs/cgroup"), proc: Path = Path("/proc/self/cgroup")) -> int | None:
     """Bytes this process's memory cgroup may still use (limit - usage + inactive file pages, which the
-    kernel reclaims before it kills), or None without a limit. cgroup v2, then v1."""
-    root = Path("/sys/fs/cgroup")
-    rel = next((line.split(":", 2)[2].strip() for line in _read("/proc/self/cgroup").splitlines()
+    kernel reclaims before it kills), or None without a limit. cgroup v2 (``proc``'s ``0::`` path under
+    ``root``, then ``root``), then v1 (``root/memory``)."""
+    rel = next((line.split(":", 2)[2].strip() for line in _read(proc).splitlines()
                 if line.startswith("0::")), "/")
     for folder, limit, usage, inactive in (
             (root / rel.lstrip("/"), "memory.max", "memory.current", "inactive_file"),
             (root, "memory.max", "memory.current", "inactive_file"),
             (root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):
         cap, used = _read(folder / limit).strip(), _read(folder / usage).strip()
+        if cap == "max":
+            return None
         if not cap.isdigit() or not used.isdigit():
             continue
-        if int(cap) >= 2**60:   # "max" (v2) or the v1 page-rounded "unlimited"
+        if int(cap) >= 2**60:   # v1's page-rounded "unlimited"
             return None
         stat = dict(line.split() for line in _read(folder / "memory.stat").splitlines() if " " in line)
         return int(cap) - int(used) + int(stat.get(inactive, 0))
@@ -262,7 +264,7 @@ def available_bytes(device: torch.device | str) -> int:
     import psutil
 
     free = int(psutil.virtual_memory().available)
-    cgroup = _cgroup_free()
+    cgroup = cgroup_free()
     return free if cgroup is None else min(free, cgroup)
 
 
