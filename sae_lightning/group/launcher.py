@@ -214,7 +214,7 @@ class GroupedLauncher(Launcher):
     def _split_to_fit(self, estimate: Any) -> list[list[int]]:
         from sae_lightning.group.memory import split_to_fit
 
-        return split_to_fit(estimate.members, estimate.shared, estimate.available, working=estimate.working)
+        return split_to_fit(estimate.members, estimate.shared, estimate.available)
 
     def _failed(self, job: Job, message: str) -> None:
         """A failed job's return: NaN for the basic sweeper; under Optuna a failed job (a failed trial)."""
