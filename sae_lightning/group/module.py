@@ -1,10 +1,11 @@
 """The Lightning module of a group: every member's SAE trained on its hook's rows of each batch.
 
 Each member is a ``MemberModule`` (``module.Trainee``: its SAE, firing statistics and ``sae.target_l0``
-controller, under the names a run's module uses). A step runs every member's forward, then ONE backward of
-the sum of their losses (the members share no parameter, so each gets exactly its own loss's gradient, and
-DDP averages all of them in one pass), then each member's own gradient projection and clipping, one
-optimizer step, and each member's renormalisation and statistics (``step.py``'s pieces, what a run runs).
+controller, under the names a run's module uses). A step runs each member's forward and backward in turn
+(one member's activations held at a time; under DDP every forward, then ONE backward of the sum of the
+losses, so DDP averages every gradient in one pass: the members share no parameter, so either way each gets
+exactly its own loss's gradient), then each member's own gradient projection and clipping, one optimizer
+step, and each member's renormalisation and statistics (``step.py``'s pieces, what a run runs).
 
 The optimizer is ONE Adam whose parameter groups are the members' own (each with its member's learning
 rate, betas and schedule: ``LambdaLR`` takes one multiplier per group). Adam keeps its state per parameter,
@@ -125,25 +126,12 @@ class GroupModule(L.LightningModule):
     def training_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> None:
         step, rows = self.global_step, as_slots(batch)
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        outs, coeffs = {}, {}
-        for i, m in enumerate(self.members):
-            if self.active(i):
-                coeffs[i] = m.before_step(step)
-                x, target = self._inputs(rows, i)
-                outs[i] = forward_step(m.sae, x, m.latents, coeff=coeffs[i], target=target)
-        for i in self._diverged(outs):
-            self._fail(i, step, nonfinite_message(outs.pop(i), self.members[i].sae, step))
+        optimizer.zero_grad(set_to_none=True)
+        ddp = self.trainer.world_size > 1
+        outs = self._forward_backward(rows, step) if ddp else self._one_by_one(rows, step)
         if not outs:
             self.trainer.should_stop = True
             return
-        optimizer.zero_grad(set_to_none=True)
-        loss = torch.stack([out.loss for out in outs.values()]).sum()
-        stopped = [p for i, m in enumerate(self.members) if i not in outs for p in m.parameters()]
-        if stopped and self.trainer.world_size > 1:  # DDP expects a gradient for every parameter
-            loss = loss + sum((p.sum() * 0.0 for p in stopped), torch.zeros((), device=loss.device))
-        self.manual_backward(loss)
-        for p in stopped:
-            p.grad = None   # Adam leaves a parameter without a gradient alone
         groups = optimizer.param_groups
         for i in outs:
             m = self.members[i]
@@ -152,16 +140,53 @@ class GroupModule(L.LightningModule):
                            m.cfg.optim.grad_clip_scope)
         optimizer.step()
         scheduler.step()
-        for i, out in outs.items():
+        for i, (out, _) in outs.items():
             m = self.members[i]
             finish_step(m.sae, out, m.latents, rows[0].shape[0], self.reduce_counts)
             m.after_step(out, step, self.mean_over_ranks)
         if step % self.trainer.log_every_n_steps == 0:
-            for i, out in outs.items():
-                logs = self.members[i].step_logs(out, *self._inputs(rows, i), coeffs[i])
+            for i, (out, coeff) in outs.items():
+                logs = self.members[i].step_logs(out, *self._inputs(rows, i), coeff)
                 logs["lr-Adam"] = torch.tensor(groups[self.group_ranges[i][0]]["lr"])
                 self.log_dict({f"{self.names[i]}/{k}": v for k, v in logs.items()})
         self.log("saes", float(len(outs)), prog_bar=True, logger=False)
+
+    def _forward(self, rows: list[Tensor], step: int, i: int) -> tuple[Any, float]:
+        m = self.members[i]
+        coeff = m.before_step(step)
+        x, target = self._inputs(rows, i)
+        return forward_step(m.sae, x, m.latents, coeff=coeff, target=target), coeff
+
+    def _one_by_one(self, rows: list[Tensor], step: int) -> dict[int, tuple[Any, float]]:
+        """One process: each member's forward then its backward, so one member's activations are held at a
+        time (the gradients are those of one backward of the sum)."""
+        outs = {}
+        for i, m in enumerate(self.members):
+            if not self.active(i):
+                continue
+            out, coeff = self._forward(rows, step, i)
+            if m.cfg.optim.nan_guard and not torch.isfinite(out.loss):
+                self._fail(i, step, nonfinite_message(out, m.sae, step))
+                continue
+            self.manual_backward(out.loss)
+            outs[i] = (out, coeff)
+        return outs
+
+    def _forward_backward(self, rows: list[Tensor], step: int) -> dict[int, tuple[Any, float]]:
+        """DDP: every member's forward, the divergence every rank agrees on, then ONE backward of the sum
+        (DDP averages every gradient in one pass; a stopped member gets zero gradients, then none)."""
+        outs = {i: self._forward(rows, step, i) for i in range(len(self.members)) if self.active(i)}
+        for i in self._diverged({i: out for i, (out, _) in outs.items()}):
+            self._fail(i, step, nonfinite_message(outs.pop(i)[0], self.members[i].sae, step))
+        if not outs:
+            return outs
+        stopped = [p for i, m in enumerate(self.members) if i not in outs for p in m.parameters()]
+        loss = torch.stack([out.loss for out, _ in outs.values()]).sum()
+        zeros = sum((p.sum() * 0.0 for p in stopped), torch.zeros((), device=loss.device))
+        self.manual_backward(loss + zeros)
+        for p in stopped:
+            p.grad = None   # Adam leaves a parameter without a gradient alone
+        return outs
 
     def configure_optimizers(self) -> dict[str, Any]:
         """One Adam over every member's parameter groups, one schedule multiplier per group."""
