@@ -139,3 +139,55 @@ def test_config_reference_lists_exactly_each_architectures_fields() -> None:
         listed = re.findall(r"^\| `sae\.(\w+)` \|", table, flags=re.MULTILINE)
         fields = [f.name for f in dataclasses.fields(sae_cls.config_class) if f.name != "architecture"]
         assert listed == fields, name
+
+
+README = REPO / "README.md"
+README_MAX_LINES = 200
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def broken_links(doc: Path, root: Path = REPO) -> list[str]:
+    """``doc: link (why)`` (doc relative to ``root``) of each relative link of ``doc`` (``](path)``,
+    ``](path#anchor)``, ``](#anchor)``) whose file does not exist or whose Markdown file has no heading
+    with that anchor."""
+    broken = []
+    for target in LINK.findall(doc.read_text(encoding="utf-8")):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto: ...
+            continue
+        path, _, anchor = target.partition("#")
+        file = (doc.parent / path).resolve() if path else doc
+        if not file.exists():
+            broken.append(f"{doc.relative_to(root)}: {target} (no such file)")
+        elif anchor and file.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", file.read_text(encoding="utf-8"), flags=re.MULTILINE)
+            if anchor not in {_anchor(h) for h in headings}:
+                broken.append(f"{doc.relative_to(root)}: {target} (no such heading)")
+    return broken
+
+
+def test_every_relative_link_in_the_docs_resolves() -> None:
+    docs = [README, *sorted((REPO / "docs").glob("*.md"))]
+    broken = [b for doc in docs for b in broken_links(doc)]
+    assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_link_check_catches_missing_files_and_anchors(tmp_path: Path) -> None:
+    (tmp_path / "a.md").write_text("# Title\n## Loss scaling (read `l1`)\n", encoding="utf-8")
+    doc = tmp_path / "b.md"
+    doc.write_text("[ok](a.md) [ok](a.md#loss-scaling-read-l1) [web](https://x.org/y) [self](#b)\n"
+                   "[gone](c.md) [bad](a.md#nothing)\n# B\n", encoding="utf-8")
+    assert broken_links(doc, root=tmp_path) == ["b.md: c.md (no such file)",
+                                                "b.md: a.md#nothing (no such heading)"]
+
+
+def test_readme_is_short_and_names_the_command_ci_runs() -> None:
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= README_MAX_LINES
+    two_commands = text.split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"^make test\b", two_commands, flags=re.MULTILINE)
+    assert re.search(r"^make test\b", (REPO / ".ci" / "run").read_text(encoding="utf-8"), flags=re.MULTILINE)
