@@ -13,8 +13,12 @@ import ast
 import dataclasses
 import importlib
 import re
+import shlex
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+
+from sae_lightning.config import check_sparsity_override, register_configs, to_config
 from sae_lightning.configdoc import FieldDoc, field_doc, field_docs, render, source_file
 from sae_lightning.saes import SAE_REGISTRY
 
@@ -191,3 +195,33 @@ def test_readme_is_short_and_names_the_command_ci_runs() -> None:
     two_commands = text.split("## Two commands", 1)[1].split("\n## ", 1)[0]
     assert re.search(r"^make test\b", two_commands, flags=re.MULTILINE)
     assert re.search(r"^make test\b", (REPO / ".ci" / "run").read_text(encoding="utf-8"), flags=re.MULTILINE)
+
+
+def train_commands(doc: Path) -> list[list[str]]:
+    """The overrides of every ``python train.py`` line in ``doc``'s bash blocks, one job each: a sweep
+    (``-m``) as its first job (each comma list's first value); lines with ``<placeholders>`` left out."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", doc.read_text(encoding="utf-8"), flags=re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.startswith("python train.py") and "<" not in line.split("#")[0]:
+                words = shlex.split(line, comments=True)[2:]
+                commands.append([re.sub(r"=([^\[,]+),.*", r"=\1", w) for w in words if w != "-m"])
+    return commands
+
+
+def test_every_documented_train_command_composes() -> None:
+    """Each ``python train.py`` command of the README and docs/ composes and passes the config's checks
+    (what ``train.py`` does before any work), so a renamed key or preset breaks this test, not a reader."""
+    register_configs()
+    docs = [README, *sorted((REPO / "docs").glob("*.md"))]
+    commands = [(doc.name, c) for doc in docs for c in train_commands(doc)]
+    assert len(commands) >= 30
+    failed = []
+    for name, overrides in commands:
+        try:
+            with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+                cfg = to_config(compose("train", overrides=overrides))
+            check_sparsity_override(cfg, overrides)
+        except Exception as err:  # every failure is reported with its command
+            failed.append(f"{name}: python train.py {' '.join(overrides)}\n    {type(err).__name__}: {err}")
+    assert not failed, "documented commands that do not compose:\n" + "\n".join(failed)
