@@ -155,6 +155,13 @@ def write_failure(run_dir: Path, error: str, trace: str, overrides: list[str]) -
                                  overrides=overrides))
 
 
+def record_failure(ctx: dict[str, Any], err: BaseException, trace: str) -> None:
+    """Log a failed job (``ctx`` from :func:`job_context`) and write its failure ``summary.json``."""
+    message = f"{type(err).__name__}: {err}"
+    log.error("Job %s (%s) FAILED: %s", ctx["job_num"], " ".join(ctx["overrides"]), message)
+    write_failure(ctx["run_dir"], message, trace, ctx["overrides"])
+
+
 def needs_fresh_process(cfg: DictConfig) -> bool:
     """True for ``strategy=ddp`` started by us: Lightning would re-launch the whole sweep in each child.
     Not when SLURM/torchrun already started one process per device (e.g. the submitit launcher)."""
@@ -225,10 +232,7 @@ def run_sweep_job(cfg: DictConfig, train: Callable[[DictConfig], float], script:
             return run_in_fresh_process(_single_run_command(script, ctx, cfg), ctx, objective)
         return train(cfg)
     except Exception as err:  # the sweep must go on; the error is recorded, not swallowed
-        trace = err.trace if isinstance(err, ChildFailed) else traceback.format_exc()
-        message = f"{type(err).__name__}: {err}"
-        log.error("Job %s (%s) FAILED: %s", ctx["job_num"], " ".join(ctx["overrides"]), message)
-        write_failure(ctx["run_dir"], message, trace, ctx["overrides"])
+        record_failure(ctx, err, err.trace if isinstance(err, ChildFailed) else traceback.format_exc())
         from sae_lightning.loggers import finish_wandb
 
         finish_wandb(exit_code=1)

@@ -40,7 +40,8 @@ def test_a_member_trains_exactly_as_its_own_run(tmp_path, tiny_gpt2_dir, text) -
     member's weights, statistics and Adam state equal those of the same config trained alone."""
     base = live_overrides(tiny_gpt2_dir, text, train_tokens=12 * BATCH, **{"trainer.val_every_n_steps": 5})
     a = member(tmp_path / "group", "a", [*base, "layer=1", "l1=2"])
-    b = member(tmp_path / "group", "b", [*base, "layer=2", "l1=8", "sae.dict_mult=4", "lr=1e-3", "sae_seed=5"])
+    b = member(tmp_path / "group", "b",
+               [*base, "layer=2", "l1=8", "sae.dict_mult=4", "lr=1e-3", "sae_seed=5"])
     summaries = run_group([a, b], tmp_path / "group")
     assert [s.status for s in summaries] == ["finished", "finished"]
     for m in (a, b):
@@ -82,7 +83,8 @@ def test_layers_run_writes_one_run_folder_per_sae(tmp_path, tiny_gpt2_dir, text)
         assert f"[{name}]" in log and not any(f"[{o}]" in log for o in names if o != name)
         assert "train/loss" in (folder / "csv" / "metrics.csv").read_text().splitlines()[0]
     result = compare_sweep(run)
-    assert sorted(r.path.name for r in result.runs) == names and {r.status for r in result.runs} == {"finished"}
+    assert sorted(r.path.name for r in result.runs) == names
+    assert {r.status for r in result.runs} == {"finished"}
     widths = {n: SAE.load(run / n / "sae").d_in for n in names}
     assert widths["layer1_mlp_post"] == 4 * widths["layer1_resid_post"]   # each SAE sized for its hook
     ev = subprocess.run([sys.executable, str(TRAIN.parent / "evaluate.py"), f"ckpt_path={run / names[3]}",
