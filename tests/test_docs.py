@@ -225,3 +225,29 @@ def test_every_documented_train_command_composes() -> None:
         except Exception as err:  # every failure is reported with its command
             failed.append(f"{name}: python train.py {' '.join(overrides)}\n    {type(err).__name__}: {err}")
     assert not failed, "documented commands that do not compose:\n" + "\n".join(failed)
+
+
+# A page may point at the results README (or the folder), never quote a results file.
+RESULTS_README = re.compile(r"benchmarks/results/(?:README\.md)?(?![\w.])")
+
+
+def page_history(paths: list[Path], root: Path = REPO) -> list[str]:
+    """``file:line: text`` of every line of these Markdown pages that matches ``HISTORY`` once links to
+    the results README are left out."""
+    return [f"{path.relative_to(root)}:{n}: {line.strip()}"
+            for path in paths for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+            if HISTORY.search(RESULTS_README.sub("", line))]
+
+
+def test_readme_and_docs_pages_hold_no_experiment_history() -> None:
+    """Dates, results files and retired defaults belong in docs/decisions.md; the other pages link."""
+    pages = [README, *sorted(p for p in (REPO / "docs").glob("*.md") if p != DECISIONS)]
+    found = page_history(pages)
+    assert not found, "history in README.md or docs/ (move it to docs/decisions.md):\n" + "\n".join(found)
+
+
+def test_page_history_allows_the_results_readme_only(tmp_path: Path) -> None:
+    page = tmp_path / "p.md"
+    page.write_text("[r](benchmarks/results/README.md) and `benchmarks/results/`\n"
+                    "see benchmarks/results/x.txt\nmeasured 2026-12-05\n", encoding="utf-8")
+    assert [f.split(":")[1] for f in page_history([page], root=tmp_path)] == ["2", "3"]
