@@ -42,7 +42,26 @@ SWEPT_KEYS_FILE = "swept_keys.json"
 every job (local, parallel or on SLURM) reads them from there for its folder name and W&B tags."""
 
 FAILED_RETURN = float("nan")
-"""What a failed job returns: a number, so the Optuna sweeper records a failed trial instead of stopping."""
+"""What a failed job returns to the basic sweeper: a number, so the sweep goes on (:func:`failed_return`)."""
+
+
+class JobFailed(RuntimeError):
+    """A failed job (already recorded in its ``summary.json``), raised to a sweeper that makes a failed
+    trial of a raised job and aborts on a NaN objective (Optuna)."""
+
+
+def fails_on_nan(hydra: Any) -> bool:
+    """Whether the sweeper of the ``hydra`` config node aborts on a NaN objective (Optuna's ``study.tell``
+    raises) and records a failed trial for a job that raised instead."""
+    return "optuna" in str(OmegaConf.select(hydra, "sweeper._target_", default="")).lower()
+
+
+def failed_return(hydra: Any, message: str) -> float:
+    """What a failed job gives its sweeper: ``FAILED_RETURN``; under Optuna it raises ``JobFailed``, which
+    Hydra records as a failed job and Optuna as a failed trial, and the study goes on."""
+    if fails_on_nan(hydra):
+        raise JobFailed(message)
+    return FAILED_RETURN
 
 # strategies whose Lightning launcher re-executes sys.argv in child processes
 _SCRIPT_LAUNCHED = re.compile(r"^ddp(?!_spawn|_fork|_notebook)")
@@ -236,7 +255,7 @@ def run_sweep_job(cfg: DictConfig, train: Callable[[DictConfig], float], script:
         from sae_lightning.loggers import finish_wandb
 
         finish_wandb(exit_code=1)
-        return FAILED_RETURN
+        return failed_return(HydraConfig.get(), f"{type(err).__name__}: {err}")
 
 
 class SweepCallback(Callback):

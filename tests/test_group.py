@@ -174,3 +174,22 @@ def test_bad_groups_are_refused_before_any_work(tmp_path, tiny_gpt2_dir, text) -
         check_members([a, other])
     _, config = configure([*base, "layers=[1,2]", "hooks=[mlp_post]"])
     assert [m.name for m in members_of_lists(config, tmp_path)] == ["layer1_mlp_post", "layer2_mlp_post"]
+
+
+def test_the_memory_guard_refuses_a_group_before_training(tmp_path, tiny_gpt2_dir, text, monkeypatch) -> None:  # noqa: F811
+    """Too little memory for the group: refused before the first step, naming how many SAEs fit, with the
+    estimate the grouped launcher splits the group by."""
+    from sae_lightning.group.memory import GroupMemoryError
+
+    base = live_overrides(tiny_gpt2_dir, text)
+    group = [member(tmp_path, f"s{i}", [*base, f"l1={i + 1}", "sae.dict_mult=64"]) for i in range(3)]
+    monkeypatch.setenv("SAE_LIGHTNING_MEMORY_LIMIT", "1")
+    with pytest.raises(GroupMemoryError, match="Only the first 0 of 3 fit") as err:
+        run_group(group, tmp_path / "group")
+    estimate = err.value.estimate
+    assert len(estimate.members) == 3 and estimate.available == 1 and estimate.total > 0
+    assert estimate.members[0] == estimate.members[2] > 0    # same sizes, same needs
+    assert not any((tmp_path / f"s{i}" / "summary.json").exists() for i in range(3))
+    monkeypatch.setenv("SAE_LIGHTNING_MEMORY_LIMIT", str(estimate.shared + estimate.members[0] + 1))
+    with pytest.raises(GroupMemoryError, match="Only the first 1 of 3 fit"):
+        run_group(group, tmp_path / "group2")

@@ -35,7 +35,7 @@ class TooBig(UserError, MemoryError):
 
     def __init__(self, message: str, members: list[int]) -> None:
         super().__init__(message)
-        self.estimate = SimpleNamespace(members=members, shared=10, available=250, working=[0] * len(members))
+        self.estimate = SimpleNamespace(members=members, shared=10, available=250)
 
 
 class FakeEngine:

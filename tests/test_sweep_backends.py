@@ -121,3 +121,22 @@ def test_submitit_job_array_preempted_job_is_requeued_and_resumes(tmp_path: Path
     assert second["resumed_from"] is None
     assert [int(line.split("\t")[0]) for line in batch_log(job0)] == list(range(steps))
     assert "2 finished, 0 failed" in out
+
+
+def test_a_failed_optuna_trial_is_a_failed_trial_and_the_study_goes_on(tmp_path: Path):
+    """A job that diverges is recorded failed; Optuna gets a failed trial (a NaN objective would abort the
+    study) and reports the trial that finished as the best."""
+    x = _array(tmp_path / "x.npy")
+    sweep = tmp_path / "optuna"
+    proc = train_py("-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler.seed=0", "lr=choice(1e-3,1e30)",
+                    "hydra.sweeper.max_failure_rate=1.0",
+                    "hydra.sweeper.n_trials=4", "optim.grad_clip=0", "activations=file",
+                    f"activations.path={x}", *SMALL, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    jobs = [j for j in sorted(sweep.iterdir()) if j.is_dir() and not j.name.startswith(".")]
+    runs = [_summary(j) for j in jobs]
+    statuses = {(float(j.name.split("lr=")[1]), s["status"]) for j, s in zip(jobs, runs, strict=True)}
+    assert statuses == {(1e-3, "finished"), (1e30, "failed")} and len(runs) == 4   # the seeded draws
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_params"]["lr"] == pytest.approx(1e-3)
+    finished = sum(s["status"] == "finished" for s in runs)
+    assert f"{finished} finished, {4 - finished} failed" in proc.stdout + proc.stderr

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hydra.core.config_store import ConfigStore
-from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -144,7 +144,7 @@ class GroupedLauncher(Launcher):
         (NaN when it failed) with status COMPLETED, so the sweep and Optuna go on."""
         from sae_lightning.checks import ConfigError
         from sae_lightning.console import quiet_console, user_errors_as_messages
-        from sae_lightning.sweep import FAILED_RETURN, read_swept_keys
+        from sae_lightning.sweep import read_swept_keys
 
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
@@ -157,7 +157,7 @@ class GroupedLauncher(Launcher):
         valid = [job for job in jobs if job.member is not None]
         for job in jobs:
             if job.member is None:
-                job.ret.return_value = FAILED_RETURN
+                self._failed(job, "the job's config was refused (its summary.json says why)")
         streams = by_stream(valid)
         if self.strict and len(streams) > 1:
             with user_errors_as_messages():
@@ -214,7 +214,16 @@ class GroupedLauncher(Launcher):
     def _split_to_fit(self, estimate: Any) -> list[list[int]]:
         from sae_lightning.group.memory import split_to_fit
 
-        return split_to_fit(estimate.members, estimate.shared, estimate.available, working=estimate.working)
+        return split_to_fit(estimate.members, estimate.shared, estimate.available)
+
+    def _failed(self, job: Job, message: str) -> None:
+        """A failed job's return: NaN for the basic sweeper; under Optuna a failed job (a failed trial)."""
+        from sae_lightning.sweep import JobFailed, failed_return
+
+        try:
+            job.ret.return_value = failed_return(self.config.hydra, message)
+        except JobFailed as err:
+            job.ret.status, job.ret.return_value = JobStatus.FAILED, err
 
     def _run_group(self, members: list[Member], group_dir: Path) -> list[RunSummary]:
         from sae_lightning.group.run import run_group
@@ -225,7 +234,6 @@ class GroupedLauncher(Launcher):
         """Train one group in ``<sweep dir>/.groups/<first>-<last job>`` and set each job's return value. A
         pre-emption is passed on to the launcher's signal handler (e.g. submitit's) and stops the sweep."""
         from sae_lightning.callbacks.preemption import pass_on_signal
-        from sae_lightning.sweep import FAILED_RETURN
         from sae_lightning.training import TrainingPreempted
 
         group_dir = sweep_dir / ".groups" / group_folder(jobs)
@@ -242,13 +250,13 @@ class GroupedLauncher(Launcher):
                 job.ret.return_value = job.member.cfg.objective.value(summary.metrics)
             else:
                 log.error("Job %s (%s) FAILED: %s", job.num, " ".join(job.ctx["overrides"]), summary.error)
-                job.ret.return_value = FAILED_RETURN
+                self._failed(job, summary.error or "failed")
 
     def _group_failed(self, jobs: list[Job], sweep_dir: Path, err: Exception, trace: str) -> None:
         """A group that ``run_group`` refused or that crashed: trained as consecutive parts when it was too
         big for memory, else each of its jobs recorded failed with the error."""
         from sae_lightning.loggers import finish_wandb
-        from sae_lightning.sweep import FAILED_RETURN, record_failure
+        from sae_lightning.sweep import record_failure
 
         try:
             parts = self._memory_parts(err, len(jobs))
@@ -263,7 +271,7 @@ class GroupedLauncher(Launcher):
             return
         for job in jobs:
             record_failure(job.ctx, err, trace)
-            job.ret.return_value = FAILED_RETURN
+            self._failed(job, f"{type(err).__name__}: {err}")
         finish_wandb(exit_code=1)
 
 

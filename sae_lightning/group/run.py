@@ -38,6 +38,7 @@ from sae_lightning.checkpoints import (
 )
 from sae_lightning.group.data import group_datamodule, member_slots
 from sae_lightning.group.members import Member, check_members
+from sae_lightning.group.memory import GroupMemoryError, check_fits, estimate_group, human
 from sae_lightning.group.module import GroupModule
 from sae_lightning.io import atomic_write_json
 from sae_lightning.loggers import MemberLoggers, build_loggers, finish_member_runs
@@ -162,9 +163,37 @@ def run_group(members: list[Member], group_dir: Path) -> list[RunSummary]:
         return _fit(members, group, ckpt_dir, resume_from)
 
 
+def training_device(cfg: Any) -> torch.device:
+    """The device the SAEs train on: the CPU, or this process's GPU (``LOCAL_RANK`` under DDP)."""
+    accelerator = str(cfg.trainer.accelerator)
+    if accelerator == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+
+
+def check_memory(members: list[Member], dm: Any, hooks: list[tuple[int, str]]) -> None:
+    """The memory guard (``group.memory``): refuse the group before training when its SAEs, their optimizer
+    state and working sets, the stream's buffers and a live LM exceed the free memory of the device; the
+    ``GroupMemoryError`` names how many fit and carries the ``estimate`` (the grouped launcher splits the
+    group with it)."""
+    where = member_slots(members, hooks)
+    widths = [(dm.slot_dims[x], None if y is None else dm.slot_dims[y]) for x, y in where]
+    lm = getattr(dm, "lm", None)
+    estimate = estimate_group([m.cfg for m in members], widths, list(dm.slot_dims),
+                              training_device(members[0].cfg), None if lm is None else lm.model)
+    log.info("Memory: the group needs about %s of %s available on %s", human(estimate.total),
+             human(estimate.available), estimate.device)
+    try:
+        check_fits(estimate, [m.name for m in members])
+    except GroupMemoryError as err:
+        err.estimate = estimate
+        raise
+
+
 def _fit(members: list[Member], group: RunDir, ckpt_dir: Path, resume_from: Path | None) -> list[RunSummary]:
     base = members[0].cfg
     dm, hooks = group_datamodule(members)
+    check_memory(members, dm, hooks)
     module = build_group_module(members, dm, hooks)
     if resume_from is not None:
         check_group_resumable(resume_from, module)
