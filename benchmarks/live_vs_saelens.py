@@ -15,8 +15,8 @@ Both sides train on the same model, hook, text and sizes:
 - SAEs: our ``relu_dn`` against SAELens's ``standard`` (both L1 weighted by decoder norms), our ``topk``
   against SAELens's ``topk`` with its defaults and with ``use_sparse_activations`` (which needs
   ``rescale_acts_by_decoder_norm=False``; its faster step in ``train_step.py``); ``d_sae``, ``k``, the L1
-  coefficient (same loss scale, README), learning rate, batch size, training tokens, LM batch (32
-  contexts) and shuffle-buffer rows are the same; everything else is each library's default;
+  coefficient (same loss scale, docs/architectures.md), learning rate, batch size, training tokens, LM
+  batch (32 contexts) and shuffle-buffer rows are the same; everything else is each library's default;
 - no evaluation, no logger beyond a local CSV (SAELens: W&B off, so it logs and evaluates nothing), a
   final SAE written by both (ours also its final checkpoint).
 

@@ -13,8 +13,12 @@ import ast
 import dataclasses
 import importlib
 import re
+import shlex
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+
+from sae_lightning.config import check_sparsity_override, register_configs, to_config
 from sae_lightning.configdoc import FieldDoc, field_doc, field_docs, render, source_file
 from sae_lightning.saes import SAE_REGISTRY
 
@@ -139,3 +143,111 @@ def test_config_reference_lists_exactly_each_architectures_fields() -> None:
         listed = re.findall(r"^\| `sae\.(\w+)` \|", table, flags=re.MULTILINE)
         fields = [f.name for f in dataclasses.fields(sae_cls.config_class) if f.name != "architecture"]
         assert listed == fields, name
+
+
+README = REPO / "README.md"
+README_MAX_LINES = 200
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def broken_links(doc: Path, root: Path = REPO) -> list[str]:
+    """``doc: link (why)`` (doc relative to ``root``) of each relative link of ``doc`` (``](path)``,
+    ``](path#anchor)``, ``](#anchor)``) whose file does not exist or whose Markdown file has no heading
+    with that anchor."""
+    broken = []
+    for target in LINK.findall(doc.read_text(encoding="utf-8")):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto: ...
+            continue
+        path, _, anchor = target.partition("#")
+        file = (doc.parent / path).resolve() if path else doc
+        if not file.exists():
+            broken.append(f"{doc.relative_to(root)}: {target} (no such file)")
+        elif anchor and file.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", file.read_text(encoding="utf-8"), flags=re.MULTILINE)
+            if anchor not in {_anchor(h) for h in headings}:
+                broken.append(f"{doc.relative_to(root)}: {target} (no such heading)")
+    return broken
+
+
+def test_every_relative_link_in_the_docs_resolves() -> None:
+    docs = [README, *sorted((REPO / "docs").glob("*.md"))]
+    broken = [b for doc in docs for b in broken_links(doc)]
+    assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_link_check_catches_missing_files_and_anchors(tmp_path: Path) -> None:
+    (tmp_path / "a.md").write_text("# Title\n## Loss scaling (read `l1`)\n", encoding="utf-8")
+    doc = tmp_path / "b.md"
+    doc.write_text("[ok](a.md) [ok](a.md#loss-scaling-read-l1) [web](https://x.org/y) [self](#b)\n"
+                   "[gone](c.md) [bad](a.md#nothing)\n# B\n", encoding="utf-8")
+    assert broken_links(doc, root=tmp_path) == ["b.md: c.md (no such file)",
+                                                "b.md: a.md#nothing (no such heading)"]
+
+
+def test_readme_is_short_and_names_the_command_ci_runs() -> None:
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= README_MAX_LINES
+    two_commands = text.split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"^make test\b", two_commands, flags=re.MULTILINE)
+    assert re.search(r"^make test\b", (REPO / ".ci" / "run").read_text(encoding="utf-8"), flags=re.MULTILINE)
+
+
+def train_commands(doc: Path) -> list[list[str]]:
+    """The overrides of every ``python train.py`` line in ``doc``'s bash blocks, one job each: a sweep
+    (``-m``) as its first job (each comma list's first value); lines with ``<placeholders>`` left out."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", doc.read_text(encoding="utf-8"), flags=re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.startswith("python train.py") and "<" not in line.split("#")[0]:
+                words = shlex.split(line, comments=True)[2:]
+                commands.append([re.sub(r"=([^\[,]+),.*", r"=\1", w) for w in words if w != "-m"])
+    return commands
+
+
+def test_every_documented_train_command_composes() -> None:
+    """Each ``python train.py`` command of the README and docs/ composes and passes the config's checks
+    (what ``train.py`` does before any work), so a renamed key or preset breaks this test, not a reader."""
+    register_configs()
+    docs = [README, *sorted((REPO / "docs").glob("*.md"))]
+    commands = [(doc.name, c) for doc in docs for c in train_commands(doc)]
+    assert len(commands) >= 30
+    failed = []
+    for name, overrides in commands:
+        try:
+            with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+                cfg = to_config(compose("train", overrides=overrides))
+            check_sparsity_override(cfg, overrides)
+        except Exception as err:  # every failure is reported with its command
+            failed.append(f"{name}: python train.py {' '.join(overrides)}\n    {type(err).__name__}: {err}")
+    assert not failed, "documented commands that do not compose:\n" + "\n".join(failed)
+
+
+# A page may point at the results README (or the folder), never quote a results file.
+RESULTS_README = re.compile(r"benchmarks/results/(?:README\.md)?(?![\w.])")
+
+
+def page_history(paths: list[Path], root: Path = REPO) -> list[str]:
+    """``file:line: text`` of every line of these Markdown pages that matches ``HISTORY`` once links to
+    the results README are left out."""
+    return [f"{path.relative_to(root)}:{n}: {line.strip()}"
+            for path in paths for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+            if HISTORY.search(RESULTS_README.sub("", line))]
+
+
+def test_readme_and_docs_pages_hold_no_experiment_history() -> None:
+    """Dates, results files and retired defaults belong in docs/decisions.md; the other pages link."""
+    pages = [README, *sorted(p for p in (REPO / "docs").glob("*.md") if p != DECISIONS)]
+    found = page_history(pages)
+    assert not found, "history in README.md or docs/ (move it to docs/decisions.md):\n" + "\n".join(found)
+
+
+def test_page_history_allows_the_results_readme_only(tmp_path: Path) -> None:
+    page = tmp_path / "p.md"
+    page.write_text("[r](benchmarks/results/README.md) and `benchmarks/results/`\n"
+                    "see benchmarks/results/x.txt\nmeasured 2026-12-05\n", encoding="utf-8")
+    assert [f.split(":")[1] for f in page_history([page], root=tmp_path)] == ["2", "3"]

@@ -1,4 +1,4 @@
-"""What the README promises on a GPU (marker ``gpu``; skipped where CUDA is absent, as in CI): every
+"""What docs/multi-gpu.md promises on a GPU (marker ``gpu``; skipped where CUDA is absent, as in CI): every
 architecture's training step on CUDA computes what it computes on CPU (the TopK family's sparse kernels
 included), bf16 autocast stays near fp32, a compiled SAE trains like the eager one, and ``train.py`` then
 ``evaluate.py`` run with ``trainer=gpu trainer.compile=true`` (bf16 autocast) and ``trainer=ddp`` (NCCL)."""

@@ -106,8 +106,8 @@ def test_a_resumed_stream_continues_with_exactly_the_next_batches(tiny_gpt2, tin
 
 @pytest.mark.parametrize("prefetch", [True, False])
 def test_window_memory_is_bounded_by_the_buffer(tiny_gpt2, tiny_gpt2_dir, text, prefetch) -> None:
-    """At most two windows (one served, one filled) exist with prefetch, one without: the README's
-    ``2 x buffer_tokens x d x 4`` bytes, followed through the buffers' lifetimes."""
+    """At most two windows (one served, one filled) exist with prefetch, one without: the ``2 x
+    buffer_tokens x d x 4`` bytes of docs/data-and-caching.md, followed through the buffers' lifetimes."""
     dm = datamodule(tiny_gpt2, tiny_gpt2_dir, text, **{"activations.prefetch": prefetch})
     window_bytes = dm.window * dm.d_in * 4
     for _ in take(dm, 30):   # 7.5 windows

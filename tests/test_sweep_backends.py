@@ -1,4 +1,4 @@
-"""The optional sweep back-ends the README documents, run for real on a tiny array (dev extra: optuna,
+"""The optional sweep back-ends docs/sweeps.md documents, run for real on a tiny array (dev extra: optuna,
 submitit and their Hydra plugins):
 
 - Optuna: ``sweep=optuna_lr`` with two trials, the objective being each job's final validation NMSE.

@@ -3,9 +3,9 @@ the on-disk format (``save``/``load``).
 
 Weights use SAELens names and shapes: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``
 (rows are latent directions), ``b_dec [d_in]``. They act on *normalized* activations ``u = x * input_scale``
-(``input_scale`` makes ``E||u|| = sqrt(d_in)``, see the README); the SAE is the one owner of that scale:
-``encode(x)`` and ``decode(z)`` take and give raw activations, and ``forward(u, ...)`` (training) takes
-normalized ones so that loss coefficients mean the same on every model.
+(``input_scale`` makes ``E||u|| = sqrt(d_in)``, see docs/architectures.md); the SAE is the one owner of
+that scale: ``encode(x)`` and ``decode(z)`` take and give raw activations, and ``forward(u, ...)``
+(training) takes normalized ones so that loss coefficients mean the same on every model.
 
 Loss scaling (as SAELens, so its coefficients transfer): the reconstruction loss is
 ``mean_tokens sum_d (û - u)^2`` and every sparsity term a mean over tokens of a sum over latents,
