@@ -416,20 +416,11 @@ class TrainConfig:
         return self.layers is not None or self.hooks is not None
 
     def _check_live(self) -> None:
-        """A live run's buffer must hold a batch and the validation rows kept for every validation."""
+        """A live run's buffer must hold a batch."""
         acts = self.activations
-        if acts.source != "live":
-            return
-        _check(acts.buffer_tokens >= self.batch_size, "activations.buffer_tokens", acts.buffer_tokens,
-               f"must hold at least one batch (batch_size={self.batch_size})")
-        # the validation contexts (live/contexts.Split) bound the rows too: val_fraction of data.n_tokens
-        ctx = self.data.context_size
-        val_contexts = math.ceil(acts.val_fraction * math.ceil(self.data.n_tokens / ctx))
-        val_rows = min(self.trainer.limit_val_batches * self.batch_size, val_contexts * ctx)
-        _check(val_rows <= acts.buffer_tokens, "activations.buffer_tokens", acts.buffer_tokens,
-               f"must hold the validation rows kept in memory (up to {val_rows}: trainer.limit_val_batches="
-               f"{self.trainer.limit_val_batches} x batch_size={self.batch_size}, at most the validation "
-               "contexts' tokens): raise it or lower trainer.limit_val_batches")
+        if acts.source == "live":
+            _check(acts.buffer_tokens >= self.batch_size, "activations.buffer_tokens", acts.buffer_tokens,
+                   f"must hold at least one batch (batch_size={self.batch_size})")
 
     def _check_transcoder(self) -> None:
         """What a transcoder needs (``target.name``) and what it does not support yet."""

@@ -8,7 +8,7 @@ of the model (``HookedLM.activations``, the code the cache builder runs) into wi
 
 Memory, per process: the model, ``2 x buffer_tokens x d x 4`` bytes per hook for the training windows
 (one served, one being filled; half without ``activations.prefetch``), the validation rows
-(``trainer.limit_val_batches x batch_size x d x 4`` per hook, at most one buffer), one forward chunk, and
+(``trainer.limit_val_batches x batch_size x d x 4`` per hook, capped at one buffer), one forward chunk, and
 the SAE with its optimizer. Nothing is written to disk.
 """
 
@@ -254,6 +254,10 @@ class LiveDataModule(LightningDataModule):
             mine = contexts[self.rank::self.world_size]
             per_rank = min(sum(c.rows for c in contexts[r::self.world_size]) for r in range(self.world_size))
             n = min(per_rank // self.batch_size, self.cfg.trainer.limit_val_batches)
+            if n * self.batch_size > self.window:   # the validation rows kept are at most one buffer
+                log.info("validating on %d batches (one activations.buffer_tokens of rows) instead of %d "
+                         "(trainer.limit_val_batches)", self.window // self.batch_size, n)
+                n = self.window // self.batch_size
             if n == 0:
                 raise ConfigError(f"the validation contexts hold {per_rank} rows per rank, fewer than "
                                   f"batch_size={self.batch_size}: raise activations.val_fraction or "
