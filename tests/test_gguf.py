@@ -142,3 +142,27 @@ def test_gguf_inside_a_wheel_loads_as_smollm2_does(tiny_llama_gguf: Path, tiny_l
     tokens = _tokens(tiny_llama)
     torch.testing.assert_close(_logits(load_lm(cfg), tokens), _logits(tiny_llama, tokens), rtol=0,
                                atol=LOGIT_ATOL)
+
+
+def test_kept_copy_of_a_tied_model_holds_its_embedding(tiny_tokenizer, tmp_path: Path) -> None:
+    """SmolLM2 ties its head to its embedding: the kept copy must give the base model (``AutoModel``, no
+    head) the real embedding, and the causal LM the same logits."""
+    from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from sae_lightning.lm.loading import _save_dequantized
+
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         vocab_size=tiny_tokenizer.vocab_size, tie_word_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    _save_dequantized(model, tmp_path / "copy")
+
+    base = AutoModel.from_pretrained(tmp_path / "copy")
+    torch.testing.assert_close(base.embed_tokens.weight, model.model.embed_tokens.weight, rtol=0, atol=0)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "copy")
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    tokens = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=tokens).logits, model(input_ids=tokens).logits,
+                                   rtol=0, atol=0)

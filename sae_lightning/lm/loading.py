@@ -72,14 +72,29 @@ def _gguf_model(gguf: Path, dtype: torch.dtype) -> nn.Module:
 
 
 def _save_dequantized(model: nn.Module, into: Path) -> None:
-    """config.json (without the GGUF quantization entry) + model.safetensors, readable by from_pretrained."""
-    from safetensors.torch import save_model
+    """config.json (without the GGUF quantization entry) + model.safetensors, readable by from_pretrained.
+
+    A tied output embedding is stored under the input embedding's name, as ``save_pretrained`` stores it:
+    the base model (``AutoModel``, which has no ``lm_head``) then reads the real embedding, not a random
+    one, and the causal LM ties its head to it on load."""
+    from safetensors.torch import save_file
 
     config = json.loads(model.config.to_json_string(use_diff=False))
     config.pop("quantization_config", None)
+    state = model.state_dict()
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is model.get_input_embeddings().weight:
+        del state[_weight_name(model, output)]
     into.mkdir(parents=True)
     (into / "config.json").write_text(json.dumps(config, indent=2))
-    save_model(model, str(into / "model.safetensors"))  # drops the tied copy of the embedding
+    save_file({name: t.contiguous() for name, t in state.items()},
+              str(into / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _weight_name(model: nn.Module, module: nn.Module) -> str:
+    """The state-dict name of ``module``'s weight inside ``model``."""
+    modules = model.named_modules(remove_duplicate=False)
+    return next(f"{name}.weight" for name, sub in modules if sub is module)
 
 
 def _converted_dir(gguf: Path, kind: str) -> Path:
