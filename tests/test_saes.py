@@ -266,6 +266,20 @@ def test_init_from_data_sets_b_dec(method: str) -> None:
     torch.testing.assert_close(sae.b_dec.detach(), expected)
 
 
+
+def test_geometric_median_init_is_shared_only_by_equal_samples() -> None:
+    """A group's SAEs on one slot start from one sample: the median is computed once for them, and each
+    gets its own copy; a sample that differs in one value gets its own median."""
+    sample = batch(300) * 3
+    first = decoder_bias_init(sample, "geometric_median")
+    first.add_(1.0)  # an SAE writing into its b_dec must not change the next SAE's start
+    again = decoder_bias_init(sample.clone(), "geometric_median")
+    assert torch.equal(again, geometric_median(sample))
+    other = sample.clone()
+    other[0, 0] += 50.0
+    assert torch.equal(decoder_bias_init(other, "geometric_median"), geometric_median(other))
+    assert not torch.equal(geometric_median(other), geometric_median(sample))
+
 def test_column_stats() -> None:
     z = torch.relu(torch.randn(1000, 37, generator=torch.Generator().manual_seed(0)))
     sums, counts = column_stats(z)  # 1000 rows: the last block is partial

@@ -3,7 +3,8 @@
 ```
 <group dir>/                  the layers/hooks run's folder, or <sweep dir>/.groups/<n> for a grouped sweep
   group.json                  the members (name, folder) and, at the end, each one's status
-  checkpoints/                the group's checkpoints (every member, its optimizer, the stream): resuming
+  checkpoints/                the group's checkpoints (every member, its optimizer, the stream): resuming;
+                              no final.ckpt (each member's is in its folder; last.ckpt holds the end state)
   resume_key.json, train.log  the group fingerprint ``ckpt_path=last`` looks for; every member's log lines
 <member run dir>/             an ordinary run folder (rundir.py): summary.json, sae/, checkpoints/final.ckpt
                               (the member alone, in a run's checkpoint format), csv/, wandb/, train.log
@@ -237,7 +238,6 @@ def _fit(members: list[Member], group: RunDir, ckpt_dir: Path, resume_from: Path
                     "ckpt_path=last", signal.Signals(preemption.signum).name, trainer.global_step,
                     base.max_steps, preemption.ckpt_path)
         raise TrainingPreempted(preemption.signum, trainer.global_step, preemption.ckpt_path)
-    trainer.save_checkpoint(ckpt_dir / "final.ckpt", weights_only=False)
     summaries = [_finish_member(i, m, module, trainer, seconds, member_metrics(metrics, m.name, names),
                                 resumed) for i, m in enumerate(members)]
     if trainer.is_global_zero:

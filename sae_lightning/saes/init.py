@@ -7,8 +7,13 @@ Monosemanticity initialises ``b_dec`` with it.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import Tensor
+
+_MEDIANS: dict[tuple[str, tuple[int, ...], str], Tensor] = {}  # sample digest -> its geometric median
+_MEDIANS_KEPT = 4
 
 
 @torch.no_grad()
@@ -38,9 +43,23 @@ def geometric_median(points: Tensor, max_iter: int = 200, tol: float = 1e-6, eps
 def decoder_bias_init(sample: Tensor, method: str) -> Tensor:
     """``b_dec`` initial value from ``sample`` [n, d_in] for ``method`` in geometric_median | mean | zeros."""
     if method == "geometric_median":
-        return geometric_median(sample)
+        return _shared_geometric_median(sample)
     if method == "mean":
         return sample.mean(0)
     if method == "zeros":
         return sample.new_zeros(sample.shape[1])
     raise ValueError(f"Unknown b_dec_init={method!r}: choose geometric_median, mean or zeros")
+
+
+def _shared_geometric_median(sample: Tensor) -> Tensor:
+    """``geometric_median(sample)``, computed once for equal samples: the SAEs of a group that read one
+    slot start from the same rows, and Weiszfeld's iteration costs about as much as several training
+    steps. Keyed by the sample's bytes (dtype and shape included), so only an identical sample is reused."""
+    cpu = sample.detach().cpu().contiguous()
+    key = (hashlib.blake2b(cpu.view(torch.uint8).numpy(), digest_size=16).hexdigest(), tuple(cpu.shape),
+           str(cpu.dtype))
+    if key not in _MEDIANS:
+        if len(_MEDIANS) >= _MEDIANS_KEPT:
+            del _MEDIANS[next(iter(_MEDIANS))]
+        _MEDIANS[key] = geometric_median(sample).cpu()
+    return _MEDIANS[key].to(sample.device).clone()
