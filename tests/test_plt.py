@@ -11,14 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_live import BATCH, live_overrides, text  # noqa: F401  (the module-scoped text fixture)
-from test_resume import configure, lm_overrides, run_train_py
+from test_resume import ckpt, configure, lm_overrides, run_train_py
 
 from sae_lightning.checks import ConfigError, MissingFileError
 from sae_lightning.evaluate.replacement import NotMLPTranscoders, PLTSet
 from sae_lightning.group.members import members_of_lists
-from sae_lightning.group.run import GROUP_FILE
+from sae_lightning.group.run import GROUP_FILE, run_group
 from sae_lightning.saes import SAE, build_sae, config_from_dict
+from sae_lightning.training import run_training
 
 EVALUATE = Path(__file__).resolve().parents[1] / "evaluate.py"
 PLT = ["hook=mlp_in", "target.name=mlp_out"]
@@ -61,6 +63,22 @@ def test_layers_all_trains_a_transcoder_per_block_live_and_evaluates_the_replace
         assert metrics[f"alone/layer{layer}/kl_div"] == pytest.approx(own["kl_div"])
     report = (run / "eval" / "report.html").read_text()
     assert "all at once" in report and "alone" in report and "layer0_mlp_in: report" in report
+
+
+def test_each_transcoder_of_the_group_trains_exactly_as_alone(tmp_path, tiny_gpt2_dir, text) -> None:  # noqa: F811
+    """One live forward feeds layer 1's and layer 2's (input, target) pairs: each member's weights equal
+    those of the same transcoder trained alone."""
+    base = live_overrides(tiny_gpt2_dir, text, train_tokens=6 * BATCH)
+    _, config = configure([*base, *PLT, "sae.skip=true", "layers=[1,2]"])
+    members = members_of_lists(config, tmp_path / "group")
+    assert [s.status for s in run_group(members, tmp_path / "group")] == ["finished", "finished"]
+    for m in members:
+        alone = run_training(m.cfg, tmp_path / f"alone_{m.name}", m.config)
+        want = ckpt(Path(alone.checkpoint))["state_dict"]
+        got = ckpt(m.run_dir / "checkpoints" / "final.ckpt")["state_dict"]
+        assert want.keys() == got.keys() and "sae.W_skip" in want
+        for k, v in want.items():
+            assert torch.equal(got[k], v), (m.name, k)
 
 
 def test_skip_transcoders_for_a_layer_list_from_the_cache(tmp_path, tiny_gpt2_dir, text) -> None:  # noqa: F811
