@@ -22,7 +22,6 @@ transcoder's output at layer ``L`` reads the latents of every layer ``<= L``); o
 from __future__ import annotations
 
 import json
-import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,7 +42,6 @@ from sae_lightning.metrics import (
 )
 from sae_lightning.saes import SAE
 
-log = logging.getLogger(__name__)
 REPLACED_INPUT, REPLACED_OUTPUT = "mlp_in", "mlp_out"  # what a transcoder of an MLP reads and writes
 SCORES = ("ce_loss_recovered", "kl_div", "kl_div_score")  # the numbers of each replacement, in the table
 TABLE_NOTE = (
