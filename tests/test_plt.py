@@ -16,7 +16,9 @@ from test_live import BATCH, live_overrides, text  # noqa: F401  (the module-sco
 from test_resume import ckpt, configure, lm_overrides, run_train_py
 
 from sae_lightning.checks import ConfigError, MissingFileError
+from sae_lightning.config import EvalConfig
 from sae_lightning.evaluate.replacement import NotMLPTranscoders, PLTSet
+from sae_lightning.evaluate.run import run_evaluation
 from sae_lightning.group.members import members_of_lists
 from sae_lightning.group.run import GROUP_FILE, run_group
 from sae_lightning.saes import SAE, build_sae, config_from_dict
@@ -140,3 +142,7 @@ def test_only_a_set_of_mlp_transcoders_is_a_plt_set(tmp_path, tiny_gpt2_dir, tex
     for i, (members, error, message) in enumerate(cases):
         with pytest.raises(error, match=message):
             PLTSet.from_group(fake_group(tmp_path / str(i), members, tiny_gpt2_dir, text))
+    # a group of SAEs: evaluate.py evaluates the members only (here none: group_members=false)
+    path = run_evaluation(EvalConfig(ckpt_path=str(tmp_path / "0"), group_members=False))
+    assert json.loads(path.read_text()) == {"ckpt_path": str((tmp_path / "0").resolve()), "members": {}}
+    assert not (tmp_path / "0" / "eval" / "report.html").exists()
