@@ -64,8 +64,8 @@ def train_group(cfg: TrainConfig, run_dir: Path, config: dict) -> float:
         m = s.metrics
         log.info("  %-28s %-8s val nmse=%.4f l0=%.1f  %s", Path(s.run_dir).name, s.status,
                  m.get("val/nmse", float("nan")), m.get("val/l0", float("nan")), s.error or s.sae_dir)
-    log.info("Compare with: python -m sae_lightning.compare %s ; evaluate one with: python evaluate.py "
-             "ckpt_path=%s", run_dir, summaries[0].run_dir)
+    log.info("Compare with: python -m sae_lightning.compare %s ; evaluate every SAE (and the replacement "
+             "model of MLP transcoders) with: python evaluate.py ckpt_path=%s", run_dir, run_dir)
     values = [cfg.objective.value(s.metrics) if s.status == "finished" else float("nan") for s in summaries]
     return sum(values) / len(values)
 

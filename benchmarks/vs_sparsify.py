@@ -13,7 +13,10 @@ Both sides train on the same model, tensor, text and sizes:
   hook points ``layers.N``, the decoder layers' outputs). sparsify hooks a module's output (or, for a
   transcoder, its input); LLaMA's MLP post-activation, the input of ``down_proj``, is no module's output
   (``act_fn`` gives ``silu(gate_proj x)`` before the product with ``up_proj x``), so the MLP hook of the
-  other benchmarks is out of its reach;
+  other benchmarks is out of its reach. With ``--transcode`` both sides train transcoders of each MLP
+  instead: ours ``hook=mlp_in target.name=mlp_out``, sparsify ``transcode=True`` on hook points
+  ``layers.N.mlp`` (it reads that module's input and reconstructs its output: the same two tensors,
+  checked on the held-out rows), and FVU is that of the MLP's output;
 - text: the contexts of ``sae_lightning.live.contexts.TextContexts`` (the local TinyStories sample packed
   into rows of ``--context`` tokens joined by EOS), both sides leaving out the special-token positions
   (sparsify's ``exclude_tokens``). Ours (no validation or evaluation rows held out) trains on the first
@@ -48,6 +51,9 @@ seeds of wall, tokens/s and each layer's FVU; ours over each sparsify run; the l
 The full run (about 20 minutes on 2 idle cores: sparsify runs all 30 blocks a token), under the timing lock:
     flock -x /tmp/cpu-bench.lock python benchmarks/vs_sparsify.py \
         --out benchmarks/results/vs_sparsify_cpu.txt
+Per-layer transcoders against sparsify's (same layers, k, width and rows):
+    flock -x /tmp/cpu-bench.lock python benchmarks/vs_sparsify.py --transcode \
+        --out benchmarks/results/vs_sparsify_transcoders_cpu.txt
 """
 
 from __future__ import annotations
@@ -83,6 +89,7 @@ OURS_COMMON = [
     "hydra.run.dir={run_dir}",
 ]
 OURS_LAYERS = ["layers=[{layers}]"]   # one process, an SAE per layer from one forward
+OURS_TRANSCODE = ["hook.name=mlp_in", "target.name=mlp_out"]   # --transcode: a transcoder of each MLP
 OURS_ONE_LAYER = ["layer={layer}"]    # --ours-per-layer: one process per layer
 
 # ---------------------------------------------------------------- contenders
@@ -115,6 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="'sparsify adam cut': sparsify given the model cut after the last hooked block")
     p.add_argument("--ours-overrides", nargs="+", default=[], metavar="KEY=VALUE",
                    help="more train.py overrides for our runs (after our list: they win)")
+    p.add_argument("--transcode", action="store_true",
+                   help="transcoders of each MLP: mlp_in -> mlp_out (sparsify: transcode=True, layers.N.mlp)")
     p.add_argument("--ours-per-layer", action="store_true",
                    help="one train.py per layer (times summed) instead of layers=[...]")
     p.add_argument("--text", type=Path,
@@ -198,10 +207,13 @@ def run_sparsify_worker(args: argparse.Namespace) -> None:
         model.config.num_hidden_layers = len(model.layers)
     contexts, _, _ = split_contexts(args, lm.tokenizer)
     dataset = Dataset.from_dict({"input_ids": contexts}).shuffle(seed=args.worker_seed).with_format("torch")
+    where = ({"hookpoints": [sparsify_hookpoint(args, layer) for layer in args.layers]} if args.transcode
+             else {"layers": args.layers})
     cfg = TrainConfig(
-        SaeConfig(k=args.k, num_latents=args.d_sae), batch_size=args.batch // args.context,
+        SaeConfig(k=args.k, num_latents=args.d_sae, transcode=args.transcode),
+        batch_size=args.batch // args.context,
         optimizer=optimizer, lr=args.lr if optimizer == "adam" else None,
-        lr_warmup_steps=args.adam_warmup, layers=args.layers,
+        lr_warmup_steps=args.adam_warmup, **where,
         exclude_tokens=special_token_ids(lm.tokenizer), init_seeds=[args.worker_seed],
         save_every=len(contexts) + 1, log_to_wandb=False, save_dir=str(args.worker_out),
         run_name=SPARSIFY_RUN)
@@ -212,14 +224,22 @@ def sparsify_command(args: argparse.Namespace, name: str, seed: int, out: Path) 
     passed = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
               ("tokens", "batch", "context", "buffer_rows", "d_sae", "k", "lr", "adam_warmup", "text")]
     return [sys.executable, str(Path(__file__).resolve()), *passed, "--layers", *map(str, args.layers),
+            *(["--transcode"] if args.transcode else []),
             "--worker", name, "--worker-seed", str(seed), "--worker-out", str(out)]
 
 
-def sparsify_saes(out: Path, layers: list[int]) -> dict[int, Any]:
+def sparsify_hookpoint(args: argparse.Namespace, layer: int) -> str:
+    """The module sparsify hooks: the decoder layer's output, or (``--transcode``) the MLP's input and
+    output, from the base model's root."""
+    return f"layers.{layer}.mlp" if args.transcode else f"layers.{layer}"
+
+
+def sparsify_saes(args: argparse.Namespace, out: Path) -> dict[int, Any]:
     """The SAEs a sparsify run saved, by layer, loaded with its own API."""
     from sparsify import SparseCoder
 
-    return {layer: SparseCoder.load_from_disk(out / SPARSIFY_RUN / f"layers.{layer}") for layer in layers}
+    return {layer: SparseCoder.load_from_disk(out / SPARSIFY_RUN / sparsify_hookpoint(args, layer))
+            for layer in args.layers}
 
 
 # ---------------------------------------------------------------- our side
@@ -229,7 +249,8 @@ def ours_overrides(args: argparse.Namespace, seed: int, run_dir: Path, layer: in
               "lm_batch": args.batch // args.context, "tokens": args.tokens, "batch": args.batch,
               "lr": args.lr, "seed": seed, "no_step": args.tokens // args.batch + 1, "run_dir": run_dir,
               "layers": ",".join(map(str, args.layers)), "layer": layer}
-    template = [*OURS_COMMON, *(OURS_LAYERS if layer is None else OURS_ONE_LAYER)]
+    template = [*OURS_COMMON, *(OURS_LAYERS if layer is None else OURS_ONE_LAYER),
+                *(OURS_TRANSCODE if args.transcode else [])]
     return [item.format(**values) for item in template] + args.ours_overrides
 
 
@@ -254,9 +275,10 @@ def ours_saes(run_dir: Path, layers: list[int]) -> dict[int, Any]:
 
 
 # ---------------------------------------------------------------- held-out FVU
-def eval_activations(args: argparse.Namespace, contexts: np.ndarray) -> dict[int, Any]:
-    """Each layer's ``resid_post`` on the trained positions of ``contexts`` ``[n, d]``, checked equal to the
-    decoder layer's output (the tensor sparsify hooks)."""
+def eval_activations(args: argparse.Namespace, contexts: np.ndarray) -> dict[int, tuple[Any, Any]]:
+    """Each layer's (input, target) on the trained positions of ``contexts`` (``[n, d]`` each): ``resid_post``
+    twice, or (``--transcode``) ``mlp_in`` and ``mlp_out``; checked equal to the input and output of the
+    module sparsify hooks on the same rows."""
     import torch
 
     from sae_lightning.lm import HookPoint, load_lm
@@ -264,23 +286,28 @@ def eval_activations(args: argparse.Namespace, contexts: np.ndarray) -> dict[int
     lm = load_lm(smollm2_config())
     tokens = torch.from_numpy(contexts)
     kept = torch.from_numpy(text_contexts(args, lm.tokenizer).kept(contexts))
-    hooks = [HookPoint(layer, "resid_post") for layer in args.layers]
-    ours = lm.activations(tokens, hooks)
-    outputs: dict[int, Any] = {}
+    names = ("mlp_in", "mlp_out") if args.transcode else ("resid_post", "resid_post")
+    hooks = {layer: [HookPoint(layer, name) for name in names] for layer in args.layers}
+    ours = lm.activations(tokens, [h for pair in hooks.values() for h in pair])
+    seen: dict[int, tuple[Any, Any]] = {}
 
     def keep(layer: int) -> Any:
-        def hook(_module: Any, _inputs: Any, out: Any) -> None:
-            outputs[layer] = out[0] if isinstance(out, tuple) else out
+        def hook(_module: Any, inputs: Any, out: Any) -> None:
+            seen[layer] = (inputs[0], out[0] if isinstance(out, tuple) else out)
         return hook
 
-    handles = [lm.blocks[layer].register_forward_hook(keep(layer)) for layer in args.layers]
+    base = lm.model.base_model
+    handles = [base.get_submodule(sparsify_hookpoint(args, layer)).register_forward_hook(keep(layer))
+               for layer in args.layers]
     with torch.inference_mode():
         lm.model.base_model(tokens)
     for handle in handles:
         handle.remove()
-    for hook in hooks:
-        torch.testing.assert_close(ours[hook], outputs[hook.layer])
-    return {hook.layer: ours[hook][kept].float() for hook in hooks}
+    for layer, (x_hook, y_hook) in hooks.items():
+        if args.transcode:
+            torch.testing.assert_close(ours[x_hook], seen[layer][0])
+        torch.testing.assert_close(ours[y_hook], seen[layer][1])
+    return {layer: (ours[x][kept].float(), ours[y][kept].float()) for layer, (x, y) in hooks.items()}
 
 
 def fvu(x: Any, x_hat: Any, latents: Any) -> dict[str, float]:
@@ -293,22 +320,25 @@ def fvu(x: Any, x_hat: Any, latents: Any) -> dict[str, float]:
     return {"fvu": out["nmse"], "l0": out["l0"]}
 
 
-def score(name: str, run_dir: Path, acts: dict[int, Any], layers: list[int]) -> dict[int, dict[str, float]]:
-    """Held-out FVU and L0 of each layer's SAE of one run."""
+def score(args: argparse.Namespace, name: str, run_dir: Path,
+          acts: dict[int, tuple[Any, Any]]) -> dict[int, dict[str, float]]:
+    """Held-out FVU (of the target: the input itself for an SAE) and L0 of each layer's SAE of one run."""
     import torch
 
     scores = {}
     with torch.no_grad():
         if name == "ours":
-            for layer, sae in ours_saes(run_dir, layers).items():
-                z = sae.encode(acts[layer])
-                scores[layer] = fvu(acts[layer], sae.decode(z), z)
+            for layer, sae in ours_saes(run_dir, args.layers).items():
+                x, y = acts[layer]
+                z = sae.encode(x)
+                scores[layer] = fvu(y, sae.decode(z, x), z)
         else:
-            for layer, sae in sparsify_saes(run_dir, layers).items():
-                out = sae(acts[layer])
+            for layer, sae in sparsify_saes(args, run_dir).items():
+                x, y = acts[layer]
+                out = sae(x, y)
                 fired = torch.zeros(sae.num_latents).index_add_(
                     0, out.latent_indices.flatten(), (out.latent_acts.flatten() != 0).float())
-                scores[layer] = fvu(acts[layer], out.sae_out, fired)
+                scores[layer] = fvu(y, out.sae_out, fired)
     return scores
 
 
@@ -362,6 +392,13 @@ def report(args: argparse.Namespace, results: dict[str, list[Result]]) -> list[s
     return [*lines, " ".join(keys)]
 
 
+def tensors(args: argparse.Namespace) -> str:
+    """What each side's SAEs read (and reconstruct)."""
+    if args.transcode:
+        return "transcoders mlp_in -> mlp_out (sparsify: transcode=True on layers.N.mlp)"
+    return "SAEs on resid_post (sparsify: layers.N)"
+
+
 def settings(args: argparse.Namespace, sparsify_rows: int) -> list[str]:
     from importlib.metadata import version
     from importlib.util import find_spec
@@ -370,8 +407,8 @@ def settings(args: argparse.Namespace, sparsify_rows: int) -> list[str]:
     extra = f" {' '.join(args.ours_overrides)}" if args.ours_overrides else ""
     return [f"# sparsify: eai-sparsify {version('eai-sparsify')}, triton "
             f"{'present' if find_spec('triton') else 'absent (eager sparse decoder)'}",
-            f"# setting: SmolLM2-135M-Instruct (converted from the PyPI GGUF), resid_post of layers "
-            f"{args.layers} (sparsify: layers.N), TopK k {args.k}, d_sae {args.d_sae}, "
+            f"# setting: SmolLM2-135M-Instruct (converted from the PyPI GGUF), {tensors(args)} of layers "
+            f"{args.layers}, TopK k {args.k}, d_sae {args.d_sae}, "
             f"context {args.context}, batch {args.batch} rows ({args.batch // args.context} contexts), "
             f"ours buffer {args.buffer_rows} rows, lr {args.lr} (ours; sparsify adam, warm-up "
             f"{args.adam_warmup} steps), "
@@ -410,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
     acts = eval_activations(args, held_out)
     results: dict[str, list[Result]] = {name: [] for name in args.contenders}
     for name, seed, run, run_dir in runs:
-        scores = score(name, run_dir, acts, args.layers)
+        scores = score(args, name, run_dir, acts)
         results[name].append(Result(run, args.tokens if name == "ours" else sparsify_rows, scores))
         lines.append(f"#   seed {seed} {name:16s} FVU " + " ".join(
             f"L{layer} {s['fvu']:.4f} (L0 {s['l0']:.1f})" for layer, s in scores.items()))

@@ -196,6 +196,7 @@ class SyntheticConfig:
 
 
 ACTIVATION_SOURCES = ("lm", "live", "file", "synthetic")
+ALL_LAYERS = "all"  # layers=all: one SAE per block of the model (group/members.resolve_layers)
 LM_SOURCES = ("lm", "live")   # the sources that read text through the LM (contexts, downstream metrics)
 
 
@@ -377,7 +378,7 @@ class TrainConfig:
     seed: int = 0  # seeds the data stream, and the SAE's start and resampling unless sae_seed is set
     sae_seed: int | None = None  # seeds the SAE's start and resampling alone (a group's members may differ)
     layer: int = 6  # the layer whose hook is read
-    layers: list[int] | None = None  # one SAE per layer (and hook), all from one stream; replaces layer
+    layers: Any = None  # one SAE per layer (and hook), all from one stream, replaces layer: [2,3,4] or all
     hooks: list[str] | None = None  # several hook names: one SAE per (layer, hook), replaces hook.name
     ckpt_path: str | None = None  # resume: a checkpoint or run folder, last or auto (checkpoints.py)
     run_name: str | None = None  # the W&B run's name; None: the run folder's name
@@ -397,14 +398,17 @@ class TrainConfig:
 
     def _check_lists(self) -> None:
         """``layers``/``hooks``: non-empty, no repeats (two SAEs would share a folder), valid entries."""
+        _check(self.layers is None or self.layers == ALL_LAYERS or isinstance(self.layers, list), "layers",
+               self.layers, f"give a list of layers ([2,3,4]) or {ALL_LAYERS} (every block of the model)")
         for key, values in (("layers", self.layers), ("hooks", self.hooks)):
-            if values is None:
+            if values is None or values == ALL_LAYERS:
                 continue
             _check(len(values) > 0, key, values, "give at least one entry, or leave it out")
             repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
             _check(not repeated, key, values, f"repeats {', '.join(repeated)}: two SAEs would share a folder")
-        for layer in self.layers or []:
-            _check(layer >= 0, "layers", self.layers, "layers must be >= 0")
+        for layer in self.layers if isinstance(self.layers, list) else []:
+            _check(isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0, "layers",
+                   self.layers, "layers must be integers >= 0")
         for name in self.hooks or []:
             _check(is_hook_name(name), "hooks", self.hooks,
                    f"{name!r} is not a hook: choose from {', '.join(HOOK_NAMES)} or "
@@ -429,6 +433,8 @@ class TrainConfig:
                "is the input hook itself: drop target.name to train an SAE")
         _check(not self.sae.skip or target is not None, "sae.skip", self.sae.skip,
                "a skip connection needs a transcoder target (target.name=<hook>)")
+        _check(self.layers is None or self.target.layer is None, "target.layer", self.target.layer,
+               "with layers=[...] each transcoder's target is read at its own layer: drop target.layer")
         if target is not None:
             _check(self.activations.source in LM_SOURCES, "target.name", self.target.name,
                    "transcoders read both hooks from one LM forward (activations=lm or activations=live)")
@@ -471,6 +477,8 @@ class EvalConfig:
     top_contexts: int = 8  # top-activating contexts kept per unit
     monosemanticity: bool = True  # score units by the sentence embeddings of their top contexts
     monosemanticity_units: int = 64  # random qualifying units of each kind scored
+    replacement: bool = True  # a group of MLP transcoders: the replacement model (all at once, each alone)
+    group_members: bool = True  # a group folder: also evaluate each member in its own eval/ folder
     export: bool = False  # write the SAE in SAELens's format to <run>/eval/saelens/
     hub_repo_id: str | None = None  # also push the export to this hub repo
     seed: int = 0  # seed of the sampled latents, neurons and random baselines

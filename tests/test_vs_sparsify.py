@@ -91,3 +91,32 @@ def test_report_medians_ratios_and_fvu_verdicts() -> None:
     assert "layer 2: FVU ours - sparsify adam = +0.0000 (+0.0%; ours ranges overlap)" in lines[5]
     keys = dict(item.split("=") for item in lines[-1].split())
     assert keys["ours_vs_sparsify_adam"] == "1.841" and keys["fvu_L1_ours"] == "0.3100"
+
+
+def test_transcode_runs_transcoders_of_each_mlp_on_both_sides(tmp_path: Path) -> None:
+    """``--transcode``: ours a group of mlp_in -> mlp_out transcoders, sparsify ``transcode=True`` on each
+    ``layers.N.mlp``; a sparsify transcoder saved where its trainer saves it is scored on the target."""
+    import torch
+    from sparsify import SaeConfig, SparseCoder
+
+    args = vs.parse_args([*SMALL, "--transcode", "--contenders", "ours", "sparsify adam"])
+    cfg = _compose(vs.ours_commands(args, 3, tmp_path / "run")[0][2:])
+    assert (cfg.layers, cfg.hook.name, cfg.target.name) == ([1, 2], "mlp_in", "mlp_out")
+    assert cfg.target.layer is None   # each member's target at its own layer
+    assert (cfg.sae.architecture, cfg.sae.k, cfg.sae.d_sae) == ("topk", 4, 96)
+    assert "--transcode" in vs.sparsify_command(args, "sparsify adam", 3, tmp_path / "s")
+    assert [vs.sparsify_hookpoint(args, n) for n in (1, 2)] == ["layers.1.mlp", "layers.2.mlp"]
+    torch.manual_seed(0)
+    acts = {n: (torch.randn(64, 8), torch.randn(64, 8)) for n in (1, 2)}
+    for n in (1, 2):
+        sae = SparseCoder(8, SaeConfig(k=3, num_latents=16, transcode=True))
+        torch.nn.init.normal_(sae.W_dec)
+        sae.save_to_disk(tmp_path / "s" / vs.SPARSIFY_RUN / f"layers.{n}.mlp")
+    scores = vs.score(args, "sparsify adam", tmp_path / "s", acts)
+    for n, (x, y) in acts.items():
+        sae = SparseCoder.load_from_disk(tmp_path / "s" / vs.SPARSIFY_RUN / f"layers.{n}.mlp")
+        with torch.no_grad():
+            y_hat = sae(x).sae_out
+        fvu = float(((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+        assert scores[n]["fvu"] == pytest.approx(fvu, rel=1e-5)
+        assert scores[n]["l0"] == pytest.approx(3.0)

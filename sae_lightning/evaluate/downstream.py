@@ -74,7 +74,8 @@ def _keep_excluded(fn: Splice, excluded: Tensor) -> Splice:
     return lambda x: torch.where(excluded[..., None], x, fn(x))
 
 
-def _exclusions(tokens: Tensor, exclude: ExcludeMask | None) -> Tensor:
+def excluded_positions(tokens: Tensor, exclude: ExcludeMask | None) -> Tensor:
+    """``[B, T]`` bool: the positions ``exclude`` marks in ``tokens`` (none when it is None)."""
     if exclude is None:
         return torch.zeros_like(tokens, dtype=torch.bool)
     return exclude(tokens).to(torch.bool)
@@ -87,7 +88,7 @@ def mean_activation(lm: HookedLMLike, token_batches: Sequence[Tensor], hook: Has
     total, count = None, 0
     for tokens in token_batches:
         acts = lm.activations(tokens, [hook])[hook]
-        kept = acts[~_exclusions(tokens, exclude)].double()
+        kept = acts[~excluded_positions(tokens, exclude)].double()
         total = kept.sum(0) if total is None else total + kept.sum(0)
         count += kept.shape[0]
     if total is None or count == 0:
@@ -123,7 +124,7 @@ def downstream_metrics(
     sums = dict.fromkeys(["clean", *ablations, *kl_of.values()], 0.0)
     count = 0
     for tokens in token_batches:
-        excluded = _exclusions(tokens, exclude)
+        excluded = excluded_positions(tokens, exclude)
         counted = ~excluded[:, :-1]  # position t predicts token t+1
         clean = lm.logits(tokens)
         sums["clean"] += float(next_token_loss(clean, tokens)[counted].sum())

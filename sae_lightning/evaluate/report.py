@@ -138,9 +138,32 @@ def render(data: ReportData) -> str:
         _units_section(data),
         _scores_section(data.scores),
     ]
+    return _page(data.title, sections)
+
+
+def _page(title: str, sections: Sequence[str]) -> str:
+    """A whole HTML page: ``title`` and the non-empty ``sections``, with the report's CSS inline."""
     body = "\n".join(s for s in sections if s)
-    return f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{_e(data.title)}</title>" \
+    return f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{_e(title)}</title>" \
            f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n"
+
+
+def write_table_report(path: str | Path, title: str, details: Mapping[str, Any], columns: Sequence[str],
+                       rows: Sequence[Sequence[Any]], note: str = "",
+                       links: Mapping[str, str] | None = None) -> Path:
+    """A one-table page (a group's replacement-model evaluation): ``details``, then the table (``""`` cells
+    stay empty), ``note`` under it and ``links`` (text -> relative href, e.g. each member's report)."""
+    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td class='num'>{_fmt(v)}</td>" if isinstance(v, float)
+                                    else f"<td>{_e(v)}</td>" for v in row) + "</tr>" for row in rows)
+    items = "".join(f"<li><a href='{_e(href)}'>{_e(text)}</a></li>" for text, href in (links or {}).items())
+    sections = [f"<h1>{_e(title)}</h1>", _details(details),
+                f"<table class='metrics'><tr>{head}</tr>{body}</table>",
+                f"<p class='note'>{_e(note)}</p>" if note else "", f"<ul>{items}</ul>" if items else ""]
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(_page(title, sections), encoding="utf-8")
+    return out
 
 
 def _e(value: object) -> str:

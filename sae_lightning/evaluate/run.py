@@ -10,7 +10,9 @@ rows, then the LM-based numbers (downstream loss, logit effects) and the report.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -145,7 +147,11 @@ def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE,
 
 def run_evaluation(cfg: EvalConfig) -> Path:
     """Evaluate ``cfg.ckpt_path``; returns the path of the ``metrics.json`` it wrote (``saebench_core.json``
-    beside it)."""
+    beside it). A group folder (``group.json``) goes to :func:`run_group_evaluation`."""
+    from sae_lightning.group.run import GROUP_FILE
+
+    if (Path(cfg.ckpt_path) / GROUP_FILE).is_file():
+        return run_group_evaluation(cfg)
     sae, train_cfg = load_trained(cfg.ckpt_path)
     if sae.transcoder and (cfg.export or cfg.hub_repo_id):
         raise ConfigError(f"export=true: {cfg.ckpt_path} is a transcoder; transcoders are not exported to "
@@ -190,3 +196,91 @@ def run_evaluation(cfg: EvalConfig) -> Path:
     write_core_result(out_dir / "saebench_core.json", metrics, result.feature_density, sae, train_cfg, cfg,
                       result.consistent_activation)
     return path
+
+
+def held_out_contexts(dm: Any, n: int, max_tokens: int, batch_size: int) -> torch.Tensor:
+    """The first ``n`` held-out contexts ``[n, ctx]`` the evaluation rows come from (their token ids)."""
+    docs: set[int] = set()
+    for rows in dm.eval_rows(max_tokens, batch_size):
+        docs.update(d for d in rows.doc.unique().tolist() if d >= 0)
+        if len(docs) >= n:
+            break
+    if not docs:
+        raise ConfigError("no held-out contexts to run the LM on (the evaluation rows name no context)")
+    return torch.stack([torch.as_tensor(dm.context(d), dtype=torch.long) for d in sorted(docs)[:n]])
+
+
+def run_group_evaluation(cfg: EvalConfig) -> Path:
+    """A group folder (``layers=[...]``): each finished member evaluated in its own ``eval/``
+    (``group_members``), and, when the members are transcoders of their layers' MLPs, the replacement model
+    (``evaluate/replacement.py``: every MLP replaced at once, and each alone) on ``downstream_contexts``
+    held-out contexts, checked before any member is evaluated. Writes ``<group>/eval/metrics.json`` (the
+    replacement numbers, each member's metrics path) and ``report.html`` (the table); returns the former."""
+    from sae_lightning.evaluate.replacement import (
+        TABLE_NOTE,
+        NotMLPTranscoders,
+        PLTSet,
+        check_replaceable,
+        group_members,
+        replacement_metrics,
+        replacement_table,
+    )
+    from sae_lightning.evaluate.report import write_table_report
+    from sae_lightning.lm import load_lm
+    from sae_lightning.text import special_token_mask
+
+    group_dir = Path(cfg.ckpt_path)
+    out_dir = eval_dir_for(cfg.ckpt_path, cfg.out_dir)
+    members = group_members(group_dir)
+    plts, lm, dm, train_cfg = None, None, None, None
+    if cfg.replacement:
+        try:
+            plts, train_cfg = PLTSet.from_group(group_dir)
+        except NotMLPTranscoders as err:
+            log.info("no replacement-model evaluation: %s", err)
+    if plts is not None:
+        dm = datamodule_from_config(train_cfg)
+        live_lm = getattr(dm, "lm", None)
+        lm = live_lm if live_lm is not None and cfg.device == "auto" else load_lm(
+            train_cfg.model, None if cfg.device == "auto" else cfg.device)
+        check_replaceable(lm, plts.layers)
+    metrics: dict[str, Any] = {"ckpt_path": str(group_dir.resolve()), "members": {}}
+    links = {}
+    for name, folder in members:
+        if not cfg.group_members:
+            break
+        if not (folder / "sae" / "cfg.json").is_file():
+            log.warning("%s has no trained SAE (%s): not evaluated", name, folder)
+            continue
+        log.info("evaluating %s", name)
+        path = run_evaluation(dataclasses.replace(cfg, ckpt_path=str(folder), out_dir=None))
+        metrics["members"][name] = str(path)
+        if (path.parent / "report.html").is_file():
+            links[f"{name}: report"] = os.path.relpath(path.parent / "report.html", out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if plts is not None:
+        contexts = held_out_contexts(dm, cfg.downstream_contexts, cfg.max_tokens, cfg.batch_size)
+        t0 = time.perf_counter()
+        metrics |= replacement_metrics(lm, list(contexts.split(train_cfg.data.lm_batch_size)),
+                                       plts.to(lm.device),
+                                       exclude=lambda t: special_token_mask(t, lm.tokenizer))
+        log.info("replacement model (layers %s) on %d contexts in %.1f s: CE loss recovered %.3f, KL %.4f",
+                 plts.layers, len(contexts), time.perf_counter() - t0,
+                 metrics["replacement/ce_loss_recovered"], metrics["replacement/kl_div"])
+        metrics["layers"] = plts.layers
+        columns, rows = replacement_table(metrics, plts.layers)
+        report = out_dir / "report.html"
+        keep_previous(report)
+        write_table_report(
+            report, f"Replacement model: {train_cfg.model.name}, MLPs of layers {plts.layers}",
+            {"group": str(group_dir.resolve()), "model": train_cfg.model.name,
+             "architecture": train_cfg.sae.architecture, "skip": train_cfg.sae.skip,
+             "contexts": len(contexts), "counted predictions": metrics["n_tokens_downstream"],
+             "clean LM loss": metrics["replacement/ce_loss_clean"]},
+            columns, rows, TABLE_NOTE, links)
+        log.info("report: %s", report)
+    path = out_dir / "metrics.json"
+    keep_previous(path)
+    atomic_write_json(path, metrics)
+    return path
+

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_lightning.checks import ConfigError
-from sae_lightning.config import TrainConfig, train_config_from_dict
+from sae_lightning.config import ALL_LAYERS, TrainConfig, train_config_from_dict
 
 PER_SAE_KEYS = frozenset({"sae", "l1", "lr", "optim", "latents", "callbacks", "objective", "logger",
                           "run_name", "sae_seed", "layer", "hook", "target", "layers", "hooks"})
@@ -72,10 +72,21 @@ def folder_name(layer: int, hook: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]+", "-", f"layer{layer}_{hook}").strip("-")
 
 
+def resolve_layers(config: dict[str, Any]) -> list[int]:
+    """The layers of a ``layers``/``hooks`` run: its list, every block of the model for ``layers=all`` (read
+    from the model's config, no weights), or the root ``layer``."""
+    layers = config.get("layers")
+    if layers == ALL_LAYERS:
+        from sae_lightning.lm import model_depth
+
+        return list(range(model_depth(train_config_from_dict(config).model)))
+    return list(layers or [config["layer"]])
+
+
 def members_of_lists(config: dict[str, Any], run_dir: Path) -> list[Member]:
-    """The members of a ``layers=[...]``/``hooks=[...]`` run: one SAE per (layer, hook), in that order,
-    each in ``run_dir/<layer><L>_<hook>``."""
-    layers = config.get("layers") or [config["layer"]]
+    """The members of a ``layers=[...]``/``layers=all``/``hooks=[...]`` run: one SAE per (layer, hook), in
+    that order, each in ``run_dir/<layer><L>_<hook>``."""
+    layers = resolve_layers(config)
     hooks = config.get("hooks") or [None]   # None: the config's own hook (a module hook stays one)
     members = []
     for layer in layers:

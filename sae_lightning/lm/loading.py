@@ -56,6 +56,21 @@ def load_lm(cfg: ModelConfig, device: str | None = None) -> HookedLM:
     return HookedLM(model.to(resolve_device(device, cfg)), load_tokenizer(cfg))
 
 
+def model_depth(cfg: ModelConfig) -> int:
+    """The number of blocks of ``cfg``'s model (``num_hidden_layers``), read from its config alone: no
+    weights are loaded (a GGUF file's header, or the config kept beside its dequantized copy)."""
+    from transformers import AutoConfig
+
+    if cfg.source == "hub":
+        config = _from_hub(AutoConfig, cfg.name, cfg)
+    else:
+        gguf = gguf_path(cfg)
+        saved = _converted_dir(gguf, "dequantized")
+        config = (AutoConfig.from_pretrained(saved) if saved.is_dir()
+                  else AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
+    return int(config.num_hidden_layers)
+
+
 def _gguf_model(gguf: Path, dtype: torch.dtype) -> nn.Module:
     """The model in a GGUF file, dequantized to fp32 once and then kept as safetensors in the models dir
     (keyed by the file's hash; up to ``_KEEP_DEQUANTIZED_MAX_BYTES``): dequantizing takes ~20 s, reading
