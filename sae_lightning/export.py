@@ -147,11 +147,11 @@ def raw_weights(sae: SAE) -> dict[str, Tensor]:
     return {name: w.detach().float().cpu().contiguous() for name, w in weights.items()}
 
 
-def saelens_architecture(sae: SAE) -> str:
-    """The SAELens architecture that computes what ``sae`` computes; raises naming the architecture when
-    SAELens has none (a TopK or gated transcoder, an architecture it lacks)."""
-    architecture = sae.cfg.architecture
-    if not sae.transcoder:
+def saelens_name(architecture: str, transcoder: bool = False, skip: bool = False) -> str:
+    """The SAELens architecture that computes what our ``architecture`` computes (as a transcoder, with or
+    without the skip); ``UnsupportedFormatError`` naming the architecture when SAELens has none (a TopK or
+    gated transcoder, an architecture it lacks)."""
+    if not transcoder:
         if architecture not in TO_SAELENS:
             raise UnsupportedFormatError(f"the SAELens format has no {architecture!r} SAE: export supports "
                                          f"sae.architecture in {sorted(TO_SAELENS)}")
@@ -161,7 +161,12 @@ def saelens_architecture(sae: SAE) -> str:
             f"the SAELens format has no {architecture!r} transcoder (its transcoders are ReLU and JumpReLU): "
             f"transcoders export with sae.architecture in {sorted(TO_SAELENS_TRANSCODER)}")
     theirs = TO_SAELENS_TRANSCODER[architecture]
-    return theirs.replace("transcoder", "skip_transcoder") if sae.cfg.skip else theirs
+    return theirs.replace("transcoder", "skip_transcoder") if skip else theirs
+
+
+def saelens_architecture(sae: SAE) -> str:
+    """:func:`saelens_name` of ``sae``."""
+    return saelens_name(sae.cfg.architecture, sae.transcoder, bool(getattr(sae.cfg, "skip", False)))
 
 
 @torch.no_grad()
@@ -181,17 +186,14 @@ def saelens_config(
     *,
     k: int | None = None,
     d_out: int | None = None,
+    skip: bool = False,
     metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``cfg.json`` dict for SAELens ``architecture`` (:func:`saelens_architecture`); ``d_out`` for a
-    transcoder."""
-    if architecture not in {*TO_SAELENS.values(), *TO_SAELENS_TRANSCODER.values(), "skip_transcoder",
-                            "jumprelu_skip_transcoder"}:
-        raise UnsupportedFormatError(f"SAELens export writes the architectures of {sorted(TO_SAELENS)} "
-                                     f"(SAELens names), not {architecture!r}")
-    transcoder = architecture.endswith("transcoder")
+    """The ``cfg.json`` dict for one of our architectures (a transcoder when ``d_out`` is given; raises for
+    ones SAELens cannot run as-is, :func:`saelens_name`)."""
+    transcoder = d_out is not None
     cfg: dict[str, Any] = {
-        "architecture": architecture,
+        "architecture": saelens_name(architecture, transcoder, skip),
         "d_in": d_in,
         "d_sae": d_sae,
         "dtype": "float32",
@@ -202,8 +204,6 @@ def saelens_config(
         "metadata": {"sae_lens_version": SAELENS_VERSION, "exported_by": "sae_lightning", **(metadata or {})},
     }
     if transcoder:
-        if d_out is None:
-            raise ValueError("a transcoder export needs d_out")
         cfg["d_out"] = int(d_out)
     if architecture == "topk":
         if k is None:
@@ -222,11 +222,12 @@ def export_saelens(sae: SAE, path: str | Path, *, metadata: dict[str, Any] | Non
     probe (:func:`check_export`), so a module computing something else fails here, not in a user's
     notebook. Returns the folder.
     """
-    architecture = saelens_architecture(sae)
+    saelens_architecture(sae)  # refused before any work
     weights = folded_weights(sae)
     d_in, d_sae = weights["W_enc"].shape
-    cfg = saelens_config(architecture, d_in, d_sae, k=getattr(sae, "k", None),
-                         d_out=sae.d_out if sae.transcoder else None, metadata=metadata)
+    cfg = saelens_config(sae.cfg.architecture, d_in, d_sae, k=getattr(sae, "k", None),
+                         d_out=sae.d_out if sae.transcoder else None,
+                         skip=bool(getattr(sae.cfg, "skip", False)), metadata=metadata)
     if verify:
         check_export(sae, cfg, weights)
     out = Path(path)
