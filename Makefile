@@ -31,8 +31,15 @@ $(VENV)/.installed: pyproject.toml $(LOCK) | $(VENV)/bin/python
 	$(call step,Installing sae-lightning and its dependencies,$(PIP) -c $(LOCK) -e .)
 	@touch $@
 
+# The export tests read our files with the tools themselves; these two pin transformers<4.57/<=4.57.3 and
+# huggingface-hub<1 (which transformers 5 excludes), so they are installed without their dependencies:
+# the parts the tests use (circuit-tracer's transcoder loaders, SAEDashboard's Neuronpedia classes) import
+# without them.
+NO_DEPS := circuit-tracer==0.5.0 sae-dashboard==0.8.0
+
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(call step,Installing the dev extra (pytest ruff sae-lens sweeps),$(PIP) -c $(LOCK) -e '.[dev]')
+	$(call step,Installing $(NO_DEPS) without dependencies,$(PIP) --no-deps $(NO_DEPS))
 	@touch $@
 
 setup: $(VENV)/.installed

@@ -20,6 +20,11 @@ class MissingFileError(UserError, FileNotFoundError):
     """A file or directory named in the config does not exist; the message names the key and the path."""
 
 
+class UnsupportedFormatError(UserError, NotImplementedError):
+    """An export format cannot hold what is asked of it (an architecture, a transcoder, a layer set); the
+    message names the format and what it lacks."""
+
+
 def check(ok: bool, key: str, value: Any, why: str) -> None:
     """Raise ``ConfigError`` naming ``key=value`` and ``why`` unless ``ok``."""
     if not ok:

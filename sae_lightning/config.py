@@ -479,8 +479,8 @@ class EvalConfig:
     monosemanticity_units: int = 64  # random qualifying units of each kind scored
     replacement: bool = True  # a group of MLP transcoders: the replacement model (all at once, each alone)
     group_members: bool = True  # a group folder: also evaluate each member in its own eval/ folder
-    export: bool = False  # write the SAE in SAELens's format to <run>/eval/saelens/
-    hub_repo_id: str | None = None  # also push the export to this hub repo
+    export: Any = False  # saelens, circuit_tracer, neuronpedia or a list: into <run>/eval/<format>/
+    hub_repo_id: str | None = None  # also push the SAELens export to this hub repo
     seed: int = 0  # seed of the sampled latents, neurons and random baselines
 
     def __post_init__(self) -> None:
@@ -488,6 +488,30 @@ class EvalConfig:
         _check(self.max_tokens > 0, "max_tokens", self.max_tokens, "must be > 0")
         _check(self.top_contexts >= 2, "top_contexts", self.top_contexts, "must be >= 2")
         _check(self.downstream_contexts > 0, "downstream_contexts", self.downstream_contexts, "must be > 0")
+        self.export = export_formats(self.export)
+
+    @property
+    def exports(self) -> list[str]:
+        """The formats to write (``export``, with ``saelens`` added when ``hub_repo_id`` is set)."""
+        formats = list(self.export)
+        return [*formats, "saelens"] if self.hub_repo_id and "saelens" not in formats else formats
+
+
+EXPORT_FORMATS = ("saelens", "circuit_tracer", "neuronpedia")
+
+
+def export_formats(value: Any) -> list[str]:
+    """``export`` as a list of format names (see ``EvalConfig.export``); an unknown one is a ``ConfigError``
+    naming the known ones."""
+    if value is None or value is False:
+        return []
+    if value is True:
+        return ["saelens"]
+    names = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    formats = list(dict.fromkeys(n.strip() for n in names if n.strip()))
+    for name in formats:
+        _check(name in EXPORT_FORMATS, "export", value, f"{name!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    return formats
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -17,6 +17,15 @@ same latents:
 the top-k selection act on unchanged pre-activations and stay as they are (so do gated's ``r_mag`` and
 ``b_mag``: its magnitude path is ``exp(r_mag)`` times the same projection). (Decoder rows are then no longer
 unit-norm: they have norm ``1/s``.)
+
+Transcoders (sae-lens 6.34+: ``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder``,
+``jumprelu_skip_transcoder``) read one hook and write another: ``cfg.json`` adds ``d_out`` and
+``apply_b_dec_to_input=false`` (SAELens refuses true: ``b_dec`` lives in the output space), ``metadata`` adds
+``hook_name_out``/``hook_layer_out``; SAELens computes ``z = act(x W_enc + b_enc)``,
+``ŷ = z W_dec + b_dec (+ x W_skip^T)``, ``W_skip [d_out, d_in]``. Ours compute ``ŷ = (z W_dec + b_dec +
+x s W_skip) / t`` with the target's scale ``t``, so ``W_enc' = s W_enc``, ``W_dec' = W_dec / t``,
+``b_dec' = b_dec / t``, ``W_skip' = (s / t) W_skip`` (transposed). SAELens has no TopK or gated
+transcoder: those are refused.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from sae_lightning.checks import UnsupportedFormatError
 from sae_lightning.config import TrainConfig, parse_module_hook
 from sae_lightning.io import atomic_write, atomic_write_json
 from sae_lightning.saes import SAE, build_sae, config_from_dict
@@ -42,6 +52,9 @@ SAELENS_VERSION = "6.0.0"  # the format version we write; SAELens treats < 6.0 a
 # and Matryoshka infer as a JumpReLU with one global threshold, written per latent (as SAELens saves them)
 TO_SAELENS = {"relu": "standard", "relu_dn": "standard", "topk": "topk", "jumprelu": "jumprelu",
               "batchtopk": "jumprelu", "matryoshka": "jumprelu", "gated": "gated"}
+# our registry name -> SAELens transcoder architecture (``skip_`` inserted before ``transcoder`` with a skip)
+TO_SAELENS_TRANSCODER = {"relu": "transcoder", "relu_dn": "transcoder", "jumprelu": "jumprelu_transcoder",
+                         "batchtopk": "jumprelu_transcoder", "matryoshka": "jumprelu_transcoder"}
 FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
 # our parameter names -> SAELens's, where they differ, per SAELens architecture
 RENAMED = {"gated": {"b_enc": "b_gate"}}
@@ -75,8 +88,9 @@ def jumprelu_threshold(sae: nn.Module) -> Tensor | None:
 
 
 def saelens_metadata(cfg: TrainConfig) -> dict[str, Any]:
-    """``cfg.json`` metadata from a training config: what SAELens/Neuronpedia use to run the SAE in place."""
-    return {
+    """``cfg.json`` metadata from a training config: what SAELens/Neuronpedia use to run the SAE in place
+    (a transcoder's target hook as ``hook_name_out``/``hook_layer_out``, as SAELens's transcoders name it)."""
+    meta = {
         "model_name": cfg.model.name,
         "hook_name": transformer_lens_hook_name(cfg.layer, cfg.hook.name),
         "hook_layer": cfg.layer,
@@ -86,6 +100,10 @@ def saelens_metadata(cfg: TrainConfig) -> dict[str, Any]:
         "dataset_path": cfg.data.name if cfg.data.source == "hub" else cfg.data.path,
         "sae_lightning_architecture": cfg.sae.architecture,
     }
+    if cfg.target_hook is not None:
+        layer, name = cfg.target_hook
+        meta |= {"hook_name_out": transformer_lens_hook_name(layer, name), "hook_layer_out": layer}
+    return meta
 
 
 def _prepend_bos(cfg: TrainConfig) -> bool | None:
@@ -101,35 +119,64 @@ def _prepend_bos(cfg: TrainConfig) -> bool | None:
 
 
 def export_trained(sae: SAE, cfg: TrainConfig, path: str | Path) -> Path:
-    """:func:`export_saelens` for an SAE trained with ``cfg`` (its metadata from it); transcoders are refused
-    (their SAELens format is not written yet)."""
-    if sae.transcoder:
-        raise ValueError("exporting transcoders to the SAELens format is not supported: keep the <run>/sae "
-                         "folder (SAE.load) or evaluate with export=false")
+    """:func:`export_saelens` for an SAE or transcoder trained with ``cfg`` (its metadata from it)."""
     return export_saelens(sae, path, metadata=saelens_metadata(cfg))
 
 
 @torch.no_grad()
-def folded_weights(sae: SAE) -> dict[str, Tensor]:
-    """SAELens-named weights of ``sae`` with its ``input_scale`` folded in (see the module docstring)."""
-    s = float(sae.input_scale)
-    if not (math.isfinite(s) and s > 0):
-        raise ValueError(f"input_scale must be a positive finite number, got {s!r}")
-    used = sae.weights()  # a rescaled decoder's rows at unit norm, as the model computes with them
-    weights = {
-        "W_enc": used.W_enc * s,
-        "b_enc": used.b_enc.clone(),
-        "W_dec": used.W_dec / s,
-        "b_dec": sae.b_dec / s,
-    }
+def raw_weights(sae: SAE) -> dict[str, Tensor]:
+    """The weights of ``sae`` acting on raw activations, in our names and orientations (``W_enc [d_in,
+    d_sae]``, ``W_dec [d_sae, d_out]``, ``W_skip [d_in, d_out]``): ``input_scale`` ``s`` and the output's
+    scale ``t`` (``target_scale``, or ``s`` for an SAE) folded in (module docstring), a rescaled decoder's
+    rows as used, a global JumpReLU threshold repeated per latent. float32 on the CPU."""
+    s, t = float(sae.input_scale), float(sae.output_scale)
+    for name, value in (("input_scale", s), ("output scale", t)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    used = sae.weights()
+    weights = {"W_enc": used.W_enc * s, "b_enc": used.b_enc.clone(), "W_dec": used.W_dec / t,
+               "b_dec": sae.b_dec / t}
+    if getattr(sae.cfg, "skip", False):
+        weights["W_skip"] = sae.W_skip * (s / t)
     threshold = jumprelu_threshold(sae)
-    if threshold is not None:  # per latent; a global (0-d) threshold is repeated for every latent
+    if threshold is not None:
         weights["threshold"] = threshold.expand(sae.d_sae).clone()
     for name in ("r_mag", "b_mag"):  # gated's magnitude path
         if hasattr(sae, name):
             weights[name] = getattr(sae, name).clone()
+    return {name: w.detach().float().cpu().contiguous() for name, w in weights.items()}
+
+
+def saelens_name(architecture: str, transcoder: bool = False, skip: bool = False) -> str:
+    """The SAELens architecture that computes what our ``architecture`` computes (as a transcoder, with or
+    without the skip); ``UnsupportedFormatError`` naming the architecture when SAELens has none (a TopK or
+    gated transcoder, an architecture it lacks)."""
+    if not transcoder:
+        if architecture not in TO_SAELENS:
+            raise UnsupportedFormatError(f"the SAELens format has no {architecture!r} SAE: export supports "
+                                         f"sae.architecture in {sorted(TO_SAELENS)}")
+        return TO_SAELENS[architecture]
+    if architecture not in TO_SAELENS_TRANSCODER:
+        raise UnsupportedFormatError(
+            f"the SAELens format has no {architecture!r} transcoder (its transcoders are ReLU and JumpReLU): "
+            f"transcoders export with sae.architecture in {sorted(TO_SAELENS_TRANSCODER)}")
+    theirs = TO_SAELENS_TRANSCODER[architecture]
+    return theirs.replace("transcoder", "skip_transcoder") if skip else theirs
+
+
+def saelens_architecture(sae: SAE) -> str:
+    """:func:`saelens_name` of ``sae``."""
+    return saelens_name(sae.cfg.architecture, sae.transcoder, bool(getattr(sae.cfg, "skip", False)))
+
+
+@torch.no_grad()
+def folded_weights(sae: SAE) -> dict[str, Tensor]:
+    """SAELens-named weights of ``sae`` with its scales folded in (see the module docstring)."""
+    weights = raw_weights(sae)
+    if "W_skip" in weights:
+        weights["W_skip"] = weights["W_skip"].T.contiguous()  # SAELens: [d_out, d_in]
     renamed = RENAMED.get(TO_SAELENS.get(sae.cfg.architecture, ""), {})
-    return {renamed.get(name, name): w.detach().float().cpu().contiguous() for name, w in weights.items()}
+    return {renamed.get(name, name): w for name, w in weights.items()}
 
 
 def saelens_config(
@@ -138,24 +185,26 @@ def saelens_config(
     d_sae: int,
     *,
     k: int | None = None,
+    d_out: int | None = None,
+    skip: bool = False,
     metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``cfg.json`` dict for one of our architectures (raises for ones SAELens cannot run as-is)."""
-    if architecture not in TO_SAELENS:
-        raise NotImplementedError(
-            f"SAELens export supports sae.architecture in {sorted(TO_SAELENS)}, not {architecture!r}"
-        )
+    """The ``cfg.json`` dict for one of our architectures (a transcoder when ``d_out`` is given; raises for
+    ones SAELens cannot run as-is, :func:`saelens_name`)."""
+    transcoder = d_out is not None
     cfg: dict[str, Any] = {
-        "architecture": TO_SAELENS[architecture],
+        "architecture": saelens_name(architecture, transcoder, skip),
         "d_in": d_in,
         "d_sae": d_sae,
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": not transcoder,
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {"sae_lens_version": SAELENS_VERSION, "exported_by": "sae_lightning", **(metadata or {})},
     }
+    if transcoder:
+        cfg["d_out"] = int(d_out)
     if architecture == "topk":
         if k is None:
             raise ValueError("a topk export needs k")
@@ -173,9 +222,12 @@ def export_saelens(sae: SAE, path: str | Path, *, metadata: dict[str, Any] | Non
     probe (:func:`check_export`), so a module computing something else fails here, not in a user's
     notebook. Returns the folder.
     """
+    saelens_architecture(sae)  # refused before any work
     weights = folded_weights(sae)
     d_in, d_sae = weights["W_enc"].shape
-    cfg = saelens_config(sae.cfg.architecture, d_in, d_sae, k=getattr(sae, "k", None), metadata=metadata)
+    cfg = saelens_config(sae.cfg.architecture, d_in, d_sae, k=getattr(sae, "k", None),
+                         d_out=sae.d_out if sae.transcoder else None,
+                         skip=bool(getattr(sae.cfg, "skip", False)), metadata=metadata)
     if verify:
         check_export(sae, cfg, weights)
     out = Path(path)
@@ -186,8 +238,11 @@ def export_saelens(sae: SAE, path: str | Path, *, metadata: dict[str, Any] | Non
 
 
 def saelens_encode(cfg: dict[str, Any], weights: dict[str, Tensor], x: Tensor) -> Tensor:
-    """What SAELens computes for the latents of ``x`` (``apply_b_dec_to_input=True``): the reference the
-    export is checked against."""
+    """What SAELens computes for the latents of ``x`` (``apply_b_dec_to_input=True``; a transcoder subtracts
+    nothing): the reference the export is checked against."""
+    if cfg["architecture"].endswith("transcoder"):
+        pre = x @ weights["W_enc"] + weights["b_enc"]
+        return pre.relu() * (pre > weights["threshold"]) if "threshold" in weights else pre.relu()
     if cfg["architecture"] == "gated":
         centred = x - weights["b_dec"]
         gate = centred @ weights["W_enc"] + weights["b_gate"] > 0
@@ -204,14 +259,16 @@ def saelens_encode(cfg: dict[str, Any], weights: dict[str, Tensor], x: Tensor) -
 @torch.no_grad()
 def check_export(sae: SAE, cfg: dict[str, Any], weights: dict[str, Tensor], n_probe: int = 64) -> None:
     """Raise unless SAELens's formulas on the exported weights give what ``sae`` gives on raw ``x``
-    (latents and reconstructions)."""
+    (latents and reconstructions, a transcoder's skip included)."""
     ref = copy.deepcopy(sae).float().cpu()
     x = torch.randn(n_probe, cfg["d_in"], generator=torch.Generator().manual_seed(0))
-    x = (x + ref.b_dec.detach()) / float(ref.input_scale)  # around b_dec (a typical activation): latents fire
+    x = (x + ref.input_center().detach()) / float(ref.input_scale)  # a typical activation: latents fire
     z_ref = ref.encode(x)
     z_exp = saelens_encode(cfg, weights, x)
-    x_hat_ref = ref.decode(z_ref)
+    x_hat_ref = ref.decode(z_ref, x)
     x_hat_exp = z_exp @ weights["W_dec"] + weights["b_dec"]
+    if "W_skip" in weights:
+        x_hat_exp = x_hat_exp + x @ weights["W_skip"].T
     for name, a, b in (("latents", z_ref, z_exp), ("reconstructions", x_hat_ref, x_hat_exp)):
         if not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max().clamp(min=1))):
             raise RuntimeError(f"the SAELens export would give other {name} than {type(sae).__name__}: "

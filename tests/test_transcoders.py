@@ -283,13 +283,25 @@ def test_ensure_cache_adds_the_target_hook_to_one_build() -> None:
     assert hook_points(train_config_from_dict({"layer": 1})) == [(1, "mlp_post")]
 
 
-def test_export_of_a_transcoder_is_refused_before_any_work(tmp_path) -> None:
+@pytest.mark.parametrize(("architecture", "export", "match"), [
+    ("topk", "saelens", "SAELens format has no 'topk' transcoder"),
+    ("gated", "circuit_tracer", "ReLU and JumpReLU activations, not a 'gated' transcoder"),
+    ("relu", ["saelens", "circuit_tracer"], r"export=circuit_tracer: .* layers \[2\].*group folder"),
+])
+def test_an_export_the_format_cannot_hold_is_refused_before_any_work(tmp_path, architecture, export,
+                                                                    match) -> None:
+    """The run's data does not exist: the error must come before the evaluation opens it."""
+    from sae_lightning.checks import UnsupportedFormatError
     from sae_lightning.config import EvalConfig, train_config_from_dict
     from sae_lightning.evaluate.run import run_evaluation
 
-    sae = build_sae(config_from_dict({"architecture": "relu", "d_sae": 4}), 3, d_out=2)
-    sae.metadata = {"train_config": {"target": {"name": "mlp_out"}}}
-    assert train_config_from_dict(sae.metadata["train_config"]).target_hook is not None
+    own = {"k": 2} if architecture == "topk" else {}
+    sae = build_sae(config_from_dict({"architecture": architecture, "d_sae": 4, **own}), 3, d_out=3)
+    train_cfg = {"layer": 2, "hook": {"name": "mlp_in"}, "target": {"name": "mlp_out"},
+                 "sae": {"architecture": architecture, "d_sae": 4, **own}}
+    sae.metadata = {"train_config": train_cfg}
+    assert train_config_from_dict(train_cfg).target_hook is not None
     sae.save(tmp_path / "sae")
-    with pytest.raises(ConfigError, match="export=true"):
-        run_evaluation(EvalConfig(ckpt_path=str(tmp_path / "sae"), export=True))
+    with pytest.raises(UnsupportedFormatError, match=match):
+        run_evaluation(EvalConfig(ckpt_path=str(tmp_path / "sae"), export=export))
+    assert not (tmp_path / "eval").exists()

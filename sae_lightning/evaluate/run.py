@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from sae_lightning.checkpoints import CheckpointError
+from sae_lightning.checks import UnsupportedFormatError
 from sae_lightning.config import LM_SOURCES, ConfigError, EvalConfig, TrainConfig, train_config_from_dict
 from sae_lightning.datamodule import ActivationDataModule, datamodule_from_config
 from sae_lightning.evaluate.pipeline import RowsResult, evaluate_rows, track_candidates
@@ -90,20 +91,27 @@ def training_history(run: RunDir) -> dict[str, list[float]] | None:
     return hist if hist["step"] else None
 
 
+def eval_lm(cfg: EvalConfig, train_cfg: TrainConfig, dm: Any) -> Any:
+    """The LM of the downstream numbers, the report and the Neuronpedia export: a live run's evaluation data
+    already runs it (kept unless ``device`` asks for another), else loaded."""
+    from sae_lightning.lm import load_lm
+
+    live_lm = getattr(dm, "lm", None)
+    return live_lm if live_lm is not None and cfg.device == "auto" else load_lm(
+        train_cfg.model, None if cfg.device == "auto" else cfg.device)
+
+
 def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE,
                           dm: Any, result: RowsResult, metrics: dict[str, float],
-                          out_dir: Path) -> dict[str, float]:
+                          out_dir: Path, lm: Any) -> dict[str, float]:
     """Downstream LM loss with the SAE spliced in, then the report (contexts, logit effects, scores)."""
     from sae_lightning.evaluate.downstream import downstream_metrics
     from sae_lightning.evaluate.monosemanticity import load_embedder
     from sae_lightning.evaluate.pipeline import LMParts, build_report_data
     from sae_lightning.evaluate.report import write_report
-    from sae_lightning.lm import HookPoint, load_lm
+    from sae_lightning.lm import HookPoint
     from sae_lightning.text import special_token_mask
 
-    live_lm = getattr(dm, "lm", None)   # a live run's evaluation data already runs the model
-    lm = live_lm if live_lm is not None and cfg.device == "auto" else load_lm(
-        train_cfg.model, None if cfg.device == "auto" else cfg.device)
     hook = HookPoint(train_cfg.layer, train_cfg.hook.name)
     target = hook if train_cfg.target_hook is None else HookPoint(*train_cfg.target_hook)
     input_hook = None if target == hook else hook
@@ -147,15 +155,16 @@ def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE,
 
 def run_evaluation(cfg: EvalConfig) -> Path:
     """Evaluate ``cfg.ckpt_path``; returns the path of the ``metrics.json`` it wrote (``saebench_core.json``
-    beside it). A group folder (``group.json``) goes to :func:`run_group_evaluation`."""
+    beside it). A group folder (``group.json``) goes to :func:`run_group_evaluation`. Every export asked
+    for (``export``) is checked against what its format can hold before any work."""
+    from sae_lightning.evaluate.exports import check_run_exports, refuse_clt, write_run_exports
     from sae_lightning.group.run import GROUP_FILE
 
     if (Path(cfg.ckpt_path) / GROUP_FILE).is_file():
         return run_group_evaluation(cfg)
+    refuse_clt(cfg)
     sae, train_cfg = load_trained(cfg.ckpt_path)
-    if sae.transcoder and (cfg.export or cfg.hub_repo_id):
-        raise ConfigError(f"export=true: {cfg.ckpt_path} is a transcoder; transcoders are not exported to "
-                          "the SAELens format yet; use the <run>/sae folder (SAE.load)")
+    check_run_exports(cfg, sae, train_cfg, cfg.exports)
     dm = open_eval_data(cfg, train_cfg, sae)
     out_dir = eval_dir_for(cfg.ckpt_path, cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -176,15 +185,12 @@ def run_evaluation(cfg: EvalConfig) -> Path:
         metrics |= feature_recovery(sae.W_dec, torch.from_numpy(dm.source.dictionary))
     if has_prefixes(sae):  # nested (Matryoshka) SAEs: each prefix's reconstruction, a second pass
         metrics |= prefix_metrics(dm.eval_rows(cfg.max_tokens, cfg.batch_size), sae)
+    lm = eval_lm(cfg, train_cfg, dm) if has_text and (cfg.downstream or cfg.report
+                                                      or "neuronpedia" in cfg.exports) else None
     if has_text and (cfg.downstream or cfg.report):
-        metrics |= lm_metrics_and_report(cfg, train_cfg, sae, dm, result, metrics, out_dir)
-    if cfg.export or cfg.hub_repo_id:
-        from sae_lightning.export import export_trained, push_to_hub
-
-        exported = export_trained(sae, train_cfg, out_dir / "saelens")
-        metrics["export_path"] = str(exported)
-        if cfg.hub_repo_id:
-            push_to_hub(exported, cfg.hub_repo_id)
+        metrics |= lm_metrics_and_report(cfg, train_cfg, sae, dm, result, metrics, out_dir, lm)
+    metrics |= write_run_exports(cfg, sae, train_cfg, cfg.exports, out_dir,
+                                 {"result": result, "lm": lm, "dm": dm})
     metrics["ckpt_path"] = str(Path(cfg.ckpt_path).resolve())
     path = out_dir / "metrics.json"
     keep_previous(path)
@@ -211,11 +217,14 @@ def held_out_contexts(dm: Any, n: int, max_tokens: int, batch_size: int) -> torc
 
 
 def run_group_evaluation(cfg: EvalConfig) -> Path:
-    """A group folder (``layers=[...]``): each finished member evaluated in its own ``eval/``
-    (``group_members``), and, when the members are transcoders of their layers' MLPs, the replacement model
-    (``evaluate/replacement.py``: every MLP replaced at once, and each alone) on ``downstream_contexts``
-    held-out contexts, checked before any member is evaluated. Writes ``<group>/eval/metrics.json`` (the
-    replacement numbers, each member's metrics path) and ``report.html`` (the table); returns the former."""
+    """A group folder (``layers=[...]``): each finished member evaluated in its own ``eval/`` with the
+    per-run exports (``group_members``); when the members are transcoders of their layers' MLPs, the
+    replacement model (``evaluate/replacement.py``: every MLP replaced at once, and each alone) on
+    ``downstream_contexts`` held-out contexts; then the set exports (circuit-tracer's transcoder set) of all
+    members into ``<group>/eval/``. Every export of every member and the replaced layers are checked before
+    any work. Writes ``<group>/eval/metrics.json`` (the replacement numbers, each member's metrics path,
+    the set exports' paths) and ``report.html`` (the table); returns the former."""
+    from sae_lightning.evaluate.exports import SET_FORMATS, check_run_exports, check_set, write_set_exports
     from sae_lightning.evaluate.replacement import (
         TABLE_NOTE,
         NotMLPTranscoders,
@@ -230,8 +239,26 @@ def run_group_evaluation(cfg: EvalConfig) -> Path:
     from sae_lightning.text import special_token_mask
 
     group_dir = Path(cfg.ckpt_path)
+    if cfg.hub_repo_id:
+        raise ConfigError(f"hub_repo_id={cfg.hub_repo_id}: {group_dir} is a group of runs; push one member's "
+                          "export (ckpt_path=<member run>)")
     out_dir = eval_dir_for(cfg.ckpt_path, cfg.out_dir)
     members = group_members(group_dir)
+    set_formats = [f for f in cfg.exports if f in SET_FORMATS]
+    member_cfg = dataclasses.replace(cfg, export=[f for f in cfg.exports if f not in SET_FORMATS],
+                                     out_dir=None)
+    loaded = {name: load_trained(folder) for name, folder in members
+              if (folder / "sae" / "cfg.json").is_file()}
+    if set_formats:
+        untrained = [name for name, _ in members if name not in loaded]
+        if untrained:
+            raise UnsupportedFormatError(
+                f"export={','.join(set_formats)}: members {untrained} of {group_dir} have no trained SAE "
+                "(failed or unfinished): a transcoder set needs every layer")
+        check_set(list(loaded.values()))
+    if cfg.group_members:
+        for sae, train_cfg in loaded.values():
+            check_run_exports(member_cfg, sae, train_cfg, member_cfg.exports)
     plts, lm, dm, train_cfg = None, None, None, None
     if cfg.replacement:
         try:
@@ -249,11 +276,11 @@ def run_group_evaluation(cfg: EvalConfig) -> Path:
     for name, folder in members:
         if not cfg.group_members:
             break
-        if not (folder / "sae" / "cfg.json").is_file():
+        if name not in loaded:
             log.warning("%s has no trained SAE (%s): not evaluated", name, folder)
             continue
         log.info("evaluating %s", name)
-        path = run_evaluation(dataclasses.replace(cfg, ckpt_path=str(folder), out_dir=None))
+        path = run_evaluation(dataclasses.replace(member_cfg, ckpt_path=str(folder)))
         metrics["members"][name] = str(path)
         if (path.parent / "report.html").is_file():
             links[f"{name}: report"] = os.path.relpath(path.parent / "report.html", out_dir)
@@ -279,6 +306,9 @@ def run_group_evaluation(cfg: EvalConfig) -> Path:
              "clean LM loss": metrics["replacement/ce_loss_clean"]},
             columns, rows, TABLE_NOTE, links)
         log.info("report: %s", report)
+    exported = write_set_exports(set_formats, list(loaded.values()), out_dir)
+    if exported:
+        metrics["export_paths"] = exported
     path = out_dir / "metrics.json"
     keep_previous(path)
     atomic_write_json(path, metrics)
