@@ -324,3 +324,21 @@ def test_a_clt_too_big_for_memory_is_refused_naming_bf16(tmp_path, tiny_gpt2_dir
                        {**__import__("os").environ, "SAE_LIGHTNING_MEMORY_LIMIT": "200M"})
     assert out.returncode == 1 and "trainer.precision=bf16-true" in out.stderr, out.stderr[-3000:]
     assert not list(run.glob("checkpoints/*.ckpt"))
+
+
+def test_a_clt_trains_with_bf16_weights(tmp_path, tiny_gpt2_dir, text) -> None:  # noqa: F811
+    """``trainer.precision=bf16-true``: weights, gradients and Adam's moments in bf16 (half the state the
+    memory formula counts), the folder's weights in bf16, loaded as float32."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    out = run_train_py([*clt_overrides(tiny_gpt2_dir, text, train_tokens=6 * BATCH), "sae=batchtopk",
+                        "sae.k=4", "trainer.precision=bf16-true", f"hydra.run.dir={run}"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+    assert load_file(run / "clt" / "layer_0.safetensors")["W_dec"].dtype == torch.bfloat16
+    final = ckpt(run / "checkpoints" / "final.ckpt")
+    moments = final["optimizer_states"][0]["state"][0]
+    assert moments["exp_avg"].dtype == moments["exp_avg_sq"].dtype == torch.bfloat16
+    clt = load_clt(run / "clt")
+    assert clt.W_enc[0].dtype == torch.float32 and float(clt.threshold[2]) > 0

@@ -13,7 +13,7 @@ normalized input (``mlp_in``) and ``t_j = y_j * s_out[j]`` the normalized target
 Each layer's reconstruction error is measured on its own normalized scale (``E||t_j|| = sqrt(d_out)``), so
 every layer counts alike whatever the size of its MLP output. The decoders are stored per source layer
 (the layout circuit-tracer uses), so the decoder parameters number ``d_sae * d_out * n (n + 1) / 2``:
-docs/circuits.md gives the memory formula.
+docs/cross-layer-transcoders.md gives the memory formula.
 
 Sparsity reuses the SAE architectures' own pieces (``saes/``): JumpReLU's straight-through functions,
 its sparse start and its L0 term (``sae.l0_coeff``, ``sae.target_l0``, ``sae.sparsity_loss=tanh`` with the

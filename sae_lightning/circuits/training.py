@@ -153,7 +153,7 @@ def check_clt_memory(cfg: TrainConfig, d_in: int, d_out: int, dims: list[int], l
         raise GroupMemoryError(
             f"the CLT over {len(cfg.layers)} layers needs about {human(estimate.total)} on {estimate.device} "
             f"but {human(estimate.available)} is available ({human(estimate.members[0])} for the CLT: its "
-            "decoders grow with the square of the number of layers, docs/circuits.md; "
+            "decoders grow with the square of the number of layers, docs/cross-layer-transcoders.md; "
             f"{human(estimate.shared)} for the stream and the LM). Train its weights in bf16 "
             "(trainer.precision=bf16-true halves its state), or lower sae.dict_mult / sae.d_sae, batch_size "
             f"or the number of layers (set {LIMIT_ENV}=<bytes> if the available memory is misread)")
