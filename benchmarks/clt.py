@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("--train-tokens", type=int, default=327_680)
     parser.add_argument("--seeds", type=int, default=1, help="seeds at the middle k (the spread)")
     parser.add_argument("--eval-contexts", type=int, default=64)
-    parser.add_argument("--work", type=Path, default=REPO / ".bench" / "clt")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/clt_bench"))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--overrides", nargs="*", default=[], help="more train.py overrides (both kinds)")
     args = parser.parse_args()

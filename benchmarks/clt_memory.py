@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--sae", default="jumprelu")
     parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--work", type=Path, default=REPO / ".bench" / "clt_memory")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/clt_memory"))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     run = args.work / f"{args.sae}_x{args.dict_mult:g}_b{args.batch_size}_{args.precision}"
