@@ -12,6 +12,7 @@ import torch
 from test_live import BATCH, live_overrides, text  # noqa: F401  (the module-scoped text fixture)
 from test_resume import ckpt, configure, run_train_py
 
+from sae_lightning.checkpoints import CheckpointError, load_sae_checkpoint
 from sae_lightning.checks import ConfigError
 from sae_lightning.circuits.clt import CrossLayerTranscoder, load_clt
 from sae_lightning.circuits.export import ExportError, export_circuit_tracer
@@ -255,6 +256,8 @@ def test_clt_run_writes_one_run_folder_that_loads_and_exports(tmp_path, tiny_gpt
     assert header.count("train/loss_reconstruction_layer2") == 1
     export_circuit_tracer(clt, tmp_path / "ct")
     assert len(list((tmp_path / "ct").glob("W_dec_*.safetensors"))) == 3
+    with pytest.raises(CheckpointError, match="cross-layer transcoder's"):
+        load_sae_checkpoint(run / "checkpoints" / "final.ckpt")
 
 
 @pytest.mark.slow
