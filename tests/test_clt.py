@@ -106,6 +106,28 @@ def test_forward_loss_equals_the_hand_computation_and_every_decoder_block_gets_a
 
 
 @pytest.mark.parametrize("arch", list(CONFIGS))
+def test_the_sparse_kernels_compute_the_dense_loss_and_gradients(arch) -> None:
+    """``sae.sparse_kernel=sparse`` (only the kept / in-play entries) against ``dense``: same loss, same
+    gradient of every parameter."""
+    import dataclasses
+
+    grads = {}
+    for kernel in ("dense", "sparse"):
+        clt = tiny_clt(dataclasses.replace(CONFIGS[arch], sparse_kernel=kernel))
+        torch.manual_seed(1)
+        x, y = torch.randn(6, 3, D_IN), torch.randn(6, 3, D_OUT)
+        clt.eval()
+        out = clt(clt.normalize(x), target=clt.normalize_target(y), sparsity_coeff=0.3)
+        out.loss.backward()
+        grads[kernel] = (out.loss.detach(), out.fire_counts, {n: p.grad for n, p in clt.named_parameters()})
+    (loss_d, fire_d, g_d), (loss_s, fire_s, g_s) = grads["dense"], grads["sparse"]
+    torch.testing.assert_close(loss_s, loss_d)
+    assert torch.equal(fire_s, fire_d)
+    for name, g in g_d.items():
+        torch.testing.assert_close(g_s[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
 def test_the_replacement_contract_is_the_raw_scale_forward(arch) -> None:
     """encode(layer, mlp_in) / decode(layer, latents, mlp_in) on raw activations give the training
     forward's reconstruction divided back to raw (BatchTopK: the forward selects per batch, so compare with

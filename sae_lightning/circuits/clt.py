@@ -52,6 +52,8 @@ from sae_lightning.saes.batchtopk import HINT_FRACTION, BatchTopKSAE, batch_top,
 from sae_lightning.saes.init import decoder_bias_init
 from sae_lightning.saes.jumprelu import SPARSE_START_Z, heaviside, jumprelu, l0_term, sparse_start_thresholds
 from sae_lightning.saes.registry import config_from_dict
+from sae_lightning.saes.sparse_ops import layout, row_pointers, sparse_decode, uniform_rows
+from sae_lightning.saes.topk import SPARSE_MAX_DENSITY
 
 ARCHITECTURES = ("jumprelu", "topk", "batchtopk")
 FORMAT = "sae_lightning_clt"
@@ -157,25 +159,57 @@ class CrossLayerTranscoder(nn.Module):
         top, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(top))
 
-    def _train_latents(self, i: int, pre: Tensor, sparsity_coeff: float) -> tuple[Tensor, Tensor | None]:
-        """Training latents of source layer ``i`` and its sparsity term (None for TopK/BatchTopK)."""
+    def _source(self, i: int, u: Tensor, sparsity_coeff: float) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Training pass of source layer ``i`` on its normalized input ``u`` [B, d_in]: its decoded output
+        into every layer from ``i`` on [B, (n - i) * d_out] (no bias), its fire counts [d_sae] and its
+        sparsity term (None for TopK/BatchTopK).
+
+        The architectures' own kernels (``saes/sparse_ops.py``, ``sae.sparse_kernel``): TopK/BatchTopK decode
+        only the kept entries when ``k <= d_sae / 8`` (TopK's rule), JumpReLU only the entries in play when
+        few are (its rule); otherwise, and always with bf16 weights (torch's sampled matmul, which the sparse
+        backward uses, has no bf16), the dense matrices. The same function either way."""
         cfg, arch = self.cfg, self.cfg.architecture
+        w_dec, B = self.W_dec[i].flatten(1), u.shape[0]
+        center = u.new_zeros(self.d_in)  # a transcoder's encoder subtracts nothing
+        kernel = cfg.sparse_kernel if w_dec.dtype in (torch.float32, torch.float64) else "dense"
+        if arch == "jumprelu":
+            dense_pre = self.pre_acts(i, u)
+            with torch.no_grad():  # in play: active or in the straight-through band
+                lat = layout(dense_pre - self.threshold[i] > -cfg.bandwidth / 2, kernel)
+            pre = lat.encode(u, self.W_enc[i], self.b_enc[i], center, dense_pre)
+            theta = lat.per_entry(self.threshold[i])
+            z = jumprelu(pre, theta, cfg.bandwidth, cfg.ste_to_input)
+            if cfg.sparsity_loss == "tanh":
+                scale = lat.per_entry(cfg.tanh_scale * w_dec.norm(dim=1))
+                term = torch.tanh(z * scale).sum() / B
+            else:
+                l0 = heaviside(pre, theta, cfg.bandwidth, cfg.ste_to_input).sum() / B
+                term = l0_term(l0, None if cfg.target_l0 is None else cfg.target_l0 / self.n_layers)
+            return lat.decode(z, w_dec), lat.fire_counts(z), sparsity_coeff * term
+        sparse = kernel == "sparse" or (kernel == "auto" and cfg.k <= SPARSE_MAX_DENSITY * self.d_sae)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not sparse):  # sparse_decode: own backward
+            pre = self.pre_acts(i, u)
         if arch == "topk":
-            return self.activate(i, pre), None
-        if arch == "batchtopk":
+            top, idx = pre.topk(cfg.k, dim=-1, sorted=False)
+            crow, index, kept = uniform_rows(B, cfg.k, u.device), idx.reshape(-1), top.reshape(-1)
+            flat = None
+        else:
             flat, values = batch_top(pre, cfg.k, hint=HINT_FRACTION * float(self.threshold[i]))
             if self.training:
                 update_threshold(self.threshold[i], self.threshold_batches[i], values.detach(),
                                  cfg.threshold_lr)
-            return BatchTopKSAE.dense_latents(pre, flat, values), None
-        z = jumprelu(pre, self.threshold[i], cfg.bandwidth, cfg.ste_to_input)
-        n_rows = pre.shape[0]
-        if cfg.sparsity_loss == "tanh":
-            scale = cfg.tanh_scale * self.W_dec[i].flatten(1).norm(dim=1)
-            return z, sparsity_coeff * torch.tanh(z * scale).sum() / n_rows
-        l0 = heaviside(pre, self.threshold[i], cfg.bandwidth, cfg.ste_to_input).sum() / n_rows
-        target = None if cfg.target_l0 is None else cfg.target_l0 / self.n_layers
-        return z, sparsity_coeff * l0_term(l0, target)
+            rows = torch.div(flat, self.d_sae, rounding_mode="floor")
+            crow, index = row_pointers(torch.bincount(rows, minlength=B)), flat - rows * self.d_sae
+            kept = pre.reshape(-1)[flat]
+        fire_counts = torch.bincount(index[kept.detach() > 0], minlength=self.d_sae)
+        if sparse:
+            return sparse_decode(u, self.W_enc[i], self.b_enc[i], center, w_dec, crow, index, kept), \
+                fire_counts, None
+        if flat is None:
+            z = torch.zeros_like(pre).scatter(1, idx, torch.relu(top))
+        else:
+            z = BatchTopKSAE.dense_latents(pre, flat, torch.relu(kept))
+        return z @ w_dec, fire_counts, None
 
     # ----- the replacement-model contract (raw in, raw out) -----------------------------------------
     def encode(self, layer: int, mlp_in: Tensor) -> Tensor:
@@ -214,9 +248,9 @@ class CrossLayerTranscoder(nn.Module):
         x_hat = target.new_zeros(B, n, self.d_out) + torch.stack(list(self.b_dec))
         counts, sparsity = [], []
         for i in range(n):
-            z, term = self._train_latents(i, self.pre_acts(i, u[:, i]), sparsity_coeff)
-            x_hat[:, i:] += (z @ self.W_dec[i].flatten(1)).view(B, n - i, self.d_out)
-            counts.append((z.detach() > 0).sum(0))
+            decoded, fire_counts, term = self._source(i, u[:, i], sparsity_coeff)
+            x_hat[:, i:] += decoded.view(B, n - i, self.d_out)
+            counts.append(fire_counts)
             if term is not None:
                 sparsity.append(term)
         if self.cfg.skip:
