@@ -29,6 +29,8 @@ Every figure is an upper bound in bytes:
 - :func:`stream_bytes`: the stream's buffers as ``datamodule.py`` and ``live/`` hold them (function
   docstring).
 - :func:`model_bytes`: the LM's parameters and buffers (a live run holds it; a cache run does not).
+- :func:`clt_parts` / :func:`estimate_clt`: a cross-layer transcoder (``clt=true``), whose decoders grow
+  with the square of its number of layers; what a ``clt=true`` run checks before any work.
 
 :func:`available_bytes` reads the free memory of a device; ``SAE_LIGHTNING_MEMORY_LIMIT`` (bytes, or with a
 K/M/G/T suffix) overrides it, for tests and for users who share a machine.
