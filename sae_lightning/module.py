@@ -74,8 +74,9 @@ class Trainee:
         self.latents = LatentStats(self.sae.n_latents, cfg.latents.dead_window_tokens)
         target = cfg.sae.target_l0 if isinstance(cfg.sae, PenalisedConfig) else None
         if target is not None:
-            check(target < self.sae.n_latents, "sae.target_l0", target,
-                  f"must be below the number of latents ({self.sae.n_latents})")
+            n = self.sae.n_latents
+            check(target < n, "sae.target_l0", target, f"must be below d_sae={n}" if n == self.sae.d_sae
+                  else f"must be below the number of latents of every layer ({n})")
         # a submodule, so checkpoints hold the controller's state
         self.target_l0 = None if target is None else TargetL0(target, two_sided=self.sae.two_sided_target)
 
