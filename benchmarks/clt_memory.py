@@ -29,11 +29,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--sae", default="jumprelu")
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--buffer-tokens", type=int, default=4096, help="live window: rows of 60 hooks each")
+    parser.add_argument("--lm-batch-size", type=int, default=8)
     parser.add_argument("--work", type=Path, default=Path("/tmp/clt_memory"))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     run = args.work / f"{args.sae}_x{args.dict_mult:g}_b{args.batch_size}_{args.precision}"
-    over = ["experiment=quickstart", "activations=live", "activations.buffer_tokens=8192", "hook=mlp_in",
+    over = ["experiment=quickstart", "activations=live", f"activations.buffer_tokens={args.buffer_tokens}",
+            f"data.lm_batch_size={args.lm_batch_size}", "hook=mlp_in",
             "target.name=mlp_out", f"layers=[{','.join(map(str, range(args.layers)))}]", "clt=true",
             f"sae={args.sae}", f"sae.dict_mult={args.dict_mult}", f"batch_size={args.batch_size}",
             f"train_tokens={args.steps * args.batch_size}", f"trainer.precision={args.precision}",
