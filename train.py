@@ -45,6 +45,14 @@ def train(dict_cfg: DictConfig) -> float:
     log.info("Run finished: %d steps, %d tokens in %.0f s", summary.steps, summary.tokens,
              summary.train_seconds)
     log.info("  run dir:    %s", summary.run_dir)
+    if cfg.clt:
+        log.info("  CLT:        %s   (sae_lightning.circuits.clt.load_clt(path))", summary.sae_dir)
+        log.info("  val: mean over layers explained_variance=%.4f nmse=%.4f; total l0=%.1f",
+                 m.get("val/explained_variance", float("nan")), m.get("val/nmse", float("nan")),
+                 m.get("val/l0", float("nan")))
+        log.info("Export for circuit-tracer: python -m sae_lightning.circuits.export %s <out dir>",
+                 summary.sae_dir)
+        return cfg.objective.value(m)
     log.info("  SAE:        %s   (SAE.load(path))", summary.sae_dir)
     log.info("  val: explained_variance=%.4f nmse=%.4f l0=%.1f",
              m.get("val/explained_variance", float("nan")), m.get("val/nmse", float("nan")),

@@ -179,6 +179,10 @@ def load_sae_checkpoint(path: str | Path, expected_d_in: int | None = None) -> S
     path = Path(path)
     ckpt = read_checkpoint(path)
     hp = ckpt["hyper_parameters"]
+    if hp.get("config", {}).get("clt"):
+        raise CheckpointError(f"checkpoint {path} is a cross-layer transcoder's (clt=true), not one SAE's: "
+                              "load it with sae_lightning.circuits.clt.load_clt(<run>/clt) "
+                              "(docs/cross-layer-transcoders.md)")
     d_in = int(hp["d_in"])
     if expected_d_in is not None and d_in != expected_d_in:
         cfg = hp.get("config", {})

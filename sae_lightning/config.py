@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sae_lightning.checks import ConfigError
 from sae_lightning.checks import check as _check
+from sae_lightning.circuits.clt import ARCHITECTURES as CLT_ARCHITECTURES
 from sae_lightning.metrics import DENSE_THRESHOLD
 from sae_lightning.saes import SAE_REGISTRY, config_from_dict, sae_class
 
@@ -380,6 +381,7 @@ class TrainConfig:
     layer: int = 6  # the layer whose hook is read
     layers: Any = None  # one SAE per layer (and hook), all from one stream, replaces layer: [2,3,4] or all
     hooks: list[str] | None = None  # several hook names: one SAE per (layer, hook), replaces hook.name
+    clt: bool = False  # one cross-layer transcoder over layers: hook -> target.name at each (circuits/)
     ckpt_path: str | None = None  # resume: a checkpoint or run folder, last or auto (checkpoints.py)
     run_name: str | None = None  # the W&B run's name; None: the run folder's name
 
@@ -394,6 +396,7 @@ class TrainConfig:
         _check(self.layer >= 0, "layer", self.layer, "must be >= 0")
         self._check_lists()
         self._check_transcoder()
+        self._check_clt()
         self._check_live()
 
     def _check_lists(self) -> None:
@@ -416,8 +419,25 @@ class TrainConfig:
 
     @property
     def grouped(self) -> bool:
-        """Whether this run trains one SAE per entry of ``layers``/``hooks`` (``group/``)."""
-        return self.layers is not None or self.hooks is not None
+        """Whether this run trains one SAE per entry of ``layers``/``hooks`` (``group/``); a CLT over
+        ``layers`` is one model, not a group."""
+        return not self.clt and (self.layers is not None or self.hooks is not None)
+
+    def _check_clt(self) -> None:
+        """``clt=true``: a list of ascending layers, a target hook at each, one of the CLT architectures."""
+        if not self.clt:
+            return
+        _check(self.target.name is not None, "clt", True,
+               "a cross-layer transcoder needs its target: add target.name=mlp_out (and hook=mlp_in)")
+        _check(self.target.layer is None, "target.layer", self.target.layer,
+               "a CLT reads each layer's own target: leave target.layer out")
+        _check(bool(self.layers), "clt", True, "a cross-layer transcoder needs its layers: layers=[0,1,2,3]")
+        _check(list(self.layers) == sorted(self.layers), "layers", self.layers,
+               "a CLT's layers must be ascending")
+        _check(self.hooks is None, "hooks", self.hooks, "a CLT reads one hook per layer: use hook=<name>")
+        _check(self.sae.architecture in CLT_ARCHITECTURES, "sae", self.sae.architecture,
+               f"has no cross-layer transcoder; with clt=true choose sae="
+               f"{' or sae='.join(CLT_ARCHITECTURES)}")
 
     def _check_live(self) -> None:
         """A live run's buffer must hold a batch."""
@@ -544,10 +564,11 @@ def check_sparsity_override(cfg: TrainConfig, overrides: list[str]) -> None:
 def train_config_from_dict(config: dict[str, Any]) -> TrainConfig:
     """Rebuild (and re-validate) a ``TrainConfig`` from the plain dict stored in a checkpoint or cfg.json."""
     values = dict(config)
-    sae = values.pop("sae", None)
+    sae, clt = values.pop("sae", None), bool(values.pop("clt", False))  # clt's checks need the real sae
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), values))
-    if sae is not None:
-        cfg.sae = config_from_dict(sae)
+    if sae is not None or clt:
+        cfg.sae = cfg.sae if sae is None else config_from_dict(sae)
+        cfg.clt = clt
         cfg.__post_init__()  # again: the cross-checks between sae and the rest of the config
     return cfg
 

@@ -70,13 +70,19 @@ class Trainee:
         self.cfg = cfg
         with torch.random.fork_rng():   # the start depends on the config's own seed alone
             torch.manual_seed(cfg.init_seed)
-            self.sae = build_sae(cfg.sae, d_in, d_out)
-        self.latents = LatentStats(self.sae.d_sae, cfg.latents.dead_window_tokens)
+            self.sae = self.build_model(cfg, d_in, d_out)
+        self.latents = LatentStats(self.sae.n_latents, cfg.latents.dead_window_tokens)
         target = cfg.sae.target_l0 if isinstance(cfg.sae, PenalisedConfig) else None
         if target is not None:
-            check(target < self.sae.d_sae, "sae.target_l0", target, f"must be below d_sae={self.sae.d_sae}")
+            n = self.sae.n_latents
+            check(target < n, "sae.target_l0", target, f"must be below d_sae={n}" if n == self.sae.d_sae
+                  else f"must be below the number of latents of every layer ({n})")
         # a submodule, so checkpoints hold the controller's state
         self.target_l0 = None if target is None else TargetL0(target, two_sided=self.sae.two_sided_target)
+
+    def build_model(self, cfg: TrainConfig, d_in: int, d_out: int | None) -> SAE:
+        """The model under training: the SAE ``cfg.sae`` (a transcoder when ``d_out`` is given)."""
+        return build_sae(cfg.sae, d_in, d_out)
 
     def coeff_at(self, step: int) -> float:
         """The architecture's coefficient times the warm-up factor (``optim.l1_warmup_steps``) and, with
@@ -114,8 +120,10 @@ class Trainee:
     def step_logs(self, out: SAEOutput, x: Tensor, target: Tensor | None, coeff: float) -> dict[str, Tensor]:
         """The ``train/*`` numbers logged every ``trainer.log_every_n_steps`` steps."""
         x_hat = out.x_hat.detach() / self.sae.output_scale
+        ref = x if target is None else target
         logs = {f"train/loss_{k}": v for k, v in out.terms.items() if k != "l0"}
-        logs.update({f"train/{k}": v for k, v in batch_metrics(x if target is None else target, x_hat,
+        logs.update({f"train/{k}": v for k, v in batch_metrics(ref.reshape(-1, ref.shape[-1]),
+                                                               x_hat.reshape(-1, x_hat.shape[-1]),
                                                                out.l0).items()})
         logs["train/loss"] = out.loss.detach()
         logs["train/dead_fraction_window"] = self.latents.dead_mask().float().mean()
@@ -198,10 +206,17 @@ class SAEModule(Trainee, L.LightningModule):
         """
         if self.global_step > 0 or self.trainer.ckpt_path is not None:
             return
-        dm = self.trainer.datamodule
-        targets = dm.sample_targets(DATA_INIT_ROWS).to(self.device) if self.sae.transcoder else None
-        self.init_from_rows(dm.sample(DATA_INIT_ROWS).to(self.device), targets)
+        rows, targets = self.sample_rows(self.trainer.datamodule, DATA_INIT_ROWS)
+        self.init_from_rows(rows.to(self.device), None if targets is None else targets.to(self.device))
         broadcast_parameters(self)
+
+    def sample_rows(self, dm: Any, n: int) -> tuple[Tensor, Tensor | None]:
+        """``n`` raw training rows of the datamodule (and a transcoder's targets at the same positions)."""
+        return dm.sample(n), (dm.sample_targets(n) if self.sae.transcoder else None)
+
+    def split(self, batch: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+        """A batch of the datamodule as (raw input rows, a transcoder's raw target rows or None)."""
+        return split_batch(batch)
 
     def reduce_counts(self, counts: Tensor) -> tuple[Tensor, int]:
         """Fire counts summed over every DDP rank, and the world size."""
@@ -219,7 +234,7 @@ class SAEModule(Trainee, L.LightningModule):
     def training_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> Tensor:
         step = self.global_step
         coeff = self.before_step(step)
-        x, target = split_batch(batch)
+        x, target = self.split(batch)
         out = train_step(self.sae, self.optimizers(), x, self.latents, coeff=coeff,
                          grad_clip=self.cfg.optim.grad_clip, clip_scope=self.cfg.optim.grad_clip_scope,
                          step=step, nan_guard=self.cfg.optim.nan_guard,
@@ -241,7 +256,7 @@ class SAEModule(Trainee, L.LightningModule):
         self._val_stats = self.new_val_stats()
 
     def validation_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> None:
-        self.update_val_stats(self._val_stats, *split_batch(batch))
+        self.update_val_stats(self._val_stats, *self.split(batch))
 
     def on_validation_epoch_end(self) -> None:
         """Log whole-validation-set numbers: under DDP every rank's statistics are gathered and merged."""

@@ -4,6 +4,7 @@
 <run>/
   summary.json        RunSummary: status (finished | preempted | failed), where things are, final metrics
   sae/                the trained SAE (cfg.json + sae.safetensors; SAE.load), written at the end of a run
+  clt/                instead of sae/ for clt=true: the cross-layer transcoder (circuits.clt.load_clt)
   checkpoints/        Lightning checkpoints (resuming): step*.ckpt, last.ckpt, final.ckpt
   csv/metrics.csv     training curves (earlier ones of a resumed run kept as metrics-<n>.csv)
   resume_key.json     the config fingerprint ``ckpt_path=last`` looks for
@@ -66,6 +67,7 @@ class RunDir:
 
     checkpoints = property(lambda self: self.path / "checkpoints")
     sae = property(lambda self: self.path / "sae")
+    clt = property(lambda self: self.path / "clt")  # a clt=true run's cross-layer transcoder
     summary_path = property(lambda self: self.path / "summary.json")
     csv_log = property(lambda self: self.path / "csv" / "metrics.csv")
     resume_key = property(lambda self: self.path / "resume_key.json")

@@ -231,10 +231,11 @@ def write_summary(cfg: TrainConfig, trainer: L.Trainer, sae: SAE, run: RunDir, c
     return summary
 
 
-def save_sae(sae: SAE, run: RunDir, config: dict[str, Any]) -> Path:
-    """Write the trained SAE folder (``SAE.save``) with the training config as its provenance."""
+def save_sae(sae: SAE, run: RunDir, config: dict[str, Any], folder: Path | None = None) -> Path:
+    """Write the trained SAE folder (``SAE.save``, into ``folder``, by default ``run.sae``) with the training
+    config as its provenance."""
     sae.metadata = {"train_config": config}
-    return sae.save(run.sae)
+    return sae.save(run.sae if folder is None else folder)
 
 
 def needs_final_validation(cfg: TrainConfig, trainer: L.Trainer, dm: L.LightningDataModule,
@@ -262,15 +263,26 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_dict: dict[str, Any]) -
         return fit(cfg, run, config_dict, fingerprint, resume_from)
 
 
-def fit(cfg: TrainConfig, run: RunDir, config_dict: dict[str, Any], fingerprint: str,
-        resume_from: Path | None) -> RunSummary:
-    """Build, fit and save in ``run`` (see :func:`run_training`)."""
-    ckpt_dir = prepare_run_dir(run, fingerprint, resume_from)
+def build_module(cfg: TrainConfig, config_dict: dict[str, Any]) -> tuple[L.LightningDataModule, SAEModule]:
+    """The run's datamodule and module, the model given its activation scales: one SAE, or with
+    ``clt=true`` a cross-layer transcoder on the group stream (``circuits/training.py``)."""
+    if cfg.clt:
+        from sae_lightning.circuits.training import build_clt_module
+
+        return build_clt_module(cfg, config_dict)
     dm = datamodule_from_config(cfg)
     module = SAEModule(config_dict, d_in=dm.d_in, d_out=dm.d_out)
     module.sae.set_input_scale(dm.norm_scale)
     if dm.target_norm_scale is not None:
         module.sae.set_target_scale(dm.target_norm_scale)
+    return dm, module
+
+
+def fit(cfg: TrainConfig, run: RunDir, config_dict: dict[str, Any], fingerprint: str,
+        resume_from: Path | None) -> RunSummary:
+    """Build, fit and save in ``run`` (see :func:`run_training`)."""
+    ckpt_dir = prepare_run_dir(run, fingerprint, resume_from)
+    dm, module = build_module(cfg, config_dict)
     if resume_from is not None:
         check_resumable(resume_from, module)
         log.info("Resuming from %s", resume_from)
@@ -305,7 +317,8 @@ def fit(cfg: TrainConfig, run: RunDir, config_dict: dict[str, Any], fingerprint:
     # weights_only=False: the full training state (optimizer, loops), so a run can go on from it; the file
     # still loads with torch.load(weights_only=True): nothing but tensors and plain values is in it
     trainer.save_checkpoint(final_ckpt, weights_only=False)
-    sae_dir = save_sae(module.sae, run, config_dict) if trainer.is_global_zero else run.sae
+    folder = run.clt if cfg.clt else run.sae
+    sae_dir = save_sae(module.sae, run, config_dict, folder) if trainer.is_global_zero else folder
     return write_summary(cfg, trainer, module.sae, run, final_ckpt, seconds,
                          {**fit_metrics, **scalar_metrics(trainer)}, config_dict, status="finished",
                          sae_dir=str(sae_dir), **resumed)

@@ -333,3 +333,14 @@ def test_grouped_sweep_end_to_end(tmp_path, tiny_gpt2_dir, tinystories_path):
     failed = _summary(diverged / bad)
     assert failed["status"] == "failed" and failed["error"].startswith("NonFiniteError"), failed
     assert _comparison(diverged)["ok"] == [ok] and _comparison(diverged)["failed"] == [bad]
+
+
+def test_a_clt_job_is_refused_by_the_grouped_launcher(sweep):
+    """A CLT is one model over its layers, not a member of a shared stream."""
+    engine = FakeEngine()
+    sweep_dir, returns = sweep("lr=1e-3,2e-3", "clt=true", "layers=[0,1]", "target.name=mlp_out",
+                               "hook=mlp_in", "sae=jumprelu", "activations=lm", engine=engine)
+    for job in _jobs(sweep_dir):
+        failed = _summary(sweep_dir / job)
+        assert failed["status"] == "failed" and "drop hydra/launcher=grouped" in failed["error"]
+    assert engine.calls == [] and all(math.isnan(r) for r in returns)

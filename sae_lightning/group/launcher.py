@@ -289,6 +289,10 @@ def as_member(cfg: DictConfig, seen: dict[str, Any]) -> Member | None:
     try:
         train_cfg = to_config(cfg)
         check_sparsity_override(train_cfg, ctx["overrides"])
+        if train_cfg.clt:
+            raise ConfigError("clt=true trains one cross-layer transcoder over its layers, not an SAE a "
+                              "grouped sweep can share a stream with: drop hydra/launcher=grouped (each CLT "
+                              "job then runs as its own process)")
         if train_cfg.grouped:
             raise ConfigError("layers=[...]/hooks=[...] make a job a group of its own; with "
                               "hydra/launcher=grouped sweep layer=3,6,9 (or hook=...) instead: the launcher "

@@ -29,6 +29,8 @@ Every figure is an upper bound in bytes:
 - :func:`stream_bytes`: the stream's buffers as ``datamodule.py`` and ``live/`` hold them (function
   docstring).
 - :func:`model_bytes`: the LM's parameters and buffers (a live run holds it; a cache run does not).
+- :func:`clt_parts` / :func:`estimate_clt`: a cross-layer transcoder (``clt=true``), whose decoders grow
+  with the square of its number of layers; what a ``clt=true`` run checks before any work.
 
 :func:`available_bytes` reads the free memory of a device; ``SAE_LIGHTNING_MEMORY_LIMIT`` (bytes, or with a
 K/M/G/T suffix) overrides it, for tests and for users who share a machine.
@@ -189,6 +191,49 @@ def stream_bytes(cfg: Any, dims: list[int]) -> int:
     return consumers * held + batches * batch * width * FLOAT32
 
 
+def weight_bytes(precision: str) -> int:
+    """Bytes per weight, gradient and Adam moment under Lightning's ``trainer.precision``: 2 when the
+    module itself is cast (``bf16-true``, ``16-true``), else 4 (mixed precision keeps float32 weights)."""
+    return 2 if str(precision) in ("bf16-true", "16-true") else FLOAT32
+
+
+def clt_parts(cfg: Any, d_in: int, d_out: int, device: torch.device | str = "cpu") -> tuple[int, int]:
+    """(state, working set) in bytes of the cross-layer transcoder of the ``TrainConfig`` ``cfg``
+    (``clt=true``) over ``n = len(cfg.layers)`` layers, each ``d_in``-wide in and ``d_out``-wide out.
+
+    State: the CLT built on the meta device (``P`` parameters: ``n (d_in d_sae + 2 d_sae + d_out)`` and
+    ``d_sae d_out n (n + 1) / 2`` for the decoders, more with a skip), times 4 (weights, gradients, Adam's two
+    moments) at :func:`weight_bytes` each, its buffers and 16 bytes of ``LatentStats`` per latent
+    (``n d_sae``). Working set, per ``batch_size`` rows: each source layer's step temporaries with the
+    architecture's ``WORKING_SET`` coefficients (as one SAE of ``d_sae`` latents), plus the stacked batch,
+    its normalized copy, the reconstruction of every layer and their gradients (``6 n (d_in + d_out)``
+    words per row); on CUDA one more copy of the parameters (Adam's multi-tensor step). An estimate built
+    from the SAEs' measured coefficients, not fitted on CLT runs."""
+    from sae_lightning.circuits.clt import CrossLayerTranscoder
+
+    with torch.device("meta"):
+        clt = CrossLayerTranscoder(cfg.sae, list(cfg.layers), d_in, d_out)
+    w, n, batch = weight_bytes(cfg.trainer.precision), clt.n_layers, cfg.batch_size
+    params = sum(p.numel() for p in clt.parameters())
+    state = 4 * w * params + tensor_bytes(clt.buffers()) + STATS_BYTES_PER_LATENT * clt.n_latents
+    a, c = WORKING_SET.get(cfg.sae.architecture, _LARGEST)
+    words = n * (a * clt.d_sae + c * (d_in + d_out)) + 6 * n * (d_in + d_out)
+    work = math.ceil(w * batch * words)
+    if torch.device(device).type == "cuda":
+        work += w * params
+    return state, work
+
+
+def estimate_clt(cfg: Any, d_in: int, d_out: int, dims: list[int], device: torch.device | str,
+                 model: nn.Module | None = None) -> MemoryEstimate:
+    """:func:`estimate_group`'s estimate for one cross-layer transcoder (:func:`clt_parts`) as its only
+    member, on the stream of hook widths ``dims``."""
+    device = torch.device(device)
+    base = estimate_group([], [], dims, device, model, cfg=cfg)
+    return MemoryEstimate([sum(clt_parts(cfg, d_in, d_out, device))], base.shared, base.available,
+                          base.device)
+
+
 def model_bytes(model: nn.Module | None) -> int:
     """Bytes of an LM's parameters and buffers (0 for ``None``: a run from the cache holds no LM)."""
     if model is None:
@@ -197,15 +242,17 @@ def model_bytes(model: nn.Module | None) -> int:
 
 
 def estimate_group(cfgs: list[Any], widths: list[tuple[int, int | None]], dims: list[int],
-                   device: torch.device | str, model: nn.Module | None = None) -> MemoryEstimate:
+                   device: torch.device | str, model: nn.Module | None = None,
+                   cfg: Any = None) -> MemoryEstimate:
     """The estimate of a group whose SAEs (``TrainConfig`` ``cfgs[i]`` on rows ``widths[i] = (d_in,
     d_out)``) train on ``device`` from one stream reading hooks of widths ``dims`` (``model``: a live run's
     LM, its torch module ``HookedLM.model``). Shared: the process's one-off cost of its first training step
     (``FIRST_STEP_BYTES``), on the CPU the freed memory its allocator keeps (``CPU_ALLOCATOR_SLACK``), plus
     what of the stream lives on ``device``: a live stream's windows and the LM where the LM runs, a cache
-    stream's buffers in host memory (on an accelerator, the batch moved to it)."""
+    stream's buffers in host memory (on an accelerator, the batch moved to it). ``cfg``: the config of the
+    stream, by default ``cfgs[0]``."""
     device = torch.device(device)
-    cfg = cfgs[0]
+    cfg = cfgs[0] if cfg is None else cfg
     members = [sae_training_bytes(c, d_in, d_out, device)
                for c, (d_in, d_out) in zip(cfgs, widths, strict=True)]
     if cfg.activations.source == "live":

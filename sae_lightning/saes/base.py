@@ -234,6 +234,11 @@ class SAE(nn.Module):
         return u_hat / self.output_scale.to(z.dtype)
 
     @property
+    def n_latents(self) -> int:
+        """The latents whose firing ``step.LatentStats`` tracks (``fire_counts``' length): ``d_sae``."""
+        return self.d_sae
+
+    @property
     def output_scale(self) -> Tensor:
         """The normalization of what it reconstructs: ``target_scale`` (transcoder) or ``input_scale``."""
         return self.target_scale if self.transcoder else self.input_scale

@@ -138,12 +138,20 @@ class BatchTopKSAE(TopKSAE):
     @torch.no_grad()
     def update_threshold(self, kept: Tensor) -> None:
         """One step of the threshold estimate (module docstring) from the kept values of a batch."""
-        positive = kept[kept > 0]
-        smallest = positive.min().double() if positive.numel() else kept.new_tensor(float("inf")).double()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
-        if torch.isinf(smallest):
-            return
-        lr = self.cfg.threshold_lr if self.threshold_batches > 0 else 1.0
-        self.threshold.mul_(1 - lr).add_(lr * smallest)
-        self.threshold_batches.add_(1)
+        update_threshold(self.threshold, self.threshold_batches, kept, self.cfg.threshold_lr)
+
+
+@torch.no_grad()
+def update_threshold(threshold: Tensor, batches: Tensor, kept: Tensor, lr: float) -> None:
+    """One step of the inference-threshold estimate (module docstring), in place on the scalar buffers
+    ``threshold`` and ``batches`` (batches seen), from the kept values of a batch; shared with the
+    cross-layer transcoder (``circuits/clt.py``)."""
+    positive = kept[kept > 0]
+    smallest = positive.min().double() if positive.numel() else kept.new_tensor(float("inf")).double()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    if torch.isinf(smallest):
+        return
+    step = lr if batches > 0 else 1.0
+    threshold.mul_(1 - step).add_(step * smallest.to(threshold.dtype))
+    batches.add_(1)

@@ -71,6 +71,7 @@ The evidence behind each default is in ``docs/decisions.md``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +127,38 @@ class _Step(torch.autograd.Function):
         pre, threshold = ctx.saved_tensors
         ste = _kernel(pre, threshold, ctx.bandwidth) * grad
         return (ste if ctx.ste_to_input else None), -ste.sum_to_size(threshold.shape), None, None
+
+
+def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: float, ste_to_input: bool) -> Tensor:
+    """``pre * H(pre - theta)`` with the straight-through gradients (``_JumpReLU``); ``threshold``
+    broadcasts against ``pre``. Shared with the cross-layer transcoder (``circuits/clt.py``)."""
+    return _JumpReLU.apply(pre, threshold, bandwidth, ste_to_input)
+
+
+def heaviside(pre: Tensor, threshold: Tensor, bandwidth: float, ste_to_input: bool) -> Tensor:
+    """``H(pre - theta)`` with the straight-through gradients (``_Step``): what the L0 term counts."""
+    return _Step.apply(pre, threshold, bandwidth, ste_to_input)
+
+
+def l0_term(l0: Tensor, target: float | None) -> Tensor:
+    """The L0 term the coefficient multiplies (module docstring): ``L0``; with a target ``T``,
+    ``T/2 * log((L0 + 1) / (T + 1))^2``, which pushes L0 towards T from either side."""
+    if target is None:
+        return l0
+    return target / 2 * torch.log((l0 + 1) / (target + 1)).square()
+
+
+@torch.no_grad()
+def sparse_start_thresholds(pre_of: Callable[[Tensor], Tensor], d_sae: int, n_rows: int,
+                            device: torch.device) -> Tensor:
+    """Each latent's threshold for the sparse start: the ``1 - SPARSE_START`` quantile of its
+    pre-activations over ``n_rows`` sample rows, ``pre_of(cols)`` giving those of the latents ``cols``
+    [n_rows, len(cols)] (computed ``QUANTILE_CHUNK`` latents at a time to bound memory), clamped at 0."""
+    k = max(1, math.ceil((1 - SPARSE_START) * n_rows))
+    out = torch.empty(d_sae, device=device)
+    for cols in torch.arange(d_sae, device=device).split(QUANTILE_CHUNK):
+        out[cols] = pre_of(cols).kthvalue(k, dim=0).values.clamp(min=0.0)
+    return out
 
 
 SPARSITY_LOSSES = ("l0", "tanh")
@@ -207,11 +240,10 @@ class JumpReLUSAE(SAE):
         if not self.sparse_start:
             return
         u = self.normalize(inputs.to(self.b_dec))
-        k = max(1, math.ceil((1 - SPARSE_START) * u.shape[0]))
         w = self.weights()
-        for cols in torch.arange(self.d_sae, device=u.device).split(QUANTILE_CHUNK):  # memory [n, chunk]
-            pre = self.pre_acts(u, w=Weights(w.W_enc[:, cols], w.b_enc[cols], w.W_dec[cols]))
-            self.threshold[cols] = pre.kthvalue(k, dim=0).values.clamp(min=0.0)
+        self.threshold.copy_(sparse_start_thresholds(
+            lambda cols: self.pre_acts(u, w=Weights(w.W_enc[:, cols], w.b_enc[cols], w.W_dec[cols])),
+            self.d_sae, u.shape[0], u.device))
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """The thresholds at ``lr * sae.threshold_lr_mult`` (module docstring), the rest at ``lr``."""
@@ -246,14 +278,14 @@ class JumpReLUSAE(SAE):
             lat = layout(dense_pre - self.threshold > -self.bandwidth / 2, self.cfg.sparse_kernel)
         pre = lat.encode(u, w.W_enc, w.b_enc, self.input_center(), dense_pre)
         theta = lat.per_entry(self.threshold)
-        z = _JumpReLU.apply(pre, theta, self.bandwidth, self.cfg.ste_to_input)
+        z = jumprelu(pre, theta, self.bandwidth, self.cfg.ste_to_input)
         x_hat = self.with_skip(lat.decode(z, w.W_dec, self.b_dec), u)
         n_rows = u.shape[0]
         if self.cfg.sparsity_loss == "tanh":
             scale = lat.per_entry(self.cfg.tanh_scale * self.W_dec.norm(dim=1))
             term = torch.tanh(z * scale).sum() / n_rows
         else:
-            term = self.l0_term(_Step.apply(pre, theta, self.bandwidth, self.cfg.ste_to_input).sum() / n_rows)
+            term = self.l0_term(heaviside(pre, theta, self.bandwidth, self.cfg.ste_to_input).sum() / n_rows)
         return self._output(u if target is None else target, x_hat, lat.fire_counts(z),
                             {"l0_penalty": sparsity_coeff * term,
                              "pre_act": self._pre_act_loss(dense_pre, dead_mask)})
@@ -272,7 +304,4 @@ class JumpReLUSAE(SAE):
     def l0_term(self, l0: Tensor) -> Tensor:
         """The L0 term the coefficient multiplies (module docstring): ``L0``; with ``sae.target_l0 = T``,
         ``T/2 * log((L0 + 1) / (T + 1))^2``, which pushes L0 towards T from either side."""
-        target = self.cfg.target_l0
-        if target is None:
-            return l0
-        return target / 2 * torch.log((l0 + 1) / (target + 1)).square()
+        return l0_term(l0, self.cfg.target_l0)
