@@ -19,14 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from sae_lightning.config import LoggerConfig, TrainConfig
+from sae_lightning.io import atomic_write_json
 from sae_lightning.rundir import RunDir, RunSummary
 
 log = logging.getLogger(__name__)
 
 
 def evaluate_finished(summary: RunSummary, cfg: TrainConfig) -> dict[str, Any] | None:
-    """Evaluate a finished run when ``cfg.evaluate.enabled`` (on the global rank 0 only); returns the
-    numbers of its ``metrics.json`` (with ``eval_seconds``), None when nothing was evaluated or it failed."""
+    """Evaluate a finished run when ``cfg.evaluate.enabled`` (on the global rank 0 only); returns its
+    ``metrics.json``, to which it adds ``eval_seconds`` (the evaluation's wall time), or None when nothing was
+    evaluated or the evaluation failed."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     if not cfg.evaluate.enabled or summary.status != "finished" or getattr(rank_zero_only, "rank", 0) != 0:
@@ -45,6 +47,7 @@ def evaluate_finished(summary: RunSummary, cfg: TrainConfig) -> dict[str, Any] |
         run.write_summary(summary)
         return None
     metrics["eval_seconds"] = round(time.perf_counter() - start, 1)
+    atomic_write_json(Path(path), metrics)
     log.info("Evaluated %s in %.0f s: %s", run.path.name, metrics["eval_seconds"], path)
     log_to_wandb_run(run, cfg.logger, metrics)
     return metrics
