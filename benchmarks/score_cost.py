@@ -9,7 +9,7 @@
 2. ``python evaluate.py ckpt_path=<that job>`` with every default (downstream loss, report, the score at
    the default ``monosemanticity_units``) against the same with ``monosemanticity=false`` (the report without
    the score), alternated ``--reps`` times, whole processes: the score's cost is the difference of the
-   medians; and ``report=false downstream=false`` (reconstruction numbers alone) for the rest's share.
+   medians.
 
 Results: ``benchmarks/results/score_cost_cpu.txt`` (``--out``), written whole with the header of ``stamp.py``.
 """
@@ -34,8 +34,7 @@ from stamp import header  # noqa: E402
 from sae_lightning.io import atomic_write_text  # noqa: E402
 
 VARIANTS = {"default (downstream, report, score)": [],
-            "no score (monosemanticity=false)": ["monosemanticity=false"],
-            "reconstruction only (report=false downstream=false)": ["report=false", "downstream=false"]}
+            "no score (monosemanticity=false)": ["monosemanticity=false"]}
 
 
 def timed(command: list[str], cwd: Path) -> float:
@@ -57,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache-dir", default=str(ROOT / ".cache" / "activations"))
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--train-overrides", nargs="*", default=[], help="more train.py overrides (smoke)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "score_cost_cpu.txt"))
     args = parser.parse_args()
     command = "python benchmarks/score_cost.py " + " ".join(sys.argv[1:])
@@ -65,7 +65,8 @@ def main() -> None:
         sweep = work / "sweep"
         job_wall = timed([sys.executable, str(ROOT / "train.py"), "-m", "experiment=quickstart",
                           f"activations.cache_dir={args.cache_dir}", "logger=csv",
-                          "trainer.progress_bar=false", "evaluate.enabled=true", f"hydra.sweep.dir={sweep}"],
+                          "trainer.progress_bar=false", "evaluate.enabled=true", f"hydra.sweep.dir={sweep}",
+                          *args.train_overrides],
                          work)
         job = next(p for p in sweep.iterdir() if (p / "summary.json").is_file())
         summary = json.loads((job / "summary.json").read_text())

@@ -14,9 +14,11 @@ from test_sweep import SMALL, train_py
 from test_wandb_offline import run_contents
 
 from sae_lightning.checks import ConfigError
-from sae_lightning.config import EvaluateAfterConfig
+from sae_lightning.config import EvaluateAfterConfig, LoggerConfig, TrainConfig
 from sae_lightning.datamodule import EvalRows
+from sae_lightning.evaluate.after import evaluate_finished
 from sae_lightning.evaluate.halves import in_validation_half, keep_half
+from sae_lightning.rundir import RunDir, RunSummary
 
 
 @pytest.mark.parametrize("overrides", [["max_tokns=10"], ["max_tokens=0"], ["contexts=train"]])
@@ -58,6 +60,20 @@ def test_the_halves_split_contexts_whatever_the_batching():
 def test_rows_without_contexts_cannot_be_split():
     with pytest.raises(ConfigError, match="contexts=all"):
         list(keep_half([_rows([-1, -1])], "test", seed=0))
+
+
+def test_a_failed_evaluation_leaves_the_run_finished_with_the_error(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    summary = RunSummary(status="finished", run_dir=str(run.path), steps=8)
+    run.write_summary(summary)
+    cfg = TrainConfig(evaluate=EvaluateAfterConfig(enabled=True), logger=LoggerConfig(wandb=False))
+    assert evaluate_finished(summary, cfg) is None  # no sae/ folder to evaluate
+    after = run.read_summary()
+    assert after.status == "finished" and after.steps == 8
+    assert after.error.startswith("evaluation failed: CheckpointError") and "Traceback" in after.traceback
+    cfg.evaluate.enabled = False
+    assert evaluate_finished(summary, cfg) is None and not run.eval.exists()
 
 
 SCORE = "latent_coherence_median"
