@@ -452,10 +452,10 @@ def main() -> None:
     parser.add_argument("--pause", type=float, default=5.0, help="seconds between groups (--lock)")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny budget: 2 architectures, L0 16/45, 4096 training tokens, 8 units, in /tmp")
+                        help="tiny budget: 2 architectures, L0 16/45, one width, 4096 tokens, 8 units")
     args = parser.parse_args()
     if args.smoke:
-        args.architectures, args.l0 = ["relu_dn", "topk"], [16, 45]
+        args.architectures, args.l0, args.widths = ["relu_dn", "topk"], [16, 45], args.widths[:1]
         args.train_tokens, args.units = 4096, 8
         args.work, args.out = "/tmp/interp_frontier_smoke/work", "/tmp/interp_frontier_smoke/interp_frontier"
     run(args, "python benchmarks/interp_frontier.py " + " ".join(sys.argv[1:]))
