@@ -71,12 +71,15 @@ def main() -> None:
         job = next(p for p in sweep.iterdir() if (p / "summary.json").is_file())
         summary = json.loads((job / "summary.json").read_text())
         metrics = json.loads((job / "eval" / "metrics.json").read_text())
+        print(f"job: train_seconds={summary['train_seconds']} eval_seconds={metrics['eval_seconds']} "
+              f"wall={job_wall:.1f}", flush=True)
         times: dict[str, list[float]] = {name: [] for name in VARIANTS}
         for rep in range(args.reps):
             for i, (name, extra) in enumerate(VARIANTS.items()):
                 out_dir = work / f"eval_{rep}_{i}"
                 times[name].append(timed([sys.executable, str(ROOT / "evaluate.py"), f"ckpt_path={job}",
                                           f"out_dir={out_dir}", *extra], work))
+                print(f"{name}: {times[name][-1]:.1f} s", flush=True)
     train = summary["train_seconds"]
     medians = {name: statistics.median(v) for name, v in times.items()}
     names = list(VARIANTS)
