@@ -30,6 +30,7 @@ def train(dict_cfg: DictConfig) -> float:
     check_sparsity_override(cfg, list(HydraConfig.get().overrides.task))
     quiet_console()
     from sae_lightning.callbacks.preemption import pass_on_signal
+    from sae_lightning.evaluate.after import evaluate_finished
     from sae_lightning.training import TrainingPreempted, run_training
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -57,17 +58,22 @@ def train(dict_cfg: DictConfig) -> float:
     log.info("  val: explained_variance=%.4f nmse=%.4f l0=%.1f",
              m.get("val/explained_variance", float("nan")), m.get("val/nmse", float("nan")),
              m.get("val/l0", float("nan")))
-    log.info("Evaluate with: python evaluate.py ckpt_path=%s", summary.checkpoint)
+    if evaluate_finished(summary, cfg) is None:
+        log.info("Evaluate with: python evaluate.py ckpt_path=%s", summary.checkpoint)
     return cfg.objective.value(m)
 
 
 def train_group(cfg: TrainConfig, run_dir: Path, config: dict) -> float:
     """``layers=[...]``/``hooks=[...]``: one SAE per entry, all from one stream, each in its own folder under
     ``run_dir``; returns the mean objective (NaN when one failed)."""
+    from sae_lightning.evaluate.after import evaluate_finished
     from sae_lightning.group.members import members_of_lists
     from sae_lightning.group.run import run_group
 
-    summaries = run_group(members_of_lists(config, run_dir), run_dir)
+    members = members_of_lists(config, run_dir)
+    summaries = run_group(members, run_dir)
+    for member, summary in zip(members, summaries, strict=True):
+        evaluate_finished(summary, member.cfg)
     for s in summaries:
         m = s.metrics
         log.info("  %-28s %-8s val nmse=%.4f l0=%.1f  %s", Path(s.run_dir).name, s.status,

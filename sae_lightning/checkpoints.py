@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 RESUME_KEY_FILE = "resume_key.json"
 DIGEST_KEY = "sae_lightning_tensor_sha256"
-_NOT_IN_FINGERPRINT = ("ckpt_path",)
+_NOT_IN_FINGERPRINT = ("ckpt_path", "evaluate")  # where to resume from; what runs after
 _SKIP_DIRS = {"checkpoints", "wandb", "csv", ".hydra"}
 
 
@@ -202,7 +202,8 @@ def load_sae_checkpoint(path: str | Path, expected_d_in: int | None = None) -> S
 
 # ----- finding the checkpoint to resume -----------------------------------------------------------------
 def config_fingerprint(config: dict[str, Any]) -> str:
-    """Hash of the resolved config minus the keys that only say where to resume from."""
+    """Hash of the resolved config minus the keys that do not change what is trained (where to resume from,
+    the evaluation after training)."""
     kept = {k: v for k, v in config.items() if k not in _NOT_IN_FINGERPRINT}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -5,9 +5,13 @@ present, ``<run>/eval/metrics.json`` (written by evaluate.py; it wins over the t
 writes into the sweep directory:
 
 - ``comparison.csv`` / ``comparison.md``: one row per run: swept values, status, L0, normalized MSE,
-  explained variance, dead fraction, CE loss recovered (when evaluated), steps, seconds, error;
+  explained variance, dead fraction, CE loss recovered (when evaluated), the interpretability numbers and
+  their intervals (when some run has them), steps, seconds, error;
 - ``frontier.png``: L0 against normalized MSE, with the Pareto frontier (lower is better on both);
-- ``comparison.html``: the table and the plot in one self-contained page (the PNG is embedded);
+- ``interpretability.png`` (when some run was evaluated with the monosemanticity score, e.g. by
+  ``evaluate.enabled=true``): the score's medians, with their intervals, against L0 and against
+  explained variance;
+- ``comparison.html``: the table and the plots in one self-contained page (the PNGs are embedded);
 - ``sweep_summary.json``: which runs are ok, which failed and why.
 
 With ``--wandb-group`` (and at the end of a sweep whose jobs logged to W&B) the table, plot and page are also
@@ -41,6 +45,25 @@ METRICS: dict[str, str] = {
     "ce_loss_recovered": "CE loss recovered",
 }
 """Compared numbers (the keys of evaluate.py's ``eval/metrics.json``) and their column titles."""
+
+SCORES: dict[str, str] = {
+    "latent_coherence_median": "latent coherence",
+    "neuron_coherence_median": "neuron coherence",
+    "latent_minus_neuron_coherence_median": "latent - neuron coherence",
+    "latent_token_matched_lift_median": "latent token-matched lift",
+    "absorption_rate": "absorption rate",
+    "absorption_fraction": "absorption fraction",
+}
+"""Interpretability numbers of ``eval/metrics.json`` (the monosemanticity medians, absorption) and their
+column titles: a column appears when some run has the number, its interval (``<key>_ci_low``,
+``<key>_ci_high``) beside it when some run has one."""
+
+CI_SUFFIXES = ("_ci_low", "_ci_high")
+
+PLOTTED_SCORES = (("latent_minus_neuron_coherence_median", "latent_coherence_median"),
+                  ("latent_token_matched_lift_median",))
+"""What ``interpretability.png`` plots against L0 and explained variance: the first number of each tuple
+that some run has."""
 
 TRAIN_KEYS = {"l0": "val/l0", "nmse": "val/nmse", "explained_variance": "val/explained_variance",
               "dead_fraction": "val/dead_fraction"}
@@ -95,7 +118,8 @@ def read_run(run_dir: Path) -> RunResult:
     run.error = summary.error or ""
     run.steps, run.seconds = summary.steps, summary.train_seconds
     if evaluation is not None:
-        run.metrics, run.source = _finite({k: evaluation.get(k) for k in METRICS}), "eval"
+        wanted = [*METRICS, *(k + suffix for k in SCORES for suffix in ("", *CI_SUFFIXES))]
+        run.metrics, run.source = _finite({k: evaluation.get(k) for k in wanted}), "eval"
     elif run.status == "finished":
         run.metrics = _finite({k: summary.metrics.get(name) for k, name in TRAIN_KEYS.items()})
         run.source = "train"
@@ -136,6 +160,12 @@ def _fmt(value: float | int | None) -> str:
     return f"{value:.4g}"
 
 
+def _interval(run: RunResult, key: str) -> str:
+    """``[low, high]`` of ``key``'s interval in ``run``, empty when it has none."""
+    low, high = (run.metrics.get(key + suffix) for suffix in CI_SUFFIXES)
+    return "" if low is None or high is None else f"[{_fmt(low)}, {_fmt(high)}]"
+
+
 @dataclass
 class Comparison:
     """The runs of one sweep directory and what is written about them."""
@@ -144,16 +174,29 @@ class Comparison:
     runs: list[RunResult]
     keys: list[str]
 
+    def scores(self) -> list[str]:
+        """The interpretability keys (``SCORES``) that some run has, in ``SCORES`` order."""
+        return [k for k in SCORES if any(k in r.metrics for r in self.runs)]
+
+    def _intervals(self) -> list[str]:
+        return [k for k in self.scores() if any(k + CI_SUFFIXES[0] in r.metrics for r in self.runs)]
+
     @property
     def columns(self) -> list[str]:
-        return ["run", *self.keys, "status", *METRICS.values(), "metrics from", "steps", "train s", "error"]
+        scores = [c for k in self.scores()
+                  for c in (SCORES[k], *([f"{SCORES[k]} interval"] if k in self._intervals() else []))]
+        return ["run", *self.keys, "status", *METRICS.values(), *scores, "metrics from", "steps", "train s",
+                "error"]
 
     def rows(self) -> list[list[str]]:
         rows = []
+        intervals = self._intervals()
         for r in self.runs:
             values = r.override_values()
+            scores = [c for k in self.scores()
+                      for c in (_fmt(r.metrics.get(k)), *([_interval(r, k)] if k in intervals else []))]
             rows.append([r.name, *(values.get(k, "") for k in self.keys), r.status,
-                         *(_fmt(r.metrics.get(k)) for k in METRICS), r.source, _fmt(r.steps),
+                         *(_fmt(r.metrics.get(k)) for k in METRICS), *scores, r.source, _fmt(r.steps),
                          _fmt(r.seconds), r.error])
         return rows
 
@@ -210,9 +253,59 @@ def plot_frontier(comparison: Comparison, path: Path) -> None:
     plt.close(fig)
 
 
-def render_html(comparison: Comparison, png: Path) -> str:
-    """One self-contained page: the table, the embedded frontier plot, and the failures with their errors."""
-    image = base64.b64encode(png.read_bytes()).decode()
+def plot_interpretability(comparison: Comparison, path: Path) -> None:
+    """The score's medians (``PLOTTED_SCORES``) of every evaluated run against L0 (left) and explained
+    variance (right), with their intervals as error bars, labelled with the job number; the neurons' median
+    coherence (the same hook's neurons for every run) as a dashed line when the latents' own is plotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = comparison.scores()
+    keys = [next(k for k in group if k in present) for group in PLOTTED_SCORES
+            if any(k in present for k in group)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=110, sharey=True)
+    for ax, x_key, x_label in ((axes[0], "l0", "L0 (active latents per token)"),
+                               (axes[1], "explained_variance", "explained variance")):
+        for key, color in zip(keys, ("tab:blue", "tab:green"), strict=False):
+            runs = [r for r in comparison.runs if key in r.metrics and x_key in r.metrics]
+            if not runs:
+                continue
+            xs = [r.metrics[x_key] for r in runs]
+            ys = [r.metrics[key] for r in runs]
+            below = [y - r.metrics.get(key + CI_SUFFIXES[0], y) for r, y in zip(runs, ys, strict=True)]
+            above = [r.metrics.get(key + CI_SUFFIXES[1], y) - y for r, y in zip(runs, ys, strict=True)]
+            ax.errorbar(xs, ys, yerr=[below, above], fmt="o", color=color, capsize=3, label=SCORES[key])
+            for r, x, y in zip(runs, xs, ys, strict=True):
+                ax.annotate(r.name.split("_")[0], (x, y), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7)
+        neurons = [r.metrics["neuron_coherence_median"] for r in comparison.runs
+                   if "neuron_coherence_median" in r.metrics]
+        if "latent_coherence_median" in keys and neurons:
+            ax.axhline(sorted(neurons)[len(neurons) // 2], color="grey", linestyle="--",
+                       label=SCORES["neuron_coherence_median"])
+        ls = [r.metrics[x_key] for r in comparison.runs if x_key in r.metrics]
+        if x_key == "l0" and ls and min(ls) > 0 and max(ls) / min(ls) > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(x_label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("median over scored units (higher = more interpretable)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Interpretability: {comparison.sweep_dir.name}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _embedded(png: Path, alt: str) -> str:
+    """An ``<img>`` holding the PNG itself (the page needs no other file)."""
+    data = base64.b64encode(png.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def render_html(comparison: Comparison, png: Path, interpretability: Path | None = None) -> str:
+    """One self-contained page: the table, the embedded plots, and the failures with their errors."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in comparison.columns)
     body = "".join("<tr class='{}'>{}</tr>".format(
         "ok" if r.status == "finished" else "bad", "".join(f"<td>{html.escape(c)}</td>" for c in row))
@@ -220,6 +313,11 @@ def render_html(comparison: Comparison, png: Path) -> str:
     failures = "".join(f"<li><b>{html.escape(r.name)}</b>: {html.escape(r.error)}</li>"
                        for r in comparison.failed())
     title = html.escape(f"SAE sweep comparison: {comparison.sweep_dir}")
+    interp = ""
+    if interpretability is not None:
+        interp = ("<p>Interpretability (the monosemanticity score of <code>evaluate.py</code>, on held-out "
+                  "contexts): higher is more interpretable; bars are the intervals the evaluation reports."
+                  "</p>" + _embedded(interpretability, "interpretability against L0 and explained variance"))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:13px}}
@@ -229,7 +327,8 @@ th{{background:#eee}}</style></head><body>
 <p>{len(comparison.runs)} runs; swept: {html.escape(", ".join(comparison.keys) or "nothing")}.
 Metrics come from <code>eval/metrics.json</code> when the run was evaluated, else from the last validation
 during training. Lower L0 and lower normalized MSE are better; the red line is the Pareto frontier.</p>
-<img alt="L0 against normalized MSE" src="data:image/png;base64,{image}">
+{_embedded(png, "L0 against normalized MSE")}
+{interp}
 <table><tr>{head}</tr>{body}</table>
 {"<h2>Failed runs</h2><ul>" + failures + "</ul>" if failures else ""}
 </body></html>
@@ -237,7 +336,7 @@ during training. Lower L0 and lower normalized MSE are better; the red line is t
 
 
 def write_comparison(comparison: Comparison) -> dict[str, Path]:
-    """Write the CSV, Markdown, PNG, HTML and ``sweep_summary.json`` into the sweep directory."""
+    """Write the CSV, Markdown, PNGs, HTML and ``sweep_summary.json`` into the sweep directory."""
     out = comparison.sweep_dir
     paths = {name: out / name for name in ("comparison.csv", "comparison.md", "frontier.png",
                                            "comparison.html", "sweep_summary.json")}
@@ -245,7 +344,11 @@ def write_comparison(comparison: Comparison) -> dict[str, Path]:
         csv.writer(f).writerows([comparison.columns, *comparison.rows()])
     paths["comparison.md"].write_text(comparison.markdown())
     plot_frontier(comparison, paths["frontier.png"])
-    paths["comparison.html"].write_text(render_html(comparison, paths["frontier.png"]))
+    if comparison.scores():
+        paths["interpretability.png"] = out / "interpretability.png"
+        plot_interpretability(comparison, paths["interpretability.png"])
+    paths["comparison.html"].write_text(render_html(comparison, paths["frontier.png"],
+                                                    paths.get("interpretability.png")))
     summary = {
         "sweep_dir": str(out), "swept": comparison.keys,
         "ok": [r.name for r in comparison.runs if r.status == "finished"],
@@ -278,8 +381,11 @@ def log_to_wandb(comparison: Comparison, paths: dict[str, Path], group: str,
                      group=group, name=f"{group}-comparison", job_type="comparison", mode=mode,
                      dir=str(comparison.sweep_dir), config={"swept": comparison.keys})
     table = wandb.Table(columns=comparison.columns, data=comparison.rows())
-    run.log({"comparison/table": table, "comparison/frontier": wandb.Image(str(paths["frontier.png"])),
-             "comparison/page": wandb.Html(paths["comparison.html"].read_text())})
+    logged = {"comparison/table": table, "comparison/frontier": wandb.Image(str(paths["frontier.png"])),
+              "comparison/page": wandb.Html(paths["comparison.html"].read_text())}
+    if "interpretability.png" in paths:
+        logged["comparison/interpretability"] = wandb.Image(str(paths["interpretability.png"]))
+    run.log(logged)
     run.finish()
 
 

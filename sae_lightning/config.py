@@ -357,6 +357,34 @@ class ObjectiveConfig:
 
 
 @dataclass
+class EvaluateAfterConfig:
+    """``evaluate.py`` on the trained SAE when training ends (``evaluate.enabled=true``): a single run, every
+    finished job of a sweep (grouped launcher included) and every member of a ``layers=[...]`` run. It writes
+    ``<run>/eval/`` as ``python evaluate.py ckpt_path=<run> <overrides>`` would (the comparison page reads it)
+    and adds the numbers to the run's W&B run as ``eval/<key>``."""
+
+    enabled: bool = False  # evaluate the trained SAE when training ends
+    overrides: list[str] = field(default_factory=list)  # evaluate.py keys for it, e.g. [max_tokens=50000]
+
+    def __post_init__(self) -> None:
+        self.eval_config("<run>")  # a bad key or value fails now, not after training
+
+    def eval_config(self, run_dir: str | Path) -> EvalConfig:
+        """``evaluate.py``'s config for ``run_dir`` with ``overrides``, checked as evaluate.py checks its
+        command line."""
+        from omegaconf.errors import OmegaConfBaseException
+
+        base = OmegaConf.structured(EvalConfig)
+        OmegaConf.set_struct(base, True)
+        try:
+            values = OmegaConf.from_dotlist([*self.overrides, f"ckpt_path={run_dir}"])
+            return to_config(OmegaConf.merge(base, values))
+        except (OmegaConfBaseException, ConfigError) as err:
+            message = str(err.msg if isinstance(err, OmegaConfBaseException) else err).splitlines()[0]
+            raise ConfigError(f"evaluate.overrides={list(self.overrides)}: {message}") from None
+
+
+@dataclass
 class TrainConfig:
     """Root config of ``train.py``. Keys a researcher types bare live here."""
 
@@ -371,6 +399,7 @@ class TrainConfig:
     latents: LatentsConfig = field(default_factory=LatentsConfig)  # when a latent counts as dead or dense
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)  # resampling and density logging
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # what a sweep minimises
+    evaluate: EvaluateAfterConfig = field(default_factory=EvaluateAfterConfig)  # evaluate.py after training
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # W&B and CSV logging
     l1: float = 5.0  # L1 coefficient of relu, relu_dn and gated (their sparsity_key)
     lr: float = 4e-4  # Adam's learning rate (JumpReLU's thresholds: times sae.threshold_lr_mult)
@@ -478,10 +507,15 @@ class TrainConfig:
         return self.train_tokens // self.batch_size
 
 
+CONTEXT_HALVES = ("all", "validation", "test")  # EvalConfig.contexts: every held-out context, or one half
+
+
 @dataclass
 class EvalConfig:
     """Root config of ``evaluate.py``. Without ``activations`` it evaluates on the held-out shards of the
-    training activations; ``activations=file activations.path=Y.npy`` evaluates on every row of Y."""
+    training activations; ``activations=file activations.path=Y.npy`` evaluates on every row of Y.
+    ``contexts=validation|test`` keeps one of two halves of the held-out contexts (each context drawn by
+    ``context_split_seed``), so a setting chosen on one half is reported on the other."""
 
     ckpt_path: str = "???"  # the run folder, its sae/ folder or a checkpoint to evaluate (required)
     activations: ActivationsConfig | None = None  # rows to evaluate; None: the training run's held-out rows
@@ -497,6 +531,8 @@ class EvalConfig:
     top_contexts: int = 8  # top-activating contexts kept per unit
     monosemanticity: bool = True  # score units by the sentence embeddings of their top contexts
     monosemanticity_units: int = 64  # random qualifying units of each kind scored
+    contexts: str = "all"  # all | validation | test: the held-out contexts, or one half (context_split_seed)
+    context_split_seed: int = 0  # draws each held-out context into the validation or the test half
     replacement: bool = True  # a group of MLP transcoders: the replacement model (all at once, each alone)
     group_members: bool = True  # a group folder: also evaluate each member in its own eval/ folder
     export: Any = False  # saelens, circuit_tracer, neuronpedia or a list: into <run>/eval/<format>/
@@ -508,6 +544,8 @@ class EvalConfig:
         _check(self.max_tokens > 0, "max_tokens", self.max_tokens, "must be > 0")
         _check(self.top_contexts >= 2, "top_contexts", self.top_contexts, "must be >= 2")
         _check(self.downstream_contexts > 0, "downstream_contexts", self.downstream_contexts, "must be > 0")
+        _check(self.contexts in CONTEXT_HALVES, "contexts", self.contexts,
+               f"choose {', '.join(CONTEXT_HALVES)}")
         self.export = export_formats(self.export)
 
     @property

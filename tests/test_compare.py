@@ -97,3 +97,44 @@ def test_command_line_prints_the_table(tmp_path, capsys):
     assert "| run | l1 | status | L0 |" in out
     assert "3 finished, 2 failed/unfinished" in out
     assert (sweep / "comparison.html").is_file()
+
+
+def _scored(l0: float, ev: float, latent: float, ci: tuple[float, float] | None = None) -> dict:
+    """An ``eval/metrics.json`` with the monosemanticity medians, with an interval on the latents' when
+    ``ci`` is given (today's evaluation writes none)."""
+    out = {"l0": l0, "nmse": 1 - ev, "explained_variance": ev, "dead_fraction": 0.0, "ce_loss_recovered": 0.9,
+           "latent_coherence_median": latent, "neuron_coherence_median": 0.016,
+           "latent_token_matched_lift_median": latent / 2, "latent_qualified": 40}
+    if ci is not None:
+        out |= {"latent_coherence_median_ci_low": ci[0], "latent_coherence_median_ci_high": ci[1]}
+    return out
+
+
+def test_the_score_and_its_interval_are_columns_and_a_plot(tmp_path):
+    sweep = tmp_path / "multirun"
+    _run(sweep, "000_l1=1", ["l1=1"], _finished(40.0, 0.1),
+         evaluation=_scored(38.0, 0.9, 0.05, (0.04, 0.061)))
+    _run(sweep, "001_l1=2", ["l1=2"], _finished(20.0, 0.2), evaluation=_scored(19.0, 0.8, 0.07))
+    _run(sweep, "002_l1=5", ["l1=5"], _finished(10.0, 0.3))  # trained, not evaluated
+    compare_sweep(sweep)
+    rows = list(csv.DictReader((sweep / "comparison.csv").open()))
+    columns = list(rows[0])
+    assert columns.index("CE loss recovered") < columns.index("latent coherence")
+    assert columns[columns.index("latent coherence"):columns.index("metrics from")] == [
+        "latent coherence", "latent coherence interval", "neuron coherence", "latent token-matched lift"]
+    assert [r["latent coherence"] for r in rows] == ["0.05", "0.07", ""]
+    assert [r["latent coherence interval"] for r in rows] == ["[0.04, 0.061]", "", ""]
+    assert [r["latent token-matched lift"] for r in rows] == ["0.025", "0.035", ""]
+    assert rows[0]["L0"] == "38" and rows[2]["L0"] == "10"  # evaluation first, else training
+    page = (sweep / "comparison.html").read_text()
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 2 and base64.b64decode(images[1]) == (sweep / "interpretability.png").read_bytes()
+    assert "<td>[0.04, 0.061]</td>" in page
+
+
+def test_a_sweep_without_the_score_has_no_score_columns_or_plot(tmp_path):
+    sweep = _sweep(tmp_path)
+    compare_sweep(sweep)
+    columns = next(csv.reader((sweep / "comparison.csv").open()))
+    assert not any("coherence" in c for c in columns)
+    assert not (sweep / "interpretability.png").exists()

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from sae_lightning.checkpoints import CheckpointError
 from sae_lightning.checks import UnsupportedFormatError
 from sae_lightning.config import LM_SOURCES, ConfigError, EvalConfig, TrainConfig, train_config_from_dict
 from sae_lightning.datamodule import ActivationDataModule, datamodule_from_config
+from sae_lightning.evaluate.halves import keep_half
 from sae_lightning.evaluate.pipeline import RowsResult, evaluate_rows, track_candidates
 from sae_lightning.evaluate.prefixes import has_prefixes, prefix_metrics
 from sae_lightning.io import atomic_write_json, keep_previous
@@ -74,6 +76,11 @@ def open_eval_data(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE) -> Any:
             f"checkpoint {cfg.ckpt_path} holds an SAE for d_in={sae.d_in} activations, but "
             f"{where} has d={dm.d_in}: evaluate it on the activations it was trained on")
     return dm
+
+
+def held_out_rows(cfg: EvalConfig, dm: Any) -> Iterator[Any]:
+    """The held-out rows evaluated: every one, or those of one half of the contexts (``cfg.contexts``)."""
+    return keep_half(dm.eval_rows(cfg.max_tokens, cfg.batch_size), cfg.contexts, cfg.context_split_seed)
 
 
 def training_history(run: RunDir) -> dict[str, list[float]] | None:
@@ -171,20 +178,22 @@ def run_evaluation(cfg: EvalConfig) -> Path:
     has_text = cfg.activations is None and train_cfg.activations.source in LM_SOURCES
     n_track = 4 * max(cfg.report_latents, cfg.report_neurons)
     t0 = time.perf_counter()
-    result = evaluate_rows(dm.eval_rows(cfg.max_tokens, cfg.batch_size), sae, n_top=cfg.top_contexts,
+    result = evaluate_rows(held_out_rows(cfg, dm), sae, n_top=cfg.top_contexts,
                            track_latents=track_candidates(sae.d_sae, n_track, cfg.seed),
                            track_neurons=track_candidates(sae.d_in, n_track, cfg.seed),
                            neurons=has_text and train_cfg.hook.name == "mlp_post",
                            dense_threshold=train_cfg.latents.dense_threshold)
     metrics: dict[str, Any] = dict(result.metrics)
     metrics["eval_split"] = "file" if cfg.activations is not None else dm.eval_split
+    if cfg.contexts != "all":
+        metrics["eval_contexts"] = f"{cfg.contexts} half (context_split_seed={cfg.context_split_seed})"
     log.info("reconstruction metrics on %d held-out tokens in %.1f s", metrics["n_tokens"],
              time.perf_counter() - t0)
     if cfg.activations is None and train_cfg.activations.source == "synthetic":
         from sae_lightning.evaluate.recovery import feature_recovery
         metrics |= feature_recovery(sae.W_dec, torch.from_numpy(dm.source.dictionary))
     if has_prefixes(sae):  # nested (Matryoshka) SAEs: each prefix's reconstruction, a second pass
-        metrics |= prefix_metrics(dm.eval_rows(cfg.max_tokens, cfg.batch_size), sae)
+        metrics |= prefix_metrics(held_out_rows(cfg, dm), sae)
     lm = eval_lm(cfg, train_cfg, dm) if has_text and (cfg.downstream or cfg.report
                                                       or "neuronpedia" in cfg.exports) else None
     if has_text and (cfg.downstream or cfg.report):

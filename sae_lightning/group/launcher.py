@@ -4,8 +4,9 @@
 and validates every job as train.py would, writes each job's folder and ``.hydra/`` as Hydra's basic
 launcher does, groups the jobs by :func:`~sae_lightning.group.members.stream_key` (same model, text,
 activations, batch size, token budget, seed, trainer...) and trains each group with
-:func:`sae_lightning.group.run.run_group`, from one stream. Every job keeps its own folder, W&B grouping and
-tags and objective, so the sweep's comparison page is that of an ungrouped sweep.
+:func:`sae_lightning.group.run.run_group`, from one stream; with ``evaluate.enabled=true`` each finished job
+is then evaluated (``sae_lightning.evaluate.after``). Every job keeps its own folder, W&B grouping and tags,
+objective and evaluation, so the sweep's comparison page is that of an ungrouped sweep.
 
 - Jobs that cannot share a stream (a swept ``batch_size``, ``model``, ``seed``...) fall into separate
   groups, run one after the other; ``hydra.launcher.strict=true`` refuses them instead, naming the keys.
@@ -234,6 +235,7 @@ class GroupedLauncher(Launcher):
         """Train one group in ``<sweep dir>/.groups/<first>-<last job>`` and set each job's return value. A
         pre-emption is passed on to the launcher's signal handler (e.g. submitit's) and stops the sweep."""
         from sae_lightning.callbacks.preemption import pass_on_signal
+        from sae_lightning.evaluate.after import evaluate_finished
         from sae_lightning.training import TrainingPreempted
 
         group_dir = sweep_dir / ".groups" / group_folder(jobs)
@@ -248,6 +250,7 @@ class GroupedLauncher(Launcher):
         for job, summary in zip(jobs, summaries, strict=True):
             if summary.status == "finished":
                 job.ret.return_value = job.member.cfg.objective.value(summary.metrics)
+                evaluate_finished(summary, job.member.cfg)
             else:
                 log.error("Job %s (%s) FAILED: %s", job.num, " ".join(job.ctx["overrides"]), summary.error)
                 self._failed(job, summary.error or "failed")

@@ -19,8 +19,8 @@ from typing import Any
 from sae_lightning.checks import ConfigError
 from sae_lightning.config import ALL_LAYERS, TrainConfig, train_config_from_dict
 
-PER_SAE_KEYS = frozenset({"sae", "l1", "lr", "optim", "latents", "callbacks", "objective", "logger",
-                          "run_name", "sae_seed", "layer", "hook", "target", "layers", "hooks"})
+PER_SAE_KEYS = frozenset({"sae", "l1", "lr", "optim", "latents", "callbacks", "objective", "evaluate",
+                          "logger", "run_name", "sae_seed", "layer", "hook", "target", "layers", "hooks"})
 """Root keys that may differ between the members of a group; every other key defines the stream."""
 
 
