@@ -1,6 +1,6 @@
 """Cache build throughput against the bare truncated forward pass of the same model on the same batches.
 
-    python benchmarks/cache_build.py [--model gpt2-7L|pythia-70m | --model-dir DIR] [--layer L --hook NAME]
+    python -m benchmarks.cache_build [--model gpt2-7L|pythia-70m | --model-dir DIR] [--layer L --hook NAME]
                                      [--batches 24 --batch-size 8 --ctx 128 --dtype float32 --device auto]
 
 Model: a randomly initialised model of a real model's shape (``--model``: GPT-2 small cut to 7 layers,
@@ -14,33 +14,45 @@ Two figures, because this machine is shared and its speed drifts:
   build (the mean of the two);
 - ``ratio_in_build``: time inside ``compute`` during the build / build time: what storing costs,
   measured within the same run, immune to drift between runs.
+
+``--out FILE`` writes the report whole under the results header.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, uninstalled
-from sae_lightning.cache import CacheKey, build_cache
-from sae_lightning.cache.reader import ActivationCache
-from sae_lightning.config import ModelConfig
-from sae_lightning.lm import HookedLM, HookPoint, load_lm
+from benchmarks.common import Report, add_out_arg
+
+if TYPE_CHECKING:
+    from sae_lightning.lm import HookedLM, HookPoint
+
+
+def gpt2_7l() -> torch.nn.Module:
+    """GPT-2 small cut to 7 layers, randomly initialised."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_layer=7))
+
+
+def pythia_70m() -> torch.nn.Module:
+    """Pythia-70M's GPT-NeoX shape, randomly initialised."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    return GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048,
+        rotary_pct=0.25, max_position_embeddings=2048))
+
 
 # name -> (random model of that shape, its hooked layer, its BOS id)
-SHAPES = {
-    "gpt2-7L": (lambda: GPT2LMHeadModel(GPT2Config(n_layer=7)), 6, 50256),
-    "pythia-70m": (lambda: GPTNeoXForCausalLM(GPTNeoXConfig(
-        vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048,
-        rotary_pct=0.25, max_position_embeddings=2048)), 3, 0),
-}
+SHAPES = {"gpt2-7L": (gpt2_7l, 6, 50256), "pythia-70m": (pythia_70m, 3, 0)}
 
 
 def bare_pass(lm: HookedLM, hook: HookPoint, batches: list[torch.Tensor]) -> float:
@@ -52,7 +64,7 @@ def bare_pass(lm: HookedLM, hook: HookPoint, batches: list[torch.Tensor]) -> flo
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gpt2-7L", choices=list(SHAPES), help="shape of a random model")
     p.add_argument("--model-dir", default=None, help="a saved model (save_pretrained directory) instead")
@@ -64,7 +76,13 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto")
     p.add_argument("--shard-rows", type=int, default=2048)
-    args = p.parse_args()
+    add_out_arg(p)
+    args = p.parse_args(argv)
+    from sae_lightning.cache import CacheKey, build_cache
+    from sae_lightning.cache.reader import ActivationCache
+    from sae_lightning.config import ModelConfig
+    from sae_lightning.lm import HookedLM, HookPoint, load_lm
+
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
 
     torch.manual_seed(0)
@@ -110,17 +128,19 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
     bare = (bare_before + bare_after) / 2
+    say = Report(argv)
     rows = [("bare truncated forward (before)", bare_before), ("bare truncated forward (after)", bare_after),
             ("cache build (forward + store)", build), ("  of which inside compute()", in_compute)]
-    print(f"device={device}  model={label} ({lm.family}, {lm.n_layers} layers, d_model {lm.d_model})  "
-          f"hook={hook_id} d={lm.hook_dim(hook)} ({lm.hook_site(hook)})  tokens={n_tokens}  "
-          f"storage={args.dtype}  written={size_mb:.0f} MiB in {cache.n_shards} shards")
-    print(f"{'pass':34s} {'seconds':>8s} {'tokens/s':>10s}")
+    say(f"device={device}  model={label} ({lm.family}, {lm.n_layers} layers, d_model {lm.d_model})  "
+        f"hook={hook_id} d={lm.hook_dim(hook)} ({lm.hook_site(hook)})  tokens={n_tokens}  "
+        f"storage={args.dtype}  written={size_mb:.0f} MiB in {cache.n_shards} shards")
+    say(f"{'pass':34s} {'seconds':>8s} {'tokens/s':>10s}")
     for name, sec in rows:
-        print(f"{name:34s} {sec:8.2f} {n_tokens / sec:10.0f}")
-    print(f"bare_tok_s={n_tokens / bare:.0f} build_tok_s={n_tokens / build:.0f} "
-          f"ratio_vs_bare={bare / build:.3f} ratio_in_build={in_compute / build:.3f} device={device} "
-          f"dtype={args.dtype}")
+        say(f"{name:34s} {sec:8.2f} {n_tokens / sec:10.0f}")
+    say(f"bare_tok_s={n_tokens / bare:.0f} build_tok_s={n_tokens / build:.0f} "
+        f"ratio_vs_bare={bare / build:.3f} ratio_in_build={in_compute / build:.3f} device={device} "
+        f"dtype={args.dtype}")
+    say.write(args.out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Streaming throughput and memory: shuffled [4096 x 1536] float32 batches from a cache, against an SAE step.
 
-    python benchmarks/stream.py [--rows 32768 --factor 10 --batches 24 --shuffle-buffer 16384]
+    python -m benchmarks.stream [--rows 32768 --factor 10 --batches 24 --shuffle-buffer 16384]
 
 1. Builds two caches with the real writer: ``rows`` x 1536 and ``factor`` times that (float32,
    ``shard-rows`` per shard, 5% held out by shard), from a cheap stand-in model (rows looked up from a
@@ -11,6 +11,8 @@
    first open, is included.
 3. Times a plain torch SAE step of the standard configuration (ReLU, d_in=1536, d_sae=6144, batch
    4096, fwd + bwd + Adam) in this process: the consumer the stream has to outrun.
+
+``--out FILE`` writes the report whole under the results header.
 """
 
 from __future__ import annotations
@@ -19,22 +21,21 @@ import argparse
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, uninstalled
-from sae_lightning.cache import CacheKey, build_cache
-from sae_lightning.config import ActivationsConfig
+from benchmarks.common import REPO, Report, add_out_arg, module_command
 
 D, BATCH, CTX, VOCAB = 1536, 4096, 128, 4096
 
 
 def build(root: Path, rows: int, shard_rows: int) -> Path:
     """A float32 cache of ``rows`` x D built by the real writer from a table lookup (cheap 'model')."""
+    from sae_lightning.cache import CacheKey, build_cache
+
     table = torch.randn(VOCAB, D, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
     batches = (torch.randint(0, VOCAB, (32, CTX), generator=g) for _ in range(rows // (32 * CTX)))
@@ -53,6 +54,7 @@ def peak_rss_mb() -> float:
 
 def stream_child(path: str, batches: int, shuffle_buffer: int) -> None:
     """Run in a subprocess: stream ``batches`` batches and print timing and peak RSS as JSON."""
+    from sae_lightning.config import ActivationsConfig
     from sae_lightning.datamodule import ActivationDataModule
 
     rss_before = peak_rss_mb()
@@ -72,9 +74,9 @@ def stream_child(path: str, batches: int, shuffle_buffer: int) -> None:
 
 
 def measure_stream(path: Path, batches: int, shuffle_buffer: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(path), "--batches", str(batches),
-           "--shuffle-buffer", str(shuffle_buffer)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    cmd = module_command("stream", "--child", str(path), "--batches", str(batches),
+                         "--shuffle-buffer", str(shuffle_buffer))
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -101,7 +103,7 @@ def sae_step_seconds(steps: int = 2, d_sae: int = 6144) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=32_768, help="rows of the small cache")
     p.add_argument("--factor", type=int, default=10, help="the large cache has factor x rows")
@@ -109,7 +111,8 @@ def main() -> None:
     p.add_argument("--shuffle-buffer", type=int, default=16_384)
     p.add_argument("--batches", type=int, default=24)
     p.add_argument("--child", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    add_out_arg(p)
+    args = p.parse_args(argv)
     if args.child:
         stream_child(args.child, args.batches, args.shuffle_buffer)
         return
@@ -124,21 +127,23 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     step_s = sae_step_seconds()
+    say = Report(argv)
     sae_tok_s = BATCH / step_s
-    print(f"d_in={D} batch={BATCH} shuffle_buffer={args.shuffle_buffer} shard_rows={args.shard_rows} "
-          f"batches streamed={args.batches} (caches built in {build_s:.0f} s)")
-    print(f"{'cache':6s} {'rows':>9s} {'shards':>6s} {'GiB':>5s} {'tokens/s':>9s} {'1st batch s':>11s} "
-          f"{'peak RSS MiB':>12s} {'RSS after imports':>17s}")
+    say(f"d_in={D} batch={BATCH} shuffle_buffer={args.shuffle_buffer} shard_rows={args.shard_rows} "
+        f"batches streamed={args.batches} (caches built in {build_s:.0f} s)")
+    say(f"{'cache':6s} {'rows':>9s} {'shards':>6s} {'GiB':>5s} {'tokens/s':>9s} {'1st batch s':>11s} "
+        f"{'peak RSS MiB':>12s} {'RSS after imports':>17s}")
     for name, r in res.items():
-        print(f"{name:6s} {r['rows']:9d} {r['shards']:6d} {r['rows'] * D * 4 / 2**30:5.2f} {r['tok_s']:9.0f} "
-              f"{r['first_s']:11.2f} {r['rss_mb']:12.0f} {r['rss_after_imports_mb']:17.0f}")
-    print(f"SAE step (relu, d_sae=6144, batch 4096, fwd+bwd+Adam): {step_s:.2f} s = {sae_tok_s:.0f} tokens/s")
+        say(f"{name:6s} {r['rows']:9d} {r['shards']:6d} {r['rows'] * D * 4 / 2**30:5.2f} {r['tok_s']:9.0f} "
+            f"{r['first_s']:11.2f} {r['rss_mb']:12.0f} {r['rss_after_imports_mb']:17.0f}")
+    say(f"SAE step (relu, d_sae=6144, batch 4096, fwd+bwd+Adam): {step_s:.2f} s = {sae_tok_s:.0f} tokens/s")
     speedup = res["small"]["tok_s"] / sae_tok_s
     rss_ratio = res["large"]["rss_mb"] / res["small"]["rss_mb"]
-    print(f"stream_tok_s={res['small']['tok_s']:.0f} stream_large_tok_s={res['large']['tok_s']:.0f} "
-          f"sae_step_tok_s={sae_tok_s:.0f} stream_over_sae={speedup:.1f} "
-          f"rss_small_mb={res['small']['rss_mb']:.0f} rss_large_mb={res['large']['rss_mb']:.0f} "
-          f"rss_large_over_small={rss_ratio:.3f}")
+    say(f"stream_tok_s={res['small']['tok_s']:.0f} stream_large_tok_s={res['large']['tok_s']:.0f} "
+        f"sae_step_tok_s={sae_tok_s:.0f} stream_over_sae={speedup:.1f} "
+        f"rss_small_mb={res['small']['rss_mb']:.0f} rss_large_mb={res['large']['rss_mb']:.0f} "
+        f"rss_large_over_small={rss_ratio:.3f}")
+    say.write(args.out)
 
 
 if __name__ == "__main__":
