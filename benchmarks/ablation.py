@@ -247,7 +247,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    say = Report(argv)
+    say = Report(__spec__.name, argv)
     train_x, eval_x = load(args.acts, args)
     variants = args.variants or list(VARIANTS[args.arch[0]])
     if args.arch[0] in PENALISED:

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
     bare = (bare_before + bare_after) / 2
-    say = Report(argv)
+    say = Report(__spec__.name, argv)
     rows = [("bare truncated forward (before)", bare_before), ("bare truncated forward (after)", bare_after),
             ("cache build (forward + store)", build), ("  of which inside compute()", in_compute)]
     say(f"device={device}  model={label} ({lm.family}, {lm.n_layers} layers, d_model {lm.d_model})  "

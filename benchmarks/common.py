@@ -64,11 +64,10 @@ def version(package: str) -> str:
         return "absent"
 
 
-def invocation(argv: list[str] | None = None) -> str:
-    """The command that ran this script: ``python -m benchmarks.<name> <arguments>``."""
-    spec = getattr(sys.modules["__main__"], "__spec__", None)
-    name = spec.name if spec is not None else Path(sys.argv[0]).stem
-    return shlex.join(["python", "-m", name, *(sys.argv[1:] if argv is None else argv)])
+def invocation(module: str, argv: list[str] | None = None) -> str:
+    """The command that runs ``module`` (a script's ``__spec__.name``, ``benchmarks.<name>``) with ``argv``
+    (None: this process's arguments): ``python -m benchmarks.<name> <arguments>``."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def header(command: str) -> str:
@@ -90,11 +89,12 @@ def header(command: str) -> str:
 
 class Report:
     """Lines printed as they come and kept, to be written whole under :func:`header` at the end (a rerun
-    replaces the file; nothing is appended). ``stamp``: make and print the header now (a long run shows its
-    settings first), else when the file is written."""
+    replaces the file; nothing is appended). ``module`` and ``argv``: the command (:func:`invocation`);
+    ``stamp``: make and print the header now (a long run shows its settings first), else when the file is
+    written."""
 
-    def __init__(self, argv: list[str] | None = None, stamp: bool = False) -> None:
-        self.command = invocation(argv)
+    def __init__(self, module: str, argv: list[str] | None = None, stamp: bool = False) -> None:
+        self.command = invocation(module, argv)
         self.lines: list[str] = []
         self.head = header(self.command) if stamp else None
         if self.head:

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(measure(args.measure, args.d_in, args.d_sae[0], args.batch, args.steps, args.dead,
                                  args.saes)))
         return
-    say = Report(argv)
+    say = Report(__spec__.name, argv)
 
     def row(r: dict) -> float:
         words = (r["growth"] - r["state"]) / 4 / args.batch

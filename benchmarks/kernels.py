@@ -179,7 +179,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    say = Report(argv)
+    say = Report(__spec__.name, argv)
     {"penalised": penalised, "batchtopk": batchtopk, "auxk": auxk}[args.part](args, say)
     say.write(args.out)
 

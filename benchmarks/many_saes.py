@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache-dir", default=os.environ.get("SAE_LIGHTNING_CACHE", ".cache/activations"))
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    text = header(invocation(argv)) + run(args)
+    text = header(invocation(__spec__.name, argv)) + run(args)
     out = args.out or RESULTS / f"many_saes_{args.part}_cpu.txt"
     atomic_write_text(out, text)
     print(text, end="")

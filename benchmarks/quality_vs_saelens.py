@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         append_result(args.results, row)
         print(f"  [{time.perf_counter() - t0:5.0f} s] {name} {v:g} seed {seed}: L0 {row['l0']:.2f}, "
               f"nmse {row['nmse']:.4f}", flush=True)
-    say = Report(argv)
+    say = Report(__spec__.name, argv)
     report(done, say)
     say.write(args.out)
     if args.plot:

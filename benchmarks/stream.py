@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     step_s = sae_step_seconds()
-    say = Report(argv)
+    say = Report(__spec__.name, argv)
     sae_tok_s = BATCH / step_s
     say(f"d_in={D} batch={BATCH} shuffle_buffer={args.shuffle_buffer} shard_rows={args.shard_rows} "
         f"batches streamed={args.batches} (caches built in {build_s:.0f} s)")

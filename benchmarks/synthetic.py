@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.disable(logging.WARNING)  # Lightning's per-run chatter; the table is the output
     warnings.filterwarnings("ignore")
     results = run(args)
-    say = Report(argv)
+    say = Report(__spec__.name, argv)
     say(table(results))
     best = max(results, key=lambda n: results[n]["frac_features_recovered"])
     say(f"best_recovery={results[best]['frac_features_recovered']:.3f} best_arch={best}")

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.perf_counter()
     worst = 0.0
-    say = Report(argv)
+    say = Report(__spec__.name, argv)
     if args.experiment:
         say(f"sae={args.sae} experiment={args.experiment} tokens={args.tokens} start l1={args.l1}")
     else:

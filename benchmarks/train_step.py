@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     add_out_arg(p)
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", message="Sparse invariant checks")  # SAELens's sparse COO tensors
-    say = Report(argv)
+    say = Report(__spec__.name, argv)
     torch.manual_seed(0)
     b, d = args.batch, args.d_in
     x = heavy_tailed(b, d)

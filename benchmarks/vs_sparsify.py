@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="vs_sparsify-"))
     work.mkdir(parents=True, exist_ok=True)
     _, held_out, sparsify_rows = split_contexts(args, load_tokenizer(smollm2_config()), args.eval_contexts)
-    say = Report(argv, stamp=True)
+    say = Report(__spec__.name, argv, stamp=True)
     for line in settings(args, sparsify_rows):
         say(line)
     runs: list[tuple[str, int, Run, Path]] = []

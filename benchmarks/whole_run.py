@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cache_dir:
         overrides.append(f"activations.cache_dir={args.cache_dir}")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    out = Report(argv)
+    out = Report(__spec__.name, argv)
     cfg = compose(overrides)[0]
     d_in, step = step_timer(cfg)
     tokens_per_step = cfg.batch_size
