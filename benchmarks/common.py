@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from sae_lightning.config import TrainConfig
     from sae_lightning.saes import SAE, SAEConfig
+    from sae_lightning.step import LatentStats
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -167,7 +168,7 @@ def heavy_tailed(n: int, d: int, seed: int = 0) -> torch.Tensor:
 # ---------------------------------------------------------------- each library's training step
 def ours_trainer(cfg: SAEConfig, d_in: int, coeff: float, lr: float = 1e-4,
                  dead_window_tokens: int | None = None, sae: SAE | None = None,
-                 stats: Any = None, l1_warmup_steps: int = 0,
+                 stats: LatentStats | None = None, l1_warmup_steps: int = 0,
                  clip_scope: str = "group") -> tuple[torch.nn.Module, Step]:
     """Our SAE (``sae``, else built from ``cfg``) and ``step.train_step`` with the trainer's defaults
     (gradient clipping, dead window, the ``sae.target_l0`` controller when ``cfg`` sets one: ``coeff`` is
@@ -509,10 +510,11 @@ def append_result(path: Path | None, row: dict) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def code_hash(*parts: ModuleType | Callable | Path) -> str:
-    """12 hex digits of the SHA-256 over the source of ``parts`` (modules, functions, files), in order:
-    what a stored result measured, so that a change to any of them marks the result stale."""
+def code_hash(*parts: ModuleType | Callable | str) -> str:
+    """12 hex digits of the SHA-256 over ``parts`` in order: the source of modules and functions, strings
+    as they are (e.g. a resolved config's ``repr``). What a stored result measured, so that a change to any
+    of them marks the result stale."""
     h = hashlib.sha256()
     for part in parts:
-        h.update((part.read_text() if isinstance(part, Path) else inspect.getsource(part)).encode())
+        h.update((part if isinstance(part, str) else inspect.getsource(part)).encode())
     return h.hexdigest()[:12]

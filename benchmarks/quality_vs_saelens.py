@@ -32,8 +32,8 @@ generator plus a constant offset). Rows are scaled so that ``E||x||^2 = d_in`` f
 
 ``--results FILE`` keeps every finished run as a JSON line with its fingerprint: the settings (the data by
 its file or cache key and its width, the training and scoring options, SAELens's version) and a hash of the
-code the run measures (``measured_code``: for our curves the preset, the architecture's modules, the
-training step and the L0 controller; for every curve this script's training and scoring). A rerun trains
+code the run measures (``measured_code``: for our curves the resolved preset, the architecture's modules,
+the training step and the L0 controller; for every curve this script's training and scoring). A rerun trains
 only what the file lacks; a run of the same settings with another fingerprint is stale: it is listed,
 left out of the report and trained again when the command asks for it.
 
@@ -180,25 +180,31 @@ def settings(args: argparse.Namespace) -> dict[str, object]:
 
 
 def measured_code(curve: str) -> str:
-    """The hash of what a run of ``curve`` measures: how it is trained and scored here, and for our curves
-    the preset (``conf/sae/<arch>.yaml``), the architecture's code (every module of its class's bases), the
-    training step and the L0 controller. SAELens's code is fixed by its version (in :func:`settings`)."""
+    """The hash of what a run of ``curve`` measures: how it is trained and scored here (with
+    ``metrics.ReconstructionStats``), and for our curves the preset as ``sae=<arch>`` resolves it (the
+    preset's values on its schema's defaults), the architecture's code (every module of its class's
+    bases, with the kernels and the initialisation), the training step, the L0 controller and the trainer
+    defaults the step takes (``optim``, ``latents``). SAELens's code is fixed by its version (in
+    :func:`settings`)."""
+    import sae_lightning.metrics
     import sae_lightning.saes.init
     import sae_lightning.saes.sparse_ops
     import sae_lightning.sparsity
     import sae_lightning.step
+    from sae_lightning.config import LatentsConfig, OptimConfig
     from sae_lightning.saes import sae_class
 
     lib, arch, _ = CURVES[curve]
-    scoring = [run_ours, run_saelens, train, evaluate, common.load, common.synthetic, common.read_rows]
+    scoring = [run_ours, run_saelens, train, evaluate, common.load, common.synthetic, common.read_rows,
+               sae_lightning.metrics]
     if lib == "saelens":
         return code_hash(*scoring, saelens_trainer)
     name = arch.split()[0]
     bases = [m for m in dict.fromkeys(c.__module__ for c in sae_class(name).__mro__)
              if m.startswith("sae_lightning.")]
-    return code_hash(*scoring, ours_trainer, common.preset, common.PRESETS / f"{name}.yaml",
-                     *(sys.modules[m] for m in bases), sae_lightning.saes.init, sae_lightning.saes.sparse_ops,
-                     sae_lightning.step, sae_lightning.sparsity)
+    return code_hash(*scoring, ours_trainer, repr(common.preset(name)), repr(OptimConfig()),
+                     repr(LatentsConfig()), *(sys.modules[m] for m in bases), sae_lightning.saes.init,
+                     sae_lightning.saes.sparse_ops, sae_lightning.step, sae_lightning.sparsity)
 
 
 def fingerprint(curve: str, fixed: dict[str, object]) -> dict[str, object]:
