@@ -227,16 +227,17 @@ def load_results(path: Path | None, fingerprints: dict[str, dict[str, object]]
                  ) -> tuple[list[dict], list[dict]]:
     """(the runs in ``path`` made with these fingerprints (curve -> fingerprint), the stale ones: runs of
     those curves in the same experiment whose fingerprint differs, made with other code or by older
-    versions of this script). Runs of other experiments (other settings) are neither."""
+    versions of this script, and not yet trained again). Runs of other experiments (other settings) are
+    neither."""
     if path is None or not path.exists():
         return [], []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     same = {curve: experiment(f) for curve, f in fingerprints.items()}
-    done, stale = [], []
-    for r in rows:
-        if r["curve"] not in fingerprints or experiment(r["settings"]) != same[r["curve"]]:
-            continue
-        (done if r["settings"] == fingerprints[r["curve"]] else stale).append(r)
+    ours = [r for r in rows if r["curve"] in fingerprints and experiment(r["settings"]) == same[r["curve"]]]
+    done = [r for r in ours if r["settings"] == fingerprints[r["curve"]]]
+    have = {(r["curve"], r["value"], r["seed"]) for r in done}
+    stale = [r for r in ours if r["settings"] != fingerprints[r["curve"]]
+             and (r["curve"], r["value"], r["seed"]) not in have]
     return done, stale
 
 

@@ -174,4 +174,6 @@ def test_a_rerun_trains_only_what_is_missing_or_stale(tmp_path: Path, monkeypatc
     assert [r["curve"] for r in rows] == ["ours relu", "saelens standard", "ours relu"]
     assert rows[-1]["settings"]["code"] == "f" * 12
     assert re.search(r"^ours relu\s+3\s+1\s", out, flags=re.MULTILINE)  # one seed: the stale row left out
+    q.main(command)  # the stale row has been trained again: nothing to list, nothing to train
+    assert "stale" not in capsys.readouterr().out and len(results.read_text().splitlines()) == 3
 
