@@ -79,8 +79,8 @@ bench: setup-dev
 	$(PY) -m benchmarks.kernels auxk --batch 128 --d-in 64 --d-sae 256 --k 8 --dead 0 64 --reps 1 --threads 1 --out $(BENCH_OUT)/kernels_auxk.txt
 	$(PY) -m benchmarks.synthetic --archs topk relu --n-features 64 --d 16 --n-rows 4000 --steps 20 --batch-size 128 --out $(BENCH_OUT)/synthetic.txt
 	$(PY) -m benchmarks.target_l0 --targets 10 --steps 50 --rows 4096 --d-sae 64 --batch-size 64 --out $(BENCH_OUT)/target_l0.txt
-	$(PY) -m benchmarks.cache_build --model pythia-70m --batches 2 --batch-size 2 --ctx 16 --out $(BENCH_OUT)/cache_build.txt
-	$(PY) -m benchmarks.stream --rows 16384 --factor 2 --shard-rows 2048 --shuffle-buffer 2048 --batches 2 --out $(BENCH_OUT)/stream.txt
+	$(PY) -m benchmarks.cache build --model pythia-70m --batches 2 --batch-size 2 --ctx 16 --out $(BENCH_OUT)/cache_build.txt
+	$(PY) -m benchmarks.cache stream --rows 16384 --factor 2 --shard-rows 2048 --shuffle-buffer 2048 --batches 2 --out $(BENCH_OUT)/cache_stream.txt
 	$(PY) -m benchmarks.group_memory --archs relu topk --d-in 64 --d-sae 256 --batch 256 --steps 1 --group 2 --out $(BENCH_OUT)/group_memory.txt
 	$(PY) -m benchmarks.whole_run --cache-dir $(BENCH_CACHE) --d-sae 256 --batch 1024 --train-tokens 4096 --reps 1 --step-reps 1 --out $(BENCH_OUT)/whole_run.txt
 	$(PY) -m benchmarks.many_saes cache --cache-dir $(BENCH_CACHE) --n 2 --d-sae 256 --batch 1024 --tokens 4096 --reps 1 --out $(BENCH_OUT)/many_saes_cache.txt
