@@ -86,15 +86,20 @@ def test_report_writes_the_header_and_every_line_whole(tmp_path: Path, capsys) -
 
 
 # ---------------------------------------------------------------- the quality benchmark's fingerprints
-pytest.importorskip("sae_lens")
-from benchmarks import quality_vs_saelens as q  # noqa: E402
+@pytest.fixture
+def q():
+    """The quality benchmark (it needs SAELens for its settings and curves)."""
+    pytest.importorskip("sae_lens")
+    from benchmarks import quality_vs_saelens
+
+    return quality_vs_saelens
 
 TINY = ["--d-in", "16", "--features", "64", "--mean-active", "4", "--d-sae", "32", "--train-rows", "2000",
         "--eval-rows", "300", "--batch", "100", "--steps", "3", "--b-dec-sample", "300",
         "--curve-points", "1", "--l1", "3"]
 
 
-def test_settings_record_the_real_width_and_the_cache_key_not_the_path(tmp_path: Path) -> None:
+def test_settings_record_the_real_width_and_the_cache_key_not_the_path(q, tmp_path: Path) -> None:
     """With ``--acts`` the settings hold the data's real width (not the synthetic default 64) and the file's
     or cache's name (a cache's name is its key), never the machine's path; with generated data, its
     parameters."""
@@ -108,7 +113,7 @@ def test_settings_record_the_real_width_and_the_cache_key_not_the_path(tmp_path:
     assert generated["acts"] is None and (generated["d_in"], generated["features"]) == (16, 64)
 
 
-def test_the_code_hash_follows_what_a_curve_measures(tmp_path: Path, monkeypatch) -> None:
+def test_the_code_hash_follows_what_a_curve_measures(q, tmp_path: Path, monkeypatch) -> None:
     """Each of our curves hashes its preset and architecture code: editing ``conf/sae/topk.yaml`` changes
     the TopK curves' hash and not relu's; SAELens's curves do not depend on our presets."""
     before = {name: q.measured_code(name) for name in q.CURVES}
@@ -130,7 +135,7 @@ def _row(curve: str, value: float, seed: int, settings: dict) -> dict:
             "curve_points": [[100, 5.0, 0.3]], "settings": settings}
 
 
-def test_stale_rows_are_told_apart_from_current_and_other_experiments(tmp_path: Path) -> None:
+def test_stale_rows_are_told_apart_from_current_and_other_experiments(q, tmp_path: Path) -> None:
     """A row is reused only with the same fingerprint; a row of the same experiment made with other code
     (or by an older version of the script: absolute cache path, ``d_in`` 64 for wider data, no code hash)
     is stale; a row with other settings (another d_sae) belongs to another experiment and is neither."""
@@ -152,7 +157,7 @@ def test_stale_rows_are_told_apart_from_current_and_other_experiments(tmp_path: 
     assert [(r["curve"], r["value"]) for r in stale] == [("ours relu", 6), ("ours topk", 32)]
 
 
-def test_a_rerun_trains_only_what_is_missing_or_stale(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_a_rerun_trains_only_what_is_missing_or_stale(q, tmp_path: Path, monkeypatch, capsys) -> None:
     """The same command twice trains nothing the second time; once what a curve measures changes, its runs
     are listed as stale and trained again, and the report covers only current runs."""
     results = tmp_path / "runs.jsonl"
