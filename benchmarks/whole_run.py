@@ -63,7 +63,7 @@ MARKS = {"start": "Seed set to", "trainer": "GPU available", "fit_end": "`Traine
 def gemm_rate(batch: int, d_in: int, d_sae: int) -> float:
     """Best fp32 GFLOP/s of the step's three GEMM shapes (median of 3 calls each)."""
     secs, _ = time_in_turns(gemm_steps(batch, d_in, d_sae), 3)
-    return max(2 * batch * d_in * d_sae / s for s in secs.values()) / 1e9
+    return max(2 * batch * d_in * d_sae / statistics.median(s) for s in secs.values()) / 1e9
 
 
 def step_timer(cfg):
