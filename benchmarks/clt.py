@@ -14,7 +14,7 @@ latents so far, the interface of ``docs/cross-layer-transcoders.md``), special-t
 alone; CE loss recovered ``(L_zero - L_repl) / (L_zero - L_clean)`` with every replaced MLP zeroed for
 ``L_zero``, and the total L0 (active latents per token summed over layers) in that forward.
 
-    flock -x /tmp/cpu-bench.lock python benchmarks/clt.py --layers 0,1,2,3 --ks 8,16,32 \\
+    flock -x /tmp/cpu-bench.lock python -m benchmarks.clt --layers 0,1,2,3 --ks 8,16,32 \\
         --out benchmarks/results/clt_cpu.txt
 """
 
@@ -31,9 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import REPO, header
-
+from benchmarks.common import REPO, header, invocation
 from sae_lightning.circuits.clt import load_clt
 from sae_lightning.lm import HookPoint
 from sae_lightning.saes import SAE
@@ -160,7 +158,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--overrides", nargs="*", default=[], help="more train.py overrides (both kinds)")
     args = parser.parse_args()
-    command = "python benchmarks/clt.py " + " ".join(sys.argv[1:])
+    command = invocation("benchmarks.clt")
     lines = [header(command), f"# layers {args.layers}, BatchTopK, dict_mult {args.dict_mult} per layer "
              f"(equal total latents), {args.train_tokens} training tokens, {args.eval_contexts} held-out "
              "contexts\n"]

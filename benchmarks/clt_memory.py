@@ -5,7 +5,7 @@ One ``python train.py ... clt=true`` process (live activations: 60 hooks would b
 steps under ``/usr/bin/time``; the estimate is the one the run logs before any work ("Memory: the CLT needs
 about ...").
 
-    flock -s /tmp/cpu-bench.lock python benchmarks/clt_memory.py --out benchmarks/results/clt_memory_cpu.txt
+    flock -s /tmp/cpu-bench.lock python -m benchmarks.clt_memory --out benchmarks/results/clt_memory_cpu.txt
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import REPO, header
+from benchmarks.common import REPO, header, invocation
 
 
 def main() -> None:
@@ -49,7 +48,7 @@ def main() -> None:
     log = (run / "train.log").read_text() if (run / "train.log").exists() else ""
     estimate = re.search(r"Memory: the CLT needs about (.+?) of (.+?) available", log)
     peak = int(proc.stderr.strip().splitlines()[-1]) / 2**20 if proc.stderr.strip() else float("nan")
-    lines = [header("python benchmarks/clt_memory.py " + " ".join(sys.argv[1:])),
+    lines = [header(invocation("benchmarks.clt_memory")),
              f"# train.py {' '.join(over)}\n",
              f"exit status: {proc.returncode}\n",
              f"layers: {args.layers}, d_sae per layer: {round(args.dict_mult * 576)}, {args.sae}, "

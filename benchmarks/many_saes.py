@@ -1,7 +1,7 @@
 """Many SAEs from one pass: does a group pay for its stream once? (issue "Many SAEs from one pass").
 
-    python benchmarks/many_saes.py cache [--n 8 --tokens 65536 --reps 2]   # an l1 sweep, grouped
-    python benchmarks/many_saes.py live  [--layers 1 2 3 4 5 6 7 8]       # one SAE per layer, one forward
+    python -m benchmarks.many_saes cache [--n 8 --tokens 65536 --reps 2]   # an l1 sweep, grouped
+    python -m benchmarks.many_saes live  [--layers 1 2 3 4 5 6 7 8]       # one SAE per layer, one forward
 
 SmolLM2-135M (the offline default), ``mlp_post``, relu with d_sae ``--d-sae``, batch ``--batch``, the
 TinyStories sample, everything through ``python train.py`` as users type it:
@@ -25,8 +25,8 @@ Every part is measured alone in the same run of this script, on the same machine
 The bound the group should meet: ``wall <= 1.1 x (fixed + stream + sum of the members' steps)``. The peak
 RSS is reported beside the memory guard's estimate (``group.memory``) and beside the parts it sums.
 
-Results: ``benchmarks/results/many_saes_<part>_cpu.txt`` (``--out``), written whole, with the header of
-``stamp.py``.
+Results: ``benchmarks/results/many_saes_<part>_cpu.txt`` (``--out``), written whole under the results
+header.
 """
 
 from __future__ import annotations
@@ -42,37 +42,17 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # runnable from a checkout, uninstalled
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from stamp import header  # noqa: E402
-from train_step import ours_trainer  # noqa: E402
+from benchmarks.common import REPO, RESULTS, compose, header, invocation, med_range, ours_trainer
+from sae_lightning.io import atomic_write_text
 
-from sae_lightning.io import atomic_write_text  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
 COMMON = ["experiment=quickstart", "sae=relu", "logger=csv", "trainer.progress_bar=false",
           "trainer.limit_val_batches=2"]
-
-
-def compose(overrides: list[str]) -> tuple[object, dict]:
-    """(TrainConfig, resolved dict) that ``python train.py <overrides>`` runs."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from sae_lightning.config import register_configs, to_config
-
-    register_configs()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        dict_cfg = hydra_compose("train", overrides=overrides)
-        return to_config(dict_cfg), OmegaConf.to_container(dict_cfg, resolve=True)
 
 
 def process(args: list[str], cwd: Path) -> tuple[float, float]:
     """Wall seconds and peak RSS (GiB) of ``python train.py <args>``, launch to exit."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd,
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=cwd,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
@@ -137,10 +117,6 @@ def guard_estimate(group: list, dm) -> str:
             f"buffers + model {shared / 2**30:.2f})")
 
 
-def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.1f} [{min(values):.1f}-{max(values):.1f}]"
-
-
 def run(args: argparse.Namespace) -> str:
     size = [f"sae.d_sae={args.d_sae}", f"batch_size={args.batch}", f"train_tokens={args.tokens}"]
     if args.part == "cache":
@@ -186,15 +162,15 @@ def run(args: argparse.Namespace) -> str:
         f"the group's stream alone: {stream:.1f} s",
         f"each member's steps alone: {', '.join(f'{s:.1f}' for s in steps)} s (sum {sum(steps):.1f})",
         f"bound fixed + stream + steps: {bound:.1f} s",
-        f"grouped process, {args.reps} reps: {spread(group_walls)} s wall (median [min-max])",
+        f"grouped process, {args.reps} reps: {med_range(group_walls, '.1f')} s wall (median [min-max])",
         f"group / bound: {wall / bound:.3f} (target <= 1.1)",
         f"{len(singles)} separate runs: {separate:.1f} s; speed-up of the group: {separate / wall:.2f}x",
-        f"peak RSS of the grouped process: {spread(rss)} GiB; the memory guard's estimate: {guard}",
+        f"peak RSS of the grouped process: {med_range(rss, '.1f')} GiB; the memory guard's estimate: {guard}",
     ]
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=["cache", "live"])
     p.add_argument("--n", type=int, default=8, help="SAEs in the cache group (the first n of --l1)")
@@ -206,8 +182,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=2, help="grouped processes timed")
     p.add_argument("--cache-dir", default=os.environ.get("SAE_LIGHTNING_CACHE", ".cache/activations"))
     p.add_argument("--out", type=Path)
-    args = p.parse_args()
-    text = header(" ".join(["python benchmarks/many_saes.py", *sys.argv[1:]])) + run(args)
+    args = p.parse_args(argv)
+    text = header(invocation(__spec__.name, argv)) + run(args)
     out = args.out or RESULTS / f"many_saes_{args.part}_cpu.txt"
     atomic_write_text(out, text)
     print(text, end="")

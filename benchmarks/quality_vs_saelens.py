@@ -1,7 +1,7 @@
 """Quality at equal work: held-out normalized MSE against L0, our SAEs vs SAELens's, same data and steps.
 
-Each SAE is trained by its own library's training step (``train_step.ours_trainer`` /
-``train_step.saelens_trainer``: what ``SAEModule`` and SAELens's ``SAETrainer`` do per step, dead-latent
+Each SAE is trained by its own library's training step (``common.ours_trainer`` /
+``common.saelens_trainer``: what ``SAEModule`` and SAELens's ``SAETrainer`` do per step, dead-latent
 tracking included) on the same batches in the same order, with the same Adam learning rate and number
 of steps. Our SAEs are built from the presets ``sae=relu``, ``sae=relu_dn``, ``sae=topk``
 (``conf/sae/*.yaml``), so the benchmark measures what those options train, initialisation included
@@ -27,11 +27,18 @@ and TopK curves (``BAND_CURVES``), not of the architecture being judged, as a fr
 nmse; a difference is likewise read as a fraction of the other curve's nmse at that L0 (``report``).
 
 Data: ``--acts file.npy`` ([n, d_in] activations, e.g. SmolLM2 layer-6 mlp_post) or an activation cache
-directory or, by default, synthetic activations: sparse non-negative combinations of a ground-truth
-dictionary (Zipf-like firing frequencies, exponential magnitudes) plus a constant offset and Gaussian
-noise. Rows are scaled so that ``E||x||^2 = d_in`` for both libraries.
+directory or, by default, synthetic activations (``common.synthetic``: ``activations=synthetic``'s
+generator plus a constant offset). Rows are scaled so that ``E||x||^2 = d_in`` for both libraries.
 
-Run: ``python benchmarks/quality_vs_saelens.py`` (a few minutes on 2 cores).
+``--results FILE`` keeps every finished run as a JSON line with its fingerprint: the settings (the data by
+its file or cache key and its width, the training and scoring options, SAELens's version) and a hash of the
+code the run measures (``measured_code``: for our curves the resolved preset, the architecture's modules,
+the training step and the L0 controller; for every curve this script's training and scoring). A rerun trains
+only what the file lacks; a run of the same settings with another fingerprint is stale: it is listed,
+left out of the report and trained again when the command asks for it.
+
+Run: ``python -m benchmarks.quality_vs_saelens`` (a few minutes on 2 cores); ``--out FILE`` writes the
+report whole under the results header.
 """
 
 from __future__ import annotations
@@ -45,122 +52,28 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import ours_trainer, preset, saelens_trainer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, uninstalled
-from sae_lightning.metrics import ReconstructionStats
+from benchmarks import common
+from benchmarks.common import (
+    Report,
+    add_out_arg,
+    add_run_args,
+    append_result,
+    code_hash,
+    data_width,
+    evaluate,
+    load,
+    ours_trainer,
+    preset,
+    saelens_trainer,
+    source_name,
+    train,
+)
 from sae_lightning.saes.matryoshka import default_prefixes
-
-
-def synthetic(n: int, d_in: int, n_features: int, mean_active: float, seed: int = 0) -> torch.Tensor:
-    """Sparse non-negative codes over a random unit-norm dictionary, plus an offset and noise [n, d_in]."""
-    g = torch.Generator().manual_seed(seed)
-    dictionary = torch.randn(n_features, d_in, generator=g)
-    dictionary /= dictionary.norm(dim=1, keepdim=True)
-    freq = 1.0 / torch.arange(1, n_features + 1).float() ** 0.7  # Zipf-like firing frequencies
-    freq *= mean_active / freq.sum()
-    fires = torch.rand(n, n_features, generator=g) < freq.clamp(max=1.0)
-    scale = 1 + torch.rand(n_features, generator=g)
-    magnitude = torch.empty(n, n_features).exponential_(generator=g) * scale
-    offset = torch.randn(d_in, generator=g) * 0.5
-    return (fires * magnitude) @ dictionary + offset + 0.05 * torch.randn(n, d_in, generator=g)
-
-
-def read_rows(path: str, n: int) -> np.ndarray:
-    """The first rows of an ``.npy`` array (``n``) or of an activation cache directory (the whole context
-    rows among its first ``n`` rows, so a split after any of them splits no context), as float32."""
-    if not Path(path).is_dir():
-        return np.asarray(np.load(path, mmap_mode="r")[:n], dtype=np.float32)
-    from sae_lightning.cache.reader import open_source
-
-    source, parts, docs, left = open_source(path), [], [], n
-    for shard, size in enumerate(source.shard_sizes):
-        if left <= 0:
-            break
-        idx = np.arange(min(size, left))
-        parts.append(source.read_rows(shard, idx))
-        docs.append(source.read_where(shard, idx)[1])
-        left -= len(idx)
-    rows, doc = np.concatenate(parts), np.concatenate(docs)
-    whole = doc != doc[-1] if left <= 0 else np.ones(len(doc), bool)  # drop the last, maybe partial, context
-    return rows[whole].astype(np.float32, copy=False)
-
-
-def load(path: str | None, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, eval) activations scaled to ``E||x||^2 = d_in``: the eval rows come after the train rows in
-    the source (whole context rows for a cache: ``read_rows`` stops at a context boundary), and only the
-    train rows are shuffled."""
-    n = args.train_rows + args.eval_rows
-    x = torch.from_numpy(read_rows(path, n)) if path else synthetic(n, args.d_in, args.features,
-                                                                     args.mean_active)
-    x = x * math.sqrt(x.shape[1] / x.pow(2).sum(1).mean())
-    train, held_out = x[: -args.eval_rows], x[-args.eval_rows:]
-    return train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(1))], held_out
-
-
-@torch.no_grad()
-def evaluate(encode_decode, x: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
-    """(held-out L0, normalized MSE) of ``encode_decode(x) -> (z, x_hat)`` over ``x``, by ``metrics.py``."""
-    stats = ReconstructionStats()
-    for xs in x.split(chunk):
-        z, x_hat = encode_decode(xs)
-        stats.update(xs, x_hat, z)
-    values = stats.compute()
-    return values["l0"], values["nmse"]
-
-
-def train(step, train_x: torch.Tensor, args: argparse.Namespace, score) -> list[tuple[int, float, float]]:
-    """Run ``args.steps`` steps on consecutive batches (wrapping around: several passes when the train rows
-    are fewer than steps x batch), the same for every SAE; ``score()`` -> (L0, nmse) on the held-out rows
-    after each ``args.steps / args.curve_points`` steps. Returns the curve [(tokens, L0, nmse)]."""
-    curve, every = [], max(1, args.steps // args.curve_points)
-    for i in range(args.steps):
-        start = (i * args.batch) % (train_x.shape[0] - args.batch + 1)
-        step(train_x[start:start + args.batch])
-        if (i + 1) % every == 0 or i + 1 == args.steps:
-            curve.append(((i + 1) * args.batch, *score()))
-    return curve
-
-
-def train_counting_fires(sae: torch.nn.Module, step, train_x: torch.Tensor, eval_x: torch.Tensor,
-                         args: argparse.Namespace
-                         ) -> tuple[list[tuple[int, float, float]], torch.Tensor, int]:
-    """:func:`train` scored through ``sae.encode``/``decode`` (ours or SAELens's), also counting how often
-    each latent fires on the held-out rows: (curve, each latent's firing frequency at the last point,
-    seconds)."""
-    fires = torch.zeros(args.d_sae)
-
-    def encode_decode(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = sae.encode(xs)
-        fires.add_((z.to_dense() if z.is_sparse else z).ne(0).sum(0))
-        return z, sae.decode(z)
-
-    def score() -> tuple[float, float]:
-        sae.eval()
-        fires.zero_()
-        result = evaluate(encode_decode, eval_x)
-        sae.train()
-        return result
-
-    sae.train()
-    t0 = time.perf_counter()
-    curve = train(step, train_x, args, score)
-    return curve, fires / eval_x.shape[0], round(time.perf_counter() - t0)
-
-
-def frequency_summary(freq: torch.Tensor) -> dict[str, object]:
-    """How the latents' held-out firing frequencies spread: the fraction that never fire (``dead``), fire on
-    under 1 % of rows (``rare``) or on over half (``dense``), and the 5 / 50 / 95 % quantiles
-    (``freq_quantiles``). Two SAEs at one L0 can split it very differently."""
-    quantiles = torch.quantile(freq.double(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
-    return {"dead": (freq == 0).float().mean().item(), "rare": (freq < 0.01).float().mean().item(),
-            "dense": (freq > 0.5).float().mean().item(), "freq_quantiles": quantiles.tolist()}
 
 
 def run_ours(arch: str, value: float, train_x: torch.Tensor, eval_x: torch.Tensor,
@@ -251,53 +164,84 @@ PAIRS = [("ours relu_dn", "saelens standard"), ("ours relu", "saelens standard")
 BAND_CURVES = {"ours relu", "saelens standard", "ours topk", "saelens topk"}
 SETTINGS = ("acts", "d_in", "features", "mean_active", "d_sae", "train_rows", "eval_rows", "batch", "steps",
             "lr", "dead_window", "b_dec_sample", "curve_points")
+SYNTHETIC_ONLY = ("features", "mean_active")  # settings of the generated data, meaningless with --acts
 
 
 def settings(args: argparse.Namespace) -> dict[str, object]:
-    """What a result depends on besides (curve, value, seed): a stored result is reused only if equal."""
+    """What a result depends on besides (curve, value, seed) and the code: the data (a cache by its key,
+    its real width; generated data by its parameters), the training and scoring options, SAELens's
+    version."""
     import sae_lens
 
-    return ({key: getattr(args, key) for key in SETTINGS} | {"acts": source_name(args.acts)}
-            | {"sae_lens": sae_lens.__version__})
+    values = {key: getattr(args, key) for key in SETTINGS} | {"acts": source_name(args.acts)}
+    if args.acts:
+        values |= {"d_in": data_width(args.acts)} | dict.fromkeys(SYNTHETIC_ONLY)
+    return values | {"sae_lens": sae_lens.__version__}
 
 
-def source_name(acts: str | None) -> str | None:
-    """The data's file or cache folder name (a cache's name holds its key hash), not where it lies."""
-    return Path(acts).name if acts else None
+def measured_code(curve: str) -> str:
+    """The hash of what a run of ``curve`` measures: how it is trained and scored here (with
+    ``metrics.ReconstructionStats``), and for our curves the preset as ``sae=<arch>`` resolves it (the
+    preset's values on its schema's defaults), the architecture's code (every module of its class's
+    bases, with the kernels and the initialisation), the training step, the L0 controller and the trainer
+    defaults the step takes (``optim``, ``latents``). SAELens's code is fixed by its version (in
+    :func:`settings`)."""
+    import sae_lightning.metrics
+    import sae_lightning.saes.init
+    import sae_lightning.saes.sparse_ops
+    import sae_lightning.sparsity
+    import sae_lightning.step
+    from sae_lightning.config import LatentsConfig, OptimConfig
+    from sae_lightning.saes import sae_class
+
+    lib, arch, _ = CURVES[curve]
+    scoring = [run_ours, run_saelens, train, evaluate, common.load, common.synthetic, common.read_rows,
+               sae_lightning.metrics]
+    if lib == "saelens":
+        return code_hash(*scoring, saelens_trainer)
+    name = arch.split()[0]
+    bases = [m for m in dict.fromkeys(c.__module__ for c in sae_class(name).__mro__)
+             if m.startswith("sae_lightning.")]
+    return code_hash(*scoring, ours_trainer, repr(common.preset(name)), repr(OptimConfig()),
+                     repr(LatentsConfig()), *(sys.modules[m] for m in bases), sae_lightning.saes.init,
+                     sae_lightning.saes.sparse_ops, sae_lightning.step, sae_lightning.sparsity)
 
 
-def append_result(path: Path | None, row: dict) -> None:
-    """Append ``row`` as one JSON line to ``path`` (nothing when None): a run is kept as soon as it ends."""
-    if path is not None:
-        with path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+def fingerprint(curve: str, fixed: dict[str, object]) -> dict[str, object]:
+    """A run's fingerprint: the ``fixed`` settings (:func:`settings`) and the hash of the code it measures."""
+    return fixed | {"code": measured_code(curve)}
 
 
-def load_results(path: Path | None, fingerprint: dict[str, object]) -> list[dict]:
-    """The runs in ``path`` made with these settings."""
+def experiment(fingerprint: dict[str, object]) -> dict[str, object]:
+    """What makes two runs the same experiment whatever the code: the settings but the code's hash, with the
+    data named by its key (older rows held the cache's absolute path) and, for real data, without what
+    older rows recorded of the unused synthetic options (``d_in`` among them)."""
+    values = {k: v for k, v in fingerprint.items() if k != "code"}
+    values["acts"] = source_name(values["acts"])
+    if values["acts"]:
+        values = {k: v for k, v in values.items() if k not in (*SYNTHETIC_ONLY, "d_in")}
+    return values
+
+
+def load_results(path: Path | None, fingerprints: dict[str, dict[str, object]]
+                 ) -> tuple[list[dict], list[dict]]:
+    """(the runs in ``path`` made with these fingerprints (curve -> fingerprint), the stale ones: runs of
+    those curves in the same experiment whose fingerprint differs, made with other code or by older
+    versions of this script, and not yet trained again). Runs of other experiments (other settings) are
+    neither."""
     if path is None or not path.exists():
-        return []
+        return [], []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["settings"] | {"acts": source_name(r["settings"]["acts"])} == fingerprint]
+    same = {curve: experiment(f) for curve, f in fingerprints.items()}
+    ours = [r for r in rows if r["curve"] in fingerprints and experiment(r["settings"]) == same[r["curve"]]]
+    done = [r for r in ours if r["settings"] == fingerprints[r["curve"]]]
+    have = {(r["curve"], r["value"], r["seed"]) for r in done}
+    stale = [r for r in ours if r["settings"] != fingerprints[r["curve"]]
+             and (r["curve"], r["value"], r["seed"]) not in have]
+    return done, stale
 
 
-def add_run_args(p: argparse.ArgumentParser, *, d_sae: int, train_rows: int, eval_rows: int, batch: int,
-                 steps: int, threads: int) -> None:
-    """The options that fix how every SAE is trained and scored, with these defaults (here and in the
-    ablation scripts, which train as this script trains)."""
-    p.add_argument("--d-sae", type=int, default=d_sae)
-    p.add_argument("--train-rows", type=int, default=train_rows)
-    p.add_argument("--eval-rows", type=int, default=eval_rows)
-    p.add_argument("--batch", type=int, default=batch)
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--dead-window", type=int, default=200, help="steps unfired => dead")
-    p.add_argument("--b-dec-sample", type=int, default=8192)
-    p.add_argument("--curve-points", type=int, default=4, help="held-out scores during training (the curve)")
-    p.add_argument("--threads", type=int, default=threads, help="torch threads")
-
-
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--acts", help=".npy [n, d_in] of real activations, or an activation cache directory "
                                   "(default: synthetic)")
@@ -315,22 +259,36 @@ def main() -> None:
     p.add_argument("--curves", nargs="+", default=list(CURVES)[:5], choices=list(CURVES), metavar="CURVE",
                    help=f"which to train (default the first five); of: {', '.join(CURVES)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="initialisation seeds per SAE")
-    p.add_argument("--results", type=Path, help="JSONL of finished runs: runs found there (same settings) "
-                                                "are not trained again; the report covers every curve in it")
+    p.add_argument("--results", type=Path,
+                   help="JSONL of finished runs: runs found there with the same fingerprint (settings and "
+                        "the code they measure) are not trained again, stale ones are; the report covers "
+                        "every curve in it")
     p.add_argument("--plot", type=Path, help="also draw each pair's frontiers and training paths (png, svg)")
-    args = p.parse_args()
+    add_out_arg(p)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
-    fingerprint = settings(args)
-    done = load_results(args.results, fingerprint)
+    fixed = settings(args)
+    fingerprints = {name: fingerprint(name, fixed) for name in CURVES}
+    done, stale = load_results(args.results, fingerprints)
+    if stale:
+        print(f"{len(stale)} stale runs in {args.results} (same settings, other code or an older version of "
+              "this script): left out of the report, and trained again where asked for:")
+        for r in stale:
+            print(f"  {r['curve']} {r['value']:g} seed {r['seed']}")
     have = {(r["curve"], r["value"], r["seed"]) for r in done}
     todo = [(name, v, seed) for name in args.curves for v in getattr(args, CURVES[name][2])
             for seed in args.seeds if (name, v, seed) not in have]
     train_x, eval_x = load(args.acts, args) if todo else (None, None)
     if todo:
-        print(f"data: {args.acts or 'synthetic'}, d_in {train_x.shape[1]}, train rows {train_x.shape[0]}, "
-              f"d_sae {args.d_sae}, {args.steps} steps x {args.batch} rows, lr {args.lr}, "
-              f"eval rows {eval_x.shape[0]}; {len(todo)} runs to train, {len(done)} found in {args.results}")
+        print(f"data: {source_name(args.acts) or 'synthetic'}, d_in {train_x.shape[1]}, train rows "
+              f"{train_x.shape[0]}, d_sae {args.d_sae}, {args.steps} steps x {args.batch} rows, "
+              f"lr {args.lr}, eval rows {eval_x.shape[0]}; {len(todo)} runs to train, {len(done)} found in "
+              f"{args.results}")
     t0 = time.perf_counter()
     for name, v, seed in todo:
         lib, arch, _ = CURVES[name]
@@ -338,12 +296,15 @@ def main() -> None:
         t1 = time.perf_counter()
         curve = (run_ours if lib == "ours" else run_saelens)(arch, v, train_x, eval_x, args)
         row = {"curve": name, "value": v, "seed": seed, "l0": curve[-1][1], "nmse": curve[-1][2],
-               "curve_points": curve, "seconds": round(time.perf_counter() - t1, 1), "settings": fingerprint}
+               "curve_points": curve, "seconds": round(time.perf_counter() - t1, 1),
+               "settings": fingerprints[name]}
         done.append(row)
         append_result(args.results, row)
         print(f"  [{time.perf_counter() - t0:5.0f} s] {name} {v:g} seed {seed}: L0 {row['l0']:.2f}, "
               f"nmse {row['nmse']:.4f}", flush=True)
-    report(done)
+    say = Report(__spec__.name, argv)
+    report(done, say)
+    say.write(args.out)
     if args.plot:
         plot(done, args.plot)
 
@@ -384,7 +345,7 @@ def plot(rows: list[dict], path: Path) -> None:
     print(f"plot: {path}")
 
 
-def report(rows: list[dict]) -> None:
+def report(rows: list[dict], say: Callable[[str], None] = print) -> None:
     """Every point (means over its seeds), each compared with the other library's curve, then per pair of
     curves: points dominated each way and the worst nmse difference each way, against the seed spread.
 
@@ -399,7 +360,7 @@ def report(rows: list[dict]) -> None:
     # each curve's points against one curve of the other library: the first paired with it that has runs
     paired = {name: [b if a == name else a for a, b in PAIRS if name in (a, b)] for name in curves}
     others = {name: next((o for o in paired[name] if o in curves), paired[name][0]) for name in curves}
-    print(f"{'sae':23s} {'value':>6s} {'seeds':>5s} {'L0':>8s} {'nmse':>8s} {'spread':>7s} {'last-q':>7s} "
+    say(f"{'sae':23s} {'value':>6s} {'seeds':>5s} {'L0':>8s} {'nmse':>8s} {'spread':>7s} {'last-q':>7s} "
           f"{'L0 l-q':>7s} {'vs':>23s} {'other nmse @ L0':>15s} {'dominated':>9s}")
     spreads = []
     for name in (n for n in CURVES if n in runs):
@@ -415,14 +376,14 @@ def report(rows: list[dict]) -> None:
             at = interpolate(point[0], other)
             shown = f"{at:15.4f}" if at is not None else f"{'-':>15s}"
             dom = "yes" if dominated(point, other) else "no"
-            print(f"{name:23s} {value:6g} {len(rs):5d} {point[0]:8.2f} {point[1]:8.4f} {spread:7.4f} "
+            say(f"{name:23s} {value:6g} {len(rs):5d} {point[0]:8.2f} {point[1]:8.4f} {spread:7.4f} "
                   f"{last_q:7.4f} {l0_q:7.1%} {others[name]:>23s} {shown} {dom:>9s}")
     band = max(spreads, default=math.nan)
-    print("\n(means over seeds; 'spread' = max - min nmse over seeds; 'last-q' = nmse drop over the last "
+    say("\n(means over seeds; 'spread' = max - min nmse over seeds; 'last-q' = nmse drop over the last "
           "quarter of training, 'L0 l-q' = how much higher L0 was a quarter before the end; 'other nmse @ "
           "L0' interpolates the other curve linearly in log L0, which flatters the compared point on a "
           "convex frontier; 'dominated' needs no interpolation)")
-    print(f"noise band (largest seed spread of a point of {', '.join(sorted(BAND_CURVES & set(runs)))}, "
+    say(f"noise band (largest seed spread of a point of {', '.join(sorted(BAND_CURVES & set(runs)))}, "
           f"over its nmse): {band:.2%}")
     figures = []
     for ours, theirs in PAIRS:
@@ -439,7 +400,7 @@ def report(rows: list[dict]) -> None:
         gaps += [(at - p[1]) / p[1] for p in b if (at := interpolate(p[0], a)) is not None]
         verdict = ("L0 ranges do not overlap" if not gaps else "no seed band yet" if math.isnan(band) else
                    "no worse beyond the band" if max(gaps) <= band else "WORSE beyond the band")
-        print(f"{ours} vs {theirs}: ours dominated {ours_dom}/{len(a)}, theirs dominated "
+        say(f"{ours} vs {theirs}: ours dominated {ours_dom}/{len(a)}, theirs dominated "
               f"{theirs_dom}/{len(b)}; worst ours-minus-theirs {worst:+.4f}, best theirs-minus-ours "
               f"{best_theirs:+.4f}; worst gap {max(gaps, default=math.nan):+.2%} of their nmse: {verdict} "
               f"(band {band:.2%})")
@@ -449,9 +410,9 @@ def report(rows: list[dict]) -> None:
         key = key.replace(" ", "_")
         figures += [f"{key}_dominated={ours_dom}/{len(a)}", f"{key}_dominates={theirs_dom}/{len(b)}",
                     f"{key}_worst_nmse_diff={worst:+.4f}", f"{key}_saelens_best_nmse_diff={best_theirs:+.4f}"]
-    print(" ".join(figures) + f" max_relative_seed_spread={band:.4f}")
+    say(" ".join(figures) + f" max_relative_seed_spread={band:.4f}")
     if "ours relu" in curves and "saelens standard" in curves:
-        print("(ours relu is plain L1 with a unit-norm decoder, which SAELens does not have: its line is for "
+        say("(ours relu is plain L1 with a unit-norm decoder, which SAELens does not have: its line is for "
               "reference; SAELens's standard SAE (L1 weighted by decoder norms) is our relu_dn)")
 
 

@@ -1,7 +1,7 @@
 """What the monosemanticity score adds to a sweep job: ``evaluate.enabled=true`` on a quickstart-sized job
 (issue 40: under a fifth of the job's training time at the default number of scored units).
 
-    python benchmarks/score_cost.py --cache-dir /work/cache-acts [--reps 2]
+    python -m benchmarks.score_cost --cache-dir /work/cache-acts [--reps 2]
 
 1. One sweep job as a user runs it: ``python train.py -m experiment=quickstart evaluate.enabled=true``
    (SmolLM2-135M layer 6, relu 2 x d_in, 160 steps of 2048 rows from the cache): its training seconds
@@ -11,7 +11,8 @@
    the score), alternated ``--reps`` times, whole processes: the score's cost is the difference of the
    medians.
 
-Results: ``benchmarks/results/score_cost_cpu.txt`` (``--out``), written whole with the header of ``stamp.py``.
+Results: ``benchmarks/results/score_cost_cpu.txt`` (``--out``), written whole with the header of
+``benchmarks.common.header``.
 """
 
 from __future__ import annotations
@@ -26,12 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # runnable from a checkout, uninstalled
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from stamp import header  # noqa: E402
+from benchmarks.common import header, invocation
+from sae_lightning.io import atomic_write_text
 
-from sae_lightning.io import atomic_write_text  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 VARIANTS = {"default (downstream, report, score)": [],
             "no score (monosemanticity=false)": ["monosemanticity=false"]}
@@ -59,7 +58,7 @@ def main() -> None:
     parser.add_argument("--train-overrides", nargs="*", default=[], help="more train.py overrides (smoke)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "score_cost_cpu.txt"))
     args = parser.parse_args()
-    command = "python benchmarks/score_cost.py " + " ".join(sys.argv[1:])
+    command = invocation("benchmarks.score_cost")
     with tempfile.TemporaryDirectory(prefix="score_cost-") as tmp:
         work = Path(tmp)
         sweep = work / "sweep"

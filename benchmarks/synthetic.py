@@ -13,27 +13,22 @@ The settings in ``SPARSITY`` aim every architecture at about the data's true L0 
 picked once by hand on the default data (TopK: ``k = mean_active``). Change the data and they may need
 retuning (the L0 column shows it); ``--set`` overrides anything, e.g. ``--set l1=3``.
 
-Run: ``python benchmarks/synthetic.py`` (a few minutes on 2 cores); ``--archs topk relu`` for a subset.
+Run: ``python -m benchmarks.synthetic`` (a few minutes on 2 cores); ``--archs topk relu`` for a subset;
+``--out FILE`` writes the table whole under the results header.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, uninstalled
-from sae_lightning.config import EvalConfig, register_configs, to_config
+from benchmarks.common import PRESETS, Report, add_out_arg, compose
 
-ROOT = Path(__file__).resolve().parents[1]
-PRESETS = ROOT / "conf" / "sae"
 # Aim each architecture at about the data's true L0 (topk: k = mean_active). JumpReLU keeps the threshold and
 # bandwidth (0.5) its synthetic figures were measured with: with the log threshold of the time, the presets'
 # 0.001 hardly moved in 1000 steps (L0 stayed > 200). The presets are now 0.01 and 0.05, trained directly.
@@ -53,14 +48,15 @@ def architectures() -> dict[str, list[str]]:
 def train_and_evaluate(overrides: list[str], run_dir: Path) -> dict[str, float]:
     """Train one SAE on ``activations=synthetic`` with Hydra ``overrides`` and return its evaluation
     metrics plus ``seconds`` (training time). The one place that knows how SAEs are built and trained."""
+    from omegaconf import OmegaConf
+
+    from sae_lightning.config import EvalConfig
     from sae_lightning.evaluate.run import run_evaluation
     from sae_lightning.training import run_training
 
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        dict_cfg = compose("train", overrides=["activations=synthetic", "logger=csv", "trainer=cpu",
-                                               "trainer.progress_bar=false", *overrides])
-    summary = run_training(to_config(dict_cfg), run_dir, OmegaConf.to_container(dict_cfg, resolve=True))
+    fixed = ["activations=synthetic", "logger=csv", "trainer=cpu", "trainer.progress_bar=false"]
+    cfg, resolved = compose([*fixed, *overrides])
+    summary = run_training(cfg, run_dir, resolved)
     metrics_path = run_evaluation(EvalConfig(ckpt_path=summary.run_dir, report=False, downstream=False))
     metrics = OmegaConf.to_container(OmegaConf.load(metrics_path))
     return {**metrics, "seconds": summary.train_seconds}
@@ -118,18 +114,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: steady timings on a shared 2-core machine; 2 ran 3x slower)")
     p.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for every run (applied last)")
+    add_out_arg(p)
     return p.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)  # Lightning's per-run chatter; the table is the output
     warnings.filterwarnings("ignore")
     results = run(args)
-    print(table(results))
+    say = Report(__spec__.name, argv)
+    say(table(results))
     best = max(results, key=lambda n: results[n]["frac_features_recovered"])
-    print(f"best_recovery={results[best]['frac_features_recovered']:.3f} best_arch={best}")
+    say(f"best_recovery={results[best]['frac_features_recovered']:.3f} best_arch={best}")
+    say.write(args.out)
 
 
 if __name__ == "__main__":

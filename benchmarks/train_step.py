@@ -34,200 +34,41 @@ Data: random activations of SmolLM2 layer-6 MLP post-activation shape (d_in = 15
 distribution (Student-t with 3 degrees of freedom, per-dimension log-normal scales), fine for
 throughput, which does not depend on the values (for TopK the chosen indices spread over the latents).
 
-Run: ``python benchmarks/train_step.py --out benchmarks/results/train_step_cpu.txt`` (some 15 minutes on 2
-cores; the file is written whole with ``stamp.py``'s header); ``--help`` for sizes.
+Run: ``python -m benchmarks.train_step --out benchmarks/results/train_step_cpu.txt`` (some 15 minutes on 2
+cores; the file is written whole under the results header); ``--help`` for sizes.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, uninstalled
-from omegaconf import OmegaConf
-from stamp import header
-
-from sae_lightning.config import LatentsConfig, OptimConfig
-from sae_lightning.saes import SAE, SAEConfig, build_sae, config_from_dict
+from benchmarks.common import (
+    PENALISED_COEFF,
+    SAELENS_SPARSE,
+    Report,
+    Step,
+    add_out_arg,
+    gemm_steps,
+    heavy_tailed,
+    hold_l0,
+    measured_l0,
+    ours_trainer,
+    preset,
+    saelens_trainer,
+    time_in_turns,
+)
 from sae_lightning.saes.matryoshka import default_prefixes
-from sae_lightning.sparsity import TargetL0
-from sae_lightning.step import LatentStats, train_step, warmup_scale
-
-Step = Callable[..., None]
-# SAELens's faster TopK mode; its backward needs the decoder-norm rescaling off (module docstring)
-SAELENS_SPARSE = {"use_sparse_activations": True, "rescale_acts_by_decoder_norm": False}
-
-
-PRESETS = Path(__file__).resolve().parents[1] / "conf" / "sae"
-
-
-def preset(name: str, **overrides: object) -> SAEConfig:
-    """The config that ``sae=<name>`` composes (its schema's defaults, then the preset's values), with
-    ``overrides`` (d_sae, k, ...) on top."""
-    values = OmegaConf.to_container(OmegaConf.load(PRESETS / f"{name}.yaml"))
-    values.pop("defaults", None)
-    return config_from_dict({"architecture": name, **values, **overrides})
-
-
-def heavy_tailed(n: int, d: int, seed: int = 0) -> torch.Tensor:
-    """Student-t(3) entries times per-dimension log-normal scales (a few dimensions dominate the norm)."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.distributions.StudentT(3.0).sample((n, d))
-    scale = torch.exp(torch.randn(d, generator=g))
-    return (t * scale).float()
-
-
-def ours_trainer(cfg: SAEConfig, d_in: int, coeff: float, lr: float = 1e-4,
-                 dead_window_tokens: int | None = None, sae: SAE | None = None,
-                 stats: LatentStats | None = None, l1_warmup_steps: int = 0,
-                 clip_scope: str = "group") -> tuple[torch.nn.Module, Step]:
-    """Our SAE (``sae``, else built from ``cfg``) and ``step.train_step`` with the trainer's defaults
-    (gradient clipping, dead window, the ``sae.target_l0`` controller when ``cfg`` sets one: ``coeff`` is
-    then its start); ``stats``: the firing bookkeeping to use, for a caller that sets which latents are
-    dead; ``l1_warmup_steps``: ``optim.l1_warmup_steps``, the coefficient's linear warm-up, during which
-    the controller waits (as ``SAEModule.training_step``); ``clip_scope``: ``optim.grad_clip_scope``."""
-    sae = build_sae(cfg, d_in) if sae is None else sae
-    opt = torch.optim.Adam(sae.param_groups(lr))
-    if stats is None:
-        stats = LatentStats(sae.d_sae, dead_window_tokens or LatentsConfig().dead_window_tokens)
-    grad_clip = OptimConfig().grad_clip
-    target = getattr(cfg, "target_l0", None)
-    steer = TargetL0(target, two_sided=sae.two_sided_target) if target is not None else None
-
-    done = 0  # steps taken
-
-    def step(x: torch.Tensor) -> None:
-        nonlocal done
-        warm = warmup_scale(done, l1_warmup_steps)
-        scale = steer.scale() if steer is not None else 1.0
-        out = train_step(sae, opt, x, stats, coeff=coeff * warm * scale, grad_clip=grad_clip,
-                         clip_scope=clip_scope, step=done)
-        if steer is not None and warm == 1:
-            steer.update(out.l0.detach())
-        done += 1
-
-    return sae, step
-
-
-# SAELens architecture -> (module in sae_lens.saes, training SAE class, its coefficient field and key)
-SAELENS = {"standard": ("standard_sae", "StandardTrainingSAE", "l1_coefficient", "l1"),
-           "topk": ("topk_sae", "TopKTrainingSAE", None, None),
-           "batchtopk": ("batchtopk_sae", "BatchTopKTrainingSAE", None, None),
-           "matryoshka": ("matryoshka_batchtopk_sae", "MatryoshkaBatchTopKTrainingSAE", None, None),
-           "gated": ("gated_sae", "GatedTrainingSAE", "l1_coefficient", "l1"),
-           "jumprelu": ("jumprelu_sae", "JumpReLUTrainingSAE", "l0_coefficient", "l0")}
-
-
-def saelens_trainer(arch: str, d_in: int, d_sae: int, coeff: float, lr: float = 1e-4,
-                    dead_window_steps: int = 10**9, **kw: object) -> tuple[torch.nn.Module, Step]:
-    """SAELens's training SAE ``arch`` (a key of ``SAELENS``, its defaults plus ``kw``) and its step as
-    ``SAETrainer._train_step`` runs it; ``coeff`` is its sparsity coefficient (ignored by TopK-family)."""
-    import importlib
-
-    from sae_lens.saes.sae import TrainStepInput
-
-    module, cls, field, key = SAELENS[arch]
-    mod = importlib.import_module(f"sae_lens.saes.{module}")
-    cfg_kw = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu", **kw}
-    if field:
-        cfg_kw[field] = coeff
-    sae = getattr(mod, cls)(getattr(mod, cls + "Config")(**cfg_kw))
-    coefficients = {key: coeff} if key else {}
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    since_fired = torch.zeros(d_sae)  # in steps, as SAETrainer counts
-
-    def step(x: torch.Tensor) -> None:
-        out = sae.training_forward_pass(TrainStepInput(
-            sae_in=x, dead_neuron_mask=since_fired > dead_window_steps, coefficients=coefficients,
-            n_training_steps=0, is_logging_step=False))
-        with torch.no_grad():
-            did_fire = out.feature_acts.bool().float().sum(-2).bool()
-            if did_fire.is_sparse:
-                did_fire = did_fire.to_dense()
-            since_fired.add_(1)
-            since_fired[did_fire] = 0
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-
-    return sae, step
 
 
 def on(x: torch.Tensor, trainer: tuple[torch.nn.Module, Step]) -> Step:
     """A trainer's step bound to the fixed batch ``x`` (throughput does not depend on the values)."""
     step = trainer[1]
     return lambda: step(x)
-
-
-@torch.no_grad()
-def hold_l0(sae: torch.nn.Module, x: torch.Tensor, l0: float) -> Step:
-    """Set the encoder biases of a penalised SAE (ours or SAELens's) so that each latent fires on ``l0 /
-    d_sae`` of the rows of ``x`` (JumpReLU: the thresholds, the bias at zero; gated: the gate bias, the
-    magnitude path then positive wherever the gate is open); returns what puts these weights back."""
-    ours = isinstance(sae, SAE)
-    h = sae.pre_acts(sae.normalize(x), bias=0.0) if ours else sae.process_sae_in(x) @ sae.W_enc
-    keep = round(x.shape[0] * (1 - l0 / h.shape[1]))  # the rows each latent does not fire on
-    cut = h.kthvalue(keep, dim=0).values
-    if hasattr(sae, "threshold"):
-        sae.threshold.copy_(cut)
-        sae.b_enc.zero_()
-    else:  # SAELens's gated SAE names its gate bias b_gate, ours b_enc
-        (sae.b_gate if hasattr(sae, "b_gate") else sae.b_enc).copy_(-cut)
-    held = {name: p.detach().clone() for name, p in sae.named_parameters()}
-
-    def reset() -> None:
-        with torch.no_grad():
-            for name, p in sae.named_parameters():
-                p.copy_(held[name])
-
-    return reset
-
-
-@torch.no_grad()
-def measured_l0(sae: torch.nn.Module, x: torch.Tensor) -> float:
-    """The mean number of active latents per row of ``x`` of ours or SAELens's SAE (training forward)."""
-    if isinstance(sae, SAE):
-        return float(sae(sae.normalize(x), sparsity_coeff=0.0).l0)
-    return float((sae.encode(x) != 0).sum(-1).float().mean())
-
-
-def gemm_steps(batch: int, d_in: int, d_sae: int) -> dict[str, Step]:
-    """The step's three GEMM shapes (forward encoder, decoder, weight gradient) as timed contenders."""
-    a, w = torch.randn(batch, d_in), torch.randn(d_in, d_sae)
-    z, wd = torch.randn(batch, d_sae), torch.randn(d_sae, d_in)
-    return {"gemm [B,d_in]@[d_in,d_sae]": lambda: a @ w, "gemm [B,d_sae]@[d_sae,d_in]": lambda: z @ wd,
-            "gemm [d_in,B]@[B,d_sae]": lambda: a.t() @ z}
-
-
-def time_in_turns(contenders: dict[str, Step], reps: int, prepare: dict[str, Step] | None = None,
-                  ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Wall and process-CPU seconds of each contender in each of ``reps`` turns (after a warm-up call);
-    ``prepare[name]``, when given, runs untimed before each of that contender's calls.
-
-    CPU seconds count what the process itself burnt, so they show less of other load on the machine.
-    """
-    prepare = prepare or {}
-    wall: dict[str, list[float]] = {name: [] for name in contenders}
-    cpu: dict[str, list[float]] = {name: [] for name in contenders}
-    for name, fn in contenders.items():
-        prepare.get(name, lambda: None)()
-        fn()
-    for _ in range(reps):
-        for name, fn in contenders.items():
-            prepare.get(name, lambda: None)()
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
-    return wall, cpu
 
 
 def report(say: Callable[[str], None], title: str, secs: dict[str, float], cpu: dict[str, float],
@@ -257,7 +98,6 @@ def section(arch: str, args: argparse.Namespace) -> tuple[int, dict[str, dict], 
 
 K_ARCHS = ("topk", "batchtopk", "matryoshka")
 ARCHS = ("relu", "relu_dn", "gated", "jumprelu", *K_ARCHS)
-COEFF = 5.0  # the L1 / L0 coefficient of the penalised SAEs (their L0 is held: --l0)
 # GEMM FLOPs of a dense step in units of B d_in d_sae (module docstring)
 DENSE_FLOPS = {"ours": 10, "ours gated": 16, "saelens": 12, "saelens gated": 26}
 
@@ -274,7 +114,7 @@ def spread(ratios: list[float]) -> str:
     return f"{statistics.median(ratios):.2f}x (per-rep {min(ratios):.2f}-{max(ratios):.2f})"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--d-in", type=int, default=1536)
@@ -284,15 +124,10 @@ def main() -> None:
     p.add_argument("--l0", type=float, default=64.0, help="the held L0 of the penalised SAEs")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
-    p.add_argument("--out", type=Path, help="also write the report there, whole, under stamp.py's header")
-    args = p.parse_args()
+    add_out_arg(p)
+    args = p.parse_args(argv)
     warnings.filterwarnings("ignore", message="Sparse invariant checks")  # SAELens's sparse COO tensors
-    lines: list[str] = []
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        lines.append(line)
-
+    say = Report(__spec__.name, argv)
     torch.manual_seed(0)
     b, d = args.batch, args.d_in
     x = heavy_tailed(b, d)
@@ -301,7 +136,7 @@ def main() -> None:
     figures = []
     for arch in args.archs:
         s, ours, theirs = section(arch, args)
-        coeff = 0.0 if arch in K_ARCHS else COEFF
+        coeff = 0.0 if arch in K_ARCHS else PENALISED_COEFF
         saes: dict[str, torch.nn.Module] = {}
         contenders: dict[str, Step] = {}
         for name, kw in ours.items():
@@ -336,9 +171,7 @@ def main() -> None:
                 f"rate {peak / 1e9:.0f} GFLOP/s")
         figures.append(f"{arch}_speedup={statistics.median(ratio):.2f}")
     say(" ".join(figures))
-    if args.out:
-        head = header("python benchmarks/train_step.py " + " ".join(sys.argv[1:]))
-        args.out.write_text(head + "\n".join(lines) + "\n")
+    say.write(args.out)
 
 
 if __name__ == "__main__":

@@ -49,10 +49,10 @@ Contenders run in turns, the order rotated each seed. Reported: per contender th
 seeds of wall, tokens/s and each layer's FVU; ours over each sparsify run; the last line ``key=value``.
 
 The full run (about 20 minutes on 2 idle cores: sparsify runs all 30 blocks a token), under the timing lock:
-    flock -x /tmp/cpu-bench.lock python benchmarks/vs_sparsify.py \
+    flock -x /tmp/cpu-bench.lock python -m benchmarks.vs_sparsify \
         --out benchmarks/results/vs_sparsify_cpu.txt
 Per-layer transcoders against sparsify's (same layers, k, width and rows):
-    flock -x /tmp/cpu-bench.lock python benchmarks/vs_sparsify.py --transcode \
+    flock -x /tmp/cpu-bench.lock python -m benchmarks.vs_sparsify --transcode \
         --out benchmarks/results/vs_sparsify_transcoders_cpu.txt
 """
 
@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import shutil
 import statistics
 import sys
@@ -71,11 +70,7 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # runnable from a checkout, uninstalled
-sys.path.insert(0, str(REPO / "benchmarks"))
-from live_vs_saelens import Run, timed  # noqa: E402
-from stamp import header  # noqa: E402
+from benchmarks.common import REPO, Report, Run, med_range, module_command, timed
 
 # ---------------------------------------------------------------- our side: train.py's command line
 # The overrides each of our runs gets; "{name}" fields are filled by ``ours_overrides``.
@@ -223,9 +218,9 @@ def run_sparsify_worker(args: argparse.Namespace) -> None:
 def sparsify_command(args: argparse.Namespace, name: str, seed: int, out: Path) -> list[str]:
     passed = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
               ("tokens", "batch", "context", "buffer_rows", "d_sae", "k", "lr", "adam_warmup", "text")]
-    return [sys.executable, str(Path(__file__).resolve()), *passed, "--layers", *map(str, args.layers),
-            *(["--transcode"] if args.transcode else []),
-            "--worker", name, "--worker-seed", str(seed), "--worker-out", str(out)]
+    return module_command("vs_sparsify", *passed, "--layers", *map(str, args.layers),
+                          *(["--transcode"] if args.transcode else []), "--worker", name,
+                          "--worker-seed", str(seed), "--worker-out", str(out))
 
 
 def sparsify_hookpoint(args: argparse.Namespace, layer: int) -> str:
@@ -350,10 +345,6 @@ class Result:
     scores: dict[int, dict[str, float]]
 
 
-def med_range(values: list[float], fmt: str) -> str:
-    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
-
-
 def report(args: argparse.Namespace, results: dict[str, list[Result]]) -> list[str]:
     """Per contender: wall, tokens/s, CPU, RSS and each layer's FVU (median and range over seeds); ours over
     each sparsify run; the last line key=value."""
@@ -363,11 +354,11 @@ def report(args: argparse.Namespace, results: dict[str, list[Result]]) -> list[s
     tps = {n: [r.rows / r.run.wall for r in rs] for n, rs in results.items()}
     for name, rs in results.items():
         l0 = statistics.median(r.scores[layer]["l0"] for r in rs for layer in args.layers)
-        lines.append(f"{name:16s} {med_range([r.run.wall for r in rs], '7.1f')} "
-                     f"{med_range(tps[name], '6.0f')} {statistics.median(r.run.cpu for r in rs):8.1f} "
-                     f"{max(r.run.rss_gb for r in rs):8.2f}  "
-                     + "  ".join(med_range([r.scores[layer]["fvu"] for r in rs], '.4f')
-                                 for layer in args.layers) + f"  {l0:.1f}")
+        wall, fvus = [r.run.wall for r in rs], [[r.scores[layer]["fvu"] for r in rs] for layer in args.layers]
+        lines.append(f"{name:16s} {med_range(wall, '7.1f', paren=True)} "
+                     f"{med_range(tps[name], '6.0f', paren=True)} "
+                     f"{statistics.median(r.run.cpu for r in rs):8.1f} {max(r.run.rss_gb for r in rs):8.2f}  "
+                     + "  ".join(med_range(f, '.4f', paren=True) for f in fvus) + f"  {l0:.1f}")
         key = name.replace(" ", "_")
         keys.append(f"tokens_per_s_{key}={statistics.median(tps[name]):.0f}")
         keys += [f"fvu_L{layer}_{key}={statistics.median(r.scores[layer]['fvu'] for r in rs):.4f}"
@@ -428,9 +419,9 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="vs_sparsify-"))
     work.mkdir(parents=True, exist_ok=True)
     _, held_out, sparsify_rows = split_contexts(args, load_tokenizer(smollm2_config()), args.eval_contexts)
-    command = "python benchmarks/vs_sparsify.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    lines = [*header(command).splitlines(), *settings(args, sparsify_rows)]
-    print("\n".join(lines), flush=True)
+    say = Report(__spec__.name, argv, stamp=True)
+    for line in settings(args, sparsify_rows):
+        say(line)
     runs: list[tuple[str, int, Run, Path]] = []
     for i, seed in enumerate(args.seeds):
         shift = i % len(args.contenders)
@@ -441,22 +432,18 @@ def main(argv: list[str] | None = None) -> None:
             parts = [timed(cmd, work / f"{run_dir.name}-{j}.log") for j, cmd in enumerate(cmds)]
             run = Run(sum(p.wall for p in parts), sum(p.cpu for p in parts), max(p.rss_gb for p in parts))
             runs.append((name, seed, run, run_dir))
-            lines.append(f"#   seed {seed} {name:16s} {run.wall:7.1f} s wall, {run.cpu:7.1f} s CPU, "
-                         f"{run.rss_gb:.2f} GB peak RSS")
-            print(lines[-1], flush=True)
+            say(f"#   seed {seed} {name:16s} {run.wall:7.1f} s wall, {run.cpu:7.1f} s CPU, "
+                f"{run.rss_gb:.2f} GB peak RSS")
     acts = eval_activations(args, held_out)
     results: dict[str, list[Result]] = {name: [] for name in args.contenders}
     for name, seed, run, run_dir in runs:
         scores = score(args, name, run_dir, acts)
         results[name].append(Result(run, args.tokens if name == "ours" else sparsify_rows, scores))
-        lines.append(f"#   seed {seed} {name:16s} FVU " + " ".join(
+        say(f"#   seed {seed} {name:16s} FVU " + " ".join(
             f"L{layer} {s['fvu']:.4f} (L0 {s['l0']:.1f})" for layer, s in scores.items()))
-        print(lines[-1], flush=True)
-    summary = report(args, results)
-    print("\n".join(summary))
-    lines += ["", *summary]
-    if args.out is not None:
-        args.out.write_text("\n".join(lines) + "\n")
+    for line in ["", *report(args, results)]:
+        say(line)
+    say.write(args.out)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -3,7 +3,7 @@
 The question: what share of a whole training run (launch to exit) is the training step itself? One run of
 this script measures both, on the same machine and in alternation, so a change of load hits both:
 
-- **the step alone**: ``benchmarks/train_step.py``'s ``ours_trainer`` (``step.train_step`` with the
+- **the step alone**: ``common.ours_trainer`` (``step.train_step`` with the
   trainer's gradient clipping, dead window and coefficient) on the SAE that the runs' overrides compose,
   with the cache's norm scale, fed a fixed batch of real training rows of the cache; median seconds per
   step over ``--step-reps`` repetitions with their spread (min-max) and process CPU seconds;
@@ -20,11 +20,11 @@ validation and checkpoints inside the fit), fit end -> ``Run finished`` (final v
 checkpoint, SAE folder, summary), -> exit. "steps" in that table is ``max_steps`` x the step's median.
 
 SAELens's whole-process training is not timed here (its trainer would need our cache wrapped as its data
-provider); ``benchmarks/train_step.py`` compares the steps.
+provider); ``python -m benchmarks.train_step`` compares the steps.
 
-Run: ``python benchmarks/whole_run.py`` (needs the quickstart cache: ``python -m sae_lightning.cache build
+Run: ``python -m benchmarks.whole_run`` (needs the quickstart cache: ``python -m sae_lightning.cache build
 experiment=quickstart``; ``SAE_LIGHTNING_CACHE`` or ``--cache-dir`` says where it is). ``--help`` for
-sizes. The output is also written whole to ``--out``.
+sizes. The output is also written whole to ``--out``, under the results header.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import importlib.metadata
 import json
 import os
 import re
@@ -44,61 +43,27 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # runnable from a checkout, uninstalled
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from train_step import gemm_steps, ours_trainer, time_in_turns  # noqa: E402
-
-from sae_lightning.io import atomic_write_text  # noqa: E402
+from benchmarks.common import (
+    REPO,
+    RESULTS,
+    Report,
+    add_out_arg,
+    compose,
+    gemm_steps,
+    med_range,
+    ours_trainer,
+    time_in_turns,
+)
 
 LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[[^]]*\]\[[A-Z]+\] - (.*)$")
 MARKS = {"start": "Seed set to", "trainer": "GPU available", "fit_end": "`Trainer.fit` stopped",
          "finished": "Run finished"}
 
 
-class Report:
-    """Lines printed as they come and kept, to be written whole at the end."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def __call__(self, line: str = "") -> None:
-        print(line, flush=True)
-        self.lines.append(line)
-
-
-def version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def commit() -> str:
-    """HEAD's short hash, ``-dirty`` when tracked files differ from it."""
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "-uno") else "")
-
-
 def gemm_rate(batch: int, d_in: int, d_sae: int) -> float:
     """Best fp32 GFLOP/s of the step's three GEMM shapes (median of 3 calls each)."""
     secs, _ = time_in_turns(gemm_steps(batch, d_in, d_sae), 3)
-    return max(2 * batch * d_in * d_sae / s for s in secs.values()) / 1e9
-
-
-def compose(overrides: list[str]):
-    """The ``TrainConfig`` that ``python train.py <overrides>`` runs."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from sae_lightning.config import register_configs, to_config
-
-    register_configs()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return to_config(hydra_compose("train", overrides=overrides))
+    return max(2 * batch * d_in * d_sae / statistics.median(s) for s in secs.values()) / 1e9
 
 
 def step_timer(cfg):
@@ -150,12 +115,12 @@ def logged_rate(run_dir: Path) -> float:
 
 def whole_run(overrides: list[str], run_dir: Path, env: dict[str, str]) -> dict[str, float]:
     """One ``python train.py`` from launch to exit: wall, CPU, logged tok/s and the parts of its time."""
-    cmd = [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}",
+    cmd = [sys.executable, str(REPO / "train.py"), *overrides, f"hydra.run.dir={run_dir}",
            "trainer.progress_bar=false"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     launch = time.time()
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     end = launch + wall
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -170,11 +135,7 @@ def whole_run(overrides: list[str], run_dir: Path, env: dict[str, str]) -> dict[
             "after_fit": marks["finished"] - marks["trainer"] - fit, "exit": end - marks["finished"]}
 
 
-def spread(values: list[float], fmt: str = ".2f") -> str:
-    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--experiment", default="quickstart")
     p.add_argument("--arch", default="relu")
@@ -185,25 +146,22 @@ def main() -> None:
     p.add_argument("--step-reps", type=int, default=2, help="step repetitions before and after each run")
     p.add_argument("--cache-dir", default=os.environ.get("SAE_LIGHTNING_CACHE"),
                    help="activation cache root (default: SAE_LIGHTNING_CACHE, else the config's)")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "whole_run_cpu.txt")
+    add_out_arg(p, RESULTS / "whole_run_cpu.txt")
     p.add_argument("overrides", nargs="*", help="more train.py overrides, for the runs and the step alike")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     overrides = [f"experiment={args.experiment}", f"sae={args.arch}", f"sae.d_sae={args.d_sae}",
                  f"batch_size={args.batch}", f"train_tokens={args.train_tokens}", "logger=csv",
                  *args.overrides]
     if args.cache_dir:
         overrides.append(f"activations.cache_dir={args.cache_dir}")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    out = Report()
-    cfg = compose(overrides)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    out = Report(__spec__.name, argv)
+    cfg = compose(overrides)[0]
     d_in, step = step_timer(cfg)
     tokens_per_step = cfg.batch_size
-    started = dt.datetime.now(dt.UTC)
-    out(f"# benchmarks/whole_run.py, commit {commit()}, {started:%Y-%m-%d %H:%M} UTC")
-    out(f"# torch {torch.__version__}, sae-lens {version('sae-lens')}, lightning {version('lightning')}, "
-        f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, fp32 GEMM "
-        f"{gemm_rate(args.batch, d_in, args.d_sae):.0f} "
-        f"GFLOP/s, load average {os.getloadavg()[0]:.1f}")
+    rate = gemm_rate(args.batch, d_in, args.d_sae)
+    out(f"# {os.cpu_count()} CPUs, fp32 GEMM of the step's shapes {rate:.0f} GFLOP/s, "
+        f"load average {os.getloadavg()[0]:.1f}")
     out(f"# train.py {' '.join(overrides)}")
     out(f"# {cfg.max_steps} steps x {tokens_per_step} tokens; SAELens whole-process run: skipped "
         "(module docstring)")
@@ -225,12 +183,12 @@ def main() -> None:
     step_rate = tokens_per_step / step_s
     n_steps = runs[0]["steps"]
     out()
-    out(f"step alone ({len(walls)} reps): {spread(walls, '.3f')} s/step, {step_rate:.0f} tok/s, "
+    out(f"step alone ({len(walls)} reps): {med_range(walls, '.3f')} s/step, {step_rate:.0f} tok/s, "
         f"cpu {statistics.median(cpus):.3f} s/step")
     whole = [r["tokens"] / r["wall"] for r in runs]
     logged = [r["logged"] for r in runs]
-    out(f"whole run ({len(runs)} reps): wall {spread([r['wall'] for r in runs], '.1f')} s, "
-        f"{spread(whole, '.0f')} tok/s; logged tok/s {spread(logged, '.0f')}")
+    out(f"whole run ({len(runs)} reps): wall {med_range([r['wall'] for r in runs], '.1f')} s, "
+        f"{med_range(whole, '.0f')} tok/s; logged tok/s {med_range(logged, '.0f')}")
     ratio, logged_ratio = statistics.median(whole) / step_rate, statistics.median(logged) / step_rate
     own = statistics.median([w / g for w, g in zip(whole, logged, strict=True)])
     cpu_ratio = statistics.median([n_steps * statistics.median(cpus) / r["cpu"] for r in runs])
@@ -255,8 +213,7 @@ def main() -> None:
     out(f"step_tok_s={step_rate:.0f} whole_tok_s={statistics.median(whole):.0f} "
         f"logged_tok_s={statistics.median(logged):.0f} whole_over_step={ratio:.3f} "
         f"whole_over_step_cpu={cpu_ratio:.3f} whole_over_logged={own:.3f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, "\n".join(out.lines) + "\n")
+    out.write(args.out)
 
 
 if __name__ == "__main__":

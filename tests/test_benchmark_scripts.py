@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -18,20 +19,21 @@ import torch
 
 pytest.importorskip("sae_lens")
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-import live_vs_saelens as live  # noqa: E402
-import quality_vs_saelens as q  # noqa: E402
+from benchmarks import common
+from benchmarks import live_vs_saelens as live
+from benchmarks import quality_vs_saelens as q
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_quality_benchmark_trains_every_curve_and_reports_every_pair(tmp_path: Path) -> None:
     results = tmp_path / "runs.jsonl"
-    cmd = [sys.executable, str(BENCHMARKS / "quality_vs_saelens.py"), "--d-in", "16", "--features", "64",
+    cmd = [sys.executable, "-m", "benchmarks.quality_vs_saelens", "--d-in", "16", "--features", "64",
            "--mean-active", "4", "--d-sae", "32", "--train-rows", "4000", "--eval-rows", "500",
            "--batch", "128", "--steps", "8", "--b-dec-sample", "512", "--l1", "3", "--k", "4",
            "--l0-coeff", "1", "--target-l0", "8", "--results", str(results),
            "--plot", str(tmp_path / "frontiers.png"), "--curves", *q.CURVES]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert (tmp_path / "frontiers.png").stat().st_size > 10_000  # one panel per pair, three a row
@@ -84,14 +86,16 @@ def test_noise_band_is_relative_to_the_nmse_it_was_measured_at(capsys) -> None:
 
 
 def test_every_ablation_variant_is_a_valid_config() -> None:
-    """Each ``steered_ablation.py`` variant names real config keys with values the config accepts and
-    keeps: a typo would otherwise surface only when someone starts that variant's quarter-hour run."""
-    from steered_ablation import VARIANTS
-    from train_step import preset
+    """Each ``benchmarks.ablation`` variant of ours names real config keys with values the config accepts
+    and keeps: a typo would otherwise surface only when someone starts that variant's quarter-hour run."""
+    from benchmarks.ablation import VARIANTS
 
     for arch, variants in VARIANTS.items():
         for name, values in variants.items():
-            cfg = preset(arch, d_sae=8, **values)
+            if values is None:  # SAELens's own SAE
+                continue
+            cfg = common.preset(arch, d_sae=8, k=4, **values) if arch in ("topk", "batchtopk", "matryoshka") \
+                else common.preset(arch, d_sae=8, **values)
             assert {key: getattr(cfg, key) for key in values} == values, (arch, name)
 
 
@@ -105,8 +109,8 @@ def test_jumprelu_with_saelens_choices_trains_exactly_as_saelens(sparsity_loss: 
     is a difference of choices, not of implementation. Also with the straight-through gradient passed to
     the pre-activations (``sae.ste_to_input``, SAELens's ``jumprelu_ste_to_input``) and with Anthropic's tanh
     penalty (``sae.sparsity_loss=tanh``, SAELens's ``jumprelu_sparsity_loss_mode="tanh"``)."""
-    from steered_ablation import VARIANTS
-    from train_step import ours_trainer, preset, saelens_trainer
+    from benchmarks.ablation import VARIANTS
+    from benchmarks.common import ours_trainer, preset, saelens_trainer
 
     torch.manual_seed(0)
     d_in, d_sae, coeff = 12, 40, 3.0
@@ -129,18 +133,23 @@ def test_jumprelu_with_saelens_choices_trains_exactly_as_saelens(sparsity_loss: 
     assert not torch.equal(ours.threshold, torch.full((d_sae,), ours.init_threshold))  # the thresholds moved
 
 
-def test_steered_ablation_trains_each_variant_once_per_seed(tmp_path: Path) -> None:
-    """``steered_ablation.py --seeds`` runs every (variant, seed) pair from the command line, records the
-    seed with the run, and a seed changes the initialisation (so the spread it reports is real)."""
+def test_penalised_ablation_trains_each_variant_once_per_seed(tmp_path: Path) -> None:
+    """``benchmarks.ablation --arch jumprelu --seeds`` runs every (variant, seed) pair from the command line,
+    records the seed with the run, and a seed changes the initialisation (so the spread it reports is real);
+    ``--out`` writes the printed table whole under the results header."""
     import numpy as np
 
     acts, results = tmp_path / "acts.npy", tmp_path / "runs.jsonl"
     np.save(acts, torch.randn(1200, 16, generator=torch.Generator().manual_seed(0)).exp().numpy())
-    cmd = [sys.executable, str(BENCHMARKS / "steered_ablation.py"), "--acts", str(acts), "--arch", "jumprelu",
+    cmd = [sys.executable, "-m", "benchmarks.ablation", "--acts", str(acts), "--arch", "jumprelu",
            "--variants", "thr10", "free10_b0", "--seeds", "0", "1", "--target-l0", "8", "--d-sae", "32",
            "--train-rows", "1000", "--eval-rows", "200", "--batch", "100", "--steps", "6",
-           "--b-dec-sample", "500", "--curve-points", "2", "--threads", "1", "--results", str(results)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+           "--b-dec-sample", "500", "--curve-points", "2", "--threads", "1", "--results", str(results),
+           "--out", str(tmp_path / "table.txt")]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300, cwd=REPO)
+    table = (tmp_path / "table.txt").read_text().splitlines()
+    assert table[0] == f"# command: {shlex.join(['python', *cmd[1:]])}"
+    assert table[6].startswith("data: acts.npy, d_in 16, d_sae 32") and len(table) == 8 + 4
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["variant"], r["seed"]) for r in rows] == [("thr10", 0), ("thr10", 1), ("free10_b0", 0),
                                                          ("free10_b0", 1)]
@@ -148,11 +157,34 @@ def test_steered_ablation_trains_each_variant_once_per_seed(tmp_path: Path) -> N
     for r in rows:  # each run's firing-frequency spread is recorded, its quantiles in order
         lo, mid, hi = r["freq_quantiles"]
         assert 0 <= lo <= mid <= hi <= 1 and 0 <= r["dead"] <= r["rare"] <= 1 and 0 <= r["dense"] <= 1
+        assert r["acts"] == "acts.npy"
+
+
+def test_topk_ablation_trains_ours_and_saelens_per_k(tmp_path: Path) -> None:
+    """``benchmarks.ablation --arch topk batchtopk``: each (arch, k, variant) once, SAELens's SAE beside
+    ours, TopK's held-out L0 exactly k."""
+    import numpy as np
+
+    acts, results = tmp_path / "acts.npy", tmp_path / "runs.jsonl"
+    np.save(acts, torch.randn(1200, 16, generator=torch.Generator().manual_seed(0)).exp().numpy())
+    from benchmarks import ablation
+
+    ablation.main(["--acts", str(acts), "--arch", "topk", "batchtopk", "--variants", "rescale01", "saelens",
+                   "--k", "4", "--d-sae", "32", "--train-rows", "1000", "--eval-rows", "200",
+                   "--batch", "100", "--steps", "4", "--b-dec-sample", "500", "--curve-points", "2",
+                   "--threads", "1", "--results", str(results)])
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["arch"], r["variant"], r["k"]) for r in rows] == [
+        ("topk", "rescale01", 4), ("topk", "saelens", 4), ("batchtopk", "rescale01", 4),
+        ("batchtopk", "saelens", 4)]
+    assert rows[0]["l0"] == 4
+    with pytest.raises(SystemExit):  # a penalised architecture runs alone
+        ablation.parse_args(["--acts", str(acts), "--arch", "gated", "topk"])
 
 
 def test_firing_frequencies_counted_on_held_out_rows_and_summarised() -> None:
-    """``train_counting_fires`` counts each latent's fires over the held-out rows at the last score, and
-    ``frequency_summary`` matches a hand computation (quantiles interpolate between order statistics)."""
+    """``common.train_counting_fires`` counts each latent's fires over the held-out rows at the last score,
+    and ``frequency_summary`` matches a hand computation (quantiles interpolate between order statistics)."""
     import argparse
 
     class Fixed(torch.nn.Module):  # latent i fires on the rows whose column i is positive
@@ -166,10 +198,10 @@ def test_firing_frequencies_counted_on_held_out_rows_and_summarised() -> None:
                            [-1.0, -1.0, -2.0, -1.0, 3.0], [1.0, -1.0, -2.0, -1.0, 3.0]])
     args = argparse.Namespace(d_sae=5, steps=2, batch=2, curve_points=1)
     steps = []
-    curve, freq, _ = q.train_counting_fires(Fixed(), steps.append, torch.zeros(4, 5), eval_x, args)
+    curve, freq, _ = common.train_counting_fires(Fixed(), steps.append, torch.zeros(4, 5), eval_x, args)
     assert len(steps) == 2 and len(curve) == 1
     torch.testing.assert_close(freq, torch.tensor([0.75, 0.0, 0.25, 0.0, 1.0]))
-    summary = q.frequency_summary(torch.tensor([0.0, 0.005, 0.2, 0.6, 1.0]))
+    summary = common.frequency_summary(torch.tensor([0.0, 0.005, 0.2, 0.6, 1.0]))
     # sorted positions 0..4: q05 at 0.2 -> 0.2 * 0.005; q50 at 2 -> 0.2; q95 at 3.8 -> 0.6 + 0.8 * 0.4
     assert summary["dead"] == pytest.approx(0.2) and summary["rare"] == pytest.approx(0.4)
     assert summary["dense"] == pytest.approx(0.4)
@@ -215,7 +247,7 @@ def test_live_vs_saelens_both_sides_get_the_same_settings(tmp_path: Path, tiny_l
             if variant == "live":
                 assert cfg.activations.buffer_tokens == 128
     args = _live_args(tmp_path, tiny_llama_dir)
-    for arch, extra in (("standard", {}), ("topk", live.SAELENS_SPARSE_TOPK)):
+    for arch, extra in (("standard", {}), ("topk", common.SAELENS_SPARSE)):
         theirs = live.saelens_config(args, arch, extra, tiny_llama_dir, tmp_path / "ds", tmp_path / "out",
                                      d_in=96, prepend_bos=True)
         assert theirs.sae.architecture() == arch and (theirs.sae.d_in, theirs.sae.d_sae) == (96, 32)
@@ -241,13 +273,14 @@ def test_live_vs_saelens_times_both_sides_on_a_tiny_model(tmp_path: Path, tiny_l
     key=value line."""
     out = tmp_path / "report.txt"
     contenders = ["ours relu_dn", "saelens standard", "ours topk", "saelens topk sparse_acts"]
-    cmd = [sys.executable, str(BENCHMARKS / "live_vs_saelens.py"), "--model-dir", str(tiny_llama_dir),
+    cmd = [sys.executable, "-m", "benchmarks.live_vs_saelens", "--model-dir", str(tiny_llama_dir),
            *TINY_LIVE, "--out", str(out), "--contenders", *contenders]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = out.read_text().splitlines()
-    assert lines[0].startswith("live_vs_saelens.py, commit ") and "GFLOP/s" in lines[1]
-    assert "ours: train.py with activations=live" in lines[3]
+    assert lines[0].startswith("# command: python -m benchmarks.live_vs_saelens --model-dir ")
+    assert lines[1].startswith("# commit: ") and "GFLOP/s" in lines[5]
+    assert lines[8] == "# ours: train.py with activations=live"
     timed = [line.split(" s wall")[0].split()[2:-1] for line in lines if line.startswith("  rep 0 ")]
     assert sorted(" ".join(words) for words in timed) == sorted(contenders)
     keys = dict(item.split("=") for item in lines[-1].split())

@@ -34,7 +34,7 @@ from sae_lightning.group.memory import (
 from sae_lightning.saes import config_from_dict
 from sae_lightning.saes.registry import SAE_REGISTRY
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "group_memory.py"
+REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20
 
 
@@ -189,9 +189,9 @@ def test_estimate_group_counts_the_stream_where_it_lives(monkeypatch: pytest.Mon
 def test_estimate_bounds_a_real_steps_peak_rss(arch: str) -> None:
     """The estimate against the peak-RSS growth of ``train_step`` in a fresh process (every latent dead,
     the largest step), the benchmark's measurement at a small size."""
-    cmd = [sys.executable, str(BENCHMARK), "--measure", arch, "--d-in", "128", "--d-sae", "2048",
-           "--batch", "1024", "--steps", "2", "--dead", "2048"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, "-m", "benchmarks.group_memory", "--measure", arch, "--d-in", "128",
+           "--d-sae", "2048", "--batch", "1024", "--steps", "2", "--dead", "2048"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.splitlines()[-1])
     assert r["growth"] > r["state"] > 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from sae_lightning.evaluate.recovery import feature_recovery
 from sae_lightning.synthetic import SyntheticGenerator, SyntheticSource, firing_probabilities
 
 register_configs()
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "synthetic.py"
 
 
 def _compose(*overrides: str):
@@ -123,9 +121,8 @@ def test_recovery_of_the_true_dictionary_permuted_and_scaled_is_perfect_and_rand
 
 def test_topk_recovers_the_features_of_easy_synthetic_data(tmp_path: Path) -> None:
     """The benchmark's path (train.py config, run_training, run_evaluation) at test size: real learning."""
-    spec = importlib.util.spec_from_file_location("synthetic_benchmark", BENCHMARK)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from benchmarks import synthetic as bench
+
     args = bench.parse_args(["--archs", "topk", "--n-features", "64", "--d", "32", "--mean-active", "3",
                              "--n-rows", "20000", "--steps", "600", "--batch-size", "256"])
     threads = torch.get_num_threads()

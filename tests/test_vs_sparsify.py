@@ -1,20 +1,18 @@
-"""``benchmarks/vs_sparsify.py``: our command composes into the config it promises, sparsify trains on the
-contexts that hold our rows with the held-out ones after them, and the report compares the right numbers.
+"""``python -m benchmarks.vs_sparsify``: our command composes into the config it promises, sparsify trains
+on the contexts that hold our rows with the held-out ones after them, and the report compares the right
+numbers.
 
 The full script needs SmolLM2 and minutes per run; these check its parts in seconds.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-import vs_sparsify as vs  # noqa: E402
+from benchmarks import vs_sparsify as vs
 
 SMALL = ["--tokens", "4096", "--buffer-rows", "2048", "--batch", "512", "--context", "64", "--d-sae", "96",
          "--k", "4", "--lr", "3e-4", "--layers", "1", "2"]
