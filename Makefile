@@ -93,7 +93,7 @@ bench: setup-dev
 	$(PY) -m benchmarks.many_saes cache --cache-dir $(BENCH_CACHE) --n 2 --d-sae 256 --batch 1024 --tokens 4096 --reps 1 --out $(BENCH_OUT)/many_saes_cache.txt
 	$(PY) -m benchmarks.many_saes live --layers 1 2 --d-sae 256 --batch 1024 --tokens 4096 --reps 1 --out $(BENCH_OUT)/many_saes_live.txt
 	$(PY) -m benchmarks.live throughput --d-sae 256 --batch 1024 --tokens 4096 --buffer 4096 --reps 1 --reps-step 1 --probe-rows 1024 --out $(BENCH_OUT)/live_throughput.txt
-	$(PY) -m benchmarks.live quality --d-sae 256 --batch 1024 --tokens 4096 --n-tokens 20000 --buffer 4096 --buffers 4096 --seeds 0 --eval-tokens 1000 --out $(BENCH_OUT)/live_quality.txt
+	$(PY) -m benchmarks.live quality --d-sae 256 --batch 512 --tokens 4096 --n-tokens 40000 --buffer 4096 --buffers 4096 --seeds 0 --eval-tokens 1000 --out $(BENCH_OUT)/live_quality.txt
 	$(PY) -m benchmarks.live_vs_saelens --tokens 4096 --batch 1024 --context 64 --lm-batch 4 --buffer-rows 4096 --d-sae 256 --k 8 --reps 1 --contenders "ours relu_dn" "saelens standard" --out $(BENCH_OUT)/live_vs_saelens.txt
 	$(PY) -m benchmarks.vs_sparsify --layers 1 --tokens 2048 --buffer-rows 2048 --batch 512 --context 64 --d-sae 64 --k 4 --seeds 0 --eval-contexts 4 --contenders ours "sparsify adam" --out $(BENCH_OUT)/vs_sparsify.txt
 	@echo "every benchmark ran; outputs in $(BENCH_OUT)"
