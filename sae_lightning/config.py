@@ -471,6 +471,9 @@ class EvalConfig:
     top_contexts: int = 8  # top-activating contexts kept per unit
     monosemanticity: bool = True  # score units by the sentence embeddings of their top contexts
     monosemanticity_units: int = 64  # random qualifying units of each kind scored
+    monosemanticity_ci_level: float = 0.95  # coverage of the score's bootstrap intervals (<key>_ci_low/high)
+    monosemanticity_resamples: int = 1000  # bootstrap resamples of those intervals (seeded by seed)
+    monosemanticity_ci_width: float = 0.02  # interval width the report plans units for (<key>_units_needed)
     export: bool = False  # write the SAE in SAELens's format to <run>/eval/saelens/
     hub_repo_id: str | None = None  # also push the export to this hub repo
     seed: int = 0  # seed of the sampled latents, neurons and random baselines
@@ -480,6 +483,12 @@ class EvalConfig:
         _check(self.max_tokens > 0, "max_tokens", self.max_tokens, "must be > 0")
         _check(self.top_contexts >= 2, "top_contexts", self.top_contexts, "must be >= 2")
         _check(self.downstream_contexts > 0, "downstream_contexts", self.downstream_contexts, "must be > 0")
+        _check(0 < self.monosemanticity_ci_level < 1, "monosemanticity_ci_level",
+               self.monosemanticity_ci_level, "must be in (0, 1)")
+        _check(self.monosemanticity_resamples >= 100, "monosemanticity_resamples",
+               self.monosemanticity_resamples, "must be >= 100")
+        _check(self.monosemanticity_ci_width > 0, "monosemanticity_ci_width", self.monosemanticity_ci_width,
+               "must be > 0")
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

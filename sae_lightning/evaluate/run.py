@@ -93,7 +93,7 @@ def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE,
                           out_dir: Path) -> dict[str, float]:
     """Downstream LM loss with the SAE spliced in, then the report (contexts, logit effects, scores)."""
     from sae_lightning.evaluate.downstream import downstream_metrics
-    from sae_lightning.evaluate.monosemanticity import load_embedder
+    from sae_lightning.evaluate.monosemanticity import Uncertainty, load_embedder
     from sae_lightning.evaluate.pipeline import LMParts, build_report_data
     from sae_lightning.evaluate.report import write_report
     from sae_lightning.lm import HookPoint, load_lm
@@ -134,6 +134,9 @@ def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE,
             {**metrics, **extra}, result, sae, parts, dm.context,
             n_latents=cfg.report_latents, n_neurons=cfg.report_neurons, n_scored=cfg.monosemanticity_units,
             embedder=embedder, seed=cfg.seed,
+            uncertainty=Uncertainty(level=cfg.monosemanticity_ci_level,
+                                    resamples=cfg.monosemanticity_resamples, seed=cfg.seed,
+                                    target_width=cfg.monosemanticity_ci_width),
             history=training_history(RunDir.of(cfg.ckpt_path)), details=details)
         extra |= medians
         report = out_dir / "report.html"
