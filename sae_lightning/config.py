@@ -474,6 +474,10 @@ class EvalConfig:
     monosemanticity_ci_level: float = 0.95  # coverage of the score's bootstrap intervals (<key>_ci_low/high)
     monosemanticity_resamples: int = 1000  # bootstrap resamples of those intervals (seeded by seed)
     monosemanticity_ci_width: float = 0.02  # interval width the report plans units for (<key>_units_needed)
+    absorption: bool = True  # first-letter feature absorption (SAEBench's) from the held-out rows
+    absorption_per_token: int = 4  # held-out rows kept per distinct alphabetic token
+    absorption_rows: int = 20_000  # rows kept at most for absorption (held in memory)
+    absorption_min_probe_f1: float = 0.6  # letters whose probe's test F1 is not above this are not scored
     export: bool = False  # write the SAE in SAELens's format to <run>/eval/saelens/
     hub_repo_id: str | None = None  # also push the export to this hub repo
     seed: int = 0  # seed of the sampled latents, neurons and random baselines
@@ -489,6 +493,11 @@ class EvalConfig:
                self.monosemanticity_resamples, "must be >= 100")
         _check(self.monosemanticity_ci_width > 0, "monosemanticity_ci_width", self.monosemanticity_ci_width,
                "must be > 0")
+        _check(self.absorption_per_token >= 1, "absorption_per_token", self.absorption_per_token,
+               "must be >= 1")
+        _check(self.absorption_rows >= 1, "absorption_rows", self.absorption_rows, "must be >= 1")
+        _check(0 <= self.absorption_min_probe_f1 < 1, "absorption_min_probe_f1", self.absorption_min_probe_f1,
+               "must be in [0, 1)")
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -78,10 +78,12 @@ def track_candidates(n_units: int, n: int, seed: int) -> list[int]:
 @torch.inference_mode()
 def evaluate_rows(rows: Iterable[Rows], sae: nn.Module, *, n_top: int = 8,
                   track_latents: Sequence[int] = (), track_neurons: Sequence[int] = (),
-                  neurons: bool = True, dense_threshold: float = DENSE_THRESHOLD) -> RowsResult:
+                  neurons: bool = True, dense_threshold: float = DENSE_THRESHOLD,
+                  observe: Callable[[Rows], None] | None = None) -> RowsResult:
     """Stream ``rows`` once through ``sae`` (which takes raw activations); reconstruction is measured against
     the rows' ``target`` when they have one (transcoders). Neuron activations are the input rows
-    themselves; pass ``neurons=False`` when the hook is not ``mlp_post``."""
+    themselves; pass ``neurons=False`` when the hook is not ``mlp_post``. ``observe`` sees every batch (what
+    else needs the held-out rows reads them in this one pass: absorption)."""
     stats = ReconstructionStats(dense_threshold)
     prompts = PromptFireCounts()
     latent_collector = neuron_collector = None
@@ -101,6 +103,8 @@ def evaluate_rows(rows: Iterable[Rows], sae: nn.Module, *, n_top: int = 8,
         if neuron_collector is not None:
             neuron_collector.update(batch.acts, batch.tokens, batch.doc, batch.pos)
         docs.update(batch.doc.unique().tolist())
+        if observe is not None:
+            observe(batch)
     if latent_collector is None:
         raise ValueError("evaluate_rows got no rows")
     return RowsResult(metrics=stats.compute(), feature_density=stats.feature_density(),
