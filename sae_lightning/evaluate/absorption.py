@@ -98,6 +98,10 @@ class LetterRows:
             self._tokens.append(tokens[idx].cpu())
             self.n_rows += len(keep)
 
+    def observe(self, batch: Any) -> None:
+        """:meth:`update` with one held-out batch (``pipeline.Rows``: ``acts``, ``tokens``)."""
+        self.update(batch.acts, batch.tokens)
+
     def result(self) -> tuple[Tensor, Tensor, Tensor]:
         """Activations ``[N, d]``, token ids ``[N]`` and first letters ``[N]`` of the kept rows."""
         if not self._acts:
@@ -150,32 +154,33 @@ def train_letter_probe(x: Tensor, labels: Tensor, n_classes: int = len(LETTERS),
     return W_raw, b.detach() - W_raw @ mean
 
 
-def l1_latent_ranking(z: Tensor, labels: Tensor, n_classes: int, l1_decay: float,
-                      steps: int = 100) -> Tensor:
+def l1_latent_ranking(z: Tensor, labels: Tensor, n_classes: int, l1_decay: float, epochs: int = 50,
+                      batch_size: int = 4096, seed: int = 0) -> Tensor:
     """Per class, the weights ``[n_classes, d_sae]`` of an L1-penalised one-vs-rest logistic probe on the
-    latents ``z [N, d_sae]`` (SAEBench's ranking of latents for k-sparse probing: binary cross-entropy
-    with the positive weight, ``l1_decay`` times the mean over classes of ``sum |w|``; Adam from 0.01
-    decaying to 1e-5). ``z`` is used as a sparse matrix: cheap at any width."""
-    sparse = z.to_sparse()
+    latents ``z [N, d_sae]``: SAEBench's ranking of latents for k-sparse probing (binary cross-entropy
+    with the positive weight plus ``l1_decay`` times the mean over classes of ``sum |w|``, L2 1e-6, Adam
+    from 0.01 decaying to 1e-5 over ``epochs`` of shuffled batches)."""
     y = nn.functional.one_hot(labels, n_classes).float()
     positives = y.sum(0)
     pos_weight = (y.shape[0] - positives) / positives.clamp(min=1)
     W = torch.zeros(n_classes, z.shape[1], requires_grad=True)
     b = torch.zeros(n_classes, requires_grad=True)
-    optimizer = torch.optim.Adam([W, b], lr=0.01)
-    schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=(1e-5 / 0.01) ** (1 / steps))
+    optimizer = torch.optim.Adam([W, b], lr=0.01, weight_decay=1e-6)
+    schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=(1e-5 / 0.01) ** (1 / epochs))
+    generator = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
-        for _ in range(steps):
-            optimizer.zero_grad()
-            logits = torch.sparse.mm(sparse, W.T) + b
-            loss = nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
-            (loss + l1_decay * W.abs().sum(1).mean()).backward()
-            optimizer.step()
+        for _ in range(epochs):
+            for batch in torch.randperm(z.shape[0], generator=generator).split(batch_size):
+                optimizer.zero_grad()
+                logits = z[batch] @ W.T + b
+                loss = nn.functional.binary_cross_entropy_with_logits(logits, y[batch], pos_weight=pos_weight)
+                (loss + l1_decay * W.abs().sum(1).mean()).backward()
+                optimizer.step()
             schedule.step()
     return W.detach()
 
 
-def fit_logistic(features: Tensor, truth: Tensor, iterations: int = 30) -> Tensor:
+def fit_logistic(features: Tensor, truth: Tensor, max_iterations: int = 50) -> Tensor:
     """Balanced, L2-penalised logistic regressions (scikit-learn's ``LogisticRegression(class_weight=
     "balanced")``: ``|w|^2 / 2 + sum_i c_i logloss_i``, intercept not penalised) by Newton's method,
     batched: ``features [P, N, k]``, boolean ``truth [P, N]`` -> ``[P, k + 1]`` (weights, intercept)."""
@@ -184,14 +189,16 @@ def fit_logistic(features: Tensor, truth: Tensor, iterations: int = 30) -> Tenso
     y = truth.double()
     n_pos = y.sum(1, keepdim=True).clamp(min=1)
     c = torch.where(truth, N / (2 * n_pos), N / (2 * (N - n_pos).clamp(min=1)))
-    penalty = torch.diag(torch.tensor([1.0] * k + [0.0], dtype=torch.float64))
+    penalty = torch.diag(torch.tensor([1.0] * k + [0.0], dtype=torch.float64)) + 1e-9 * torch.eye(k + 1)
     w = torch.zeros(P, k + 1, dtype=torch.float64)
-    for _ in range(iterations):
-        p = torch.sigmoid(torch.einsum("pnk,pk->pn", A, w))
-        grad = torch.einsum("pnk,pn->pk", A, c * (p - y)) + w @ penalty
-        hess = torch.einsum("pnk,pn,pnj->pkj", A, c * p * (1 - p), A) + penalty
-        hess = hess + 1e-9 * torch.eye(k + 1, dtype=torch.float64)
-        w = w - torch.linalg.solve(hess, grad)
+    for _ in range(max_iterations):
+        p = torch.sigmoid((A @ w.unsqueeze(-1)).squeeze(-1))
+        grad = (A.transpose(1, 2) @ (c * (p - y)).unsqueeze(-1)).squeeze(-1) + w @ penalty
+        hess = A.transpose(1, 2) @ (A * (c * p * (1 - p)).unsqueeze(-1)) + penalty
+        step = torch.linalg.solve(hess, grad)
+        w = w - step
+        if step.abs().max() < 1e-10:
+            break
     return w.float()
 
 
@@ -200,7 +207,7 @@ def main_latents(z_train: Tensor, y_train: Tensor, z_test: Tensor, y_test: Tenso
     """Each letter's main latents: the top-k latents of the L1 ranking for the largest k reached while
     the k-sparse probe's test F1 gains more than ``settings.f1_jump`` over the best so far."""
     letters = list(letters)
-    ranking = l1_latent_ranking(z_train, y_train, len(LETTERS), settings.l1_decay)
+    ranking = l1_latent_ranking(z_train, y_train, len(LETTERS), settings.l1_decay, seed=settings.seed)
     top = ranking[letters].topk(min(settings.max_k, z_train.shape[1]), dim=1).indices  # [L, max_k]
     truth_train = torch.stack([y_train == letter for letter in letters])
     truth_test = torch.stack([y_test == letter for letter in letters])

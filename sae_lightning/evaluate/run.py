@@ -193,7 +193,7 @@ def run_evaluation(cfg: EvalConfig) -> Path:
                            track_neurons=track_candidates(sae.d_in, n_track, cfg.seed),
                            neurons=has_text and train_cfg.hook.name == "mlp_post",
                            dense_threshold=train_cfg.latents.dense_threshold,
-                           observe=letter_rows.update if letter_rows is not None else None)
+                           observe=None if letter_rows is None else letter_rows.observe)
     metrics: dict[str, Any] = dict(result.metrics)
     metrics["eval_split"] = "file" if cfg.activations is not None else dm.eval_split
     log.info("reconstruction metrics on %d held-out tokens in %.1f s", metrics["n_tokens"],
