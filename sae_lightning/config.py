@@ -531,6 +531,13 @@ class EvalConfig:
     top_contexts: int = 8  # top-activating contexts kept per unit
     monosemanticity: bool = True  # score units by the sentence embeddings of their top contexts
     monosemanticity_units: int = 64  # random qualifying units of each kind scored
+    monosemanticity_ci_level: float = 0.95  # coverage of the score's bootstrap intervals (<key>_ci_low/high)
+    monosemanticity_resamples: int = 1000  # bootstrap resamples of those intervals (seeded by seed)
+    monosemanticity_ci_width: float = 0.02  # interval width the report plans units for (<key>_units_needed)
+    absorption: bool = True  # first-letter feature absorption (SAEBench's) from the held-out rows
+    absorption_per_token: int = 4  # held-out rows kept per distinct alphabetic token
+    absorption_rows: int = 20_000  # rows kept at most for absorption (held in memory)
+    absorption_min_probe_f1: float = 0.6  # letters whose probe's test F1 is not above this are not scored
     contexts: str = "all"  # all | validation | test: the held-out contexts, or one half (context_split_seed)
     context_split_seed: int = 0  # draws each held-out context into the validation or the test half
     replacement: bool = True  # a group of MLP transcoders: the replacement model (all at once, each alone)
@@ -546,6 +553,17 @@ class EvalConfig:
         _check(self.downstream_contexts > 0, "downstream_contexts", self.downstream_contexts, "must be > 0")
         _check(self.contexts in CONTEXT_HALVES, "contexts", self.contexts,
                f"choose {', '.join(CONTEXT_HALVES)}")
+        _check(0 < self.monosemanticity_ci_level < 1, "monosemanticity_ci_level",
+               self.monosemanticity_ci_level, "must be in (0, 1)")
+        _check(self.monosemanticity_resamples >= 100, "monosemanticity_resamples",
+               self.monosemanticity_resamples, "must be >= 100")
+        _check(self.monosemanticity_ci_width > 0, "monosemanticity_ci_width", self.monosemanticity_ci_width,
+               "must be > 0")
+        _check(self.absorption_per_token >= 1, "absorption_per_token", self.absorption_per_token,
+               "must be >= 1")
+        _check(self.absorption_rows >= 1, "absorption_rows", self.absorption_rows, "must be >= 1")
+        _check(0 <= self.absorption_min_probe_f1 < 1, "absorption_min_probe_f1", self.absorption_min_probe_f1,
+               "must be in [0, 1)")
         self.export = export_formats(self.export)
 
     @property

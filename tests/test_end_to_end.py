@@ -51,6 +51,7 @@ def test_train_then_evaluate(tmp_path: Path, tiny_gpt2_dir: Path, tinystories_pa
     assert 0.3 < m["explained_variance"] <= 1.0 and m["nmse"] == pytest.approx(1 - m["explained_variance"])
     assert 0 < m["l0"] < 512 and 0.0 <= m["dead_fraction"] < 1.0 and m["n_tokens"] > 0
     assert m["ce_loss_zero"] != m["ce_loss_clean"] and m["ce_loss_recovered"] > 0
+    assert m["absorption_rows"] > 0 and "absorption_rate" in m  # read in the same held-out pass
     core = json.loads((run_dir / "eval" / "saebench_core.json").read_text())
     check_saebench_core(core)
     scores = core["eval_result_metrics"]["model_performance_preservation"]

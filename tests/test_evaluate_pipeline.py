@@ -78,9 +78,20 @@ def test_report_data_scores_neurons_and_latents_alike(held_out, tiny_gpt2) -> No
     assert medians["latent_qualified"] == len(qualified(result.latents.top, 4)) >= 10
     assert medians["neuron_qualified"] == len(qualified(result.neurons.top, 4)) >= 10
     assert set(latent_scores.units) <= set(qualified(result.latents.top, 4))
-    assert set(medians) == {f"{kind}_{name}" for kind in ("latent", "neuron") for name in (
-        "entropy_median", "coherence_median", "above_random_fraction", "token_matched_lift_median",
-        "qualified", "scored")}
+    stats = ("entropy_median", "coherence_median", "above_random_fraction", "token_matched_lift_median")
+    medians_of = [f"latent_minus_neuron_{s}" for s in ("entropy_median", "coherence_median",
+                                                       "token_matched_lift_median")]
+    values = [f"{kind}_{s}" for kind in ("latent", "neuron") for s in stats] + medians_of
+    planned = [k for k in values if "coherence_median" in k or "lift" in k]
+    counts = {f"{kind}_{name}" for kind in ("latent", "neuron") for name in ("qualified", "scored")}
+    assert set(medians) == counts | {
+        *values, *(f"{k}_ci_{end}" for k in values for end in ("low", "high")),
+        *(f"{k}_context_se" for k in values if k.endswith("median")), *(f"{k}_units_needed" for k in planned),
+        "monosemanticity_ci_level", "monosemanticity_resamples", "monosemanticity_ci_width"}
+    assert medians["latent_minus_neuron_coherence_median"] == pytest.approx(
+        medians["latent_coherence_median"] - medians["neuron_coherence_median"])
+    key = "latent_minus_neuron_coherence_median"
+    assert medians[f"{key}_ci_low"] < medians[f"{key}_ci_high"]
     assert all(card.label for card in [*data.latents, *data.neurons])
     assert [c.index for c in data.picture_latents] == pick_by_score(latent_scores, 3, most_monosemantic=True)
     assert [c.index for c in data.picture_neurons] == pick_by_score(neuron_scores, 3, most_monosemantic=False)

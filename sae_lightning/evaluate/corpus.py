@@ -44,20 +44,19 @@ class Corpus:
     def matching(self, tokens: Sequence[int], exclude_docs: Collection[int],
                  rng: np.random.Generator) -> list[tuple[int, int]] | None:
         """For each of ``tokens``, a random ``(doc, pos)`` holding the same token, every one in a different
-        context row and none in ``exclude_docs`` (the unit's own rows); None when some token has too few
-        such rows."""
+        context row and none in ``exclude_docs`` (the unit's own rows), in the order of ``tokens`` (the
+        i-th place holds ``tokens[i]``); None when some token has too few such rows."""
         used = set(exclude_docs)
-        found = []
+        found: dict[int, list[tuple[int, int]]] = {}
         for token, n in Counter(int(t) for t in tokens).items():
             occurrences = self.occurrences(token)
-            picked = 0
+            places = found[token] = []
             for i in occurrences[rng.permutation(occurrences.size)]:
-                if picked == n:
+                if len(places) == n:
                     break
                 if int(self.doc[i]) not in used:
                     used.add(int(self.doc[i]))
-                    found.append((int(self.doc[i]), int(self.pos[i])))
-                    picked += 1
-            if picked < n:
+                    places.append((int(self.doc[i]), int(self.pos[i])))
+            if len(places) < n:
                 return None
-        return found
+        return [found[int(t)].pop() for t in tokens]

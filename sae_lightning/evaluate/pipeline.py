@@ -33,9 +33,11 @@ from sae_lightning.evaluate.monosemanticity import (
     CoherenceScorer,
     Embedder,
     MonosemanticityScores,
+    Uncertainty,
     pick_by_score,
     qualified,
     random_contexts,
+    score_metrics,
     score_units,
 )
 from sae_lightning.evaluate.report import ReportData, UnitCard, unit_cards
@@ -76,10 +78,12 @@ def track_candidates(n_units: int, n: int, seed: int) -> list[int]:
 @torch.inference_mode()
 def evaluate_rows(rows: Iterable[Rows], sae: nn.Module, *, n_top: int = 8,
                   track_latents: Sequence[int] = (), track_neurons: Sequence[int] = (),
-                  neurons: bool = True, dense_threshold: float = DENSE_THRESHOLD) -> RowsResult:
+                  neurons: bool = True, dense_threshold: float = DENSE_THRESHOLD,
+                  observe: Callable[[Rows], None] | None = None) -> RowsResult:
     """Stream ``rows`` once through ``sae`` (which takes raw activations); reconstruction is measured against
     the rows' ``target`` when they have one (transcoders). Neuron activations are the input rows
-    themselves; pass ``neurons=False`` when the hook is not ``mlp_post``."""
+    themselves; pass ``neurons=False`` when the hook is not ``mlp_post``. ``observe`` sees every batch (what
+    else needs the held-out rows reads them in this one pass: absorption)."""
     stats = ReconstructionStats(dense_threshold)
     prompts = PromptFireCounts()
     latent_collector = neuron_collector = None
@@ -99,6 +103,8 @@ def evaluate_rows(rows: Iterable[Rows], sae: nn.Module, *, n_top: int = 8,
         if neuron_collector is not None:
             neuron_collector.update(batch.acts, batch.tokens, batch.doc, batch.pos)
         docs.update(batch.doc.unique().tolist())
+        if observe is not None:
+            observe(batch)
     if latent_collector is None:
         raise ValueError("evaluate_rows got no rows")
     return RowsResult(metrics=stats.compute(), feature_density=stats.feature_density(),
@@ -130,6 +136,7 @@ def build_report_data(title: str, metrics: Mapping[str, float], result: RowsResu
                       lm: LMParts, context_row: ContextRow, *, n_latents: int = 12,
                       n_neurons: int = 12, n_scored: int = 200, n_picture: int = 3,
                       embedder: Embedder | None = None, seed: int = 0,
+                      uncertainty: Uncertainty | None = None,
                       history: Mapping[str, Sequence[float]] | None = None,
                       details: Mapping[str, Any] | None = None) -> tuple[ReportData, dict[str, float]]:
     """The report's data, and the monosemanticity numbers (worth adding to metrics.json).
@@ -137,7 +144,8 @@ def build_report_data(title: str, metrics: Mapping[str, float], result: RowsResu
     Shown units: the first ``n_latents``/``n_neurons`` tracked units that fired. Monosemanticity: up to
     ``n_scored`` random units of each kind among those that qualified (fired in as many context rows as
     contexts are kept), the same number for both kinds; coherence and its token-matched control only with
-    an ``embedder`` (``monosemanticity.load_embedder()``). The picture: the ``n_picture`` scored neurons
+    an ``embedder`` (``monosemanticity.load_embedder()``); their intervals as ``uncertainty`` says
+    (default: 95 %, 1000 resamples, seeded by ``seed``). The picture: the ``n_picture`` scored neurons
     with the lowest score next to the ``n_picture`` scored latents with the highest.
     """
     decode = token_decoder(lm.tokenizer)
@@ -154,17 +162,17 @@ def build_report_data(title: str, metrics: Mapping[str, float], result: RowsResu
     scorable = {kind: qualified(summary.top, summary.top.values.shape[1])
                 for kind, (summary, *_) in kinds.items()}
     n_common = min(n_scored, *(len(u) for u in scorable.values()))
-    cards, scores, numbers = {}, {}, {}
+    cards, scores = {}, {}
     for kind, (summary, n_show, directions, w_out) in kinds.items():
         sample = sorted(random.Random(seed).sample(scorable[kind], n_common))
         scores[kind] = score_units(kind, summary.top, sample, context_row, decode, scorer, corpus,
                                    n_qualified=len(scorable[kind]), seed=seed)
-        numbers |= scores[kind].metrics()
         shown = fired(summary, sorted(summary.tracked))[:n_show]
         effects = (direct_logit_effect(directions(shown), lm.W_U, w_out)
                    if shown and lm.W_U is not None else None)
         shown_scores = score_units(kind, summary.top, shown, context_row, decode, scorer, corpus, seed=seed)
         cards[kind] = unit_cards(kind, shown, summary, context_row, decode, effects, shown_scores, corpus)
+    numbers = score_metrics(scores, uncertainty or Uncertainty(seed=seed))
     picture = {kind: _picture_cards(scores[kind], kinds[kind][0], context_row, decode, corpus, n_picture,
                                     most_monosemantic=kind == "latent") for kind in scores}
     data = ReportData(title=title, metrics={**metrics, **numbers}, latents=cards["latent"],

@@ -136,7 +136,7 @@ def render(data: ReportData) -> str:
         _metrics_table(data.metrics),
         _density_and_history(data),
         _units_section(data),
-        _scores_section(data.scores),
+        _scores_section(data.scores, data.metrics),
     ]
     return _page(data.title, sections)
 
@@ -187,8 +187,12 @@ def _details(details: Mapping[str, Any]) -> str:
     return f"<table class='details'>{rows}</table>"
 
 
+INTERVAL_SUFFIXES = ("_ci_low", "_ci_high", "_context_se", "_units_needed")  # shown in the score section
+
+
 def _metrics_table(metrics: Mapping[str, float]) -> str:
-    keys = [k for k in HEADLINE if k in metrics] + sorted(k for k in metrics if k not in HEADLINE)
+    keys = [k for k in HEADLINE if k in metrics] + sorted(
+        k for k in metrics if k not in HEADLINE and not k.endswith(INTERVAL_SUFFIXES))
     rows = "".join(f"<tr><th>{_e(k)}</th><td class='num'>{_fmt(metrics[k])}</td>"
                    f"<td class='what'>{_e(HEADLINE.get(k, ''))}</td></tr>" for k in keys)
     return f"<table class='metrics'>{rows}</table>"
@@ -267,7 +271,7 @@ SCORE_ROWS = {  # metrics.json suffix -> what the row says (keys: <kind>_<suffix
 }
 
 
-def _scores_section(scores: Sequence[MonosemanticityScores]) -> str:
+def _scores_section(scores: Sequence[MonosemanticityScores], metrics: Mapping[str, float]) -> str:
     if not scores:
         return ""
     distributions = {
@@ -286,21 +290,64 @@ def _scores_section(scores: Sequence[MonosemanticityScores]) -> str:
             + (f"; random-context similarity (the baseline) {_fmt(baseline)}" if baseline is not None else "")
             + ".</p>")
     explanation = "".join(f"<p>{_e(p)}</p>" for p in EXPLANATION)
+    numbers = {k: v for s in scores for k, v in s.metrics().items()} | dict(metrics)
     return (f"<h2>Monosemanticity: neurons vs latents</h2><div class='row'>{''.join(figs)}</div>"
-            f"{_scores_table({s.kind: s.metrics() for s in scores})}{note}"
+            f"{_scores_table([s.kind for s in scores], numbers)}{note}{_interval_note(scores, numbers)}"
             f"<div class='explain'>{explanation}</div>")
 
 
-def _scores_table(by_kind: Mapping[str, Mapping[str, float]]) -> str:
-    """One row per score (:data:`SCORE_ROWS`), one column per kind of unit."""
-    head = "".join(f"<th>{_e(kind)}s</th>" for kind in by_kind)
+DIFFERENCE = "latent_minus_neuron"  # metrics.json prefix of the latent-minus-neuron differences
+
+
+def _scores_table(kinds: Sequence[str], numbers: Mapping[str, float]) -> str:
+    """One row per score (:data:`SCORE_ROWS`), one column per kind of unit and one for the latent-minus-
+    neuron difference when there is one; each value with its interval when it has one."""
+    prefixes = [*kinds, *([DIFFERENCE] if any(k.startswith(DIFFERENCE) for k in numbers) else [])]
+    head = "".join(f"<th>{'latent − neuron' if p == DIFFERENCE else _e(p) + 's'}</th>" for p in prefixes)
     rows = []
     for suffix, what in SCORE_ROWS.items():
-        values = [m.get(f"{kind}_{suffix}") for kind, m in by_kind.items()]
-        if any(v is not None for v in values):
-            cells = "".join(f"<td class='num'>{_fmt(math.nan if v is None else v)}</td>" for v in values)
+        keys = [f"{p}_{suffix}" for p in prefixes]
+        if any(k in numbers for k in keys):
+            cells = "".join(f"<td class='num'>{_with_interval(numbers, k)}</td>" for k in keys)
             rows.append(f"<tr><th>{_e(suffix)}</th>{cells}<td class='what'>{_e(what)}</td></tr>")
     return f"<table class='metrics'><tr><th></th>{head}<th></th></tr>{''.join(rows)}</table>"
+
+
+def _with_interval(numbers: Mapping[str, float], key: str) -> str:
+    """``value [low, high]``, or the value alone without an interval ('' when absent)."""
+    if key not in numbers:
+        return ""
+    low, high = numbers.get(f"{key}_ci_low"), numbers.get(f"{key}_ci_high")
+    interval = f" [{_fmt(low)}, {_fmt(high)}]" if low is not None and high is not None else ""
+    return f"{_fmt(numbers[key])}{interval}"
+
+
+def _interval_note(scores: Sequence[MonosemanticityScores], numbers: Mapping[str, float]) -> str:
+    """How the intervals were computed and how many units a narrower one needs (width ~ 1/sqrt(units))."""
+    if "monosemanticity_ci_level" not in numbers:
+        return ""
+    n, qualified = len(scores[0].units), min(s.n_qualified for s in scores)
+    target = numbers["monosemanticity_ci_width"]
+    lines = [f"Intervals: {numbers['monosemanticity_ci_level']:.0%} percentile bootstrap over the scored "
+             f"units ({int(numbers['monosemanticity_resamples']):,} resamples, the random baseline resampled "
+             "by group). A unit's score carries the noise of its own contexts, so resampling the units "
+             "covers both; 'contexts alone' is the standard error of resampling each unit's contexts with "
+             "the units fixed."]
+    planned = [k for k in numbers if k.endswith("_units_needed")]
+    first = [k for k in planned if k.startswith(DIFFERENCE)] or planned
+    for key in (k.removesuffix("_units_needed") for k in first):
+        width = numbers[f"{key}_ci_high"] - numbers[f"{key}_ci_low"]
+        if not math.isfinite(width):
+            continue
+        needed = int(numbers[f"{key}_units_needed"])
+        line = (f"With {n:,} units of each kind the interval of {key} is {width:.3g} wide (contexts alone: "
+                f"SE {_fmt(numbers.get(f'{key}_context_se', math.nan))}). Widths shrink as 1/√units: a width "
+                f"of {target:g} needs about {needed:,} units of each kind (monosemanticity_units={needed})")
+        if needed > qualified:
+            line += (f", more than the {qualified:,} that qualify: evaluate on more held-out tokens "
+                     "(max_tokens)")
+        lines.append(line + ".")
+    return "".join(f"<p class='note'>{_e(line)}</p>" for line in lines)
 
 
 CSS = """

@@ -113,7 +113,7 @@ def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE,
                           out_dir: Path, lm: Any) -> dict[str, float]:
     """Downstream LM loss with the SAE spliced in, then the report (contexts, logit effects, scores)."""
     from sae_lightning.evaluate.downstream import downstream_metrics
-    from sae_lightning.evaluate.monosemanticity import load_embedder
+    from sae_lightning.evaluate.monosemanticity import Uncertainty, load_embedder
     from sae_lightning.evaluate.pipeline import LMParts, build_report_data
     from sae_lightning.evaluate.report import write_report
     from sae_lightning.lm import HookPoint
@@ -151,6 +151,9 @@ def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE,
             {**metrics, **extra}, result, sae, parts, dm.context,
             n_latents=cfg.report_latents, n_neurons=cfg.report_neurons, n_scored=cfg.monosemanticity_units,
             embedder=embedder, seed=cfg.seed,
+            uncertainty=Uncertainty(level=cfg.monosemanticity_ci_level,
+                                    resamples=cfg.monosemanticity_resamples, seed=cfg.seed,
+                                    target_width=cfg.monosemanticity_ci_width),
             history=training_history(RunDir.of(cfg.ckpt_path)), details=details)
         extra |= medians
         report = out_dir / "report.html"
@@ -158,6 +161,34 @@ def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE,
         write_report(report, data)
         log.info("report: %s", report)
     return extra
+
+
+def absorption_rows(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE) -> Any:
+    """The collector of held-out rows for absorption (``absorption.LetterRows``; it needs the model's
+    tokenizer only), or None when ``absorption=false`` or the SAE is a transcoder (its latents decode
+    into another space than the one the first-letter probe reads)."""
+    if not cfg.absorption or sae.transcoder:
+        return None
+    from sae_lightning.evaluate.absorption import LetterRows
+    from sae_lightning.lm.loading import load_tokenizer
+
+    return LetterRows(load_tokenizer(train_cfg.model), cfg.absorption_per_token, cfg.absorption_rows)
+
+
+def absorption(cfg: EvalConfig, sae: SAE, rows: Any) -> dict[str, float]:
+    """The ``absorption_*`` keys from the rows collected in the held-out pass."""
+    from sae_lightning.evaluate.absorption import AbsorptionSettings, absorption_metrics
+    from sae_lightning.evaluate.monosemanticity import Uncertainty
+
+    t0 = time.perf_counter()
+    out = absorption_metrics(rows, sae.cpu(), AbsorptionSettings(min_probe_f1=cfg.absorption_min_probe_f1,
+                                                                 seed=cfg.seed),
+                             Uncertainty(level=cfg.monosemanticity_ci_level,
+                                         resamples=cfg.monosemanticity_resamples, seed=cfg.seed))
+    log.info("absorption on %d held-out rows in %.1f s: rate %.3f, fraction %.3f over %d letters",
+             out["absorption_rows"], time.perf_counter() - t0, out["absorption_rate"],
+             out["absorption_fraction"], out["absorption_letters"])
+    return out
 
 
 def run_evaluation(cfg: EvalConfig) -> Path:
@@ -177,12 +208,14 @@ def run_evaluation(cfg: EvalConfig) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     has_text = cfg.activations is None and train_cfg.activations.source in LM_SOURCES
     n_track = 4 * max(cfg.report_latents, cfg.report_neurons)
+    letter_rows = absorption_rows(cfg, train_cfg, sae) if has_text else None
     t0 = time.perf_counter()
     result = evaluate_rows(held_out_rows(cfg, dm), sae, n_top=cfg.top_contexts,
                            track_latents=track_candidates(sae.d_sae, n_track, cfg.seed),
                            track_neurons=track_candidates(sae.d_in, n_track, cfg.seed),
                            neurons=has_text and train_cfg.hook.name == "mlp_post",
-                           dense_threshold=train_cfg.latents.dense_threshold)
+                           dense_threshold=train_cfg.latents.dense_threshold,
+                           observe=None if letter_rows is None else letter_rows.observe)
     metrics: dict[str, Any] = dict(result.metrics)
     metrics["eval_split"] = "file" if cfg.activations is not None else dm.eval_split
     if cfg.contexts != "all":
@@ -192,6 +225,8 @@ def run_evaluation(cfg: EvalConfig) -> Path:
     if cfg.activations is None and train_cfg.activations.source == "synthetic":
         from sae_lightning.evaluate.recovery import feature_recovery
         metrics |= feature_recovery(sae.W_dec, torch.from_numpy(dm.source.dictionary))
+    if letter_rows is not None:
+        metrics |= absorption(cfg, sae, letter_rows)
     if has_prefixes(sae):  # nested (Matryoshka) SAEs: each prefix's reconstruction, a second pass
         metrics |= prefix_metrics(held_out_rows(cfg, dm), sae)
     lm = eval_lm(cfg, train_cfg, dm) if has_text and (cfg.downstream or cfg.report
