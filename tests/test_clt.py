@@ -385,10 +385,7 @@ class _TheMLPs:
 
 
 def test_the_benchmarks_replacement_splice_is_exact(tiny_gpt2) -> None:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import clt as bench
+    from benchmarks import clt as bench
 
     tokens = torch.randint(0, tiny_gpt2.vocab_size, (2, 16))
     excluded = torch.zeros_like(tokens, dtype=torch.bool)

@@ -4,11 +4,8 @@ study itself runs for hours and is run by hand (``--smoke`` runs it end to end a
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import interp_frontier as study
+from benchmarks import interp_frontier as study
 
 
 def _args(**kw) -> argparse.Namespace:
