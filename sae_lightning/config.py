@@ -458,8 +458,6 @@ class TrainConfig:
             return
         _check(self.target.name is not None, "clt", True,
                "a cross-layer transcoder needs its target: add target.name=mlp_out (and hook=mlp_in)")
-        _check(self.target.layer is None, "target.layer", self.target.layer,
-               "a CLT reads each layer's own target: leave target.layer out")
         _check(bool(self.layers), "clt", True, "a cross-layer transcoder needs its layers: layers=[0,1,2,3]")
         _check(list(self.layers) == sorted(self.layers), "layers", self.layers,
                "a CLT's layers must be ascending")

@@ -316,7 +316,7 @@ def test_sigkill_then_resume_of_a_clt_ends_bit_identical(tmp_path, tiny_gpt2_dir
     (["sae=relu"], "has no cross-layer transcoder"),
     (["target.name=null"], "needs its target"),
     (["layers=[2,0]"], "ascending"),
-    (["target.layer=1"], "leave target.layer out"),
+    (["target.layer=1"], "drop target.layer"),
 ])
 def test_bad_clt_configs_are_refused_before_any_work(tmp_path, tiny_gpt2_dir, text, extra, match) -> None:  # noqa: F811
     run = tmp_path / "run"
