@@ -17,6 +17,8 @@ from sae_lightning.checks import ConfigError
 from sae_lightning.circuits.clt import CrossLayerTranscoder, load_clt
 from sae_lightning.circuits.export import ExportError, export_circuit_tracer
 from sae_lightning.circuits.training import check_clt_model
+from sae_lightning.config import EvalConfig
+from sae_lightning.evaluate.run import run_evaluation
 from sae_lightning.group.memory import clt_parts, weight_bytes
 from sae_lightning.saes.batchtopk import BatchTopKConfig
 from sae_lightning.saes.jumprelu import JumpReLUConfig
@@ -280,6 +282,8 @@ def test_clt_run_writes_one_run_folder_that_loads_and_exports(tmp_path, tiny_gpt
     assert len(list((tmp_path / "ct").glob("W_dec_*.safetensors"))) == 3
     with pytest.raises(CheckpointError, match="cross-layer transcoder's"):
         load_sae_checkpoint(run / "checkpoints" / "final.ckpt")
+    with pytest.raises(ConfigError, match="does not evaluate one yet"):
+        run_evaluation(EvalConfig(ckpt_path=str(run)))
 
 
 @pytest.mark.slow
