@@ -282,8 +282,14 @@ def test_clt_run_writes_one_run_folder_that_loads_and_exports(tmp_path, tiny_gpt
     assert len(list((tmp_path / "ct").glob("W_dec_*.safetensors"))) == 3
     with pytest.raises(CheckpointError, match="cross-layer transcoder's"):
         load_sae_checkpoint(run / "checkpoints" / "final.ckpt")
-    with pytest.raises(ConfigError, match="does not evaluate one yet"):
-        run_evaluation(EvalConfig(ckpt_path=str(run)))
+    # evaluate.py on the run: the CLT's replacement model, all its layers at once and each alone
+    metrics = json.loads(run_evaluation(EvalConfig(ckpt_path=str(run), downstream_contexts=4)).read_text())
+    assert metrics["layers"] == [0, 1, 2]
+    assert metrics["replacement/ce_loss_replaced"] > 0 and metrics["replacement/kl_div"] >= 0
+    assert metrics["replacement/l0_total"] == pytest.approx(sum(metrics[f"replacement/layer{i}/l0"]
+                                                                for i in (0, 1, 2)))
+    assert {f"alone/layer{i}/ce_loss_recovered" for i in (0, 1, 2)} <= set(metrics)
+    assert (run / "eval" / "report.html").is_file()
 
 
 @pytest.mark.slow

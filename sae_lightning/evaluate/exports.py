@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sae_lightning.checks import ConfigError, UnsupportedFormatError
+from sae_lightning.checks import UnsupportedFormatError
 from sae_lightning.config import LM_SOURCES, EvalConfig, TrainConfig
 from sae_lightning.saes import SAE
 
@@ -21,26 +21,22 @@ SET_FORMATS = ("circuit_tracer",)  # formats that hold several runs (a group's m
 CLT_CONFIG = Path("clt") / "clt.json"  # what a clt=true run writes instead of sae/ (docs/cross-layer-...)
 
 
-def refuse_clt(cfg: EvalConfig) -> None:
-    """``UnsupportedFormatError`` for a cross-layer transcoder run: evaluate.py does not evaluate one, and
-    its latents decode into every later layer, which none of these export formats holds (circuit-tracer's
-    CLT layout has its own command)."""
+def is_clt_run(path: str | Path) -> bool:
+    """Whether ``path`` (a run folder or a file in it) is a cross-layer transcoder run (``clt=true``)."""
     from sae_lightning.rundir import RunDir
 
-    run = RunDir.of(cfg.ckpt_path).path
-    if not (run / CLT_CONFIG).is_file():
-        return
-    if not cfg.exports:
-        raise ConfigError(
-            f"{run} is a cross-layer transcoder (clt=true): evaluate.py does not evaluate one yet. "
-            "`python -m benchmarks.clt` measures its replacement model; "
-            "`python -m sae_lightning.circuits.export <run>/clt <out dir>` writes it in circuit-tracer's "
-            "CLT layout")
-    raise UnsupportedFormatError(
-        f"export={','.join(cfg.exports)}: {run} is a cross-layer transcoder (clt=true), whose latents "
-        f"decode into every later layer; {' and '.join(cfg.exports)} hold(s) one SAE or transcoder per "
-        "hook, or a set of per-layer transcoders. A CLT goes to circuit-tracer's CLT layout with "
-        "`python -m sae_lightning.circuits.export <run>/clt <out dir>`")
+    return (RunDir.of(path).path / CLT_CONFIG).is_file()
+
+
+def refuse_clt(cfg: EvalConfig) -> None:
+    """``UnsupportedFormatError`` for any export of a cross-layer transcoder run: its latents decode into
+    every later layer, which none of these formats holds (circuit-tracer's CLT layout has its own command)."""
+    if cfg.exports and is_clt_run(cfg.ckpt_path):
+        raise UnsupportedFormatError(
+            f"export={','.join(cfg.exports)}: {cfg.ckpt_path} is a cross-layer transcoder (clt=true), whose "
+            f"latents decode into every later layer; {' and '.join(cfg.exports)} hold(s) one SAE or "
+            "transcoder per hook, or a set of per-layer transcoders. A CLT goes to circuit-tracer's CLT "
+            "layout with `python -m sae_lightning.circuits.export <run>/clt <out dir>`")
 
 
 def check_run_exports(cfg: EvalConfig, sae: SAE, train_cfg: TrainConfig, formats: list[str]) -> None:

@@ -195,12 +195,14 @@ def run_evaluation(cfg: EvalConfig) -> Path:
     """Evaluate ``cfg.ckpt_path``; returns the path of the ``metrics.json`` it wrote (``saebench_core.json``
     beside it). A group folder (``group.json``) goes to :func:`run_group_evaluation`. Every export asked
     for (``export``) is checked against what its format can hold before any work."""
-    from sae_lightning.evaluate.exports import check_run_exports, refuse_clt, write_run_exports
+    from sae_lightning.evaluate.exports import check_run_exports, is_clt_run, refuse_clt, write_run_exports
     from sae_lightning.group.run import GROUP_FILE
 
     if (Path(cfg.ckpt_path) / GROUP_FILE).is_file():
         return run_group_evaluation(cfg)
     refuse_clt(cfg)
+    if is_clt_run(cfg.ckpt_path):
+        return run_clt_evaluation(cfg)
     sae, train_cfg = load_trained(cfg.ckpt_path)
     check_run_exports(cfg, sae, train_cfg, cfg.exports)
     dm = open_eval_data(cfg, train_cfg, sae)
@@ -269,18 +271,7 @@ def run_group_evaluation(cfg: EvalConfig) -> Path:
     any work. Writes ``<group>/eval/metrics.json`` (the replacement numbers, each member's metrics path,
     the set exports' paths) and ``report.html`` (the table); returns the former."""
     from sae_lightning.evaluate.exports import SET_FORMATS, check_run_exports, check_set, write_set_exports
-    from sae_lightning.evaluate.replacement import (
-        TABLE_NOTE,
-        NotMLPTranscoders,
-        PLTSet,
-        check_replaceable,
-        group_members,
-        replacement_metrics,
-        replacement_table,
-    )
-    from sae_lightning.evaluate.report import write_table_report
-    from sae_lightning.lm import load_lm
-    from sae_lightning.text import special_token_mask
+    from sae_lightning.evaluate.replacement import NotMLPTranscoders, PLTSet, group_members
 
     group_dir = Path(cfg.ckpt_path)
     if cfg.hub_repo_id:
@@ -310,11 +301,7 @@ def run_group_evaluation(cfg: EvalConfig) -> Path:
         except NotMLPTranscoders as err:
             log.info("no replacement-model evaluation: %s", err)
     if plts is not None:
-        dm = datamodule_from_config(train_cfg)
-        live_lm = getattr(dm, "lm", None)
-        lm = live_lm if live_lm is not None and cfg.device == "auto" else load_lm(
-            train_cfg.model, None if cfg.device == "auto" else cfg.device)
-        check_replaceable(lm, plts.layers)
+        lm, dm = replacement_inputs(cfg, train_cfg, plts.layers)
     metrics: dict[str, Any] = {"ckpt_path": str(group_dir.resolve()), "members": {}}
     links = {}
     for name, folder in members:
@@ -330,26 +317,10 @@ def run_group_evaluation(cfg: EvalConfig) -> Path:
             links[f"{name}: report"] = os.path.relpath(path.parent / "report.html", out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if plts is not None:
-        contexts = held_out_contexts(dm, cfg.downstream_contexts, cfg.max_tokens, cfg.batch_size)
-        t0 = time.perf_counter()
-        metrics |= replacement_metrics(lm, list(contexts.split(train_cfg.data.lm_batch_size)),
-                                       plts.to(lm.device),
-                                       exclude=lambda t: special_token_mask(t, lm.tokenizer))
-        log.info("replacement model (layers %s) on %d contexts in %.1f s: CE loss recovered %.3f, KL %.4f",
-                 plts.layers, len(contexts), time.perf_counter() - t0,
-                 metrics["replacement/ce_loss_recovered"], metrics["replacement/kl_div"])
-        metrics["layers"] = plts.layers
-        columns, rows = replacement_table(metrics, plts.layers)
-        report = out_dir / "report.html"
-        keep_previous(report)
-        write_table_report(
-            report, f"Replacement model: {train_cfg.model.name}, MLPs of layers {plts.layers}",
+        metrics |= replacement_report(
+            cfg, plts, lm, dm, train_cfg, out_dir,
             {"group": str(group_dir.resolve()), "model": train_cfg.model.name,
-             "architecture": train_cfg.sae.architecture, "skip": train_cfg.sae.skip,
-             "contexts": len(contexts), "counted predictions": metrics["n_tokens_downstream"],
-             "clean LM loss": metrics["replacement/ce_loss_clean"]},
-            columns, rows, TABLE_NOTE, links)
-        log.info("report: %s", report)
+             "architecture": train_cfg.sae.architecture, "skip": train_cfg.sae.skip}, links)
     exported = write_set_exports(set_formats, list(loaded.values()), out_dir)
     if exported:
         metrics["export_paths"] = exported
@@ -358,3 +329,70 @@ def run_group_evaluation(cfg: EvalConfig) -> Path:
     atomic_write_json(path, metrics)
     return path
 
+
+def replacement_inputs(cfg: EvalConfig, train_cfg: TrainConfig, layers: list[int]) -> tuple[Any, Any]:
+    """The LM (the live datamodule's own, or loaded on ``cfg.device``) and the datamodule whose held-out
+    contexts the replacement model runs on, after checking that every layer has an MLP to replace."""
+    from sae_lightning.evaluate.replacement import check_replaceable
+    from sae_lightning.lm import load_lm
+
+    dm = datamodule_from_config(train_cfg)
+    live_lm = getattr(dm, "lm", None)
+    lm = live_lm if live_lm is not None and cfg.device == "auto" else load_lm(
+        train_cfg.model, None if cfg.device == "auto" else cfg.device)
+    check_replaceable(lm, layers)
+    return lm, dm
+
+
+def replacement_report(cfg: EvalConfig, transcoders: Any, lm: Any, dm: Any, train_cfg: TrainConfig,
+                       out_dir: Path, details: dict[str, Any], links: dict[str, str]) -> dict[str, Any]:
+    """The replacement model of ``transcoders`` (a PLT set or a CLT: ``evaluate/replacement.py``) on
+    ``downstream_contexts`` held-out contexts: its metrics, and ``out_dir/report.html`` with its table."""
+    from sae_lightning.evaluate.replacement import TABLE_NOTE, replacement_metrics, replacement_table
+    from sae_lightning.evaluate.report import write_table_report
+    from sae_lightning.text import special_token_mask
+
+    layers = list(transcoders.layers)
+    contexts = held_out_contexts(dm, cfg.downstream_contexts, cfg.max_tokens, cfg.batch_size)
+    t0 = time.perf_counter()
+    metrics = replacement_metrics(lm, list(contexts.split(train_cfg.data.lm_batch_size)),
+                                  transcoders.to(lm.device),
+                                  exclude=lambda t: special_token_mask(t, lm.tokenizer))
+    log.info("replacement model (layers %s) on %d contexts in %.1f s: CE loss recovered %.3f, KL %.4f",
+             layers, len(contexts), time.perf_counter() - t0,
+             metrics["replacement/ce_loss_recovered"], metrics["replacement/kl_div"])
+    metrics["layers"] = layers
+    columns, rows = replacement_table(metrics, layers)
+    report = out_dir / "report.html"
+    keep_previous(report)
+    write_table_report(
+        report, f"Replacement model: {train_cfg.model.name}, MLPs of layers {layers}",
+        {**details, "contexts": len(contexts), "counted predictions": metrics["n_tokens_downstream"],
+         "clean LM loss": metrics["replacement/ce_loss_clean"]},
+        columns, rows, TABLE_NOTE, links)
+    log.info("report: %s", report)
+    return metrics
+
+
+def run_clt_evaluation(cfg: EvalConfig) -> Path:
+    """A cross-layer transcoder run (``clt=true``): its replacement model (every MLP of its layers replaced
+    at once, and each alone) on ``downstream_contexts`` held-out contexts of its first layer's stream (the
+    held-out contexts are the same at every layer). Writes ``<run>/eval/metrics.json`` and
+    ``report.html``; returns the former."""
+    from sae_lightning.circuits.clt import load_clt
+
+    run = RunDir.of(cfg.ckpt_path).path
+    clt = load_clt(run / "clt")
+    config = clt.metadata["train_config"]
+    train_cfg = train_config_from_dict({**config, "clt": False, "layers": None, "layer": clt.layers[0]})
+    lm, dm = replacement_inputs(cfg, train_cfg, clt.layers)
+    out_dir = eval_dir_for(cfg.ckpt_path, cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics: dict[str, Any] = {"ckpt_path": str(run.resolve())}
+    metrics |= replacement_report(cfg, clt, lm, dm, train_cfg, out_dir,
+                                  {"run": str(run.resolve()), "model": train_cfg.model.name,
+                                   "architecture": f"clt ({config['sae']['architecture']})"}, {})
+    path = out_dir / "metrics.json"
+    keep_previous(path)
+    atomic_write_json(path, metrics)
+    return path
