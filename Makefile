@@ -81,9 +81,9 @@ bench: setup-dev
 	$(PY) -m benchmarks.quality_vs_saelens --d-in 16 --features 64 --mean-active 4 $(TINY_RUN) --l1 3 --k 4 --curves "ours relu" "saelens standard" "ours topk" "saelens topk" --results $(BENCH_OUT)/quality.jsonl --out $(BENCH_OUT)/quality.txt
 	$(PY) -m benchmarks.ablation --acts $(BENCH_OUT)/acts.npy --arch jumprelu --variants thr10 free_b0 --target-l0 8 $(TINY_RUN) --out $(BENCH_OUT)/ablation_jumprelu.txt
 	$(PY) -m benchmarks.ablation --acts $(BENCH_OUT)/acts.npy --arch topk --variants rescale01 saelens --k 4 $(TINY_RUN) --out $(BENCH_OUT)/ablation_topk.txt
-	$(PY) -m benchmarks.kernels penalised --batch 256 --d-in 64 --d-sae 256 --shares 0.05 --archs relu jumprelu gated --reps 1 --out $(BENCH_OUT)/kernels_penalised.txt
-	$(PY) -m benchmarks.kernels batchtopk --batch 128 --d-in 64 --d-sae 256 --k 8 --reps 1 --out $(BENCH_OUT)/kernels_batchtopk.txt
-	$(PY) -m benchmarks.kernels auxk --batch 128 --d-in 64 --d-sae 256 --k 8 --dead 0 64 --reps 1 --threads 1 --out $(BENCH_OUT)/kernels_auxk.txt
+	$(PY) -m benchmarks.sparse_kernels penalised --batch 256 --d-in 64 --d-sae 256 --shares 0.05 --archs relu jumprelu gated --reps 1 --out $(BENCH_OUT)/kernels_penalised.txt
+	$(PY) -m benchmarks.sparse_kernels batchtopk --batch 128 --d-in 64 --d-sae 256 --k 8 --reps 1 --out $(BENCH_OUT)/kernels_batchtopk.txt
+	$(PY) -m benchmarks.sparse_kernels auxk --batch 128 --d-in 64 --d-sae 256 --k 8 --dead 0 64 --reps 1 --threads 1 --out $(BENCH_OUT)/kernels_auxk.txt
 	$(PY) -m benchmarks.synthetic --archs topk relu --n-features 64 --d 16 --n-rows 4000 --steps 20 --batch-size 128 --out $(BENCH_OUT)/synthetic.txt
 	$(PY) -m benchmarks.target_l0 --targets 10 --steps 50 --rows 4096 --d-sae 64 --batch-size 64 --out $(BENCH_OUT)/target_l0.txt
 	$(PY) -m benchmarks.cache build --model pythia-70m --batches 2 --batch-size 2 --ctx 16 --out $(BENCH_OUT)/cache_build.txt

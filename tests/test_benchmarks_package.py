@@ -18,7 +18,7 @@ SCRIPTS = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py") if p.stem no
 
 
 def test_the_scripts_are_found() -> None:
-    assert {"train_step", "quality_vs_saelens", "ablation", "kernels"} <= set(SCRIPTS)
+    assert {"train_step", "quality_vs_saelens", "ablation", "sparse_kernels"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -57,11 +57,11 @@ def test_every_script_answers_help_as_python_dash_m() -> None:
     for name in SCRIPTS:
         status, text = results[name]
         assert status == 0 and text.startswith("usage: "), (name, status, text[:300])
-    assert "{penalised,batchtopk,auxk}" in results["kernels"][1]
+    assert "{penalised,batchtopk,auxk}" in results["sparse_kernels"][1]
 
 
 def test_a_subcommand_answers_help_as_a_real_python_dash_m() -> None:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.kernels", "auxk", "--help"], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "benchmarks.sparse_kernels", "auxk", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "--dead" in done.stdout and "--out" in done.stdout
@@ -70,7 +70,7 @@ def test_a_subcommand_answers_help_as_a_real_python_dash_m() -> None:
 def test_report_writes_the_header_and_every_line_whole(tmp_path: Path, capsys) -> None:
     from benchmarks.common import Report
 
-    say = Report("benchmarks.kernels", ["auxk", "--k", "4"])
+    say = Report("benchmarks.sparse_kernels", ["auxk", "--k", "4"])
     say("first")
     say("second")
     out = tmp_path / "sub" / "report.txt"
@@ -79,7 +79,7 @@ def test_report_writes_the_header_and_every_line_whole(tmp_path: Path, capsys) -
     lines = out.read_text().splitlines()
     keys = [line.split(":")[0] for line in lines[:6]]
     assert keys == ["# command", "# commit", "# date", "# versions", "# threads", "# fp32 GEMM"]
-    assert lines[0] == "# command: python -m benchmarks.kernels auxk --k 4"
+    assert lines[0] == "# command: python -m benchmarks.sparse_kernels auxk --k 4"
     assert re.fullmatch(r"# fp32 GEMM: \d+ GFLOP/s \(2048\^3, median of 5\)", lines[5])
     assert lines[6:] == ["first", "second"]
     assert capsys.readouterr().out == "first\nsecond\n"

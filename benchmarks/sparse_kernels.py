@@ -1,8 +1,8 @@
 """Which kernel a training step should run on CPU: one full ``step.train_step`` per route, timed in turns.
 
-    python -m benchmarks.kernels penalised [--shares 0.02 0.05 0.1 0.2 --out FILE]
-    python -m benchmarks.kernels batchtopk [--k 16 64 256 1024]
-    python -m benchmarks.kernels auxk      [--dead 0 64 256 1024 3072]
+    python -m benchmarks.sparse_kernels penalised [--shares 0.02 0.05 0.1 0.2 --out FILE]
+    python -m benchmarks.sparse_kernels batchtopk [--k 16 64 256 1024]
+    python -m benchmarks.sparse_kernels auxk      [--dead 0 64 256 1024 3072]
 
 ``penalised``: relu, jumprelu and gated, the dense path against the sparse kernels
 (``sae.sparse_kernel=dense|sparse``) at a range of held densities. This is what sets the ``auto`` rule of
