@@ -269,10 +269,11 @@ def test_live_vs_saelens_both_sides_get_the_same_settings(tmp_path: Path, tiny_l
 @pytest.mark.slow
 def test_live_vs_saelens_times_both_sides_on_a_tiny_model(tmp_path: Path, tiny_llama_dir: Path) -> None:
     """The whole script on a tiny random LLaMA: SAELens's runner (its model through ``saelens_model``) and
-    our live ``train.py`` each train once per contender, and the report ends with the ratios as one
-    key=value line."""
+    our live ``train.py`` each train once per contender, and the report ends with the ratio as one
+    key=value line. One contender per library: the others differ only in the architecture passed to the
+    same command (their settings: the test above), and a pair left out is left out of the report."""
     out = tmp_path / "report.txt"
-    contenders = ["ours relu_dn", "saelens standard", "ours topk", "saelens topk sparse_acts"]
+    contenders = ["ours topk", "saelens topk sparse_acts"]
     cmd = [sys.executable, "-m", "benchmarks.live_vs_saelens", "--model-dir", str(tiny_llama_dir),
            *TINY_LIVE, "--out", str(out), "--contenders", *contenders]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
@@ -285,8 +286,7 @@ def test_live_vs_saelens_times_both_sides_on_a_tiny_model(tmp_path: Path, tiny_l
     assert sorted(" ".join(words) for words in timed) == sorted(contenders)
     keys = dict(item.split("=") for item in lines[-1].split())
     assert keys["activations"] == "live" and keys["tokens"] == "512"
-    for ratio in ("relu_dn_vs_saelens", "topk_vs_saelens"):
-        assert 0 < float(keys[ratio]) < 100
+    assert 0 < float(keys["topk_vs_saelens"]) < 100 and "relu_dn_vs_saelens" not in keys
     assert "ours topk / saelens topk sparse_acts whole-process tokens/s = " in out.read_text()
     assert done.stdout.rstrip().endswith(lines[-1])
 
