@@ -331,20 +331,20 @@ def _sweep(tmp_path: Path, name: str, archs: str, over: list[str], *extra: str) 
 
 @pytest.mark.slow
 def test_every_architecture_trains_live_in_sweeps(tmp_path, tiny_gpt2_dir, text) -> None:
-    """Every architecture with resampling in one sweep (the comparison page lists them), the target-L0
-    controller, and the SLURM path (submitit's local executor: a job array, each job its own process and
-    LM, logs under .submitit/)."""
+    """Every architecture with resampling in one sweep (the comparison page lists them), and the SLURM path
+    (submitit's local executor: a job array, each job its own process and LM, logs under .submitit/) whose
+    jobs train with the target-L0 controller."""
     over = live_overrides(tiny_gpt2_dir, text, train_tokens=12 * BATCH, callbacks="resample",
                           **{"callbacks.resample_steps": "[6]", "callbacks.resample_sample_rows": 128,
                              "latents.dead_window_tokens": 4 * BATCH, "sae.dict_mult": 2})
     summaries = _sweep(tmp_path, "all", "relu,relu_dn,gated,jumprelu,topk,batchtopk,matryoshka", over)
     assert all(s["steps"] == 12 for s in summaries)
-    _sweep(tmp_path, "submitit", "relu,topk", over, "hydra/launcher=local_parallel")
+    steered = _sweep(tmp_path, "submitit", "relu,jumprelu", over, "sae.target_l0=8",
+                     "hydra/launcher=local_parallel")
     assert (tmp_path / "submitit" / ".submitit").is_dir()
-    steered = run_train_py([*live_overrides(tiny_gpt2_dir, text, train_tokens=12 * BATCH),
-                            "sae.target_l0=8", f"hydra.run.dir={tmp_path / 'steered'}"], tmp_path)
-    assert steered.returncode == 0, steered.stderr[-3000:]
-    assert "train/l0_target" in (tmp_path / "steered" / "csv" / "metrics.csv").read_text()
+    assert [s["config"]["sae"]["target_l0"] for s in steered] == [8, 8]
+    for job in ("000_sae=relu", "001_sae=jumprelu"):
+        assert "train/l0_target" in (tmp_path / "submitit" / job / "csv" / "metrics.csv").read_text()
 
 
 def test_validation_rows_are_capped_at_one_buffer(tiny_gpt2, tiny_gpt2_dir, text) -> None:
