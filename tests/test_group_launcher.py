@@ -298,41 +298,37 @@ def _comparison(sweep_dir: Path) -> dict:
 @pytest.mark.slow
 def test_grouped_sweep_end_to_end(tmp_path, tiny_gpt2_dir, tinystories_path):
     """``python train.py -m ... hydra/launcher=grouped`` on an LM: one group trains the four jobs, each job
-    folder is a finished run, and the comparison lists the same jobs as the ungrouped sweep's; then a job
-    whose SAE diverges is recorded failed while the other finishes."""
+    folder is a run, the two whose SAE diverges (lr 1e30) recorded failed while the others finish, and the
+    comparison lists the same jobs, finished and failed, as the ungrouped sweep's."""
     lm = [f"model.name={tiny_gpt2_dir}", "data=tinystories_local", f"data.path={tinystories_path}",
           "data.context_size=32", "data.n_tokens=4096", "data.lm_batch_size=16", "layer=1",
           f"activations.cache_dir={tmp_path / 'cache'}", "activations.shard_rows=256", *SMALL]
+    swept = ["lr=1e-3,1e30", "sae.dict_mult=2,4"]
     grouped = tmp_path / "grouped"
-    proc = train_py("-m", *lm, "l1=1,2", "sae.dict_mult=2,4", "hydra/launcher=grouped",
-                    f"hydra.sweep.dir={grouped}", cwd=tmp_path)
+    proc = train_py("-m", *lm, *swept, "hydra/launcher=grouped", f"hydra.sweep.dir={grouped}", cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert "group 1: 4 jobs (000..003) share one stream" in out and out.count("Training 4 SAEs") == 1
     jobs = _jobs(grouped)
-    assert len(jobs) == 4
-    for job in jobs:
+    ok, bad = jobs[:2], jobs[2:]  # lr=1e-3 (both sizes), then lr=1e30
+    assert len(jobs) == 4 and all("lr=1e+30" in job for job in bad)
+    for job in ok:
         summary = _summary(grouped / job)
         assert summary["status"] == "finished" and summary["steps"] == 8, summary
         assert math.isfinite(summary["metrics"]["val/nmse"])
         assert (grouped / job / "sae" / "cfg.json").is_file()
         assert (grouped / job / "checkpoints" / "final.ckpt").is_file()
-        assert (grouped / job / ".hydra" / "overrides.yaml").is_file()
+    for job in bad:
+        failed = _summary(grouped / job)
+        assert failed["status"] == "failed" and failed["error"].startswith("NonFiniteError"), failed
+    assert all((grouped / job / ".hydra" / "overrides.yaml").is_file() for job in jobs)
     group = json.loads((grouped / ".groups" / "000-003" / "group.json").read_text())
-    assert [m["status"] for m in group["members"]] == ["finished"] * 4
+    assert [m["status"] for m in group["members"]] == ["finished"] * 2 + ["failed"] * 2
     assert (grouped / "comparison.html").is_file()
 
     plain = tmp_path / "plain"
-    train_py("-m", *lm, "l1=1,2", "sae.dict_mult=2,4", f"hydra.sweep.dir={plain}", cwd=tmp_path)
+    train_py("-m", *lm, *swept, f"hydra.sweep.dir={plain}", cwd=tmp_path)
     assert _comparison(grouped) == _comparison(plain)
-    assert _comparison(grouped)["ok"] == jobs
-
-    diverged = tmp_path / "diverged"
-    train_py("-m", *lm, "lr=1e-3,1e30", "hydra/launcher=grouped", f"hydra.sweep.dir={diverged}", cwd=tmp_path)
-    ok, bad = _jobs(diverged)
-    assert _summary(diverged / ok)["status"] == "finished"
-    failed = _summary(diverged / bad)
-    assert failed["status"] == "failed" and failed["error"].startswith("NonFiniteError"), failed
-    assert _comparison(diverged)["ok"] == [ok] and _comparison(diverged)["failed"] == [bad]
+    assert _comparison(grouped)["ok"] == ok and _comparison(grouped)["failed"] == bad
 
 
 def test_a_clt_job_is_refused_by_the_grouped_launcher(sweep):
