@@ -117,29 +117,44 @@ COMMON = ["activations=file", "activations.val_fraction=0.5", "activations.eval_
           "trainer.limit_val_batches=1"]
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The 1-process references of the ``trainer=ddp_sim`` tests, one sweep: relu, gated and JumpReLU (at
+    their default coefficients) on the doubled batch (256 rows: the whole training split every step)."""
+    root = tmp_path_factory.mktemp("one_process")
+    x = _array(root / "x.npy")
+    train_py("-m", *COMMON, f"activations.path={x}", "trainer=cpu", "batch_size=256", "train_tokens=1280",
+             "sae=relu,gated,jumprelu", f"hydra.sweep.dir={root / 'sweep'}", cwd=root)
+    return root / "sweep"
+
+
+def final(run: Path) -> dict[str, torch.Tensor]:
+    """The final weights of a run that finished its 5 steps."""
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 5, run
+    return torch.load(run / "checkpoints" / "final.ckpt", weights_only=True)["state_dict"]
+
+
 @pytest.mark.slow
-def test_ddp_sim_in_a_sweep_matches_one_process_with_the_doubled_batch(tmp_path):
+def test_ddp_sim_in_a_sweep_matches_one_process_with_the_doubled_batch(tmp_path, one_process):
     """Every step sees the whole training split (256 rows: 1 process x 256, or 2 ranks x 128 disjoint rows),
     so with gradients averaged over ranks both runs take the same steps. Tolerance: 1e-5 absolute on every
     weight after 5 Adam steps at lr 1e-2 (float32 summation order; seen here: 1.2e-7)."""
     x = _array(tmp_path / "x.npy")
     sweep = tmp_path / "sweep"
     proc = train_py("-m", *COMMON, f"activations.path={x}", "trainer=ddp_sim", "batch_size=128",
-                    "train_tokens=640", "l1=-1,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    train_py(*COMMON, f"activations.path={x}", "trainer=cpu", "batch_size=256", "train_tokens=1280", "l1=1",
-             f"hydra.run.dir={tmp_path / 'single'}", cwd=tmp_path)
+                    "train_tokens=640", "l1=-1,5", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
 
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["single", "sweep"]  # no second sweep
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["sweep"]  # no second sweep
     assert "runs in a fresh process (DDP)" in proc.stderr + proc.stdout
     failed = json.loads((sweep / "000_l1=-1" / "summary.json").read_text())  # and the next job did not hang
     assert failed["status"] == "failed" and "ConfigError" in failed["error"]
-    ddp = json.loads((sweep / "001_l1=1" / "summary.json").read_text())
-    one = json.loads((tmp_path / "single" / "summary.json").read_text())
-    assert ddp["status"] == "finished" and ddp["steps"] == one["steps"] == 5
+    ddp = json.loads((sweep / "001_l1=5" / "summary.json").read_text())
+    one = json.loads((one_process / "000_sae=relu" / "summary.json").read_text())
+    assert ddp["config"]["l1"] == one["config"]["l1"] == 5
     assert ddp["tokens"] == one["tokens"] == 1280
 
-    w_ddp = torch.load(sweep / "001_l1=1" / "checkpoints" / "final.ckpt", weights_only=True)["state_dict"]
-    w_one = torch.load(tmp_path / "single" / "checkpoints" / "final.ckpt", weights_only=True)["state_dict"]
+    w_ddp, w_one = final(sweep / "001_l1=5"), final(one_process / "000_sae=relu")
     for key in ("sae.W_enc", "sae.b_enc", "sae.W_dec", "sae.b_dec"):
         torch.testing.assert_close(w_ddp[key], w_one[key], atol=1e-5, rtol=0)
     for key in ("val/l0", "val/mse", "val/nmse", "val/explained_variance"):  # merged over ranks: the set's
@@ -147,30 +162,20 @@ def test_ddp_sim_in_a_sweep_matches_one_process_with_the_doubled_batch(tmp_path)
 
 
 @pytest.mark.slow
-def test_ddp_sim_trains_the_newer_architectures(tmp_path):
-    """``trainer=ddp_sim`` (two real ranks) trains gated, BatchTopK, Matryoshka and JumpReLU from the CLI.
-    Gated and JumpReLU are per-row like relu, so they end with the weights of one process on the doubled
-    batch (same tolerance as above; JumpReLU's thresholds too, which start from the data sample on every
-    rank: the sparse start); BatchTopK-family ranks select per rank, so those end with an inference
-    threshold learnt."""
+def test_ddp_sim_trains_the_newer_per_row_architectures(tmp_path, one_process):
+    """``trainer=ddp_sim`` (two real ranks) trains gated and JumpReLU from the CLI. They are per-row like
+    relu, so they end with the weights of one process on the doubled batch (same tolerance as above;
+    JumpReLU's thresholds too, which start from the data sample on every rank: the sparse start). The
+    BatchTopK family selects per rank and shares its threshold over the ranks:
+    ``test_batchtopk_ranks_share_one_threshold``."""
     x = _array(tmp_path / "x.npy")
-    sweep, single = tmp_path / "sweep", tmp_path / "single"
+    sweep = tmp_path / "sweep"
     train_py("-m", *COMMON, f"activations.path={x}", "trainer=ddp_sim", "batch_size=128", "train_tokens=640",
-             "sae=gated,batchtopk,matryoshka,jumprelu", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    train_py("-m", *COMMON, f"activations.path={x}", "trainer=cpu", "batch_size=256", "train_tokens=1280",
-             "sae=gated,jumprelu", f"hydra.sweep.dir={single}", cwd=tmp_path)
+             "sae=gated,jumprelu", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
 
-    def final(run: Path) -> dict[str, torch.Tensor]:
-        summary = json.loads((run / "summary.json").read_text())
-        assert summary["status"] == "finished" and summary["steps"] == 5, run
-        return torch.load(run / "checkpoints" / "final.ckpt", weights_only=True)["state_dict"]
-
-    per_row = {"000_sae=gated": ("000_sae=gated", ("sae.r_mag", "sae.b_mag")),
-               "003_sae=jumprelu": ("001_sae=jumprelu", ("sae.threshold",))}  # ddp job: (1-process job, own)
+    per_row = {"000_sae=gated": ("001_sae=gated", ("sae.r_mag", "sae.b_mag")),
+               "001_sae=jumprelu": ("002_sae=jumprelu", ("sae.threshold",))}  # ddp job: (1-process job, own)
     for ddp_job, (one_job, own) in per_row.items():
-        ddp, one = final(sweep / ddp_job), final(single / one_job)
+        ddp, one = final(sweep / ddp_job), final(one_process / one_job)
         for key in ("sae.W_enc", "sae.b_enc", "sae.W_dec", "sae.b_dec", *own):
             torch.testing.assert_close(ddp[key], one[key], atol=1e-5, rtol=0)
-    for job in ("001_sae=batchtopk", "002_sae=matryoshka"):
-        state = final(sweep / job)
-        assert float(state["sae.threshold"]) > 0 and int(state["sae.threshold_batches"]) == 5
