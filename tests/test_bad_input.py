@@ -58,7 +58,6 @@ def _assert_names(out: str, *words: str) -> None:
     ("sae.dcit_mult=3", ["dcit_mult", "ReLUConfig"]),
     ("batch_size=abc", ["'abc' of type 'str' could not be converted to Integer", "batch_size"]),
     ("sae.dict_mult=0", ["sae.dict_mult=0.0", "must be > 0"]),
-    ("l1=-1", ["l1=-1.0", "must be >= 0"]),
     ("hook.name=attn_z", ["hook.name='attn_z'", "choose one of resid_pre, resid_mid, resid_post, attn_out"]),
 ])
 def test_config_errors_name_the_key_before_any_work(tmp_path: Path, override: str, words: list[str]) -> None:
@@ -89,6 +88,7 @@ def test_train_with_a_bad_value_prints_the_message_alone(tmp_path: Path) -> None
     message = "Invalid config value l1=-1.0: the L1 coefficient must be >= 0"
     _assert_message_alone(_run(TRAIN, args, tmp_path), message)
     assert message in (tmp_path / "run" / "train.log").read_text()  # the run's log says why it stopped
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any work
     _assert_names(_run(TRAIN, args, tmp_path, full_error=True), "Traceback", f"ConfigError: {message}")
 
 
