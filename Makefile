@@ -75,7 +75,7 @@ BENCH_OUT ?= /tmp/sae-lightning-bench
 BENCH_CACHE ?= $(or $(SAE_LIGHTNING_CACHE),.cache/activations)
 TINY_RUN := --d-sae 32 --train-rows 1000 --eval-rows 200 --batch 100 --steps 4 --b-dec-sample 500 --curve-points 2
 bench: setup-dev
-	@mkdir -p $(BENCH_OUT) && rm -f $(BENCH_OUT)/quality.jsonl
+	@mkdir -p $(BENCH_OUT) && rm -rf $(BENCH_OUT)/quality.jsonl $(BENCH_OUT)/clt
 	$(PY) -c "import numpy as np; np.save('$(BENCH_OUT)/acts.npy', np.random.default_rng(0).standard_normal((1200, 16)).astype('f4'))"
 	$(PY) -m benchmarks.train_step --batch 64 --d-in 32 --relu-d-sae 64 --topk-d-sae 128 --k 4 --l0 8 --reps 1 --out $(BENCH_OUT)/train_step.txt
 	$(PY) -m benchmarks.quality_vs_saelens --d-in 16 --features 64 --mean-active 4 $(TINY_RUN) --l1 3 --k 4 --curves "ours relu" "saelens standard" "ours topk" "saelens topk" --results $(BENCH_OUT)/quality.jsonl --out $(BENCH_OUT)/quality.txt
@@ -96,4 +96,5 @@ bench: setup-dev
 	$(PY) -m benchmarks.live quality --d-sae 256 --batch 512 --tokens 4096 --n-tokens 40000 --buffer 4096 --buffers 4096 --seeds 0 --eval-tokens 1000 --out $(BENCH_OUT)/live_quality.txt
 	$(PY) -m benchmarks.live_vs_saelens --tokens 4096 --batch 1024 --context 64 --lm-batch 4 --buffer-rows 4096 --d-sae 256 --k 8 --reps 1 --contenders "ours relu_dn" "saelens standard" --out $(BENCH_OUT)/live_vs_saelens.txt
 	$(PY) -m benchmarks.vs_sparsify --layers 1 --tokens 2048 --buffer-rows 2048 --batch 512 --context 64 --d-sae 64 --k 4 --seeds 0 --eval-contexts 4 --contenders ours "sparsify adam" --out $(BENCH_OUT)/vs_sparsify.txt
+	$(PY) -m benchmarks.clt --layers 0,1 --ks 4 --kinds plt clt clt_jumprelu --dict-mult 1 --train-tokens 4096 --eval-contexts 4 --work $(BENCH_OUT)/clt --overrides batch_size=1024 --out $(BENCH_OUT)/clt.txt
 	@echo "every benchmark ran; outputs in $(BENCH_OUT)"
