@@ -88,7 +88,7 @@ def held_out_tokens(args: argparse.Namespace) -> tuple[Any, Tensor, Tensor]:
 
     from sae_lightning.config import register_configs, to_config
     from sae_lightning.lm import load_lm
-    from sae_lightning.text import iter_token_batches, special_token_mask
+    from sae_lightning.lm.text import iter_token_batches, special_token_mask
 
     register_configs()
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):

@@ -40,8 +40,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .cache.reader import ActivationCache, ArraySource, CacheError, RowSource, open_source, sample_rows
-from .config import ActivationsConfig
+from ..config import ActivationsConfig
+from .reader import ActivationCache, ArraySource, CacheError, RowSource, open_source, sample_rows
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -236,8 +236,7 @@ class ActivationDataModule(LightningDataModule):
             source = SyntheticSource(acts.synthetic, shard_rows=acts.shard_rows, normalize=acts.normalize)
         if acts.source != "lm":
             return cls(source, acts, cfg.batch_size, cfg.seed)
-        from .cache import ensure_cache
-        from .cache.ensure import hook_points
+        from .ensure import ensure_cache, hook_points
         caches = ensure_cache(cfg)
         target = None if cfg.target_hook is None else caches[hook_points(cfg).index(cfg.target_hook)]
         return cls(caches[0], acts, cfg.batch_size, cfg.seed, target=target)
@@ -367,7 +366,7 @@ def datamodule_from_config(cfg: Any) -> LightningDataModule:
     """The datamodule a ``TrainConfig`` asks for: the LM running live (``activations=live``), or the rows of
     a cache, an imported array or synthetic data."""
     if cfg.activations.source == "live":
-        from .live import LiveDataModule
+        from ..live import LiveDataModule
         return LiveDataModule.from_config(cfg)
     return ActivationDataModule.from_config(cfg)
 

@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache.reader import RowSource, estimate_norm_scale, virtual_shards
-from .config import SyntheticConfig
+from ..config import SyntheticConfig
+from .reader import RowSource, estimate_norm_scale, virtual_shards
 
 MIN_SHARDS = 64
 

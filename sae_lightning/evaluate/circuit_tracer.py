@@ -8,8 +8,9 @@ model, and the hooks the features read and write (TransformerLens hook names rel
 d_model]``, ``b_enc``, ``W_dec [d_sae, d_model]``, ``b_dec``, optionally ``W_skip [d_model, d_model]``
 (applied as ``x @ W_skip.T``) and ``activation_function.threshold [d_sae]`` (JumpReLU ``z = pre *
 (pre > threshold)``; without it ReLU). circuit-tracer computes ``z = act(x W_enc^T + b_enc)``, ``ŷ = z W_dec
-+ b_dec (+ x W_skip^T)`` on raw activations, so the weights are :func:`sae_lightning.export.raw_weights`
-(both scales folded in), transposed where its orientation differs.
++ b_dec (+ x W_skip^T)`` on raw activations, so the weights are
+:func:`sae_lightning.evaluate.saelens.raw_weights` (both scales folded in), transposed where its orientation
+differs.
 
 What the format cannot hold is refused before anything is written (:func:`check_plt_set`): its loader
 knows ReLU and JumpReLU only (no TopK, no gated), its ``TranscoderSet`` needs one transcoder for every layer
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from sae_lightning.checks import UnsupportedFormatError
 from sae_lightning.config import TrainConfig
-from sae_lightning.export import raw_weights
+from sae_lightning.evaluate.saelens import raw_weights
 from sae_lightning.io import atomic_write, atomic_write_text
 from sae_lightning.saes import SAE
 

@@ -112,7 +112,7 @@ def _prepend_bos(cfg: TrainConfig) -> bool | None:
     if isinstance(cfg.data.prepend_bos, bool):
         return cfg.data.prepend_bos
     from sae_lightning.lm import local_tokenizer
-    from sae_lightning.text import resolve_prepend_bos
+    from sae_lightning.lm.text import resolve_prepend_bos
 
     tokenizer = local_tokenizer(cfg.model)
     return None if tokenizer is None else resolve_prepend_bos(cfg.data.prepend_bos, tokenizer)

@@ -1,4 +1,4 @@
-"""Compare the runs of a sweep without W&B: ``python -m sae_lightning.compare <sweep dir>``.
+"""Compare the runs of a sweep without W&B: ``python -m sae_lightning.sweep.compare <sweep dir>``.
 
 Reads every ``<run>/summary.json`` under the directory (written by training, or by a failed job) and, when
 present, ``<run>/eval/metrics.json`` (written by evaluate.py; it wins over the training-time numbers), then
@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from sae_lightning.rundir import RunDir, RunSummary
+from sae_lightning.train.rundir import RunDir, RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +374,7 @@ def log_to_wandb(comparison: Comparison, paths: dict[str, Path], group: str,
     import wandb
 
     from sae_lightning.config import LoggerConfig
-    from sae_lightning.loggers import resolve_wandb_mode
+    from sae_lightning.train.loggers import resolve_wandb_mode
 
     mode = resolve_wandb_mode(LoggerConfig(wandb=True, mode=settings.get("mode", "auto")))
     run = wandb.init(project=settings.get("project", "sae-lightning"), entity=settings.get("entity"),
@@ -400,7 +400,7 @@ def compare_sweep(sweep_dir: Path, wandb_group: str | None = None) -> Comparison
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sae_lightning.compare",
+    parser = argparse.ArgumentParser(prog="python -m sae_lightning.sweep.compare",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", type=Path,
                         help="a multirun directory (or any folder of run directories)")

@@ -3,7 +3,7 @@
 - Job directories are ``<sweep dir>/<job number>_<swept key>=<value>...`` (only the swept keys), through the
   ``${sweep_subdir:...}`` resolver used by ``hydra.sweep.subdir`` in ``conf/train.yaml``.
 - :class:`SweepCallback` (a Hydra callback) records the swept keys when the sweep starts and writes the
-  comparison (``sae_lightning.compare``) with the list of ok/failed jobs when it ends.
+  comparison (``sae_lightning.sweep.compare``) with the list of ok/failed jobs when it ends.
 - :func:`run_sweep_job` runs one job so that a failure is written to the job's ``summary.json`` instead of
   stopping the sweep, and so that ``strategy=ddp`` (which re-launches ``sys.argv``, i.e. the whole sweep, in
   each child: see ../shared/docs/field-notes.md) runs as a fresh single-run process per job.
@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sae_lightning.config import ObjectiveConfig
 from sae_lightning.io import atomic_write_json
-from sae_lightning.rundir import RunDir, RunSummary
+from sae_lightning.train.rundir import RunDir, RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def _with_wandb_grouping(cfg: DictConfig, ctx: dict[str, Any]) -> None:
 
 
 def write_failure(run_dir: Path, error: str, trace: str, overrides: list[str]) -> None:
-    """The failed job's ``summary.json``: what :mod:`sae_lightning.compare` lists as failed, and why. A
+    """The failed job's ``summary.json``: what :mod:`sae_lightning.sweep.compare` lists as failed, and why. A
     summary saying the run was pre-empted (its own process was stopped by a signal) is kept."""
     run = RunDir(run_dir)
     previous = run.read_summary()
@@ -252,7 +252,7 @@ def run_sweep_job(cfg: DictConfig, train: Callable[[DictConfig], float], script:
         return train(cfg)
     except Exception as err:  # the sweep must go on; the error is recorded, not swallowed
         record_failure(ctx, err, err.trace if isinstance(err, ChildFailed) else traceback.format_exc())
-        from sae_lightning.loggers import finish_wandb
+        from sae_lightning.train.loggers import finish_wandb
 
         finish_wandb(exit_code=1)
         return failed_return(HydraConfig.get(), f"{type(err).__name__}: {err}")
@@ -269,7 +269,7 @@ class SweepCallback(Callback):
         log.info("Sweep over %s -> %s", ", ".join(keys) or "(nothing)", config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from sae_lightning.compare import compare_sweep
+        from sae_lightning.sweep.compare import compare_sweep
 
         sweep_dir = Path(config.hydra.sweep.dir)
         group = None
@@ -291,7 +291,7 @@ def _preset(config: DictConfig) -> str | None:
 def _uses_wandb(config: DictConfig) -> bool:
     """Whether the sweep's jobs log to W&B (then the comparison goes to W&B too)."""
     from sae_lightning.config import LoggerConfig
-    from sae_lightning.loggers import resolve_wandb_mode
+    from sae_lightning.train.loggers import resolve_wandb_mode
 
     settings = OmegaConf.to_container(config.logger, resolve=True)
     return resolve_wandb_mode(LoggerConfig(**settings)) != "disabled"

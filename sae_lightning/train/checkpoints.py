@@ -33,8 +33,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from sae_lightning.checks import UserError
 from sae_lightning.io import atomic_write, atomic_write_json
-from sae_lightning.module import SAEModule
-from sae_lightning.step import NonFiniteError
+from sae_lightning.train.module import SAEModule
+from sae_lightning.train.step import NonFiniteError
 
 log = logging.getLogger(__name__)
 

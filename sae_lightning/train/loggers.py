@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 
 from sae_lightning.config import LoggerConfig
 from sae_lightning.io import atomic_write_text
-from sae_lightning.rundir import RunDir
+from sae_lightning.train.rundir import RunDir
 
 log = logging.getLogger(__name__)
 

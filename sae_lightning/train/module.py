@@ -1,6 +1,6 @@
 """The LightningModule: one SAE, its optimiser and schedules, and metric logging around ``step.train_step``.
 
-Training uses Lightning's manual optimisation so that the step itself (``sae_lightning.step``) is the
+Training uses Lightning's manual optimisation so that the step itself (``sae_lightning.train.step``) is the
 same code the benchmarks time; Lightning supplies the loop, DDP (``manual_backward`` averages gradients),
 precision, checkpointing and logging. Hyperparameters hold only plain JSON values (the resolved config
 as a dict and ``d_in``) so checkpoints load under ``torch.load(weights_only=True)``; the activation scale
@@ -22,8 +22,8 @@ from sae_lightning.config import TrainConfig, train_config_from_dict
 from sae_lightning.metrics import ReconstructionStats, batch_metrics
 from sae_lightning.saes import SAE, SAEOutput, build_sae
 from sae_lightning.saes.base import PenalisedConfig
-from sae_lightning.sparsity import TargetL0
-from sae_lightning.step import DATA_INIT_ROWS, LatentStats, train_step, warmup_scale
+from sae_lightning.train.sparsity import TargetL0
+from sae_lightning.train.step import DATA_INIT_ROWS, LatentStats, train_step, warmup_scale
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:

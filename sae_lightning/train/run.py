@@ -26,8 +26,11 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from sae_lightning.callbacks import DensityMonitor, PreemptionCheckpoint, ResampleDeadLatents
-from sae_lightning.checkpoints import (
+from sae_lightning.cache.datamodule import datamodule_from_config
+from sae_lightning.config import TrainConfig
+from sae_lightning.saes import SAE
+from sae_lightning.train.callbacks import DensityMonitor, PreemptionCheckpoint, ResampleDeadLatents
+from sae_lightning.train.checkpoints import (
     AtomicCheckpointIO,
     CheckpointError,
     check_resumable,
@@ -35,12 +38,9 @@ from sae_lightning.checkpoints import (
     mark_run_dir,
     resolve_ckpt_path,
 )
-from sae_lightning.config import TrainConfig
-from sae_lightning.datamodule import datamodule_from_config
-from sae_lightning.loggers import build_loggers, finish_wandb
-from sae_lightning.module import SAEModule
-from sae_lightning.rundir import RunDir, RunSummary
-from sae_lightning.saes import SAE
+from sae_lightning.train.loggers import build_loggers, finish_wandb
+from sae_lightning.train.module import SAEModule
+from sae_lightning.train.rundir import RunDir, RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,8 @@ def needs_final_validation(cfg: TrainConfig, trainer: L.Trainer, dm: L.Lightning
 def run_training(cfg: TrainConfig, run_dir: Path, config_dict: dict[str, Any]) -> RunSummary:
     """Train one SAE; returns (and writes to ``summary.json``) where things went and the metrics.
 
-    ``cfg.ckpt_path`` resumes (see ``sae_lightning.checkpoints``): ``last``, ``auto``, a file or a run dir.
+    ``cfg.ckpt_path`` resumes (see ``sae_lightning.train.checkpoints``): ``last``, ``auto``, a file or a run
+    dir.
     Raises ``TrainingPreempted`` after a SIGTERM/SIGUSR1 checkpoint; ``NonFiniteError`` on NaN/Inf, with no
     checkpoint of the bad weights written.
     """

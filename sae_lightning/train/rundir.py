@@ -12,8 +12,8 @@
   eval/               evaluate.py's outputs (metrics.json, saebench_core.json, report.html, saelens/)
   .hydra/, train.log  Hydra's record of the command
 ```
-Written by training (``training.py``) and by a failed sweep job (``sweep.py``); read by ``compare.py``,
-``evaluate.py`` and the sweep objective.
+Written by training (``run.py``) and by a failed sweep job (``sweep/multirun.py``); read by
+``sweep/compare.py``, ``evaluate.py`` and the sweep objective.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from benchmarks import common
 from benchmarks import live_vs_saelens as live
 from benchmarks import quality_vs_saelens as q
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_quality_benchmark_trains_every_curve_and_reports_every_pair(tmp_path: Path) -> None:
@@ -223,7 +223,7 @@ def test_live_vs_saelens_both_sides_get_the_same_settings(tmp_path: Path, tiny_l
     from hydra import compose, initialize
 
     from sae_lightning.config import register_configs, to_config
-    from sae_lightning.sweep import register_resolvers
+    from sae_lightning.sweep.multirun import register_resolvers
 
     register_configs()
     register_resolvers()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py") if p.stem not in ("__init__", "common"))
 
 
@@ -30,7 +30,7 @@ def test_every_script_imports_as_a_module_of_the_package(name: str) -> None:
 def test_no_script_edits_sys_path() -> None:
     """The scripts, and the tests that use them, import through the package (``benchmarks.common``), never
     through a path pushed on ``sys.path``."""
-    users = [f for f in (REPO / "tests").glob("*.py") if "benchmarks" in f.read_text()]
+    users = [f for f in (REPO / "tests").rglob("*.py") if "benchmarks" in f.read_text()]
     users.remove(Path(__file__))
     edits = [f.name for f in [*(REPO / "benchmarks").glob("*.py"), *users] if "sys.path." in f.read_text()]
     assert not edits, edits

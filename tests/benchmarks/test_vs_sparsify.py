@@ -22,7 +22,7 @@ def _compose(overrides: list[str]):
     from hydra import compose, initialize
 
     from sae_lightning.config import register_configs, to_config
-    from sae_lightning.sweep import register_resolvers
+    from sae_lightning.sweep.multirun import register_resolvers
 
     register_configs()
     register_resolvers()

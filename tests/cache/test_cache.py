@@ -149,9 +149,8 @@ def test_two_processes_build_once(tmp_path):
     script = textwrap.dedent(f"""
         import logging, sys, time
         from pathlib import Path
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
         logging.basicConfig(level=logging.INFO, stream=sys.stdout)
-        import test_cache as t
+        from tests.cache import test_cache as t
         class Slow(t.Model):
             def __call__(self, tokens):
                 time.sleep(0.1)
@@ -160,7 +159,7 @@ def test_two_processes_build_once(tmp_path):
                 return super().__call__(tokens)
         t.build(Path({str(tmp_path / 'root')!r}), Slow())
     """)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)]
     outs = [p.communicate(timeout=120)[0] for p in procs]

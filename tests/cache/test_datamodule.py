@@ -14,8 +14,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sae_lightning.cache import CacheError, CacheKey, build_cache
+from sae_lightning.cache.datamodule import ActivationDataModule
 from sae_lightning.config import ActivationsConfig
-from sae_lightning.datamodule import ActivationDataModule
 
 N, D, B = 2000, 8, 16
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from hydra import compose, initialize
 
+from sae_lightning.cache.datamodule import ActivationDataModule
+from sae_lightning.cache.synthetic import SyntheticGenerator, SyntheticSource, firing_probabilities
 from sae_lightning.config import ConfigError, SyntheticConfig, register_configs, to_config
-from sae_lightning.datamodule import ActivationDataModule
 from sae_lightning.evaluate.recovery import feature_recovery
-from sae_lightning.synthetic import SyntheticGenerator, SyntheticSource, firing_probabilities
 
 register_configs()
 

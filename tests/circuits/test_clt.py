@@ -9,10 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_live import BATCH, live_overrides, text  # noqa: F401  (the module-scoped text fixture)
-from test_resume import ckpt, configure, run_train_py
 
-from sae_lightning.checkpoints import CheckpointError, load_sae_checkpoint
 from sae_lightning.checks import ConfigError
 from sae_lightning.circuits.clt import CrossLayerTranscoder, load_clt
 from sae_lightning.circuits.export import ExportError, export_circuit_tracer
@@ -23,6 +20,9 @@ from sae_lightning.group.memory import clt_parts, weight_bytes
 from sae_lightning.saes.batchtopk import BatchTopKConfig
 from sae_lightning.saes.jumprelu import JumpReLUConfig
 from sae_lightning.saes.topk import TopKConfig
+from sae_lightning.train.checkpoints import CheckpointError, load_sae_checkpoint
+from tests.live.test_live import BATCH, live_overrides, text  # noqa: F401  (the module-scoped text fixture)
+from tests.train.test_resume import ckpt, configure, run_train_py
 
 LAYERS = [0, 1, 2]
 D_IN, D_OUT, D_SAE = 4, 3, 5
@@ -230,7 +230,7 @@ def test_export_refuses_what_circuit_tracer_cannot_hold(tmp_path, cfg, layers, d
 def test_memory_state_estimate_is_the_weights_gradients_and_adam_moments(precision) -> None:
     """The estimate's state is exactly what a step leaves: weights + gradients + Adam's moments (in the
     module's dtype), the buffers and LatentStats; the decoders hold d_sae d_out n (n+1)/2 weights."""
-    from sae_lightning.step import LatentStats
+    from sae_lightning.train.step import LatentStats
 
     cfg, _ = configure(["sae=jumprelu", "sae.d_sae=6", "clt=true", "layers=[0,1,2,3]", "hook=mlp_in",
                         "target.name=mlp_out", f"trainer.precision={precision}"])
@@ -298,7 +298,7 @@ def test_sigkill_then_resume_of_a_clt_ends_bit_identical(tmp_path, tiny_gpt2_dir
     import subprocess
     import sys
 
-    from test_resume import TRAIN, _wait_for_step, batch_log, record_env
+    from tests.train.test_resume import TRAIN, _wait_for_step, batch_log, record_env
 
     over = clt_overrides(tiny_gpt2_dir, text, **{"trainer.checkpoint_every_n_steps": 5})
     env = record_env()

@@ -9,10 +9,10 @@ from torch import Tensor
 
 from sae_lightning.evaluate.downstream import downstream_metrics, mean_activation
 from sae_lightning.lm import HookPoint
+from sae_lightning.lm.text import special_token_mask
 from sae_lightning.metrics import next_token_kl, next_token_loss
 from sae_lightning.saes import build_sae
 from sae_lightning.saes.relu import ReLUConfig
-from sae_lightning.text import special_token_mask
 
 HOOK = HookPoint(0, "mlp_post")
 

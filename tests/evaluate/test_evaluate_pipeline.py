@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from sae_lightning.datamodule import EvalRows
+from sae_lightning.cache.datamodule import EvalRows
 from sae_lightning.evaluate.monosemanticity import pick_by_score, qualified
 from sae_lightning.evaluate.pipeline import LMParts, build_report_data, evaluate_rows, track_candidates
 from sae_lightning.evaluate.report import render
 from sae_lightning.lm import HookPoint
+from sae_lightning.lm.text import special_token_mask
 from sae_lightning.metrics import ReconstructionStats
 from sae_lightning.saes import build_sae
 from sae_lightning.saes.relu import ReLUConfig
-from sae_lightning.text import special_token_mask
 
 HOOK, SCALE = HookPoint(1, "mlp_post"), 2.0
 

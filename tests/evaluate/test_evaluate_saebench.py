@@ -10,7 +10,7 @@ import torch
 
 from sae_lightning.config import ActivationsConfig, EvalConfig, TrainConfig
 from sae_lightning.evaluate.saebench import MISSING, core_result, write_core_result
-from sae_lightning.export import folded_weights
+from sae_lightning.evaluate.saelens import folded_weights
 from sae_lightning.metrics import PromptFireCounts, ReconstructionStats
 from sae_lightning.saes import build_sae
 from sae_lightning.saes.relu import ReLUConfig

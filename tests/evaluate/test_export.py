@@ -1,4 +1,5 @@
-"""export.py: the input-scale fold, SAELens itself loading our export, and loading back into our modules."""
+"""evaluate/saelens.py: the input-scale fold, SAELens itself loading our export, and loading back into
+our modules."""
 
 import json
 from pathlib import Path
@@ -9,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from sae_lightning.config import DataConfig, TrainConfig
-from sae_lightning.export import (
+from sae_lightning.evaluate.saelens import (
     export_saelens,
     export_trained,
     folded_weights,

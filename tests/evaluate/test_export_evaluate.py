@@ -16,16 +16,16 @@ import jsonschema
 import pytest
 import torch
 import yaml
-from test_group import member
-from test_live import BATCH, live_overrides, text  # noqa: F401  (the module-scoped text fixture)
-from test_resume import configure
 
 from sae_lightning.checks import UnsupportedFormatError
 from sae_lightning.config import EvalConfig
 from sae_lightning.evaluate.run import run_evaluation
 from sae_lightning.group.run import run_group
 from sae_lightning.saes import SAE
-from sae_lightning.training import run_training
+from sae_lightning.train.run import run_training
+from tests.group.test_group import member
+from tests.live.test_live import BATCH, live_overrides, text  # noqa: F401  (the module-scoped text fixture)
+from tests.train.test_resume import configure
 
 try:  # installed --no-deps by `make setup-dev` (its own pins conflict with transformers 5): its readers
     from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set

@@ -13,9 +13,9 @@ import yaml
 from torch import Tensor
 
 from sae_lightning.checks import UnsupportedFormatError
-from sae_lightning.circuit_tracer import export_circuit_tracer
 from sae_lightning.config import TrainConfig, train_config_from_dict
-from sae_lightning.export import export_trained
+from sae_lightning.evaluate.circuit_tracer import export_circuit_tracer
+from sae_lightning.evaluate.saelens import export_trained
 from sae_lightning.saes import SAE, build_sae
 
 try:  # installed --no-deps by `make setup-dev`: its own pins conflict with transformers 5 (Makefile)

@@ -12,18 +12,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_live import BATCH, live_overrides, text  # noqa: F401  (the module-scoped text fixture)
-from test_resume import _wait_for_step, batch_log, ckpt, configure, lm_overrides, record_env, run_train_py
 
-from sae_lightning.checkpoints import load_sae_checkpoint
 from sae_lightning.checks import ConfigError
-from sae_lightning.compare import compare_sweep
 from sae_lightning.group.members import Member, check_members, members_of_lists
 from sae_lightning.group.run import run_group
 from sae_lightning.saes import SAE
-from sae_lightning.training import run_training
+from sae_lightning.sweep.compare import compare_sweep
+from sae_lightning.train.checkpoints import load_sae_checkpoint
+from sae_lightning.train.run import run_training
+from tests.live.test_live import BATCH, live_overrides, text  # noqa: F401  (the module-scoped text fixture)
+from tests.train.test_resume import (
+    _wait_for_step,
+    batch_log,
+    ckpt,
+    configure,
+    lm_overrides,
+    record_env,
+    run_train_py,
+)
 
-TRAIN = Path(__file__).resolve().parents[1] / "train.py"
+TRAIN = Path(__file__).resolve().parents[2] / "train.py"
 
 
 def member(tmp_path: Path, name: str, over: list[str]) -> Member:

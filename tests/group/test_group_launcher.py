@@ -18,14 +18,14 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from test_sweep import REPO, SMALL, _array, train_py
 
 from sae_lightning.checks import ConfigError, UserError
 from sae_lightning.group import launcher
 from sae_lightning.group.members import Member
-from sae_lightning.rundir import RunDir, RunSummary
-from sae_lightning.sweep import sweep_group
-from sae_lightning.training import TrainingPreempted
+from sae_lightning.sweep.multirun import sweep_group
+from sae_lightning.train.run import TrainingPreempted
+from sae_lightning.train.rundir import RunDir, RunSummary
+from tests.sweep.test_sweep import REPO, SMALL, _array, train_py
 
 Engine = Callable[[list[Member], Path], list[RunSummary]]
 

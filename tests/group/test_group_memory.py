@@ -34,7 +34,7 @@ from sae_lightning.group.memory import (
 from sae_lightning.saes import config_from_dict
 from sae_lightning.saes.registry import SAE_REGISTRY
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MIB = 2**20
 
 

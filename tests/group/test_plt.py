@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_live import BATCH, live_overrides, text  # noqa: F401  (the module-scoped text fixture)
-from test_resume import ckpt, configure, lm_overrides, run_train_py
 
 from sae_lightning.checks import ConfigError, MissingFileError
 from sae_lightning.config import EvalConfig
@@ -22,9 +20,11 @@ from sae_lightning.evaluate.run import run_evaluation
 from sae_lightning.group.members import members_of_lists
 from sae_lightning.group.run import GROUP_FILE, run_group
 from sae_lightning.saes import SAE, build_sae, config_from_dict
-from sae_lightning.training import run_training
+from sae_lightning.train.run import run_training
+from tests.live.test_live import BATCH, live_overrides, text  # noqa: F401  (the module-scoped text fixture)
+from tests.train.test_resume import ckpt, configure, lm_overrides, run_train_py
 
-EVALUATE = Path(__file__).resolve().parents[1] / "evaluate.py"
+EVALUATE = Path(__file__).resolve().parents[2] / "evaluate.py"
 PLT = ["hook=mlp_in", "target.name=mlp_out"]
 
 

@@ -15,7 +15,11 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from test_resume import (
+
+from sae_lightning.checks import ConfigError
+from sae_lightning.live import LiveDataModule
+from sae_lightning.live.contexts import Split, training_contexts
+from tests.train.test_resume import (
     _wait_for_step,
     batch_log,
     batches_trained,
@@ -25,12 +29,8 @@ from test_resume import (
     run_train_py,
 )
 
-from sae_lightning.checks import ConfigError
-from sae_lightning.live import LiveDataModule
-from sae_lightning.live.contexts import Split, training_contexts
-
-TRAIN = Path(__file__).resolve().parents[1] / "train.py"
-EVALUATE = Path(__file__).resolve().parents[1] / "evaluate.py"
+TRAIN = Path(__file__).resolve().parents[2] / "train.py"
+EVALUATE = Path(__file__).resolve().parents[2] / "evaluate.py"
 CTX, BATCH = 32, 64
 
 
@@ -274,7 +274,7 @@ def test_ddp_ranks_train_on_disjoint_contexts_and_end_equal(tmp_path, tiny_gpt2,
                                                             text) -> None:
     """Two gloo processes, each with its own LM replica: every batch row comes from a context of that rank
     alone, both ranks train the same number of batches and end with bit-identical weights."""
-    from sae_lightning.module import SAEModule
+    from sae_lightning.train.module import SAEModule
 
     cfg, config = configure(live_overrides(tiny_gpt2_dir, text, train_tokens=8 * BATCH))
     dm = LiveDataModule(cfg, lm=tiny_gpt2)
@@ -318,7 +318,7 @@ def test_ddp_sim_run_trains_both_ranks_live(tmp_path, tiny_gpt2_dir, text) -> No
 
 def _sweep(tmp_path: Path, name: str, archs: str, over: list[str], *extra: str) -> list[dict]:
     """A ``-m`` sweep over ``sae=<archs>``; the jobs' summaries (every one finished) in job order."""
-    from test_sweep import train_py
+    from tests.sweep.test_sweep import train_py
 
     sweep = tmp_path / name
     train_py("-m", f"sae={archs}", *over, *extra, f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=900)

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_lm import _wheel
-from test_lm_families import _compose
 
 from sae_lightning.lm import HookedLM, load_lm, models_dir
+from tests.lm.test_lm import _wheel
+from tests.lm.test_lm_families import _compose
 
 
 def _permuted(weight: np.ndarray, n_head: int) -> np.ndarray:

@@ -24,11 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from sae_lightning.config import HOOK_NAMES, ModelConfig, module_hook_name, parse_module_hook
-from sae_lightning.export import transformer_lens_hook_name
+from sae_lightning.evaluate.saelens import transformer_lens_hook_name
 from sae_lightning.lm import HookedLM, HookPoint, ModelUnavailableError, load_lm
-from sae_lightning.text import pack_rows, resolve_prepend_bos
+from sae_lightning.lm.text import pack_rows, resolve_prepend_bos
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAYER = 1  # of 3: a middle block, so the truncated forward has a block to skip
 
 
@@ -382,7 +382,7 @@ def test_export_metadata_resolves_prepend_bos_without_downloading(family: str, f
     """``auto`` is resolved from a tokenizer this machine has; for one it has not, it is left unknown (None)
     at once, with no download: SAEBench's result and the SAELens export write it without the model."""
     from sae_lightning.config import TrainConfig
-    from sae_lightning.export import saelens_metadata
+    from sae_lightning.evaluate.saelens import saelens_metadata
 
     local = saelens_metadata(TrainConfig(model=ModelConfig(name=str(family_dir))))
     assert local["prepend_bos"] is (REF[family].bos == "adds")

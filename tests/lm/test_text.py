@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from sae_lightning import text
 from sae_lightning.config import DataConfig
-from sae_lightning.text import (
+from sae_lightning.lm import text
+from sae_lightning.lm.text import (
     iter_documents,
     iter_token_batches,
     pack_rows,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_saes import D_IN, D_SAE, B, batch, cfg, make
 
 from sae_lightning.checks import ConfigError
 from sae_lightning.saes import build_sae
 from sae_lightning.saes.gated import GatedConfig
+from tests.saes.test_saes import D_IN, D_SAE, B, batch, cfg, make
 
 AUX = ["frozen", "trained"]
 

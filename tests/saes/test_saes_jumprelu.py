@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from sae_lightning.saes import SAE, build_sae
 from sae_lightning.saes.jumprelu import JumpReLUConfig
-from sae_lightning.step import LatentStats, train_step
+from sae_lightning.train.step import LatentStats, train_step
 
 D_IN, D_SAE, B, EPS = 12, 40, 64, 0.05
 

@@ -175,7 +175,7 @@ def test_rescale_computes_what_a_projected_sae_with_its_weights_computes(kernel:
 
 def test_rescaled_decoder_trains_free_rows_and_saves_them_at_unit_norm(tmp_path) -> None:
     from sae_lightning.saes import SAE
-    from sae_lightning.step import LatentStats, train_step
+    from sae_lightning.train.step import LatentStats, train_step
 
     sae, x = make("sparse"), batch()
     norms = sae.W_dec.norm(dim=1).clone()

@@ -11,7 +11,7 @@ import torch
 from sae_lightning.checks import ConfigError
 from sae_lightning.saes import SAE, build_sae, config_from_dict, sparse_ops
 from sae_lightning.saes.sparse_ops import Dense, Entries, layout
-from sae_lightning.step import LatentStats, train_step
+from sae_lightning.train.step import LatentStats, train_step
 
 D_IN, D_OUT, D_SAE, B = 12, 7, 96, 64
 CASES = {

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from sae_lightning.cache import CacheError, CacheKey, build_cache
+from sae_lightning.cache.datamodule import ActivationDataModule
 from sae_lightning.checks import ConfigError
 from sae_lightning.config import ActivationsConfig, TrainConfig
-from sae_lightning.datamodule import ActivationDataModule
 from sae_lightning.saes import SAE, SAE_REGISTRY, build_sae, config_from_dict
-from sae_lightning.step import LatentStats, train_step
+from sae_lightning.train.step import LatentStats, train_step
 
 
 def _by_hand_relu() -> SAE:
@@ -253,7 +253,7 @@ def _exact_mlp_transcoder(lm, layer: int) -> SAE:
 def test_exact_transcoder_recovers_all_the_loss(tiny_gpt2) -> None:
     from sae_lightning.evaluate.downstream import downstream_metrics
     from sae_lightning.lm import HookPoint
-    from sae_lightning.text import special_token_mask
+    from sae_lightning.lm.text import special_token_mask
 
     rows = torch.randint(3, len(tiny_gpt2.tokenizer), (4, 10), generator=torch.Generator().manual_seed(1))
     rows[:, 0] = tiny_gpt2.tokenizer.bos_token_id

@@ -1,4 +1,4 @@
-"""The sweep comparison (``python -m sae_lightning.compare``) on hand-made run directories."""
+"""The sweep comparison (``python -m sae_lightning.sweep.compare``) on hand-made run directories."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from sae_lightning.compare import compare_sweep, main, pareto_front, read_run, swept_keys
+from sae_lightning.sweep.compare import compare_sweep, main, pareto_front, read_run, swept_keys
 
 
 def _run(sweep: Path, name: str, overrides: list[str], summary: dict | None,

@@ -15,9 +15,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sae_lightning.config import register_configs
-from sae_lightning.sweep import SWEPT_KEYS_FILE, short_names, sweep_group, sweep_subdir, swept_keys
+from sae_lightning.sweep.multirun import SWEPT_KEYS_FILE, short_names, sweep_group, sweep_subdir, swept_keys
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_swept_keys_are_those_with_several_values():
@@ -59,7 +59,7 @@ def test_preset_is_a_multirun_without_dash_m():
     assert str(job.hydra.mode) == "RunMode.RUN" and job.l1 == 5
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert dict(cfg.hydra.sweeper.params) == {"sae.dict_mult": "4,8,16", "l1": "2,5,10"}
-    assert cfg.hydra.callbacks.sweep._target_ == "sae_lightning.sweep.SweepCallback"
+    assert cfg.hydra.callbacks.sweep._target_ == "sae_lightning.sweep.multirun.SweepCallback"
 
 
 def _array(path: Path, n: int = 2048, d: int = 16) -> Path:

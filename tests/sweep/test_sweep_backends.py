@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_resume import _wait_for_step, batch_log
-from test_sweep import REPO, SMALL, _array, train_py
 
-from sae_lightning.callbacks.preemption import pass_on_signal
+from sae_lightning.train.callbacks.preemption import pass_on_signal
+from tests.sweep.test_sweep import REPO, SMALL, _array, train_py
+from tests.train.test_resume import _wait_for_step, batch_log
 
 
 def _summary(job_dir: Path) -> dict:

@@ -10,15 +10,15 @@ import math
 
 import pytest
 import torch
-from test_sweep import SMALL, train_py
-from test_wandb_offline import run_contents
 
+from sae_lightning.cache.datamodule import EvalRows
 from sae_lightning.checks import ConfigError
 from sae_lightning.config import EvaluateAfterConfig, LoggerConfig, TrainConfig
-from sae_lightning.datamodule import EvalRows
 from sae_lightning.evaluate.after import evaluate_finished
 from sae_lightning.evaluate.halves import in_validation_half, keep_half
-from sae_lightning.rundir import RunDir, RunSummary
+from sae_lightning.train.rundir import RunDir, RunSummary
+from tests.sweep.test_sweep import SMALL, train_py
+from tests.sweep.test_wandb_offline import run_contents
 
 
 @pytest.mark.parametrize("overrides", [["max_tokns=10"], ["max_tokens=0"], ["contexts=train"]])

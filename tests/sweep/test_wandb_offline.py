@@ -15,9 +15,9 @@ import struct
 from pathlib import Path
 
 import pytest
-from test_sweep import SMALL, _array, train_py
 
-from sae_lightning.sweep import sweep_group
+from sae_lightning.sweep.multirun import sweep_group
+from tests.sweep.test_sweep import SMALL, _array, train_py
 
 BLOCK, HEADER = 32 * 1024, struct.Struct("<IHB")
 

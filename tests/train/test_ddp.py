@@ -15,13 +15,13 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from test_sweep import train_py
 
-from sae_lightning.callbacks import ResampleDeadLatents
+from sae_lightning.cache.datamodule import ActivationDataModule
 from sae_lightning.config import ActivationsConfig, TrainConfig
-from sae_lightning.datamodule import ActivationDataModule
-from sae_lightning.module import SAEModule
 from sae_lightning.saes.batchtopk import BatchTopKConfig
+from sae_lightning.train.callbacks import ResampleDeadLatents
+from sae_lightning.train.module import SAEModule
+from tests.sweep.test_sweep import train_py
 
 N_ROWS, D = 512, 16
 

@@ -16,11 +16,11 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from test_resume import REPO, configure, overrides, train_in_process, write_acts
 
-from sae_lightning.checkpoints import AtomicCheckpointIO, read_checkpoint
-from sae_lightning.module import SAEModule
-from sae_lightning.step import NonFiniteError
+from sae_lightning.train.checkpoints import AtomicCheckpointIO, read_checkpoint
+from sae_lightning.train.module import SAEModule
+from sae_lightning.train.step import NonFiniteError
+from tests.train.test_resume import REPO, configure, overrides, train_in_process, write_acts
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def _all_checkpoints_good(ckpt_dir: Path, step: int) -> None:
 _WRITER = """
 import sys, torch
 from pathlib import Path
-from sae_lightning.checkpoints import AtomicCheckpointIO
+from sae_lightning.train.checkpoints import AtomicCheckpointIO
 io, path = AtomicCheckpointIO(), Path(sys.argv[1])
 g = torch.Generator().manual_seed(0)
 for step in range(1, 1000):

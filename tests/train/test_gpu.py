@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from sae_lightning.saes import SAE, build_sae, config_from_dict
-from sae_lightning.step import LatentStats, train_step
+from sae_lightning.train.step import LatentStats, train_step
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 D_IN, D_SAE, ROWS = 64, 512, 1024
 # architecture -> (config keys, sparsity coefficient passed to the step)
 ARCHS = {"relu": ({}, 3e-3), "relu_dn": ({}, 3e-3), "gated": ({}, 3e-3),

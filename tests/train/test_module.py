@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from sae_lightning.callbacks import resample_dead_latents
 from sae_lightning.config import TrainConfig
-from sae_lightning.module import SAEModule, lr_lambda
 from sae_lightning.saes import build_sae, config_from_dict
-from sae_lightning.step import LatentStats, NonFiniteError, train_step
+from sae_lightning.train.callbacks import resample_dead_latents
+from sae_lightning.train.module import SAEModule, lr_lambda
+from sae_lightning.train.step import LatentStats, NonFiniteError, train_step
 
 
 class _Rows(IterableDataset):

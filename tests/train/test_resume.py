@@ -25,11 +25,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from sae_lightning.cache.reader import ActivationCache
-from sae_lightning.checkpoints import CheckpointError
 from sae_lightning.config import register_configs, to_config
-from sae_lightning.training import TrainingPreempted, run_training
+from sae_lightning.train.checkpoints import CheckpointError
+from sae_lightning.train.run import TrainingPreempted, run_training
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "train.py"
 BATCH = 32
 

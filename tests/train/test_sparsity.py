@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-from test_module import _config, _data, _fit
 
 from sae_lightning.checks import ConfigError
-from sae_lightning.module import SAEModule
-from sae_lightning.sparsity import EMA_WEIGHT, MAX_STEP, RATE, TargetL0
+from sae_lightning.train.module import SAEModule
+from sae_lightning.train.sparsity import EMA_WEIGHT, MAX_STEP, RATE, TargetL0
+from tests.train.test_module import _config, _data, _fit
 
 
 def test_update_rule_by_hand() -> None:

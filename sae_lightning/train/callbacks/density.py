@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from sae_lightning.loggers import loggers_for
+from sae_lightning.train.loggers import loggers_for
 
 
 class DensityMonitor(L.Callback):
