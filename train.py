@@ -1,8 +1,8 @@
 """Train a sparse autoencoder: `python train.py sae.dict_mult=8 l1=1e-3` (see README and conf/train.yaml).
 
 Sweeps: `python train.py -m sae.dict_mult=4,8,16 l1=2,5,10` or a preset `python train.py sweep=l1_x_dict`;
-each job of a multirun is run by `sae_lightning.sweep.run_sweep_job` (a failed job is recorded, the sweep
-goes on) and the sweep ends with a comparison page (`sae_lightning.compare`).
+each job of a multirun is run by `sae_lightning.sweep.multirun.run_sweep_job` (a failed job is recorded, the
+sweep goes on) and the sweep ends with a comparison page (`sae_lightning.sweep.compare`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sae_lightning.config import TrainConfig, check_sparsity_override, register_configs, to_config
 from sae_lightning.console import quiet_console, report_user_errors
-from sae_lightning.sweep import is_multirun, register_resolvers, run_sweep_job
+from sae_lightning.sweep.multirun import is_multirun, register_resolvers, run_sweep_job
 
 log = logging.getLogger("train")
 register_configs()
@@ -29,9 +29,9 @@ def train(dict_cfg: DictConfig) -> float:
     cfg = to_config(dict_cfg)  # every range check runs here, before any heavy import or work
     check_sparsity_override(cfg, list(HydraConfig.get().overrides.task))
     quiet_console()
-    from sae_lightning.callbacks.preemption import pass_on_signal
     from sae_lightning.evaluate.after import evaluate_finished
-    from sae_lightning.training import TrainingPreempted, run_training
+    from sae_lightning.train.callbacks.preemption import pass_on_signal
+    from sae_lightning.train.run import TrainingPreempted, run_training
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     config = OmegaConf.to_container(dict_cfg, resolve=True)
@@ -78,8 +78,8 @@ def train_group(cfg: TrainConfig, run_dir: Path, config: dict) -> float:
         m = s.metrics
         log.info("  %-28s %-8s val nmse=%.4f l0=%.1f  %s", Path(s.run_dir).name, s.status,
                  m.get("val/nmse", float("nan")), m.get("val/l0", float("nan")), s.error or s.sae_dir)
-    log.info("Compare with: python -m sae_lightning.compare %s ; evaluate every SAE (and the replacement "
-             "model of MLP transcoders) with: python evaluate.py ckpt_path=%s", run_dir, run_dir)
+    log.info("Compare with: python -m sae_lightning.sweep.compare %s ; evaluate every SAE (and the "
+             "replacement model of MLP transcoders) with: python evaluate.py ckpt_path=%s", run_dir, run_dir)
     values = [cfg.objective.value(s.metrics) if s.status == "finished" else float("nan") for s in summaries]
     return sum(values) / len(values)
 

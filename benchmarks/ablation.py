@@ -15,7 +15,7 @@ figures that judge it), e.g. layer 3 of the same model.
 
 **Penalised SAEs** (``--arch gated`` or ``jumprelu``). A sparsity coefficient gives each variant a different
 L0, so every run is steered to the same L0 (``--target-l0``) by the ``sae.target_l0`` controller
-(``sae_lightning/sparsity.py``, as the trainer runs it), starting from ``--coeff`` (``l1`` for gated,
+(``sae_lightning/train/sparsity.py``, as the trainer runs it), starting from ``--coeff`` (``l1`` for gated,
 ``sae.l0_coeff`` for jumprelu); normalized MSE is then compared at (nearly) equal L0. ``--plain`` trains at
 the fixed ``--coeff`` with no target instead (SAELens's way); ``--l1-warmup-steps N`` warms the coefficient
 up linearly over the first N steps (``optim.l1_warmup_steps``; the controller waits until it is over);

@@ -173,8 +173,8 @@ def peak_rss_mb() -> float:
 
 def stream_child(path: str, batches: int, shuffle_buffer: int) -> None:
     """Run in a subprocess: stream ``batches`` batches and print timing and peak RSS as JSON."""
+    from sae_lightning.cache.datamodule import ActivationDataModule
     from sae_lightning.config import ActivationsConfig
-    from sae_lightning.datamodule import ActivationDataModule
 
     rss_before = peak_rss_mb()
     cfg = ActivationsConfig(shuffle_buffer=shuffle_buffer, val_fraction=0.05)

@@ -83,7 +83,7 @@ def replacement(kind: str, run: Path, contexts: int) -> dict[str, float]:
     from sae_lightning.config import EvalConfig, train_config_from_dict
     from sae_lightning.evaluate.replacement import PLTSet, replacement_metrics
     from sae_lightning.evaluate.run import held_out_contexts, replacement_inputs
-    from sae_lightning.text import special_token_mask
+    from sae_lightning.lm.text import special_token_mask
 
     if kind.startswith("clt"):
         tc: Any = load_clt(run / "clt")

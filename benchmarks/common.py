@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from sae_lightning.config import TrainConfig
     from sae_lightning.saes import SAE, SAEConfig
-    from sae_lightning.step import LatentStats
+    from sae_lightning.train.step import LatentStats
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -177,8 +177,8 @@ def ours_trainer(cfg: SAEConfig, d_in: int, coeff: float, lr: float = 1e-4,
     the controller waits (as ``SAEModule.training_step``); ``clip_scope``: ``optim.grad_clip_scope``."""
     from sae_lightning.config import LatentsConfig, OptimConfig
     from sae_lightning.saes import build_sae
-    from sae_lightning.sparsity import TargetL0
-    from sae_lightning.step import LatentStats, train_step, warmup_scale
+    from sae_lightning.train.sparsity import TargetL0
+    from sae_lightning.train.step import LatentStats, train_step, warmup_scale
 
     sae = build_sae(cfg, d_in) if sae is None else sae
     opt = torch.optim.Adam(sae.param_groups(lr))
@@ -358,13 +358,13 @@ def timed(cmd: list[str], log: Path) -> Run:
 
 # ---------------------------------------------------------------- SAEs trained and scored on held-out rows
 def synthetic(n: int, d_in: int, n_features: int, mean_active: float, seed: int = 0) -> torch.Tensor:
-    """``n`` rows of ``activations=synthetic``'s generator (``sae_lightning.synthetic``: sparse log-normal
-    codes over a random unit-norm dictionary, Zipf-like firing frequencies, Gaussian noise) plus a constant
-    offset, which SAEs whose ``b_dec`` starts at zero must learn [n, d_in]."""
+    """``n`` rows of ``activations=synthetic``'s generator (``sae_lightning.cache.synthetic``: sparse
+    log-normal codes over a random unit-norm dictionary, Zipf-like firing frequencies, Gaussian noise) plus a
+    constant offset, which SAEs whose ``b_dec`` starts at zero must learn [n, d_in]."""
     import numpy as np
 
+    from sae_lightning.cache.synthetic import SyntheticGenerator
     from sae_lightning.config import SyntheticConfig
-    from sae_lightning.synthetic import SyntheticGenerator
 
     cfg = SyntheticConfig(n_features=n_features, d=d_in, n_rows=n, mean_active=mean_active, freq_exponent=0.7,
                           magnitude_mean=1.5, magnitude_std=1.0, noise_std=0.05, seed=seed)

@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import header, invocation
+from sae_lightning.cache.datamodule import datamodule_from_config
 from sae_lightning.config import EvalConfig
-from sae_lightning.datamodule import datamodule_from_config
 from sae_lightning.evaluate.absorption import AbsorptionSettings, LetterRows, absorption_metrics
 from sae_lightning.evaluate.monosemanticity import MonosemanticityScores, Uncertainty, score_metrics
 from sae_lightning.evaluate.run import load_trained
 from sae_lightning.lm.loading import load_tokenizer
-from sae_lightning.rundir import RunDir
+from sae_lightning.train.rundir import RunDir
 
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float, float, object]:

@@ -53,7 +53,7 @@ def measure(arch: str, d_in: int, d_sae: int, batch: int, steps: int, dead: int,
     from sae_lightning.config import LatentsConfig, TrainConfig
     from sae_lightning.group.memory import sae_training_bytes, working_set_bytes
     from sae_lightning.saes import SAEConfig
-    from sae_lightning.step import LatentStats
+    from sae_lightning.train.step import LatentStats
 
     torch.manual_seed(0)
     x = heavy_tailed(batch, d_in)

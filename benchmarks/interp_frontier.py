@@ -185,7 +185,7 @@ def train_and_evaluate(group: list[Job], configs: list[dict], work: Path, rows_p
     from sae_lightning.evaluate.after import evaluate_finished
     from sae_lightning.group.members import Member
     from sae_lightning.group.run import run_group
-    from sae_lightning.rundir import RunDir
+    from sae_lightning.train.rundir import RunDir
 
     members = [Member(job.name, work / "runs" / job.name, config) for job, config in zip(group, configs,
                                                                                         strict=True)]
@@ -406,7 +406,7 @@ def run(args: argparse.Namespace, command: str) -> None:
     atomic_write_text(out.with_suffix(".txt"), report(rows, jobs, args, command, test))
     plot(rows, out.with_suffix(".png"), key)
     if (work / "runs").is_dir():
-        from sae_lightning.compare import compare_sweep
+        from sae_lightning.sweep.compare import compare_sweep
 
         compare_sweep(work / "runs")
     print(out.with_suffix(".txt").read_text())

@@ -197,7 +197,7 @@ def run_saelens_worker(args: argparse.Namespace) -> None:
     from sae_lens import LanguageModelSAETrainingRunner
     from transformers import AutoConfig, AutoTokenizer
 
-    from sae_lightning.text import resolve_prepend_bos
+    from sae_lightning.lm.text import resolve_prepend_bos
 
     warnings.filterwarnings("ignore")
     model_dir, dataset_dir, out_dir = args.worker_dirs
@@ -248,7 +248,7 @@ def saelens_model_dir(sources: list[Path], into: Path) -> Path:
 def jsonl_dataset(text: Path, into: Path) -> Path:
     """The documents of ``text`` (split as ``data=tinystories_local`` splits them) as a JSON-lines dataset
     directory that ``datasets.load_dataset`` reads offline."""
-    from sae_lightning.text import read_documents
+    from sae_lightning.lm.text import read_documents
 
     into.mkdir(parents=True, exist_ok=True)
     with open(into / "train.jsonl", "w") as f:

@@ -189,8 +189,8 @@ def measured_code(curve: str) -> str:
     import sae_lightning.metrics
     import sae_lightning.saes.init
     import sae_lightning.saes.sparse_ops
-    import sae_lightning.sparsity
-    import sae_lightning.step
+    import sae_lightning.train.sparsity
+    import sae_lightning.train.step
     from sae_lightning.config import LatentsConfig, OptimConfig
     from sae_lightning.saes import sae_class
 
@@ -204,7 +204,7 @@ def measured_code(curve: str) -> str:
              if m.startswith("sae_lightning.")]
     return code_hash(*scoring, ours_trainer, repr(common.preset(name)), repr(OptimConfig()),
                      repr(LatentsConfig()), *(sys.modules[m] for m in bases), sae_lightning.saes.init,
-                     sae_lightning.saes.sparse_ops, sae_lightning.step, sae_lightning.sparsity)
+                     sae_lightning.saes.sparse_ops, sae_lightning.train.step, sae_lightning.train.sparsity)
 
 
 def fingerprint(curve: str, fixed: dict[str, object]) -> dict[str, object]:

@@ -75,7 +75,7 @@ def penalised(args: argparse.Namespace, say: Report) -> None:
 def batchtopk(args: argparse.Namespace, say: Report) -> None:
     from sae_lightning.saes import build_sae, config_from_dict
     from sae_lightning.saes.batchtopk import batch_top
-    from sae_lightning.step import LatentStats, train_step
+    from sae_lightning.train.step import LatentStats, train_step
 
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.d_in)
@@ -110,7 +110,7 @@ def auxk_step(arch: str, args: argparse.Namespace, n_dead: int, x: torch.Tensor)
     """Median seconds per step of ``arch`` with ``n_dead`` latents dead, by route."""
     import sae_lightning.saes.topk as topk_module
     from sae_lightning.config import LatentsConfig
-    from sae_lightning.step import LatentStats
+    from sae_lightning.train.step import LatentStats
 
     default_density = topk_module.SPARSE_MAX_DENSITY
     stats = LatentStats(args.d_sae, LatentsConfig().dead_window_tokens)

@@ -52,7 +52,7 @@ def train_and_evaluate(overrides: list[str], run_dir: Path) -> dict[str, float]:
 
     from sae_lightning.config import EvalConfig
     from sae_lightning.evaluate.run import run_evaluation
-    from sae_lightning.training import run_training
+    from sae_lightning.train.run import run_training
 
     fixed = ["activations=synthetic", "logger=csv", "trainer=cpu", "trainer.progress_bar=false"]
     cfg, resolved = compose([*fixed, *overrides])

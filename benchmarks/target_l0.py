@@ -1,6 +1,6 @@
 """How close ``sae.target_l0`` ends to its target: ``python train.py`` runs with ``sae.target_l0=N``.
 
-Data: by default ``activations=synthetic`` (``sae_lightning/synthetic.py``: ``--rows`` rows of width
+Data: by default ``activations=synthetic`` (``sae_lightning/cache/synthetic.py``: ``--rows`` rows of width
 ``--d-in``, sparse codes over ``4 x d_sae`` random unit directions, each firing with the same probability,
 about ``--active`` per row, log-normal magnitudes of mean and standard deviation 1, plus Gaussian noise).
 With ``--experiment NAME`` the runs are ``train.py experiment=NAME`` instead (real

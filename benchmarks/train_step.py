@@ -1,7 +1,7 @@
 """Training-step throughput of our SAEs against SAELens, same data, same process, interleaved.
 
 A full step is timed for each library as its own trainer runs it:
-- ours: ``sae_lightning.step.train_step``, the very function ``SAEModule`` calls each step (normalize,
+- ours: ``sae_lightning.train.step.train_step``, the very function ``SAEModule`` calls each step (normalize,
   forward with a dead mask, NaN guard, backward, decoder-gradient projection, gradient clipping at the
   trainer's default ``optim.grad_clip``, Adam, renormalisation, fire tracking);
 - SAELens (its ``SAETrainer._train_step``): ``training_forward_pass``, fire tracking, backward,

@@ -192,7 +192,7 @@ def run_sparsify_worker(args: argparse.Namespace) -> None:
     from sparsify import SaeConfig, TrainConfig, Trainer
 
     from sae_lightning.lm import load_lm
-    from sae_lightning.text import special_token_ids
+    from sae_lightning.lm.text import special_token_ids
 
     optimizer, cut = SPARSIFY[args.worker]
     lm = load_lm(smollm2_config())

@@ -68,7 +68,7 @@ def gemm_rate(batch: int, d_in: int, d_sae: int) -> float:
 
 def step_timer(cfg):
     """(d_in, one call of the trainer's step on a fixed batch of real training rows of the cache)."""
-    from sae_lightning.datamodule import ActivationDataModule
+    from sae_lightning.cache.datamodule import ActivationDataModule
     from sae_lightning.saes import build_sae
 
     dm = ActivationDataModule.from_config(cfg)

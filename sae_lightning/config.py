@@ -160,8 +160,8 @@ class DataConfig:
 
 @dataclass
 class SyntheticConfig:
-    """Ground-truth activations for ``activations=synthetic`` (``sae_lightning/synthetic.py``): each row is
-    a sparse non-negative combination of ``n_features`` random unit directions in ``d`` dimensions, plus
+    """Ground-truth activations for ``activations=synthetic`` (``sae_lightning/cache/synthetic.py``): each row
+    is a sparse non-negative combination of ``n_features`` random unit directions in ``d`` dimensions, plus
     Gaussian noise. Everything is a pure function of these fields (and ``activations.shard_rows``)."""
 
     n_features: int = 512  # true features (random unit directions); > d is superposition

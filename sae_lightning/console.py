@@ -14,11 +14,11 @@ user's mistake as a message, not a traceback.
   cache, an unavailable model) ends ``train.py``, ``evaluate.py`` or ``python -m sae_lightning.cache`` with
   ``Error: <message>`` on stderr and exit status 1, instead of Hydra's traceback ending in that message; the
   line also goes to the run's log file. ``HYDRA_FULL_ERROR=1`` shows the traceback, as for any Hydra error.
-  In a multirun the error is left to the sweep (``sae_lightning.sweep`` records the failed job).
+  In a multirun the error is left to the sweep (``sae_lightning.sweep.multirun`` records the failed job).
 
 Our own notices are fixed where they arise instead: checkpoints are saved with an explicit
 ``weights_only=False`` (full training state, still loadable with ``torch.load(weights_only=True)``) and the
-W&B logger does not pass wandb's deprecated ``anonymous`` setting (``sae_lightning.loggers``).
+W&B logger does not pass wandb's deprecated ``anonymous`` setting (``sae_lightning.train.loggers``).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def report_user_errors(task: Callable[..., T]) -> Callable[..., T]:
     """Decorate a ``@hydra.main`` task function (below ``@hydra.main``) so that a single run ends on a
     ``UserError`` with its message alone (``user_errors_as_messages``); a multirun job's error goes on to
     Hydra and the sweep unchanged, so the other jobs still run."""
-    from sae_lightning.sweep import is_multirun
+    from sae_lightning.sweep.multirun import is_multirun
 
     @functools.wraps(task)
     def run(*args: object, **kwargs: object) -> T:

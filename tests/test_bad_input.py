@@ -16,10 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from test_resume import REPO, TRAIN, lm_overrides, overrides, train_in_process, write_acts
 
 from sae_lightning.cache.reader import CacheError
-from sae_lightning.checkpoints import CheckpointError, load_sae_checkpoint
+from sae_lightning.train.checkpoints import CheckpointError, load_sae_checkpoint
+from tests.train.test_resume import REPO, TRAIN, lm_overrides, overrides, train_in_process, write_acts
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import re
 from pathlib import Path
 
 import pytest
-from test_sweep import SMALL, _array, train_py
+
+from tests.sweep.test_sweep import SMALL, _array, train_py
 
 HYDRA_LINE = re.compile(r"^\[[\d\- :,]+\]\[([\w.]+)\]\[(\w+)\] - (.*)$")  # [time][logger][LEVEL] - message
 BARE_LINE = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL): (.*)$")  # Lightning's own handler's format

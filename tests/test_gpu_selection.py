@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import _asks_for_gpu_tests
+
+from tests.conftest import _asks_for_gpu_tests
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +24,7 @@ def _pytest(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_gpu_run_without_cuda_fails_with_a_message() -> None:
-    proc = _pytest("-m", "gpu", "tests/test_gpu.py")
+    proc = _pytest("-m", "gpu", "tests/train/test_gpu.py")
     out = proc.stdout + proc.stderr
     assert proc.returncode == pytest.ExitCode.USAGE_ERROR, out
     assert "asks for the GPU tests" in proc.stderr and "finds no CUDA device" in proc.stderr, out
@@ -31,7 +32,7 @@ def test_gpu_run_without_cuda_fails_with_a_message() -> None:
 
 
 def test_gpu_tests_skip_in_a_run_that_does_not_ask_for_them() -> None:
-    proc = _pytest("-rs", "tests/test_gpu.py", "-k", "cuda_steps_match_cpu and relu_dn")
+    proc = _pytest("-rs", "tests/train/test_gpu.py", "-k", "cuda_steps_match_cpu and relu_dn")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     # relu_dn's CUDA step, once per kernel (sparse, dense): both skipped, nothing run

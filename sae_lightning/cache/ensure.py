@@ -1,6 +1,6 @@
 """``ensure_cache(cfg)``: the one call train.py and the CLI make to get the caches a config asks for.
 
-The LM side (``sae_lightning.lm``, ``sae_lightning.text``) is imported lazily and the model is loaded
+The LM side (``sae_lightning.lm``, ``sae_lightning.lm.text``) is imported lazily and the model is loaded
 only when a cache is actually missing, so reusing a cache costs reading two fingerprints and a JSON file.
 """
 
@@ -62,7 +62,7 @@ def ensure_cache(cfg: Any, points: list[tuple[int, str]] | None = None) -> list[
     if cfg.activations.source != "lm":
         return []
     from .. import lm as lm_side
-    from .. import text as text_side
+    from ..lm import text as text_side
 
     key = cache_key(cfg, lm_side.model_fingerprint(cfg.model), text_side.text_fingerprint(cfg.data), points)
     hooks = [lm_side.HookPoint(layer, name) for layer, name in points or hook_points(cfg)]

@@ -30,7 +30,7 @@ from sae_lightning.group.data import as_slots, group_datamodule, member_slots
 from sae_lightning.group.members import members_of_lists
 from sae_lightning.group.memory import LIMIT_ENV, GroupMemoryError, estimate_clt, human
 from sae_lightning.metrics import ReconstructionStats
-from sae_lightning.module import SAEModule, merged_over_ranks, val_logs
+from sae_lightning.train.module import SAEModule, merged_over_ranks, val_logs
 
 log = logging.getLogger(__name__)
 

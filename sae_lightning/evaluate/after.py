@@ -20,7 +20,7 @@ from typing import Any
 
 from sae_lightning.config import LoggerConfig, TrainConfig
 from sae_lightning.io import atomic_write_json
-from sae_lightning.rundir import RunDir, RunSummary
+from sae_lightning.train.rundir import RunDir, RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def numbers(metrics: dict[str, Any]) -> dict[str, float]:
 def log_to_wandb_run(run: RunDir, logger: LoggerConfig, metrics: dict[str, Any]) -> None:
     """Add the evaluation's numbers to the run's W&B run (resumed by its id) as ``eval/<key>`` in its
     summary, so W&B's run table and the sweep's group show them beside the training metrics."""
-    from sae_lightning.loggers import resolve_wandb_mode, wandb_run_id
+    from sae_lightning.train.loggers import resolve_wandb_mode, wandb_run_id
 
     mode = resolve_wandb_mode(logger)
     if mode == "disabled":

@@ -1,8 +1,8 @@
 """``evaluate.py ... export=<formats>``: what each format can hold, checked before any work, and where it
 is written (``<run>/eval/<format>/``, or ``<group>/eval/circuit_tracer/`` for a group's transcoder set).
 
-- ``saelens``: one SAE or transcoder (``sae_lightning.export``; ``hub_repo_id`` also pushes it);
-- ``circuit_tracer``: a per-layer transcoder set (``sae_lightning.circuit_tracer``): a group folder's
+- ``saelens``: one SAE or transcoder (``sae_lightning.evaluate.saelens``; ``hub_repo_id`` also pushes it);
+- ``circuit_tracer``: a per-layer transcoder set (``sae_lightning.evaluate.circuit_tracer``): a group folder's
   members (``layers=[0,...,n-1]`` with ``target.name=mlp_out``), or one run that is a set of one (layer 0);
 - ``neuronpedia``: one SAE's or transcoder's feature dashboards (``evaluate/neuronpedia.py``), from the
   evaluation's held-out text contexts.
@@ -23,7 +23,7 @@ CLT_CONFIG = Path("clt") / "clt.json"  # what a clt=true run writes instead of s
 
 def is_clt_run(path: str | Path) -> bool:
     """Whether ``path`` (a run folder or a file in it) is a cross-layer transcoder run (``clt=true``)."""
-    from sae_lightning.rundir import RunDir
+    from sae_lightning.train.rundir import RunDir
 
     return (RunDir.of(path).path / CLT_CONFIG).is_file()
 
@@ -43,7 +43,7 @@ def check_run_exports(cfg: EvalConfig, sae: SAE, train_cfg: TrainConfig, formats
     """Raise ``UnsupportedFormatError`` naming the format and the architecture unless every one of
     ``formats`` can hold this run (called before any work)."""
     if "saelens" in formats:
-        from sae_lightning.export import saelens_architecture
+        from sae_lightning.evaluate.saelens import saelens_architecture
 
         saelens_architecture(sae)
     if "circuit_tracer" in formats:
@@ -60,7 +60,7 @@ def check_run_exports(cfg: EvalConfig, sae: SAE, train_cfg: TrainConfig, formats
 
 def check_set(members: list[tuple[SAE, TrainConfig]]) -> None:
     """circuit-tracer's checks of a transcoder set, with the hint to export a group folder."""
-    from sae_lightning.circuit_tracer import check_plt_set
+    from sae_lightning.evaluate.circuit_tracer import check_plt_set
 
     try:
         check_plt_set(members)
@@ -79,18 +79,18 @@ def write_run_exports(cfg: EvalConfig, sae: SAE, train_cfg: TrainConfig, formats
     ``export_path`` for the SAELens folder as before)."""
     paths: dict[str, str] = {}
     if "saelens" in formats:
-        from sae_lightning.export import export_trained, push_to_hub
+        from sae_lightning.evaluate.saelens import export_trained, push_to_hub
 
         paths["saelens"] = str(export_trained(sae, train_cfg, out_dir / "saelens"))
         if cfg.hub_repo_id:
             push_to_hub(paths["saelens"], cfg.hub_repo_id)
     if "circuit_tracer" in formats:
-        from sae_lightning.circuit_tracer import export_circuit_tracer
+        from sae_lightning.evaluate.circuit_tracer import export_circuit_tracer
 
         paths["circuit_tracer"] = str(export_circuit_tracer([(sae, train_cfg)], out_dir / "circuit_tracer"))
     if "neuronpedia" in formats:
         from sae_lightning.evaluate.neuronpedia import export_neuronpedia
-        from sae_lightning.export import saelens_metadata
+        from sae_lightning.evaluate.saelens import saelens_metadata
 
         result, dm, meta = evaluation["result"], evaluation["dm"], saelens_metadata(train_cfg)
         paths["neuronpedia"] = str(export_neuronpedia(
@@ -106,7 +106,7 @@ def write_run_exports(cfg: EvalConfig, sae: SAE, train_cfg: TrainConfig, formats
 def write_set_exports(formats: list[str], members: list[tuple[SAE, TrainConfig]],
                       out_dir: Path) -> dict[str, str]:
     """The set formats of a group's members into ``out_dir/<format>``; returns their paths."""
-    from sae_lightning.circuit_tracer import export_circuit_tracer
+    from sae_lightning.evaluate.circuit_tracer import export_circuit_tracer
 
     return {"circuit_tracer": str(export_circuit_tracer(members, out_dir / "circuit_tracer"))
             } if "circuit_tracer" in formats else {}

@@ -20,16 +20,16 @@ from typing import Any
 
 import torch
 
-from sae_lightning.checkpoints import CheckpointError
+from sae_lightning.cache.datamodule import ActivationDataModule, datamodule_from_config
 from sae_lightning.checks import UnsupportedFormatError
 from sae_lightning.config import LM_SOURCES, ConfigError, EvalConfig, TrainConfig, train_config_from_dict
-from sae_lightning.datamodule import ActivationDataModule, datamodule_from_config
 from sae_lightning.evaluate.halves import keep_half
 from sae_lightning.evaluate.pipeline import RowsResult, evaluate_rows, track_candidates
 from sae_lightning.evaluate.prefixes import has_prefixes, prefix_metrics
 from sae_lightning.io import atomic_write_json, keep_previous
-from sae_lightning.rundir import RunDir
 from sae_lightning.saes import SAE
+from sae_lightning.train.checkpoints import CheckpointError
+from sae_lightning.train.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def load_trained(path: str | Path) -> tuple[SAE, TrainConfig]:
     p = Path(path)
     run = RunDir.of(p)
     if p.suffix == ".ckpt" and not (p.name == "final.ckpt" and run.sae.is_dir()):
-        from sae_lightning.checkpoints import load_sae_checkpoint
+        from sae_lightning.train.checkpoints import load_sae_checkpoint
 
         module = load_sae_checkpoint(p)
         return module.sae, module.cfg
@@ -117,7 +117,7 @@ def lm_metrics_and_report(cfg: EvalConfig, train_cfg: TrainConfig, sae: SAE,
     from sae_lightning.evaluate.pipeline import LMParts, build_report_data
     from sae_lightning.evaluate.report import write_report
     from sae_lightning.lm import HookPoint
-    from sae_lightning.text import special_token_mask
+    from sae_lightning.lm.text import special_token_mask
 
     hook = HookPoint(train_cfg.layer, train_cfg.hook.name)
     target = hook if train_cfg.target_hook is None else HookPoint(*train_cfg.target_hook)
@@ -350,7 +350,7 @@ def replacement_report(cfg: EvalConfig, transcoders: Any, lm: Any, dm: Any, trai
     ``downstream_contexts`` held-out contexts: its metrics, and ``out_dir/report.html`` with its table."""
     from sae_lightning.evaluate.replacement import TABLE_NOTE, replacement_metrics, replacement_table
     from sae_lightning.evaluate.report import write_table_report
-    from sae_lightning.text import special_token_mask
+    from sae_lightning.lm.text import special_token_mask
 
     layers = list(transcoders.layers)
     contexts = held_out_contexts(dm, cfg.downstream_contexts, cfg.max_tokens, cfg.batch_size)

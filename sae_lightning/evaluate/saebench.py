@@ -1,6 +1,6 @@
 """Our evaluation written as SAEBench's ``core`` result JSON (``CoreEvalOutput`` of sae-bench 0.6.0), so a
 result can be dropped beside SAEBench's own: same field names and nesting, checked against its published
-schema in ``tests/test_evaluate_saebench.py``.
+schema in ``tests/evaluate/test_evaluate_saebench.py``.
 
 The numbers are ours (``metrics.py``, ``evaluate/downstream.py``, ``evaluate/weights.py``); where a
 definition differs from SAEBench's, ``docs/metrics.md`` says how. Every number is for raw activations
@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from sae_lightning.config import EvalConfig, TrainConfig
+from sae_lightning.evaluate.saelens import saelens_config, saelens_metadata
 from sae_lightning.evaluate.weights import SAEWeights, latent_weight_stats
-from sae_lightning.export import saelens_config, saelens_metadata
 from sae_lightning.io import atomic_write_json
 
 MISSING = -1.0  # SAEBench writes NaN / not computed as -1

@@ -47,7 +47,7 @@ def group_datamodule(members: list[Member]) -> tuple[LightningDataModule, list[t
 
         hooks = group_hooks(members)
         return LiveDataModule(cfg, hooks=hooks), hooks
-    from sae_lightning.datamodule import ActivationDataModule
+    from sae_lightning.cache.datamodule import ActivationDataModule
 
     if source != "lm":
         if any(m.cfg.target_hook is not None for m in members):

@@ -50,7 +50,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 if TYPE_CHECKING:
     from sae_lightning.group.members import Member
-    from sae_lightning.rundir import RunSummary
+    from sae_lightning.train.rundir import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def stream_error(groups: list[list[Job]], swept: list[str]) -> str:
     """Why ``strict`` refuses the batch: the swept keys, and the config keys, whose values make the first
     job of a later group need another stream than the first job of the first group."""
     from sae_lightning.group.members import PER_SAE_KEYS, stream_config, stream_differences
-    from sae_lightning.sweep import job_values
+    from sae_lightning.sweep.multirun import job_values
 
     first = groups[0][0]
     differ: dict[str, None] = {}
@@ -145,7 +145,7 @@ class GroupedLauncher(Launcher):
         (NaN when it failed) with status COMPLETED, so the sweep and Optuna go on."""
         from sae_lightning.checks import ConfigError
         from sae_lightning.console import quiet_console, user_errors_as_messages
-        from sae_lightning.sweep import read_swept_keys
+        from sae_lightning.sweep.multirun import read_swept_keys
 
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
@@ -219,7 +219,7 @@ class GroupedLauncher(Launcher):
 
     def _failed(self, job: Job, message: str) -> None:
         """A failed job's return: NaN for the basic sweeper; under Optuna a failed job (a failed trial)."""
-        from sae_lightning.sweep import JobFailed, failed_return
+        from sae_lightning.sweep.multirun import JobFailed, failed_return
 
         try:
             job.ret.return_value = failed_return(self.config.hydra, message)
@@ -234,9 +234,9 @@ class GroupedLauncher(Launcher):
     def _train(self, jobs: list[Job], sweep_dir: Path) -> None:
         """Train one group in ``<sweep dir>/.groups/<first>-<last job>`` and set each job's return value. A
         pre-emption is passed on to the launcher's signal handler (e.g. submitit's) and stops the sweep."""
-        from sae_lightning.callbacks.preemption import pass_on_signal
         from sae_lightning.evaluate.after import evaluate_finished
-        from sae_lightning.training import TrainingPreempted
+        from sae_lightning.train.callbacks.preemption import pass_on_signal
+        from sae_lightning.train.run import TrainingPreempted
 
         group_dir = sweep_dir / ".groups" / group_folder(jobs)
         try:
@@ -258,8 +258,8 @@ class GroupedLauncher(Launcher):
     def _group_failed(self, jobs: list[Job], sweep_dir: Path, err: Exception, trace: str) -> None:
         """A group that ``run_group`` refused or that crashed: trained as consecutive parts when it was too
         big for memory, else each of its jobs recorded failed with the error."""
-        from sae_lightning.loggers import finish_wandb
-        from sae_lightning.sweep import record_failure
+        from sae_lightning.sweep.multirun import record_failure
+        from sae_lightning.train.loggers import finish_wandb
 
         try:
             parts = self._memory_parts(err, len(jobs))
@@ -285,7 +285,12 @@ def as_member(cfg: DictConfig, seen: dict[str, Any]) -> Member | None:
     from sae_lightning.checks import ConfigError
     from sae_lightning.config import check_sparsity_override, to_config
     from sae_lightning.group.members import Member
-    from sae_lightning.sweep import _with_wandb_grouping, job_context, needs_fresh_process, record_failure
+    from sae_lightning.sweep.multirun import (
+        _with_wandb_grouping,
+        job_context,
+        needs_fresh_process,
+        record_failure,
+    )
 
     ctx = seen["ctx"] = job_context()
     _with_wandb_grouping(cfg, ctx)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from sae_lightning.config import train_config_from_dict
 from sae_lightning.group.data import as_slots
 from sae_lightning.metrics import ReconstructionStats
-from sae_lightning.module import (
+from sae_lightning.train.module import (
     Trainee,
     TraineeSlot,
     broadcast_parameters,
@@ -39,7 +39,13 @@ from sae_lightning.module import (
     merged_over_ranks,
     val_logs,
 )
-from sae_lightning.step import DATA_INIT_ROWS, clip_gradients, finish_step, forward_step, nonfinite_message
+from sae_lightning.train.step import (
+    DATA_INIT_ROWS,
+    clip_gradients,
+    finish_step,
+    forward_step,
+    nonfinite_message,
+)
 
 log = logging.getLogger(__name__)
 

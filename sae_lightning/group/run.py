@@ -29,23 +29,22 @@ from typing import Any
 import lightning as L
 import torch
 
-from sae_lightning.callbacks import PreemptionCheckpoint
-from sae_lightning.checkpoints import (
+from sae_lightning.group.data import group_datamodule, member_slots
+from sae_lightning.group.members import Member, check_members
+from sae_lightning.group.memory import GroupMemoryError, check_fits, estimate_group, human
+from sae_lightning.group.module import GroupModule
+from sae_lightning.io import atomic_write_json
+from sae_lightning.sweep.multirun import write_failure
+from sae_lightning.train.callbacks import PreemptionCheckpoint
+from sae_lightning.train.checkpoints import (
     AtomicCheckpointIO,
     CheckpointError,
     config_fingerprint,
     resolve_ckpt_path,
     shape_mismatches,
 )
-from sae_lightning.group.data import group_datamodule, member_slots
-from sae_lightning.group.members import Member, check_members
-from sae_lightning.group.memory import GroupMemoryError, check_fits, estimate_group, human
-from sae_lightning.group.module import GroupModule
-from sae_lightning.io import atomic_write_json
-from sae_lightning.loggers import MemberLoggers, build_loggers, finish_member_runs
-from sae_lightning.rundir import RunDir, RunSummary
-from sae_lightning.sweep import write_failure
-from sae_lightning.training import (
+from sae_lightning.train.loggers import MemberLoggers, build_loggers, finish_member_runs
+from sae_lightning.train.run import (
     BatchRecord,
     TrainingPreempted,
     build_trainer,
@@ -59,6 +58,7 @@ from sae_lightning.training import (
     scalar_metrics,
     write_summary,
 )
+from sae_lightning.train.rundir import RunDir, RunSummary
 
 log = logging.getLogger(__name__)
 GROUP_FILE = "group.json"  # marks a group folder (``compare`` does not list it as a run)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from sae_lightning.config import DataConfig
-from sae_lightning.text import iter_documents, pack_rows, special_token_ids
+from sae_lightning.lm.text import iter_documents, pack_rows, special_token_ids
 
 
 @dataclass(frozen=True)

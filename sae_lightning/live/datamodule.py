@@ -26,10 +26,10 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from sae_lightning.cache.datamodule import EvalRows
 from sae_lightning.cache.reader import NORM_SAMPLE_ROWS
 from sae_lightning.checks import ConfigError
 from sae_lightning.config import ModelConfig, TrainConfig
-from sae_lightning.datamodule import EvalRows
 from sae_lightning.live.contexts import Context, Split, TextContexts, survey, training_contexts
 from sae_lightning.live.stream import BufferGauge, LiveStream, Windows
 

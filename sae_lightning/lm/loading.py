@@ -25,7 +25,7 @@ from sae_lightning.checks import ConfigError, MissingFileError, UserError
 from sae_lightning.config import ModelConfig
 from sae_lightning.io import atomic_dir, atomic_write
 from sae_lightning.lm.hooked import HookedLM
-from sae_lightning.text import file_sha256, hub_offline_reason, sae_lightning_home
+from sae_lightning.lm.text import file_sha256, hub_offline_reason, sae_lightning_home
 
 
 class ModelUnavailableError(UserError, RuntimeError):

@@ -107,8 +107,8 @@ class PenalisedConfig(SAEConfig):
     """Base of the configs of architectures with a sparsity coefficient (relu, relu_dn, jumprelu, gated).
 
     ``target_l0``: when set, the training step steers the coefficient so that the run ends near this L0
-    (``sae_lightning/sparsity.py``); the configured coefficient (``l1`` or the architecture's own key) is
-    then only its start value. ``sparse_kernel``: how the training forward and backward compute everything
+    (``sae_lightning/train/sparsity.py``); the configured coefficient (``l1`` or the architecture's own key)
+    is then only its start value. ``sparse_kernel``: how the training forward and backward compute everything
     after the encoder's dense matmul, chosen each step from the batch's measured share of active entries
     under ``auto`` (``sparse_ops.layout``); the same function either way.
     """

@@ -59,7 +59,7 @@ The start of the thresholds (``sae.init_threshold``):
 
 SAELens's JumpReLU recipe, exactly: ``sae.decoder_norm=free sae.b_dec_init=zeros sae.threshold_lr_mult=1
 optim.grad_clip_scope=global`` and a fixed ``sae.l0_coeff`` (no target). It then takes SAELens's training
-steps (``tests/test_benchmark_scripts.py``).
+steps (``tests/benchmarks/test_benchmark_scripts.py``).
 
 Kernels (``sae.sparse_kernel``, as ``relu.py``): the sparse kernels run on the entries in play, the active
 ones (``pre > theta``) and those in the straight-through band (``|pre - theta| < eps / 2``, zero but with a
