@@ -88,6 +88,15 @@ def test_quickstart_preset_is_offline() -> None:
     assert cfg.data.path.endswith("shared/data/tinystories-train-head.txt")
 
 
+def test_clt_preset_is_the_decided_cross_layer_transcoder() -> None:
+    """experiment=clt: the offline default's MLPs of layers 0-3 as one JumpReLU CLT at total L0 128."""
+    cfg = _compose("experiment=clt")
+    assert cfg.clt and cfg.layers == [0, 1, 2, 3] and cfg.model.source == "pypi_gguf"
+    assert (cfg.hook.name, cfg.target.name) == ("mlp_in", "mlp_out")
+    assert cfg.sae.architecture == "jumprelu" and cfg.sae.target_l0 == 128
+    assert _compose("experiment=clt", "sae.target_l0=64").sae.target_l0 == 64
+
+
 def test_relu_dn_preset_builds_the_april_2024_init() -> None:
     """``sae=relu_dn``: decoder rows at norm 0.1, ``W_enc = W_dec^T`` and both biases at zero, also after
     the decoder-bias init that training runs on a data sample whose centre is far from zero."""
