@@ -72,12 +72,14 @@ def invocation(module: str, argv: list[str] | None = None) -> str:
 
 
 def header(command: str) -> str:
-    """``# key: value`` lines: command, commit (``+dirty`` with uncommitted changes), UTC date, versions,
-    threads, measured GEMM rate."""
+    """``# key: value`` lines: command, commit (``+dirty`` with uncommitted changes to the measured code;
+    results files, which the scripts themselves write, do not count), UTC date, versions, threads,
+    measured GEMM rate."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
-    dirty = git("status", "--porcelain", "--", "sae_lightning", "benchmarks", "conf", "train.py")
+    dirty = git("status", "--porcelain", "--", "sae_lightning", "benchmarks", "conf", "train.py",
+                ":(exclude)benchmarks/results")
     commit = git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
     lines = {"command": command, "commit": commit,
              "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
