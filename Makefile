@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine (Python 3.11+ and pip are all it needs):
 #   make quickstart   set up .venv/, then cache activations, train and evaluate an SAE on the offline default
-#   make test         set up .venv/ with the dev extra, then run the test suite
+#   make test         set up .venv/ with the dev extra, then run the test suite (2 workers; TEST_WORKERS=0: one)
 #   make bench        every benchmark at a tiny size (a smoke run; results files: benchmarks/results/README.md)
 # CI (.ci/run) runs `make test`, then `make lint` (ruff check .).
 # Every install is constrained by constraints.txt (the exact versions CI tested); `make lock` rewrites it.
@@ -51,8 +51,13 @@ quickstart: setup
 	$(PY) evaluate.py ckpt_path=$(RUN_DIR)/checkpoints/final.ckpt downstream_contexts=32
 	@echo "Report: $(RUN_DIR)/eval/report.html"
 
+# The tests run in TEST_WORKERS pytest-xdist processes. Most of their time goes to starting train.py and
+# evaluate.py (single-threaded imports), so two workers overlap well even on 2 cores. --dist loadfile keeps
+# each test file on one worker, so a module-scoped fixture (a trained run, a reference sweep) is built once.
+# Kept out of pyproject's addopts: `pytest tests/x.py` stays a plain one-process run.
+TEST_WORKERS ?= 2
 test: setup-dev
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile
 
 lint: setup-dev
 	$(VENV)/bin/ruff check .

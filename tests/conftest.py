@@ -14,11 +14,17 @@ Session-scoped, built offline in a few seconds, and loaded through the same code
 
 ``pytest -m gpu`` on a machine without CUDA stops with an error instead of passing on skipped tests
 (``pytest_configure``); in a run that does not ask for the GPU tests they are skipped, as in CI.
+
+Under pytest-xdist (``make test``: two worker processes) each worker gets an equal share of the CPU
+threads, and every test ends with the DDP rendezvous and seed variables Lightning writes into
+``os.environ`` as they were before it, so no test depends on which tests its worker ran earlier.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +33,11 @@ import torch
 # ../shared beside the checkout, as in CI (a fresh clone with shared/ next to it)
 TINYSTORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories-train-head.txt"
 SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+# Written into this process's environment by Lightning: ddp_spawn's launcher sets MASTER_PORT (and its ranks
+# MASTER_ADDR), seed_everything the PL_* seeds. A train.py started later from the same process inherits
+# them: a stale MASTER_PORT makes its DDP ranks reuse a port that may no longer be free.
+LIGHTNING_ENV = ("MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _asks_for_gpu_tests(markexpr: str) -> bool:
@@ -45,6 +56,34 @@ def pytest_configure(config: pytest.Config) -> None:
             f"-m {markexpr!r} asks for the GPU tests, but torch {torch.__version__} finds no CUDA device "
             "(torch.cuda.is_available() is False), so every one of them would be skipped. Run them on a "
             "machine with a CUDA GPU and a CUDA build of torch.")
+    workers = getattr(config, "workerinput", {}).get("workercount")  # set in an xdist worker only
+    if workers and not any(name in os.environ for name in THREAD_ENV):
+        _share_cpu_threads(workers)
+
+
+def _share_cpu_threads(workers: int) -> None:
+    """Give this worker ``cpus // workers`` threads (at least 1), in-process and for the processes its tests
+    start: with every worker and its subprocesses at the default (one thread per core), OpenMP threads
+    outnumber the cores and spin against each other."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cpus // workers)
+    torch.set_num_threads(threads)
+    for name in THREAD_ENV:
+        os.environ[name] = str(threads)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Run a test (its fixtures' set-up and teardown included), then put back ``LIGHTNING_ENV``."""
+    saved = {name: os.environ.get(name) for name in LIGHTNING_ENV}
+    try:
+        return (yield)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -232,7 +232,7 @@ def test_live_vs_saelens_both_sides_get_the_same_settings(tmp_path: Path, tiny_l
         for arch, sparsity in (("relu_dn", ("l1", 2.0)), ("topk", ("k", 4))):
             overrides = live.ours_overrides(args, arch, tmp_path / "run")
             assert f"hydra.run.dir={tmp_path / 'run'}" in overrides
-            with initialize(config_path="../conf", version_base="1.3"):
+            with initialize(config_path="../../conf", version_base="1.3"):
                 cfg = to_config(compose("train", [o for o in overrides if not o.startswith("hydra.")]))
             assert (cfg.model.name, cfg.model.source) == (str(tiny_llama_dir), "hub")
             assert (cfg.layer, cfg.hook.name) == (1, "mlp_post")

@@ -26,7 +26,7 @@ def _compose(overrides: list[str]):
 
     register_configs()
     register_resolvers()
-    with initialize(config_path="../conf", version_base="1.3"):
+    with initialize(config_path="../../conf", version_base="1.3"):
         return to_config(compose("train", [o for o in overrides if not o.startswith("hydra.")]))
 
 

@@ -19,7 +19,7 @@ register_configs()
 
 
 def _compose(*overrides: str):
-    with initialize(config_path="../conf", version_base="1.3"):
+    with initialize(config_path="../../conf", version_base="1.3"):
         return to_config(compose("train", overrides=["activations=synthetic", *overrides]))
 
 

@@ -179,7 +179,7 @@ def test_matryoshka_prefix_checks_name_the_key() -> None:
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
 def test_quickstart_composes_with_the_presets(arch: str) -> None:
     register_configs()
-    with initialize(config_path="../conf", version_base="1.3"):
+    with initialize(config_path="../../conf", version_base="1.3"):
         cfg = to_config(compose("train", overrides=["experiment=quickstart", f"sae={arch}"]))
         over = ["sae=matryoshka", "sae.d_sae=64", "sae.prefixes=[8,16,64]", "sae.k=4"]
         own = to_config(compose("train", overrides=over))
