@@ -5,7 +5,8 @@ this script measures both, on the same machine and in alternation, so a change o
 
 - **the step alone**: ``common.ours_trainer`` (``step.train_step`` with the
   trainer's gradient clipping, dead window and coefficient) on the SAE that the runs' overrides compose,
-  with the cache's norm scale, fed a fixed batch of real training rows of the cache; median seconds per
+  with the cache's norm scale, fed a fixed batch of real training rows of the cache, each step from the SAE's
+  start (``step_timer``); median seconds per
   step over ``--step-reps`` repetitions with their spread (min-max) and process CPU seconds;
 - **whole runs**: ``python train.py <overrides>`` as a subprocess, ``--reps`` times: wall seconds from
   launch to exit, tokens/s = train tokens / wall, CPU seconds of the process (``RUSAGE_CHILDREN``), and
@@ -67,7 +68,12 @@ def gemm_rate(batch: int, d_in: int, d_sae: int) -> float:
 
 
 def step_timer(cfg):
-    """(d_in, one call of the trainer's step on a fixed batch of real training rows of the cache)."""
+    """(d_in, one call of the trainer's step on a fixed batch of real training rows of the cache, a reset to
+    the SAE's start). Every timed step starts from the same weights: trained again and again on one batch,
+    the SAE would turn sparse within a few calls and its step would take the sparse kernels, while the
+    runs' steps (from the start, on fresh rows) stay on the dense path."""
+    import copy
+
     from sae_lightning.cache.datamodule import ActivationDataModule
     from sae_lightning.saes import build_sae
 
@@ -78,13 +84,15 @@ def step_timer(cfg):
                            dead_window_tokens=cfg.latents.dead_window_tokens,
                            l1_warmup_steps=cfg.optim.l1_warmup_steps, clip_scope=cfg.optim.grad_clip_scope)
     x = dm.sample(cfg.batch_size, seed=1)
-    return dm.d_in, lambda: step(x)
+    start = copy.deepcopy(sae.state_dict())
+    return dm.d_in, lambda: step(x), lambda: sae.load_state_dict(start)
 
 
-def time_steps(step, reps: int) -> tuple[list[float], list[float]]:
-    """Wall and CPU seconds of ``reps`` calls."""
+def time_steps(step, reset, reps: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds of ``reps`` calls, each after ``reset()`` (not timed)."""
     wall, cpu = [], []
     for _ in range(reps):
+        reset()
         t0, c0 = time.perf_counter(), time.process_time()
         step()
         wall.append(time.perf_counter() - t0)
@@ -157,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     out = Report(__spec__.name, argv)
     cfg = compose(overrides)[0]
-    d_in, step = step_timer(cfg)
+    d_in, step, reset = step_timer(cfg)
     tokens_per_step = cfg.batch_size
     rate = gemm_rate(args.batch, d_in, args.d_sae)
     out(f"# {os.cpu_count()} CPUs, fp32 GEMM of the step's shapes {rate:.0f} GFLOP/s, "
@@ -169,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     walls, cpus, runs = [], [], []
     with tempfile.TemporaryDirectory(prefix="whole_run-") as tmp:
         for i in range(args.reps + 1):
-            w, c = time_steps(step, args.step_reps)
+            w, c = time_steps(step, reset, args.step_reps)
             walls += w
             cpus += c
             out(f"step block {i}: {' '.join(f'{s:.2f}' for s in w)} s")
