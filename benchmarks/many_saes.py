@@ -40,8 +40,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from benchmarks.common import REPO, RESULTS, compose, header, invocation, med_range, ours_trainer
 from sae_lightning.io import atomic_write_text
 
@@ -70,12 +68,19 @@ def members(configs: list[tuple[str, list[str]]], root: Path) -> list:
 
 
 def stream_and_steps(group: list) -> tuple[float, list[float], object]:
-    """The group's stream alone, then each member's steps alone on the same batches; and the datamodule."""
-    from sae_lightning.group.data import as_slots, group_datamodule, member_slots
-    from sae_lightning.saes import build_sae
+    """The group's stream alone, then each member's steps alone on the same batches; and the datamodule.
+
+    Each member's SAE is the one the grouped run trains (``run.build_group_module``: its init seed, its
+    hook's scale) from the same data-dependent start (``init_from_rows`` on the stream's sample), so its L0,
+    and with it the kernel a step picks, follows the trained run's."""
+    from sae_lightning.group.data import as_slots, group_datamodule
+    from sae_lightning.group.run import build_group_module
+    from sae_lightning.train.step import DATA_INIT_ROWS
 
     dm, hooks = group_datamodule(group)
     dm.setup("fit")
+    module = build_group_module(group, dm, hooks)
+    sample = dm.sample_slots(DATA_INIT_ROWS)
     n = group[0].cfg.max_steps
     t0 = time.perf_counter()
     batches = []
@@ -87,13 +92,12 @@ def stream_and_steps(group: list) -> tuple[float, list[float], object]:
     if hasattr(dm, "teardown"):
         dm.teardown("fit")
     steps = []
-    for m, (slot, _) in zip(group, member_slots(group, hooks), strict=True):
+    for i, (m, member) in enumerate(zip(group, module.members, strict=True)):
         cfg = m.cfg
-        torch.manual_seed(cfg.seed)
-        sae = build_sae(cfg.sae, dm.slot_dims[slot])
-        sae.set_input_scale(dm.slot_norm_scales[slot])
-        _, step = ours_trainer(cfg.sae, sae.d_in, sae.base_coeff(cfg.l1), lr=cfg.lr, sae=sae,
-                               dead_window_tokens=cfg.latents.dead_window_tokens,
+        member.init_from_rows(*module._inputs(sample, i))
+        slot = module.slots[i][0]
+        _, step = ours_trainer(cfg.sae, member.sae.d_in, member.sae.base_coeff(cfg.l1), lr=cfg.lr,
+                               sae=member.sae, dead_window_tokens=cfg.latents.dead_window_tokens,
                                l1_warmup_steps=cfg.optim.l1_warmup_steps,
                                clip_scope=cfg.optim.grad_clip_scope)
         t0 = time.perf_counter()
