@@ -43,12 +43,10 @@ HINT_FRACTION = 0.5  # batch_top ranks only entries above this fraction of the i
 @dataclass
 class BatchTopKConfig(TopKConfig):
     """``sae=batchtopk``: TopK's keys (``k`` is now the mean number of latents per token over a batch)
-    and ``threshold_lr``, the moving-average weight of each batch in the inference threshold. Unlike
-    TopK, b_dec starts at the geometric median (``docs/decisions.md``)."""
+    and ``threshold_lr``, the moving-average weight of each batch in the inference threshold."""
 
     architecture: str = "batchtopk"  # the registry name, fixed by the class
     threshold_lr: float = 0.01  # weight of each batch in the inference threshold's moving average
-    b_dec_init: str = "geometric_median"  # not TopK's zeros (class docstring)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -12,8 +12,10 @@ norms, the norms multiplied into the encoder (``SAE.weights``); ``project`` keep
 by gradient projection and renormalisation after each step (Gao et al.). The function is the same; the
 optimisation is not: Adam steps on different parameters, from rows at norm 0.1 instead of 1.
 
-``b_dec_init`` defaults to ``zeros`` (SAELens's), not the geometric median; BatchTopK keeps the median.
-The evidence for these defaults is in ``docs/decisions.md``.
+``b_dec_init`` defaults to the geometric median of a data sample, so the encoder sees centred inputs from
+the first step: on a residual stream, whose few outlier dimensions hold most of the norm as a near-constant
+offset, a zero start spends the early steps (and many latents) learning that offset. The evidence for
+these defaults is in ``docs/decisions.md``.
 
 Two implementations of the same function (``sae.sparse_kernel``): ``dense`` scatters the k
 values into a [B, d_sae] matrix and decodes with a matmul (the reference); ``sparse`` decodes only
@@ -39,8 +41,8 @@ SPARSE_MAX_DENSITY = 1 / 8  # "auto" uses the sparse kernels when k / d_sae is a
 @dataclass
 class TopKConfig(SAEConfig):
     """``sae=topk``: ``k`` active latents per token; AuxK with ``aux_k`` dead latents, weight ``aux_coeff``;
-    ``sparse_kernel``: auto | sparse | dense; ``decoder_norm``: rescale | project; ``b_dec_init`` zeros
-    (module docstring)."""
+    ``sparse_kernel``: auto | sparse | dense; ``decoder_norm``: rescale | project; ``b_dec_init`` the
+    geometric median (module docstring)."""
 
     architecture: str = "topk"  # the registry name, fixed by the class
     k: int = 32  # active latents per token
@@ -48,7 +50,6 @@ class TopKConfig(SAEConfig):
     aux_coeff: float = 1.0 / 32  # AuxK's weight in the loss
     sparse_kernel: str = "auto"  # auto (sparse when k <= d_sae / 8) | sparse | dense
     decoder_norm: str = "rescale"  # rescale: free rows used at unit norm | project: rows kept at unit norm
-    b_dec_init: str = "zeros"  # SAELens's start (BatchTopK keeps the geometric median)
 
     def __post_init__(self) -> None:
         super().__post_init__()
