@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--d-sae", type=int, default=3072)
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--tokens", type=int, help="training tokens per run (throughput 131072, quality 327680)")
-    p.add_argument("--buffer", type=int, default=65_536, help="activations.buffer_tokens (the preset's)")
+    p.add_argument("--buffer", type=int, default=262_144, help="activations.buffer_tokens (the preset's)")
     p.add_argument("--reps", type=int, default=3, help="train.py runs per setting (throughput)")
     p.add_argument("--reps-step", type=int, default=10, help="timed SAE steps (throughput)")
     p.add_argument("--probe-rows", type=int, default=8192, help="rows per timed window (throughput)")

@@ -9,7 +9,7 @@ TinyStories sample, everything through ``python train.py`` as users type it:
 - ``cache``: ``python train.py -m experiment=quickstart l1=<n values> hydra/launcher=grouped`` (one process
   trains the n SAEs from one read of the cache) against the n runs one by one;
 - ``live``: ``python train.py experiment=quickstart activations=live layers=[...]`` (one truncated forward
-  reads every layer) against one ``layer=<L>`` run per layer.
+  reads every layer) against one ``layer=<L>`` run per layer, windows of ``--buffer`` rows.
 
 Every part is measured alone in the same run of this script, on the same machine:
 
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> str:
         grouped = ["-m", *base, f"l1={','.join(values)}", "hydra/launcher=grouped"]
         run_dir_key = "hydra.sweep.dir"
     else:
-        base = [*COMMON, *size, "activations=live"]
+        base = [*COMMON, *size, "activations=live", f"activations.buffer_tokens={args.buffer}"]
         singles = [(f"layer={layer}", [*base, f"layer={layer}"]) for layer in args.layers]
         grouped = [*base, f"layers=[{','.join(map(str, args.layers))}]"]
         run_dir_key = "hydra.run.dir"
@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--d-sae", type=int, default=3072)
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--tokens", type=int, default=65_536, help="training tokens per SAE")
+    p.add_argument("--buffer", type=int, default=65_536,
+                   help="live: activations.buffer_tokens (8 hooks at the preset's do not fit in 24 GiB)")
     p.add_argument("--reps", type=int, default=2, help="grouped processes timed")
     p.add_argument("--cache-dir", default=os.environ.get("SAE_LIGHTNING_CACHE", ".cache/activations"))
     p.add_argument("--out", type=Path)

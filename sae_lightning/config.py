@@ -218,7 +218,7 @@ class ActivationsConfig:
     normalize: bool = True  # scale rows by one scalar so that E||x|| = sqrt(d_in)
     num_workers: int = 0  # dataloader workers per rank
     synthetic: SyntheticConfig | None = None  # the synthetic rows' knobs (activations=synthetic)
-    buffer_tokens: int = 65_536  # live: rows computed and shuffled together (a window)
+    buffer_tokens: int = 262_144  # live: rows computed and shuffled together (a window), as shuffle_buffer
     prefetch: bool = True  # live: compute the next window in a background thread while training
     repeat_text: bool = False  # live: read the text again when it holds fewer rows than train_tokens
 

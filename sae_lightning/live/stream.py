@@ -1,13 +1,16 @@
 """A rank's training stream from the live LM: contexts -> forward -> windows of rows -> shuffled batches.
 
-How the stream is laid out (a pure function of the seed, the text, the model, the hooks, the context size
-and ``buffer_tokens``; nothing about it is stored but the number of batches consumed):
+How the stream is laid out (a pure function of the seed, the text, the model, the hooks, the context size,
+``buffer_tokens`` and the run's number of batches; nothing about it is stored but the number of batches
+consumed):
 
 - *Rows.* A rank's rows are the trained positions of its training contexts (``contexts.py``), in order.
 - *Windows.* Rows ``[w * S, (w + 1) * S)`` form window ``w`` (``S = activations.buffer_tokens`` rounded
   down to whole batches). A window is computed from its own contexts only, in forward chunks of
   ``data.lm_batch_size`` contexts starting at its first context (a context split between two windows is
-  run twice), so the same window always comes from the same computation, on a resume too.
+  run twice), so the same window always comes from the same computation, on a resume too. The run's last
+  window holds only the rows it still trains on: a budget that ends inside a window does not pay the LM
+  for the rest of it.
 - *Shuffle.* Window ``w`` is served in the order of a permutation drawn from ``(seed, rank, w)``: rows mix
   with the ``S`` rows around them, as in a shuffle buffer.
 - *Resume.* Batch ``k`` is batch ``k mod S/B`` of window ``k B // S``. A restored stream skips the rows
@@ -90,21 +93,23 @@ class Windows:
                 return
             rows, self._used = rows - left, 0
 
-    def next(self) -> list[torch.Tensor] | None:
+    def next(self, limit: int | None = None) -> list[torch.Tensor] | None:
         """The next window, one ``[rows, d]`` float32 tensor per hook (``rows < size`` only at the end of
-        the text); ``None`` when no row is left."""
+        the text, or when ``limit`` asks for fewer rows: the run's last window); ``None`` when no row is
+        left."""
+        size = self.size if limit is None else min(self.size, limit)
         first_used, chunk, gathered = self._used, [], 0
-        while gathered < self.size:
+        while gathered < size:
             ctx = self._next_context()
             if ctx is None:
                 break
             chunk.append(ctx)
             gathered += ctx.rows - (self._used if len(chunk) == 1 else 0)
         self._used = 0
-        if gathered > self.size:   # the last context goes on in the next window
+        if gathered > size:   # the last context goes on in the next window
             last = chunk[-1]
-            self._pending, self._used = last, last.rows - (gathered - self.size)
-        rows = min(gathered, self.size)
+            self._pending, self._used = last, last.rows - (gathered - size)
+        rows = min(gathered, size)
         if rows == 0:
             return None
         return self._compute(chunk, first_used, rows)
@@ -167,7 +172,9 @@ class LiveStream(IterableDataset):
         windows.skip(w0 * self.window)
         served = self.start_batch
         last = max(w0, (self.needed - 1) // per_window)   # no window is computed past the run's end
-        source = _Prefetched(windows, w0, last) if self.prefetch else _Inline(windows, w0, last)
+        last_rows = self.needed * self.batch_size - last * self.window   # the rows the run trains on
+        limits = {last: last_rows} if last_rows > 0 else {}
+        source = (_Prefetched if self.prefetch else _Inline)(windows, w0, last, limits)
         self._sources.add(source)
         try:
             while (item := source.next()) is not None:
@@ -200,11 +207,11 @@ Window = tuple[int, list[torch.Tensor]]
 class _Inline:
     """Windows computed when the consumer asks for them (no overlap): one exists at a time."""
 
-    def __init__(self, windows: Windows, first: int, last: int) -> None:
-        self.windows, self.w, self.last = windows, first, last
+    def __init__(self, windows: Windows, first: int, last: int, limits: dict[int, int]) -> None:
+        self.windows, self.w, self.last, self.limits = windows, first, last, limits
 
     def next(self) -> Window | None:
-        bufs = self.windows.next() if self.w <= self.last else None
+        bufs = self.windows.next(self.limits.get(self.w)) if self.w <= self.last else None
         self.w += 1
         return None if bufs is None else (self.w - 1, bufs)
 
@@ -231,8 +238,8 @@ class _Prefetched:
     """Windows computed by a background thread one ahead of the consumer: at most two exist at once (the
     one served and the one filled; the consumer calls ``done()`` once it holds no reference to a window)."""
 
-    def __init__(self, windows: Windows, first: int, last: int) -> None:
-        self.windows, self.first, self.last = windows, first, last
+    def __init__(self, windows: Windows, first: int, last: int, limits: dict[int, int]) -> None:
+        self.windows, self.first, self.last, self.limits = windows, first, last, limits
         self.slots = threading.Semaphore(2)
         self.queue: Queue = Queue()
         self.stop = threading.Event()
@@ -254,10 +261,10 @@ class _Prefetched:
                 if w > self.last:
                     bufs = None
                 elif side is None:
-                    bufs = self.windows.next()
+                    bufs = self.windows.next(self.limits.get(w))
                 else:
                     with torch.cuda.stream(side):
-                        bufs = self.windows.next()
+                        bufs = self.windows.next(self.limits.get(w))
                     side.synchronize()
                 if bufs is None:
                     self.queue.put(_END)

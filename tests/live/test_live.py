@@ -115,6 +115,28 @@ def test_window_memory_is_bounded_by_the_buffer(tiny_gpt2, tiny_gpt2_dir, text, 
     assert dm.gauge.peak == (2 if prefetch else 1) * window_bytes
 
 
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_the_last_window_holds_only_the_rows_the_run_trains_on(tiny_gpt2, tiny_gpt2_dir, text,
+                                                               prefetch) -> None:
+    """A budget ending inside a window (10 batches, windows of 4) runs the LM for 10 batches' rows, not 12;
+    the cut window serves the rows it would have held first, and a resume inside it gives the same."""
+    dm = datamodule(tiny_gpt2, tiny_gpt2_dir, text, train_tokens=10 * BATCH,
+                    **{"activations.prefetch": prefetch})
+    seen = []
+    forward = dm._forward
+    dm._forward = lambda tokens: seen.append(tokens.shape[0]) or forward(tokens)   # type: ignore[method-assign]
+    batches = list(iter(dm.train_dataloader()))
+    assert len(batches) == 10 and dm.gauge.peak <= (2 if prefetch else 1) * dm.window * dm.d_in * 4
+    contexts = list(islice(training_contexts(dm.text, dm.split, 0, 1, repeat=False), 40))
+    want = rows_of_contexts(dm, contexts)[: 10 * BATCH]
+    order = lambda t: t[torch.argsort(t[:, 0] * 1e3 + t[:, 1])]  # noqa: E731 - rows as a set
+    torch.testing.assert_close(order(torch.cat(batches[8:])), order(want[8 * BATCH:]), rtol=1e-5, atol=1e-5)
+    held = np.cumsum([c.rows for c in contexts])
+    ten, twelve = (int(np.searchsorted(held, n * BATCH)) + 1 for n in (10, 12))   # contexts holding n batches
+    assert ten <= sum(seen) < twelve
+    assert all(torch.equal(a, b) for a, b in zip(take(dm, 1, start=9), batches[9:], strict=True))
+
+
 def test_the_window_thread_stops_at_the_end_of_fit(tiny_gpt2, tiny_gpt2_dir, text) -> None:
     """A stream left open (Lightning stops at max_steps without closing it) has its thread stopped by
     ``teardown``: a thread still inside a torch op when the interpreter exits aborts the process."""
