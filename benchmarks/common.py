@@ -74,7 +74,8 @@ def invocation(module: str, argv: list[str] | None = None) -> str:
 def header(command: str) -> str:
     """``# key: value`` lines: command, commit (``+dirty`` with uncommitted changes to the measured code;
     results files, which the scripts themselves write, do not count), UTC date, versions, threads,
-    measured GEMM rate."""
+    measured GEMM rate, and the load average when stamped (other work on the machine slows timings; it
+    leaves quality figures as they are)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
@@ -86,7 +87,8 @@ def header(command: str) -> str:
              "versions": f"torch {torch.__version__}, transformers {version('transformers')}, "
                          f"lightning {version('lightning')}, sae-lens {version('sae-lens')}",
              "threads": str(torch.get_num_threads()),
-             "fp32 GEMM": f"{gemm_gflops():.0f} GFLOP/s (2048^3, median of 5)"}
+             "fp32 GEMM": f"{gemm_gflops():.0f} GFLOP/s (2048^3, median of 5)",
+             "load average": "{:.1f} {:.1f} {:.1f} (1, 5, 15 min)".format(*os.getloadavg())}
     return "".join(f"# {k}: {v}\n" for k, v in lines.items())
 
 
