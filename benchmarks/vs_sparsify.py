@@ -104,10 +104,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9])
     p.add_argument("--tokens", type=int, default=65_536,
-                   help="training rows per SAE (a multiple of --buffer-rows)")
+                   help="training rows per SAE (a multiple of --batch)")
     p.add_argument("--batch", type=int, default=2048, help="rows per step (a multiple of --context)")
     p.add_argument("--context", type=int, default=128)
-    p.add_argument("--buffer-rows", type=int, default=65_536, help="our live window (shuffled) in rows")
+    p.add_argument("--buffer-rows", type=int, default=262_144,
+                   help="our live window (shuffled) in rows; default: activations.buffer_tokens's")
     p.add_argument("--d-sae", type=int, default=4608, help="latents per SAE (8 x d_model)")
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam's rate, ours and sparsify's Adam run")
@@ -130,10 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker-seed", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)  # sparsify's save_dir
     args = p.parse_args(argv)
-    if args.tokens <= 0 or args.tokens % args.buffer_rows or args.buffer_rows % args.batch:
-        p.error(f"--tokens {args.tokens} must be a positive multiple of --buffer-rows {args.buffer_rows}, "
-                f"itself a multiple of --batch {args.batch}: ours then trains on exactly the first --tokens "
-                "rows of the text")
+    if args.tokens <= 0 or args.tokens % args.batch or args.buffer_rows % args.batch:
+        p.error(f"--tokens {args.tokens} and --buffer-rows {args.buffer_rows} must be positive multiples of "
+                f"--batch {args.batch}: ours then trains on exactly the first --tokens rows of the text (its "
+                "last window is cut to the rows it trains on)")
     if args.batch % args.context:
         p.error(f"--batch {args.batch} must be a multiple of --context {args.context} (sparsify's batch is "
                 "whole contexts)")
