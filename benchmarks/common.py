@@ -116,7 +116,11 @@ class Report:
         from sae_lightning.io import atomic_write_text
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, (self.head or header(self.command)) + "\n".join(self.lines) + "\n")
+        head = self.head or header(self.command)
+        if self.head:   # stamped at the start: the load at the end too
+            head += "# load average at the end: {:.1f} {:.1f} {:.1f} (1, 5, 15 min)\n".format(
+                *os.getloadavg())
+        atomic_write_text(path, head + "\n".join(self.lines) + "\n")
 
 
 def add_out_arg(p: argparse.ArgumentParser, default: Path | None = None) -> None:

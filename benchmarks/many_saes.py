@@ -23,7 +23,8 @@ Every part is measured alone in the same run of this script, on the same machine
 - the group's wall time and peak RSS (``wait4``), and the n single runs' wall times.
 
 The bound the group should meet: ``wall <= 1.1 x (fixed + stream + sum of the members' steps)``. The peak
-RSS is reported beside the memory guard's estimate (``group.memory``) and beside the parts it sums.
+RSS is reported beside the memory guard's estimate (``group.memory``) and over the bare sum the issue
+names: every SAE's parameters, gradients and Adam moments, the stream's buffers and the LM.
 
 Results: ``benchmarks/results/many_saes_<part>_cpu.txt`` (``--out``), written whole under the results
 header.
@@ -107,18 +108,21 @@ def stream_and_steps(group: list) -> tuple[float, list[float], object]:
     return stream, steps, dm
 
 
-def guard_estimate(group: list, dm) -> str:
-    """The memory guard's estimate for the group, or why there is none."""
-    try:
-        from sae_lightning.group import memory
-    except ImportError:
-        return "n/a (sae_lightning.group.memory absent)"
+def memory_parts(group: list, dm) -> tuple[float, str]:
+    """The issue's bare sum in GiB (every SAE's parameters, gradients and Adam moments, the stream's buffers,
+    the LM) and a line with the memory guard's estimate (which adds each step's working set and the
+    process's own overhead) beside it."""
+    from sae_lightning.group import memory
+
     cfg = group[0].cfg
-    per = [memory.sae_training_bytes(m.cfg, dm.slot_dims[0]) for m in group]
-    shared = memory.stream_bytes(cfg, list(dm.slot_dims)) + memory.model_bytes(getattr(dm, "lm", None) and
-                                                                               dm.lm.model)
-    return (f"{(sum(per) + shared) / 2**30:.2f} GiB (SAEs + optimizer + step {sum(per) / 2**30:.2f}, stream "
-            f"buffers + model {shared / 2**30:.2f})")
+    dims = list(dm.slot_dims)
+    states = sum(memory.sae_state_bytes(m.cfg.sae, dims[0]) for m in group)
+    per = [memory.sae_training_bytes(m.cfg, dims[0]) for m in group]
+    shared = memory.stream_bytes(cfg, dims) + memory.model_bytes(getattr(dm, "lm", None) and dm.lm.model)
+    bare = (states + shared) / 2**30
+    return bare, (f"the memory guard's estimate {(sum(per) + shared) / 2**30:.2f} GiB (SAEs + optimizer + "
+                  f"step {sum(per) / 2**30:.2f}, stream buffers + model {shared / 2**30:.2f}); bare sum "
+                  f"{bare:.2f} GiB (SAE states {states / 2**30:.2f} + stream buffers + model)")
 
 
 def run(args: argparse.Namespace) -> str:
@@ -139,7 +143,7 @@ def run(args: argparse.Namespace) -> str:
         tmp_path = Path(tmp)
         group = members([(name.replace("=", "_"), over) for name, over in singles], tmp_path / "m")
         stream, steps, dm = stream_and_steps(group)
-        guard = guard_estimate(group, dm)
+        bare, guard = memory_parts(group, dm)
         del dm
         single_walls = []
         for i, (name, over) in enumerate(singles):
@@ -169,7 +173,8 @@ def run(args: argparse.Namespace) -> str:
         f"grouped process, {args.reps} reps: {med_range(group_walls, '.1f')} s wall (median [min-max])",
         f"group / bound: {wall / bound:.3f} (target <= 1.1)",
         f"{len(singles)} separate runs: {separate:.1f} s; speed-up of the group: {separate / wall:.2f}x",
-        f"peak RSS of the grouped process: {med_range(rss, '.1f')} GiB; the memory guard's estimate: {guard}",
+        f"peak RSS of the grouped process: {med_range(rss, '.1f')} GiB; {guard}",
+        f"peak RSS / bare sum: {statistics.median(rss) / bare:.3f} (target <= 1.1)",
     ]
     return "\n".join(lines) + "\n"
 

@@ -54,10 +54,11 @@ def decoder_bias_init(sample: Tensor, method: str) -> Tensor:
 def _shared_geometric_median(sample: Tensor) -> Tensor:
     """``geometric_median(sample)``, computed once for equal samples: the SAEs of a group that read one
     slot start from the same rows, and Weiszfeld's iteration costs about as much as several training
-    steps. Keyed by the sample's bytes (dtype and shape included), so only an identical sample is reused."""
+    steps. Keyed by the sample's bytes (dtype and shape included), so only an identical sample is reused.
+    SHA-256 reads the bytes about twice as fast as BLAKE2 where the CPU has SHA instructions, and the key
+    is taken once per SAE of a group."""
     cpu = sample.detach().cpu().contiguous()
-    key = (hashlib.blake2b(cpu.view(torch.uint8).numpy(), digest_size=16).hexdigest(), tuple(cpu.shape),
-           str(cpu.dtype))
+    key = (hashlib.sha256(cpu.view(torch.uint8).numpy()).hexdigest(), tuple(cpu.shape), str(cpu.dtype))
     if key not in _MEDIANS:
         if len(_MEDIANS) >= _MEDIANS_KEPT:
             del _MEDIANS[next(iter(_MEDIANS))]
