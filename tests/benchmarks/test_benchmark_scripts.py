@@ -149,7 +149,7 @@ def test_penalised_ablation_trains_each_variant_once_per_seed(tmp_path: Path) ->
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300, cwd=REPO)
     table = (tmp_path / "table.txt").read_text().splitlines()
     assert table[0] == f"# command: {shlex.join(['python', *cmd[1:]])}"
-    assert table[6].startswith("data: acts.npy, d_in 16, d_sae 32") and len(table) == 8 + 4
+    assert table[7].startswith("data: acts.npy, d_in 16, d_sae 32") and len(table) == 9 + 4
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["variant"], r["seed"]) for r in rows] == [("thr10", 0), ("thr10", 1), ("free10_b0", 0),
                                                          ("free10_b0", 1)]
@@ -281,7 +281,8 @@ def test_live_vs_saelens_times_both_sides_on_a_tiny_model(tmp_path: Path, tiny_l
     lines = out.read_text().splitlines()
     assert lines[0].startswith("# command: python -m benchmarks.live_vs_saelens --model-dir ")
     assert lines[1].startswith("# commit: ") and "GFLOP/s" in lines[5]
-    assert lines[8] == "# ours: train.py with activations=live"
+    assert lines[7].startswith("# load average at the end: ")   # stamped at the start, so also at the end
+    assert lines[10] == "# ours: train.py with activations=live"
     timed = [line.split(" s wall")[0].split()[2:-1] for line in lines if line.startswith("  rep 0 ")]
     assert sorted(" ".join(words) for words in timed) == sorted(contenders)
     keys = dict(item.split("=") for item in lines[-1].split())

@@ -77,11 +77,13 @@ def test_report_writes_the_header_and_every_line_whole(tmp_path: Path, capsys) -
     say.write(out)
     say.write(out)  # a rerun replaces the file, it does not append
     lines = out.read_text().splitlines()
-    keys = [line.split(":")[0] for line in lines[:6]]
-    assert keys == ["# command", "# commit", "# date", "# versions", "# threads", "# fp32 GEMM"]
+    keys = [line.split(":")[0] for line in lines[:7]]
+    assert keys == ["# command", "# commit", "# date", "# versions", "# threads", "# fp32 GEMM",
+                    "# load average"]
     assert lines[0] == "# command: python -m benchmarks.sparse_kernels auxk --k 4"
     assert re.fullmatch(r"# fp32 GEMM: \d+ GFLOP/s \(2048\^3, median of 5\)", lines[5])
-    assert lines[6:] == ["first", "second"]
+    assert re.fullmatch(r"# load average: [\d.]+ [\d.]+ [\d.]+ \(1, 5, 15 min\)", lines[6])
+    assert lines[7:] == ["first", "second"]
     assert capsys.readouterr().out == "first\nsecond\n"
 
 
