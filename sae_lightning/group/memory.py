@@ -22,10 +22,10 @@ Every figure is an upper bound in bytes:
   the largest coefficients. Once per process come the first step's code and buffers (``FIRST_STEP_BYTES``)
   and, on the CPU, the freed heap glibc keeps instead of returning it (``CPU_ALLOCATOR_SLACK``: up to its
   largest trim threshold, 2 x 32 MiB), which dominate at small sizes. Each member counts its own working
-  set although a group steps its SAEs one after another: the temporaries one SAE's step frees stay in the
-  heap, fragmented between the gradients and Adam moments the others allocate, so a group's peak holds
-  several working sets (``benchmarks/group_memory.py --group``). On CUDA the same coefficients apply (not
-  measured there) plus one copy of the parameters (:func:`sae_parts`).
+  set although a group steps its SAEs one after another: SAEs stepped in turn without releasing the freed
+  heap keep several working sets resident (``benchmarks/group_memory.py --group``). The group's module
+  releases it after every step (``heap.py``), so this sum is a bound, not what a group holds. On CUDA the
+  same coefficients apply (not measured there) plus one copy of the parameters (:func:`sae_parts`).
 - :func:`stream_bytes`: the stream's buffers as ``datamodule.py`` and ``live/`` hold them (function
   docstring).
 - :func:`model_bytes`: the LM's parameters and buffers (a live run holds it; a cache run does not).

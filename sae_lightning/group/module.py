@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
+from sae_lightning import heap
 from sae_lightning.config import train_config_from_dict
 from sae_lightning.group.data import as_slots
 from sae_lightning.metrics import ReconstructionStats
+from sae_lightning.saes.base import SAEOutput
 from sae_lightning.train.module import (
     Trainee,
     TraineeSlot,
@@ -48,6 +50,15 @@ from sae_lightning.train.step import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class Done(NamedTuple):
+    """A member's step once its backward is done: what the optimizer step and the logs still need."""
+
+    fire_counts: Tensor   # [d_sae] rows of the batch where each latent fired
+    l0: Tensor            # the batch's mean L0 (the target-L0 controller's input)
+    coeff: float          # the step's sparsity coefficient
+    logs: dict[str, Tensor]   # ``Trainee.output_logs`` on a logging step, else empty
 
 
 class MemberModule(Trainee, nn.Module):
@@ -126,47 +137,58 @@ class GroupModule(L.LightningModule):
         with torch.no_grad():
             for p in self.members[i].parameters():
                 p.nan_to_num_(0.0, 0.0, 0.0)
+                p.grad = None   # zero_grad keeps it None: Adam leaves the member alone
         log.error("[%s] diverged and stopped; the other SAEs go on. %s",
                                           self.names[i], message)
 
     def training_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> None:
         step, rows = self.global_step, as_slots(batch)
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        optimizer.zero_grad(set_to_none=True)
+        # Gradients are zeroed in place, not freed: reallocated at every backward, they would sit between the
+        # members' step temporaries on the heap, and their pages be faulted in again after each heap.release.
+        optimizer.zero_grad(set_to_none=False)
+        log_now = step % self.trainer.log_every_n_steps == 0
         ddp = self.trainer.world_size > 1
-        outs = self._forward_backward(rows, step) if ddp else self._one_by_one(rows, step)
-        if not outs:
+        done = self._forward_backward(rows, step, log_now) if ddp else self._one_by_one(rows, step, log_now)
+        if not done:
             self.trainer.should_stop = True
             return
         groups = optimizer.param_groups
-        for i in outs:
+        for i in done:
             m = self.members[i]
             m.sae.before_optimizer_step()
             clip_gradients([groups[g]["params"] for g in self.group_ranges[i]], m.cfg.optim.grad_clip,
                            m.cfg.optim.grad_clip_scope)
         optimizer.step()
         scheduler.step()
-        for i, (out, _) in outs.items():
+        for i, d in done.items():
             m = self.members[i]
-            finish_step(m.sae, out, m.latents, rows[0].shape[0], self.reduce_counts)
-            m.after_step(out, step, self.mean_over_ranks)
-        if step % self.trainer.log_every_n_steps == 0:
-            for i, (out, coeff) in outs.items():
-                logs = self.members[i].step_logs(out, *self._inputs(rows, i), coeff)
+            finish_step(m.sae, d.fire_counts, m.latents, rows[0].shape[0], self.reduce_counts)
+            m.after_step(d.l0, step, self.mean_over_ranks)
+        if log_now:
+            for i, d in done.items():
+                logs = {**d.logs, **self.members[i].state_logs(d.coeff)}
                 logs["lr-Adam"] = torch.tensor(groups[self.group_ranges[i][0]]["lr"])
                 self.log_dict({f"{self.names[i]}/{k}": v for k, v in logs.items()})
-        self.log("saes", float(len(outs)), prog_bar=True, logger=False)
+        self.log("saes", float(len(done)), prog_bar=True, logger=False)
+        heap.release(self.device)   # the members' freed temporaries, before the next step (heap.py)
 
-    def _forward(self, rows: list[Tensor], step: int, i: int) -> tuple[Any, float]:
+    def _forward(self, rows: list[Tensor], step: int, i: int) -> tuple[SAEOutput, float]:
         m = self.members[i]
         coeff = m.before_step(step)
         x, target = self._inputs(rows, i)
         return forward_step(m.sae, x, m.latents, coeff=coeff, target=target), coeff
 
-    def _one_by_one(self, rows: list[Tensor], step: int) -> dict[int, tuple[Any, float]]:
+    def _done(self, rows: list[Tensor], i: int, out: SAEOutput, coeff: float, log_now: bool) -> Done:
+        """What member ``i``'s step needs once its backward is done (its output's logs on a logging step),
+        so that its reconstruction goes before the next member's forward."""
+        logs = self.members[i].output_logs(out, *self._inputs(rows, i)) if log_now else {}
+        return Done(out.fire_counts, out.l0.detach(), coeff, logs)
+
+    def _one_by_one(self, rows: list[Tensor], step: int, log_now: bool) -> dict[int, Done]:
         """One process: each member's forward then its backward, so one member's activations are held at a
         time (the gradients are those of one backward of the sum)."""
-        outs = {}
+        done = {}
         for i, m in enumerate(self.members):
             if not self.active(i):
                 continue
@@ -175,24 +197,25 @@ class GroupModule(L.LightningModule):
                 self._fail(i, step, nonfinite_message(out, m.sae, step))
                 continue
             self.manual_backward(out.loss)
-            outs[i] = (out, coeff)
-        return outs
+            done[i] = self._done(rows, i, out, coeff, log_now)
+            del out
+        return done
 
-    def _forward_backward(self, rows: list[Tensor], step: int) -> dict[int, tuple[Any, float]]:
+    def _forward_backward(self, rows: list[Tensor], step: int, log_now: bool) -> dict[int, Done]:
         """DDP: every member's forward, the divergence every rank agrees on, then ONE backward of the sum
-        (DDP averages every gradient in one pass; a stopped member gets zero gradients, then none)."""
+        (DDP averages every gradient in one pass; a stopped member has no gradients, so Adam leaves it)."""
         outs = {i: self._forward(rows, step, i) for i in range(len(self.members)) if self.active(i)}
         for i in self._diverged({i: out for i, (out, _) in outs.items()}):
             self._fail(i, step, nonfinite_message(outs.pop(i)[0], self.members[i].sae, step))
         if not outs:
-            return outs
+            return {}
         stopped = [p for i, m in enumerate(self.members) if i not in outs for p in m.parameters()]
         loss = torch.stack([out.loss for out, _ in outs.values()]).sum()
         zeros = sum((p.sum() * 0.0 for p in stopped), torch.zeros((), device=loss.device))
         self.manual_backward(loss + zeros)
         for p in stopped:
-            p.grad = None   # Adam leaves a parameter without a gradient alone
-        return outs
+            p.grad = None
+        return {i: self._done(rows, i, out, coeff, log_now) for i, (out, coeff) in outs.items()}
 
     def configure_optimizers(self) -> dict[str, Any]:
         """One Adam over every member's parameter groups, one schedule multiplier per group."""

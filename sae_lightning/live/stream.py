@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from sae_lightning import heap
 from sae_lightning.checks import ConfigError
 from sae_lightning.live.contexts import Context
 
@@ -134,6 +135,8 @@ class Windows:
                 buf[at:at + take].copy_(sel[:take])
             at += take or 0
             skip = max(0, skip - int(kept.sum()))
+            del acts, a, sel
+            heap.release(self.device)
             if at >= rows:
                 break
         return out

@@ -110,15 +110,21 @@ class Trainee:
         self.sae.set_progress(step / self.cfg.max_steps)
         return self.coeff_at(step)
 
-    def after_step(self, out: SAEOutput, step: int, mean_over_ranks: Callable[[Tensor], Tensor]) -> None:
-        """The target-L0 controller's update, once the coefficient's warm-up is over (during it the
-        coefficient is low on purpose)."""
+    def after_step(self, l0: Tensor, step: int, mean_over_ranks: Callable[[Tensor], Tensor]) -> None:
+        """The target-L0 controller's update from the batch's ``l0``, once the coefficient's warm-up is over
+        (during it the coefficient is low on purpose)."""
         if self.target_l0 is not None and warmup_scale(step, self.cfg.optim.l1_warmup_steps) == 1:
-            self.target_l0.update(mean_over_ranks(out.l0.detach()))
+            self.target_l0.update(mean_over_ranks(l0.detach()))
+
+    def step_logs(self, out: SAEOutput, x: Tensor, target: Tensor | None, coeff: float) -> dict[str, Tensor]:
+        """The ``train/*`` numbers logged every ``trainer.log_every_n_steps`` steps: :meth:`output_logs`
+        and :meth:`state_logs`."""
+        return {**self.output_logs(out, x, target), **self.state_logs(coeff)}
 
     @torch.no_grad()
-    def step_logs(self, out: SAEOutput, x: Tensor, target: Tensor | None, coeff: float) -> dict[str, Tensor]:
-        """The ``train/*`` numbers logged every ``trainer.log_every_n_steps`` steps."""
+    def output_logs(self, out: SAEOutput, x: Tensor, target: Tensor | None) -> dict[str, Tensor]:
+        """The logged numbers of the step's forward: loss terms, reconstruction metrics and L0 of the batch
+        (``metrics.batch_metrics``), as detached scalars."""
         x_hat = out.x_hat.detach() / self.sae.output_scale
         ref = x if target is None else target
         logs = {f"train/loss_{k}": v for k, v in out.terms.items() if k != "l0"}
@@ -126,8 +132,14 @@ class Trainee:
                                                                x_hat.reshape(-1, x_hat.shape[-1]),
                                                                out.l0).items()})
         logs["train/loss"] = out.loss.detach()
-        logs["train/dead_fraction_window"] = self.latents.dead_mask().float().mean()
-        logs["train/sparsity_coeff"] = torch.tensor(coeff)
+        return logs
+
+    @torch.no_grad()
+    def state_logs(self, coeff: float) -> dict[str, Tensor]:
+        """The logged numbers of the trainee after its optimizer step: dead fraction, coefficient, the
+        SAE's own (``SAE.training_logs``) and the L0 target."""
+        logs = {"train/dead_fraction_window": self.latents.dead_mask().float().mean(),
+                "train/sparsity_coeff": torch.tensor(coeff)}
         logs.update({f"train/{k}": v for k, v in self.sae.training_logs().items()})
         if self.target_l0 is not None:
             logs["train/l0_target"] = torch.tensor(self.target_l0.target)
@@ -240,7 +252,7 @@ class SAEModule(Trainee, L.LightningModule):
                          step=step, nan_guard=self.cfg.optim.nan_guard,
                          backward=self.manual_backward, reduce_counts=self.reduce_counts, target=target)
         self.lr_schedulers().step()
-        self.after_step(out, step, self.mean_over_ranks)
+        self.after_step(out.l0, step, self.mean_over_ranks)
         if step % self.trainer.log_every_n_steps == 0:
             self.log_dict(self.step_logs(out, x, target, coeff), prog_bar=False)
             self.log("l0", out.l0.detach(), prog_bar=True, logger=False)

@@ -97,12 +97,12 @@ def clip_gradients(groups: list[list[Tensor]], grad_clip: float, clip_scope: str
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
 
 
-def finish_step(sae: SAE, out: SAEOutput, stats: LatentStats, n_rows: int,
+def finish_step(sae: SAE, fire_counts: Tensor, stats: LatentStats, n_rows: int,
                 reduce_counts: Callable[[Tensor], tuple[Tensor, int]] | None = None) -> None:
-    """After the optimizer step: the SAE's renormalisation and the firing statistics of ``n_rows`` rows
-    (times the world size)."""
+    """After the optimizer step: the SAE's renormalisation and the firing statistics (``fire_counts``, an
+    ``SAEOutput``'s) of ``n_rows`` rows (times the world size)."""
     sae.after_optimizer_step()
-    counts, world = reduce_counts(out.fire_counts) if reduce_counts else (out.fire_counts, 1)
+    counts, world = reduce_counts(fire_counts) if reduce_counts else (fire_counts, 1)
     stats.update(counts, n_rows * world)
 
 
@@ -114,7 +114,7 @@ def apply_step(sae: SAE, optimizer: torch.optim.Optimizer, out: SAEOutput, stats
     sae.before_optimizer_step()
     clip_gradients([g["params"] for g in optimizer.param_groups], grad_clip, clip_scope)
     optimizer.step()
-    finish_step(sae, out, stats, n_rows, reduce_counts)
+    finish_step(sae, out.fire_counts, stats, n_rows, reduce_counts)
 
 
 def train_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor, stats: LatentStats, *,
