@@ -203,10 +203,13 @@ class LiveDataModule(LightningDataModule):
 
     @property
     def slot_norm_scales(self) -> list[float]:
-        """Per hook, the scale that makes ``E||x|| = sqrt(d)``, from a first sample of training rows."""
+        """Per hook, the scale that makes ``E||x|| = sqrt(d)``, from a first sample of training rows. It is
+        the run's own sample (its ``seed``): the decoder-bias start then reuses it instead of running the
+        model over the first rows again."""
         if not self.acts.normalize:
             return [1.0] * len(self.hooks)
-        return [self._scale(r, h) for r, h in zip(self._sample(NORM_SAMPLE_ROWS, 0), self.hooks, strict=True)]
+        rows = self._sample(NORM_SAMPLE_ROWS, self.seed)
+        return [self._scale(r, h) for r, h in zip(rows, self.hooks, strict=True)]
 
     @property
     def norm_scale(self) -> float:

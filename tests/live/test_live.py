@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+from sae_lightning.cache.reader import NORM_SAMPLE_ROWS
 from sae_lightning.checks import ConfigError
 from sae_lightning.live import LiveDataModule
 from sae_lightning.live.contexts import Split, training_contexts
+from sae_lightning.train.step import DATA_INIT_ROWS
 from tests.train.test_resume import (
     _wait_for_step,
     batch_log,
@@ -218,6 +220,24 @@ def test_scale_and_samples_come_from_training_rows(tiny_gpt2, tiny_gpt2_dir, tex
     sample = dm._sample(10**6, 0)[0]   # at most one buffer
     assert len(sample) == dm.window
     assert float((sample * dm.norm_scale).norm(dim=1).mean()) == pytest.approx(128 ** 0.5, rel=1e-5)
+
+
+def test_the_scale_and_the_start_share_one_forward_over_the_first_rows(tiny_gpt2, tiny_gpt2_dir, text,
+                                                                       monkeypatch) -> None:
+    """A run's norm scale and its data-dependent start (``sample(DATA_INIT_ROWS)``) read one sample of the
+    first training rows, at any seed: the model runs over those rows once."""
+    dm = datamodule(tiny_gpt2, tiny_gpt2_dir, text, seed=3)
+    calls = []
+    forward = dm._forward
+    monkeypatch.setattr(dm, "_forward", lambda tokens: calls.append(len(tokens)) or forward(tokens))
+    scale = dm.norm_scale
+    rows = sum(calls)
+    assert rows > 0
+    x = dm.sample(DATA_INIT_ROWS)
+    assert sum(calls) == rows   # no second forward
+    n = min(DATA_INIT_ROWS, dm.window)
+    assert x.shape == (n, 128) and torch.equal(x, dm._sample(NORM_SAMPLE_ROWS, 3)[0])
+    assert scale == pytest.approx(128 ** 0.5 / float(x.double().norm(dim=1).mean()), rel=1e-9)
 
 
 def test_bad_inputs_fail_before_the_first_batch(tiny_gpt2, tiny_gpt2_dir, text) -> None:
