@@ -24,8 +24,7 @@ Every figure is an upper bound in bytes:
   largest trim threshold, 2 x 32 MiB), which dominate at small sizes. Each member counts its own working
   set although a group steps its SAEs one after another: SAEs stepped in turn without releasing the freed
   heap keep several working sets resident (``benchmarks/group_memory.py --group``). The group's module
-  releases it after a step once it has grown past ``heap.SLACK`` (``heap.py``), so this sum is a bound, not
-  what a group holds. On CUDA the
+  releases it after every step (``heap.py``), so this sum is a bound, not what a group holds. On CUDA the
   same coefficients apply (not measured there) plus one copy of the parameters (:func:`sae_parts`).
 - :func:`stream_bytes`: the stream's buffers as ``datamodule.py`` and ``live/`` hold them (function
   docstring).
