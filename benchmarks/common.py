@@ -186,10 +186,10 @@ def ours_trainer(cfg: SAEConfig, d_in: int, coeff: float, lr: float = 1e-4,
     from sae_lightning.config import LatentsConfig, OptimConfig
     from sae_lightning.saes import build_sae
     from sae_lightning.train.sparsity import TargetL0
-    from sae_lightning.train.step import LatentStats, train_step, warmup_scale
+    from sae_lightning.train.step import LatentStats, adam, train_step, warmup_scale
 
     sae = build_sae(cfg, d_in) if sae is None else sae
-    opt = torch.optim.Adam(sae.param_groups(lr))
+    opt = adam(sae.param_groups(lr))
     if stats is None:
         stats = LatentStats(sae.d_sae, dead_window_tokens or LatentsConfig().dead_window_tokens)
     grad_clip = OptimConfig().grad_clip

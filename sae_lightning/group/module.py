@@ -43,6 +43,7 @@ from sae_lightning.train.module import (
 )
 from sae_lightning.train.step import (
     DATA_INIT_ROWS,
+    adam,
     clip_gradients,
     finish_step,
     forward_step,
@@ -223,7 +224,7 @@ class GroupModule(L.LightningModule):
         for m, span in zip(self.members, self.group_ranges, strict=True):
             groups += m.optimizer_groups()
             multipliers += [lr_lambda(m.cfg)] * len(span)
-        opt = torch.optim.Adam(groups)
+        opt = adam(groups)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, multipliers)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -23,7 +23,7 @@ from sae_lightning.metrics import ReconstructionStats, batch_metrics
 from sae_lightning.saes import SAE, SAEOutput, build_sae
 from sae_lightning.saes.base import PenalisedConfig
 from sae_lightning.train.sparsity import TargetL0
-from sae_lightning.train.step import DATA_INIT_ROWS, LatentStats, train_step, warmup_scale
+from sae_lightning.train.step import DATA_INIT_ROWS, LatentStats, adam, train_step, warmup_scale
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -98,7 +98,7 @@ class Trainee:
 
     def make_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         """Adam over the SAE's parameter groups and its learning-rate schedule (``lr_lambda``)."""
-        opt = torch.optim.Adam(self.optimizer_groups())
+        opt = adam(self.optimizer_groups())
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg))
 
     def init_from_rows(self, rows: Tensor, targets: Tensor | None) -> None:
