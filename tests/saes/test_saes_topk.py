@@ -173,6 +173,25 @@ def test_rescale_computes_what_a_projected_sae_with_its_weights_computes(kernel:
     torch.testing.assert_close(rescaled.encode(x), projected.encode(x))
 
 
+def test_rescaled_weights_have_the_gradients_of_their_formula() -> None:
+    """``weights()``'s written-out backward against autograd through ``W_enc n, b_enc n, W_dec / n``
+    (``n`` the decoder rows' norms), in float64 on an encoder stored latent-major as in the SAE."""
+    from sae_lightning.saes.base import _Rescaled
+
+    gen = torch.Generator().manual_seed(0)
+    w_enc = torch.randn(7, 5, dtype=torch.float64, generator=gen).t().requires_grad_()   # [d_in, d_sae]
+    b_enc = torch.randn(7, dtype=torch.float64, generator=gen, requires_grad=True)
+    w_dec = torch.randn(7, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(_Rescaled.apply, (w_enc, b_enc, w_dec))
+    n = w_dec.norm(dim=1)
+    grads = [torch.randn(5, 7, dtype=torch.float64, generator=gen), torch.randn(7, dtype=torch.float64,
+             generator=gen), torch.randn(7, 4, dtype=torch.float64, generator=gen)]
+    ours = torch.autograd.grad(_Rescaled.apply(w_enc, b_enc, w_dec), (w_enc, b_enc, w_dec), grads)
+    formula = torch.autograd.grad((w_enc * n, b_enc * n, w_dec / n[:, None]), (w_enc, b_enc, w_dec), grads)
+    for got, want in zip(ours, formula, strict=True):
+        torch.testing.assert_close(got, want)
+
+
 def test_rescaled_decoder_trains_free_rows_and_saves_them_at_unit_norm(tmp_path) -> None:
     from sae_lightning.saes import SAE
     from sae_lightning.train.step import LatentStats, train_step
