@@ -104,6 +104,34 @@ class _EncodeEntries(torch.autograd.Function):
         return None, grad_w_enc, grad_b_enc if ctx.needs_input_grad[2] else None, grad_b_dec, None, None
 
 
+class _EncodeGiven(torch.autograd.Function):
+    """Dense pre-activations ``(x - b_dec) @ w_enc + b_enc`` [B, n] computed earlier without grad, with the
+    encoder's backward of that matmul: ``grad w_enc = (x - b_dec)^T @ G``, ``grad b_enc`` the column sums of
+    ``G``, ``grad b_dec = -w_enc @ grad b_enc`` (``x`` is data)."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
+                pre: Tensor) -> Tensor:
+        ctx.save_for_backward(x, w_enc, b_dec)
+        return pre.clone()
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_pre: Tensor) -> tuple[Tensor | None, ...]:
+        x, w_enc, b_dec = ctx.saved_tensors
+        grad_pre = grad_pre.to(w_enc.dtype)
+        grad_b_enc = grad_pre.sum(0)
+        grad_w_enc = (x.to(w_enc.dtype) - b_dec).t() @ grad_pre if ctx.needs_input_grad[1] else None
+        grad_b_dec = -(w_enc @ grad_b_enc) if ctx.needs_input_grad[3] else None
+        return None, grad_w_enc, grad_b_enc if ctx.needs_input_grad[2] else None, grad_b_dec, None
+
+
+def encode_given(x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor, pre: Tensor) -> Tensor:
+    """``pre`` = ``(x - b_dec) @ w_enc + b_enc`` (given, computed without grad: a sparse step's encoder
+    matmul), differentiable in ``w_enc``, ``b_enc`` and ``b_dec`` as if computed here: the forward matmul is
+    not run again."""
+    return _EncodeGiven.apply(x, w_enc, b_enc, b_dec, pre.detach())
+
+
 class _DecodeEntries(torch.autograd.Function):
     """``out[b] = sum_{e in row b} values[e] * w_dec[index[e]]`` with the backward through the entries only
     (module docstring)."""

@@ -33,7 +33,7 @@ from torch import Tensor
 from sae_lightning.checks import check
 from sae_lightning.saes.base import FREE_INIT_NORM, SAE, SAEConfig, SAEOutput, Weights
 from sae_lightning.saes.registry import register
-from sae_lightning.saes.sparse_ops import sparse_decode, uniform_rows
+from sae_lightning.saes.sparse_ops import encode_given, sparse_decode, uniform_rows
 
 SPARSE_MAX_DENSITY = 1 / 8  # "auto" uses the sparse kernels when k / d_sae is at most this
 
@@ -135,9 +135,11 @@ class TopKSAE(SAE):
 
     def _decode_dead(self, x: Tensor, pre: Tensor, dead: Tensor, k_aux: int, w: Weights) -> Tensor:
         """``relu(topk_{k_aux}(pre[:, dead])) @ W_dec[dead]`` (no bias) with dense products over the dead
-        latents only; their pre-activations are recomputed with grad when ``pre`` has none (sparse path)."""
+        latents only; when ``pre`` has no grad (sparse path), its dead columns get the encoder's backward
+        without running the forward matmul again (``encode_given``)."""
         sub = Weights(w.W_enc[:, dead], w.b_enc[dead], w.W_dec[dead])
-        pre_dead = pre[:, dead] if pre.requires_grad else self.pre_acts(x, w=sub)
+        pre_dead = pre[:, dead] if pre.requires_grad else \
+            encode_given(x, sub.W_enc, sub.b_enc, self.input_center(), pre[:, dead])
         if k_aux < dead.numel():
             top, pos = pre_dead.topk(k_aux, dim=-1, sorted=False)
             z = torch.zeros_like(pre_dead).scatter(1, pos, torch.relu(top))
