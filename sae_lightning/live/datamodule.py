@@ -31,7 +31,7 @@ from sae_lightning.cache.reader import NORM_SAMPLE_ROWS
 from sae_lightning.checks import ConfigError
 from sae_lightning.config import ModelConfig, TrainConfig
 from sae_lightning.live.contexts import Context, Split, TextContexts, survey, training_contexts
-from sae_lightning.live.stream import BufferGauge, LiveStream, Windows
+from sae_lightning.live.stream import BufferGauge, Chunk, LiveStream, Windows
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -96,6 +96,7 @@ class LiveDataModule(LightningDataModule):
         self.rank, self.world_size = 0, 1
         self._resume_batches = 0
         self._samples: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._first_chunks: dict[Chunk, list[torch.Tensor]] | None = None   # None: no sample drawn yet
         self._val: list[torch.Tensor] | None = None
         self._stream: LiveStream | None = None
         self.gauge = BufferGauge()
@@ -109,7 +110,7 @@ class LiveDataModule(LightningDataModule):
     def __getstate__(self) -> dict[str, Any]:
         """For ``ddp_spawn``: the model and the split travel, locks and computed rows do not."""
         state = dict(self.__dict__)
-        state.update(_lm_lock=None, gauge=None, _samples={}, _val=None, _stream=None)
+        state.update(_lm_lock=None, gauge=None, _samples={}, _first_chunks=None, _val=None, _stream=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -153,18 +154,22 @@ class LiveDataModule(LightningDataModule):
             acts = self.lm.activations(tokens.to(self.lm.device), self.hooks)
         return [acts[h] for h in self.hooks]
 
-    def _rows(self, contexts: list[Context], limit: int | None = None) -> list[torch.Tensor]:
-        """The trained rows of ``contexts`` (float32, on the LM's device), at most ``limit``."""
+    def _rows(self, contexts: list[Context], limit: int | None = None,
+              record: dict[Chunk, list[torch.Tensor]] | None = None) -> list[torch.Tensor]:
+        """The trained rows of ``contexts`` (float32, on the LM's device), at most ``limit``; ``record``
+        receives each forward chunk's rows (``Windows``)."""
         rows = sum(c.rows for c in contexts) if limit is None else limit
         windows = Windows(iter(contexts), self._forward, self.slot_dims, rows, self.cfg.data.lm_batch_size,
-                          self.lm.device)
+                          self.lm.device, record=record)
         return windows.next() or [torch.empty(0, d) for d in self.slot_dims]
 
     # ----- scale and samples -----------------------------------------------------------------------------
     def _sample(self, n: int, seed: int) -> list[torch.Tensor]:
         """``min(n, buffer)`` rows per hook drawn uniformly from the trained positions of the first
         ``SAMPLE_SPREAD x n`` rows of training contexts (the same on every rank), kept for the next call with
-        the same ``(n, seed)``."""
+        the same ``(n, seed)``. The first sample's forward chunks are kept too, until the training stream's
+        first window takes them (``Windows``: a fresh single-process run's first window starts with the
+        same contexts, so the LM does not run over them twice)."""
         n = min(n, self.window)   # a sample is at most one buffer
         key = (n, seed)
         if key not in self._samples:
@@ -175,7 +180,10 @@ class LiveDataModule(LightningDataModule):
                 contexts.append(c)
                 total += c.rows
             chosen = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
-            rows = self._rows(contexts)
+            record: dict[Chunk, list[torch.Tensor]] | None = {} if self._first_chunks is None else None
+            rows = self._rows(contexts, record=record)
+            if record is not None:
+                self._first_chunks = record
             self._samples = {key: [r[torch.from_numpy(chosen).to(r.device)].cpu() for r in rows]}
         return self._samples[key]
 
@@ -229,9 +237,13 @@ class LiveDataModule(LightningDataModule):
             self._val = None
 
     def _windows(self) -> Windows:
+        """The training stream's windows; the first sample's chunks go to the first of them, once (a single
+        process's: under DDP no rank's first contexts are the sample's)."""
         contexts = training_contexts(self.text, self.split, self.rank, self.world_size, self.acts.repeat_text)
+        known = self._first_chunks if self._first_chunks and self.world_size == 1 else {}
+        self._first_chunks = {}
         return Windows(contexts, self._forward, self.slot_dims, self.window, self.cfg.data.lm_batch_size,
-                       self.lm.device, self.gauge)
+                       self.lm.device, self.gauge, known=known)
 
     def train_dataloader(self) -> DataLoader:
         """Endless (``max_steps`` batches) shuffled stream of this rank, resumed at the stored position."""

@@ -65,13 +65,25 @@ class _Stopped(Exception):
     """The window being computed was given up (the stream was closed)."""
 
 
+Chunk = tuple[int, ...]   # the text-wide indices of the contexts of one forward chunk
+
+
 class Windows:
-    """Cuts a rank's contexts into windows of ``size`` rows and computes them with ``forward``."""
+    """Cuts a rank's contexts into windows of ``size`` rows and computes them with ``forward``.
+
+    ``record``: a dict that receives each computed forward chunk's rows (per hook, ``[kept rows, d]``)
+    under its contexts' indices. ``known``: chunks recorded that way earlier (the run's first sample of
+    rows, ``LiveDataModule``); the first window computed takes a chunk from there instead of running the
+    LM when it forms the same chunk (the same contexts, so the same forward), then drops the rest.
+    """
 
     def __init__(self, contexts: Iterator[Context], forward: Forward, dims: list[int], size: int,
-                 lm_batch: int, device: torch.device, gauge: BufferGauge | None = None) -> None:
+                 lm_batch: int, device: torch.device, gauge: BufferGauge | None = None, *,
+                 record: dict[Chunk, list[torch.Tensor]] | None = None,
+                 known: dict[Chunk, list[torch.Tensor]] | None = None) -> None:
         self.contexts, self.forward, self.dims = contexts, forward, dims
         self.size, self.lm_batch, self.device, self.gauge = size, lm_batch, device, gauge
+        self.record, self.known = record, known or {}
         self.stop: threading.Event | None = None   # set: give up the window being computed
         self._pending: Context | None = None   # the context holding the next row
         self._used = 0                         # rows of it that belong to earlier windows
@@ -113,7 +125,23 @@ class Windows:
         rows = min(gathered, size)
         if rows == 0:
             return None
-        return self._compute(chunk, first_used, rows)
+        out = self._compute(chunk, first_used, rows)
+        self.known = {}   # only the first window computed can start with the recorded chunks
+        return out
+
+    def _chunk_rows(self, part: list[Context]) -> list[torch.Tensor]:
+        """Per hook, the kept rows ``[n, d]`` of the contexts ``part`` in context order: known, or computed
+        by one forward (and recorded)."""
+        key = tuple(c.index for c in part)
+        if (rows := self.known.pop(key, None)) is not None:
+            return rows
+        tokens = torch.from_numpy(np.stack([c.tokens for c in part]))
+        kept = torch.from_numpy(np.stack([c.kept for c in part]))
+        rows = [a[kept.to(a.device)] for a in self.forward(tokens)]
+        if self.record is not None:
+            self.record[key] = rows
+        heap.release(self.device)
+        return rows
 
     def _compute(self, chunk: list[Context], skip: int, rows: int) -> list[torch.Tensor]:
         out = [torch.empty(rows, d, dtype=torch.float32, device=self.device) for d in self.dims]
@@ -123,20 +151,13 @@ class Windows:
         for i in range(0, len(chunk), self.lm_batch):
             if self.stop is not None and self.stop.is_set():
                 raise _Stopped
-            part = chunk[i:i + self.lm_batch]
-            tokens = torch.from_numpy(np.stack([c.tokens for c in part]))
-            kept = torch.from_numpy(np.stack([c.kept for c in part]))
-            acts = self.forward(tokens)
-            take = None
+            acts = self._chunk_rows(chunk[i:i + self.lm_batch])
+            take = max(0, min(len(acts[0]) - skip, rows - at))
             for buf, a in zip(out, acts, strict=True):
-                sel = a[kept.to(a.device)]   # [n_kept, d] in context order
-                sel = sel[skip:]
-                take = min(len(sel), rows - at)
-                buf[at:at + take].copy_(sel[:take])
-            at += take or 0
-            skip = max(0, skip - int(kept.sum()))
-            del acts, a, sel
-            heap.release(self.device)
+                buf[at:at + take].copy_(a[skip:skip + take])
+            at += take
+            skip = max(0, skip - len(acts[0]))
+            del acts
             if at >= rows:
                 break
         return out

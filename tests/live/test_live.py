@@ -240,6 +240,31 @@ def test_the_scale_and_the_start_share_one_forward_over_the_first_rows(tiny_gpt2
     assert scale == pytest.approx(128 ** 0.5 / float(x.double().norm(dim=1).mean()), rel=1e-9)
 
 
+def test_the_first_window_takes_the_samples_forward_instead_of_running_the_lm_again(
+        tiny_gpt2, tiny_gpt2_dir, text, monkeypatch) -> None:
+    """The sample of a fresh run (norm scale, start) runs the LM over the first training contexts; the
+    stream's first window takes those forward chunks instead of computing them again, and every batch
+    equals that of a stream that computed all its rows itself."""
+    extra = {"activations.prefetch": "false"}   # windows computed on demand: the forwards can be counted
+    reference = take(datamodule(tiny_gpt2, tiny_gpt2_dir, text, **extra), 8)   # no sample drawn
+    dm = datamodule(tiny_gpt2, tiny_gpt2_dir, text, **extra)
+    calls = []
+    forward = dm._forward
+    monkeypatch.setattr(dm, "_forward", lambda tokens: calls.append(len(tokens)) or forward(tokens))
+    assert dm.norm_scale > 0 and calls
+    sampled = len(calls)
+    batches = iter(dm.train_dataloader())
+    first_window = [next(batches) for _ in range(4)]   # window 0: 4 batches, inside the sample's rows
+    assert sum(calls[:sampled]) > dm.cfg.data.lm_batch_size   # the sample ran two chunks or more
+    # window 0 ran only its last chunk, cut short by the window's end (the sample's chunk there is longer)
+    assert sum(calls[sampled:]) < dm.cfg.data.lm_batch_size and dm._first_chunks == {}
+    sampled = len(calls)
+    second_window = [next(batches) for _ in range(4)]
+    assert len(calls) > sampled   # window 1 lies past the sample: computed
+    for got, want in zip(first_window + second_window, reference, strict=True):
+        assert torch.equal(got, want)
+
+
 def test_bad_inputs_fail_before_the_first_batch(tiny_gpt2, tiny_gpt2_dir, text) -> None:
     with pytest.raises(ConfigError, match=r"holds \d+ training tokens .* fewer than train_tokens=10000000 .*"
                                           r"activations.repeat_text=true"):
