@@ -15,6 +15,9 @@ consumed):
   with the ``S`` rows around them, as in a shuffle buffer.
 - *Resume.* Batch ``k`` is batch ``k mod S/B`` of window ``k B // S``. A restored stream skips the rows
   before its window by tokenizing only (no LM), recomputes that window and starts at the batch.
+- *Reuse.* A fresh run's first sample of rows (norm scale, decoder-bias start) runs the LM over the first
+  training contexts in the same forward chunks; the first window computed takes those chunks (``known``)
+  instead of running them again, so its rows are the same computation's.
 - *Overlap.* With ``prefetch`` a background thread computes window ``w + 1`` while window ``w`` is served
   (on a CUDA device, on a side stream). At most two windows exist at a time, the one being served and the
   one being filled: ``2 x S x d x 4`` bytes per hook (``S x d x 4`` without prefetch).
