@@ -23,7 +23,9 @@ Every part is measured alone in the same run of this script, on the same machine
 - the group's wall time and peak RSS (``wait4``), and the n single runs' wall times (``--singles last``:
   only the one the bound needs, when the ratio against separate runs is not wanted).
 
-The timed processes run first, before this process holds any activations of its own.
+The first half of the grouped processes runs first, then the single runs and the parts, then the other half
+(after this process has freed its batches), so that a drift in the machine's speed during the run weighs on
+both sides of the ratio alike.
 
 The bound the group should meet: ``wall <= 1.1 x (fixed + stream + sum of the members' steps)``. The peak
 RSS is reported beside the memory guard's estimate (``group.memory``) and over the bare sum the issue
@@ -36,6 +38,7 @@ header.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import subprocess
@@ -45,6 +48,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import REPO, RESULTS, compose, header, invocation, med_range, ours_trainer
+from sae_lightning import heap
 from sae_lightning.io import atomic_write_text
 
 COMMON = ["experiment=quickstart", "sae=relu", "logger=csv", "trainer.progress_bar=false",
@@ -144,15 +148,21 @@ def run(args: argparse.Namespace) -> str:
     out = []
     last = len(singles) - 1   # the deepest layer (live) or the last coefficient (cache): the bound's run
     timed = range(len(singles)) if args.singles == "all" else [last]
+    group_walls, rss = [], []
+
+    def grouped_process(r: int, tmp_path: Path) -> None:
+        wall, peak = process([*grouped, f"{run_dir_key}={tmp_path / f'group{r}'}"], tmp_path)
+        group_walls.append(wall)
+        rss.append(peak)
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        # The timed processes first, while this one holds no activations: the batches replayed below
-        # (tokens x hooks x d_in floats) would take the memory the group's guard counts as available.
-        group_walls, rss = [], []
-        for r in range(args.reps):
-            wall, peak = process([*grouped, f"{run_dir_key}={tmp_path / f'group{r}'}"], tmp_path)
-            group_walls.append(wall)
-            rss.append(peak)
+        # The grouped processes before and after the parts, so that a machine whose speed drifts during the
+        # run moves both sides of the ratio alike; the parts' batches (tokens x hooks x d_in floats) are
+        # freed before the later processes start, since the group's guard counts this memory as taken.
+        first = (args.reps + 1) // 2
+        for r in range(first):
+            grouped_process(r, tmp_path)
         single_walls = {}
         for i in timed:
             name, over = singles[i]
@@ -165,6 +175,10 @@ def run(args: argparse.Namespace) -> str:
         del dm
         one_stream, one_steps, _ = stream_and_steps(group[last:])
         fixed = single_walls[last] - one_stream - one_steps[0]
+        gc.collect()
+        heap.release()
+        for r in range(first, args.reps):
+            grouped_process(r, tmp_path)
     bound = fixed + stream + sum(steps)
     wall = statistics.median(group_walls)
     lines = [
