@@ -132,19 +132,30 @@ class Windows:
         self.known = {}   # only the first window computed can start with the recorded chunks
         return out
 
-    def _chunk_rows(self, part: list[Context]) -> list[torch.Tensor]:
-        """Per hook, the kept rows ``[n, d]`` of the contexts ``part`` in context order: known, or computed
-        by one forward (and recorded)."""
+    def _fill(self, part: list[Context], out: list[torch.Tensor], at: int, skip: int, take: int) -> None:
+        """Per hook, rows ``[skip, skip + take)`` of the kept rows of the contexts ``part`` (one forward
+        chunk, context order) into ``out[h][at:at + take]``: known, or computed by one forward (recorded in
+        full). Unrecorded rows go straight from the LM's output into the window: an intermediate
+        ``[kept rows, d]`` tensor per hook, of a size that changes from chunk to chunk, would leave the
+        heap in fragments (heap.py)."""
         key = tuple(c.index for c in part)
-        if (rows := self.known.pop(key, None)) is not None:
-            return rows
-        tokens = torch.from_numpy(np.stack([c.tokens for c in part]))
-        kept = torch.from_numpy(np.stack([c.kept for c in part]))
-        rows = [a[kept.to(a.device)] for a in self.forward(tokens)]
-        if self.record is not None:
-            self.record[key] = rows
-        heap.release(self.device)
-        return rows
+        rows = self.known.pop(key, None)
+        if rows is None:
+            tokens = torch.from_numpy(np.stack([c.tokens for c in part]))
+            flat = torch.from_numpy(np.flatnonzero(np.stack([c.kept for c in part])))
+            acts = [a.reshape(-1, a.shape[-1]) for a in self.forward(tokens)]
+            if self.record is None:
+                picked = flat[skip:skip + take].to(self.device)
+                for buf, a in zip(out, acts, strict=True):
+                    dest = buf[at:at + take]
+                    if a.dtype == dest.dtype:
+                        torch.index_select(a, 0, picked, out=dest)
+                    else:   # a low-precision LM: rows widened to float32 on the copy
+                        dest.copy_(a.index_select(0, picked))
+                return
+            rows = self.record[key] = [a[flat.to(a.device)] for a in acts]
+        for buf, a in zip(out, rows, strict=True):
+            buf[at:at + take].copy_(a[skip:skip + take])
 
     def _compute(self, chunk: list[Context], skip: int, rows: int) -> list[torch.Tensor]:
         out = [torch.empty(rows, d, dtype=torch.float32, device=self.device) for d in self.dims]
@@ -154,13 +165,13 @@ class Windows:
         for i in range(0, len(chunk), self.lm_batch):
             if self.stop is not None and self.stop.is_set():
                 raise _Stopped
-            acts = self._chunk_rows(chunk[i:i + self.lm_batch])
-            take = max(0, min(len(acts[0]) - skip, rows - at))
-            for buf, a in zip(out, acts, strict=True):
-                buf[at:at + take].copy_(a[skip:skip + take])
+            part = chunk[i:i + self.lm_batch]
+            n = sum(c.rows for c in part)
+            take = max(0, min(n - skip, rows - at))
+            self._fill(part, out, at, skip, take)
+            heap.release(self.device)
             at += take
-            skip = max(0, skip - len(acts[0]))
-            del acts
+            skip = max(0, skip - n)
             if at >= rows:
                 break
         return out
