@@ -17,9 +17,11 @@ import json
 import math
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -346,20 +348,47 @@ def module_command(name: str, *args: str) -> list[str]:
     return [sys.executable, "-m", f"benchmarks.{name}", *args]
 
 
+# Runs the command it is given as its own forked child and writes (exit code, CPU s, peak RSS KiB) to a file.
+_LAUNCHER = """import json, os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump([os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime, usage.ru_maxrss], f)
+"""
+
+
+def run_child(cmd: list[str], **popen: object) -> tuple[int, Run, str | None]:
+    """Run ``cmd`` (its first item a path) to its exit: exit code, wall and CPU seconds and peak RSS, and
+    its standard error when ``popen`` asks for it (``stderr=subprocess.PIPE``).
+
+    Linux hands a process the peak RSS of the memory it had before ``exec`` (``ru_maxrss``: a vfork child
+    gets its parent's peak, a forked one its parent's RSS at the fork), so a child of this process would
+    report this process's peak whenever it is the larger. ``cmd`` is therefore forked by a small launcher
+    process, whose peak is a few MiB."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(result), *cmd], **popen)
+        _, err = proc.communicate()
+        wall = time.perf_counter() - start
+        if proc.returncode != 0 or not result.exists():
+            raise RuntimeError(f"the launcher of {' '.join(cmd)} failed (exit {proc.returncode})")
+        code, cpu, kib = json.loads(result.read_text())
+    return code, Run(wall, cpu, kib / 2**20), err
+
+
 def timed(cmd: list[str], log: Path) -> Run:
     """Run ``cmd`` offline from the repository root (output to ``log``); its wall and CPU seconds and peak
     RSS; raise if it fails."""
     env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    cmd = [shutil.which(cmd[0]) or cmd[0], *cmd[1:]]
     with open(log, "w") as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    run = Run(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20)
-    if proc.returncode != 0:
-        raise RuntimeError(f"exit {proc.returncode} after {run.wall:.1f} s wall, {run.cpu:.1f} s CPU: "
+        code, run, _ = run_child(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    if code != 0:
+        raise RuntimeError(f"exit {code} after {run.wall:.1f} s wall, {run.cpu:.1f} s CPU: "
                            f"{' '.join(cmd)}\n{log.read_text()[-4000:]}")
     return run
 

@@ -20,8 +20,8 @@ Every part is measured alone in the same run of this script, on the same machine
   coefficient, its SAE from its own config) on exactly those batches, summed over the run;
 - ``fixed``: one single run's wall time minus its own stream and steps (interpreter, imports, model load,
   data-dependent start, validation, checkpoints, saving), from the single run timed here;
-- the group's wall time and peak RSS (``wait4``), and the n single runs' wall times (``--singles last``:
-  only the one the bound needs, when the ratio against separate runs is not wanted).
+- the group's wall time and peak RSS (``common.run_child``), and the n single runs' wall times
+  (``--singles last``: only the one the bound needs, when the ratio against separate runs is not wanted).
 
 The first half of the grouped processes runs first, then the single runs and the parts, then the other half
 (after this process has freed its batches), so that a drift in the machine's speed during the run weighs on
@@ -47,7 +47,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO, RESULTS, compose, header, invocation, med_range, ours_trainer
+from benchmarks.common import (
+    REPO,
+    RESULTS,
+    compose,
+    header,
+    invocation,
+    med_range,
+    ours_trainer,
+    run_child,
+)
 from sae_lightning import heap
 from sae_lightning.io import atomic_write_text
 
@@ -57,16 +66,11 @@ COMMON = ["experiment=quickstart", "sae=relu", "logger=csv", "trainer.progress_b
 
 def process(args: list[str], cwd: Path) -> tuple[float, float]:
     """Wall seconds and peak RSS (GiB) of ``python train.py <args>``, launch to exit."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
+    cmd = [sys.executable, str(REPO / "train.py"), *args]
+    code, run, err = run_child(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if code != 0:
         raise SystemExit(f"train.py {' '.join(args)} failed:\n{err[-4000:]}")
-    return wall, usage.ru_maxrss / 2**20
+    return run.wall, run.rss_gb
 
 
 def members(configs: list[tuple[str, list[str]]], root: Path) -> list:
@@ -190,7 +194,9 @@ def run(args: argparse.Namespace) -> str:
         f"the group's stream alone: {stream:.1f} s",
         f"each member's steps alone: {', '.join(f'{s:.1f}' for s in steps)} s (sum {sum(steps):.1f})",
         f"bound fixed + stream + steps: {bound:.1f} s",
-        f"grouped process, {args.reps} reps: {med_range(group_walls, '.1f')} s wall (median [min-max])",
+        f"grouped process, {args.reps} reps: {med_range(group_walls, '.1f')} s wall (median [min-max]); in "
+        f"run order: {', '.join(f'{w:.1f} s / {r:.2f} GiB' for w, r in zip(group_walls, rss, strict=True))} "
+        f"(wall / peak RSS; the parts were timed after the first {(args.reps + 1) // 2})",
         f"group / bound: {wall / bound:.3f} (target <= 1.1)",
         *([f"{len(singles)} separate runs: {sum(single_walls.values()):.1f} s; speed-up of the group: "
            f"{sum(single_walls.values()) / wall:.2f}x"] if len(single_walls) == len(singles) else

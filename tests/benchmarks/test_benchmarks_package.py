@@ -184,3 +184,18 @@ def test_a_rerun_trains_only_what_is_missing_or_stale(q, tmp_path: Path, monkeyp
     q.main(command)  # the stale row has been trained again: nothing to list, nothing to train
     assert "stale" not in capsys.readouterr().out and len(results.read_text().splitlines()) == 3
 
+
+
+def test_a_child_s_peak_rss_is_its_own_not_its_parent_s() -> None:
+    """A plain ``wait4`` would report this process's 512 MiB (its peak before the child's exec); the
+    launcher reports the child's own peak: the interpreter plus the 64 MiB it touches."""
+    from benchmarks.common import run_child
+
+    held = np.ones(512 * 2**20 // 8)
+    child = "import numpy as np; np.ones(64 * 2**20 // 8).sum()"
+    code, run, err = run_child([sys.executable, "-c", child], stderr=subprocess.PIPE, text=True)
+    assert code == 0 and err == ""
+    assert 64 / 1024 < run.rss_gb < 0.3, run
+    assert run.cpu > 0 and run.wall >= run.cpu / 8
+    failed, _, _ = run_child([sys.executable, "-c", "raise SystemExit(3)"])
+    assert failed == 3 and held.sum() > 0
