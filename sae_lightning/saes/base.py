@@ -374,9 +374,20 @@ class SAE(nn.Module):
     def init_from_data(self, inputs: Tensor, targets: Tensor | None = None) -> None:
         """The data-dependent start of a fresh run, from raw samples of the inputs [n, d_in] and, for a
         transcoder, of the targets [n, d_out]: ``b_dec`` by ``cfg.b_dec_init`` from the targets (an SAE's
-        are its inputs); an architecture with more to start from data extends this (JumpReLU's thresholds)."""
+        are its inputs); an architecture with more to start from data extends this (JumpReLU's thresholds).
+
+        An SAE's encoder sees ``u - b_dec``, so its pre-activations start centred. A transcoder's encoder
+        subtracts nothing (``b_dec`` lives in the target space), so its ``b_enc`` starts at ``-c @ W_enc``
+        with ``c`` the same statistic (``cfg.b_dec_init``) of its normalized inputs: the same centred start.
+        Without it, the inputs' mean (an MLP input holds a large near-constant offset) adds ``c @ W_enc`` to
+        every token's pre-activations, so the latents that point along it win on every token and the others
+        never fire. With a rescaled decoder the stored ``b_enc`` and ``W_enc`` are both scaled by the row
+        norms (:meth:`weights`), so the same assignment centres the computed pre-activations."""
         u = self.normalize_target((inputs if targets is None else targets).to(self.b_dec))
         self.b_dec.copy_(decoder_bias_init(u, self.cfg.b_dec_init))
+        if self.transcoder:
+            center = decoder_bias_init(self.normalize(inputs.to(self.b_enc)), self.cfg.b_dec_init)
+            self.b_enc.copy_(-(center @ self.W_enc))
 
     # ----- shared pieces --------------------------------------------------------------------------
     def weights(self) -> Weights:
