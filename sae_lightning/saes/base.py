@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from sae_lightning.checks import check
 from sae_lightning.io import atomic_write, atomic_write_json
-from sae_lightning.saes.init import decoder_bias_init
+from sae_lightning.saes.init import centring_bias, decoder_bias_init
 
 BLOCK_ROWS = 256  # row blocks for passes over [B, d_sae] tensors: a reused buffer stays in cache
 FORMAT_VERSION = 1
@@ -386,8 +386,8 @@ class SAE(nn.Module):
         u = self.normalize_target((inputs if targets is None else targets).to(self.b_dec))
         self.b_dec.copy_(decoder_bias_init(u, self.cfg.b_dec_init))
         if self.transcoder:
-            center = decoder_bias_init(self.normalize(inputs.to(self.b_enc)), self.cfg.b_dec_init)
-            self.b_enc.copy_(-(center @ self.W_enc))
+            u_in = self.normalize(inputs.to(self.b_enc))
+            self.b_enc.copy_(centring_bias(u_in, self.W_enc, self.cfg.b_dec_init))
 
     # ----- shared pieces --------------------------------------------------------------------------
     def weights(self) -> Weights:
