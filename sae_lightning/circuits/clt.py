@@ -49,7 +49,7 @@ from sae_lightning.checks import ConfigError
 from sae_lightning.io import atomic_write, atomic_write_json
 from sae_lightning.saes.base import FREE_INIT_NORM, SAEConfig, SAEOutput, _random_rows
 from sae_lightning.saes.batchtopk import HINT_FRACTION, BatchTopKSAE, batch_top, update_threshold
-from sae_lightning.saes.init import centring_bias, decoder_bias_init
+from sae_lightning.saes.init import decoder_bias_init
 from sae_lightning.saes.jumprelu import SPARSE_START_Z, heaviside, jumprelu, l0_term, sparse_start_thresholds
 from sae_lightning.saes.registry import config_from_dict
 from sae_lightning.saes.sparse_ops import layout, row_pointers, sparse_decode, uniform_rows
@@ -306,18 +306,15 @@ class CrossLayerTranscoder(nn.Module):
     @torch.no_grad()
     def init_from_data(self, inputs: Tensor, targets: Tensor | None = None) -> None:
         """A fresh run's start from raw samples [N, n, d_in] / [N, n, d_out]: each ``b_dec[j]`` by
-        ``sae.b_dec_init`` from layer j's normalized targets, each ``b_enc[i]`` centring layer i's
-        pre-activations by the same statistic of its normalized inputs (``init.centring_bias``: the encoder
-        subtracts nothing, as a transcoder's); JumpReLU's thresholds at the sparse start
+        ``sae.b_dec_init`` from layer j's normalized targets; JumpReLU's thresholds at the sparse start
         (``sae.init_threshold`` unset: each latent fires on 7 % of the sample, as the SAE)."""
         if targets is None:
             raise ValueError("a cross-layer transcoder starts from its inputs and targets")
         t = self.normalize_target(targets.to(self.b_dec[0]))
-        u = self.normalize(inputs.to(self.b_dec[0]))
         for j in range(self.n_layers):
             self.b_dec[j].copy_(decoder_bias_init(t[:, j], self.cfg.b_dec_init))
-            self.b_enc[j].copy_(centring_bias(u[:, j], self.W_enc[j], self.cfg.b_dec_init))
         if self.cfg.architecture == "jumprelu" and self.cfg.init_threshold is None:
+            u = self.normalize(inputs.to(self.b_dec[0]))
             for i in range(self.n_layers):
                 self.threshold[i].copy_(sparse_start_thresholds(
                     lambda cols, i=i: torch.addmm(self.b_enc[i][cols], u[:, i], self.W_enc[i][:, cols]),

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from sae_lightning.checks import check
 from sae_lightning.io import atomic_write, atomic_write_json
-from sae_lightning.saes.init import centring_bias, decoder_bias_init
+from sae_lightning.saes.init import decoder_bias_init
 
 BLOCK_ROWS = 256  # row blocks for passes over [B, d_sae] tensors: a reused buffer stays in cache
 FORMAT_VERSION = 1
@@ -374,20 +374,9 @@ class SAE(nn.Module):
     def init_from_data(self, inputs: Tensor, targets: Tensor | None = None) -> None:
         """The data-dependent start of a fresh run, from raw samples of the inputs [n, d_in] and, for a
         transcoder, of the targets [n, d_out]: ``b_dec`` by ``cfg.b_dec_init`` from the targets (an SAE's
-        are its inputs); an architecture with more to start from data extends this (JumpReLU's thresholds).
-
-        An SAE's encoder sees ``u - b_dec``, so its pre-activations start centred. A transcoder's encoder
-        subtracts nothing (``b_dec`` lives in the target space), so its ``b_enc`` starts at ``-c @ W_enc``
-        with ``c`` the same statistic (``cfg.b_dec_init``) of its normalized inputs: the same centred start.
-        Without it, the inputs' mean (an MLP input holds a large near-constant offset) adds ``c @ W_enc`` to
-        every token's pre-activations, so the latents that point along it win on every token and the others
-        never fire. With a rescaled decoder the stored ``b_enc`` and ``W_enc`` are both scaled by the row
-        norms (:meth:`weights`), so the same assignment centres the computed pre-activations."""
+        are its inputs); an architecture with more to start from data extends this (JumpReLU's thresholds)."""
         u = self.normalize_target((inputs if targets is None else targets).to(self.b_dec))
         self.b_dec.copy_(decoder_bias_init(u, self.cfg.b_dec_init))
-        if self.transcoder:
-            u_in = self.normalize(inputs.to(self.b_enc))
-            self.b_enc.copy_(centring_bias(u_in, self.W_enc, self.cfg.b_dec_init))
 
     # ----- shared pieces --------------------------------------------------------------------------
     def weights(self) -> Weights:

@@ -20,8 +20,7 @@ paper (and dictionary_learning's ``GatedSAETrainer``) and SAELens's gated traine
   so the decoder is trained by the main reconstruction alone (the paper); ``trained`` lets ``L_aux`` train
   them too (SAELens).
 
-``b_gate``, ``r_mag``, ``b_mag`` start at zero (so both paths start equal, as the paper's ``r_mag = 0``); a
-transcoder's ``b_gate`` and ``b_mag`` both start at the centring bias of ``SAE.init_from_data``.
+``b_gate``, ``r_mag``, ``b_mag`` start at zero (so both paths start equal, as the paper's ``r_mag = 0``).
 
 Kernels (``sae.sparse_kernel``, as ``relu.py``): the sparse kernels run on the open gates (``pi_gate > 0``):
 outside them both ``z`` and ``relu(pi_gate)`` are 0 with no gradient.
@@ -77,14 +76,6 @@ class GatedSAE(SAE):
 
     def latent_init_values(self) -> dict[str, float]:
         return {"r_mag": 0.0, "b_mag": 0.0}
-
-    @torch.no_grad()
-    def init_from_data(self, inputs: Tensor, targets: Tensor | None = None) -> None:
-        """The base class's start; a transcoder's magnitude path gets the gate's centring bias, so both paths
-        still start equal."""
-        super().init_from_data(inputs, targets)
-        if self.transcoder:
-            self.b_mag.copy_(self.b_enc)
 
     def _paths(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """``(pi_gate, pi_mag)`` from one matmul."""

@@ -51,14 +51,6 @@ def decoder_bias_init(sample: Tensor, method: str) -> Tensor:
     raise ValueError(f"Unknown b_dec_init={method!r}: choose geometric_median, mean or zeros")
 
 
-def centring_bias(inputs: Tensor, w_enc: Tensor, method: str) -> Tensor:
-    """An encoder bias [d_sae] that centres the pre-activations ``inputs @ w_enc + b`` of a sample
-    [n, d_in]: ``-c @ w_enc`` with ``c`` the ``method`` statistic of ``inputs`` (:func:`decoder_bias_init`).
-    For an encoder that subtracts nothing from its input (a transcoder's, whose ``b_dec`` lives in the
-    target space), this is the centred start an SAE gets from ``u - b_dec``."""
-    return -(decoder_bias_init(inputs, method) @ w_enc)
-
-
 def _shared_geometric_median(sample: Tensor) -> Tensor:
     """``geometric_median(sample)``, computed once for equal samples: the SAEs of a group that read one
     slot start from the same rows, and Weiszfeld's iteration costs about as much as several training

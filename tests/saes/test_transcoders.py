@@ -107,42 +107,6 @@ def test_every_architecture_trains_and_round_trips_as_a_transcoder(arch: str, tm
         torch.testing.assert_close(loaded.decode(loaded.encode(x), x), sae.decode(sae.encode(x), x))
 
 
-@pytest.mark.parametrize("arch", sorted(SAE_REGISTRY))
-def test_a_transcoder_starts_with_centred_pre_activations(arch: str) -> None:
-    """Inputs with a large offset (+5 on every dimension, as an MLP input's near-constant part): after the
-    data start with ``b_dec_init=mean`` every latent's encoder pre-activation averages zero over the sample,
-    i.e. ``b_enc = -mean(u) @ W_enc`` (u = x * input_scale), checked as that product; gated's magnitude
-    bias equals the gate's. With ``zeros`` nothing is centred: ``b_enc`` stays 0. An SAE's ``b_enc`` is
-    untouched (its encoder subtracts ``b_dec`` instead)."""
-    torch.manual_seed(0)
-    own = {"k": 4} if arch in ("topk", "batchtopk", "matryoshka") else {}
-    x = torch.randn(512, 6) + 5.0
-    y = torch.randn(512, 4)
-    sae = build_sae(config_from_dict({"architecture": arch, "d_sae": 16, "b_dec_init": "mean"} | own), 6,
-                    d_out=4)
-    sae.set_input_scale(0.5)
-    sae.init_from_data(x, y)
-    u = x * 0.5
-    expected = -(u.mean(0) @ sae.W_enc)   # by hand, on the stored weights
-    torch.testing.assert_close(sae.b_enc, expected.detach())
-    with torch.no_grad():
-        pre = sae.pre_acts(u)   # the weights as computed with (rescaled or not)
-    torch.testing.assert_close(pre.mean(0), torch.zeros(16), atol=1e-4, rtol=0)
-    assert pre.abs().mean() > 1e-3   # centred, not collapsed
-    if arch == "gated":
-        torch.testing.assert_close(sae.b_mag, sae.b_enc)
-    torch.testing.assert_close(sae.b_dec, y.mean(0))
-    plain = build_sae(config_from_dict({"architecture": arch, "d_sae": 16, "b_dec_init": "zeros"} | own), 6,
-                      d_out=4)
-    plain.init_from_data(x, y)
-    assert not plain.b_enc.any()
-    autoencoder = build_sae(config_from_dict({"architecture": arch, "d_sae": 16, "b_dec_init": "mean"} | own),
-                            6)
-    before = autoencoder.b_enc.clone()
-    autoencoder.init_from_data(x)
-    torch.testing.assert_close(autoencoder.b_enc, before)
-
-
 @pytest.mark.parametrize("values", [{"architecture": "relu", "ghost_grads": True},
                                     {"architecture": "topk", "k": 2, "aux_k": 4}])
 def test_dead_latent_terms_reconstruct_the_target_residual(values: dict) -> None:
