@@ -3,11 +3,11 @@ EleutherAI's sparsify (``eai-sparsify``), each timed as a whole subprocess, then
 the same held-out rows.
 
 Both sides train on the same model, tensor, text and sizes:
-- model: SmolLM2-135M-Instruct as the project converts it from the PyPI GGUF wheel, loaded by our
-  ``load_lm`` on both sides: ours through ``experiment=quickstart``; sparsify gets its base model (what its
-  CLI loads with ``AutoModel`` for the ``fvu`` loss: no logits) on the CPU. Its CLI pins CUDA
-  (``device_map={"": f"cuda:{rank}"}``) but its ``Trainer`` follows the model's device, so its worker
-  drives ``Trainer`` from Python. (``AutoModel`` cannot read the project's kept copy: it holds the tied
+- model: SmolLM2-135M-Instruct as the project converts it from the PyPI GGUF wheel, loaded by our ``load_lm``
+  on both sides: ours through ``experiment=quickstart`` (``experiment=plt`` with ``--transcode``); sparsify
+  gets its base model (what its CLI loads with ``AutoModel`` for the ``fvu`` loss: no logits) on the CPU. Its
+  CLI pins CUDA (``device_map={"": f"cuda:{rank}"}``) but its ``Trainer`` follows the model's device, so its
+  worker drives ``Trainer`` from Python. (``AutoModel`` cannot read the project's kept copy: it holds the tied
   embedding only as ``lm_head.weight``, which the causal LM class ties back and the base class drops);
 - tensor: the residual stream after blocks ``--layers`` (ours ``hook=resid_post``, sparsify its default
   hook points ``layers.N``, the decoder layers' outputs). sparsify hooks a module's output (or, for a
@@ -24,10 +24,11 @@ Both sides train on the same model, tensor, text and sizes:
   contexts that hold them, as a tokenized ``datasets.Dataset`` (``input_ids``), shuffled by its seed as its
   CLI shuffles;
 - SAEs: TopK, same ``k`` and ``d_sae`` per layer; batch: ``--batch`` rows a step (sparsify: ``--batch /
-  --context`` contexts, also our contexts per LM forward); our defaults otherwise (Adam at ``--lr``,
-  AuxK, its scaling); sparsify's defaults otherwise (no AuxK, ``auxk_alpha=0``), run twice: with its default
-  optimizer (Signum, its own learning rate) and with Adam at ``--lr`` and ``--adam-warmup`` warm-up steps
-  (its default 1000 is longer than these runs; it then decays the rate linearly to 0, which it always does).
+  --context`` contexts, also our contexts per LM forward); our defaults otherwise (Adam at ``--lr``, by
+  default our preset's rate, AuxK, its scaling); sparsify's defaults otherwise (no AuxK,
+  ``auxk_alpha=0``), run twice: with its default optimizer (Signum, its own learning rate) and with Adam at
+  ``--lr`` and ``--adam-warmup`` warm-up steps (its default 1000 is longer than these runs; it then decays
+  the rate linearly to 0, which it always does).
 
 sparsify runs the whole model for every batch; ours stops the forward after the last hooked block. The
 optional contenders ``sparsify signum cut`` and ``sparsify adam cut`` give sparsify the model cut after that
@@ -75,7 +76,7 @@ from benchmarks.common import REPO, Report, Run, med_range, module_command, time
 # ---------------------------------------------------------------- our side: train.py's command line
 # The overrides each of our runs gets; "{name}" fields are filled by ``ours_overrides``.
 OURS_COMMON = [
-    "experiment=quickstart", "logger=csv", "trainer=cpu", "trainer.progress_bar=false", "hook=resid_post",
+    "experiment={preset}", "logger=csv", "trainer=cpu", "trainer.progress_bar=false", "hook=resid_post",
     "sae=topk", "sae.k={k}", "sae.d_sae={d_sae}",
     "activations=live", "activations.buffer_tokens={buffer_rows}",
     "activations.val_fraction=0", "activations.eval_fraction=0",  # no held-out rows: no validation
@@ -85,6 +86,18 @@ OURS_COMMON = [
 ]
 OURS_LAYERS = ["layers=[{layers}]"]   # one process, an SAE per layer from one forward
 OURS_TRANSCODE = ["hook.name=mlp_in", "target.name=mlp_out"]   # --transcode: a transcoder of each MLP
+PRESETS = {False: "quickstart", True: "plt"}   # our preset by --transcode: the SAE's, the transcoders'
+
+
+def preset_lr(transcode: bool) -> float:
+    """The Adam rate our preset trains with (its ``lr``, else quickstart's): what ``--lr`` defaults to."""
+    import yaml
+
+    for name in (PRESETS[transcode], PRESETS[False]):
+        preset = yaml.safe_load((REPO / "conf" / "experiment" / f"{name}.yaml").read_text())
+        if "lr" in preset:
+            return float(preset["lr"])
+    raise ValueError("no preset sets lr")
 OURS_ONE_LAYER = ["layer={layer}"]    # --ours-per-layer: one process per layer
 
 # ---------------------------------------------------------------- contenders
@@ -111,7 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="our live window (shuffled) in rows; default: activations.buffer_tokens's")
     p.add_argument("--d-sae", type=int, default=4608, help="latents per SAE (8 x d_model)")
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam's rate, ours and sparsify's Adam run")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam's rate, ours and sparsify's Adam run (default: our preset's, preset_lr)")
     p.add_argument("--adam-warmup", type=int, default=0, help="sparsify Adam's lr_warmup_steps")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--eval-contexts", type=int, default=64, help="held-out contexts scored, after training's")
@@ -131,6 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker-seed", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)  # sparsify's save_dir
     args = p.parse_args(argv)
+    if args.lr is None:
+        args.lr = preset_lr(args.transcode)
     if args.tokens <= 0 or args.tokens % args.batch or args.buffer_rows % args.batch:
         p.error(f"--tokens {args.tokens} and --buffer-rows {args.buffer_rows} must be positive multiples of "
                 f"--batch {args.batch}: ours then trains on exactly the first --tokens rows of the text (its "
@@ -242,7 +258,8 @@ def sparsify_saes(args: argparse.Namespace, out: Path) -> dict[int, Any]:
 # ---------------------------------------------------------------- our side
 def ours_overrides(args: argparse.Namespace, seed: int, run_dir: Path, layer: int | None) -> list[str]:
     """The ``train.py`` overrides of our run: every layer in one process (``layer=None``) or one layer."""
-    values = {"k": args.k, "d_sae": args.d_sae, "buffer_rows": args.buffer_rows, "context": args.context,
+    values = {"preset": PRESETS[args.transcode], "k": args.k, "d_sae": args.d_sae,
+              "buffer_rows": args.buffer_rows, "context": args.context,
               "lm_batch": args.batch // args.context, "tokens": args.tokens, "batch": args.batch,
               "lr": args.lr, "seed": seed, "no_step": args.tokens // args.batch + 1, "run_dir": run_dir,
               "layers": ",".join(map(str, args.layers)), "layer": layer}

@@ -56,6 +56,20 @@ def test_our_overrides_give_the_promised_runs(tmp_path: Path) -> None:
             vs.parse_args([*SMALL, *bad])
 
 
+def test_transcoders_run_our_plt_preset_at_its_rate(tmp_path: Path) -> None:
+    """With ``--transcode`` ours is ``experiment=plt`` (mlp_in -> mlp_out, TopK) and ``--lr`` defaults to the
+    rate that preset sets (read from its file), which sparsify's Adam run gets too; else quickstart's."""
+    import yaml
+
+    own_lr = [a for a in SMALL if a not in ("--lr", "3e-4")]
+    args = vs.parse_args([*own_lr, "--transcode"])
+    preset = yaml.safe_load((vs.REPO / "conf" / "experiment" / "plt.yaml").read_text())
+    assert args.lr == float(preset["lr"]) != vs.parse_args(own_lr).lr
+    cfg = _compose(vs.ours_commands(args, 0, tmp_path / "run")[0][2:])
+    assert (cfg.hook.name, cfg.target.name, cfg.sae.architecture) == ("mlp_in", "mlp_out", "topk")
+    assert cfg.lr == args.lr and cfg.layers == [1, 2] and cfg.sae.k == 4
+
+
 def test_sparsify_gets_the_contexts_of_our_rows_and_held_out_ones_follow(tiny_tokenizer,
                                                                         tinystories_path: Path) -> None:
     """The training contexts are the first ones of the text, as few as hold ``--tokens`` trained positions;
